@@ -1,0 +1,119 @@
+"""Static cycle costs of codelet IR nodes: the per-vertex cycle model.
+
+Requires `popdsl.ir.codelet`; produces cost functions used by the code generator
+(`popdsl.codegen.llvm`, which adds them to a per-vertex counter) and by the reference
+evaluator (`popdsl.ir.codelet_eval`, which must count exactly the same).
+
+The model is an estimate of an IPU worker, not a measurement, and says so:
+
+* every load, store, arithmetic op, comparison, logic op, select, cast and cheap
+  intrinsic (abs min max floor ceil fma) costs 1 cycle; constants, locals, sizes and
+  `len` are free (registers);
+* division and remainder cost `DIV`; sqrt/rsqrt cost `SQRT`; exp log tanh sigmoid
+  sin cos pow cost `TRANSCENDENTAL` (the IPU evaluates them in software/multi-cycle);
+* a call of a scalar codelet costs `CALL` plus the callee's static cost (its statements
+  counted once each, loops as one iteration) — calls are usually inlined, so this is
+  the cost of its straight-line work;
+* an `if` costs its condition + `BRANCH`; a `while` costs condition + `BRANCH` at every
+  test; a `for` costs its bounds + `LOOP_SETUP` once and `LOOP_ITER` per iteration;
+* every vertex costs `VERTEX_OVERHEAD` (worker launch, reading the vertex state).
+
+Counting rule shared by both consumers: a statement's `stmt_cost` is charged when the
+statement starts executing; loop costs as described above.  Operands of `&&`/`||` and
+both arms of `select` are charged whether evaluated or not (static cost).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Mapping
+
+from popdsl.ir import codelet as ir
+
+VERTEX_OVERHEAD = 10
+BRANCH = 1
+LOOP_SETUP = 2
+LOOP_ITER = 1
+CALL = 4
+DIV = 8
+SQRT = 8
+TRANSCENDENTAL = 20
+OP = 1
+
+_INTRINSIC = {"exp": TRANSCENDENTAL, "log": TRANSCENDENTAL, "tanh": TRANSCENDENTAL,
+              "sigmoid": TRANSCENDENTAL + DIV, "sin": TRANSCENDENTAL,
+              "cos": TRANSCENDENTAL, "pow": TRANSCENDENTAL, "sqrt": SQRT,
+              "rsqrt": SQRT + DIV, "abs": OP, "min": OP, "max": OP, "floor": OP,
+              "ceil": OP, "fma": OP}
+
+
+def expr_cost(e, scalars: Mapping[str, ir.Codelet] = {}) -> int:
+    """Cycles to evaluate expression `e` once."""
+    if isinstance(e, (ir.Const, ir.Local, ir.Sym, ir.Len)):
+        return 0
+    if isinstance(e, ir.Load):
+        return OP + sum(expr_cost(i, scalars) for i in e.index)
+    if isinstance(e, ir.Unary):
+        return OP + expr_cost(e.x, scalars)
+    if isinstance(e, ir.Binary):
+        own = DIV if e.op in ("/", "%") else OP
+        return own + expr_cost(e.a, scalars) + expr_cost(e.b, scalars)
+    if isinstance(e, ir.Select):
+        return OP + sum(expr_cost(x, scalars) for x in (e.cond, e.a, e.b))
+    if isinstance(e, ir.Cast):
+        return OP + expr_cost(e.x, scalars)
+    if isinstance(e, ir.Intrinsic):
+        return _INTRINSIC.get(e.name, TRANSCENDENTAL) + sum(expr_cost(a, scalars) for a in e.args)
+    if isinstance(e, ir.CallScalar):
+        callee = scalars.get(e.name)
+        body = static_cost(callee, scalars) if callee is not None else 0
+        return CALL + body + sum(expr_cost(a, scalars) for a in e.args)
+    raise TypeError(f"not an expression: {e!r}")
+
+
+def stmt_cost(s, scalars: Mapping[str, ir.Codelet] = {}) -> int:
+    """Cycles charged when statement `s` starts (excluding nested bodies and the
+    per-test / per-iteration loop costs, which `loop_test_cost` and `LOOP_ITER` give)."""
+    if isinstance(s, ir.Declare):
+        return expr_cost(s.init, scalars) if s.init is not None else OP
+    if isinstance(s, ir.Assign):
+        return expr_cost(s.value, scalars)
+    if isinstance(s, ir.Store):
+        return OP + expr_cost(s.value, scalars) + sum(expr_cost(i, scalars) for i in s.index)
+    if isinstance(s, ir.If):
+        return BRANCH + expr_cost(s.cond, scalars)
+    if isinstance(s, ir.For):
+        return LOOP_SETUP + expr_cost(s.start, scalars) + expr_cost(s.stop, scalars)
+    if isinstance(s, ir.Return):
+        return expr_cost(s.value, scalars) if s.value is not None else 0
+    if isinstance(s, (ir.While, ir.Break, ir.Continue)):
+        return 0
+    raise TypeError(f"not a statement: {s!r}")
+
+
+def while_test_cost(s: ir.While, scalars: Mapping[str, ir.Codelet] = {}) -> int:
+    """Cycles charged at every evaluation of a while condition."""
+    return BRANCH + expr_cost(s.cond, scalars)
+
+
+def _block_static(body, scalars) -> int:
+    total = 0
+    for s in body:
+        total += stmt_cost(s, scalars)
+        if isinstance(s, ir.For):
+            total += LOOP_ITER + _block_static(s.body, scalars)
+        elif isinstance(s, ir.While):
+            total += while_test_cost(s, scalars) + _block_static(s.body, scalars)
+        elif isinstance(s, ir.If):
+            total += max(_block_static(s.then, scalars), _block_static(s.orelse, scalars))
+    return total
+
+
+def static_cost(c: ir.Codelet, scalars: Mapping[str, ir.Codelet] = {}) -> int:
+    """A scalar codelet's cost per call: each statement once, loops as one
+    iteration, the dearer arm of each `if`.  Cached per (codelet, scalar set)."""
+    return _static_cached(c, tuple(sorted(scalars.items())) if scalars else ())
+
+
+@lru_cache(maxsize=4096)
+def _static_cached(c: ir.Codelet, scalar_items: tuple) -> int:
+    return _block_static(c.body, dict(scalar_items))

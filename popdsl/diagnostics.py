@@ -1,0 +1,101 @@
+"""Diagnostics: user errors collected with spans, rendered `path:line:col: error: msg`
+with the source line and a caret.
+
+User mistakes are never exceptions inside a pass: a pass appends to a `Diagnostics`
+and goes on where it can, so one run reports several errors.  At a stage boundary
+`Diagnostics.check()` raises `CompileError` carrying them all.  A bug of ours is any
+other exception; the CLI reports it as an internal compiler error (exit 70).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    path: str
+    line: int          # 1-based
+    col: int           # 1-based
+    end_line: int
+    end_col: int       # exclusive
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}:{self.col}"
+
+
+NO_SPAN = Span("<unknown>", 0, 0, 0, 0)
+
+
+class SourceMap:
+    """Every source text the compiler read, by path, for rendering carets."""
+    _texts: dict[str, str] = {}
+
+    @classmethod
+    def add(cls, path: str, text: str) -> None:
+        cls._texts[path] = text
+
+    @classmethod
+    def line(cls, path: str, line: int) -> str | None:
+        text = cls._texts.get(path)
+        if text is None or line < 1:
+            return None
+        lines = text.splitlines()
+        return lines[line - 1] if line <= len(lines) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnostic:
+    span: Span
+    message: str
+    severity: str = "error"
+    notes: tuple[str, ...] = ()
+
+    def render(self) -> str:
+        head = f"{self.span}: {self.severity}: {self.message}" if self.span.line \
+            else f"{self.span.path}: {self.severity}: {self.message}"
+        out = [head]
+        src = SourceMap.line(self.span.path, self.span.line)
+        if src is not None:
+            src = src.expandtabs(1)
+            width = 1
+            if self.span.end_line == self.span.line and self.span.end_col > self.span.col:
+                width = self.span.end_col - self.span.col
+            out.append(f"  {src}")
+            out.append("  " + " " * (self.span.col - 1) + "^" + "~" * (width - 1))
+        out.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(out)
+
+
+class CompileError(Exception):
+    """One or more user errors.  `str()` is the rendered report."""
+
+    def __init__(self, diagnostics: list[Diagnostic]):
+        self.diagnostics = list(diagnostics)
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        return "\n".join(d.render() for d in self.diagnostics)
+
+
+class Diagnostics:
+    """A collector passed through a stage."""
+
+    def __init__(self, limit: int = 50):
+        self.items: list[Diagnostic] = []
+        self.limit = limit
+
+    def error(self, span: Span, message: str, *notes: str) -> None:
+        if len(self.items) < self.limit:
+            self.items.append(Diagnostic(span, message, "error", tuple(notes)))
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def check(self) -> None:
+        if self.items:
+            raise CompileError(self.items)
+
+
+def fail(span: Span, message: str, *notes: str):
+    """Raise a single user error at once (for errors nothing can continue past)."""
+    raise CompileError([Diagnostic(span, message, "error", tuple(notes))])

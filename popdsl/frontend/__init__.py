@@ -1,0 +1,3 @@
+from popdsl.frontend.parser import parse
+
+__all__ = ["parse"]

@@ -1,0 +1,298 @@
+"""Codelet IR: the typed, checked form of one codelet.
+
+Produced by `popdsl.sema.codelets.lower_codelet` from the AST; consumed by the code
+generator (`popdsl.codegen.llvm`), the reference evaluator (`popdsl.ir.codelet_eval`)
+and the `.popx` writer.  Every expression carries its scalar type, every name is
+resolved, compound assignments are already expanded, so consumers never look back
+at source text.
+
+Types are the strings of `SCALARS`.  Integers are 32-bit in the language; `f16` is a
+storage type only (loaded and stored as half, computed in f32), so expressions never
+have type `f16`.
+
+The *vertex table* contract between this IR, the code generator and the simulator
+lives in `table_layout` below: one int64 row per vertex.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields as dc_fields, is_dataclass
+from typing import Union
+
+SCALARS = ("f32", "f16", "i32", "bool")
+ELEM_BYTES = {"f32": 4, "f16": 2, "i32": 4, "bool": 1}
+NUMPY_DTYPE = {"f32": "float32", "f16": "float16", "i32": "int32", "bool": "bool"}
+DIRECTIONS = ("in", "out", "inout", "state")
+
+
+def compute_type(dtype: str) -> str:
+    """The type an element of storage type `dtype` has once loaded."""
+    return "f32" if dtype == "f16" else dtype
+
+
+# ---------------------------------------------------------------- declarations
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """An edge of the vertex (`in`/`out`/`inout`) or vertex state (`state`).
+
+    dims: one entry per axis, a size symbol (str) or a constant (int).  Rank 0 is a
+    scalar.  State fields are always scalars.
+    """
+    name: str
+    direction: str
+    dtype: str
+    dims: tuple[Union[str, int], ...]
+
+    @property
+    def rank(self) -> int:
+        return len(self.dims)
+
+
+@dataclass(frozen=True, slots=True)
+class Codelet:
+    """A vertex codelet (`ret is None`) or a scalar element-wise codelet.
+
+    For a scalar codelet the fields are its parameters (all direction `in`, rank 0)
+    and `body` ends in `Return`.
+    symbols: size symbols in order of first appearance in the field list.
+    """
+    name: str
+    fields: tuple[Field, ...]
+    symbols: tuple[str, ...]
+    ret: str | None
+    body: tuple["Stmt", ...]
+
+
+# ---------------------------------------------------------------- expressions
+
+@dataclass(frozen=True, slots=True)
+class Const:
+    value: Union[float, int, bool]
+    ty: str
+
+
+@dataclass(frozen=True, slots=True)
+class Local:
+    """A local variable, loop variable or `let` binding (unique name per codelet)."""
+    name: str
+    ty: str
+
+
+@dataclass(frozen=True, slots=True)
+class Sym:
+    """The value of a size symbol for this vertex (i32)."""
+    name: str
+    ty: str = "i32"
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """Element `index` of field `field` (index empty for a scalar field or state).
+
+    checked: False when the compiler proved every index in range.
+    """
+    field: str
+    index: tuple["Expr", ...]
+    ty: str
+    checked: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Len:
+    """Size of axis `axis` of a field (i32)."""
+    field: str
+    axis: int
+    ty: str = "i32"
+
+
+@dataclass(frozen=True, slots=True)
+class Unary:
+    op: str          # "neg" | "not"
+    x: "Expr"
+    ty: str
+
+
+@dataclass(frozen=True, slots=True)
+class Binary:
+    """Arithmetic (`+ - * / %`) on equal operand types, result of that type;
+    comparisons (`== != < <= > >=`) with result bool; logic (`&& ||`) on bools,
+    short-circuiting."""
+    op: str
+    a: "Expr"
+    b: "Expr"
+    ty: str
+
+
+@dataclass(frozen=True, slots=True)
+class Select:
+    cond: "Expr"
+    a: "Expr"
+    b: "Expr"
+    ty: str
+
+
+@dataclass(frozen=True, slots=True)
+class Cast:
+    x: "Expr"
+    ty: str
+
+
+@dataclass(frozen=True, slots=True)
+class Intrinsic:
+    """exp log sqrt rsqrt tanh sigmoid sin cos abs min max floor ceil pow fma.
+
+    abs/min/max also work on i32; the rest are f32 only."""
+    name: str
+    args: tuple["Expr", ...]
+    ty: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallScalar:
+    """A call of a scalar codelet (by name) from another codelet."""
+    name: str
+    args: tuple["Expr", ...]
+    ty: str
+
+
+Expr = Union[Const, Local, Sym, Load, Len, Unary, Binary, Select, Cast, Intrinsic, CallScalar]
+
+# ---------------------------------------------------------------- statements
+
+
+@dataclass(frozen=True, slots=True)
+class Declare:
+    """Introduce local `name` of type `ty`, initialised to `init` (zero if None)."""
+    name: str
+    ty: str
+    init: Expr | None
+
+
+@dataclass(frozen=True, slots=True)
+class Assign:
+    name: str
+    value: Expr
+
+
+@dataclass(frozen=True, slots=True)
+class Store:
+    """Write element `index` of an `out`/`inout` field (index empty for a scalar)."""
+    field: str
+    index: tuple[Expr, ...]
+    value: Expr
+    checked: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class For:
+    """for var in start..stop step step (i32; step is a positive or negative
+    non-zero compile-time constant; the loop runs while var < stop for a positive
+    step, var > stop for a negative one).  `var` is read-only in the body."""
+    var: str
+    start: Expr
+    stop: Expr
+    step: int
+    body: tuple["Stmt", ...]
+
+
+@dataclass(frozen=True, slots=True)
+class While:
+    cond: Expr
+    body: tuple["Stmt", ...]
+
+
+@dataclass(frozen=True, slots=True)
+class If:
+    cond: Expr
+    then: tuple["Stmt", ...]
+    orelse: tuple["Stmt", ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Break:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Continue:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Return:
+    value: Expr | None
+
+
+Stmt = Union[Declare, Assign, Store, For, While, If, Break, Continue, Return]
+
+
+# ---------------------------------------------------------------- vertex table
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """One int64 column of the vertex table.
+
+    kind: "addr"   byte offset of the field's first element in simulator memory
+          "stride" row stride, in elements, of a rank-2 field
+          "state"  the state value: f32 as its IEEE bit pattern, i32/bool as integers
+          "sym"    the value of a size symbol
+    """
+    kind: str
+    name: str
+
+
+def table_layout(c: Codelet) -> tuple[Column, ...]:
+    """Columns of `c`'s vertex table: per field in order, `addr` (+ `stride` for
+    rank 2) or `state`; then one `sym` column per size symbol."""
+    cols: list[Column] = []
+    for f in c.fields:
+        if f.direction == "state":
+            cols.append(Column("state", f.name))
+        else:
+            cols.append(Column("addr", f.name))
+            if f.rank == 2:
+                cols.append(Column("stride", f.name))
+    cols.extend(Column("sym", s) for s in c.symbols)
+    return tuple(cols)
+
+
+# Error kinds reported by native code (and the reference evaluator).
+ERR_BOUNDS = 1
+ERR_DIV_ZERO = 2
+
+
+# ---------------------------------------------------------------- (de)serialising
+
+_NODES = {cls.__name__: cls for cls in (
+    Field, Codelet, Const, Local, Sym, Load, Len, Unary, Binary, Select, Cast,
+    Intrinsic, CallScalar, Declare, Assign, Store, For, While, If, Break, Continue, Return)}
+
+
+def to_json(node):
+    """IR → plain JSON-able data (tagged dicts and lists)."""
+    if is_dataclass(node):
+        d = {"_": type(node).__name__}
+        for f in dc_fields(node):
+            d[f.name] = to_json(getattr(node, f.name))
+        return d
+    if isinstance(node, tuple):
+        return [to_json(x) for x in node]
+    return node
+
+
+def from_json(data):
+    """Inverse of `to_json`.  Raises ValueError on anything malformed; the caller
+    then verifies the result with `popdsl.ir.verify.verify_codelet`."""
+    if isinstance(data, dict):
+        cls = _NODES.get(data.get("_"))
+        if cls is None:
+            raise ValueError(f"unknown codelet IR node {data.get('_')!r}")
+        names = [f.name for f in dc_fields(cls)]
+        if set(data) - {"_"} != set(names):
+            raise ValueError(f"malformed {cls.__name__} node")
+        return cls(**{n: from_json(data[n]) for n in names})
+    if isinstance(data, list):
+        return tuple(from_json(x) for x in data)
+    if data is None or isinstance(data, (int, float, str, bool)):
+        return data
+    raise ValueError(f"unexpected value {data!r} in codelet IR")
