@@ -85,8 +85,10 @@ class Diagnostics:
         self.limit = limit
 
     def error(self, span: Span, message: str, *notes: str) -> None:
-        if len(self.items) < self.limit:
-            self.items.append(Diagnostic(span, message, "error", tuple(notes)))
+        d = Diagnostic(span, message, "error", tuple(notes))
+        # A compile-time loop repeats a mistake once per iteration: say it once.
+        if len(self.items) < self.limit and d not in self.items:
+            self.items.append(d)
 
     def __bool__(self) -> bool:
         return bool(self.items)

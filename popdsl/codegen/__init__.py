@@ -1,0 +1,1 @@
+"""Codelet code generation: IR → LLVM IR (`llvm`), cycle costs (`cost`), JIT + cache (`jit`)."""

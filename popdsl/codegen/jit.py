@@ -1,0 +1,257 @@
+"""JIT: codelet IR → native code in this process, with an on-disk object cache.
+
+Requires llvmlite 0.50 (LLVM 22; new pass manager only), numpy, ctypes, and
+`popdsl.codegen.llvm.emit_module`.  Produces `NativeCodelets` — every codelet of a
+program compiled in ONE module (each LLVM compile leaks ~100 KB, so never one per
+codelet) — and re-exports `VertexError`.
+
+Compilation: O3 for the host CPU (Numba's target machine), a fresh pass builder and
+module pass manager per run (reusing one aborts the process).  Object code is cached
+under $POPDSL_CACHE_DIR (default ~/.cache/popdsl) by sha256 of IR text, triple, host
+CPU name and features, llvmlite version and `CODEGEN_VERSION`; files are written
+atomically (temp file + rename) and carry a checksum, so a damaged one is recompiled.
+The object is loaded with `ExecutionEngine.add_object_file`.
+
+Running: one ctypes call per (codelet, row range).  ctypes releases the GIL during
+the call, so callers may run disjoint row ranges on threads.  The caller must keep
+`mem`, `table` and `cycles` alive during the call and guarantee that every address in
+the table lies inside `mem` (tables come from the memory planner; only indices are
+checked natively).
+
+Code size: every exported function is emitted into its own section
+(`.text.<symbol>`), so `object_code_size` reads real machine-code bytes from the
+object file's section table: the driver (with its inlined body and inlined scalar
+calls) plus any scalar-codelet function that survived inlining.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Sequence
+
+import llvmlite
+import llvmlite.binding as llvm
+import numpy as np
+
+from popdsl.codegen.llvm import emit_module
+from popdsl.ir import codelet as ir
+from popdsl.ir.errors import VertexError
+
+__all__ = ["NativeCodelets", "VertexError", "aligned_zeros", "cache_dir", "CODEGEN_VERSION"]
+
+CODEGEN_VERSION = "popdsl-codegen-1"
+_MAGIC = b"POPDSLO1"
+_LOCK = threading.RLock()        # llvmlite compiles are not thread-safe
+_TM = None
+_LIBM_SYMBOLS = ("expf", "logf", "sinf", "cosf", "tanhf", "powf", "fmodf", "sqrtf",
+                 "floorf", "ceilf", "fmaf", "fminf", "fmaxf", "exp2f", "log2f",
+                 "log10f", "__extendhfsf2", "__truncsfhf2")
+_ALIGN = 64
+
+_DRIVE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                          ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p)
+_STORAGE_NP = {k: np.dtype(v) for k, v in ir.NUMPY_DTYPE.items()}
+
+
+def _target_machine():
+    global _TM
+    if _TM is None:
+        llvm.initialize_native_target()
+        llvm.initialize_native_asmprinter()
+        # libm functions reached through LLVM intrinsics that lower to calls (tanhf,
+        # powf, ...) must resolve when the object is linked in.
+        libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+        for sym in _LIBM_SYMBOLS:
+            try:
+                llvm.add_symbol(sym, ctypes.cast(getattr(libm, sym), ctypes.c_void_p).value)
+            except AttributeError:
+                pass
+        target = llvm.Target.from_triple(llvm.get_process_triple())
+        _TM = target.create_target_machine(
+            cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(),
+            opt=3, jit=True)
+    return _TM
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("POPDSL_CACHE_DIR") or Path.home() / ".cache" / "popdsl")
+
+
+def cache_key(ir_text: str) -> str:
+    tm = _target_machine()
+    h = hashlib.sha256()
+    for part in (CODEGEN_VERSION, ir_text, tm.triple, llvm.get_host_cpu_name(),
+                 llvm.get_host_cpu_features().flatten(), llvmlite.__version__):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def optimize_ir(ir_text: str) -> "llvm.ModuleRef":
+    """Parse, verify and O3-optimise `ir_text` for the host (for tests and dumps)."""
+    tm = _target_machine()
+    mod = llvm.parse_assembly(ir_text)
+    mod.triple = tm.triple
+    mod.data_layout = str(tm.target_data)
+    mod.verify()
+    pto = llvm.create_pipeline_tuning_options(speed_level=3)
+    pb = llvm.create_pass_builder(tm, pto)          # fresh per run: reuse aborts
+    pb.getModulePassManager().run(mod, pb)
+    return mod
+
+
+def _compile_object(ir_text: str) -> bytes:
+    """IR text → host object code (the expensive step the cache avoids)."""
+    return _target_machine().emit_object(optimize_ir(ir_text))
+
+
+def _read_cache(path: Path) -> bytes | None:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    head, digest, obj = data[:8], data[8:40], data[40:]
+    if head != _MAGIC or hashlib.sha256(obj).digest() != digest or not obj:
+        return None
+    return obj
+
+
+def _write_cache(path: Path, obj: bytes) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".o")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(_MAGIC + hashlib.sha256(obj).digest() + obj)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError:
+        pass    # an unwritable cache only costs time
+
+
+def object_code(codelets: Sequence[ir.Codelet], unchecked: bool = False,
+                contract: bool = True) -> tuple[bytes, bool]:
+    """(object code, came from cache) for `codelets`."""
+    with _LOCK:
+        text = str(emit_module(codelets, unchecked, contract=contract))
+        path = cache_dir() / f"{cache_key(text)}.o"
+        obj = _read_cache(path)
+        if obj is not None:
+            return obj, True
+        obj = _compile_object(text)
+        _write_cache(path, obj)
+        return obj, False
+
+
+def aligned_zeros(nbytes: int, align: int = _ALIGN) -> np.ndarray:
+    """A zeroed 1-D uint8 array whose data starts on an `align`-byte boundary."""
+    buf = np.zeros(nbytes + align, np.uint8)
+    skip = (-buf.ctypes.data) % align
+    return buf[skip:skip + nbytes]
+
+
+def _section_sizes(obj: bytes) -> dict[str, int]:
+    of = llvm.ObjectFileRef.from_data(obj)
+    return {(s.name() or b"").decode(): s.size() for s in of.sections()}
+
+
+class NativeCodelets:
+    """Native code for a set of codelets (scalar codelets they call included)."""
+
+    def __init__(self, codelets: Sequence[ir.Codelet], unchecked: bool = False, *,
+                 contract: bool = True):
+        # contract=False: no FMA contraction, for bit-exact comparison with the
+        # reference evaluator in tests.
+        self.codelets = {c.name: c for c in codelets}
+        self.unchecked = unchecked
+        obj, self.from_cache = object_code(codelets, unchecked, contract)
+        self._sections = _section_sizes(obj)
+        with _LOCK:
+            tm = _target_machine()
+            self._engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), tm)
+            self._engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
+            self._engine.finalize_object()
+            self._drivers, self._maps = {}, {}
+            for c in codelets:
+                if c.ret is None:
+                    addr = self._engine.get_function_address(f"popdsl_drive_{c.name}")
+                    self._drivers[c.name] = (_DRIVE(addr), len(ir.table_layout(c)),
+                                             tuple(f.name for f in c.fields))
+                else:
+                    proto = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64,
+                                             *[ctypes.c_void_p] * (2 + len(c.fields)))
+                    addr = self._engine.get_function_address(f"popdsl_map_{c.name}")
+                    self._maps[c.name] = (proto(addr), _STORAGE_NP[c.ret],
+                                          tuple(_STORAGE_NP[f.dtype] for f in c.fields))
+
+    def run(self, name: str, mem: np.ndarray, table: np.ndarray, begin: int, end: int,
+            cycles: np.ndarray) -> None:
+        """Run rows begin..end of vertex codelet `name`; cycles[row] gets each
+        vertex's cycle count.  Raises VertexError for the first failing row (rows
+        before it have run)."""
+        fn, ncols, fields = self._drivers[name]
+        if (mem.dtype != np.uint8 or mem.ndim != 1 or not mem.flags.c_contiguous
+                or mem.ctypes.data % _ALIGN):
+            raise ValueError("mem must be a 1-D, contiguous, 64-byte aligned uint8 array")
+        if (table.dtype != np.int64 or table.ndim != 2 or table.shape[1] != ncols
+                or not table.flags.c_contiguous):
+            raise ValueError(f"table of {name} must be C-contiguous int64 (nverts, {ncols})")
+        if (cycles.dtype != np.int64 or cycles.ndim != 1 or not cycles.flags.c_contiguous
+                or cycles.shape[0] < table.shape[0]):
+            raise ValueError("cycles must be a contiguous int64 array with a slot per row")
+        if not 0 <= begin <= end <= table.shape[0]:
+            raise ValueError(f"row range {begin}..{end} outside the table")
+        if not mem.flags.writeable or not cycles.flags.writeable:
+            raise ValueError("mem and cycles must be writeable")
+        err = (ctypes.c_int64 * 5)()
+        row = fn(mem.ctypes.data, table.ctypes.data, begin, end, cycles.ctypes.data, err)
+        if row >= 0:
+            k = err[1]
+            raise VertexError(err[0], row, fields[k] if 0 <= k < len(fields) else "",
+                              err[2], err[3], err[4], codelet=name)
+
+    def map(self, name: str, out: np.ndarray, *ins: np.ndarray) -> None:
+        """out[i] = name(ins[0][i], ...) over equal-length contiguous 1-D arrays of
+        the codelet's storage types.  Raises VertexError (vertex = element index)."""
+        fn, out_dt, in_dts = self._maps[name]
+        n = out.shape[0]
+        if len(ins) != len(in_dts):
+            raise ValueError(f"{name} takes {len(in_dts)} argument(s)")
+        for a, dt in zip((out,) + ins, (out_dt,) + in_dts):
+            if a.dtype != dt or a.ndim != 1 or a.shape[0] != n or not a.flags.c_contiguous:
+                raise ValueError(f"{name}: arrays must be contiguous 1-D {dt} of length {n}")
+        err = (ctypes.c_int64 * 5)()
+        i = fn(n, err, out.ctypes.data, *[a.ctypes.data for a in ins])
+        if i >= 0:
+            raise VertexError(err[0], i, "", err[2], err[3], err[4], codelet=name)
+
+    def object_code_size(self, name: str) -> int:
+        """Bytes of machine code of codelet `name`: its driver (vertex) or map
+        (scalar) section plus the sections of scalar codelets it calls that were
+        not inlined away."""
+        c = self.codelets[name]
+        own = f".text.popdsl_{'drive' if c.ret is None else 'map'}_{name}"
+        total = self._sections.get(own, 0)
+        for callee in sorted(_callees(c, self.codelets)):
+            total += self._sections.get(f".text.popdsl_scalar_{callee}", 0)
+        return total
+
+
+def _callees(c: ir.Codelet, by_name: dict) -> set[str]:
+    from popdsl.ir.verify import _direct_calls
+    out, todo = set(), [c]
+    if c.ret is not None:
+        out.add(c.name)
+    while todo:
+        for n in _direct_calls(todo.pop()):
+            if n not in out:
+                out.add(n)
+                todo.append(by_name[n])
+    return out

@@ -1,0 +1,558 @@
+"""Codelet IR → LLVM IR (llvmlite.ir), a pure and deterministic function.
+
+Requires verified codelets (`popdsl.ir.verify`; `emit_module` re-verifies, cheaply)
+and the cost model of `popdsl.codegen.cost`.  Produces one `llvmlite.ir.Module` with,
+per codelet (names are identifiers, so they mangle by prefixing):
+
+* vertex codelet `N`:
+  ``i64 popdsl_drive_N(ptr noalias mem, ptr noalias table, i64 begin, i64 end,
+  ptr noalias cycles, ptr noalias err)`` — runs rows begin..end of the vertex table
+  (layout: `codelet.table_layout`), writes each row's cycle count to cycles[row],
+  returns -1, or the failing row with err[0..4] = kind, field index (-1 if none),
+  axis, index, size.  The body is an internal always-inline function whose field
+  pointers are `noalias` parameters, so after inlining LLVM still knows the fields
+  do not alias (that is what lets loops vectorise without runtime checks).
+* scalar codelet `s`: internal ``{ret, i1} popdsl_scalar_s(ptr err, args...)``
+  (the i1 says "failed, err filled"; it folds away when nothing can fail) and
+  ``i64 popdsl_map_s(i64 n, ptr noalias err, ptr noalias out, ptr noalias in0, ...)``,
+  the element-wise map over contiguous arrays of the storage types; returns -1 or
+  the failing element.
+
+Every exported function lives in its own section ``.text.<symbol>`` so the JIT can
+measure real code size per codelet from the object file.
+
+Semantics implemented here (the reference evaluator `popdsl.ir.codelet_eval` is the
+definition): wrapping i32 arithmetic; i32 `/ %` truncate, divisor 0 is ERR_DIV_ZERO,
+INT_MIN / -1 == INT_MIN and INT_MIN % -1 == 0 (no trapping idiv); float ops carry only
+the `contract` fast-math flag; f32→i32 casts saturate (NaN → 0); `select` evaluates
+both arms; `&&`/`||` short-circuit; a `for` computes its trip count once in 64 bits,
+so it cannot overflow or run forever.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import llvmlite.ir as ll
+import numpy as np
+
+from popdsl.codegen import cost
+from popdsl.ir import codelet as ir
+from popdsl.ir.verify import verify_codelet
+
+I1, I8, I32, I64 = ll.IntType(1), ll.IntType(8), ll.IntType(32), ll.IntType(64)
+F32, F16, PTR = ll.FloatType(), ll.HalfType(), ll.PointerType()
+COMPUTE = {"f32": F32, "i32": I32, "bool": I1}
+STORAGE = {"f32": F32, "f16": F16, "i32": I32, "bool": I8}
+FLAGS = ("contract",)
+INT_MIN = -(1 << 31)
+
+
+def _c64(v: int) -> ll.Constant:
+    return ll.Constant(I64, v)
+
+
+def _c32(v: int) -> ll.Constant:
+    return ll.Constant(I32, ((int(v) + (1 << 31)) % (1 << 32)) - (1 << 31))
+
+
+def const(value, ty: str) -> ll.Constant:
+    if ty == "f32":
+        with np.errstate(over="ignore"):
+            return ll.Constant(F32, float(np.float32(value)))
+    if ty == "bool":
+        return ll.Constant(I1, 1 if value else 0)
+    return _c32(value)
+
+
+def _intrinsic(mod: ll.Module, name: str, ret, args) -> ll.Function:
+    fn = mod.globals.get(name)
+    if fn is None:
+        fn = ll.Function(mod, ll.FunctionType(ret, args), name)
+    return fn
+
+
+class _Emitter:
+    """Emits one codelet body into `fn`.  `fields` maps field name to
+    ("ptr", ptr, stride|None, dims) | ("value", value); `fail_value` is what the
+    function returns on failure."""
+
+    def __init__(self, mod, c, scalars, unchecked, fn, err, fields, syms, flags=FLAGS):
+        self.mod, self.c, self.scalars, self.unchecked = mod, c, scalars, unchecked
+        self.flags = flags
+        self.fn, self.err, self.fields, self.syms = fn, err, fields, syms
+        self.field_index = {f.name: k for k, f in enumerate(c.fields)}
+        self.field_decl = {f.name: f for f in c.fields}
+        self.alloca_block = fn.append_basic_block("allocas")
+        self.ab = ll.IRBuilder(self.alloca_block)
+        self.b = ll.IRBuilder(fn.append_basic_block("start"))
+        self.locals: dict[str, ll.Value] = {}
+        self.loops: list[tuple] = []          # (continue target, break target)
+        self.pending = 0
+        self.is_vertex = c.ret is None
+        self.cyc = self.ab.alloca(I64, name="cycles") if self.is_vertex else None
+        if self.is_vertex:
+            self.ab.store(_c64(cost.VERTEX_OVERHEAD), self.cyc)
+        self.nblocks = 0
+
+    # ------------------------------------------------------------ plumbing
+    def block(self, name):
+        self.nblocks += 1
+        return self.fn.append_basic_block(f"{name}{self.nblocks}")
+
+    def charge(self, n: int):
+        self.pending += n
+
+    def flush(self):
+        # Costs accumulate per straight-line segment; one add per segment keeps the
+        # counter a simple reduction the loop vectoriser can handle.
+        if self.pending and self.is_vertex and not self.b.block.is_terminated:
+            v = self.b.load(self.cyc, typ=I64)
+            self.b.store(self.b.add(v, _c64(self.pending)), self.cyc)
+        self.pending = 0
+
+    def br(self, target):
+        self.flush()
+        if not self.b.block.is_terminated:
+            self.b.branch(target)
+
+    def cbr(self, cond, t, f):
+        self.flush()
+        self.b.cbranch(cond, t, f)
+
+    def dead_end(self):
+        """After a terminator, keep emitting into an unreachable block."""
+        self.b.position_at_end(self.block("dead"))
+
+    def ret_ok(self, value=None):
+        self.flush()
+        if self.is_vertex:
+            r = ll.Constant(self.fn.return_value.type, None)
+            r = self.b.insert_value(r, ll.Constant(I1, 0), 0)
+            self.b.ret(self.b.insert_value(r, self.b.load(self.cyc, typ=I64), 1))
+        else:
+            rty = self.fn.return_value.type
+            r = self.b.insert_value(ll.Constant(rty, None), value, 0)
+            self.b.ret(self.b.insert_value(r, ll.Constant(I1, 0), 1))
+
+    def ret_fail(self, b):
+        rty = self.fn.return_value.type
+        r = ll.Constant(rty, None)
+        r = b.insert_value(r, ll.Constant(I1, 1), 0 if self.is_vertex else 1)
+        b.ret(r)
+
+    def fail_with(self, kind, field, axis, index, size):
+        """A cold block that reports the error and returns failure."""
+        blk = self.block("fail")
+        b = ll.IRBuilder(blk)
+        for k, v in enumerate((_c64(kind), _c64(field), _c64(axis), index, size)):
+            b.store(v, b.gep(self.err, [_c64(k)], source_etype=I64))
+        self.ret_fail(b)
+        return blk
+
+    def var(self, name, ty):
+        a = self.locals.get(name)
+        if a is None:
+            a = self.locals[name] = self.ab.alloca(COMPUTE[ty], name=name)
+        return a
+
+    def finish(self, fallthrough_value=None):
+        if not self.b.block.is_terminated:
+            self.ret_ok(fallthrough_value)
+        self.ab.branch(self.fn.blocks[1])
+
+    # ------------------------------------------------------------ statements
+    def stmts(self, body):
+        for s in body:
+            self.stmt(s)
+
+    def stmt(self, s):
+        b = self.b
+        self.charge(cost.stmt_cost(s, self.scalars))
+        if isinstance(s, ir.Declare):
+            v = self.expr(s.init) if s.init is not None else const(0, s.ty)
+            self.b.store(v, self.var(s.name, s.ty))
+        elif isinstance(s, ir.Assign):
+            v = self.expr(s.value)
+            self.b.store(v, self.var(s.name, s.value.ty))
+        elif isinstance(s, ir.Store):
+            ptr, dtype = self.element_ptr(s.field, s.index, s.checked)
+            self.b.store(self.to_storage(self.expr(s.value), dtype), ptr)
+        elif isinstance(s, ir.If):
+            cond = self.expr(s.cond)
+            then, orelse, join = self.block("then"), self.block("else"), self.block("endif")
+            self.cbr(cond, then, orelse)
+            for blk, body in ((then, s.then), (orelse, s.orelse)):
+                self.b.position_at_end(blk)
+                self.stmts(body)
+                self.br(join)
+            self.b.position_at_end(join)
+        elif isinstance(s, ir.For):
+            self.for_loop(s)
+        elif isinstance(s, ir.While):
+            head, body, done = self.block("while"), self.block("wbody"), self.block("wend")
+            self.br(head)
+            self.b.position_at_end(head)
+            self.charge(cost.while_test_cost(s, self.scalars))
+            cond = self.expr(s.cond)
+            self.cbr(cond, body, done)
+            self.b.position_at_end(body)
+            self.loops.append((head, done))
+            self.stmts(s.body)
+            self.loops.pop()
+            self.br(head)
+            self.b.position_at_end(done)
+        elif isinstance(s, (ir.Break, ir.Continue)):
+            cont, brk = self.loops[-1]
+            self.br(brk if isinstance(s, ir.Break) else cont)
+            self.dead_end()
+        elif isinstance(s, ir.Return):
+            v = self.expr(s.value) if s.value is not None else None
+            self.ret_ok(v)
+            self.dead_end()
+        else:
+            raise TypeError(f"not a statement: {s!r}")
+        del b
+
+    def for_loop(self, s: ir.For):
+        b = self.b
+        start, stop = self.expr(s.start), self.expr(s.stop)
+        # Trip count in i64 once, so `var += step` never overflows and the exit test
+        # is a plain counted loop (what the vectoriser wants).
+        lo, hi = (start, stop) if s.step > 0 else (stop, start)
+        lo64, hi64 = b.sext(lo, I64), b.sext(hi, I64)
+        span = b.sub(hi64, lo64)
+        trips = b.sdiv(b.add(span, _c64(abs(s.step) - 1)), _c64(abs(s.step)))
+        trips = b.select(b.icmp_signed(">", span, _c64(0)), trips, _c64(0))
+        var = self.var(s.var, "i32")
+        b.store(start, var)
+        count = self.ab.alloca(I64, name=f"trip.{s.var}")
+        b.store(_c64(0), count)
+        head, body, latch, done = (self.block("for"), self.block("fbody"),
+                                   self.block("fnext"), self.block("fend"))
+        self.br(head)
+        self.b.position_at_end(head)
+        k = self.b.load(count, typ=I64)
+        self.cbr(self.b.icmp_signed("<", k, trips), body, done)
+        self.b.position_at_end(body)
+        self.charge(cost.LOOP_ITER)
+        self.loops.append((latch, done))
+        self.stmts(s.body)
+        self.loops.pop()
+        self.br(latch)
+        self.b.position_at_end(latch)
+        v = self.b.load(var, typ=I32)
+        self.b.store(self.b.add(v, _c32(s.step), flags=["nsw"]), var)
+        self.b.store(self.b.add(self.b.load(count, typ=I64), _c64(1), flags=["nuw", "nsw"]), count)
+        self.br(head)
+        self.b.position_at_end(done)
+
+    # ------------------------------------------------------------ memory
+    def dim(self, d):
+        return _c32(d) if isinstance(d, int) else self.syms[d]
+
+    def element_ptr(self, name, index, checked):
+        _, ptr, stride, dims = self.fields[name]
+        dtype = self.field_decl[name].dtype
+        idx = [self.expr(e) for e in index]
+        if checked and not self.unchecked:
+            for axis, (v, d) in enumerate(zip(idx, dims)):
+                dv = self.dim(d)
+                ok = self.block("inb")
+                bad = self.fail_with(ir.ERR_BOUNDS, self.field_index[name], axis,
+                                     self.b.sext(v, I64), self.b.sext(dv, I64))
+                self.cbr(self.b.icmp_unsigned("<", v, dv), ok, bad)
+                self.b.position_at_end(ok)
+        if not idx:
+            return ptr, dtype
+        off = self.b.sext(idx[0], I64)
+        if len(idx) == 2:
+            off = self.b.add(self.b.mul(off, stride), self.b.sext(idx[1], I64))
+        return self.b.gep(ptr, [off], inbounds=True, source_etype=STORAGE[dtype]), dtype
+
+    def to_storage(self, v, dtype):
+        if dtype == "f16":
+            return self.b.fptrunc(v, F16)
+        if dtype == "bool":
+            return self.b.zext(v, I8)
+        return v
+
+    def from_storage(self, v, dtype):
+        if dtype == "f16":
+            return self.b.fpext(v, F32)
+        if dtype == "bool":
+            return self.b.icmp_unsigned("!=", v, ll.Constant(I8, 0))
+        return v
+
+    # ------------------------------------------------------------ expressions
+    def expr(self, e):
+        b = self.b
+        if isinstance(e, ir.Const):
+            return const(e.value, e.ty)
+        if isinstance(e, ir.Local):
+            return b.load(self.var(e.name, e.ty), typ=COMPUTE[e.ty])
+        if isinstance(e, ir.Sym):
+            return self.syms[e.name]
+        if isinstance(e, ir.Len):
+            return self.dim(self.field_decl[e.field].dims[e.axis])
+        if isinstance(e, ir.Load):
+            f = self.fields[e.field]
+            if f[0] == "value":
+                return f[1]
+            ptr, dtype = self.element_ptr(e.field, e.index, e.checked)
+            return self.from_storage(self.b.load(ptr, typ=STORAGE[dtype]), dtype)
+        if isinstance(e, ir.Unary):
+            x = self.expr(e.x)
+            if e.op == "not":
+                return b.xor(x, ll.Constant(I1, 1))
+            return b.fneg(x, flags=self.flags) if e.ty == "f32" else b.sub(_c32(0), x)
+        if isinstance(e, ir.Binary):
+            return self.binary(e)
+        if isinstance(e, ir.Select):
+            c, x, y = self.expr(e.cond), self.expr(e.a), self.expr(e.b)
+            return self.b.select(c, x, y)
+        if isinstance(e, ir.Cast):
+            return self.cast(self.expr(e.x), e.x.ty, e.ty)
+        if isinstance(e, ir.Intrinsic):
+            return self.intrinsic(e.name, [self.expr(a) for a in e.args], e.ty)
+        if isinstance(e, ir.CallScalar):
+            args = [self.expr(a) for a in e.args]
+            r = self.b.call(self.mod.globals[f"popdsl_scalar_{e.name}"], [self.err] + args)
+            ok = self.block("callok")
+            bad = self.block("callfail")
+            self.ret_fail(ll.IRBuilder(bad))
+            self.cbr(self.b.extract_value(r, 1), bad, ok)
+            self.b.position_at_end(ok)
+            return self.b.extract_value(r, 0)
+        raise TypeError(f"not an expression: {e!r}")
+
+    def binary(self, e: ir.Binary):
+        b, op = self.b, e.op
+        if op in ("&&", "||"):
+            x = self.expr(e.a)
+            rhs, join = self.block("rhs"), self.block("join")
+            here = self.b.block
+            self.cbr(x, rhs, join) if op == "&&" else self.cbr(x, join, rhs)
+            self.b.position_at_end(rhs)
+            y = self.expr(e.b)
+            rhs_end = self.b.block
+            self.br(join)
+            self.b.position_at_end(join)
+            phi = self.b.phi(I1)
+            phi.add_incoming(ll.Constant(I1, 0 if op == "&&" else 1), here)
+            phi.add_incoming(y, rhs_end)
+            return phi
+        x, y = self.expr(e.a), self.expr(e.b)
+        t = e.a.ty
+        if op in ("==", "!=", "<", "<=", ">", ">="):
+            if t == "f32":
+                return b.fcmp_unordered(op, x, y) if op == "!=" else b.fcmp_ordered(op, x, y)
+            return b.icmp_signed(op, x, y)
+        if t == "f32":
+            fn = {"+": b.fadd, "-": b.fsub, "*": b.fmul, "/": b.fdiv, "%": b.frem}[op]
+            return fn(x, y, flags=self.flags)
+        if op in ("+", "-", "*"):
+            return {"+": b.add, "-": b.sub, "*": b.mul}[op](x, y)
+        ok = self.block("divok")
+        bad = self.fail_with(ir.ERR_DIV_ZERO, -1, -1, _c64(0), _c64(0))
+        self.cbr(self.b.icmp_signed("==", y, _c32(0)), bad, ok)
+        self.b.position_at_end(ok)
+        b = self.b
+        # x86 idiv traps on INT_MIN / -1: divide by 1 instead and fix the result up.
+        minus1 = b.icmp_signed("==", y, _c32(-1))
+        safe = b.select(minus1, _c32(1), y)
+        if op == "/":
+            return b.select(minus1, b.sub(_c32(0), x), b.sdiv(x, safe))
+        return b.select(minus1, _c32(0), b.srem(x, safe))
+
+    def cast(self, v, src, dst):
+        b = self.b
+        if src == dst:
+            return v
+        if dst == "bool":
+            if src == "f32":
+                return b.fcmp_unordered("!=", v, ll.Constant(F32, 0.0))
+            return b.icmp_signed("!=", v, _c32(0))
+        if src == "bool":
+            return b.uitofp(v, F32) if dst == "f32" else b.zext(v, I32)
+        if dst == "f32":
+            return b.sitofp(v, F32)
+        fn = _intrinsic(self.mod, "llvm.fptosi.sat.i32.f32", I32, [F32])
+        return b.call(fn, [v])
+
+    def intrinsic(self, name, args, ty):
+        b, mod = self.b, self.mod
+        if ty == "i32":
+            if name == "abs":
+                return b.call(_intrinsic(mod, "llvm.abs.i32", I32, [I32, I1]),
+                              [args[0], ll.Constant(I1, 0)])
+            llname = {"min": "llvm.smin.i32", "max": "llvm.smax.i32"}[name]
+            return b.call(_intrinsic(mod, llname, I32, [I32, I32]), args)
+        one = ll.Constant(F32, 1.0)
+        if name == "sigmoid":
+            ex = b.call(_intrinsic(mod, "llvm.exp.f32", F32, [F32]), [b.fneg(args[0], flags=self.flags)])
+            return b.fdiv(one, b.fadd(one, ex, flags=self.flags), flags=self.flags)
+        if name == "rsqrt":
+            sq = b.call(_intrinsic(mod, "llvm.sqrt.f32", F32, [F32]), args)
+            return b.fdiv(one, sq, flags=self.flags)
+        llname = {"abs": "fabs", "min": "minnum", "max": "maxnum"}.get(name, name)
+        fn = _intrinsic(mod, f"llvm.{llname}.f32", F32, [F32] * len(args))
+        return b.call(fn, args)
+
+
+def _field_params(c: ir.Codelet):
+    """Parameter list of a vertex body: per field a pointer (+ stride) or a state
+    value, then one i32 per size symbol."""
+    params = []
+    for f in c.fields:
+        if f.direction == "state":
+            params.append(("state", f, COMPUTE[ir.compute_type(f.dtype)]))
+        else:
+            params.append(("ptr", f, PTR))
+            if f.rank == 2:
+                params.append(("stride", f, I64))
+    params.extend(("sym", s, I32) for s in c.symbols)
+    return params
+
+
+def _emit_vertex(mod, c, scalars, unchecked, flags):
+    params = _field_params(c)
+    rty = ll.LiteralStructType([I1, I64])
+    body = ll.Function(mod, ll.FunctionType(rty, [PTR] + [p[2] for p in params]),
+                       f"popdsl_body_{c.name}")
+    body.linkage = "internal"
+    body.attributes.add("alwaysinline")
+    body.attributes.add("nounwind")
+    body.args[0].add_attribute("noalias")
+    fields, syms = {}, {}
+    for arg, (kind, obj, _) in zip(body.args[1:], params):
+        if kind == "ptr":
+            arg.add_attribute("noalias")
+            fields[obj.name] = ("ptr", arg, None, obj.dims)
+        elif kind == "stride":
+            fields[obj.name] = ("ptr", fields[obj.name][1], arg, obj.dims)
+        elif kind == "state":
+            fields[obj.name] = ("value", arg)
+        else:
+            syms[obj] = arg
+    em = _Emitter(mod, c, scalars, unchecked, body, body.args[0], fields, syms, flags)
+    em.stmts(c.body)
+    em.finish()
+
+    drv = ll.Function(mod, ll.FunctionType(I64, [PTR, PTR, I64, I64, PTR, PTR]),
+                      f"popdsl_drive_{c.name}")
+    drv.section = f".text.popdsl_drive_{c.name}"
+    drv.attributes.add("nounwind")
+    mem, table, begin, end, cycles, err = drv.args
+    for a in (mem, table, cycles, err):
+        a.add_attribute("noalias")
+    entry, head, row_blk, nxt, failed, done = (
+        drv.append_basic_block(n) for n in ("entry", "rows", "row", "next", "failed", "done"))
+    b = ll.IRBuilder(entry)
+    b.branch(head)
+    b.position_at_end(head)
+    row = b.phi(I64, name="r")
+    row.add_incoming(begin, entry)
+    b.cbranch(b.icmp_signed("<", row, end), row_blk, done)
+    b.position_at_end(row_blk)
+    ncols = len(ir.table_layout(c))
+    rowp = b.gep(table, [b.mul(row, _c64(ncols))], inbounds=True, source_etype=I64)
+    args = [err]
+    for col, (kind, obj, ty) in enumerate(params):
+        v = b.load(b.gep(rowp, [_c64(col)], inbounds=True, source_etype=I64), typ=I64)
+        if kind == "ptr":
+            args.append(b.gep(mem, [v], source_etype=I8))
+        elif kind == "stride":
+            args.append(v)
+        elif kind == "sym":
+            args.append(b.trunc(v, I32))
+        elif ty is F32:
+            args.append(b.bitcast(b.trunc(v, I32), F32))
+        elif ty is I1:
+            args.append(b.icmp_signed("!=", v, _c64(0)))
+        else:
+            args.append(b.trunc(v, I32))
+    r = b.call(body, args)
+    b.cbranch(b.extract_value(r, 0), failed, nxt)
+    b.position_at_end(nxt)
+    b.store(b.extract_value(r, 1), b.gep(cycles, [row], inbounds=True, source_etype=I64))
+    row.add_incoming(b.add(row, _c64(1)), nxt)
+    b.branch(head)
+    b.position_at_end(failed)
+    b.ret(row)
+    b.position_at_end(done)
+    b.ret(_c64(-1))
+
+
+def _declare_scalar(mod, c):
+    rty = ll.LiteralStructType([COMPUTE[ir.compute_type(c.ret)], I1])
+    args = [COMPUTE[ir.compute_type(f.dtype)] for f in c.fields]
+    fn = ll.Function(mod, ll.FunctionType(rty, [PTR] + args), f"popdsl_scalar_{c.name}")
+    fn.linkage = "internal"
+    fn.attributes.add("nounwind")
+    fn.section = f".text.popdsl_scalar_{c.name}"   # measurable if it survives inlining
+    return fn
+
+
+def _emit_scalar(mod, c, scalars, unchecked, flags):
+    fn = mod.globals[f"popdsl_scalar_{c.name}"]
+    fields = {f.name: ("value", a) for f, a in zip(c.fields, fn.args[1:])}
+    em = _Emitter(mod, c, scalars, unchecked, fn, fn.args[0], fields, {}, flags)
+    em.stmts(c.body)
+    em.finish(const(0, ir.compute_type(c.ret)))
+
+    # The element-wise map over contiguous arrays (storage types).
+    mp = ll.Function(mod, ll.FunctionType(I64, [I64, PTR, PTR] + [PTR] * len(c.fields)),
+                     f"popdsl_map_{c.name}")
+    mp.section = f".text.popdsl_map_{c.name}"
+    mp.attributes.add("nounwind")
+    n, err, out, ins = mp.args[0], mp.args[1], mp.args[2], mp.args[3:]
+    for a in mp.args[1:]:
+        a.add_attribute("noalias")
+    entry, head, body, nxt, failed, done = (
+        mp.append_basic_block(x) for x in ("entry", "head", "body", "next", "failed", "done"))
+    b = ll.IRBuilder(entry)
+    b.branch(head)
+    b.position_at_end(head)
+    i = b.phi(I64, name="i")
+    i.add_incoming(_c64(0), entry)
+    b.cbranch(b.icmp_signed("<", i, n), body, done)
+    b.position_at_end(body)
+    em2 = _Emitter.__new__(_Emitter)   # only its storage conversions are needed
+    em2.b = b
+    vals = [em2.from_storage(b.load(b.gep(p, [i], inbounds=True, source_etype=STORAGE[f.dtype]), typ=STORAGE[f.dtype]), f.dtype)
+            for p, f in zip(ins, c.fields)]
+    r = b.call(fn, [err] + vals)
+    b.cbranch(b.extract_value(r, 1), failed, nxt)
+    b.position_at_end(nxt)
+    b.store(em2.to_storage(b.extract_value(r, 0), c.ret),
+            b.gep(out, [i], inbounds=True, source_etype=STORAGE[c.ret]))
+    i.add_incoming(b.add(i, _c64(1)), nxt)
+    b.branch(head)
+    b.position_at_end(failed)
+    b.ret(i)
+    b.position_at_end(done)
+    b.ret(_c64(-1))
+
+
+def emit_module(codelets: Sequence[ir.Codelet], unchecked: bool = False, *,
+                contract: bool = True) -> ll.Module:
+    """One LLVM module holding every codelet of `codelets` (scalar codelets called by
+    them must be in the list).  Raises ValueError on IR that does not verify.
+    contract=False drops the `contract` flag (bit-exact differential tests only)."""
+    flags = FLAGS if contract else ()
+    scalars = {c.name: c for c in codelets if c.ret is not None}
+    names = [c.name for c in codelets]
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate codelet names")
+    for c in codelets:
+        verify_codelet(c, scalars)
+    mod = ll.Module(name="popdsl")
+    for c in codelets:
+        if c.ret is not None:
+            _declare_scalar(mod, c)
+    for c in codelets:
+        if c.ret is not None:
+            _emit_scalar(mod, c, scalars, unchecked, flags)
+        else:
+            _emit_vertex(mod, c, scalars, unchecked, flags)
+    return mod

@@ -1,0 +1,332 @@
+"""Reference evaluator of codelet IR: the living definition the JIT is checked against.
+
+Requires `popdsl.ir.codelet`, the cycle model `popdsl.codegen.cost` and
+`popdsl.ir.errors`.  Produces `run_vertices` (same memory/table contract as the native
+driver `popdsl_drive_<Name>`), `call_scalar` and `map_elements` (the element-wise map
+of a scalar codelet).  Pure Python + numpy scalars, one vertex at a time: slow by
+design, obvious by design.
+
+Semantics (the code generator must agree):
+* f32 values are `np.float32` and every op rounds to f32 (the JIT may additionally
+  contract a*b+c into an FMA, so compare floats with a tolerance); f16 is loaded and
+  stored as half, computed as f32; bool is 1 byte, nonzero loads as true.
+* i32 arithmetic wraps; `/` and `%` truncate toward zero; divisor 0 raises
+  ERR_DIV_ZERO; INT_MIN / -1 == INT_MIN, INT_MIN % -1 == 0.
+* casts: f32→i32 saturates, NaN → 0; x→bool is x != 0 (NaN → true).
+* evaluation order: operands left to right; a store evaluates its indices and checks
+  them before evaluating the stored value; `select` evaluates all three operands;
+  `&&`/`||` short-circuit.
+* every index of a rank ≥ 1 access is checked here (even `checked=False` ones, whose
+  native behaviour out of range is undefined).
+* cycles: `cost.VERTEX_OVERHEAD` per vertex, `cost.stmt_cost` at each statement start,
+  `cost.LOOP_ITER` per for-iteration, `cost.while_test_cost` per while test; calls of
+  scalar codelets are charged statically by `cost.expr_cost` only.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+
+from popdsl.codegen import cost
+from popdsl.ir import codelet as ir
+from popdsl.ir.errors import VertexError
+
+_F32 = np.float32
+_DT = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "i32": np.dtype("<i4"),
+       "bool": np.dtype("u1")}
+_CMP = {"==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
+        "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b}
+
+
+def wrap32(x: int) -> int:
+    return ((int(x) + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)
+
+
+def f32_to_i32(x) -> int:
+    x = float(x)
+    if math.isnan(x):
+        return 0
+    if x >= 2147483647.0:
+        return 2147483647
+    if x <= -2147483648.0:
+        return -2147483648
+    return int(x)
+
+
+def _zero(ty):
+    return {"f32": _F32(0.0), "i32": 0, "bool": False}[ty]
+
+
+class _Return(Exception):
+    def __init__(self, value):
+        self.value = value
+
+
+class _Break(Exception):
+    pass
+
+
+class _Continue(Exception):
+    pass
+
+
+class _Vertex:
+    """Evaluation state of one vertex (or one scalar call)."""
+
+    def __init__(self, c, scalars, row, mem, fields, syms, counting):
+        self.c, self.scalars, self.row, self.mem = c, scalars, row, mem
+        self.fields, self.syms = fields, syms    # name -> ("mem", addr, stride, dims, dtype) | ("value", v)
+        self.decl = {f.name: f for f in c.fields}
+        self.locals: dict = {}
+        self.cycles = cost.VERTEX_OVERHEAD
+        self.counting = counting
+
+    def charge(self, n):
+        if self.counting:
+            self.cycles += n
+
+    # ------------------------------------------------------------ statements
+    def block(self, body):
+        for s in body:
+            self.stmt(s)
+
+    def stmt(self, s):
+        self.charge(cost.stmt_cost(s, self.scalars))
+        if isinstance(s, ir.Declare):
+            self.locals[s.name] = self.expr(s.init) if s.init is not None else _zero(s.ty)
+        elif isinstance(s, ir.Assign):
+            self.locals[s.name] = self.expr(s.value)
+        elif isinstance(s, ir.Store):
+            off, dtype = self.address(s.field, s.index)
+            self.write(off, dtype, self.expr(s.value))
+        elif isinstance(s, ir.If):
+            self.block(s.then if self.expr(s.cond) else s.orelse)
+        elif isinstance(s, ir.For):
+            start, stop = self.expr(s.start), self.expr(s.stop)
+            for v in range(start, stop, s.step):
+                self.charge(cost.LOOP_ITER)
+                self.locals[s.var] = v
+                try:
+                    self.block(s.body)
+                except _Continue:
+                    pass
+                except _Break:
+                    break
+        elif isinstance(s, ir.While):
+            while True:
+                self.charge(cost.while_test_cost(s, self.scalars))
+                if not self.expr(s.cond):
+                    break
+                try:
+                    self.block(s.body)
+                except _Continue:
+                    pass
+                except _Break:
+                    break
+        elif isinstance(s, ir.Break):
+            raise _Break()
+        elif isinstance(s, ir.Continue):
+            raise _Continue()
+        elif isinstance(s, ir.Return):
+            raise _Return(self.expr(s.value) if s.value is not None else None)
+        else:
+            raise TypeError(f"not a statement: {s!r}")
+
+    # ------------------------------------------------------------ memory
+    def dim(self, d):
+        return d if isinstance(d, int) else self.syms[d]
+
+    def address(self, name, index):
+        _, addr, stride, dims, dtype = self.fields[name]
+        idx = [self.expr(e) for e in index]
+        for axis, (v, d) in enumerate(zip(idx, dims)):
+            size = self.dim(d)
+            if not (v & 0xFFFFFFFF) < (size & 0xFFFFFFFF):   # one unsigned compare, as native
+                raise VertexError(ir.ERR_BOUNDS, self.row, name, axis, v, size)
+        elem = 0
+        if len(idx) == 1:
+            elem = idx[0]
+        elif len(idx) == 2:
+            elem = idx[0] * stride + idx[1]
+        return addr + elem * ir.ELEM_BYTES[dtype], dtype
+
+    def read(self, off, dtype):
+        raw = self.mem[off:off + ir.ELEM_BYTES[dtype]].view(_DT[dtype])[0]
+        if dtype == "bool":
+            return bool(raw)
+        if dtype == "i32":
+            return int(raw)
+        return _F32(raw)
+
+    def write(self, off, dtype, v):
+        self.mem[off:off + ir.ELEM_BYTES[dtype]].view(_DT[dtype])[0] = \
+            (1 if v else 0) if dtype == "bool" else v
+
+    # ------------------------------------------------------------ expressions
+    def expr(self, e):
+        if isinstance(e, ir.Const):
+            return {"f32": lambda v: _F32(v), "i32": wrap32, "bool": bool}[e.ty](e.value)
+        if isinstance(e, ir.Local):
+            return self.locals[e.name]
+        if isinstance(e, ir.Sym):
+            return self.syms[e.name]
+        if isinstance(e, ir.Len):
+            return self.dim(self.decl[e.field].dims[e.axis])
+        if isinstance(e, ir.Load):
+            f = self.fields[e.field]
+            if f[0] == "value":
+                return f[1]
+            return self.read(*self.address(e.field, e.index))
+        if isinstance(e, ir.Unary):
+            x = self.expr(e.x)
+            if e.op == "not":
+                return not x
+            return -x if e.ty == "f32" else wrap32(-x)
+        if isinstance(e, ir.Binary):
+            return self.binary(e)
+        if isinstance(e, ir.Select):
+            c, a, b = self.expr(e.cond), self.expr(e.a), self.expr(e.b)
+            return a if c else b
+        if isinstance(e, ir.Cast):
+            return cast(self.expr(e.x), e.x.ty, e.ty)
+        if isinstance(e, ir.Intrinsic):
+            return intrinsic(e.name, [self.expr(a) for a in e.args], e.ty)
+        if isinstance(e, ir.CallScalar):
+            args = [self.expr(a) for a in e.args]
+            return call_scalar(self.scalars[e.name], args, self.scalars, self.row)
+        raise TypeError(f"not an expression: {e!r}")
+
+    def binary(self, e):
+        op = e.op
+        if op == "&&":
+            return bool(self.expr(e.a)) and bool(self.expr(e.b))
+        if op == "||":
+            return bool(self.expr(e.a)) or bool(self.expr(e.b))
+        a, b = self.expr(e.a), self.expr(e.b)
+        if op in _CMP:
+            return bool(_CMP[op](a, b))
+        if e.ty == "f32":
+            if op == "%":
+                return _F32(np.fmod(a, b))
+            return _F32({"+": np.add, "-": np.subtract, "*": np.multiply,
+                         "/": np.divide}[op](a, b))
+        if op in ("+", "-", "*"):
+            return wrap32({"+": a + b, "-": a - b, "*": a * b}[op])
+        if b == 0:
+            raise VertexError(ir.ERR_DIV_ZERO, self.row, "", -1, 0, 0)
+        if b == -1:
+            return wrap32(-a) if op == "/" else 0
+        q = abs(a) // abs(b)
+        q = q if (a < 0) == (b < 0) else -q
+        return q if op == "/" else a - q * b
+
+
+def cast(v, src, dst):
+    if src == dst:
+        return v
+    if dst == "bool":
+        return bool(v != 0) if src == "i32" else bool(not (v == 0))
+    if src == "bool":
+        return _F32(1.0 if v else 0.0) if dst == "f32" else int(bool(v))
+    if dst == "f32":
+        return _F32(v)
+    return f32_to_i32(v)
+
+
+def intrinsic(name, args, ty):
+    if ty == "i32":
+        if name == "abs":
+            return wrap32(abs(args[0]))
+        return min(args) if name == "min" else max(args)
+    x = args[0]
+    one = _F32(1.0)
+    fn = {"exp": np.exp, "log": np.log, "sqrt": np.sqrt, "tanh": np.tanh,
+          "sin": np.sin, "cos": np.cos, "floor": np.floor, "ceil": np.ceil,
+          "abs": np.abs}.get(name)
+    if fn is not None:
+        return _F32(fn(x))
+    if name == "sigmoid":
+        return _F32(one / (one + _F32(np.exp(-x))))
+    if name == "rsqrt":
+        return _F32(one / _F32(np.sqrt(x)))
+    if name == "min":
+        return _F32(np.fmin(*args))
+    if name == "max":
+        return _F32(np.fmax(*args))
+    if name == "pow":
+        return _F32(np.power(*args))
+    if name == "fma":
+        return _F32(np.float64(args[0]) * np.float64(args[1]) + np.float64(args[2]))
+    raise ValueError(f"unknown intrinsic {name!r}")
+
+
+def call_scalar(c: ir.Codelet, args, scalars: Mapping[str, ir.Codelet], row: int = 0):
+    """Value of scalar codelet `c` at `args` (compute-type values); errors name `row`."""
+    fields = {f.name: ("value", a) for f, a in zip(c.fields, args)}
+    v = _Vertex(c, scalars, row, None, fields, {}, counting=False)
+    with np.errstate(all="ignore"):
+        try:
+            v.block(c.body)
+        except _Return as r:
+            return r.value
+    return _zero(ir.compute_type(c.ret))
+
+
+def _state_value(raw: int, dtype: str):
+    raw = int(raw)
+    if dtype in ("f32", "f16"):    # an f16 state is held as an f32 bit pattern too
+        return _F32(np.array([raw & 0xFFFFFFFF], dtype=np.uint32).view(np.float32)[0])
+    if dtype == "bool":
+        return raw != 0
+    return wrap32(raw)
+
+
+def run_vertices(codelet: ir.Codelet, mem: np.ndarray, table: np.ndarray, begin: int,
+                 end: int, cycles: np.ndarray | None = None,
+                 scalar_codelets: Mapping[str, ir.Codelet] = {}) -> None:
+    """Run rows begin..end of `table` (layout `ir.table_layout(codelet)`) over the
+    byte array `mem`; write per-vertex cycles to `cycles[row]` if given.  Raises
+    `VertexError` for the first failing vertex (earlier rows' effects stay)."""
+    layout = ir.table_layout(codelet)
+    col = {(c.kind, c.name): k for k, c in enumerate(layout)}
+    mem = mem.view(np.uint8)
+    for row in range(begin, end):
+        t = table[row]
+        syms = {s: wrap32(t[col[("sym", s)]]) for s in codelet.symbols}
+        fields = {}
+        for f in codelet.fields:
+            if f.direction == "state":
+                fields[f.name] = ("value", _state_value(t[col[("state", f.name)]], f.dtype))
+            else:
+                stride = int(t[col[("stride", f.name)]]) if f.rank == 2 else 0
+                fields[f.name] = ("mem", int(t[col[("addr", f.name)]]), stride, f.dims, f.dtype)
+        v = _Vertex(codelet, scalar_codelets, row, mem, fields, syms, counting=True)
+        with np.errstate(all="ignore"):
+            try:
+                v.block(codelet.body)
+            except _Return:
+                pass
+            except VertexError as err:
+                err.codelet = codelet.name
+                raise
+        if cycles is not None:
+            cycles[row] = v.cycles
+
+
+def map_elements(codelet: ir.Codelet, out: np.ndarray, *ins: np.ndarray,
+                 scalar_codelets: Mapping[str, ir.Codelet] = {}) -> None:
+    """out[i] = codelet(ins[0][i], ...) over 1-D arrays of the storage types."""
+    conv = [(lambda x, dt=f.dtype: cast_storage(x, dt)) for f in codelet.fields]
+    for i in range(out.shape[0]):
+        args = [cv(a[i]) for cv, a in zip(conv, ins)]
+        out[i] = call_scalar(codelet, args, scalar_codelets, i)
+
+
+def cast_storage(x, dtype):
+    if dtype == "bool":
+        return bool(x)
+    if dtype == "i32":
+        return int(x)
+    return _F32(x)

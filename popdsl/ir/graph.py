@@ -1,0 +1,138 @@
+"""Tensor graph IR: what elaboration produces and lowering consumes.
+
+Tensors with their per-element tile mapping, views of them (flat element indices,
+shaped), compute sets of vertices grouped by codelet (numpy arrays, not an object
+per vertex), and the program tree.  Views are plain index arrays so that any slice,
+index or reshape a user writes connects the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+import numpy as np
+
+from popdsl.diagnostics import Span
+from popdsl.ir import codelet as cir
+from popdsl.runtime.target import Target
+
+
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    id: int
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    kind: str                  # "var" | "input"
+    span: Span
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def elem_bytes(self) -> int:
+        return cir.ELEM_BYTES[self.dtype]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class View:
+    """Elements `index` (flat indices into tensor `tensor`, any shape)."""
+    tensor: int
+    index: np.ndarray
+    span: Span
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.index.shape)
+
+
+@dataclass(eq=False)
+class VertexGroup:
+    """The vertices of one codelet in one compute set.
+
+    tiles, span_ids: one entry per vertex.  connections[field]: one View per vertex
+    for edge fields; state[field]: one value per vertex; syms[symbol]: bound sizes."""
+    codelet: str
+    tiles: list[int] = field(default_factory=list)
+    span_ids: list[int] = field(default_factory=list)
+    connections: dict[str, list[View]] = field(default_factory=dict)
+    state: dict[str, list] = field(default_factory=dict)
+    syms: dict[str, list[int]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+
+@dataclass(eq=False)
+class ComputeSet:
+    name: str
+    span: Span
+    groups: dict[str, VertexGroup] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- programs
+
+@dataclass(frozen=True, slots=True)
+class Seq:
+    body: tuple["Prog", ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Execute:
+    cs: str
+    span: Span
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Copy:
+    src: View
+    dst: View
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Repeat:
+    count: int
+    body: Seq
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class While:
+    cond: View
+    body: Seq
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class If:
+    cond: View
+    then: Seq
+    orelse: Seq
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Print:
+    label: str
+    view: View
+
+
+Prog = Union[Seq, Execute, Copy, Repeat, While, If, Print]
+
+
+@dataclass(eq=False)
+class TensorGraph:
+    name: str
+    target: Target
+    codelets: dict[str, cir.Codelet]
+    tensors: list[Tensor] = field(default_factory=list)
+    init: dict[int, np.ndarray] = field(default_factory=dict)        # tensor id → values
+    tile_of: dict[int, np.ndarray] = field(default_factory=dict)     # tensor id → int32 per element, -1 unmapped
+    compute_sets: dict[str, ComputeSet] = field(default_factory=dict)
+    program: Seq = Seq(())
+    inputs: dict[str, int] = field(default_factory=dict)
+    outputs: list[tuple[str, View]] = field(default_factory=list)
+    spans: list[Span] = field(default_factory=list)                  # vertex span table
+
+    def span_id(self, span: Span) -> int:
+        self.spans.append(span)
+        return len(self.spans) - 1

@@ -1,0 +1,263 @@
+"""Lowering: tensor graph → vertex graph with memory regions and exchange.
+
+Requires an elaborated `TensorGraph`; produces a `Lowered` graph: every tensor split
+into one region per tile it is mapped to, every vertex a row of its codelet's table
+whose field addresses are (region, byte offset) pairs, and the element copies the
+compute sets and programs need.  A field whose data is on the vertex's own tile and
+laid out as the field expects (contiguous, or rows with one stride) connects in
+place; anything else — data on another tile, or scattered — gets a buffer on the
+vertex's tile with exchange in before the compute phase and out after it.
+
+Regions are sized here; `memplan` gives them offsets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from popdsl.diagnostics import Diagnostics, Span
+from popdsl.ir import codelet as cir
+from popdsl.ir import graph as g
+from popdsl.runtime import executable as X
+
+
+@dataclass(eq=False)
+class CopyElems:
+    """Element copies by element size: es → lists of (src_region, src_off, dst_region, dst_off)."""
+    parts: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]] = field(default_factory=dict)
+
+    def add(self, es: int, sr, so, dr, do) -> None:
+        self.parts.setdefault(es, []).append((np.asarray(sr, np.int32).ravel(), np.asarray(so, np.int64).ravel(),
+                                              np.asarray(dr, np.int32).ravel(), np.asarray(do, np.int64).ravel()))
+
+    def merged(self):
+        for es, ps in sorted(self.parts.items()):
+            yield es, tuple(np.concatenate([p[k] for p in ps]) for k in range(4))
+
+
+@dataclass(eq=False)
+class LoweredGroup:
+    codelet: str
+    table: np.ndarray           # int64; addr columns hold a byte offset within a region
+    region: np.ndarray          # int32, same shape: the region of an addr column, else -1
+    tiles: np.ndarray
+    span_ids: np.ndarray
+
+
+@dataclass(eq=False)
+class LoweredCS:
+    name: str
+    span: Span
+    groups: list[LoweredGroup]
+    pre: CopyElems
+    post: CopyElems
+
+
+@dataclass(eq=False)
+class Lowered:
+    graph: g.TensorGraph
+    region_tile: list[int] = field(default_factory=list)
+    region_size: list[int] = field(default_factory=list)
+    region_cs: list[int] = field(default_factory=list)        # -1: lives for the whole program
+    region_label: list[tuple[str, Span]] = field(default_factory=list)
+    elem_region: dict[int, np.ndarray] = field(default_factory=dict)
+    elem_off: dict[int, np.ndarray] = field(default_factory=dict)
+    compute_sets: list[LoweredCS] = field(default_factory=list)
+    copies: list[CopyElems] = field(default_factory=list)
+    reads: list[tuple[str, str, int, np.ndarray]] = field(default_factory=list)
+    program: X.PSeq = X.PSeq(())
+    outputs: dict[str, int] = field(default_factory=dict)
+
+    def new_region(self, tile: int, size: int, cs: int, label: str, span: Span) -> int:
+        self.region_tile.append(tile)
+        self.region_size.append(size)
+        self.region_cs.append(cs)
+        self.region_label.append((label, span))
+        return len(self.region_tile) - 1
+
+
+def _tensor_regions(low: Lowered, t: g.Tensor, tile_of: np.ndarray) -> None:
+    es = t.elem_bytes
+    tiles_used, counts = np.unique(tile_of, return_counts=True)
+    first = len(low.region_tile)
+    for tile, n in zip(tiles_used.tolist(), counts.tolist()):
+        low.new_region(tile, n * es, -1, t.name, t.span)
+    low.elem_region[t.id] = (first + np.searchsorted(tiles_used, tile_of)).astype(np.int32)
+    order = np.argsort(tile_of, kind="stable")
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    local = np.empty(t.numel, np.int64)
+    group_of_sorted = np.repeat(np.arange(len(counts)), counts)
+    local[order] = np.arange(t.numel) - starts[group_of_sorted]
+    low.elem_off[t.id] = local * es
+
+
+def _affine(offs: np.ndarray, es: int):
+    """Row stride (in elements) if `offs` (rank 1 or 2) is laid out row-major with
+    unit column stride, else None."""
+    if offs.ndim == 1:
+        ok = offs.size <= 1 or np.array_equal(offs, offs[0] + es * np.arange(offs.size))
+        return offs.shape[0] if ok else None
+    rows, cols = offs.shape
+    stride_b = int(offs[1, 0] - offs[0, 0]) if rows > 1 else cols * es
+    if stride_b < 0 or stride_b % es:
+        return None
+    expect = offs[0, 0] + stride_b * np.arange(rows)[:, None] + es * np.arange(cols)[None, :]
+    return stride_b // es if np.array_equal(offs, expect) else None
+
+
+def lower(graph: g.TensorGraph) -> Lowered:
+    d = Diagnostics()
+    low = Lowered(graph)
+    reported: set[int] = set()
+    for t in graph.tensors:
+        tile_of = graph.tile_of[t.id]
+        if (tile_of < 0).any():
+            continue                         # reported below, where it is used
+        _tensor_regions(low, t, tile_of)
+    cs_index = {name: i for i, name in enumerate(graph.compute_sets)}
+    for i, cs in enumerate(graph.compute_sets.values()):
+        low.compute_sets.append(_lower_cs(low, graph, cs, i, d, reported))
+    for t in graph.tensors:
+        if t.id not in low.elem_region and t.id not in reported:
+            n = int((graph.tile_of[t.id] < 0).sum())
+            d.error(t.span, f"tensor '{t.name}' has {n} of {t.numel} elements not mapped to any tile",
+                    f"add 'map {t.name} -> linear;' or map its slices to tiles")
+    d.check()
+    low.program = _lower_prog(low, graph, graph.program, cs_index)
+    for name, v in graph.outputs:
+        low.outputs[name] = _read(low, graph, name, v)
+    return low
+
+
+def _read(low: Lowered, graph: g.TensorGraph, label: str, v: g.View) -> int:
+    low.reads.append((label, graph.tensors[v.tensor].dtype, v.tensor, v.index))
+    return len(low.reads) - 1
+
+
+def _lower_prog(low, graph, p, cs_index) -> X.PSeq:
+    out = []
+    for n in p.body:
+        if isinstance(n, g.Execute):
+            out.append(X.PExecute(cs_index[n.cs]))
+        elif isinstance(n, g.Copy):
+            es = graph.tensors[n.src.tensor].elem_bytes
+            c = CopyElems()
+            si, di = n.src.index.ravel(), n.dst.index.ravel()
+            c.add(es, low.elem_region[n.src.tensor][si], low.elem_off[n.src.tensor][si],
+                  low.elem_region[n.dst.tensor][di], low.elem_off[n.dst.tensor][di])
+            low.copies.append(c)
+            out.append(X.PCopy(len(low.copies) - 1))
+        elif isinstance(n, g.Repeat):
+            out.append(X.PRepeat(n.count, _lower_prog(low, graph, n.body, cs_index)))
+        elif isinstance(n, g.While):
+            out.append(X.PWhile(_read(low, graph, "cond", n.cond), _lower_prog(low, graph, n.body, cs_index)))
+        elif isinstance(n, g.If):
+            out.append(X.PIf(_read(low, graph, "cond", n.cond), _lower_prog(low, graph, n.then, cs_index),
+                             _lower_prog(low, graph, n.orelse, cs_index)))
+        elif isinstance(n, g.Print):
+            out.append(X.PPrint(_read(low, graph, n.label, n.view)))
+        elif isinstance(n, g.Seq):
+            out.extend(_lower_prog(low, graph, n, cs_index).body)
+        else:
+            raise AssertionError(f"unhandled program node {n!r}")
+    return X.PSeq(tuple(out))
+
+
+def _lower_cs(low: Lowered, graph: g.TensorGraph, cs: g.ComputeSet, csi: int,
+              d: Diagnostics, reported: set[int]) -> LoweredCS:
+    pre, post = CopyElems(), CopyElems()
+    groups = []
+    written: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []   # (tensor, element, span id)
+    for cname, grp in cs.groups.items():
+        c = graph.codelets[cname]
+        layout = cir.table_layout(c)
+        nv = len(grp)
+        order = np.argsort(np.asarray(grp.tiles, np.int32), kind="stable")
+        table = np.zeros((nv, len(layout)), np.int64)
+        region = np.full((nv, len(layout)), -1, np.int32)
+        tiles = np.asarray(grp.tiles, np.int32)[order]
+        span_ids = np.asarray(grp.span_ids, np.int32)[order]
+        col = {(k.kind, k.name): j for j, k in enumerate(layout)}
+        for f in c.fields:
+            if f.direction == "state":
+                vals = np.asarray(grp.state[f.name])[order]
+                if f.dtype in ("f32", "f16"):
+                    vals = vals.astype(np.float32).view(np.int32)
+                table[:, col[("state", f.name)]] = vals.astype(np.int64)
+                continue
+            views = grp.connections[f.name]
+            for row, vi in enumerate(order.tolist()):
+                v = views[vi]
+                tile = int(tiles[row])
+                ok = _connect(low, graph, c, f, v, tile, csi, row, col, table, region, pre, post,
+                              d, reported)
+                if ok and f.direction in ("out", "inout"):
+                    written.append((np.full(v.index.size, v.tensor, np.int64), v.index.ravel(),
+                                    np.full(v.index.size, grp.span_ids[vi], np.int64)))
+        for s in c.symbols:
+            table[:, col[("sym", s)]] = np.asarray(grp.syms[s], np.int64)[order]
+        groups.append(LoweredGroup(cname, table, region, tiles, span_ids))
+    _check_write_conflicts(graph, cs, written, d)
+    return LoweredCS(cs.name, cs.span, groups, pre, post)
+
+
+def _connect(low, graph, c, f, v: g.View, tile, csi, row, col, table, region, pre, post,
+             d: Diagnostics, reported) -> bool:
+    t = graph.tensors[v.tensor]
+    es = t.elem_bytes
+    if t.id not in low.elem_region:
+        idx = v.index.ravel()
+        if (graph.tile_of[t.id][idx] < 0).any():
+            d.error(v.span, f"field '{f.name}' of {c.name} is connected to elements of '{t.name}' "
+                    "that are not mapped to any tile", f"map '{t.name}' with 'map {t.name} -> ...;'")
+            reported.add(t.id)
+        return False      # the tensor's other unmapped elements are reported by `lower`
+    regs = low.elem_region[t.id][v.index]
+    offs = low.elem_off[t.id][v.index]
+    ac = col[("addr", f.name)]
+    r0 = int(regs.ravel()[0])
+    local = low.region_tile[r0] == tile and bool((regs == r0).all())
+    stride = None
+    if local:
+        stride = 1 if f.rank == 0 else _affine(offs, es)
+    if stride is not None:
+        table[row, ac] = int(offs.ravel()[0])
+        region[row, ac] = r0
+        if f.rank == 2:
+            table[row, col[("stride", f.name)]] = stride
+        return True
+    # A buffer on the vertex's tile, filled by exchange before compute and drained after.
+    n = v.index.size
+    buf = low.new_region(tile, n * es, csi, f"{c.name}.{f.name} buffer", v.span)
+    table[row, ac] = 0
+    region[row, ac] = buf
+    if f.rank == 2:
+        table[row, col[("stride", f.name)]] = v.index.shape[1]
+    boffs = np.arange(n, dtype=np.int64) * es
+    bregs = np.full(n, buf, np.int32)
+    if f.direction in ("in", "inout"):
+        pre.add(es, regs, offs, bregs, boffs)
+    if f.direction in ("out", "inout"):
+        post.add(es, bregs, boffs, regs, offs)
+    return True
+
+
+def _check_write_conflicts(graph, cs, written, d: Diagnostics) -> None:
+    if len(written) < 2:
+        return
+    tens = np.concatenate([w[0] for w in written])
+    elem = np.concatenate([w[1] for w in written])
+    spans = np.concatenate([w[2] for w in written])
+    key = tens * (1 << 33) + elem
+    order = np.argsort(key, kind="stable")
+    k = key[order]
+    dup = np.nonzero(k[1:] == k[:-1])[0]
+    if dup.size:
+        j = int(dup[0])
+        a, b = int(spans[order[j]]), int(spans[order[j + 1]])
+        t = graph.tensors[int(tens[order[j]])]
+        d.error(graph.spans[b], f"two vertices of compute set '{cs.name}' write element "
+                f"{int(elem[order[j]])} of '{t.name}'",
+                f"the other vertex is at {graph.spans[a]}",
+                "vertices of one compute set run in parallel; give each its own output")

@@ -1,0 +1,42 @@
+"""The whole compiler in one function.
+
+    source ─parse─▶ AST ─check─▶ codelet IR + graph AST ─elaborate─▶ tensor graph
+           ─lower─▶ vertex graph (regions, exchange) ─codegen─▶ native codelets
+           ─plan─▶ Executable
+
+Each stage is a pure function of the previous stage's result (the native code is
+cached by content).  `stop_after` returns an intermediate result, which
+`popdsl.ir.printer.dump` prints as text (`popc dump --after STAGE`).
+"""
+from __future__ import annotations
+
+from popdsl.codegen.jit import NativeCodelets
+from popdsl.passes.elaborate import elaborate
+from popdsl.passes.lower import lower
+from popdsl.passes.memplan import plan
+from popdsl.runtime.target import Target
+from popdsl.sema import check_program, load_program
+
+STAGES = ("parse", "check", "elaborate", "lower", "codegen", "plan")
+
+
+def compile_source(text: str, path: str, target: Target, graph: str | None = None,
+                   unchecked: bool = False, stop_after: str | None = None):
+    """Returns (Executable, NativeCodelets), or the IR after `stop_after`."""
+    modules = load_program(text, path)
+    if stop_after == "parse":
+        return modules
+    program = check_program(modules)
+    if stop_after == "check":
+        return program
+    tgraph = elaborate(program, target, graph, path)
+    if stop_after == "elaborate":
+        return tgraph
+    low = lower(tgraph)
+    if stop_after == "lower":
+        return low
+    native = NativeCodelets(list(program.codelets.values()), unchecked)
+    if stop_after == "codegen":
+        return native
+    exe = plan(low, {name: native.object_code_size(name) for name in program.codelets}, unchecked)
+    return exe, native

@@ -1,0 +1,142 @@
+"""The executable: a planned vertex graph, everything as numpy arrays and small
+frozen records.  `passes.memplan` produces it; the simulator runs it; `.popx` files
+hold it (with codelet IR, never native code)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+import numpy as np
+
+from popdsl.diagnostics import Span
+from popdsl.ir import codelet as cir
+from popdsl.runtime.target import Target
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    kind: str                      # "var" | "input"
+    span: Span
+
+
+@dataclass(eq=False)
+class CopyTable:
+    """Element copies, grouped by element size: for each size in `sizes`, arrays of
+    global byte addresses (src, dst) and their tiles.  `cycles` is the exchange
+    estimate (bytes in/out per tile at the target's rate)."""
+    groups: list[tuple[int, np.ndarray, np.ndarray]] = field(default_factory=list)
+    cycles: int = 0
+    exchange_bytes: int = 0        # bytes that cross between tiles
+    local_bytes: int = 0           # on-tile rearrangement
+
+    def __bool__(self) -> bool:
+        return bool(self.groups)
+
+
+@dataclass(eq=False)
+class VertexTable:
+    codelet: str
+    table: np.ndarray              # int64 (nverts, ncols), see ir.codelet.table_layout
+    tiles: np.ndarray              # int32 per vertex, ascending
+    span_ids: np.ndarray           # int32 per vertex, into Executable.spans
+
+
+@dataclass(eq=False)
+class ComputeSetExec:
+    name: str
+    span: Span
+    groups: list[VertexTable]
+    pre: CopyTable                 # exchange into the vertices' buffers
+    post: CopyTable                # results back from buffers to their tensors
+
+
+# Program tree with integer references (compute set index, copy index, tensor index).
+@dataclass(frozen=True, slots=True)
+class PSeq:
+    body: tuple["PNode", ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PExecute:
+    cs: int
+
+
+@dataclass(frozen=True, slots=True)
+class PCopy:
+    copy: int
+
+
+@dataclass(frozen=True, slots=True)
+class PRepeat:
+    count: int
+    body: PSeq
+
+
+@dataclass(frozen=True, slots=True)
+class PWhile:
+    cond: int                      # index into Executable.reads
+    body: PSeq
+
+
+@dataclass(frozen=True, slots=True)
+class PIf:
+    cond: int
+    then: PSeq
+    orelse: PSeq
+
+
+@dataclass(frozen=True, slots=True)
+class PPrint:
+    read: int
+
+
+PNode = Union[PSeq, PExecute, PCopy, PRepeat, PWhile, PIf, PPrint]
+
+
+@dataclass(eq=False)
+class Read:
+    """Elements read back from device memory: a label, dtype, shape and addresses."""
+    label: str
+    dtype: str
+    addrs: np.ndarray              # int64, shaped as the value
+
+
+@dataclass(eq=False)
+class MemoryPlan:
+    """Bytes per tile by category (int64 arrays of length tiles)."""
+    variables: np.ndarray
+    exchange_buffers: np.ndarray
+    vertex_state: np.ndarray
+    code: np.ndarray
+
+    @property
+    def total(self) -> np.ndarray:
+        return self.variables + self.exchange_buffers + self.vertex_state + self.code
+
+
+@dataclass(eq=False)
+class Executable:
+    name: str
+    target: Target
+    codelets: dict[str, cir.Codelet]
+    tensors: list[TensorInfo]
+    tensor_addrs: list[np.ndarray]          # int64 global byte address per element
+    init: dict[int, np.ndarray]
+    compute_sets: list[ComputeSetExec]
+    copies: list[CopyTable]
+    reads: list[Read]
+    program: PSeq
+    inputs: dict[str, int]
+    outputs: dict[str, int]                 # name → index into reads
+    spans: list[Span]
+    memory: MemoryPlan
+    unchecked: bool = False
+
+    def tensor_index(self, name: str) -> int | None:
+        for i, t in enumerate(self.tensors):
+            if t.name == name:
+                return i
+        return None

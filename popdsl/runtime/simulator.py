@@ -1,0 +1,210 @@
+"""The IPU model: a bulk-synchronous simulator over real tile memories.
+
+Requires an `Executable` and its compiled codelets; runs the program tree.  All
+tiles' memories are one 64-byte aligned byte array (tile t owns bytes
+[t × tile_memory, (t+1) × tile_memory)), so a tensor's element lives exactly where
+the memory plan put it, and a planning bug shows as wrong numbers.
+
+One native call per (compute set, codelet, row range); row ranges run on threads
+(native calls release the GIL).  Copies are numpy gathers over typed views of the
+memory.  Every phase adds to the cycle estimate (`runtime.cycles`).
+"""
+from __future__ import annotations
+
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from popdsl.codegen.jit import NativeCodelets, aligned_zeros
+from popdsl.diagnostics import Diagnostic
+from popdsl.ir.codelet import ERR_BOUNDS, NUMPY_DTYPE
+from popdsl.ir.errors import VertexError
+from popdsl.runtime import executable as X
+from popdsl.runtime.cycles import compute_cycles
+
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+PARALLEL_MIN_ROWS = 256       # below this a thread hand-off costs more than it saves
+
+
+class DeviceError(Exception):
+    """A vertex failed at run time; `diagnostic` says where and why (user error)."""
+
+    def __init__(self, diagnostic: Diagnostic):
+        self.diagnostic = diagnostic
+        super().__init__(diagnostic.render())
+
+
+@dataclass
+class CycleCounts:
+    compute: int = 0
+    exchange: int = 0
+    sync: int = 0
+    steps: int = 0
+    per_compute_set: dict[str, int] = field(default_factory=dict)
+    exchange_bytes: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.compute + self.exchange + self.sync
+
+
+class Machine:
+    def __init__(self, exe: X.Executable, native: NativeCodelets | None = None,
+                 threads: int | None = None, out=None):
+        self.exe = exe
+        self.native = native or NativeCodelets(list(exe.codelets.values()), exe.unchecked)
+        t = exe.target
+        self.mem = aligned_zeros(t.tiles * t.tile_memory)
+        self.threads = max(1, threads or 2)
+        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self.out = out or sys.stdout
+        self.cycles = CycleCounts()
+        self._cycle_bufs = [[np.zeros(len(g.tiles), np.int64) for g in cs.groups] for cs in exe.compute_sets]
+        for tid, values in exe.init.items():
+            self._store(exe.tensor_addrs[tid], values, exe.tensors[tid].dtype)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    # ---------------------------------------------------------------- host access
+    def _store(self, addrs: np.ndarray, values: np.ndarray, dtype: str) -> None:
+        arr = np.ascontiguousarray(np.asarray(values, dtype=NUMPY_DTYPE[dtype])).reshape(-1)
+        es = arr.dtype.itemsize
+        self.mem.view(_UINT[es])[addrs.reshape(-1) // es] = arr.view(_UINT[es])
+
+    def _load(self, addrs: np.ndarray, dtype: str) -> np.ndarray:
+        dt = np.dtype(NUMPY_DTYPE[dtype])
+        es = dt.itemsize
+        return self.mem.view(_UINT[es])[addrs // es].view(dt)
+
+    def write(self, name: str, value) -> None:
+        i = self.exe.tensor_index(name)
+        if i is None:
+            raise KeyError(f"no tensor named '{name}'")
+        t = self.exe.tensors[i]
+        arr = np.asarray(value)
+        if arr.shape != t.shape:
+            raise ValueError(f"'{name}' has shape {list(t.shape)}, given {list(arr.shape)}")
+        self._store(self.exe.tensor_addrs[i], arr, t.dtype)
+
+    def read(self, name: str) -> np.ndarray:
+        i = self.exe.tensor_index(name)
+        if i is None:
+            raise KeyError(f"no tensor named '{name}'")
+        t = self.exe.tensors[i]
+        return self._load(self.exe.tensor_addrs[i], t.dtype).reshape(t.shape).copy()
+
+    # ---------------------------------------------------------------- running
+    def run_step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name, arr in feeds.items():
+            self.write(name, arr)
+        self._run(self.exe.program)
+        self.cycles.steps += 1
+        return {name: self._read(r).copy() for name, r in self.exe.outputs.items()}
+
+    def _read(self, r: int) -> np.ndarray:
+        rd = self.exe.reads[r]
+        return self._load(rd.addrs, rd.dtype)
+
+    def _run(self, p: X.PSeq) -> None:
+        for n in p.body:
+            if isinstance(n, X.PExecute):
+                self._execute(n.cs)
+            elif isinstance(n, X.PCopy):
+                self._copy(self.exe.copies[n.copy])
+            elif isinstance(n, X.PRepeat):
+                for _ in range(n.count):
+                    self._run(n.body)
+            elif isinstance(n, X.PWhile):
+                while bool(self._read(n.cond)):
+                    self._run(n.body)
+            elif isinstance(n, X.PIf):
+                self._run(n.then if bool(self._read(n.cond)) else n.orelse)
+            elif isinstance(n, X.PPrint):
+                rd = self.exe.reads[n.read]
+                print(f"{rd.label}: {format_array(self._read(n.read))}", file=self.out)
+            else:
+                raise AssertionError(f"unhandled program node {n!r}")
+
+    def _copy(self, c: X.CopyTable) -> None:
+        if not c:
+            return
+        for es, src, dst in c.groups:
+            typed = self.mem.view(_UINT[es])
+            typed[dst // es] = typed[src // es]
+        sync = self.exe.target.sync_cycles
+        self.cycles.exchange += c.cycles - sync
+        self.cycles.sync += sync
+        self.cycles.exchange_bytes += c.exchange_bytes
+
+    def _execute(self, csi: int) -> None:
+        cs = self.exe.compute_sets[csi]
+        target = self.exe.target
+        self._copy(cs.pre)
+        bufs = self._cycle_bufs[csi]
+        for grp, cyc in zip(cs.groups, bufs):
+            self._run_group(cs, grp, cyc)
+        phase = 0
+        if cs.groups:
+            # All codelets of a compute set share the tiles' workers in one phase.
+            tiles = np.concatenate([g.tiles for g in cs.groups])
+            phase = int(compute_cycles(tiles, np.concatenate(bufs), target).max())
+        self.cycles.compute += phase
+        self.cycles.sync += target.sync_cycles
+        self.cycles.per_compute_set[cs.name] = self.cycles.per_compute_set.get(cs.name, 0) + phase
+        self._copy(cs.post)
+
+    def _run_group(self, cs: X.ComputeSetExec, grp: X.VertexTable, cyc: np.ndarray) -> None:
+        n = len(grp.tiles)
+        try:
+            if self._pool is None or n < PARALLEL_MIN_ROWS:
+                self.native.run(grp.codelet, self.mem, grp.table, 0, n, cyc)
+            else:
+                bounds = np.linspace(0, n, self.threads + 1).astype(int)
+                futs = [self._pool.submit(self.native.run, grp.codelet, self.mem, grp.table,
+                                          int(a), int(b), cyc) for a, b in zip(bounds[:-1], bounds[1:])]
+                errors = []
+                for f in futs:
+                    try:
+                        f.result()
+                    except VertexError as e:
+                        errors.append(e)
+                if errors:
+                    raise min(errors, key=lambda e: e.vertex)
+        except VertexError as e:
+            raise DeviceError(self._describe(cs, grp, e)) from None
+
+    def _describe(self, cs, grp: X.VertexTable, e: VertexError) -> Diagnostic:
+        tile = int(grp.tiles[e.vertex])
+        span = self.exe.spans[int(grp.span_ids[e.vertex])]
+        where = f"in codelet {grp.codelet}, vertex {e.vertex} of compute set '{cs.name}', on tile {tile}"
+        if e.kind == ERR_BOUNDS:
+            msg = (f"index {e.index} is out of range for axis {e.axis} of field '{e.field}' "
+                   f"(size {e.size}) {where}")
+        else:
+            msg = f"integer division by zero {where}"
+        return Diagnostic(span, msg, "error", ("raised at run time by the vertex placed here",))
+
+
+def format_array(a: np.ndarray) -> str:
+    """Numbers as a person writes them: 1000 not 1000.0, nested brackets for rank > 1."""
+    a = np.asarray(a)
+    if a.dtype == np.bool_:
+        fmt = lambda x: "true" if x else "false"                    # noqa: E731
+    elif a.dtype.kind in "iu":
+        fmt = str
+    else:
+        fmt = lambda x: np.format_float_positional(np.float32(x), trim="-", precision=7) \
+            if np.isfinite(x) and (x == 0 or 1e-5 <= abs(x) < 1e12) else str(np.float32(x))  # noqa: E731
+    if a.ndim == 0:
+        return fmt(a.item())
+
+    def rec(x):
+        if x.ndim == 1:
+            return "[" + " ".join(fmt(v) for v in x.tolist()) + "]"
+        return "[" + " ".join(rec(r) for r in x) + "]"
+    return rec(a)
