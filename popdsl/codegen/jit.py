@@ -71,11 +71,15 @@ def _target_machine():
                 llvm.add_symbol(sym, ctypes.cast(getattr(libm, sym), ctypes.c_void_p).value)
             except AttributeError:
                 pass
-        target = llvm.Target.from_triple(llvm.get_process_triple())
-        _TM = target.create_target_machine(
-            cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(),
-            opt=3, jit=True)
+        _TM = _new_target_machine()
     return _TM
+
+
+def _new_target_machine():
+    target = llvm.Target.from_triple(llvm.get_process_triple())
+    return target.create_target_machine(
+        cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(),
+        opt=3, jit=True)
 
 
 def cache_dir() -> Path:
@@ -174,8 +178,11 @@ class NativeCodelets:
         obj, self.from_cache = object_code(codelets, unchecked, contract)
         self._sections = _section_sizes(obj)
         with _LOCK:
-            tm = _target_machine()
-            self._engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), tm)
+            _target_machine()
+            # The engine takes ownership of its target machine (and frees it with
+            # itself), so each engine gets its own, never the shared compile one.
+            self._engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""),
+                                                      _new_target_machine())
             self._engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
             self._engine.finalize_object()
             self._drivers, self._maps = {}, {}

@@ -28,6 +28,12 @@ def _is_ident(s) -> bool:
     return isinstance(s, str) and s.isidentifier() and s.isascii()
 
 
+def _is_local(s) -> bool:
+    # the front end renames shadowing locals to e.g. "i.1"; LLVM quotes them anyway
+    return isinstance(s, str) and 0 < len(s) < 256 and s.isprintable() and s.isascii() \
+        and '"' not in s and "\\" not in s
+
+
 class _Checker:
     def __init__(self, c: ir.Codelet, scalars: Mapping[str, ir.Codelet]):
         self.c, self.scalars = c, scalars
@@ -88,7 +94,7 @@ class _Checker:
 
     def stmt(self, s, scope: dict):
         if isinstance(s, ir.Declare):
-            if not _is_ident(s.name) or s.ty not in _EXPR_TYPES:
+            if not _is_local(s.name) or s.ty not in _EXPR_TYPES:
                 self.fail(f"bad declaration {s!r}")
             if s.name in scope or s.name in self.all_locals:
                 self.fail(f"local {s.name!r} declared twice")
@@ -115,7 +121,7 @@ class _Checker:
             self.block(s.then, scope)
             self.block(s.orelse, scope)
         elif isinstance(s, ir.For):
-            if not _is_ident(s.var) or s.var in scope or s.var in self.all_locals:
+            if not _is_local(s.var) or s.var in scope or s.var in self.all_locals:
                 self.fail(f"bad or duplicate loop variable {s.var!r}")
             if isinstance(s.step, bool) or not isinstance(s.step, int) or s.step == 0 \
                     or not _I32_MIN < s.step <= _I32_MAX:

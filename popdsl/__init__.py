@@ -1,0 +1,8 @@
+"""popdsl: a language and compiler toolchain for IPU-style graph processors."""
+from popdsl.diagnostics import CompileError
+
+__version__ = "0.1.0"
+
+from popdsl.api import Executable, Simulator, compile, load  # noqa: E402
+
+__all__ = ["CompileError", "Executable", "Simulator", "compile", "load", "__version__"]

@@ -1,0 +1,3 @@
+from popdsl.cli import entry
+
+entry()

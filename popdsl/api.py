@@ -1,0 +1,133 @@
+"""The public Python API (DESIGN §6)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from popdsl import artifact
+from popdsl.codegen.jit import NativeCodelets
+from popdsl.ir.codelet import NUMPY_DTYPE
+from popdsl.pipeline import compile_source
+from popdsl.runtime import executable as X
+from popdsl.runtime.simulator import Machine
+from popdsl.runtime.target import get_target
+
+
+class Executable:
+    """A compiled graph: planned, with its codelets as IR.  Native code is made
+    (or fetched from the cache) when a simulator first needs it."""
+
+    def __init__(self, exe: X.Executable, native: NativeCodelets | None = None):
+        self.ir = exe
+        self._native = native
+
+    @property
+    def name(self) -> str:
+        return self.ir.name
+
+    @property
+    def target(self):
+        return self.ir.target
+
+    @property
+    def inputs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return {n: (self.ir.tensors[i].dtype, self.ir.tensors[i].shape) for n, i in self.ir.inputs.items()}
+
+    @property
+    def outputs(self) -> list[str]:
+        return list(self.ir.outputs)
+
+    def native(self) -> NativeCodelets:
+        if self._native is None:
+            self._native = NativeCodelets(list(self.ir.codelets.values()), self.ir.unchecked)
+        return self._native
+
+    def save(self, path: str | os.PathLike) -> None:
+        artifact.save(self.ir, os.fspath(path))
+
+
+def compile(path_or_source: str | os.PathLike, target: str = "gc200", tiles: int | None = None,
+            tile_memory: int | None = None, graph: str | None = None,
+            unchecked: bool = False) -> Executable:
+    """Compile a `.pop` file (a path) or source text.  Raises CompileError."""
+    if isinstance(path_or_source, os.PathLike) or (
+            isinstance(path_or_source, str) and path_or_source.endswith(".pop")
+            and "\n" not in path_or_source):
+        path = os.fspath(path_or_source)
+        text = Path(path).read_text()
+    else:
+        path, text = "<string>", str(path_or_source)
+    exe, native = compile_source(text, path, get_target(target, tiles, tile_memory), graph, unchecked)
+    return Executable(exe, native)
+
+
+def load(path: str | os.PathLike) -> Executable:
+    """Read a `.popx`.  Raises artifact.ArtifactError."""
+    return Executable(artifact.load(os.fspath(path)))
+
+
+class Simulator:
+    """Runs an executable on the IPU model."""
+
+    def __init__(self, exe: Executable, threads: int | None = None, out=None):
+        self.exe = exe
+        self.machine = Machine(exe.ir, exe.native(), threads=threads, out=out)
+
+    @property
+    def cycles(self):
+        return self.machine.cycles
+
+    def run(self, feeds: dict[str, np.ndarray] | None = None, steps: int = 1) -> dict[str, np.ndarray]:
+        """Run `steps` steps.  A feed shaped like its input is used every step; one
+        with `steps` times the input's leading dimension is split along axis 0,
+        one batch per step.  Outputs of several steps are stacked on a new axis 0.
+        Raises ValueError for a missing, unknown or misshapen feed, DeviceError
+        for a failing vertex."""
+        feeds = dict(feeds or {})
+        if steps < 1:
+            raise ValueError("steps must be at least 1")
+        ir = self.exe.ir
+        unknown = sorted(set(feeds) - set(ir.inputs))
+        if unknown:
+            raise ValueError(f"no input named {', '.join(map(repr, unknown))} "
+                             f"(inputs: {', '.join(ir.inputs) or 'none'})")
+        missing = sorted(set(ir.inputs) - set(feeds))
+        if missing:
+            raise ValueError(f"input {', '.join(map(repr, missing))} not fed")
+        per_step = {}
+        for name, arr in feeds.items():
+            t = ir.tensors[ir.inputs[name]]
+            arr = np.asarray(arr)
+            want = np.dtype(NUMPY_DTYPE[t.dtype])
+            if not np.can_cast(arr.dtype, want, "same_kind") and not (arr.dtype.kind in "iub" and want.kind in "iuf"):
+                raise ValueError(f"feed '{name}' has dtype {arr.dtype}; input is {t.dtype}")
+            if arr.shape == t.shape:
+                per_step[name] = [arr] * steps
+            elif t.shape and arr.shape[1:] == t.shape[1:] and arr.shape[0] == steps * t.shape[0]:
+                b = t.shape[0]
+                per_step[name] = [arr[i * b:(i + 1) * b] for i in range(steps)]
+            else:
+                raise ValueError(f"feed '{name}' has shape {list(arr.shape)}; input is {list(t.shape)}"
+                                 + (f" (or {[steps * t.shape[0], *t.shape[1:]]} for {steps} steps)"
+                                    if steps > 1 and t.shape else ""))
+        results = [self.machine.run_step({n: v[i] for n, v in per_step.items()}) for i in range(steps)]
+        if steps == 1:
+            return results[0]
+        return {n: np.stack([r[n] for r in results]) for n in results[0]}
+
+    def read(self, name: str) -> np.ndarray:
+        return self.machine.read(name)
+
+    def write(self, name: str, value) -> None:
+        self.machine.write(name, value)
+
+    def close(self) -> None:
+        self.machine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
