@@ -1,0 +1,5 @@
+import os
+import tempfile
+
+# Tests never write into the user's cache: one native-code cache per test session.
+os.environ.setdefault("POPDSL_CACHE_DIR", tempfile.mkdtemp(prefix="popdsl-cache-"))

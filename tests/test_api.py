@@ -1,0 +1,135 @@
+"""The Python API of DESIGN §6, and the simulator's memory as a user can see it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import popdsl
+from popdsl.artifact import ArtifactError
+from popdsl.runtime.simulator import DeviceError
+
+AXPY = """
+codelet Axpy(in x: f32[n], inout y: f32[n], a: f32) {
+    for i in 0..n { y[i] += a * x[i]; }
+}
+graph axpy(tiles = 4) {
+    input x: f32[16];
+    var y: f32[16] = arange();
+    map x -> linear;
+    for t in 0..4 { map y[4*t : 4*t+4] -> tile 3 - t; }   // y's slices live on other tiles than x's
+    compute cs {
+        for t in 0..4 { Axpy(x = x[4*t : 4*t+4], y = y[4*t : 4*t+4], a = 2.0) on tile t; }
+    }
+    output y;
+}
+"""
+
+
+def test_compile_source_run_and_feed_steps():
+    exe = popdsl.compile(AXPY)
+    assert exe.inputs == {"x": ("f32", (16,))}
+    assert exe.outputs == ["y"]
+    x = np.random.default_rng(0).standard_normal((3 * 16,)).astype(np.float32)
+    with popdsl.Simulator(exe) as sim:
+        out = sim.run({"x": x}, steps=3)["y"]
+    y = np.arange(16, dtype=np.float32)
+    want = []
+    for s in range(3):
+        y = y + np.float32(2.0) * x[16 * s:16 * (s + 1)]
+        want.append(y)
+    np.testing.assert_allclose(out, np.stack(want), rtol=1e-6)
+
+
+def test_exchange_is_inserted_and_counted():
+    exe = popdsl.compile(AXPY)
+    cs = exe.ir.compute_sets[0]
+    # y's data is on another tile than each vertex: in and back out by exchange.
+    assert cs.pre.exchange_bytes == 16 * 4 and cs.post.exchange_bytes == 16 * 4
+    assert exe.ir.memory.exchange_buffers.sum() == 16 * 4
+
+
+def test_save_load_roundtrip(tmp_path):
+    exe = popdsl.compile(AXPY)
+    p = tmp_path / "axpy.popx"
+    exe.save(p)
+    again = popdsl.load(p)
+    x = np.ones(16, np.float32)
+    with popdsl.Simulator(exe) as a, popdsl.Simulator(again) as b:
+        np.testing.assert_array_equal(a.run({"x": x})["y"], b.run({"x": x})["y"])
+
+
+def test_load_rejects_garbage(tmp_path):
+    p = tmp_path / "bad.popx"
+    p.write_bytes(b"not a zip")
+    with pytest.raises(ArtifactError, match="not a popdsl executable"):
+        popdsl.load(p)
+
+
+def test_read_write_and_feed_errors():
+    exe = popdsl.compile(AXPY)
+    with popdsl.Simulator(exe) as sim:
+        sim.write("y", np.full(16, 5, np.float32))
+        np.testing.assert_array_equal(sim.read("y"), np.full(16, 5, np.float32))
+        with pytest.raises(ValueError, match="not fed"):
+            sim.run({})
+        with pytest.raises(ValueError, match="shape"):
+            sim.run({"x": np.ones(15, np.float32)})
+        with pytest.raises(ValueError, match="no input named"):
+            sim.run({"x": np.ones(16, np.float32), "z": np.ones(1)})
+        with pytest.raises(KeyError):
+            sim.read("nope")
+
+
+def test_tensors_live_at_their_planned_offsets():
+    """The simulator's memory holds each element at the address the plan gave it."""
+    exe = popdsl.compile(AXPY)
+    with popdsl.Simulator(exe) as sim:
+        sim.run({"x": np.ones(16, np.float32)})
+        addrs = exe.ir.tensor_addrs[exe.ir.tensor_index("y")]
+        raw = np.concatenate([sim.machine.mem[a:a + 4] for a in addrs.tolist()]).view(np.float32)
+        np.testing.assert_array_equal(raw, sim.read("y"))
+        tiles = addrs // exe.target.tile_memory
+        assert tiles.tolist() == [3] * 4 + [2] * 4 + [1] * 4 + [0] * 4
+
+
+def test_runtime_index_error_names_codelet_vertex_tile_and_index():
+    src = """
+codelet Peek(in a: f32[n], out r: f32, k: i32) { r = a[k]; }
+graph g(tiles = 2) {
+    var a: f32[4] = arange();
+    var r: f32[2];
+    map a -> linear; map r -> linear;
+    compute cs {
+        Peek(a = a[0:2], r = r[0], k = 1) on tile 0;
+        Peek(a = a[2:4], r = r[1], k = 5) on tile 1;
+    }
+}
+"""
+    exe = popdsl.compile(src)
+    with popdsl.Simulator(exe) as sim, pytest.raises(DeviceError) as e:
+        sim.run()
+    msg = str(e.value)
+    for part in ("index 5", "field 'a'", "codelet Peek", "vertex 1", "tile 1", "<string>:9:"):
+        assert part in msg, msg
+
+
+def test_memory_plan_has_no_overlaps_on_any_tile():
+    exe = popdsl.compile(AXPY)
+    es = 4
+    seen: dict[int, set] = {}
+    for t, addrs in zip(exe.ir.tensors, exe.ir.tensor_addrs):
+        for a in addrs.tolist():
+            for b in range(a, a + es):
+                assert b not in seen, f"{t.name} overlaps {seen[b]}"
+                seen[b] = t.name
+
+
+def test_out_of_memory_is_a_compile_error():
+    with pytest.raises(popdsl.CompileError, match=r"out of memory: tile 0 needs [\d,]+ B but has 1,024 B"):
+        popdsl.compile("""
+graph big(tiles = 2) {
+    var a: f32[1024];
+    map a -> tile 0;
+    map a[512:1024] -> tile 1;
+}
+""", tile_memory=1024)

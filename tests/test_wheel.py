@@ -1,0 +1,46 @@
+"""The installed package works outside the source tree: a wheel, a fresh venv, and
+`popc` finding its grammar and stdlib inside the installation."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(shutil.which("pip") is None and not shutil.which(sys.executable), reason="no pip")
+def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
+    wheels = tmp_path / "wheels"
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    wheel = next(wheels.glob("popdsl-*.whl"))
+    venv = tmp_path / "venv"
+    # The runtime dependencies come from this interpreter's site-packages; the
+    # wheel itself goes into the venv, where it shadows any other popdsl.
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    py = venv / "bin" / "python"
+    r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheel)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    shutil.copy(ROOT / "examples" / "scale_demo.pop", work)
+    shutil.copy(ROOT / "examples" / "reduce.pop", work)      # imports the stdlib
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    where = subprocess.run([str(py), "-c", "import popdsl; print(popdsl.__file__)"], cwd=work,
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert str(venv) in where.stdout, where.stdout + where.stderr
+    popc = venv / "bin" / "popc"
+    r = subprocess.run([str(popc), "run", "scale_demo.pop"], cwd=work, capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == "v: [1000 2000 3000 4000 5000 6000 7000 8000]"
+    r = subprocess.run([str(popc), "check", "reduce.pop"], cwd=work, capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
