@@ -31,6 +31,7 @@ import hashlib
 import os
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 from typing import Sequence
 
@@ -56,6 +57,7 @@ _ALIGN = 64
 _DRIVE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                           ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p)
 _STORAGE_NP = {k: np.dtype(v) for k, v in ir.NUMPY_DTYPE.items()}
+_U8, _I64 = np.dtype(np.uint8), np.dtype(np.int64)
 
 
 def _target_machine():
@@ -65,12 +67,18 @@ def _target_machine():
         llvm.initialize_native_asmprinter()
         # libm functions reached through LLVM intrinsics that lower to calls (tanhf,
         # powf, ...) must resolve when the object is linked in.
-        libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
-        for sym in _LIBM_SYMBOLS:
+        libs = []
+        for name in ("m", "gcc_s"):     # half conversions live in libgcc on old CPUs
             try:
-                llvm.add_symbol(sym, ctypes.cast(getattr(libm, sym), ctypes.c_void_p).value)
-            except AttributeError:
+                libs.append(ctypes.CDLL(ctypes.util.find_library(name) or f"lib{name}.so"))
+            except OSError:
                 pass
+        for sym in _LIBM_SYMBOLS:
+            for lib in libs:
+                fn = getattr(lib, sym, None)
+                if fn is not None:
+                    llvm.add_symbol(sym, ctypes.cast(fn, ctypes.c_void_p).value)
+                    break
         _TM = _new_target_machine()
     return _TM
 
@@ -154,6 +162,23 @@ def object_code(codelets: Sequence[ir.Codelet], unchecked: bool = False,
         return obj, False
 
 
+_ERR = ctypes.c_int64 * 5
+_PTRS: dict[int, tuple] = {}     # id(array) -> (weakref, data pointer)
+
+
+def _ptr(a: np.ndarray) -> int:
+    """a.ctypes.data costs ~2 us; the simulator passes the same arrays again and
+    again, so remember pointers (weakly: a dead array's id may be reused)."""
+    hit = _PTRS.get(id(a))
+    if hit is not None and hit[0]() is a:
+        return hit[1]
+    p = a.ctypes.data
+    if len(_PTRS) > 1024:
+        _PTRS.clear()
+    _PTRS[id(a)] = (weakref.ref(a), p)
+    return p
+
+
 def aligned_zeros(nbytes: int, align: int = _ALIGN) -> np.ndarray:
     """A zeroed 1-D uint8 array whose data starts on an `align`-byte boundary."""
     buf = np.zeros(nbytes + align, np.uint8)
@@ -204,21 +229,22 @@ class NativeCodelets:
         vertex's cycle count.  Raises VertexError for the first failing row (rows
         before it have run)."""
         fn, ncols, fields = self._drivers[name]
-        if (mem.dtype != np.uint8 or mem.ndim != 1 or not mem.flags.c_contiguous
-                or mem.ctypes.data % _ALIGN):
-            raise ValueError("mem must be a 1-D, contiguous, 64-byte aligned uint8 array")
-        if (table.dtype != np.int64 or table.ndim != 2 or table.shape[1] != ncols
+        mp = _ptr(mem)
+        if ((mem.dtype is not _U8 and mem.dtype != _U8) or mem.ndim != 1 or not mem.flags.c_contiguous
+                or mp % _ALIGN or not mem.flags.writeable):
+            raise ValueError("mem must be a 1-D, contiguous, writeable, 64-byte aligned "
+                             "uint8 array")
+        if ((table.dtype is not _I64 and table.dtype != _I64) or table.ndim != 2 or table.shape[1] != ncols
                 or not table.flags.c_contiguous):
             raise ValueError(f"table of {name} must be C-contiguous int64 (nverts, {ncols})")
-        if (cycles.dtype != np.int64 or cycles.ndim != 1 or not cycles.flags.c_contiguous
-                or cycles.shape[0] < table.shape[0]):
-            raise ValueError("cycles must be a contiguous int64 array with a slot per row")
+        if ((cycles.dtype is not _I64 and cycles.dtype != _I64) or cycles.ndim != 1 or not cycles.flags.c_contiguous
+                or cycles.shape[0] < table.shape[0] or not cycles.flags.writeable):
+            raise ValueError("cycles must be a contiguous, writeable int64 array with a "
+                             "slot per row")
         if not 0 <= begin <= end <= table.shape[0]:
             raise ValueError(f"row range {begin}..{end} outside the table")
-        if not mem.flags.writeable or not cycles.flags.writeable:
-            raise ValueError("mem and cycles must be writeable")
-        err = (ctypes.c_int64 * 5)()
-        row = fn(mem.ctypes.data, table.ctypes.data, begin, end, cycles.ctypes.data, err)
+        err = _ERR()
+        row = fn(mp, _ptr(table), begin, end, _ptr(cycles), err)
         if row >= 0:
             k = err[1]
             raise VertexError(err[0], row, fields[k] if 0 <= k < len(fields) else "",
@@ -234,8 +260,8 @@ class NativeCodelets:
         for a, dt in zip((out,) + ins, (out_dt,) + in_dts):
             if a.dtype != dt or a.ndim != 1 or a.shape[0] != n or not a.flags.c_contiguous:
                 raise ValueError(f"{name}: arrays must be contiguous 1-D {dt} of length {n}")
-        err = (ctypes.c_int64 * 5)()
-        i = fn(n, err, out.ctypes.data, *[a.ctypes.data for a in ins])
+        err = _ERR()
+        i = fn(n, err, _ptr(out), *[_ptr(a) for a in ins])
         if i >= 0:
             raise VertexError(err[0], i, "", err[2], err[3], err[4], codelet=name)
 
