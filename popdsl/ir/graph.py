@@ -47,12 +47,22 @@ class View:
         return tuple(self.index.shape)
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Stacked:
+    """One field's connections for a whole group of vertices with equal shapes:
+    index[v] is vertex v's view of tensor `tensor`.  The partitioner builds these
+    instead of a View per vertex, so a million vertices cost a few numpy arrays."""
+    tensor: int
+    index: np.ndarray              # (nverts, *field shape)
+    span: Span
+
+
 @dataclass(eq=False)
 class VertexGroup:
     """The vertices of one codelet in one compute set.
 
-    tiles, span_ids: one entry per vertex.  connections[field]: one View per vertex
-    for edge fields; state[field]: one value per vertex; syms[symbol]: bound sizes."""
+    tiles, span_ids: one entry per vertex.  connections[field]: one View per vertex,
+    or a Stacked; state[field]: one value per vertex; syms[symbol]: bound sizes."""
     codelet: str
     tiles: list[int] = field(default_factory=list)
     span_ids: list[int] = field(default_factory=list)
@@ -68,7 +78,7 @@ class VertexGroup:
 class ComputeSet:
     name: str
     span: Span
-    groups: dict[str, VertexGroup] = field(default_factory=dict)
+    groups: list[VertexGroup] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- programs
@@ -132,6 +142,7 @@ class TensorGraph:
     inputs: dict[str, int] = field(default_factory=dict)
     outputs: list[tuple[str, View]] = field(default_factory=list)
     spans: list[Span] = field(default_factory=list)                  # vertex span table
+    params: list[int] = field(default_factory=list)                  # trainable tensors (tensor programs)
 
     def span_id(self, span: Span) -> int:
         self.spans.append(span)

@@ -146,6 +146,11 @@ def _view(graph, v) -> str:
     return f"{t.name}{{{', '.join(map(str, flat[:6].tolist()))}{', ...' if flat.size > 6 else ''}}} as {list(v.shape)}"
 
 
+def _nth(views, i):
+    from popdsl.ir import graph as g
+    return g.View(views.tensor, views.index[i], views.span) if isinstance(views, g.Stacked) else views[i]
+
+
 def _prog_lines(graph, p, indent: int) -> list[str]:
     from popdsl.ir import graph as g
     pad = "  " * indent
@@ -178,10 +183,10 @@ def _tensor_graph(graph) -> str:
         out.append(f"  {t.kind} {t.name}: {t.dtype}{list(t.shape)}{init}  tiles {_tiles_summary(graph.tile_of[t.id])}")
     for cs in graph.compute_sets.values():
         out.append(f"  compute {cs.name}:")
-        for name, grp in cs.groups.items():
-            out.append(f"    {name}: {len(grp)} vertices on {len(set(grp.tiles))} tiles")
+        for grp in cs.groups:
+            out.append(f"    {grp.codelet}: {len(grp)} vertices on {len(set(np.asarray(grp.tiles).tolist()))} tiles")
             for i in range(min(len(grp), 4)):
-                conns = ", ".join(f"{f}={_view(graph, vs[i])}" for f, vs in grp.connections.items())
+                conns = ", ".join(f"{f}={_view(graph, _nth(vs, i))}" for f, vs in grp.connections.items())
                 state = ", ".join(f"{f}={vs[i]!r}" for f, vs in grp.state.items())
                 out.append(f"      tile {grp.tiles[i]}: {', '.join(x for x in (conns, state) if x)}")
             if len(grp) > 4:

@@ -384,7 +384,7 @@ class _Elaborator:
     def check_mapping(self) -> None:
         used_by_vertex: set[int] = set()
         for cs in self.graph.compute_sets.values():
-            for grp in cs.groups.values():
+            for grp in cs.groups:
                 for views in grp.connections.values():
                     used_by_vertex.update(v.tensor for v in views)
         for t in self.graph.tensors:
@@ -452,9 +452,10 @@ class _Elaborator:
                 ok = False
         if not ok:
             raise _Bad
-        grp = self.cs.groups.get(name)
+        grp = next((x for x in self.cs.groups if x.codelet == name), None)
         if grp is None:
-            grp = self.cs.groups[name] = g.VertexGroup(name)
+            grp = g.VertexGroup(name)
+            self.cs.groups.append(grp)
             grp.connections = {f: [] for f in conns}
             grp.state = {f: [] for f in state}
             grp.syms = {s_: [] for s_ in c.symbols}

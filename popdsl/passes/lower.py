@@ -169,7 +169,8 @@ def _lower_cs(low: Lowered, graph: g.TensorGraph, cs: g.ComputeSet, csi: int,
     pre, post = CopyElems(), CopyElems()
     groups = []
     written: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []   # (tensor, element, span id)
-    for cname, grp in cs.groups.items():
+    for grp in cs.groups:
+        cname = grp.codelet
         c = graph.codelets[cname]
         layout = cir.table_layout(c)
         nv = len(grp)
@@ -187,6 +188,13 @@ def _lower_cs(low: Lowered, graph: g.TensorGraph, cs: g.ComputeSet, csi: int,
                 table[:, col[("state", f.name)]] = vals.astype(np.int64)
                 continue
             views = grp.connections[f.name]
+            if isinstance(views, g.Stacked):
+                if _connect_stacked(low, graph, c, f, views, order, tiles, csi, col, table, region,
+                                    pre, post, d, reported) and f.direction in ("out", "inout"):
+                    idx = views.index.reshape(nv, -1)
+                    written.append((np.full(idx.size, views.tensor, np.int64), idx.ravel(),
+                                    np.repeat(np.asarray(grp.span_ids, np.int64), idx.shape[1])))
+                continue
             for row, vi in enumerate(order.tolist()):
                 v = views[vi]
                 tile = int(tiles[row])
@@ -240,6 +248,59 @@ def _connect(low, graph, c, f, v: g.View, tile, csi, row, col, table, region, pr
         pre.add(es, regs, offs, bregs, boffs)
     if f.direction in ("out", "inout"):
         post.add(es, bregs, boffs, regs, offs)
+    return True
+
+
+def _connect_stacked(low, graph, c, f, st: g.Stacked, order, tiles, csi, col, table, region,
+                     pre, post, d: Diagnostics, reported) -> bool:
+    """`_connect` for a whole group at once: rows whose data is local and laid out
+    as the field needs connect in place, the others get buffers — all in numpy."""
+    t = graph.tensors[st.tensor]
+    es = t.elem_bytes
+    nv = len(order)
+    idx = st.index[order].reshape(nv, -1)
+    if t.id not in low.elem_region:
+        if (graph.tile_of[t.id][idx] < 0).any():
+            d.error(st.span, f"field '{f.name}' of {c.name} is connected to elements of '{t.name}' "
+                    "that are not mapped to any tile")
+            reported.add(t.id)
+        return False
+    n = idx.shape[1]
+    R = low.elem_region[t.id][idx]
+    O = low.elem_off[t.id][idx]
+    rtile = np.asarray(low.region_tile, np.int64)
+    ok = (R == R[:, :1]).all(1) & (rtile[R[:, 0]] == tiles)
+    stride = np.zeros(nv, np.int64)
+    if f.rank == 1:
+        ok &= (O == O[:, :1] + es * np.arange(n)).all(1)
+    elif f.rank == 2:
+        rows, cols = st.index.shape[1], st.index.shape[2]
+        stride_b = (O[:, cols] - O[:, 0]) if rows > 1 else np.full(nv, cols * es)
+        expect = (O[:, :1] + (stride_b[:, None] * np.repeat(np.arange(rows), cols)[None, :])
+                  + es * np.tile(np.arange(cols), rows)[None, :])
+        ok &= (O == expect).all(1) & (stride_b >= 0) & (stride_b % es == 0)
+        stride = np.where(ok, stride_b // es, cols)
+    ac = col[("addr", f.name)]
+    table[ok, ac] = O[ok, 0]
+    region[ok, ac] = R[ok, 0]
+    if f.rank == 2:
+        table[:, col[("stride", f.name)]] = stride
+    bad = np.nonzero(~ok)[0]
+    if bad.size:
+        first = len(low.region_tile)
+        low.region_tile.extend(tiles[bad].tolist())
+        low.region_size.extend([n * es] * bad.size)
+        low.region_cs.extend([csi] * bad.size)
+        low.region_label.extend([(f"{c.name}.{f.name} buffer", st.span)] * bad.size)
+        bufs = np.arange(first, first + bad.size, dtype=np.int32)
+        table[bad, ac] = 0
+        region[bad, ac] = bufs
+        bregs = np.repeat(bufs, n)
+        boffs = np.tile(np.arange(n, dtype=np.int64) * es, bad.size)
+        if f.direction in ("in", "inout"):
+            pre.add(es, R[bad], O[bad], bregs, boffs)
+        if f.direction in ("out", "inout"):
+            post.add(es, bregs, boffs, R[bad], O[bad])
     return True
 
 
