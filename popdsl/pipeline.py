@@ -1,7 +1,7 @@
 """The whole compiler in one function.
 
     source ─parse─▶ AST ─check─▶ codelet IR + graph AST ─elaborate─▶ tensor graph
-           ─lower─▶ vertex graph (regions, exchange) ─codegen─▶ native codelets
+           ─partition─▶ tensor graph with vertices ─lower─▶ vertex graph (regions, exchange) ─codegen─▶ native codelets
            ─plan─▶ Executable
 
 Each stage is a pure function of the previous stage's result (the native code is
@@ -14,10 +14,11 @@ from popdsl.codegen.jit import NativeCodelets
 from popdsl.passes.elaborate import elaborate
 from popdsl.passes.lower import lower
 from popdsl.passes.memplan import plan
+from popdsl.passes.partition import partition
 from popdsl.runtime.target import Target
 from popdsl.sema import check_program, load_program
 
-STAGES = ("parse", "check", "elaborate", "lower", "codegen", "plan")
+STAGES = ("parse", "check", "elaborate", "partition", "lower", "codegen", "plan")
 
 
 def compile_source(text: str, path: str, target: Target, graph: str | None = None,
@@ -32,11 +33,14 @@ def compile_source(text: str, path: str, target: Target, graph: str | None = Non
     tgraph = elaborate(program, target, graph, path)
     if stop_after == "elaborate":
         return tgraph
+    tgraph = partition(tgraph)
+    if stop_after == "partition":
+        return tgraph
     low = lower(tgraph)
     if stop_after == "lower":
         return low
-    native = NativeCodelets(list(program.codelets.values()), unchecked)
+    native = NativeCodelets(list(tgraph.codelets.values()), unchecked)
     if stop_after == "codegen":
         return native
-    exe = plan(low, {name: native.object_code_size(name) for name in program.codelets}, unchecked)
+    exe = plan(low, {name: native.object_code_size(name) for name in tgraph.codelets}, unchecked)
     return exe, native

@@ -43,26 +43,81 @@ def _describe(term: str) -> str:
     return term.lower()
 
 
+def _unclosed_brace(text: str, upto: int) -> tuple[int, int] | None:
+    """(line, col) of the innermost '{' still open at offset `upto`, skipping
+    comments and strings; None if every brace before it is closed."""
+    stack: list[int] = []
+    i = 0
+    while i < upto:
+        ch = text[i]
+        if text.startswith("//", i):
+            j = text.find("\n", i)
+            i = upto if j < 0 else j
+        elif text.startswith("/*", i):
+            j = text.find("*/", i + 2)
+            i = upto if j < 0 else j + 2
+            continue
+        elif ch == '"':
+            j = text.find('"', i + 1)
+            i = upto if j < 0 else j
+        elif ch == "{":
+            stack.append(i)
+        elif ch == "}" and stack:
+            stack.pop()
+        i += 1
+    if not stack:
+        return None
+    pos = stack[-1]
+    line = text.count("\n", 0, pos) + 1
+    return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
+
+
+def _unclosed_note(text: str, upto: int) -> tuple[str, ...]:
+    where = _unclosed_brace(text, upto)
+    return (f"the '{{' at line {where[0]}, column {where[1]} is not closed",) if where else ()
+
+
+_TOP_LEVEL = {"CODELET", "GRAPH", "DEF", "IMPORT"}
+
+
 def _syntax_error(path: str, text: str, e: lark.exceptions.UnexpectedInput) -> Diagnostic:
     line, col = max(e.line, 1), max(e.column, 1)
     notes: tuple[str, ...] = ()
     if isinstance(e, lark.exceptions.UnexpectedCharacters):
-        ch = text[e.pos_in_stream] if e.pos_in_stream < len(text) else "?"
-        msg = f"unexpected character {ch!r}"
+        pos = e.pos_in_stream
+        ch = text[pos] if pos < len(text) else "?"
+        if ch == '"':
+            msg = "unterminated string: strings end with '\"' on the same line"
+        else:
+            msg = f"unexpected character {ch!r}"
         width = 1
     elif isinstance(e, lark.exceptions.UnexpectedEOF) or \
             (isinstance(e, lark.exceptions.UnexpectedToken) and e.token.type == "$END"):
         expected = set(getattr(e, "expected", ()) or ())
         lines = text.splitlines() or [""]
         line, col = len(lines), len(lines[-1]) + 1
-        msg = "unexpected end of file" + (": missing '}'" if "RBRACE" in expected else "")
+        msg = "unexpected end of file"
+        if "RBRACE" in expected:
+            msg += ": missing '}'"
+            notes = _unclosed_note(text, len(text))
         width = 1
     else:
         tok = e.token
         expected = sorted(set(e.expected or ()))
         value = str(tok)
         width = max(len(value), 1)
-        if "SEMI" in expected and tok.type != "SEMI":
+        if tok.start_pos is not None and text.startswith("/*", tok.start_pos):
+            msg = "unterminated comment: '/*' without a closing '*/'"
+            width, expected = 2, []
+        elif value == "=" and "CMP_OP" in expected and "EQ" not in expected \
+                and "ASSIGN_OP" not in expected:
+            msg = "unexpected '=' here (use '==' to compare)"
+            expected = []
+        elif tok.type in _TOP_LEVEL and "RBRACE" in expected:
+            msg = f"missing '}}' before '{value}'"
+            notes = _unclosed_note(text, tok.start_pos or 0)
+            expected = []
+        elif "SEMI" in expected and tok.type != "SEMI":
             # The token that follows a statement missing its ';' is usually on the
             # next line; point at the end of the previous token instead.
             prev = getattr(e, "token_history", None) or []
@@ -71,11 +126,14 @@ def _syntax_error(path: str, text: str, e: lark.exceptions.UnexpectedInput) -> D
                 line, col, width = prev[-1].end_line, prev[-1].end_column, 1
         elif tok.type == "RBRACE":
             msg = "unexpected '}'"
-        elif tok.type == "EQ" and "CMP_OP" not in expected:
-            msg = "unexpected '=' here (use '==' to compare)"
+        elif tok.type == "NAME":
+            msg = f"unexpected name {value!r}"
+        elif tok.type in ("INT", "FLOAT"):
+            msg = f"unexpected number {value}"
+        elif tok.type == "STRING":
+            msg = f"unexpected string {value}"
         else:
-            msg = f"unexpected {_describe(tok.type)} {value!r}" if tok.type not in \
-                ("SEMI", "RPAR", "RSQB", "RBRACE") else f"unexpected {value!r}"
+            msg = f"unexpected {value!r}"
         if expected and len(expected) <= 6:
             notes = ("expected " + ", ".join(sorted({_describe(t) for t in expected})),)
     return Diagnostic(Span(path, line, col, line, col + width), msg, "error", notes)
@@ -88,8 +146,26 @@ def parse(text: str, path: str = "<string>") -> ast.Module:
         tree = _parser().parse(text)
     except lark.exceptions.UnexpectedInput as e:
         raise CompileError([_syntax_error(path, text, e)]) from None
+    _check_nesting(tree, path)
     items = _ToAst(path).transform(tree)
     return ast.Module(path, tuple(items.children))
+
+
+# Every later stage walks the tree recursively; past this depth Python's stack would
+# not be enough.  No program a person writes comes near it.
+MAX_NESTING = 200
+
+
+def _check_nesting(tree: lark.Tree, path: str) -> None:
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise CompileError([Diagnostic(
+                _span(path, node.meta), f"nested too deeply: more than {MAX_NESTING} levels of "
+                "expressions and blocks", "error",
+                ("split the expression with 'let' or the code into smaller codelets",))])
+        stack.extend((c, depth + 1) for c in node.children if isinstance(c, lark.Tree))
 
 
 def _span(path: str, meta) -> Span:
@@ -249,8 +325,15 @@ class _ToAst(Transformer):
         return ast.InputStmt(str(c[0]), c[1], self.sp(meta))
 
     def output_stmt(self, meta, c):
-        c = _meaningful(c)
-        return ast.OutputStmt(c[0], str(c[1]) if c[1] is not None else None, self.sp(meta))
+        # output [NAME =] EXPR [as NAME];
+        c = [x for x in _meaningful(c) if x is not None]
+        name = None
+        if len(c) > 1 and isinstance(c[0], Token) and c[0].type == "NAME":
+            name = str(c[0])
+            c = c[1:]
+        if len(c) > 1 and isinstance(c[-1], Token):
+            name = str(c[-1])
+        return ast.OutputStmt(c[0], name, self.sp(meta))
 
     def param_stmt(self, meta, c):
         c = _meaningful(c)

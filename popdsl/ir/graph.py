@@ -126,7 +126,13 @@ class Print:
     view: View
 
 
-Prog = Union[Seq, Execute, Copy, Repeat, While, If, Print]
+@dataclass(frozen=True, slots=True)
+class Step:
+    """Run the tensor program once (replaced by its compute sets in `partition`)."""
+    span: Span
+
+
+Prog = Union[Seq, Execute, Copy, Repeat, While, If, Print, Step]
 
 
 @dataclass(eq=False)
@@ -140,7 +146,8 @@ class TensorGraph:
     compute_sets: dict[str, ComputeSet] = field(default_factory=dict)
     program: Seq = Seq(())
     inputs: dict[str, int] = field(default_factory=dict)
-    outputs: list[tuple[str, View]] = field(default_factory=list)
+    outputs: list[tuple[str, object]] = field(default_factory=list)  # View, or a tensor-program Node
+    nodes: object = None                                             # ir.tensor.NodeTable
     spans: list[Span] = field(default_factory=list)                  # vertex span table
     params: list[int] = field(default_factory=list)                  # trainable tensors (tensor programs)
 

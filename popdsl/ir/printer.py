@@ -11,7 +11,8 @@ from popdsl.ir import codelet as cir
 
 
 def dump(stage: str, result) -> str:
-    return {"parse": _modules, "check": _program, "elaborate": _tensor_graph, "lower": _lowered,
+    return {"parse": _modules, "check": _program, "elaborate": _tensor_graph, "partition": _tensor_graph,
+            "lower": _lowered,
             "codegen": _native, "plan": _plan}[stage](result)
 
 

@@ -8,12 +8,16 @@ collected; elaboration goes on past a bad statement so one run reports several.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from popdsl.diagnostics import Diagnostics, Span
 from popdsl.frontend import ast
 from popdsl.ir import codelet as cir
 from popdsl.ir import graph as g
+from popdsl.ir.tensor import Node
+from popdsl.passes.elaborate_tensor import TensorMixin
 from popdsl.runtime.target import Target
 from popdsl.sema import Program
 
@@ -22,6 +26,11 @@ MAX_UNROLL = 1 << 22          # compile-time loop iterations, all loops together
 
 class _Bad(Exception):
     """Already reported; abandon the current statement."""
+
+
+class _Poisoned:
+    """The value of a name whose definition failed (already reported): a use of it
+    abandons the statement quietly instead of reporting 'unknown name' again."""
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -47,12 +56,14 @@ def _kind(v) -> str:
         return "int"
     if isinstance(v, float):
         return "float"
-    if isinstance(v, g.View):
+    if isinstance(v, (g.View, Node)):
         return "tensor"
     return type(v).__name__
 
 
-class _Elaborator:
+class _Elaborator(TensorMixin):
+    Bad = _Bad
+
     def __init__(self, prog: Program, target: Target, diags: Diagnostics):
         self.prog, self.d = prog, diags
         self.graph: g.TensorGraph | None = None
@@ -62,6 +73,10 @@ class _Elaborator:
         self.cs: g.ComputeSet | None = None
         self.have_program = False
         self.unrolled = 0
+        self.has_step = False
+        self.pre_args = None
+        self.init_tensor()
+        self.bad_map: set[int] = set()  # tensors a failed 'map' was meant for
 
     # ---------------------------------------------------------------- entry
     def run(self, node: ast.Graph) -> g.TensorGraph:
@@ -87,11 +102,16 @@ class _Elaborator:
         self.graph = g.TensorGraph(node.name, self.target, dict(self.prog.codelets))
         self.scopes[0]["tiles"] = self.target.tiles
         body = self.block(node.body)
-        if self.have_program:
-            self.graph.program = body
-        else:
+        if not self.have_program:
             self.graph.program = g.Seq(tuple(g.Execute(n, cs.span)
-                                             for n, cs in self.graph.compute_sets.items()))
+                                             for n, cs in self.graph.compute_sets.items())
+                                       + (g.Step(node.span),))
+        else:
+            self.graph.program = body
+            if not self.has_step and any(isinstance(v, Node) for _, v in self.graph.outputs):
+                self.d.error(node.span, f"graph '{node.name}' has tensor-program outputs but its "
+                             "program never runs 'step;'")
+        self.graph.nodes = self.nodes
         self.check_mapping()
         return self.graph
 
@@ -118,11 +138,23 @@ class _Elaborator:
 
     def stmt(self, s):
         if isinstance(s, ast.LetStmt):
-            self.bind(s.name, self.expr(s.value), s.span)
+            try:
+                value = self.expr(s.value)
+            except _Bad:
+                self.poison(s.name)
+                raise
+            self.bind(s.name, value, s.span)
+            return None
+        if isinstance(s, ast.VarStmt) and self.context == "def":
+            self.declare_param(s, "var")
             return None
         if isinstance(s, (ast.VarStmt, ast.InputStmt)):
             self.need(s, "graph", "a tensor declaration")
-            self.declare_tensor(s)
+            try:
+                self.declare_tensor(s)
+            except _Bad:
+                self.poison(s.name)
+                raise
             return None
         if isinstance(s, ast.MapStmt):
             if self.context == "program":
@@ -158,7 +190,10 @@ class _Elaborator:
                 self.context = "graph"
         if isinstance(s, ast.OutputStmt):
             self.need(s, "graph", "'output'")
-            v = self.tensor_value(s.value, "output")
+            v = self.expr(s.value)
+            if not isinstance(v, (g.View, Node)):
+                self.d.error(s.value.span, f"output needs a tensor, found {_kind(v)}")
+                raise _Bad
             name = s.name or (s.value.id if isinstance(s.value, ast.Name) else None)
             if name is None:
                 self.d.error(s.span, "name this output: 'output EXPR as NAME;'")
@@ -208,11 +243,8 @@ class _Elaborator:
             v = self.tensor_value(s.value, "print")
             label = s.value.id if isinstance(s.value, ast.Name) else _source_text(s.value.span)
             return g.Print(label, v)
-        if isinstance(s, (ast.ParamStmt, ast.MinimizeStmt, ast.StepStmt)):
-            word = type(s).__name__.removesuffix("Stmt").lower()
-            self.d.error(s.span, f"'{word}' belongs to tensor programs, which this version of "
-                         "popc does not compile yet")
-            raise _Bad
+        if isinstance(s, (ast.ParamStmt, ast.MinimizeStmt, ast.StepStmt, ast.ReturnStmt)):
+            return self.tensor_stmt(s)
         word = type(s).__name__.removesuffix("Stmt").lower()
         hint = ("graph values are immutable; bind a new name with 'let'",) \
             if isinstance(s, ast.AssignStmt) else ()
@@ -227,6 +259,7 @@ class _Elaborator:
             self.d.error(s.step.span, "a loop step must not be zero")
             raise _Bad
         out: list[g.Prog] = []
+        errors = len(self.d.items)
         for i in range(start, stop, step):
             self.unrolled += 1
             if self.unrolled > MAX_UNROLL:
@@ -237,6 +270,9 @@ class _Elaborator:
                 out.extend(self.block(s.body).body)
             finally:
                 self.scopes.pop()
+            if len(self.d.items) > errors:
+                # The next iterations would repeat the mistake with other numbers.
+                raise _Bad
         return g.Seq(tuple(out))
 
     def if_stmt(self, s: ast.IfStmt):
@@ -262,6 +298,9 @@ class _Elaborator:
             return r if isinstance(r, g.Seq) else g.Seq((r,) if r is not None else ())
         return self.block(orelse)
 
+    def poison(self, name: str) -> None:
+        self.scopes[-1].setdefault(name, _Poisoned())
+
     def bind(self, name: str, value, span: Span) -> None:
         if name in self.scopes[-1]:
             self.d.error(span, f"'{name}' is already defined in this scope")
@@ -285,7 +324,7 @@ class _Elaborator:
                 self.d.error(t.span, f"dimensions must be positive, got {d}")
                 raise _Bad
             dims.append(d)
-        if int(np.prod(dims, dtype=np.int64)) > (1 << 31):
+        if math.prod(dims) > (1 << 31):
             self.d.error(t.span, "tensor too large")
             raise _Bad
         return t.name, tuple(dims)
@@ -373,24 +412,44 @@ class _Elaborator:
             chunk = -(-flat.size // tiles) if flat.size else 1
             dest = (np.arange(flat.size) // chunk).astype(np.int32)
         else:
-            tile = self.int_value(s.tile, "a tile")
-            if not 0 <= tile < tiles:
-                self.d.error(s.tile.span, f"tile {tile} is out of range: the target has "
-                             f"{tiles} tiles (0..{tiles - 1})")
-                raise _Bad
+            try:
+                tile = self.int_value(s.tile, "a tile")
+                if not 0 <= tile < tiles:
+                    self.d.error(s.tile.span, f"tile {tile} is out of range: the target has "
+                                 f"{tiles} tiles (0..{tiles - 1})")
+                    raise _Bad
+            except _Bad:
+                self.bad_map.add(v.tensor)
+                raise
             dest = np.int32(tile)
         self.graph.tile_of[v.tensor][flat] = dest
 
     def check_mapping(self) -> None:
-        used_by_vertex: set[int] = set()
+        """Every element of every tensor is on a tile.  A vertex connected to
+        unmapped elements is reported where it is connected; any other unmapped
+        tensor where it is declared (not when a 'map' of it already failed)."""
+        tile_of = self.graph.tile_of
+        # Tensors of the tensor program are mapped by the partitioner.
+        unmapped = {t.id for t in self.graph.tensors
+                    if t.id not in self.bad_map and t.id not in self.op_tensors and t.kind != "param"
+                    and (tile_of[t.id] < 0).any()}
+        if not unmapped:
+            return
+        at_vertex: set[int] = set()
         for cs in self.graph.compute_sets.values():
             for grp in cs.groups:
-                for views in grp.connections.values():
-                    used_by_vertex.update(v.tensor for v in views)
+                for fname, views in grp.connections.items():
+                    for v in ([views] if isinstance(views, g.Stacked) else views):
+                        if v.tensor in unmapped and (tile_of[v.tensor][v.index] < 0).any():
+                            t = self.graph.tensors[v.tensor]
+                            self.d.error(v.span, f"field '{fname}' of {grp.codelet} is connected to "
+                                         f"elements of '{t.name}' that are not mapped to any tile",
+                                         f"map '{t.name}' with 'map {t.name} -> ...;'")
+                            at_vertex.add(v.tensor)
         for t in self.graph.tensors:
-            unmapped = int((self.graph.tile_of[t.id] < 0).sum())
-            if unmapped and t.id not in used_by_vertex:
-                self.d.error(t.span, f"tensor '{t.name}' has {unmapped} of {t.numel} elements "
+            if t.id in unmapped and t.id not in at_vertex:
+                n = int((tile_of[t.id] < 0).sum())
+                self.d.error(t.span, f"tensor '{t.name}' has {n} of {t.numel} elements "
                              "not mapped to any tile", f"add 'map {t.name} -> linear;' or map its "
                              "slices to tiles")
 
@@ -516,6 +575,8 @@ class _Elaborator:
     def lookup(self, name: str, span: Span):
         for scope in reversed(self.scopes):
             if name in scope:
+                if isinstance(scope[name], _Poisoned):
+                    raise _Bad
                 return scope[name]
         if name in self.prog.codelets:
             self.d.error(span, f"'{name}' is a codelet, not a value")
@@ -557,12 +618,16 @@ class _Elaborator:
             return [self.expr(x) for x in e.items]
         if isinstance(e, ast.Neg):
             v = self.expr(e.x)
+            if isinstance(v, (g.View, Node)):
+                return self.tensor_unary("neg", v, e.span)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 self.d.error(e.span, f"cannot negate a {_kind(v)}")
                 raise _Bad
             return -v
         if isinstance(e, ast.Not):
             v = self.expr(e.x)
+            if isinstance(v, (g.View, Node)):
+                return self.tensor_unary("not", v, e.span)
             if not isinstance(v, bool):
                 self.d.error(e.span, f"'!' needs a bool, found {_kind(v)}")
                 raise _Bad
@@ -582,9 +647,10 @@ class _Elaborator:
         a, b = self.expr(e.a), self.expr(e.b)
         ka, kb = _kind(a), _kind(b)
         if "tensor" in (ka, kb):
-            self.d.error(e.span, f"'{e.op}' on tensors is a tensor-program operation, which this "
-                         "version of popc does not compile yet", "use a codelet in a compute set")
-            raise _Bad
+            if not all(k in ("tensor", "int", "float", "bool") for k in (ka, kb)):
+                self.d.error(e.span, f"'{e.op}' cannot combine a {ka} with a {kb}")
+                raise _Bad
+            return self.tensor_binary(e, a, b)
         op = e.op
         if op in ("&&", "||"):
             if ka != "bool" or kb != "bool":
@@ -617,6 +683,8 @@ class _Elaborator:
 
     def index(self, e: ast.IndexExpr) -> g.View:
         base = self.expr(e.base)
+        if isinstance(base, Node):
+            return self.tensor_index(e, base)
         if not isinstance(base, g.View):
             self.d.error(e.base.span, f"only tensors can be indexed, found {_kind(base)}")
             raise _Bad
@@ -650,8 +718,19 @@ class _Elaborator:
             self.d.error(e.fn.span, "only named functions can be called")
             raise _Bad
         fn = e.fn.id
-        args = [self.expr(a) for a in e.args if not isinstance(a, ast.Kwarg)]
-        if any(isinstance(a, ast.Kwarg) for a in e.args):
+        self.pre_args = None
+        r = self.tensor_call(e, fn)
+        if r is not NotImplemented:
+            return r
+        if self.pre_args is not None:
+            pos, kw = self.pre_args
+            if kw:
+                self.d.error(e.span, f"{fn}() takes positional arguments here")
+                raise _Bad
+            args = [v for v, _ in pos]
+        else:
+            args = [self.expr(a) for a in e.args if not isinstance(a, ast.Kwarg)]
+        if self.pre_args is None and any(isinstance(a, ast.Kwarg) for a in e.args):
             self.d.error(e.span, f"{fn}() takes positional arguments here")
             raise _Bad
         if fn in ("min", "max") and len(args) >= 2 and all(_kind(a) == "int" for a in args):

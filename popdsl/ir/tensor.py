@@ -1,0 +1,81 @@
+"""Tensor-program IR: a hash-consed DAG of operations on whole tensors.
+
+Produced by elaboration for tensor expressions (`x @ w + b`, `relu(...)`, calls of
+stdlib primitives); consumed by `passes.partition`, which turns every node into
+compute sets of vertices over the tiles.  Nodes are interned: building the same
+operation on the same operands twice yields the same node, so a repeated
+subexpression is computed once and repeated structure is cheap to recognise.
+
+Leaves are tensors of the graph (`tensor`, with a tensor id) or views of them
+(`view`, never interned: they carry an index array).  Everything else is pure.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Element-wise operations: name → arity.  The partitioner fuses chains of them into
+# one generated codelet; `call:NAME` applies a user's scalar codelet.
+EW_UNARY = ("neg", "not", "exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "sin", "cos", "abs",
+            "floor", "ceil", "relu", "square")
+EW_BINARY = ("add", "sub", "mul", "div", "mod", "pow", "min", "max", "eq", "ne", "lt", "le", "gt", "ge",
+             "and", "or")
+EW_TERNARY = ("select",)
+CASTS = ("cast_f32", "cast_i32", "cast_bool", "cast_f16")
+REDUCTIONS = ("sum", "mean", "max", "min", "argmax")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Node:
+    id: int
+    op: str
+    args: tuple["Node", ...]
+    attrs: tuple
+    shape: tuple[int, ...]
+    dtype: str
+    index: np.ndarray | None = None      # `view` leaves only
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def __hash__(self) -> int:
+        return self.id
+
+    def __eq__(self, other) -> bool:
+        return self is other
+
+
+class NodeTable:
+    """Interning table: one Node per distinct (op, args, attrs, shape, dtype)."""
+
+    def __init__(self):
+        self._by_key: dict[tuple, Node] = {}
+        self.nodes: list[Node] = []
+
+    def make(self, op: str, args=(), attrs=(), shape=(), dtype="f32", index=None) -> Node:
+        key = None
+        if index is None:
+            key = (op, tuple(a.id for a in args), attrs, tuple(shape), dtype)
+            hit = self._by_key.get(key)
+            if hit is not None:
+                return hit
+        n = Node(len(self.nodes), op, tuple(args), attrs, tuple(int(s) for s in shape), dtype, index)
+        self.nodes.append(n)
+        if key is not None:
+            self._by_key[key] = n
+        return n
+
+
+def broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...] | None:
+    """numpy's broadcasting rule, or None when the shapes do not broadcast."""
+    try:
+        return tuple(np.broadcast_shapes(*shapes))
+    except ValueError:
+        return None
+
+
+def is_elementwise(n: Node) -> bool:
+    return n.op in EW_UNARY or n.op in EW_BINARY or n.op in EW_TERNARY or n.op in CASTS \
+        or n.op.startswith("call:") or n.op == "const"

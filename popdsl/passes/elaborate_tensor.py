@@ -1,0 +1,428 @@
+"""Elaboration of tensor programs (DESIGN §2 "Graphs as tensor programs").
+
+Mixed into the graph elaborator: tensor expressions build interned `ir.tensor`
+nodes; `def` calls run their body with shape symbols bound by the arguments;
+`param` (and `var` inside a def) make one tensor per call, named by the call path
+(`dense_1.w`).  Requires the elaborator's scopes and diagnostics; produces nodes,
+tensors with initial values, and `graph.outputs` entries holding nodes.
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+from popdsl.diagnostics import Span
+from popdsl.frontend import ast
+from popdsl.ir import codelet as cir
+from popdsl.ir import graph as g
+from popdsl.ir.tensor import Node, NodeTable
+from popdsl.sema.primitives import NAMES as PRIMITIVES, PrimError, Prims, shape_str
+
+PARAM_INITS = {"zeros", "ones", "full", "uniform", "normal", "glorot_uniform", "he_normal", "arange"}
+MAX_DEPTH = 64
+COMPILE_TIME_TYPES = {"int", "float", "bool"}
+
+
+class _Return(Exception):
+    def __init__(self, value):
+        self.value = value
+
+
+class TensorMixin:
+    """Needs: self.d, self.graph, self.scopes, self.context, self.prog, self.expr,
+    self.int_value, self.bind, self.block, self.lookup, self.Bad (exception class)."""
+
+    def init_tensor(self) -> None:
+        self.nodes = NodeTable()
+        self.prims = Prims(self.nodes, self.d)
+        self.path: list[str] = []
+        self.call_counts: dict[tuple, int] = {}
+        self.op_tensors: set[int] = set()
+
+    # ---------------------------------------------------------------- values
+    def as_node(self, v, span: Span, like: Node | None = None) -> Node:
+        if isinstance(v, Node):
+            return v
+        if isinstance(v, g.View):
+            t = self.graph.tensors[v.tensor]
+            self.op_tensors.add(t.id)
+            if v.index.shape == t.shape and np.array_equal(v.index.ravel(), np.arange(t.numel)):
+                return self.nodes.make("tensor", (), (t.id,), t.shape, t.dtype)
+            return self.nodes.make("view", (), (t.id,), v.index.shape, t.dtype, index=v.index)
+        if isinstance(v, bool):
+            return self.prims.const(v, "bool")
+        if isinstance(v, int):
+            return self.prims.const(v, "f32" if like is not None and like.dtype in ("f32", "f16") else "i32")
+        if isinstance(v, float):
+            return self.prims.const(v, "f32")
+        self.d.error(span, f"expected a tensor or a number, found {type(v).__name__}")
+        raise self.Bad
+
+    def is_tensor(self, v) -> bool:
+        return isinstance(v, (Node, g.View))
+
+    def prim(self, fn, *args):
+        try:
+            return fn(*args)
+        except PrimError:
+            raise self.Bad from None
+
+    def tensor_binary(self, e: ast.Binary, a, b):
+        like = a if isinstance(a, Node) else (b if isinstance(b, Node) else None)
+        if like is None:
+            like = self.as_node(a if self.is_tensor(a) else b, e.span)
+        na, nb = self.as_node(a, e.a.span, like), self.as_node(b, e.b.span, like)
+        if e.op == "@":
+            return self.prim(self.prims.matmul, na, nb, e.span)
+        return self.prim(self.prims.binary, e.op, na, nb, e.span)
+
+    def tensor_unary(self, op: str, v, span: Span):
+        return self.prim(self.prims.unary, op, self.as_node(v, span), span)
+
+    def tensor_index(self, e: ast.IndexExpr, base: Node):
+        shape = base.shape
+        if len(e.index) > len(shape):
+            self.d.error(e.span, f"too many indices for shape {shape_str(shape)}")
+            raise self.Bad
+        key = []
+        for axis, ix in enumerate(e.index):
+            n = shape[axis]
+            if isinstance(ix, ast.Slice):
+                lo = self.int_value(ix.start, "a slice bound") if ix.start is not None else 0
+                hi = self.int_value(ix.stop, "a slice bound") if ix.stop is not None else n
+                if not 0 <= lo < hi <= n:
+                    self.d.error(ix.span, f"slice {lo}:{hi} is out of range for axis {axis} (size {n})")
+                    raise self.Bad
+                key.append((lo, hi))
+            else:
+                i = self.int_value(ix, "an index")
+                if not -n <= i < n:
+                    self.d.error(ix.span, f"index {i} is out of range for axis {axis} (size {n})")
+                    raise self.Bad
+                key.append(i % n)
+        return self.prim(self.prims.index, base, key, e.span)
+
+    # ---------------------------------------------------------------- calls
+    def call_args(self, e: ast.Call):
+        pos, kw = [], {}
+        for a in e.args:
+            if isinstance(a, ast.Kwarg):
+                if a.name in kw:
+                    self.d.error(a.span, f"argument '{a.name}' given twice")
+                    raise self.Bad
+                kw[a.name] = (self.expr(a.value), a.value.span)
+            else:
+                if kw:
+                    self.d.error(a.span, "positional argument after a keyword argument")
+                    raise self.Bad
+                pos.append((self.expr(a), a.span))
+        return pos, kw
+
+    def tensor_call(self, e: ast.Call, fn: str):
+        """Defs, scalar codelets and tensor primitives; NotImplemented otherwise
+        (with the evaluated arguments in self.pre_args for the caller)."""
+        if fn in self.prog.defs:
+            return self.call_def(self.prog.defs[fn], e)
+        c = self.prog.codelets.get(fn)
+        if c is not None and c.ret is not None:
+            pos, kw = self.call_args(e)
+            if kw:
+                self.d.error(e.span, f"scalar codelet '{fn}' takes positional arguments")
+                raise self.Bad
+            like = next((v for v, _ in pos if isinstance(v, Node)), None)
+            return self.prim(self.prims.call_scalar, c,
+                             [self.as_node(v, sp, like) for v, sp in pos], e.span)
+        if fn not in PRIMITIVES:
+            return NotImplemented
+        pos, kw = self.call_args(e)
+        tensors = any(self.is_tensor(v) for v, _ in pos) or any(self.is_tensor(v) for v, _ in kw.values())
+        if fn in ("min", "max", "abs", "reshape", "transpose") and not any(isinstance(v, Node) for v, _ in pos) \
+                and not (fn in ("min", "max", "abs") and tensors):
+            self.pre_args = (pos, kw)
+            return NotImplemented
+        return self.primitive(fn, pos, kw, e.span)
+
+    def primitive(self, fn: str, pos, kw, span: Span):
+        P = self.prims
+
+        def arg(i, name, default=..., kind=None):
+            if i < len(pos):
+                v, sp = pos[i]
+            elif name in kw:
+                v, sp = kw[name]
+            elif default is not ...:
+                return default
+            else:
+                self.d.error(span, f"{fn}: missing argument '{name}'")
+                raise self.Bad
+            if kind == "tensor":
+                return self.as_node(v, sp)
+            if kind == "int" and (not isinstance(v, int) or isinstance(v, bool)):
+                self.d.error(sp, f"{fn}: '{name}' must be a compile-time integer, found {type(v).__name__ if not self.is_tensor(v) else 'a tensor'}")
+                raise self.Bad
+            return v
+
+        def only(*names):
+            extra = set(kw) - set(names)
+            if extra:
+                self.d.error(span, f"{fn}: unknown argument '{sorted(extra)[0]}'",
+                             f"{fn} takes {', '.join(names) or 'no keyword arguments'}")
+                raise self.Bad
+            if len(pos) > len(names):
+                self.d.error(span, f"{fn} takes at most {len(names)} arguments, given {len(pos)}")
+                raise self.Bad
+        if fn in ("sum", "mean", "max", "min", "argmax") and (len(pos) == 1 or fn in ("sum", "mean", "argmax")):
+            only("x", "axis", "keepdims")
+            x = arg(0, "x", kind="tensor")
+            axis = arg(1, "axis", None)
+            keep = arg(2, "keepdims", False)
+            return self.prim(P.reduce, fn, x, axis, bool(keep), span)
+        if fn in ("min", "max", "minimum", "maximum", "pow"):
+            only("a", "b")
+            a, b = arg(0, "a"), arg(1, "b")
+            like = a if isinstance(a, Node) else b if isinstance(b, Node) else None
+            op = {"minimum": "min", "maximum": "max"}.get(fn, fn)
+            return self.prim(P.binary, op, self.as_node(a, span, like), self.as_node(b, span, like), span)
+        if fn in ("f32", "i32", "bool", "f16"):
+            only("x")
+            return P.cast(fn, arg(0, "x", kind="tensor"))
+        if fn == "select":
+            only("cond", "a", "b")
+            c = arg(0, "cond", kind="tensor")
+            a, b = arg(1, "a"), arg(2, "b")
+            like = a if isinstance(a, Node) else b if isinstance(b, Node) else None
+            return self.prim(P.select, c, self.as_node(a, span, like), self.as_node(b, span, like), span)
+        if fn == "matmul":
+            only("a", "b")
+            return self.prim(P.matmul, arg(0, "a", kind="tensor"), arg(1, "b", kind="tensor"), span)
+        if fn == "conv2d":
+            only("x", "w", "stride", "padding", "groups")
+            return self.prim(P.conv2d, arg(0, "x", kind="tensor"), arg(1, "w", kind="tensor"),
+                             arg(2, "stride", 1, "int"), arg(3, "padding", 0, "int"), arg(4, "groups", 1, "int"), span)
+        if fn in ("max_pool2d", "avg_pool2d"):
+            only("x", "kernel", "stride", "padding")
+            k = arg(1, "kernel", kind="int")
+            return self.prim(P.pool, fn.split("_")[0], arg(0, "x", kind="tensor"), k, arg(2, "stride", k, "int"),
+                             arg(3, "padding", 0, "int"), span)
+        if fn == "reshape":
+            only("x", "shape")
+            return self.prim(P.reshape, arg(0, "x", kind="tensor"), arg(1, "shape"), span)
+        if fn == "transpose":
+            only("x", "perm")
+            return self.prim(P.transpose, arg(0, "x", kind="tensor"), arg(1, "perm", None), span)
+        if fn == "slice":
+            only("x", "axis", "start", "stop")
+            return self.prim(P.slice, arg(0, "x", kind="tensor"), arg(1, "axis", kind="int"),
+                             arg(2, "start", kind="int"), arg(3, "stop", kind="int"), span)
+        if fn == "concat":
+            only("xs", "axis")
+            xs = arg(0, "xs")
+            if not isinstance(xs, list):
+                self.d.error(span, "concat takes a list of tensors: concat([a, b], axis = 0)")
+                raise self.Bad
+            return self.prim(P.concat, [self.as_node(x, span) for x in xs], arg(1, "axis", 0, "int"), span)
+        if fn == "pad":
+            only("x", "pads", "value")
+            v = arg(2, "value", 0.0)
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                self.d.error(span, "pad: value must be a number")
+                raise self.Bad
+            return self.prim(P.pad, arg(0, "x", kind="tensor"), arg(1, "pads"), float(v), span)
+        if fn == "gather":
+            only("x", "indices", "axis")
+            return self.prim(P.gather, arg(0, "x", kind="tensor"), arg(1, "indices", kind="tensor"),
+                             arg(2, "axis", 0, "int"), span)
+        if fn == "one_hot":
+            only("y", "depth")
+            return self.prim(P.one_hot, arg(0, "y", kind="tensor"), arg(1, "depth", kind="int"), span)
+        if fn in ("exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "sin", "cos", "floor", "ceil", "abs",
+                  "relu", "square"):
+            only("x")
+            x = arg(0, "x")
+            return self.tensor_unary(fn, x, span)
+        self.d.error(span, f"bad arguments to {fn}()")
+        raise self.Bad
+
+    def call_def(self, d: ast.DefDecl, e: ast.Call):
+        if len(self.path) >= MAX_DEPTH:
+            self.d.error(e.span, f"def calls nested more than {MAX_DEPTH} deep (recursion?)")
+            raise self.Bad
+        pos, kw = self.call_args(e)
+        names = [p.name for p in d.params]
+        if len(pos) > len(names):
+            self.d.error(e.span, f"'{d.name}' takes {len(names)} argument{'s' if len(names) != 1 else ''}, given {len(pos)}")
+            raise self.Bad
+        for k, (_, sp) in kw.items():
+            if k not in names:
+                self.d.error(sp, f"'{d.name}' has no parameter '{k}'", f"its parameters are: {', '.join(names)}")
+                raise self.Bad
+        scope: dict[str, object] = {}
+        syms: dict[str, tuple[int, str]] = {}
+        for i, p in enumerate(d.params):
+            if i < len(pos):
+                v, sp = pos[i]
+                if p.name in kw:
+                    self.d.error(sp, f"'{d.name}': argument '{p.name}' given twice")
+                    raise self.Bad
+            elif p.name in kw:
+                v, sp = kw[p.name]
+            else:
+                self.d.error(e.span, f"'{d.name}': missing argument '{p.name}'")
+                raise self.Bad
+            scope[p.name] = self.bind_param(d, p, v, sp, syms)
+        for s, (n, _) in syms.items():
+            if s not in scope:
+                scope[s] = n
+        key = (tuple(self.path), d.name)
+        self.call_counts[key] = self.call_counts.get(key, 0) + 1
+        saved = (self.scopes, self.context)
+        self.scopes = [self.scopes[0], scope]
+        self.context = "def"
+        self.path.append(f"{d.name}_{self.call_counts[key]}")
+        result = None
+        try:
+            self.block(d.body)
+        except _Return as r:
+            result = r.value
+        finally:
+            self.path.pop()
+            self.scopes, self.context = saved
+        if d.ret is not None:
+            if result is None:
+                self.d.error(d.span, f"def '{d.name}' declares a result but returns nothing")
+                raise self.Bad
+            self.check_ret(d, result, syms, e.span)
+        return result
+
+    def bind_param(self, d: ast.DefDecl, p: ast.Param, v, sp: Span, syms):
+        t = p.type
+        if t.name in COMPILE_TIME_TYPES:
+            ok = {"int": lambda x: isinstance(x, int) and not isinstance(x, bool),
+                  "float": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
+                  "bool": lambda x: isinstance(x, bool)}[t.name](v)
+            if not ok:
+                what = "a tensor" if self.is_tensor(v) else type(v).__name__
+                self.d.error(sp, f"'{d.name}': argument '{p.name}' must be a compile-time {t.name}, found {what}")
+                raise self.Bad
+            return float(v) if t.name == "float" else v
+        if t.name not in cir.SCALARS:
+            self.d.error(t.span, f"unknown type '{t.name}'", "types are f32, f16, i32, bool, int, float")
+            raise self.Bad
+        node = self.as_node(v, sp)
+        dims = t.dims or ()
+        want = f"{t.name}{shape_str(dims)}" if dims else t.name
+        if node.dtype != t.name:
+            self.d.error(sp, f"'{d.name}': argument '{p.name}' is {node.dtype}{shape_str(node.shape)}, expected {want}")
+            raise self.Bad
+        if len(node.shape) != len(dims):
+            self.d.error(sp, f"'{d.name}': argument '{p.name}' has shape {shape_str(node.shape)}, expected {want}")
+            raise self.Bad
+        for dim, n in zip(dims, node.shape):
+            if isinstance(dim, int):
+                if dim != n:
+                    self.d.error(sp, f"'{d.name}': argument '{p.name}' has shape {shape_str(node.shape)}, expected {want}")
+                    raise self.Bad
+            elif dim in syms and syms[dim][0] != n:
+                self.d.error(sp, f"'{d.name}': size symbol '{dim}' is {syms[dim][0]} from '{syms[dim][1]}' "
+                             f"but {n} from '{p.name}' {shape_str(node.shape)}")
+                raise self.Bad
+            else:
+                syms.setdefault(dim, (n, p.name))
+        return node
+
+    def check_ret(self, d: ast.DefDecl, result, syms, span: Span) -> None:
+        t = d.ret
+        if not self.is_tensor(result):
+            return
+        node = self.as_node(result, span)
+        dims = t.dims or ()
+        scope_ints = {}
+        bad = node.dtype != t.name or len(dims) != len(node.shape)
+        for dim, n in zip(dims, node.shape):
+            if isinstance(dim, str):
+                want = syms.get(dim, (None,))[0]
+                if want is None:
+                    want = scope_ints.setdefault(dim, n)
+                bad |= want != n
+            else:
+                bad |= dim != n
+        if bad:
+            self.d.error(span, f"'{d.name}' returns {node.dtype}{shape_str(node.shape)} but declares "
+                         f"{t.name}{shape_str(dims) if dims else ''}")
+            raise self.Bad
+
+    # ---------------------------------------------------------------- statements
+    def tensor_stmt(self, s):
+        if isinstance(s, ast.ReturnStmt):
+            if self.context != "def":
+                self.d.error(s.span, "'return' outside a def")
+                raise self.Bad
+            raise _Return(self.expr(s.value) if s.value is not None else None)
+        if isinstance(s, ast.ParamStmt):
+            if self.context not in ("graph", "def"):
+                self.d.error(s.span, "'param' is only allowed in a graph or a def")
+                raise self.Bad
+            self.declare_param(s, "param")
+            return None
+        if isinstance(s, ast.StepStmt):
+            if self.context != "program":
+                self.d.error(s.span, "'step' is only allowed inside the 'program' block")
+                raise self.Bad
+            self.has_step = True
+            return g.Step(s.span)
+        if isinstance(s, ast.MinimizeStmt):
+            self.d.error(s.span, "'minimize' needs automatic differentiation, which this version of "
+                         "popc does not have yet")
+            raise self.Bad
+        raise AssertionError(s)
+
+    def declare_param(self, s, kind: str) -> None:
+        """A `param` (trainable) or a `var` inside a def: one tensor per call."""
+        if s.type is None:
+            self.d.error(s.span, f"'{s.name}' needs a type")
+            raise self.Bad
+        dtype, shape = self.shape_of(s.type)
+        full = ".".join(self.path + [s.name])
+        init_expr = getattr(s, "init", None) if kind == "param" else s.value
+        values = self.param_init(init_expr, dtype, shape, full) if init_expr is not None \
+            else np.zeros(shape, cir.NUMPY_DTYPE[dtype])
+        gr = self.graph
+        if any(t.name == full for t in gr.tensors):
+            self.d.error(s.span, f"'{full}' is declared twice")
+            raise self.Bad
+        t = g.Tensor(len(gr.tensors), full, dtype, shape, kind, s.span)
+        gr.tensors.append(t)
+        gr.tile_of[t.id] = np.full(t.numel, -1, dtype=np.int32)
+        gr.init[t.id] = values
+        if kind == "param":
+            gr.params.append(t.id)
+        self.bind(s.name, g.View(t.id, np.arange(t.numel, dtype=np.int64).reshape(shape), s.span), s.span)
+
+    def param_init(self, e, dtype: str, shape, full: str) -> np.ndarray:
+        npdt = np.dtype(cir.NUMPY_DTYPE[dtype])
+        if isinstance(e, ast.Call) and isinstance(e.fn, ast.Name) and e.fn.id in ("glorot_uniform", "he_normal"):
+            fn = e.fn.id
+            seed = zlib.crc32(full.encode())
+            for a in e.args:
+                if isinstance(a, ast.Kwarg) and a.name == "seed":
+                    seed = self.int_value(a.value, "a seed")
+                else:
+                    self.d.error(a.span, f"{fn}() takes only 'seed'")
+                    raise self.Bad
+            if len(shape) < 2:
+                fan_in = fan_out = int(shape[0]) if shape else 1
+            elif len(shape) == 2:
+                fan_in, fan_out = shape
+            else:                                   # OIHW convolution weights
+                rf = int(np.prod(shape[2:]))
+                fan_in, fan_out = shape[1] * rf, shape[0] * rf
+            rng = np.random.default_rng(seed)
+            if fn == "glorot_uniform":
+                lim = np.sqrt(6.0 / (fan_in + fan_out))
+                return rng.uniform(-lim, lim, size=shape).astype(npdt)
+            return rng.normal(0.0, np.sqrt(2.0 / fan_in), size=shape).astype(npdt)
+        if isinstance(e, ast.Call) and isinstance(e.fn, ast.Name) and e.fn.id in ("uniform", "normal") \
+                and not any(isinstance(a, ast.Kwarg) and a.name == "seed" for a in e.args):
+            e = ast.Call(e.fn, e.args + (ast.Kwarg("seed", ast.IntLit(zlib.crc32(full.encode()), e.span), e.span),), e.span)
+        return self.initial_value(e, dtype, shape, full)

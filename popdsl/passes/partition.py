@@ -1,0 +1,320 @@
+"""Partitioning: the tensor program → compute sets of vertices over the tiles.
+
+Requires an elaborated `TensorGraph` whose outputs may be tensor-program nodes and
+whose program may hold `Step`s; produces the same graph in Poplar-level terms: a
+new tensor per materialised result, its tile mapping, compute sets whose vertex
+groups hold stacked views (numpy arrays, never an object per vertex), and each
+`Step` replaced by the sequence of compute sets and copies that computes the
+outputs.
+
+- Shape operations (reshape, transpose, index, broadcast) are views: no copy.
+- Chains of element-wise work fuse into one generated codelet; its output is mapped
+  like its first full-size operand (so no exchange) or spread evenly.
+- Reductions, matmul, conv2d and pooling follow `partition_ops`.
+- Tensors still unmapped at the end (parameters nobody mapped) spread linearly.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+
+import numpy as np
+
+from popdsl import resources
+from popdsl.diagnostics import Span
+from popdsl.ir import codelet as cir
+from popdsl.ir import graph as g
+from popdsl.ir import tensor as T
+from popdsl.ir.tensor import Node
+
+GRAIN = 16              # fewest elements worth a vertex of element-wise work
+
+
+@functools.cache
+def prim_codelets() -> dict[str, cir.Codelet]:
+    from popdsl.sema import compile_codelets
+    path = resources.resource("stdlib", "prims.pop")
+    return {c.name: c for c in compile_codelets(path.read_text(), str(path))}
+
+
+class Partitioner:
+    def __init__(self, graph: g.TensorGraph):
+        self.g = graph
+        self.tiles = graph.target.tiles
+        self.workers = graph.target.workers
+        self.mat: dict[int, g.View] = {}
+        self.seq: list = []
+        self.consumers: dict[int, int] = {}
+        self.ncs = 0
+        self.span = Span("<tensor program>", 0, 0, 0, 0)
+        self.stats: list[dict] = []          # per op, for `popc report --partition`
+
+    # ---------------------------------------------------------------- driver
+    def run(self) -> g.TensorGraph:
+        roots = [v for _, v in self.g.outputs if isinstance(v, Node)]
+        self.count_consumers(roots)
+        outs = []
+        for name, v in self.g.outputs:
+            if isinstance(v, Node):
+                v = self.value(v)
+            outs.append((name, v))
+        self.g.outputs = outs
+        step = g.Seq(tuple(self.seq))
+        self.g.program = self.replace_steps(self.g.program, step)
+        for t in self.g.tensors:
+            tile_of = self.g.tile_of[t.id]
+            if (tile_of < 0).all() and (t.kind == "param" or t.id in self.touched):
+                tile_of[:] = self.linear(t.numel)
+        return self.g
+
+    @functools.cached_property
+    def touched(self) -> set[int]:
+        return {n.attrs[0] for n in (self.g.nodes.nodes if self.g.nodes else ()) if n.op in ("tensor", "view")}
+
+    def replace_steps(self, p, step):
+        body = []
+        for n in p.body:
+            if isinstance(n, g.Step):
+                body.extend(step.body)
+            elif isinstance(n, g.Repeat):
+                body.append(g.Repeat(n.count, self.replace_steps(n.body, step)))
+            elif isinstance(n, g.While):
+                body.append(g.While(n.cond, self.replace_steps(n.body, step)))
+            elif isinstance(n, g.If):
+                body.append(g.If(n.cond, self.replace_steps(n.then, step), self.replace_steps(n.orelse, step)))
+            else:
+                body.append(n)
+        return g.Seq(tuple(body))
+
+    def count_consumers(self, roots) -> None:
+        seen = set()
+        stack = list(roots)
+        while stack:
+            n = stack.pop()
+            if n.id in seen:
+                continue
+            seen.add(n.id)
+            for a in n.args:
+                self.consumers[a.id] = self.consumers.get(a.id, 0) + 1
+                stack.append(a)
+
+    # ---------------------------------------------------------------- tensors and mapping
+    def new_tensor(self, name: str, dtype: str, shape, kind: str = "temp") -> g.View:
+        gr = self.g
+        t = g.Tensor(len(gr.tensors), name, dtype, tuple(int(s) for s in shape), kind, self.span)
+        gr.tensors.append(t)
+        gr.tile_of[t.id] = np.full(t.numel, -1, dtype=np.int32)
+        return g.View(t.id, np.arange(t.numel, dtype=np.int64).reshape(t.shape), self.span)
+
+    def linear(self, n: int, grain: int = GRAIN) -> np.ndarray:
+        """Tiles for n elements spread evenly, at least `grain` per tile."""
+        used = max(1, min(self.tiles, -(-n // grain)))
+        return (np.arange(n, dtype=np.int64) * used // max(n, 1)).astype(np.int32)
+
+    def ensure_mapped(self, v: g.View, tiles: np.ndarray | None = None) -> None:
+        """Map v's still-unmapped elements: to `tiles` (same shape as v) or linearly."""
+        tile_of = self.g.tile_of[v.tensor]
+        flat = v.index.ravel()
+        free = tile_of[flat] < 0
+        if not free.any():
+            return
+        if tiles is None:
+            t = self.g.tensors[v.tensor]
+            if (tile_of < 0).all() and flat.size == t.numel:
+                tile_of[:] = self.linear(t.numel)
+                return
+            tiles = self.linear(flat.size).reshape(v.index.shape)
+        tiles = np.broadcast_to(tiles, v.index.shape).ravel()
+        # An element two blocks want keeps the first block's tile.
+        sel = flat[free]
+        _, first = np.unique(sel, return_index=True)
+        tile_of[sel[first]] = tiles[free][first]
+
+    def tiles_of(self, v: g.View) -> np.ndarray:
+        return self.g.tile_of[v.tensor][v.index]
+
+    def name(self, n: Node) -> str:
+        return f"%{n.id}.{n.op.replace(':', '_')}"
+
+    def new_cs(self, label: str) -> g.ComputeSet:
+        self.ncs += 1
+        cs = g.ComputeSet(f"{label}.{self.ncs}", self.span)
+        self.g.compute_sets[cs.name] = cs
+        self.seq.append(g.Execute(cs.name, self.span))
+        return cs
+
+    def add_codelet(self, c: cir.Codelet) -> str:
+        self.g.codelets.setdefault(c.name, c)
+        return c.name
+
+    def prim(self, name: str) -> str:
+        return self.add_codelet(prim_codelets()[name])
+
+    def group(self, cs: g.ComputeSet, codelet: str, tiles, conns: dict, state: dict | None = None,
+              syms: dict | None = None) -> None:
+        """Add a group of vertices: conns[field] = (tensor, index (nv, *shape))."""
+        tiles = np.asarray(tiles, np.int32)
+        nv = len(tiles)
+        if not nv:
+            return
+        c = self.g.codelets[codelet]
+        grp = g.VertexGroup(codelet)
+        grp.tiles = tiles
+        sid = self.g.span_id(self.span)
+        grp.span_ids = np.full(nv, sid, np.int32)
+        grp.connections = {f: g.Stacked(t, idx, self.span) for f, (t, idx) in conns.items()}
+        grp.state = {f: np.broadcast_to(np.asarray(v), (nv,)) for f, v in (state or {}).items()}
+        found: dict[str, np.ndarray] = {}
+        for f in c.fields:
+            if f.direction == "state":
+                continue
+            shape = conns[f.name][1].shape[1:]
+            for d, n in zip(f.dims, shape):
+                if isinstance(d, str):
+                    found.setdefault(d, np.full(nv, n, np.int64))
+        grp.syms = {s: found[s] for s in c.symbols}
+        cs.groups.append(grp)
+
+    def chunks(self, tile_of: np.ndarray, grain: int = GRAIN):
+        """Split elements (by their tiles) into vertices: up to `workers` per tile.
+        Yields (size, positions (nv, size), tiles (nv,)) per distinct size, where
+        positions index `tile_of` and run in flat order within each tile."""
+        order = np.argsort(tile_of, kind="stable")
+        tiles, counts = np.unique(tile_of, return_counts=True)
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        k = np.clip(counts // grain, 1, self.workers)
+        q, r = counts // k, counts % k
+        vert_tile = np.repeat(tiles, k)
+        vert_first = np.repeat(starts, k)
+        j = np.arange(len(vert_tile)) - np.repeat(np.cumsum(k) - k, k)
+        rr, qq = np.repeat(r, k), np.repeat(q, k)
+        size = qq + (j < rr)
+        offset = j * qq + np.minimum(j, rr)
+        begin = vert_first + offset
+        for s in np.unique(size):
+            sel = size == s
+            pos = order[begin[sel][:, None] + np.arange(s)[None, :]]
+            yield int(s), pos, vert_tile[sel]
+
+    # ---------------------------------------------------------------- values
+    def value(self, n: Node) -> g.View:
+        v = self.mat.get(n.id)
+        if v is None:
+            v = self.mat[n.id] = self.compute(n)
+        return v
+
+    def compute(self, n: Node) -> g.View:
+        from popdsl.passes import partition_ops as ops
+        if n.op == "tensor":
+            t = self.g.tensors[n.attrs[0]]
+            return g.View(t.id, np.arange(t.numel, dtype=np.int64).reshape(t.shape), self.span)
+        if n.op == "view":
+            return g.View(n.attrs[0], n.index, self.span)
+        if n.op == "reshape":
+            v = self.value(n.args[0])
+            return g.View(v.tensor, v.index.reshape(n.shape), v.span)
+        if n.op == "transpose":
+            v = self.value(n.args[0])
+            return g.View(v.tensor, v.index.transpose(n.attrs[0]), v.span)
+        if n.op == "index":
+            v = self.value(n.args[0])
+            key = tuple(slice(*k) if isinstance(k, tuple) else k for k in n.attrs[0])
+            return g.View(v.tensor, v.index[key], v.span)
+        if T.is_elementwise(n):
+            return self.elementwise(n)
+        return getattr(ops, n.op)(self, n)
+
+    # ---------------------------------------------------------------- element-wise
+    def elementwise(self, n: Node) -> g.View:
+        leaves: list[Node] = []
+        expr = self.fuse(n, leaves, top=True)
+        fields = tuple(cir.Field(f"a{i}", "in", leaf.dtype, ("n",)) for i, leaf in enumerate(leaves))
+        i = cir.Local("i", "i32")
+        body = (cir.For("i", cir.Const(0, "i32"), cir.Sym("n"), 1,
+                        (cir.Store("y", (i,), expr, False),)),)
+        proto = cir.Codelet("ew", fields + (cir.Field("y", "out", n.dtype, ("n",)),), ("n",), None, body)
+        digest = hashlib.sha1(repr(proto).encode()).hexdigest()[:12]
+        name = self.add_codelet(cir.Codelet(f"ew_{digest}", proto.fields, proto.symbols, None, body))
+        out = self.new_tensor(self.name(n), n.dtype, n.shape)
+        views = [self.value(leaf) for leaf in leaves]
+        # Aligned with the first full-size operand: each tile computes its own data.
+        align = next((v for v in views if v.shape == n.shape), None)
+        if align is not None:
+            self.ensure_mapped(align)
+            tile_of = self.tiles_of(align).ravel()
+        else:
+            tile_of = self.linear(out.index.size)
+        self.g.tile_of[out.tensor][:] = tile_of
+        flat_leaves = []
+        for v in views:
+            b = np.broadcast_to(v.index, n.shape).ravel()
+            self.ensure_mapped(g.View(v.tensor, b, v.span), tile_of if v.shape == n.shape else None)
+            flat_leaves.append((v.tensor, b))
+        cs = self.new_cs(name)
+        for size, pos, tiles in self.chunks(tile_of):
+            conns = {f"a{k}": (t, b[pos]) for k, (t, b) in enumerate(flat_leaves)}
+            conns["y"] = (out.tensor, pos)
+            self.group(cs, name, tiles, conns)
+        self.record(n, cs)
+        return out
+
+    def fuse(self, n: Node, leaves: list, top: bool = False) -> cir.Expr:
+        """Codelet IR for n, inlining single-use element-wise operands."""
+        if n.op == "const":
+            return cir.Const(n.attrs[0], n.dtype)
+        if not top and (not T.is_elementwise(n) or self.consumers.get(n.id, 0) > 1 or n.id in self.mat):
+            if n not in leaves:
+                leaves.append(n)
+            k = leaves.index(n)
+            return cir.Load(f"a{k}", (cir.Local("i", "i32"),), cir.compute_type(n.dtype), False)
+        args = [self.fuse(a, leaves) for a in n.args]
+        ty = cir.compute_type(n.dtype)
+        op = n.op
+        if op in ("add", "sub", "mul", "div", "mod"):
+            return cir.Binary({"add": "+", "sub": "-", "mul": "*", "div": "/", "mod": "%"}[op],
+                              *self.same(args), ty)
+        if op in ("eq", "ne", "lt", "le", "gt", "ge"):
+            sym = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}[op]
+            return cir.Binary(sym, *self.same(args), "bool")
+        if op in ("and", "or"):
+            return cir.Binary("&&" if op == "and" else "||", args[0], args[1], "bool")
+        if op == "neg":
+            return cir.Unary("neg", args[0], ty)
+        if op == "not":
+            return cir.Unary("not", args[0], "bool")
+        if op == "relu":
+            return cir.Intrinsic("max", (args[0], cir.Const(0.0 if ty == "f32" else 0, ty)), ty)
+        if op == "square":
+            return cir.Binary("*", args[0], args[0], ty)
+        if op in ("pow", "min", "max"):
+            return cir.Intrinsic(op, tuple(self.same(args)), ty)
+        if op == "select":
+            a, b = self.same(args[1:])
+            return cir.Select(args[0], a, b, ty)
+        if op.startswith("cast_"):
+            return args[0] if args[0].ty == ty else cir.Cast(args[0], ty)
+        if op.startswith("call:"):
+            return cir.CallScalar(op[5:], tuple(args), ty)
+        return cir.Intrinsic(op, tuple(args), ty)
+
+    @staticmethod
+    def same(args):
+        """Operands of one type: f16 storage already loads as f32."""
+        return args
+
+    # ---------------------------------------------------------------- statistics
+    def record(self, n: Node, *css: g.ComputeSet) -> None:
+        verts = sum(len(grp.tiles) for cs in css for grp in cs.groups)
+        tiles = set()
+        for cs in css:
+            for grp in cs.groups:
+                tiles.update(np.unique(grp.tiles).tolist())
+        self.stats.append({"node": n.id, "op": n.op, "shape": list(n.shape), "compute_sets": [cs.name for cs in css],
+                           "vertices": verts, "tiles": len(tiles)})
+
+
+def partition(graph: g.TensorGraph) -> g.TensorGraph:
+    p = Partitioner(graph)
+    out = p.run()
+    out.partition_stats = p.stats
+    return out
