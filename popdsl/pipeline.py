@@ -39,8 +39,23 @@ def compile_source(text: str, path: str, target: Target, graph: str | None = Non
     low = lower(tgraph)
     if stop_after == "lower":
         return low
+    tgraph.codelets = used_codelets(tgraph)
     native = NativeCodelets(list(tgraph.codelets.values()), unchecked)
     if stop_after == "codegen":
         return native
     exe = plan(low, {name: native.object_code_size(name) for name in tgraph.codelets}, unchecked)
     return exe, native
+
+
+def used_codelets(graph) -> dict:
+    """The codelets vertices use, and the scalar codelets those call: all that
+    needs native code (the rest were checked and are not part of the executable)."""
+    from popdsl.ir.verify import direct_calls
+    names = {grp.codelet for cs in graph.compute_sets.values() for grp in cs.groups}
+    todo = list(names)
+    while todo:
+        for callee in direct_calls(graph.codelets[todo.pop()]):
+            if callee not in names:
+                names.add(callee)
+                todo.append(callee)
+    return {n: c for n, c in graph.codelets.items() if n in names}

@@ -278,12 +278,12 @@ class NativeCodelets:
 
 
 def _callees(c: ir.Codelet, by_name: dict) -> set[str]:
-    from popdsl.ir.verify import _direct_calls
+    from popdsl.ir.verify import direct_calls
     out, todo = set(), [c]
     if c.ret is not None:
         out.add(c.name)
     while todo:
-        for n in _direct_calls(todo.pop()):
+        for n in direct_calls(todo.pop()):
             if n not in out:
                 out.add(n)
                 todo.append(by_name[n])

@@ -281,7 +281,7 @@ def verify_codelet(c: ir.Codelet, scalar_codelets: Mapping[str, ir.Codelet] = {}
     (transitively) must be in `scalar_codelets`; recursion is rejected."""
     _Checker(c, scalar_codelets).run()
     # A call cycle would inline forever / overflow the native stack.
-    seen, stack = set(), [(c.name, iter(sorted(_direct_calls(c))))]
+    seen, stack = set(), [(c.name, iter(sorted(direct_calls(c))))]
     path = [c.name]
     while stack:
         name, it = stack[-1]
@@ -298,10 +298,10 @@ def verify_codelet(c: ir.Codelet, scalar_codelets: Mapping[str, ir.Codelet] = {}
             raise ValueError(f"codelet {c.name!r}: invalid IR: call of unknown scalar codelet {nxt!r}")
         if nxt not in seen:
             path.append(nxt)
-            stack.append((nxt, iter(sorted(_direct_calls(callee)))))
+            stack.append((nxt, iter(sorted(direct_calls(callee)))))
 
 
-def _direct_calls(c: ir.Codelet) -> set:
+def direct_calls(c: ir.Codelet) -> set:
     out: set = set()
     _calls(c.body, out)
     return out

@@ -137,8 +137,14 @@ class TensorMixin:
             return NotImplemented
         pos, kw = self.call_args(e)
         tensors = any(self.is_tensor(v) for v, _ in pos) or any(self.is_tensor(v) for v, _ in kw.values())
-        if fn in ("min", "max", "abs", "reshape", "transpose") and not any(isinstance(v, Node) for v, _ in pos) \
-                and not (fn in ("min", "max", "abs") and tensors):
+        if fn in ("reshape", "transpose") and pos and isinstance(pos[0][0], g.View) and not any(
+                isinstance(v, Node) for v, _ in list(pos) + list(kw.values())):
+            # A Poplar-level view stays a view (it may be connected to vertices).
+            node = self.primitive(fn, pos, kw, span=e.span)
+            v = pos[0][0]
+            return g.View(v.tensor, v.index.transpose(node.attrs[0]) if node.op == "transpose"
+                          else v.index.reshape(node.shape), e.span)
+        if fn in ("min", "max", "abs") and not tensors:
             self.pre_args = (pos, kw)
             return NotImplemented
         return self.primitive(fn, pos, kw, e.span)

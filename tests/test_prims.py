@@ -1,0 +1,224 @@
+"""Every tensor primitive against numpy, on random shapes, on 1, 7 and 1472 tiles.
+
+Each case writes a small tensor program, compiles it for the tile count, feeds
+random inputs and compares the outputs with the numpy expression that defines the
+primitive (f32, rtol 1e-5 unless a comment says why not).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis.extra.numpy import array_shapes, mutually_broadcastable_shapes
+
+import popdsl
+
+TILES = [1, 7, 1472]
+SETTINGS = settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def run(body: str, inputs: dict[str, np.ndarray], tiles: int, outputs=("y",), head: str = ""):
+    decl = "\n".join(f"    input {k}: {_dt(v)}{list(v.shape) if v.shape else ''};".replace("[]", "")
+                     for k, v in inputs.items())
+    src = f"{head}\ngraph g(tiles = {tiles}) {{\n{decl}\n{body}\n}}\n"
+    exe = popdsl.compile(src)
+    with popdsl.Simulator(exe, threads=2) as sim:
+        out = sim.run(inputs)
+    return [out[o] for o in outputs]
+
+
+def _dt(a: np.ndarray) -> str:
+    return {np.float32: "f32", np.int32: "i32", np.bool_: "bool"}[a.dtype.type]
+
+
+def rnd(shape, seed=0, lo=-2.0, hi=2.0):
+    return np.random.default_rng(seed).uniform(lo, hi, size=shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("tiles", TILES)
+@SETTINGS
+@given(shapes=mutually_broadcastable_shapes(num_shapes=2, min_dims=0, max_dims=3, max_side=6),
+       op=st.sampled_from(["+", "-", "*", "/", "max", "min", "<", ">=", "=="]))
+def test_binary_broadcasting(tiles, shapes, op):
+    (sa, sb), _ = shapes
+    a, b = rnd(sa, 1), rnd(sb, 2)
+    b = np.where(np.abs(b) < 0.1, 0.5, b).astype(np.float32)
+    expr = f"{op}(a, b)" if op in ("max", "min") else f"a {op} b"
+    (y,) = run(f"    output y = {expr};", {"a": a, "b": b}, tiles)
+    ref = {"+": np.add, "-": np.subtract, "*": np.multiply, "/": np.divide, "max": np.maximum,
+           "min": np.minimum, "<": np.less, ">=": np.greater_equal, "==": np.equal}[op](a, b)
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    np.testing.assert_allclose(y, ref, rtol=1e-5)
+
+
+UNARY = {"exp": np.exp, "tanh": np.tanh, "sin": np.sin, "cos": np.cos, "abs": np.abs, "floor": np.floor,
+         "ceil": np.ceil, "relu": lambda x: np.maximum(x, 0), "square": np.square,
+         "sigmoid": lambda x: 1 / (1 + np.exp(-x)), "sqrt": lambda x: np.sqrt(np.abs(x)),
+         "log": lambda x: np.log(np.abs(x) + 1)}
+
+
+@pytest.mark.parametrize("tiles", TILES)
+@SETTINGS
+@given(shape=array_shapes(min_dims=0, max_dims=3, max_side=7), fn=st.sampled_from(sorted(UNARY)))
+def test_unary_math(tiles, shape, fn):
+    x = rnd(shape, 3)
+    arg = {"sqrt": "abs(x)", "log": "abs(x) + 1.0"}.get(fn, "x")
+    (y,) = run(f"    output y = {fn}({arg});", {"x": x}, tiles)
+    # libm and numpy's SIMD transcendental functions differ in the last bits.
+    np.testing.assert_allclose(y, UNARY[fn](x.astype(np.float64)), rtol=2e-6, atol=1e-6)
+
+
+def test_fused_chain_is_one_codelet_and_matches():
+    x, b = rnd((4, 33), 4), rnd((33,), 5)
+    src = "graph g(tiles = 7) { input x: f32[4, 33]; input b: f32[33]; output y = tanh(x * 2.0 + b) - x / 3.0; }"
+    exe = popdsl.compile(src)
+    ew = [c for c in exe.ir.codelets if c.startswith("ew_")]
+    assert len(ew) == 1, ew                     # the whole chain is one vertex loop
+    with popdsl.Simulator(exe) as sim:
+        y = sim.run({"x": x, "b": b})["y"]
+    np.testing.assert_allclose(y, np.tanh(x * 2 + b) - x / 3, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tiles", TILES)
+@SETTINGS
+@given(shape=array_shapes(min_dims=1, max_dims=3, max_side=9), data=st.data(),
+       op=st.sampled_from(["sum", "mean", "max", "min", "argmax"]))
+def test_reductions(tiles, shape, data, op):
+    x = rnd(shape, 6)
+    if op == "argmax":
+        axis = data.draw(st.integers(0, len(shape) - 1))
+        (y,) = run(f"    output y = argmax(x, axis = {axis});", {"x": x}, tiles)
+        np.testing.assert_array_equal(y, np.argmax(x, axis=axis))
+        return
+    axes = data.draw(st.lists(st.integers(0, len(shape) - 1), unique=True, max_size=len(shape)))
+    keep = data.draw(st.booleans())
+    ax = f"[{', '.join(map(str, axes))}]" if axes else "[0]"
+    axes = axes or [0]
+    (y,) = run(f"    output y = {op}(x, axis = {ax}, keepdims = {str(keep).lower()});", {"x": x}, tiles)
+    ref = getattr(np, op)(x.astype(np.float64), axis=tuple(axes), keepdims=keep)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_long_reduction_uses_partial_sums():
+    x = rnd((2, 8192), 7, 0, 1)
+    (y,) = run("    output y = sum(x, axis = 1);", {"x": x}, 64)
+    np.testing.assert_allclose(y, x.astype(np.float64).sum(1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("tiles", TILES)
+@SETTINGS
+@given(m=st.integers(1, 40), k=st.integers(1, 300), n=st.integers(1, 40),
+       batch=st.sampled_from([(), (3,), (2, 1)]))
+def test_matmul(tiles, m, k, n, batch):
+    a, b = rnd(batch + (m, k), 8), rnd((k, n) if batch != (2, 1) else (3, k, n), 9)
+    (y,) = run("    output y = a @ b;", {"a": a, "b": b}, tiles)
+    ref = np.matmul(a.astype(np.float64), b.astype(np.float64))
+    # Sums of k products in f32 in another order than numpy's: error grows with k.
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6 * k)
+
+
+def test_matmul_vector_forms():
+    a, v = rnd((5, 7), 1), rnd((7,), 2)
+    y1, y2 = run("    output y1 = a @ v;\n    output y2 = v @ transpose(a, [1, 0]);",
+                 {"a": a, "v": v}, 7, ("y1", "y2"))
+    np.testing.assert_allclose(y1, a @ v, rtol=1e-5)
+    np.testing.assert_allclose(y2, v @ a.T, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tiles", TILES)
+@SETTINGS
+@given(n=st.integers(1, 2), c=st.sampled_from([1, 2, 4]), o=st.sampled_from([1, 2, 4]),
+       hw=st.integers(3, 9), k=st.sampled_from([1, 2, 3]), stride=st.integers(1, 2),
+       pad=st.integers(0, 1), groups=st.sampled_from([1, 2]))
+def test_conv2d(tiles, n, c, o, hw, k, stride, pad, groups):
+    if c % groups or o % groups or hw + 2 * pad < k:
+        return
+    x, w = rnd((n, c, hw, hw), 10), rnd((o, c // groups, k, k), 11)
+    (y,) = run(f"    output y = conv2d(x, w, stride = {stride}, padding = {pad}, groups = {groups});",
+               {"x": x, "w": w}, tiles)
+    np.testing.assert_allclose(y, conv_ref(x, w, stride, pad, groups), rtol=1e-5, atol=1e-5)
+
+
+def conv_ref(x, w, s, p, groups):
+    x = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (p, p), (p, p)))
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    oh, ow = (h - kh) // s + 1, (wd - kw) // s + 1
+    y = np.zeros((n, o, oh, ow))
+    og = o // groups
+    for oc in range(o):
+        g0 = (oc // og) * cg
+        for i in range(oh):
+            for j in range(ow):
+                patch = x[:, g0:g0 + cg, i * s:i * s + kh, j * s:j * s + kw]
+                y[:, oc, i, j] = (patch * w[oc]).sum(axis=(1, 2, 3))
+    return y
+
+
+@pytest.mark.parametrize("tiles", TILES)
+@SETTINGS
+@given(c=st.integers(1, 3), hw=st.integers(2, 9), k=st.integers(1, 3), stride=st.integers(1, 3),
+       pad=st.integers(0, 1), kind=st.sampled_from(["max", "avg"]))
+def test_pooling(tiles, c, hw, k, stride, pad, kind):
+    if pad * 2 > k or hw + 2 * pad < k:
+        return
+    x = rnd((2, c, hw, hw), 12)
+    (y,) = run(f"    output y = {kind}_pool2d(x, {k}, stride = {stride}, padding = {pad});", {"x": x}, tiles)
+    fill = -np.inf if kind == "max" else 0.0
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)), constant_values=fill)
+    oh = (hw + 2 * pad - k) // stride + 1
+    ref = np.zeros((2, c, oh, oh))
+    for i in range(oh):
+        for j in range(oh):
+            win = xp[:, :, i * stride:i * stride + k, j * stride:j * stride + k]
+            ref[:, :, i, j] = win.max(axis=(2, 3)) if kind == "max" else win.mean(axis=(2, 3))
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tiles", TILES)
+def test_shape_operations(tiles):
+    a, b = rnd((2, 3, 4), 13), rnd((2, 5, 4), 14)
+    idx = np.array([2, 0, 1, 2], np.int32)
+    labels = np.array([1, 0, 3], np.int32)
+    outs = run("""
+    output r = reshape(a, [4, -1]);
+    output t = transpose(a, [2, 0, 1]);
+    output s = slice(a, axis = 2, start = 1, stop = 3);
+    output ix = a[1, 1:3];
+    output c = concat([a, b], axis = 1);
+    output p = pad(a, [[0, 0], [1, 2], [0, 1]], value = 9.0);
+    output gth = gather(a, idx, axis = 1);
+    output oh = one_hot(labels, 4);
+    output ft = f32(i32(a * 3.0));
+""", {"a": a, "b": b, "idx": idx, "labels": labels}, tiles, ("r", "t", "s", "ix", "c", "p", "gth", "oh", "ft"))
+    refs = [a.reshape(4, -1), a.transpose(2, 0, 1), a[:, :, 1:3], a[1, 1:3], np.concatenate([a, b], 1),
+            np.pad(a, [[0, 0], [1, 2], [0, 1]], constant_values=9.0), np.take(a, idx, axis=1),
+            np.eye(4, dtype=np.float32)[labels], np.trunc(a * 3).astype(np.float32)]
+    for y, ref in zip(outs, refs):
+        np.testing.assert_allclose(y, ref, rtol=1e-6)
+
+
+def test_integer_and_bool_operations():
+    a = np.array([[-7, 3], [8, -2]], np.int32)
+    b = np.array([2, -3], np.int32)
+    q, r, m, sel = run("""
+    output q = a / b;
+    output r = a % b;
+    output m = sum(a, axis = 0);
+    output sel = select(a > b && !(a == 3), a, b * 10);
+""", {"a": a, "b": b}, 7, ("q", "r", "m", "sel"))
+    np.testing.assert_array_equal(q, np.trunc(a / b).astype(np.int32))   # truncating, as in C
+    np.testing.assert_array_equal(r, a - np.trunc(a / b).astype(np.int32) * b)
+    np.testing.assert_array_equal(m, a.sum(0))
+    np.testing.assert_array_equal(sel, np.where((a > b) & ~(a == 3), a, b * 10))
+
+
+def test_scalar_codelet_is_an_elementwise_function():
+    head = """codelet gelu(x: f32) -> f32 {
+    return 0.5 * x * (1.0 + tanh(0.7978845608 * (x + 0.044715 * x * x * x)));
+}"""
+    x = rnd((3, 50), 15)
+    (y,) = run("    output y = gelu(x) + 1.0;", {"x": x}, 7, head=head)
+    xd = x.astype(np.float64)
+    ref = 0.5 * xd * (1 + np.tanh(0.7978845608 * (xd + 0.044715 * xd ** 3))) + 1
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
