@@ -211,9 +211,7 @@ def _lowered(low) -> str:
     if len(rt) > 40:
         out.append(f"  ... {len(rt) - 40} more regions")
     for cs in low.compute_sets:
-        npre = sum(p[0].size for ps in cs.pre.parts.values() for p in ps)
-        npost = sum(p[0].size for ps in cs.post.parts.values() for p in ps)
-        out.append(f"  compute set {cs.name}: exchange in {npre} elements, out {npost} elements")
+        out.append(f"  compute set {cs.name}: copies in {cs.pre.nbytes()} B, out {cs.post.nbytes()} B")
         for grp in cs.groups:
             layout = cir.table_layout(g.codelets[grp.codelet])
             out.append(f"    {grp.codelet}: {len(grp.tiles)} vertices, columns "

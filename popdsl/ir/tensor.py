@@ -53,6 +53,8 @@ class NodeTable:
     def __init__(self):
         self._by_key: dict[tuple, Node] = {}
         self.nodes: list[Node] = []
+        self.spans: dict[int, object] = {}       # node id → span of the source that first made it
+        self.span = None                         # set by the elaborator while it evaluates a call
 
     def make(self, op: str, args=(), attrs=(), shape=(), dtype="f32", index=None) -> Node:
         key = None
@@ -63,6 +65,8 @@ class NodeTable:
                 return hit
         n = Node(len(self.nodes), op, tuple(args), attrs, tuple(int(s) for s in shape), dtype, index)
         self.nodes.append(n)
+        if self.span is not None:
+            self.spans[n.id] = self.span
         if key is not None:
             self._by_key[key] = n
         return n

@@ -63,6 +63,7 @@ class TensorMixin:
         return isinstance(v, (Node, g.View))
 
     def prim(self, fn, *args):
+        self.nodes.span = next((a for a in reversed(args) if isinstance(a, Span)), None)
         try:
             return fn(*args)
         except PrimError:

@@ -24,16 +24,32 @@ from popdsl.runtime import executable as X
 
 @dataclass(eq=False)
 class CopyElems:
-    """Element copies by element size: es → lists of (src_region, src_off, dst_region, dst_off)."""
-    parts: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    """Copies as runs of contiguous bytes: (src_region, src_off, dst_region, dst_off,
+    nbytes) arrays.  `add` takes element lists and merges neighbours into runs at
+    once, so a slab of a million elements costs a few hundred runs."""
+    parts: list[tuple[np.ndarray, ...]] = field(default_factory=list)
 
     def add(self, es: int, sr, so, dr, do) -> None:
-        self.parts.setdefault(es, []).append((np.asarray(sr, np.int32).ravel(), np.asarray(so, np.int64).ravel(),
-                                              np.asarray(dr, np.int32).ravel(), np.asarray(do, np.int64).ravel()))
+        sr = np.asarray(sr, np.int32).ravel()
+        so = np.asarray(so, np.int64).ravel()
+        dr = np.asarray(dr, np.int32).ravel()
+        do = np.asarray(do, np.int64).ravel()
+        n = sr.size
+        if not n:
+            return
+        brk = (sr[1:] != sr[:-1]) | (dr[1:] != dr[:-1]) | (so[1:] != so[:-1] + es) | (do[1:] != do[:-1] + es)
+        starts = np.concatenate(([0], np.nonzero(brk)[0] + 1))
+        nbytes = np.diff(np.append(starts, n)) * es
+        self.parts.append((sr[starts], so[starts], dr[starts], do[starts], nbytes.astype(np.int64)))
 
-    def merged(self):
-        for es, ps in sorted(self.parts.items()):
-            yield es, tuple(np.concatenate([p[k] for p in ps]) for k in range(4))
+    def merged(self) -> tuple[np.ndarray, ...]:
+        if not self.parts:
+            return (np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int32),
+                    np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return tuple(np.concatenate([p[k] for p in self.parts]) for k in range(5))
+
+    def nbytes(self) -> int:
+        return int(sum(p[4].sum() for p in self.parts))
 
 
 @dataclass(eq=False)
@@ -68,6 +84,7 @@ class Lowered:
     reads: list[tuple[str, str, int, np.ndarray]] = field(default_factory=list)
     program: X.PSeq = X.PSeq(())
     outputs: dict[str, int] = field(default_factory=dict)
+    tensor_region_tile: np.ndarray | None = None
 
     def new_region(self, tile: int, size: int, cs: int, label: str, span: Span) -> int:
         self.region_tile.append(tile)
@@ -115,6 +132,8 @@ def lower(graph: g.TensorGraph) -> Lowered:
         if (tile_of < 0).any():
             continue                         # reported below, where it is used
         _tensor_regions(low, t, tile_of)
+    # Vertices connect only to tensor regions, all made by now.
+    low.tensor_region_tile = np.asarray(low.region_tile, np.int64)
     cs_index = {name: i for i, name in enumerate(graph.compute_sets)}
     for i, cs in enumerate(graph.compute_sets.values()):
         low.compute_sets.append(_lower_cs(low, graph, cs, i, d, reported))
@@ -268,8 +287,7 @@ def _connect_stacked(low, graph, c, f, st: g.Stacked, order, tiles, csi, col, ta
     n = idx.shape[1]
     R = low.elem_region[t.id][idx]
     O = low.elem_off[t.id][idx]
-    rtile = np.asarray(low.region_tile, np.int64)
-    ok = (R == R[:, :1]).all(1) & (rtile[R[:, 0]] == tiles)
+    ok = (R == R[:, :1]).all(1) & (low.tensor_region_tile[R[:, 0]] == tiles)
     stride = np.zeros(nv, np.int64)
     if f.rank == 1:
         ok &= (O == O[:, :1] + es * np.arange(n)).all(1)

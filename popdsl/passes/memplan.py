@@ -112,10 +112,9 @@ def plan(low: Lowered, code_sizes: dict[str, int], unchecked: bool = False) -> X
 
 
 def _copy_table(c: CopyElems, region_addr: np.ndarray, target: Target) -> X.CopyTable:
-    out = X.CopyTable()
-    for es, (sr, so, dr, do) in c.merged():
-        out.groups.append((es, region_addr[sr] + so, region_addr[dr] + do))
-    out.cycles, out.exchange_bytes, out.local_bytes = copy_cycles(out.groups, target)
+    sr, so, dr, do, nbytes = c.merged()
+    out = X.CopyTable(region_addr[sr] + so, region_addr[dr] + do, nbytes)
+    out.cycles, out.exchange_bytes, out.local_bytes = copy_cycles(out.src, out.dst, out.nbytes, target)
     return out
 
 

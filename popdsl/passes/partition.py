@@ -48,6 +48,7 @@ class Partitioner:
         self.ncs = 0
         self.span = Span("<tensor program>", 0, 0, 0, 0)
         self.stats: list[dict] = []          # per op, for `popc report --partition`
+        self.rotor = 0
 
     # ---------------------------------------------------------------- driver
     def run(self) -> g.TensorGraph:
@@ -107,9 +108,25 @@ class Partitioner:
         return g.View(t.id, np.arange(t.numel, dtype=np.int64).reshape(t.shape), self.span)
 
     def linear(self, n: int, grain: int = GRAIN) -> np.ndarray:
-        """Tiles for n elements spread evenly, at least `grain` per tile."""
+        """Tiles for n elements spread evenly, at least `grain` per tile, starting
+        where the previous op's tiles ended (so small tensors do not all pile up
+        on tile 0)."""
         used = max(1, min(self.tiles, -(-n // grain)))
-        return (np.arange(n, dtype=np.int64) * used // max(n, 1)).astype(np.int32)
+        return ((self.rotate(used) + np.arange(n, dtype=np.int64) * used // max(n, 1)) % self.tiles).astype(np.int32)
+
+    def rotate(self, used: int) -> int:
+        start = self.rotor
+        self.rotor = (self.rotor + used) % self.tiles
+        return start
+
+    def spread(self, ntasks: int) -> np.ndarray:
+        """Tiles for ntasks tasks: round robin, or evenly spaced when there are fewer
+        tasks than tiles, starting at the rotor."""
+        if ntasks >= self.tiles:
+            base = np.arange(ntasks) % self.tiles
+        else:
+            base = np.arange(ntasks) * self.tiles // ntasks
+        return ((base + self.rotate(min(ntasks, self.tiles))) % self.tiles).astype(np.int32)
 
     def ensure_mapped(self, v: g.View, tiles: np.ndarray | None = None) -> None:
         """Map v's still-unmapped elements: to `tiles` (same shape as v) or linearly."""
@@ -175,14 +192,17 @@ class Partitioner:
         grp.syms = {s: found[s] for s in c.symbols}
         cs.groups.append(grp)
 
-    def chunks(self, tile_of: np.ndarray, grain: int = GRAIN):
-        """Split elements (by their tiles) into vertices: up to `workers` per tile.
-        Yields (size, positions (nv, size), tiles (nv,)) per distinct size, where
-        positions index `tile_of` and run in flat order within each tile."""
+    def chunks(self, tile_of: np.ndarray, grain: int = GRAIN, max_size: int | None = None):
+        """Split elements (by their tiles) into vertices: up to `workers` per tile,
+        more if a vertex would exceed `max_size` elements.  Yields (size, positions
+        (nv, size), tiles (nv,)) per distinct size, where positions index `tile_of`
+        and run in flat order within each tile."""
         order = np.argsort(tile_of, kind="stable")
         tiles, counts = np.unique(tile_of, return_counts=True)
         starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
         k = np.clip(counts // grain, 1, self.workers)
+        if max_size is not None:
+            k = np.maximum(k, -(-counts // max_size))
         q, r = counts // k, counts % k
         vert_tile = np.repeat(tiles, k)
         vert_first = np.repeat(starts, k)
@@ -205,6 +225,8 @@ class Partitioner:
 
     def compute(self, n: Node) -> g.View:
         from popdsl.passes import partition_ops as ops
+        # Tensors and vertices made for this node point at the source that made it.
+        self.span = self.g.nodes.spans.get(n.id, self.span) if self.g.nodes is not None else self.span
         if n.op == "tensor":
             t = self.g.tensors[n.attrs[0]]
             return g.View(t.id, np.arange(t.numel, dtype=np.int64).reshape(t.shape), self.span)

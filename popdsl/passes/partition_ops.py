@@ -32,12 +32,6 @@ def _blocks(n: int, parts: int) -> list[tuple[int, int]]:
     return [(i, min(n, i + size)) for i in range(0, n, size)]
 
 
-def _spread(ntasks: int, tiles: int) -> np.ndarray:
-    if ntasks >= tiles:
-        return (np.arange(ntasks) % tiles).astype(np.int32)
-    return (np.arange(ntasks) * tiles // ntasks).astype(np.int32)
-
-
 def _by_shape(tasks):
     """Group task dicts by the shapes of their index arrays."""
     groups: dict[tuple, list] = {}
@@ -91,6 +85,25 @@ def reduce_rows(p, kind: str, src: g.View, dtype: str, out_dtype: str, label: st
     cs = p.new_cs(label)
     for size, pos, tiles in p.chunks(p.g.tile_of[out.tensor], grain=1):
         p.group(cs, codelet, tiles, {"a": (src.tensor, rows[pos]), "y": (out.tensor, out.index[pos])})
+    return out
+
+
+def sum_partials(p, partial: g.View, label: str) -> g.View:
+    """Add up the leading axis of a [K, ...] partial-sum view into a new tensor.
+    The result is spread over all tiles, each reducing its columns from K
+    contiguous runs (the partials of one column block sit on few tiles, so
+    reducing where they are would pile the work onto those)."""
+    K = partial.index.shape[0]
+    cols = partial.index.reshape(K, -1)
+    R = cols.shape[1]
+    out = p.new_tensor(label, "f32", (R,))
+    p.g.tile_of[out.tensor][:] = p.linear(R)
+    cs = p.new_cs(label)
+    # Few columns per vertex keep each vertex's K-row buffer small.
+    grain = max(1, min(256, 8192 // max(K, 1)))
+    for size, pos, tiles in p.chunks(p.g.tile_of[out.tensor], grain=grain, max_size=grain):
+        p.group(cs, p.prim("ReduceSumCols"), tiles,
+                {"a": (partial.tensor, np.moveaxis(cols[:, pos], 1, 0)), "y": (out.tensor, out.index[pos])})
     return out
 
 
@@ -156,7 +169,7 @@ def matmul(p, n: Node) -> g.View:
         acc = p.new_tensor(label, "f32", (nb, M, N))
         target = acc.index[None]
     ntasks = nb * len(rb) * len(cb) * len(kb)
-    tiles = _spread(ntasks, p.tiles)
+    tiles = p.spread(ntasks)
     cs = p.new_cs(label)
     tasks = []
     t = 0
@@ -178,8 +191,7 @@ def matmul(p, n: Node) -> g.View:
     css = [cs]
     if len(kb) > 1:
         before = len(p.seq)
-        rows = acc.index.reshape(len(kb), -1).T
-        out = reduce_rows(p, "sum", g.View(acc.tensor, rows, acc.span), "f32", "f32", label)
+        out = sum_partials(p, acc, label)
         css += [p.g.compute_sets[e.cs] for e in p.seq[before:]]
     else:
         out = acc
@@ -293,38 +305,59 @@ def one_hot(p, n: Node) -> g.View:
 
 # ---------------------------------------------------------------- convolution and pooling
 
-def _conv_plan(p, n_tasks_outer: int, Og: int, Cg: int, OH: int, OW: int, kh: int, s: int, wp: int, kk: int):
-    go = gr = gc = 1
-    for _ in range(64):
-        ob, rb, cb = _cdiv(Og, go), _cdiv(OH, gr), _cdiv(Cg, gc)
-        rin = (rb - 1) * s + kh
-        slab = cb * rin * wp * 4
-        wblk = ob * cb * kk * 4
-        yblk = ob * rb * OW * 4
-        tasks = n_tasks_outer * go * gr * gc
-        if slab > SLAB_BYTES and (rb > 1 or cb > 1):
-            if rb > 1 and (rin > 2 * kh or cb == 1):
-                gr = min(OH, gr * 2)
-            else:
-                gc = min(Cg, gc * 2)
-        elif wblk > SLAB_BYTES and (ob > 1 or cb > 1):
-            if ob > 1:
-                go = min(Og, go * 2)
-            else:
-                gc = min(Cg, gc * 2)
-        elif yblk > SLAB_BYTES and (rb > 1 or ob > 1):
-            if rb > 1:
-                gr = min(OH, gr * 2)
-            else:
-                go = min(Og, go * 2)
-        elif tasks * 2 <= p.tiles and (ob > 1 or rb > 1):
-            if ob >= rb and ob > 1:
-                go = min(Og, go * 2)
-            else:
-                gr = min(OH, gr * 2)
-        else:
-            break
-    return go, gr, gc
+def _pow2(n: int) -> list[int]:
+    out, k = [], 1
+    while k < n:
+        out.append(k)
+        k *= 2
+    return out + [n]
+
+
+def _conv_plan(p, outer: int, Og: int, Cg: int, OH: int, OW: int, kh: int, s: int, wp: int, kk: int):
+    """(output-channel, output-row, input-channel) splits of a convolution.
+
+    Searches power-of-two splits for the least estimated time per tile —
+    multiply-accumulates at 8 a cycle plus the bytes a tile receives at 4 a cycle
+    (input slab, weights, and partial sums when input channels are split) — among
+    plans whose per-vertex blocks fit SLAB_BYTES."""
+    best, fallback = None, None
+    for go in _pow2(Og):
+        for gr in _pow2(OH):
+            for gc in _pow2(Cg):
+                ob, rb, cb = _cdiv(Og, go), _cdiv(OH, gr), _cdiv(Cg, gc)
+                rin = (rb - 1) * s + kh
+                slab, wblk, yblk = cb * rin * wp * 4, ob * cb * kk * 4, ob * rb * OW * 4
+                tasks = outer * go * gr * gc
+                per_tile = _cdiv(tasks, p.tiles)
+                macs = ob * rb * OW * cb * kk
+                moved = slab + wblk
+                cost = per_tile * (macs / 8 + moved / 4)
+                if gc > 1:      # partial sums: gc copies of the output, exchanged and added
+                    cost += outer * Og * OH * OW * gc * 4 / p.tiles / 4 * 2
+                worst = max(slab, wblk, yblk)
+                if fallback is None or worst < fallback[0]:
+                    fallback = (worst, (go, gr, gc))
+                # One task per tile at most: more only multiplies exchanged data.
+                if worst <= SLAB_BYTES and tasks <= p.tiles and (best is None or cost < best[0]):
+                    best = (cost, (go, gr, gc))
+    return (best or fallback)[1]
+
+
+def _pool_plan(p, N: int, C: int, OH: int, OW: int, k: int, s: int, wp: int):
+    """(channel, row) splits of a pooling: all tiles busy, blocks within SLAB_BYTES."""
+    best, fallback = None, None
+    for gcn in _pow2(C):
+        for gr in _pow2(OH):
+            cb, rb = _cdiv(C, gcn), _cdiv(OH, gr)
+            rin = (rb - 1) * s + k
+            slab = cb * rin * wp * 4
+            tasks = N * gcn * gr
+            cost = _cdiv(tasks, p.tiles) * (cb * rb * OW * k * k + slab / 4)
+            if fallback is None or slab < fallback[0]:
+                fallback = (slab, (gcn, gr))
+            if slab <= SLAB_BYTES and (best is None or cost < best[0]):
+                best = (cost, (gcn, gr))
+    return (best or fallback)[1]
 
 
 def conv2d(p, n: Node) -> g.View:
@@ -349,7 +382,7 @@ def conv2d(p, n: Node) -> g.View:
         acc = p.new_tensor(label, "f32", (N, O, OH, OW))
         target = acc.index[None]
     ntasks = N * groups * len(ob_) * len(rb_) * len(cb_)
-    tiles = _spread(ntasks, p.tiles)
+    tiles = p.spread(ntasks)
     tasks = []
     t = 0
     for nn in range(N):
@@ -375,8 +408,7 @@ def conv2d(p, n: Node) -> g.View:
     css = [cs]
     if len(cb_) > 1:
         before = len(p.seq)
-        rows = acc.index.reshape(len(cb_), -1).T
-        out = reduce_rows(p, "sum", g.View(acc.tensor, rows, acc.span), "f32", "f32", label)
+        out = sum_partials(p, acc, label)
         css += [p.g.compute_sets[e.cs] for e in p.seq[before:]]
     else:
         out = acc
@@ -396,11 +428,11 @@ def pool(p, n: Node) -> g.View:
     N, C = x.index.shape[:2]
     Wp = x.index.shape[3]
     _, _, OH, OW = n.shape
-    go, gr, _ = _conv_plan(p, N, C, 1, OH, OW, k, stride, Wp * C, 1)
+    go, gr = _pool_plan(p, N, C, OH, OW, k, stride, Wp)
     cbs, rbs = _blocks(C, go), _blocks(OH, gr)
     out = p.new_tensor(label, "f32", n.shape)
     ntasks = N * len(cbs) * len(rbs)
-    tiles = _spread(ntasks, p.tiles)
+    tiles = p.spread(ntasks)
     tasks = []
     t = 0
     for nn in range(N):

@@ -31,23 +31,18 @@ def assumptions(target: Target) -> list[str]:
                      sync_cycles=target.sync_cycles, clock_ghz=target.clock_hz / 1e9) for a in ASSUMPTIONS]
 
 
-def copy_cycles(groups, target: Target) -> tuple[int, int, int]:
-    """(cycles, bytes crossing tiles, on-tile bytes) of a copy table."""
-    if not groups:
+def copy_cycles(src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, target: Target) -> tuple[int, int, int]:
+    """(cycles, bytes crossing tiles, on-tile bytes) of runs of copies."""
+    if not src.size:
         return 0, 0, 0
     tm = target.tile_memory
-    sent = np.zeros(target.tiles, np.int64)
-    recv = np.zeros(target.tiles, np.int64)
-    local = np.zeros(target.tiles, np.int64)
-    xbytes = lbytes = 0
-    for es, src, dst in groups:
-        st, dt = src // tm, dst // tm
-        cross = st != dt
-        sent += np.bincount(st[cross], minlength=target.tiles) * es
-        recv += np.bincount(dt[cross], minlength=target.tiles) * es
-        local += np.bincount(dt[~cross], minlength=target.tiles) * es
-        xbytes += int(cross.sum()) * es
-        lbytes += int((~cross).sum()) * es
+    st, dt = src // tm, dst // tm
+    cross = st != dt
+    sent = np.bincount(st[cross], weights=nbytes[cross], minlength=target.tiles)
+    recv = np.bincount(dt[cross], weights=nbytes[cross], minlength=target.tiles)
+    local = np.bincount(dt[~cross], weights=nbytes[~cross], minlength=target.tiles)
+    xbytes = int(nbytes[cross].sum())
+    lbytes = int(nbytes[~cross].sum())
     busiest = int(np.max(np.maximum(np.maximum(sent, recv), local)))
     cycles = -(-busiest // target.exchange_bytes_per_cycle) + target.sync_cycles
     return cycles, xbytes, lbytes

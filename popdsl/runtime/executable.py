@@ -24,16 +24,18 @@ class TensorInfo:
 
 @dataclass(eq=False)
 class CopyTable:
-    """Element copies, grouped by element size: for each size in `sizes`, arrays of
-    global byte addresses (src, dst) and their tiles.  `cycles` is the exchange
-    estimate (bytes in/out per tile at the target's rate)."""
-    groups: list[tuple[int, np.ndarray, np.ndarray]] = field(default_factory=list)
+    """Runs of bytes to copy: global byte addresses src and dst, lengths nbytes
+    (int64 arrays of one length).  `cycles` is the exchange estimate (bytes in and
+    out of each tile at the target's rate)."""
+    src: np.ndarray
+    dst: np.ndarray
+    nbytes: np.ndarray
     cycles: int = 0
     exchange_bytes: int = 0        # bytes that cross between tiles
     local_bytes: int = 0           # on-tile rearrangement
 
     def __bool__(self) -> bool:
-        return bool(self.groups)
+        return bool(self.src.size)
 
 
 @dataclass(eq=False)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from popdsl.codegen.copies import copy_runs
 from popdsl.codegen.jit import NativeCodelets, aligned_zeros
 from popdsl.diagnostics import Diagnostic
 from popdsl.ir.codelet import ERR_BOUNDS, NUMPY_DTYPE
@@ -133,9 +134,7 @@ class Machine:
     def _copy(self, c: X.CopyTable) -> None:
         if not c:
             return
-        for es, src, dst in c.groups:
-            typed = self.mem.view(_UINT[es])
-            typed[dst // es] = typed[src // es]
+        copy_runs(self.mem, c.src, c.dst, c.nbytes)
         sync = self.exe.target.sync_cycles
         self.cycles.exchange += c.cycles - sync
         self.cycles.sync += sync

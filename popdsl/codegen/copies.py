@@ -1,0 +1,70 @@
+"""Native execution of copy tables: exchange and on-tile rearrangement.
+
+Requires the simulator memory and runs (src, dst, nbytes arrays of global byte
+addresses); produces the copies, in order, by one native loop of memmoves (the
+call releases the GIL).  Addresses are checked against the memory before the call,
+so a bad table is an error, never a crash.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import llvmlite.binding as llvm
+import numpy as np
+
+from popdsl.codegen import jit
+
+_IR = """
+declare void @llvm.memmove.p0.p0.i64(ptr, ptr, i64, i1)
+
+define void @popdsl_copy_runs(ptr %mem, ptr noalias %src, ptr noalias %dst, ptr noalias %len, i64 %count) {
+entry:
+  %empty = icmp sle i64 %count, 0
+  br i1 %empty, label %done, label %loop
+loop:
+  %i = phi i64 [ 0, %entry ], [ %next, %loop ]
+  %sp = getelementptr i64, ptr %src, i64 %i
+  %dp = getelementptr i64, ptr %dst, i64 %i
+  %lp = getelementptr i64, ptr %len, i64 %i
+  %s = load i64, ptr %sp
+  %d = load i64, ptr %dp
+  %n = load i64, ptr %lp
+  %from = getelementptr i8, ptr %mem, i64 %s
+  %to = getelementptr i8, ptr %mem, i64 %d
+  call void @llvm.memmove.p0.p0.i64(ptr %to, ptr %from, i64 %n, i1 false)
+  %next = add i64 %i, 1
+  %more = icmp slt i64 %next, %count
+  br i1 %more, label %loop, label %done
+done:
+  ret void
+}
+"""
+
+_PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                          ctypes.c_int64)
+
+
+@functools.cache
+def _copy_fn():
+    with jit._LOCK:
+        tm = jit._target_machine()
+        engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), tm)
+        engine.add_object_file(llvm.ObjectFileRef.from_data(jit._compile_object(_IR)))
+        engine.finalize_object()
+        fn = _PROTO(engine.get_function_address("popdsl_copy_runs"))
+    return engine, fn
+
+
+def copy_runs(mem: np.ndarray, src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray) -> None:
+    """mem[dst[i] : dst[i]+nbytes[i]] = mem[src[i] : ...], for i in order."""
+    if not src.size:
+        return
+    for a in (src, dst, nbytes):
+        if a.dtype != np.int64 or not a.flags.c_contiguous or a.shape != src.shape:
+            raise ValueError("copy runs must be contiguous int64 arrays of one length")
+    if nbytes.min() < 0 or min(src.min(), dst.min()) < 0 or \
+            max((src + nbytes).max(), (dst + nbytes).max()) > mem.size:
+        raise ValueError("a copy reaches outside the simulator's memory")
+    _, fn = _copy_fn()
+    fn(mem.ctypes.data, src.ctypes.data, dst.ctypes.data, nbytes.ctypes.data, src.size)
