@@ -131,10 +131,12 @@ def _grid(M: int, N: int, K: int, budget: int) -> tuple[int, int, int]:
             break
         # Split the dimension with the most work per block; the reduction only
         # when the output blocks are already small (its partials cost memory).
+        # Columns stay at least 16 wide: a vertex's inner loop is over them, and
+        # shorter loops waste the vector units.
         options = []
         if bm > 1:
             options.append((bm * 4, "m"))
-        if bn > 4:
+        if bn >= 32:
             options.append((bn * 4, "n"))
         if bk > 256 and bm * bn <= 64 * 64:
             options.append((bk, "k"))
