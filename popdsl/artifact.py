@@ -5,7 +5,10 @@ codelets as codelet IR, the program tree and every small record) and one `.npy`
 member per array (vertex tables, addresses, initial values).  It never holds native
 code: loading verifies the codelet IR and checks that every address a table, copy
 or read can touch lies inside the target's memory, so a damaged or hostile file is
-an error, never a crash.  Writes are atomic (a temporary file renamed into place).
+an error, never a crash.  The file's claims about which bounds checks are
+unnecessary are not trusted either: loading proves them again, and a file built
+with --unchecked runs checked unless whoever runs it asks for --unchecked too.
+Writes are atomic (a temporary file renamed into place).
 """
 from __future__ import annotations
 
@@ -14,10 +17,12 @@ import json
 import os
 import tempfile
 import zipfile
+from dataclasses import fields as dc_fields, is_dataclass, replace
 
 import numpy as np
 
 from popdsl.diagnostics import Span
+from popdsl.frontend.parser import MAX_NESTING
 from popdsl.ir import codelet as cir
 from popdsl.ir.verify import verify_codelet
 from popdsl.runtime import executable as X
@@ -26,6 +31,10 @@ from popdsl.runtime.target import Target
 MAGIC = "popdsl-executable"
 VERSION = 1
 MAX_MEMBER_BYTES = 1 << 34
+# JSON levels of one codelet's IR: sema makes at most two per level of source
+# nesting (a node and a list), and the parser allows MAX_NESTING levels.  Deeper IR
+# would only exhaust the stack of the passes that walk it.
+MAX_IR_DEPTH = 2 * MAX_NESTING + 100
 
 
 class ArtifactError(Exception):
@@ -62,7 +71,7 @@ def _prog_json(p):
 
 
 def _copy_json(c: X.CopyTable, A: _Arrays):
-    return {"groups": [[es, A.ref(s), A.ref(d)] for es, s, d in c.groups], "cycles": c.cycles,
+    return {"src": A.ref(c.src), "dst": A.ref(c.dst), "nbytes": A.ref(c.nbytes), "cycles": c.cycles,
             "exchange_bytes": c.exchange_bytes, "local_bytes": c.local_bytes}
 
 
@@ -92,6 +101,7 @@ def save(exe: X.Executable, path: str) -> None:
         "spans": [_span_json(s) for s in exe.spans],
         "memory": {k: A.ref(getattr(exe.memory, k)) for k in
                    ("variables", "exchange_buffers", "vertex_state", "code")},
+        "ops": exe.ops,
     }
     directory = os.path.dirname(os.path.abspath(path)) or "."
     fd, tmp = tempfile.mkstemp(prefix=".popx-", dir=directory)
@@ -113,11 +123,15 @@ def save(exe: X.Executable, path: str) -> None:
 
 # ---------------------------------------------------------------- reading
 
-def load(path: str) -> X.Executable:
-    """Read and validate a `.popx`.  Raises ArtifactError with a clear message."""
+def load(path: str, unchecked: bool = False) -> X.Executable:
+    """Read and validate a `.popx`.  Raises ArtifactError with a clear message.
+    `unchecked`: honour the file's --unchecked (drop bounds checks), which the file
+    alone cannot ask for."""
     try:
         with zipfile.ZipFile(path) as z:
-            return _Loader(z).executable()
+            exe = _Loader(z).executable()
+            exe.unchecked = exe.unchecked and unchecked
+            return exe
     except ArtifactError:
         raise
     except FileNotFoundError:
@@ -128,6 +142,8 @@ def load(path: str) -> X.Executable:
         raise ArtifactError("not a popdsl executable (not a .popx archive, or truncated)") from None
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, OSError, zipfile.LargeZipFile) as e:
         raise ArtifactError(f"damaged .popx file ({type(e).__name__}: {e})") from None
+    except RecursionError:
+        raise ArtifactError("damaged .popx file (nested too deeply)") from None
 
 
 class _Loader:
@@ -168,6 +184,8 @@ class _Loader:
         self.memsize = target.tiles * target.tile_memory
         codelets = {}
         for cj in d["codelets"]:
+            if _json_depth(cj) > MAX_IR_DEPTH:
+                raise ValueError("codelet IR nested deeper than any program popc compiles")
             c = cir.from_json(cj)
             if not isinstance(c, cir.Codelet):
                 raise ValueError("codelet entry is not a codelet")
@@ -178,6 +196,7 @@ class _Loader:
                 verify_codelet(c, scalars)
             except ValueError as e:
                 raise ArtifactError(f"codelet '{c.name}' failed verification: {e}") from None
+        codelets = {n: reprove_checks(c) for n, c in codelets.items()}
         spans = [Span(str(s[0]), int(s[1]), int(s[2]), int(s[3]), int(s[4])) for s in d["spans"]]
         tensors, addrs = [], []
         for t in d["tensors"]:
@@ -237,26 +256,30 @@ class _Loader:
             raise ValueError("bad input or output reference")
         mem = X.MemoryPlan(*(self.array(d["memory"][k], np.int64, 1) for k in
                              ("variables", "exchange_buffers", "vertex_state", "code")))
+        ops = []
+        for op in d.get("ops", []):
+            if any(not 0 <= int(i) < len(css) for i in op["compute_sets"]):
+                raise ValueError("bad compute set reference in an op")
+            ops.append({"op": str(op["op"]), "shape": [int(x) for x in op["shape"]], "dtype": str(op["dtype"]),
+                        "node": int(op["node"]), "vertices": int(op["vertices"]), "tiles": int(op["tiles"]),
+                        "source": str(op["source"]), "compute_sets": [int(i) for i in op["compute_sets"]]})
         return X.Executable(str(d["name"]), target, codelets, tensors, addrs, init, css, copies,
-                            reads, program, inputs, outputs, spans, mem, bool(d["unchecked"]))
+                            reads, program, inputs, outputs, spans, mem, bool(d["unchecked"]), ops)
 
     def in_memory(self, a: np.ndarray, es: int) -> None:
         if a.size and (a.min() < 0 or a.max() > self.memsize - es or (a % es).any()):
             raise ValueError("an address lies outside the target's memory")
 
     def copy_table(self, cj) -> X.CopyTable:
-        out = X.CopyTable(cycles=int(cj["cycles"]), exchange_bytes=int(cj["exchange_bytes"]),
-                          local_bytes=int(cj["local_bytes"]))
-        for es, s, dd in cj["groups"]:
-            if es not in (1, 2, 4, 8):
-                raise ValueError("bad element size in a copy")
-            src, dst = self.array(s, np.int64, 1), self.array(dd, np.int64, 1)
-            if src.size != dst.size:
-                raise ValueError("copy source and destination differ in length")
-            self.in_memory(src, es)
-            self.in_memory(dst, es)
-            out.groups.append((int(es), src, dst))
-        return out
+        src, dst = self.array(cj["src"], np.int64, 1), self.array(cj["dst"], np.int64, 1)
+        nbytes = self.array(cj["nbytes"], np.int64, 1)
+        if not src.size == dst.size == nbytes.size:
+            raise ValueError("copy runs differ in length")
+        if src.size and (nbytes.min() < 1 or min(src.min(), dst.min()) < 0
+                         or max((src + nbytes).max(), (dst + nbytes).max()) > self.memsize):
+            raise ValueError("a copy reaches outside the target's memory")
+        return X.CopyTable(src, dst, nbytes, cycles=int(cj["cycles"]),
+                           exchange_bytes=int(cj["exchange_bytes"]), local_bytes=int(cj["local_bytes"]))
 
     def check_table(self, c: cir.Codelet, table: np.ndarray) -> None:
         """Every byte a vertex may touch (given its sizes) is inside memory."""
@@ -310,6 +333,78 @@ class _Loader:
         if not isinstance(out, X.PSeq):
             raise ValueError("program is not a sequence")
         return out
+
+
+def reprove_checks(c: cir.Codelet) -> cir.Codelet:
+    """`c` with every `checked` flag derived again from the IR: an access goes
+    unchecked only when each index is a constant inside a constant dimension, or
+    a loop variable counting up from a non-negative constant to that dimension
+    (the proofs `sema.codelets` makes).  A loop variable whose name is declared or
+    assigned anywhere else in the codelet proves nothing."""
+    dims = {f.name: f.dims for f in c.fields}
+    loops: dict[str, int] = {}
+    other: set[str] = set()
+
+    def names(node) -> None:
+        if isinstance(node, tuple):
+            for x in node:
+                names(x)
+        elif is_dataclass(node):
+            if isinstance(node, cir.For):
+                loops[node.var] = loops.get(node.var, 0) + 1
+            elif isinstance(node, (cir.Declare, cir.Assign)):
+                other.add(node.name)
+            for f in dc_fields(node):
+                names(getattr(node, f.name))
+    names(c.body)
+    trusted = {v for v, n in loops.items() if n == 1 and v not in other}
+
+    def proven(field: str, index, bounds) -> bool:
+        fd = dims.get(field)
+        if fd is None or len(index) != len(fd):
+            return False
+        for i, d in zip(index, fd):
+            if isinstance(i, cir.Const) and type(i.value) is int:
+                if not (type(d) is int and 0 <= i.value < d):
+                    return False
+            elif isinstance(i, cir.Local) and i.name in bounds:
+                b = bounds[i.name]
+                if not (b == d and type(b) is type(d) or type(b) is int and type(d) is int and b <= d):
+                    return False
+            else:
+                return False
+        return True
+
+    def rec(node, bounds):
+        if isinstance(node, tuple):
+            return tuple(rec(x, bounds) for x in node)
+        if not is_dataclass(node):
+            return node
+        inner = bounds
+        if isinstance(node, cir.For) and node.var in trusted and type(node.step) is int \
+                and node.step > 0 and isinstance(node.start, cir.Const) \
+                and type(node.start.value) is int and node.start.value >= 0:
+            if isinstance(node.stop, cir.Sym):
+                inner = {**bounds, node.var: node.stop.name}
+            elif isinstance(node.stop, cir.Const) and type(node.stop.value) is int:
+                inner = {**bounds, node.var: node.stop.value}
+        new = {f.name: rec(getattr(node, f.name), inner if isinstance(node, cir.For) and f.name == "body"
+                           else bounds) for f in dc_fields(node)}
+        if isinstance(node, (cir.Load, cir.Store)):
+            new["checked"] = not proven(node.field, new["index"], bounds)
+        return replace(node, **new)
+
+    return replace(c, body=rec(c.body, {}))
+
+
+def _json_depth(x) -> int:
+    deepest, stack = 0, [(x, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((c, depth + 1) for c in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 def _idx(v, n: int) -> int:

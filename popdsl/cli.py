@@ -24,6 +24,10 @@ class UserError(Exception):
     """A problem with the user's files or data, reported as `popc: error: ...`."""
 
 
+class UsageError(Exception):
+    """A bad command line that argparse cannot see (a value out of range): exit 2."""
+
+
 def _positive(text: str) -> int:
     try:
         v = int(text)
@@ -65,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="memory and cycle reports")
     common(rp, "a .pop or .popx file")
     rp.add_argument("--memory", action="store_true", help="memory per tile and category (default)")
+    rp.add_argument("--partition", action="store_true",
+                    help="per tensor op: tiles used, cycles per tile (max, mean), exchange bytes")
     rp.add_argument("--json", action="store_true", help="machine-readable output")
     d = sub.add_parser("dump", help="print the IR after a stage")
     common(d)
@@ -80,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv = ["build"] + argv
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:           # usage errors (2); --help and --version (0)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     if args.command is None:
         parser.print_usage(sys.stderr)
         print("popc: error: a command is required", file=sys.stderr)
@@ -96,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"popc: error: {e}", file=sys.stderr)
         return EXIT_USER
+    except UsageError as e:
+        parser.print_usage(sys.stderr)
+        print(f"popc: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except artifact.ArtifactError as e:
         print(f"{args.file}: error: {e}", file=sys.stderr)
         return EXIT_USER
@@ -121,12 +134,12 @@ def _target(args):
     try:
         return get_target(args.target, args.tiles, args.tile_memory)
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise UsageError(str(e)) from None
 
 
 def _read_source(path: str) -> str:
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise UserError(f"cannot read '{path}': no such file") from None
     except IsADirectoryError:
@@ -151,7 +164,7 @@ def _executable(args):
     if args.file.endswith(".popx"):
         if not os.path.exists(args.file):
             raise UserError(f"cannot read '{args.file}': no such file")
-        return Executable(artifact.load(args.file))
+        return Executable(artifact.load(args.file, unchecked=args.unchecked))
     exe, native = _compile(args)
     return Executable(exe, native)
 
@@ -269,9 +282,18 @@ def _cycles_text(exe, c) -> str:
 
 def cmd_report(args) -> int:
     from popdsl.report.memory import memory_report
+    from popdsl.report.partition import partition_report
     exe = _executable(args)
-    rep = memory_report(exe.ir)
-    print(json.dumps(rep.to_json(), indent=2) if args.json else rep.text())
+    reports = []
+    if args.memory or not args.partition:
+        reports.append(("memory", memory_report(exe.ir)))
+    if args.partition:
+        reports.append(("partition", partition_report(exe.ir, exe.native())))
+    if args.json:
+        doc = reports[0][1].to_json() if len(reports) == 1 else {k: r.to_json() for k, r in reports}
+        print(json.dumps(doc, indent=2))
+    else:
+        print("\n\n".join(r.text() for _, r in reports))
     return 0
 
 

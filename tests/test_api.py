@@ -132,3 +132,16 @@ graph big(tiles = 4) {
     map a -> tile 0;
 }
 """, tile_memory=1024)
+
+
+def test_partition_report_names_ops_tiles_cycles_and_exchange(capsys):
+    from popdsl.cli import main
+    src_path = "examples/mlp.pop"
+    assert main(["report", src_path, "--partition", "--json", "--tiles", "16"]) == 0
+    import json
+    doc = json.loads(capsys.readouterr().out)
+    ops = {r["op"] for r in doc["ops"]}
+    assert {"matmul", "relu", "reduce", "one_hot"} <= ops
+    mm = next(r for r in doc["ops"] if r["op"] == "matmul")
+    assert mm["tiles"] > 1 and mm["max_cycles"] >= mm["mean_cycles"] > 0 and mm["exchange_bytes"] > 0
+    assert mm["source"].endswith(":37:12") and "popnn.pop" in mm["source"]

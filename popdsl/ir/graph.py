@@ -150,6 +150,7 @@ class TensorGraph:
     nodes: object = None                                             # ir.tensor.NodeTable
     spans: list[Span] = field(default_factory=list)                  # vertex span table
     params: list[int] = field(default_factory=list)                  # trainable tensors (tensor programs)
+    ops: list[dict] = field(default_factory=list)                    # per tensor op: its compute sets (partition)
 
     def span_id(self, span: Span) -> int:
         self.spans.append(span)

@@ -106,9 +106,12 @@ def plan(low: Lowered, code_sizes: dict[str, int], unchecked: bool = False) -> X
     copies = [_copy_table(c, region_addr, target) for c in low.copies]
     reads = [X.Read(label, dtype, tensor_addrs[t][idx]) for label, dtype, t, idx in low.reads]
     tensors = [X.TensorInfo(t.name, t.dtype, t.shape, t.kind, t.span) for t in graph.tensors]
+    cs_index = {cs.name: i for i, cs in enumerate(low.compute_sets)}
+    ops = [{**{k: v for k, v in op.items() if k != "compute_sets"},
+            "compute_sets": [cs_index[n] for n in op["compute_sets"]]} for op in graph.ops]
     return X.Executable(graph.name, target, dict(graph.codelets), tensors, tensor_addrs,
                         dict(graph.init), css, copies, reads, low.program, dict(graph.inputs),
-                        dict(low.outputs), list(graph.spans), mem, unchecked)
+                        dict(low.outputs), list(graph.spans), mem, unchecked, ops)
 
 
 def _copy_table(c: CopyElems, region_addr: np.ndarray, target: Target) -> X.CopyTable:

@@ -47,7 +47,6 @@ class Partitioner:
         self.consumers: dict[int, int] = {}
         self.ncs = 0
         self.span = Span("<tensor program>", 0, 0, 0, 0)
-        self.stats: list[dict] = []          # per op, for `popc report --partition`
         self.rotor = 0
 
     # ---------------------------------------------------------------- driver
@@ -331,12 +330,11 @@ class Partitioner:
         for cs in css:
             for grp in cs.groups:
                 tiles.update(np.unique(grp.tiles).tolist())
-        self.stats.append({"node": n.id, "op": n.op, "shape": list(n.shape), "compute_sets": [cs.name for cs in css],
-                           "vertices": verts, "tiles": len(tiles)})
+        span = self.g.nodes.spans.get(n.id) if self.g.nodes is not None else None
+        self.g.ops.append({"node": n.id, "op": n.op, "shape": list(n.shape), "dtype": n.dtype,
+                           "compute_sets": [cs.name for cs in css], "vertices": verts, "tiles": len(tiles),
+                           "source": str(span) if span is not None and span.line else ""})
 
 
 def partition(graph: g.TensorGraph) -> g.TensorGraph:
-    p = Partitioner(graph)
-    out = p.run()
-    out.partition_stats = p.stats
-    return out
+    return Partitioner(graph).run()

@@ -136,6 +136,7 @@ class Executable:
     spans: list[Span]
     memory: MemoryPlan
     unchecked: bool = False
+    ops: list[dict] = field(default_factory=list)   # tensor ops: op, shape, source, compute set indices
 
     def tensor_index(self, name: str) -> int | None:
         for i, t in enumerate(self.tensors):

@@ -62,6 +62,7 @@ class Machine:
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self.out = out or sys.stdout
         self.cycles = CycleCounts()
+        self.tile_cycles: dict[int, np.ndarray] = {}     # compute set → its last run's cycles per tile
         self._cycle_bufs = [[np.zeros(len(g.tiles), np.int64) for g in cs.groups] for cs in exe.compute_sets]
         for tid, values in exe.init.items():
             self._store(exe.tensor_addrs[tid], values, exe.tensors[tid].dtype)
@@ -151,7 +152,9 @@ class Machine:
         if cs.groups:
             # All codelets of a compute set share the tiles' workers in one phase.
             tiles = np.concatenate([g.tiles for g in cs.groups])
-            phase = int(compute_cycles(tiles, np.concatenate(bufs), target).max())
+            per_tile = compute_cycles(tiles, np.concatenate(bufs), target)
+            self.tile_cycles[csi] = per_tile
+            phase = int(per_tile.max())
         self.cycles.compute += phase
         self.cycles.sync += target.sync_cycles
         self.cycles.per_compute_set[cs.name] = self.cycles.per_compute_set.get(cs.name, 0) + phase
