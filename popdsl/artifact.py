@@ -29,8 +29,9 @@ from popdsl.runtime import executable as X
 from popdsl.runtime.target import Target
 
 MAGIC = "popdsl-executable"
-VERSION = 1
+VERSION = 2
 MAX_MEMBER_BYTES = 1 << 34
+_MEMORY_ARRAYS = X.CATEGORIES + ("planned", "lower_bound", "timeline")
 # JSON levels of one codelet's IR: sema makes at most two per level of source
 # nesting (a node and a list), and the parser allows MAX_NESTING levels.  Deeper IR
 # would only exhaust the stack of the passes that walk it.
@@ -99,8 +100,8 @@ def save(exe: X.Executable, path: str) -> None:
         "program": _prog_json(exe.program),
         "inputs": exe.inputs, "outputs": exe.outputs,
         "spans": [_span_json(s) for s in exe.spans],
-        "memory": {k: A.ref(getattr(exe.memory, k)) for k in
-                   ("variables", "exchange_buffers", "vertex_state", "code")},
+        "memory": {**{k: A.ref(getattr(exe.memory, k)) for k in _MEMORY_ARRAYS},
+                   "timeline_labels": list(exe.memory.timeline_labels)},
         "ops": exe.ops,
     }
     directory = os.path.dirname(os.path.abspath(path)) or "."
@@ -254,8 +255,11 @@ class _Loader:
         if any(not 0 <= v < len(tensors) for v in inputs.values()) or \
                 any(not 0 <= v < len(reads) for v in outputs.values()):
             raise ValueError("bad input or output reference")
-        mem = X.MemoryPlan(*(self.array(d["memory"][k], np.int64, 1) for k in
-                             ("variables", "exchange_buffers", "vertex_state", "code")))
+        arrays = {k: self.array(d["memory"][k], np.int64, 1) for k in _MEMORY_ARRAYS}
+        if any(a.size != target.tiles for k, a in arrays.items() if k != "timeline"):
+            raise ValueError("memory plan does not match the target's tiles")
+        labels = [str(x) for x in d["memory"]["timeline_labels"]]
+        mem = X.MemoryPlan(**arrays, timeline_labels=labels)
         ops = []
         for op in d.get("ops", []):
             if any(not 0 <= int(i) < len(css) for i in op["compute_sets"]):

@@ -77,6 +77,7 @@ class Lowered:
     region_size: list[int] = field(default_factory=list)
     region_cs: list[int] = field(default_factory=list)        # -1: lives for the whole program
     region_label: list[tuple[str, Span]] = field(default_factory=list)
+    region_tensor: list[int] = field(default_factory=list)     # -1: an exchange buffer
     elem_region: dict[int, np.ndarray] = field(default_factory=dict)
     elem_off: dict[int, np.ndarray] = field(default_factory=dict)
     compute_sets: list[LoweredCS] = field(default_factory=list)
@@ -86,7 +87,8 @@ class Lowered:
     outputs: dict[str, int] = field(default_factory=dict)
     tensor_region_tile: np.ndarray | None = None
 
-    def new_region(self, tile: int, size: int, cs: int, label: str, span: Span) -> int:
+    def new_region(self, tile: int, size: int, cs: int, label: str, span: Span, tensor: int = -1) -> int:
+        self.region_tensor.append(tensor)
         self.region_tile.append(tile)
         self.region_size.append(size)
         self.region_cs.append(cs)
@@ -99,7 +101,7 @@ def _tensor_regions(low: Lowered, t: g.Tensor, tile_of: np.ndarray) -> None:
     tiles_used, counts = np.unique(tile_of, return_counts=True)
     first = len(low.region_tile)
     for tile, n in zip(tiles_used.tolist(), counts.tolist()):
-        low.new_region(tile, n * es, -1, t.name, t.span)
+        low.new_region(tile, n * es, -1, t.name, t.span, t.id)
     low.elem_region[t.id] = (first + np.searchsorted(tiles_used, tile_of)).astype(np.int32)
     order = np.argsort(tile_of, kind="stable")
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
@@ -309,6 +311,7 @@ def _connect_stacked(low, graph, c, f, st: g.Stacked, order, tiles, csi, col, ta
         low.region_tile.extend(tiles[bad].tolist())
         low.region_size.extend([n * es] * bad.size)
         low.region_cs.extend([csi] * bad.size)
+        low.region_tensor.extend([-1] * bad.size)
         low.region_label.extend([(f"{c.name}.{f.name} buffer", st.span)] * bad.size)
         bufs = np.arange(first, first + bad.size, dtype=np.int32)
         table[bad, ac] = 0

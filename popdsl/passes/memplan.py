@@ -2,20 +2,27 @@
 
 Requires a `Lowered` graph and the native code size of each codelet; produces the
 executable with global byte addresses (tile × tile memory + offset) in every table,
-copy and read, and the per-tile memory plan by category.
+copy and read, and the per-tile memory plan.
 
-This is the simple planner: regions that live for the whole program are packed
-first on each tile; the exchange buffers of a compute set live only while it runs,
-so every compute set's buffers start at the same offset after them.  Vertex state
-(the real table bytes) and codelet code are charged to the tiles that use them.
-Anything over a tile's capacity is an out-of-memory error naming the tile and what
-is on it.
+Per tile, regions (a tensor's part on the tile, or a vertex's exchange buffer) get
+live intervals from `liveness`; regions with the same interval are packed together
+into one allocation; allocations get offsets by greedy-by-size best fit (largest
+first, each into the smallest gap left by the allocations whose lifetimes overlap
+it), tried in two orders — by size and by length of life — keeping the better
+(TFLite's arena planner; XLA's heap simulator tries the same two).  The lower
+bound is the peak of live bytes; `reuse=False` gives every region its own bytes
+(the naive plan), for checking results against.  Vertex state (the real table
+bytes) and codelet code (real object-code size per codelet used) are charged to
+the tiles that use them.  A tile over capacity is an out-of-memory error naming the
+tile, what is on it by category, its largest tensors with their source lines, and
+what would help.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from popdsl.diagnostics import Diagnostics
+from popdsl.diagnostics import Diagnostics, Span
+from popdsl.passes.liveness import Liveness, liveness
 from popdsl.passes.lower import CopyElems, Lowered
 from popdsl.runtime import executable as X
 from popdsl.runtime.cycles import copy_cycles
@@ -24,75 +31,157 @@ from popdsl.runtime.target import Target
 
 def _align(size: np.ndarray) -> np.ndarray:
     # 64-byte alignment for anything vectorised code will stream; 8 for small data.
-    a = np.where(size >= 256, 64, 8)
-    return a
+    return np.where(size >= 256, 64, 8)
 
 
-def _pack(order, sizes, aligns, start: int, base: np.ndarray) -> int:
-    off = start
-    for r in order:
-        a = int(aligns[r])
-        off = -(-off // a) * a
-        base[r] = off
-        off += int(sizes[r])
-    return off
+def _round(x: int, a: int) -> int:
+    return -(-x // a) * a
 
 
-def plan(low: Lowered, code_sizes: dict[str, int], unchecked: bool = False) -> X.Executable:
+def best_fit(sizes: np.ndarray, aligns: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+             order: np.ndarray) -> tuple[np.ndarray, int]:
+    """Offsets for allocations placed in `order`, each into the smallest gap among
+    the already placed allocations whose lifetimes overlap it (or on top)."""
+    n = len(sizes)
+    off = np.zeros(n, np.int64)
+    placed = np.zeros(n, bool)
+    top = 0
+    for i in order.tolist():
+        conflict = placed & (starts <= ends[i]) & (ends >= starts[i])
+        size, a = int(sizes[i]), int(aligns[i])
+        best, best_gap = None, None
+        cur = 0
+        if conflict.any():
+            idx = np.nonzero(conflict)[0]
+            lo = off[idx]
+            hi = lo + sizes[idx]
+            srt = np.argsort(lo, kind="stable")
+            for o, e in zip(lo[srt].tolist(), hi[srt].tolist()):
+                at = _round(cur, a)
+                gap = o - at
+                if gap >= size and (best_gap is None or gap < best_gap):
+                    best, best_gap = at, gap
+                cur = max(cur, e)
+        if best is None:
+            best = _round(cur, a)
+        off[i] = best
+        placed[i] = True
+        top = max(top, best + size)
+    return off, top
+
+
+def _peak(sizes, starts, ends, points: int) -> int:
+    live = np.zeros(points + 1, np.int64)
+    np.add.at(live, starts, sizes)
+    np.add.at(live, ends + 1, -sizes)
+    return int(np.cumsum(live).max()) if len(sizes) else 0
+
+
+def _plan_tile(sizes, aligns, starts, ends, reuse: bool) -> tuple[np.ndarray, int]:
+    if not reuse:
+        off = np.zeros(len(sizes), np.int64)
+        cur = 0
+        for i in range(len(sizes)):
+            cur = _round(cur, int(aligns[i]))
+            off[i] = cur
+            cur += int(sizes[i])
+        return off, cur
+    by_size = np.lexsort((starts, -(ends - starts), -sizes))
+    by_life = np.lexsort((starts, -sizes, -(ends - starts)))
+    a = best_fit(sizes, aligns, starts, ends, by_size)
+    if a[1] == _peak(sizes, starts, ends, int(ends.max()) + 1 if len(ends) else 1):
+        return a                       # already at the lower bound
+    b = best_fit(sizes, aligns, starts, ends, by_life)
+    return a if a[1] <= b[1] else b
+
+
+def plan(low: Lowered, code_sizes: dict[str, int], unchecked: bool = False, reuse: bool = True) -> X.Executable:
     graph = low.graph
     target: Target = graph.target
     ntiles = target.tiles
+    live = liveness(low)
     rt = np.asarray(low.region_tile, np.int64)
     rs = np.asarray(low.region_size, np.int64)
-    rc = np.asarray(low.region_cs, np.int64)
     al = _align(rs)
-    base = np.zeros(len(rt), np.int64)
-    variables = np.zeros(ntiles, np.int64)
-    buffers = np.zeros(ntiles, np.int64)
-    # Regions sorted by (tile, compute set, id): one pass packs every tile.
-    order = np.lexsort((np.arange(len(rt)), rc, rt))
-    i = 0
-    while i < len(order):
-        tile = rt[order[i]]
-        j = i
-        while j < len(order) and rt[order[j]] == tile:
-            j += 1
-        on_tile = order[i:j]
-        perm = [r for r in on_tile if rc[r] < 0]
-        end = _pack(perm, rs, al, 0, base)
-        variables[tile] = end
-        peak = end
-        k = 0
-        scratch = [r for r in on_tile if rc[r] >= 0]
-        while k < len(scratch):
-            cs = rc[scratch[k]]
-            m = k
-            while m < len(scratch) and rc[scratch[m]] == cs:
-                m += 1
-            peak = max(peak, _pack(scratch[k:m], rs, al, end, base))
-            k = m
-        buffers[tile] = peak - end
-        i = j
+    n = len(rt)
+    # Regions of one tile with one lifetime form one allocation, packed in order.
+    key = np.lexsort((np.arange(n), live.end, live.start, rt))
+    ks = rt[key], live.start[key], live.end[key]
+    new = np.ones(n, bool)
+    if n:
+        new[1:] = (ks[0][1:] != ks[0][:-1]) | (ks[1][1:] != ks[1][:-1]) | (ks[2][1:] != ks[2][:-1])
+    alloc_of_sorted = np.cumsum(new) - 1
+    inner = np.zeros(n, np.int64)
+    nalloc = int(alloc_of_sorted[-1]) + 1 if n else 0
+    alloc_size = np.zeros(nalloc, np.int64)
+    alloc_align = np.full(nalloc, 8, np.int64)
+    for j, r in enumerate(key.tolist()):
+        a = alloc_of_sorted[j]
+        pos = _round(int(alloc_size[a]), int(al[r]))
+        inner[r] = pos
+        alloc_size[a] = pos + rs[r]
+        alloc_align[a] = max(alloc_align[a], al[r])
+    alloc_size = -(-alloc_size // 8) * 8
+    first = key[new]
+    alloc_tile, alloc_start, alloc_end = rt[first], live.start[first], live.end[first]
+    alloc_base = np.zeros(nalloc, np.int64)
+    planned = np.zeros(ntiles, np.int64)
+    bound = np.zeros(ntiles, np.int64)
+    memo: dict[bytes, tuple[np.ndarray, int]] = {}
+    bounds = np.searchsorted(alloc_tile, np.arange(ntiles + 1))
+    for tile in np.unique(alloc_tile).tolist():
+        a, b = bounds[tile], bounds[tile + 1]
+        sz, ag, s, e = alloc_size[a:b], alloc_align[a:b], alloc_start[a:b], alloc_end[a:b]
+        # Tiles laid out alike are planned once.
+        sig = np.concatenate([sz, ag, s, e]).tobytes()
+        hit = memo.get(sig)
+        if hit is None:
+            hit = memo[sig] = _plan_tile(sz, ag, s, e, reuse)
+        alloc_base[a:b] = hit[0]
+        planned[tile] = hit[1]
+        bound[tile] = _peak(sz, s, e, live.points)
+    region_alloc = np.empty(n, np.int64)
+    region_alloc[key] = alloc_of_sorted
+    base = alloc_base[region_alloc] + inner if n else np.zeros(0, np.int64)
+    # Categories count regions as allocated (rounded to their alignment), so that
+    # naive >= lower bound <= planned compare like with like.
+    mem = _categories(low, live, -(-rs // al) * al, rt, planned, bound, code_sizes, ntiles)
+    _check_capacity(low, mem, target)
+    return _finish(low, base, mem, unchecked)
+
+
+def _categories(low, live: Liveness, rs, rt, planned, bound, code_sizes, ntiles) -> X.MemoryPlan:
+    tensor = np.asarray(low.region_tensor, np.int64)
+    is_buf = tensor < 0
+
+    def per_tile(mask):
+        return np.bincount(rt[mask], weights=rs[mask], minlength=ntiles).astype(np.int64)
     vertex_state = np.zeros(ntiles, np.int64)
     code = np.zeros(ntiles, np.int64)
+    on_tiles: dict[str, np.ndarray] = {}
     for cs in low.compute_sets:
         for grp in cs.groups:
-            row_bytes = grp.table.shape[1] * 8
-            vertex_state += np.bincount(grp.tiles, minlength=ntiles) * row_bytes
-    for cname in sorted({grp.codelet for cs in low.compute_sets for grp in cs.groups}):
-        on = np.zeros(ntiles, bool)
-        for cs in low.compute_sets:
-            for grp in cs.groups:
-                if grp.codelet == cname:
-                    on[grp.tiles] = True
+            vertex_state += np.bincount(grp.tiles, minlength=ntiles) * grp.table.shape[1] * 8
+            on = on_tiles.setdefault(grp.codelet, np.zeros(ntiles, bool))
+            on[grp.tiles] = True
+    for cname, on in on_tiles.items():
         code += on * int(code_sizes.get(cname, 0))
-    mem = X.MemoryPlan(variables, buffers, vertex_state, code)
-    _check_capacity(low, mem, target, base)
+    # Live bytes at each program point, over all tiles.
+    timeline = np.zeros(live.points + 1, np.int64)
+    np.add.at(timeline, live.start, rs)
+    np.add.at(timeline, live.end + 1, -rs)
+    return X.MemoryPlan(always_live=per_tile(live.always), not_always_live=per_tile(~live.always & ~is_buf),
+                        exchange_buffers=per_tile(is_buf), vertex_state=vertex_state, code=code,
+                        planned=planned, lower_bound=bound, timeline=np.cumsum(timeline)[:-1],
+                        timeline_labels=list(live.labels) + ["outputs read by the host"])
 
+
+def _finish(low: Lowered, base: np.ndarray, mem: X.MemoryPlan, unchecked: bool) -> X.Executable:
+    graph = low.graph
+    target = graph.target
+    rt = np.asarray(low.region_tile, np.int64)
     region_addr = rt * target.tile_memory + base
-    tensor_addrs = []
-    for t in graph.tensors:
-        tensor_addrs.append(region_addr[low.elem_region[t.id]] + low.elem_off[t.id])
+    tensor_addrs = [region_addr[low.elem_region[t.id]] + low.elem_off[t.id] for t in graph.tensors]
     css = []
     for cs in low.compute_sets:
         groups = []
@@ -121,7 +210,7 @@ def _copy_table(c: CopyElems, region_addr: np.ndarray, target: Target) -> X.Copy
     return out
 
 
-def _check_capacity(low: Lowered, mem: X.MemoryPlan, target: Target, base: np.ndarray) -> None:
+def _check_capacity(low: Lowered, mem: X.MemoryPlan, target: Target) -> None:
     total = mem.total
     over = np.nonzero(total > target.tile_memory)[0]
     if not over.size:
@@ -132,17 +221,15 @@ def _check_capacity(low: Lowered, mem: X.MemoryPlan, target: Target, base: np.nd
     on = np.nonzero(rt == worst)[0]
     big = on[np.argsort(-rs[on], kind="stable")][:5]
     notes = [f"{int(rs[r]):,} B  {low.region_label[r][0]} ({low.region_label[r][1]})" for r in big]
-    notes.append(f"by category: variables {int(mem.variables[worst]):,} B, exchange buffers "
-                 f"{int(mem.exchange_buffers[worst]):,} B, vertex state {int(mem.vertex_state[worst]):,} B, "
-                 f"code {int(mem.code[worst]):,} B")
+    notes.append(f"by category: always-live variables {int(mem.always_live[worst]):,} B, not-always-live "
+                 f"{int(mem.not_always_live[worst]):,} B (live at once at most {int(mem.lower_bound[worst]):,} B "
+                 f"with exchange buffers), exchange buffers {int(mem.exchange_buffers[worst]):,} B, vertex state "
+                 f"{int(mem.vertex_state[worst]):,} B, code {int(mem.code[worst]):,} B")
     notes.append("what would help: spread the largest tensors over more tiles (map ... -> linear), "
-                 "connect vertices to data on their own tile to avoid exchange buffers, or use a "
-                 "target with more memory per tile")
+                 "connect vertices to data on their own tile to avoid exchange buffers, a smaller "
+                 "batch, or a target with more memory per tile")
     d = Diagnostics()
-    span = low.region_label[big[0]][1] if big.size else low.graph.spans[0] if low.graph.spans else None
-    from popdsl.diagnostics import Span
-    d.error(span or Span("<graph>", 0, 0, 0, 0),
-            f"out of memory: tile {worst} needs {int(total[worst]):,} B but has "
-            f"{target.tile_memory:,} B ({len(over)} tile{'s' if len(over) > 1 else ''} over capacity)",
-            *notes)
+    span = low.region_label[big[0]][1] if big.size else Span("<graph>", 0, 0, 0, 0)
+    d.error(span, f"out of memory: tile {worst} needs {int(total[worst]):,} B but has "
+            f"{target.tile_memory:,} B ({len(over)} tile{'s' if len(over) > 1 else ''} over capacity)", *notes)
     d.check()

@@ -1,53 +1,89 @@
-"""Memory report: where each tile's bytes go, by Poplar's categories."""
+"""Memory report: why the graph needs the memory it needs, and where it goes.
+
+Per category (Poplar's: always-live variables, not-always-live results, exchange
+buffers, vertex state, codelet code) and per tile: naive (no sharing), lower bound
+(peak of live bytes) and planned, fragmentation (planned − bound), the worst
+tiles, the largest tensors with their source lines, and the liveness timeline.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
-from popdsl.runtime.executable import Executable
+from popdsl.runtime.executable import CATEGORIES, Executable
 
-CATEGORIES = ("variables", "exchange_buffers", "vertex_state", "code")
+TIMELINE_WIDTH = 48
 
 
 @dataclass
 class MemoryReport:
     exe: Executable
 
-    def per_category(self) -> dict[str, np.ndarray]:
-        return {c: getattr(self.exe.memory, c) for c in CATEGORIES}
+    def largest_tensors(self, k: int = 8) -> list[dict]:
+        rows = []
+        for t in self.exe.tensors:
+            nbytes = int(np.prod(t.shape, dtype=np.int64)) * {"f32": 4, "f16": 2, "i32": 4, "bool": 1}[t.dtype]
+            rows.append({"name": t.name, "kind": t.kind, "dtype": t.dtype, "shape": list(t.shape),
+                         "bytes": nbytes, "source": str(t.span) if t.span.line else t.span.path})
+        rows.sort(key=lambda r: -r["bytes"])
+        return rows[:k]
 
     def to_json(self) -> dict:
         m = self.exe.memory
-        total = m.total
         t = self.exe.target
+        total = m.total
         worst = int(np.argmax(total)) if total.size else 0
         order = np.argsort(-total, kind="stable")[:5]
+        cats = {c: getattr(m, c) for c in CATEGORIES}
         return {
             "graph": self.exe.name,
             "target": {"name": t.name, "tiles": t.tiles, "tile_memory": t.tile_memory},
-            "totals": {"planned": int(total.sum())},
+            "totals": {"naive": int(m.naive.sum()), "lower_bound": int(m.bound_total.sum()),
+                       "planned": int(total.sum()),
+                       "fragmentation": int(total.sum() - m.bound_total.sum()),
+                       "data": {"naive": int((m.naive - m.fixed).sum()), "lower_bound": int(m.lower_bound.sum()),
+                                "planned": int(m.planned.sum())}},
             "categories": {c: {"total": int(a.sum()), "max": int(a.max()), "mean": float(a.mean())}
-                           for c, a in self.per_category().items()},
-            "max_tile": {"tile": worst, "planned": int(total[worst]),
-                         **{c: int(a[worst]) for c, a in self.per_category().items()}},
+                           for c, a in cats.items()},
+            "max_tile": {"tile": worst, "planned": int(total[worst]), "naive": int(m.naive[worst]),
+                         "lower_bound": int(m.bound_total[worst]), **{c: int(a[worst]) for c, a in cats.items()}},
             "worst_tiles": [{"tile": int(i), "planned": int(total[i])} for i in order],
+            "largest_tensors": self.largest_tensors(),
+            "timeline": [{"point": i, "action": lbl, "live_bytes": int(v)}
+                         for i, (lbl, v) in enumerate(zip(m.timeline_labels, m.timeline.tolist()))],
             "tile_bytes": total.tolist(),
         }
 
     def text(self) -> str:
         j = self.to_json()
-        t = j["target"]
-        total = self.exe.memory.total
-        lines = [f"memory of graph '{j['graph']}' on {t['name']} ({t['tiles']} tiles x {t['tile_memory']:,} B)",
-                 f"  planned, all tiles: {j['totals']['planned']:,} B; busiest tile {j['max_tile']['tile']}: "
-                 f"{j['max_tile']['planned']:,} B ({100 * j['max_tile']['planned'] / t['tile_memory']:.1f}% of its "
-                 f"memory); mean {total.mean():,.0f} B",
-                 f"  {'category':<18}{'total':>14}{'max tile':>12}{'mean':>12}"]
+        t, tot, mx = j["target"], j["totals"], j["max_tile"]
+        m = self.exe.memory
+        cap = t["tile_memory"]
+        out = [f"memory of graph '{j['graph']}' on {t['name']} ({t['tiles']} tiles x {cap:,} B)",
+               f"  {'':<22}{'naive':>15}{'lower bound':>15}{'planned':>15}",
+               f"  {'all tiles':<22}{tot['naive']:>15,}{tot['lower_bound']:>15,}{tot['planned']:>15,}",
+               f"  {'busiest tile ' + str(mx['tile']):<22}{mx['naive']:>15,}{mx['lower_bound']:>15,}{mx['planned']:>15,}"
+               f"   ({100 * mx['planned'] / cap:.1f}% of the tile)",
+               f"  sharing saves {tot['naive'] / max(tot['planned'], 1):.2f}x; fragmentation "
+               f"{tot['fragmentation']:,} B ({100 * tot['fragmentation'] / max(tot['lower_bound'], 1):.1f}% over the bound)",
+               "", f"  {'category (no sharing)':<26}{'total':>15}{'max tile':>12}{'mean':>12}"]
         for c, v in j["categories"].items():
-            lines.append(f"  {c.replace('_', ' '):<18}{v['total']:>14,}{v['max']:>12,}{v['mean']:>12,.0f}")
-        lines.append("  busiest tiles: " + ", ".join(f"{w['tile']} ({w['planned']:,} B)" for w in j["worst_tiles"]))
-        return "\n".join(lines)
+            out.append(f"  {c.replace('_', ' '):<26}{v['total']:>15,}{v['max']:>12,}{v['mean']:>12,.0f}")
+        out.append("  busiest tiles: " + ", ".join(f"{w['tile']} ({w['planned']:,} B)" for w in j["worst_tiles"]))
+        out += ["", "  largest tensors:"]
+        for r in j["largest_tensors"]:
+            out.append(f"    {r['bytes']:>12,} B  {r['kind']:<6} {r['name']} {r['dtype']}{r['shape']}  {r['source']}")
+        out += ["", "  live data over the program (all tiles):"]
+        tl = m.timeline
+        if tl.size:
+            peak = max(int(tl.max()), 1)
+            step = max(1, -(-tl.size // TIMELINE_WIDTH))
+            for i in range(0, tl.size, step):
+                v = int(tl[i:i + step].max())
+                bar = "#" * max(1, round(30 * v / peak)) if v else ""
+                out.append(f"    {i:>5} {v:>14,} B {bar:<30} {m.timeline_labels[i]}")
+        return "\n".join(out)
 
 
 def memory_report(exe: Executable) -> MemoryReport:

@@ -106,17 +106,45 @@ class Read:
     addrs: np.ndarray              # int64, shaped as the value
 
 
+CATEGORIES = ("always_live", "not_always_live", "exchange_buffers", "vertex_state", "code")
+
+
 @dataclass(eq=False)
 class MemoryPlan:
-    """Bytes per tile by category (int64 arrays of length tiles)."""
-    variables: np.ndarray
+    """Bytes per tile (int64 arrays of length tiles).
+
+    By category, with no sharing: always_live (variables, inputs, parameters),
+    not_always_live (results of the tensor program), exchange_buffers,
+    vertex_state, code.  Data as planned: `planned` (the top of the tile's plan),
+    `lower_bound` (the peak of live bytes).  `timeline`: live data bytes over all
+    tiles at each program point, named by `timeline_labels`."""
+    always_live: np.ndarray
+    not_always_live: np.ndarray
     exchange_buffers: np.ndarray
     vertex_state: np.ndarray
     code: np.ndarray
+    planned: np.ndarray
+    lower_bound: np.ndarray
+    timeline: np.ndarray
+    timeline_labels: list
+
+    @property
+    def fixed(self) -> np.ndarray:
+        return self.vertex_state + self.code
+
+    @property
+    def naive(self) -> np.ndarray:
+        """Every region its own bytes, plus vertex state and code."""
+        return self.always_live + self.not_always_live + self.exchange_buffers + self.fixed
 
     @property
     def total(self) -> np.ndarray:
-        return self.variables + self.exchange_buffers + self.vertex_state + self.code
+        """What the tile holds as planned."""
+        return self.planned + self.fixed
+
+    @property
+    def bound_total(self) -> np.ndarray:
+        return self.lower_bound + self.fixed
 
 
 @dataclass(eq=False)
