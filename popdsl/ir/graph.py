@@ -151,6 +151,9 @@ class TensorGraph:
     spans: list[Span] = field(default_factory=list)                  # vertex span table
     params: list[int] = field(default_factory=list)                  # trainable tensors (tensor programs)
     ops: list[dict] = field(default_factory=list)                    # per tensor op: its compute sets (partition)
+    # (output tensor, input tensor, compute set): an element-wise op whose output may
+    # take its input's memory where the input dies there (same layout, element by element)
+    inplace: list[tuple[int, int, str]] = field(default_factory=list)
 
     def span_id(self, span: Span) -> int:
         self.spans.append(span)

@@ -47,26 +47,25 @@ def best_fit(sizes: np.ndarray, aligns: np.ndarray, starts: np.ndarray, ends: np
     placed = np.zeros(n, bool)
     top = 0
     for i in order.tolist():
-        conflict = placed & (starts <= ends[i]) & (ends >= starts[i])
         size, a = int(sizes[i]), int(aligns[i])
-        best, best_gap = None, None
-        cur = 0
-        if conflict.any():
-            idx = np.nonzero(conflict)[0]
+        idx = np.nonzero(placed & (starts <= ends[i]) & (ends >= starts[i]))[0]
+        at = 0
+        if idx.size:
             lo = off[idx]
-            hi = lo + sizes[idx]
             srt = np.argsort(lo, kind="stable")
-            for o, e in zip(lo[srt].tolist(), hi[srt].tolist()):
-                at = _round(cur, a)
-                gap = o - at
-                if gap >= size and (best_gap is None or gap < best_gap):
-                    best, best_gap = at, gap
-                cur = max(cur, e)
-        if best is None:
-            best = _round(cur, a)
-        off[i] = best
+            lo = lo[srt]
+            hi = np.maximum.accumulate(lo + sizes[idx][srt])
+            # Gap k lies between the end of everything below conflict k and its start.
+            begin = -(-np.concatenate(([0], hi[:-1])) // a) * a
+            gap = lo - begin
+            fits = np.nonzero(gap >= size)[0]
+            if fits.size:
+                at = int(begin[fits[np.argmin(gap[fits])]])
+            else:
+                at = -(-int(hi[-1]) // a) * a
+        off[i] = at
         placed[i] = True
-        top = max(top, best + size)
+        top = max(top, at + size)
     return off, top
 
 
@@ -104,24 +103,28 @@ def plan(low: Lowered, code_sizes: dict[str, int], unchecked: bool = False, reus
     rs = np.asarray(low.region_size, np.int64)
     al = _align(rs)
     n = len(rt)
-    # Regions of one tile with one lifetime form one allocation, packed in order.
-    key = np.lexsort((np.arange(n), live.end, live.start, rt))
+    alias = _in_place(low, live) if reuse else {}
+    plan_rs = rs.copy()
+    plan_rs[list(alias)] = 0              # planned through the region they take over
+    # Regions of one tile with one lifetime form one allocation: sizes rounded to
+    # their alignment and the 64-aligned ones first, so running sums stay aligned.
+    rs, full_rs = plan_rs, rs
+    rounded = -(-rs // al) * al
+    key = np.lexsort((np.arange(n), -al, live.end, live.start, rt))
     ks = rt[key], live.start[key], live.end[key]
     new = np.ones(n, bool)
     if n:
         new[1:] = (ks[0][1:] != ks[0][:-1]) | (ks[1][1:] != ks[1][:-1]) | (ks[2][1:] != ks[2][:-1])
     alloc_of_sorted = np.cumsum(new) - 1
-    inner = np.zeros(n, np.int64)
     nalloc = int(alloc_of_sorted[-1]) + 1 if n else 0
-    alloc_size = np.zeros(nalloc, np.int64)
-    alloc_align = np.full(nalloc, 8, np.int64)
-    for j, r in enumerate(key.tolist()):
-        a = alloc_of_sorted[j]
-        pos = _round(int(alloc_size[a]), int(al[r]))
-        inner[r] = pos
-        alloc_size[a] = pos + rs[r]
-        alloc_align[a] = max(alloc_align[a], al[r])
-    alloc_size = -(-alloc_size // 8) * 8
+    csum = np.cumsum(rounded[key])
+    group_first = np.nonzero(new)[0]
+    before = np.concatenate(([0], csum))[group_first]          # bytes of earlier groups
+    inner = np.empty(n, np.int64)
+    inner[key] = csum - rounded[key] - before[alloc_of_sorted]
+    alloc_size = np.bincount(alloc_of_sorted, weights=rounded[key], minlength=nalloc).astype(np.int64)
+    alloc_align = np.zeros(nalloc, np.int64)
+    np.maximum.at(alloc_align, alloc_of_sorted, al[key])
     first = key[new]
     alloc_tile, alloc_start, alloc_end = rt[first], live.start[first], live.end[first]
     alloc_base = np.zeros(nalloc, np.int64)
@@ -143,14 +146,54 @@ def plan(low: Lowered, code_sizes: dict[str, int], unchecked: bool = False, reus
     region_alloc = np.empty(n, np.int64)
     region_alloc[key] = alloc_of_sorted
     base = alloc_base[region_alloc] + inner if n else np.zeros(0, np.int64)
+    for out_r, in_r in alias.items():
+        base[out_r] = base[in_r]
     # Categories count regions as allocated (rounded to their alignment), so that
     # naive >= lower bound <= planned compare like with like.
-    mem = _categories(low, live, -(-rs // al) * al, rt, planned, bound, code_sizes, ntiles)
+    mem = _categories(low, live, -(-full_rs // al) * al, -(-rs // al) * al, rt, planned, bound, code_sizes,
+                      ntiles)
     _check_capacity(low, mem, target)
     return _finish(low, base, mem, unchecked)
 
 
-def _categories(low, live: Liveness, rs, rt, planned, bound, code_sizes, ntiles) -> X.MemoryPlan:
+def _in_place(low: Lowered, live: Liveness) -> dict[int, int]:
+    """Output regions that take over an input region's bytes: the input dies at
+    the element-wise op that makes the output, on the same tile, with the same
+    size (REFERENCE's rules: a safe pair, no later reader, equal size and type,
+    not a variable, input or output).  The input's interval is stretched over the
+    output's and the output region is left out of planning (size 0, same base)."""
+    graph = low.graph
+    cs_time = {}
+    for t, label in enumerate(live.labels):
+        if label.startswith("execute "):
+            cs_time.setdefault(label[8:], []).append(t)
+    regions_of: dict[int, dict[int, int]] = {}
+    tensor = np.asarray(low.region_tensor, np.int64)
+    tiles = np.asarray(low.region_tile, np.int64)
+    for r in np.nonzero(tensor >= 0)[0].tolist():
+        regions_of.setdefault(int(tensor[r]), {})[int(tiles[r])] = r
+    outputs = {low.reads[i][2] for i in low.outputs.values()}
+    alias: dict[int, int] = {}
+    taken: set[int] = set()
+    for out_t, in_t, cs in graph.inplace:
+        times = cs_time.get(cs, [])
+        if len(times) != 1 or graph.tensors[in_t].kind != "temp" or in_t in outputs:
+            continue
+        t = times[0]
+        for tile, r_in in regions_of.get(in_t, {}).items():
+            r_out = regions_of.get(out_t, {}).get(tile)
+            if r_out is None or r_in in taken or r_out in alias or low.region_size[r_out] != low.region_size[r_in]:
+                continue
+            if live.end[r_in] != t or live.start[r_out] != t:
+                continue
+            taken.add(r_in)
+            root = alias.get(r_in, r_in)          # chains share the first region's bytes
+            alias[r_out] = root
+            live.end[root] = max(live.end[root], live.end[r_out])
+    return alias
+
+
+def _categories(low, live: Liveness, rs, plan_rs, rt, planned, bound, code_sizes, ntiles) -> X.MemoryPlan:
     tensor = np.asarray(low.region_tensor, np.int64)
     is_buf = tensor < 0
 
@@ -168,8 +211,8 @@ def _categories(low, live: Liveness, rs, rt, planned, bound, code_sizes, ntiles)
         code += on * int(code_sizes.get(cname, 0))
     # Live bytes at each program point, over all tiles.
     timeline = np.zeros(live.points + 1, np.int64)
-    np.add.at(timeline, live.start, rs)
-    np.add.at(timeline, live.end + 1, -rs)
+    np.add.at(timeline, live.start, plan_rs)
+    np.add.at(timeline, live.end + 1, -plan_rs)
     return X.MemoryPlan(always_live=per_tile(live.always), not_always_live=per_tile(~live.always & ~is_buf),
                         exchange_buffers=per_tile(is_buf), vertex_state=vertex_state, code=code,
                         planned=planned, lower_bound=bound, timeline=np.cumsum(timeline)[:-1],

@@ -272,6 +272,13 @@ class Partitioner:
             self.ensure_mapped(g.View(v.tensor, b, v.span), tile_of if v.shape == n.shape else None)
             flat_leaves.append((v.tensor, b))
         cs = self.new_cs(name)
+        for v, leaf in zip(views, leaves):
+            t = self.g.tensors[v.tensor]
+            # Same layout element by element: the output may overwrite this operand
+            # where it dies (the planner decides).
+            if v.shape == n.shape and t.shape == n.shape and cir.ELEM_BYTES[t.dtype] == cir.ELEM_BYTES[n.dtype] \
+                    and np.array_equal(v.index.ravel(), np.arange(t.numel)):
+                self.g.inplace.append((out.tensor, v.tensor, cs.name))
         for size, pos, tiles in self.chunks(tile_of):
             conns = {f"a{k}": (t, b[pos]) for k, (t, b) in enumerate(flat_leaves)}
             conns["y"] = (out.tensor, pos)
