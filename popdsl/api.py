@@ -50,7 +50,7 @@ class Executable:
 
 def compile(path_or_source: str | os.PathLike, target: str = "gc200", tiles: int | None = None,
             tile_memory: int | None = None, graph: str | None = None,
-            unchecked: bool = False) -> Executable:
+            unchecked: bool = False, reuse: bool = True) -> Executable:
     """Compile a `.pop` file (a path) or source text.  Raises CompileError."""
     if isinstance(path_or_source, os.PathLike) or (
             isinstance(path_or_source, str) and path_or_source.endswith(".pop")
@@ -59,7 +59,8 @@ def compile(path_or_source: str | os.PathLike, target: str = "gc200", tiles: int
         text = Path(path).read_text()
     else:
         path, text = "<string>", str(path_or_source)
-    exe, native = compile_source(text, path, get_target(target, tiles, tile_memory), graph, unchecked)
+    exe, native = compile_source(text, path, get_target(target, tiles, tile_memory), graph, unchecked,
+                                 reuse=reuse)
     return Executable(exe, native)
 
 

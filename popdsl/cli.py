@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--tile-memory", type=_positive, metavar="BYTES", help="bytes of memory per tile")
         sp.add_argument("--graph", help="the graph to compile, when a file has several")
         sp.add_argument("--unchecked", action="store_true", help="drop the remaining bounds checks")
+        sp.add_argument("--no-reuse", action="store_true",
+                        help="give every tensor and buffer its own memory (no liveness sharing, no in-place)")
 
     b = sub.add_parser("build", help="compile FILE.pop to FILE.popx")
     common(b)
@@ -155,7 +157,7 @@ def _compile(args, stop_after=None):
     if args.file.endswith(".popx"):
         raise UserError(f"'{args.file}' is already compiled; '{args.command}' needs a .pop file")
     return compile_source(_read_source(args.file), args.file, _target(args), args.graph,
-                          args.unchecked, stop_after)
+                          args.unchecked, stop_after, reuse=not args.no_reuse)
 
 
 def _executable(args):

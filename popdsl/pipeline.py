@@ -10,6 +10,8 @@ cached by content).  `stop_after` returns an intermediate result, which
 """
 from __future__ import annotations
 
+import os
+
 from popdsl.codegen.jit import NativeCodelets
 from popdsl.passes.elaborate import elaborate
 from popdsl.passes.lower import lower
@@ -22,7 +24,7 @@ STAGES = ("parse", "check", "elaborate", "partition", "lower", "codegen", "plan"
 
 
 def compile_source(text: str, path: str, target: Target, graph: str | None = None,
-                   unchecked: bool = False, stop_after: str | None = None):
+                   unchecked: bool = False, stop_after: str | None = None, reuse: bool = True):
     """Returns (Executable, NativeCodelets), or the IR after `stop_after`."""
     modules = load_program(text, path)
     if stop_after == "parse":
@@ -43,7 +45,8 @@ def compile_source(text: str, path: str, target: Target, graph: str | None = Non
     native = NativeCodelets(list(tgraph.codelets.values()), unchecked)
     if stop_after == "codegen":
         return native
-    exe = plan(low, {name: native.object_code_size(name) for name in tgraph.codelets}, unchecked)
+    exe = plan(low, {name: native.object_code_size(name) for name in tgraph.codelets}, unchecked, reuse,
+               verify=bool(os.environ.get("POPDSL_VERIFY_PLAN")))
     return exe, native
 
 

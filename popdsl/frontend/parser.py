@@ -3,6 +3,7 @@ dataclasses with spans) and syntax errors with names rather than token lists."""
 from __future__ import annotations
 
 import functools
+import re
 
 import lark
 from lark import Token, Transformer, v_args
@@ -106,7 +107,14 @@ def _syntax_error(path: str, text: str, e: lark.exceptions.UnexpectedInput) -> D
         expected = sorted(set(e.expected or ()))
         value = str(tok)
         width = max(len(value), 1)
-        if tok.start_pos is not None and text.startswith("/*", tok.start_pos):
+        stray_else = re.search(r"(?<![\w.])else\s*$", text[:tok.start_pos or 0])
+        if stray_else and tok.type == "LBRACE":
+            # Where no 'if' precedes it, 'else' lexes as a name.
+            pos = stray_else.start()
+            line = text.count("\n", 0, pos) + 1
+            col = pos - (text.rfind("\n", 0, pos) + 1) + 1
+            msg, width, expected = "'else' without an 'if' before it", 4, []
+        elif tok.start_pos is not None and text.startswith("/*", tok.start_pos):
             msg = "unterminated comment: '/*' without a closing '*/'"
             width, expected = 2, []
         elif value == "=" and "CMP_OP" in expected and "EQ" not in expected \

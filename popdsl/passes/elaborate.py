@@ -74,6 +74,7 @@ class _Elaborator(TensorMixin):
         self.have_program = False
         self.unrolled = 0
         self.has_step = False
+        self.let_bound: set[tuple[int, str]] = set()
         self.pre_args = None
         self.init_tensor()
         self.bad_map: set[int] = set()  # tensors a failed 'map' was meant for
@@ -144,7 +145,11 @@ class _Elaborator(TensorMixin):
                 self.poison(s.name)
                 raise
             self.bind(s.name, value, s.span)
+            self.let_bound.add((id(self.scopes[-1]), s.name))
             return None
+        if isinstance(s, ast.AssignStmt) and s.op == "=" and isinstance(s.target, ast.Name) \
+                and self.context != "compute":
+            return self.rebind(s)
         if isinstance(s, ast.VarStmt) and self.context == "def":
             self.declare_param(s, "var")
             return None
@@ -301,6 +306,23 @@ class _Elaborator(TensorMixin):
     def poison(self, name: str) -> None:
         self.scopes[-1].setdefault(name, _Poisoned())
 
+    def rebind(self, s: ast.AssignStmt) -> None:
+        """`h = EXPR;` gives a `let` name a new compile-time value (a loop that
+        chains layers); tensors declared with var/input/param are not names to
+        rebind."""
+        name = s.target.id
+        for scope in reversed(self.scopes):
+            if name in scope:
+                if (id(scope), name) not in self.let_bound:
+                    self.d.error(s.target.span, f"cannot assign to '{name}': only names bound with "
+                                 "'let' can be given a new value", "to change a tensor's contents, "
+                                 "use 'copy' in the program")
+                    raise _Bad
+                scope[name] = self.expr(s.value)
+                return None
+        self.d.error(s.target.span, f"unknown name '{name}'", "bind it first with 'let'")
+        raise _Bad
+
     def bind(self, name: str, value, span: Span) -> None:
         if name in self.scopes[-1]:
             self.d.error(span, f"'{name}' is already defined in this scope")
@@ -327,6 +349,13 @@ class _Elaborator(TensorMixin):
         if math.prod(dims) > (1 << 31):
             self.d.error(t.span, "tensor too large")
             raise _Bad
+        # Nothing bigger than the whole target can ever be placed (and elaboration
+        # would build index arrays of its size on the host first).
+        nbytes, total = math.prod(dims) * cir.ELEM_BYTES[t.name], self.target.tiles * self.target.tile_memory
+        if nbytes > total:
+            self.d.error(t.span, f"tensor too large: {nbytes:,} B is more than the memory of the "
+                         f"whole target ({self.target.tiles} tiles of {self.target.tile_memory:,} B)")
+            raise _Bad
         return t.name, tuple(dims)
 
     def declare_tensor(self, s) -> None:
@@ -349,18 +378,13 @@ class _Elaborator(TensorMixin):
             gr.inputs[s.name] = t.id
 
     def initial_value(self, e, dtype: str, shape, name: str) -> np.ndarray:
-        npdt = np.dtype(cir.NUMPY_DTYPE[dtype])
         if isinstance(e, ast.Call) and isinstance(e.fn, ast.Name) and e.fn.id in _INITS:
-            return self.init_call(e, npdt, shape)
+            return self.init_call(e, dtype, shape)
         v = self.expr(e)
         if isinstance(v, (int, float, bool)):
-            return np.full(shape, v, dtype=npdt)
+            return np.full(shape, self.converted(v, dtype, e, name, literal=True))
         if isinstance(v, list):
-            try:
-                arr = np.array(v, dtype=npdt)
-            except (ValueError, TypeError, OverflowError):
-                self.d.error(e.span, "initializer must be a rectangular list of numbers")
-                raise _Bad
+            arr = self.converted(v, dtype, e, name, literal=True)
             if arr.shape != tuple(shape):
                 self.d.error(e.span, f"initializer has shape {list(arr.shape)}, "
                              f"'{name}' has shape {list(shape)}")
@@ -370,7 +394,41 @@ class _Elaborator(TensorMixin):
                      "initializer such as zeros(), uniform(seed = 1)")
         raise _Bad
 
-    def init_call(self, e: ast.Call, npdt, shape) -> np.ndarray:
+    def converted(self, values, dtype: str, e, name: str, literal: bool) -> np.ndarray:
+        """`values` (a number, nested lists of numbers, or an array) as an array of
+        `dtype`, or an error when one does not fit: no silent wrap-around,
+        truncation or overflow to infinity."""
+        try:
+            a = np.asarray(values)
+        except (ValueError, TypeError, OverflowError):         # ragged lists
+            a = None
+        if a is None or a.dtype.kind not in "biuf":
+            items = a.ravel().tolist() if a is not None else [None]
+            if all(isinstance(x, (int, float)) for x in items):  # integers beyond 64 bits
+                self.d.error(e.span, f"initial value {max(items, key=abs)} does not fit in {dtype}")
+            else:
+                self.d.error(e.span, "initializer must be a rectangular list of numbers")
+            raise _Bad
+        kind = a.dtype.kind
+        if dtype == "i32" and literal and kind == "f":
+            self.d.error(e.span, f"'{name}' is i32; its initial values must be integers")
+            raise _Bad
+        with np.errstate(all="ignore"):
+            if dtype == "bool":
+                if literal and kind != "b" or not ((a == 0) | (a == 1)).all():
+                    self.d.error(e.span, f"'{name}' is bool; its initial values must be true or false")
+                    raise _Bad
+                out = np.zeros(a.shape, bool)
+            elif dtype == "i32":
+                out = ~np.isfinite(a) | (a < -2**31) | (a >= 2**31)
+            else:
+                out = np.isfinite(a) & ~np.isfinite(a.astype(cir.NUMPY_DTYPE[dtype]))
+        if out.any():
+            self.d.error(e.span, f"initial value {a[out].ravel()[0].item()} does not fit in {dtype}")
+            raise _Bad
+        return a.astype(cir.NUMPY_DTYPE[dtype])
+
+    def init_call(self, e: ast.Call, dtype: str, shape) -> np.ndarray:
         fn = e.fn.id
         allowed = {"zeros": (), "ones": (), "full": ("value",), "uniform": ("low", "high", "seed"),
                    "normal": ("mean", "std", "seed"), "arange": ("start", "step")}[fn]
@@ -384,8 +442,23 @@ class _Elaborator(TensorMixin):
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 self.d.error(a.span, f"{fn}(): '{name}' must be a number")
                 raise _Bad
+            if name == "seed" and (not isinstance(v, int) or v < 0):
+                self.d.error(a.span, f"{fn}(): the seed must be a non-negative integer")
+                raise _Bad
+            if name == "std" and v < 0:
+                self.d.error(a.span, f"{fn}(): 'std' must not be negative")
+                raise _Bad
             kw[name] = v
         rng = np.random.default_rng(int(kw.get("seed", 0)))
+        try:
+            with np.errstate(all="ignore"):
+                out = self.init_values(fn, e, kw, rng, shape)
+        except (ValueError, OverflowError) as ex:
+            self.d.error(e.span, f"{fn}(): {ex}")
+            raise _Bad
+        return self.converted(out, dtype, e, f"{fn}()", literal=False)
+
+    def init_values(self, fn: str, e, kw, rng, shape) -> np.ndarray:
         if fn == "zeros":
             out = np.zeros(shape)
         elif fn == "ones":
@@ -401,8 +474,8 @@ class _Elaborator(TensorMixin):
             out = rng.normal(kw.get("mean", 0.0), kw.get("std", 1.0), size=shape)
         else:
             n = int(np.prod(shape, dtype=np.int64))
-            out = (kw.get("start", 0) + kw.get("step", 1) * np.arange(n)).reshape(shape)
-        return out.astype(npdt)
+            out = (kw.get("start", 0) + kw.get("step", 1) * np.arange(n, dtype=np.float64)).reshape(shape)
+        return out
 
     def map_stmt(self, s: ast.MapStmt) -> None:
         v = self.tensor_value(s.target, "map")
@@ -432,6 +505,7 @@ class _Elaborator(TensorMixin):
         # Tensors of the tensor program are mapped by the partitioner.
         unmapped = {t.id for t in self.graph.tensors
                     if t.id not in self.bad_map and t.id not in self.op_tensors and t.kind != "param"
+                    and not (t.kind == "input" and self.nodes.nodes)
                     and (tile_of[t.id] < 0).any()}
         if not unmapped:
             return
@@ -539,12 +613,14 @@ class _Elaborator(TensorMixin):
 
     def connect(self, cname: str, f: cir.Field, v, a: ast.Kwarg, syms) -> g.View:
         if not isinstance(v, g.View):
+            what = "tensor expression (connect a tensor declared with 'var' or 'input')" \
+                if isinstance(v, Node) else _kind(v)
             self.d.error(a.value.span, f"field '{f.name}' of {cname} is an '{f.direction}' edge; "
-                         f"connect a tensor, not a {_kind(v)}")
+                         f"connect a tensor, not a {what}")
             raise _Bad
         t = self.graph.tensors[v.tensor]
         if t.dtype != f.dtype:
-            self.d.error(a.value.span, f"field '{f.name}' of {cname} is {f.dtype}[{', '.join(map(str, f.dims))}] "
+            self.d.error(a.value.span, f"field '{f.name}' of {cname} is {_type_text(f.dtype, f.dims)} "
                          f"but '{t.name}' is {t.dtype}")
             raise _Bad
         shape = v.shape
@@ -593,6 +669,10 @@ class _Elaborator(TensorMixin):
 
     def tensor_value(self, e, what: str) -> g.View:
         v = self.expr(e)
+        if isinstance(v, Node):
+            self.d.error(e.span, f"{what} needs a tensor declared with 'var' or 'input', not a "
+                         "tensor expression")
+            raise _Bad
         if not isinstance(v, g.View):
             self.d.error(e.span, f"{what} needs a tensor, found {_kind(v)}")
             raise _Bad
@@ -761,6 +841,10 @@ class _Elaborator(TensorMixin):
         else:
             self.d.error(e.fn.span, f"unknown function '{fn}'", f"graph-level functions are {known}")
         raise _Bad
+
+
+def _type_text(dtype: str, dims) -> str:
+    return f"{dtype}[{', '.join(map(str, dims))}]" if dims else dtype
 
 
 def _source_text(span: Span) -> str:

@@ -288,6 +288,7 @@ class TensorMixin:
         self.context = "def"
         self.path.append(f"{d.name}_{self.call_counts[key]}")
         result = None
+        errors = len(self.d.items)
         try:
             self.block(d.body)
         except _Return as r:
@@ -297,7 +298,8 @@ class TensorMixin:
             self.scopes, self.context = saved
         if d.ret is not None:
             if result is None:
-                self.d.error(d.span, f"def '{d.name}' declares a result but returns nothing")
+                if len(self.d.items) == errors:     # else its 'return' failed, reported
+                    self.d.error(d.span, f"def '{d.name}' declares a result but returns nothing")
                 raise self.Bad
             self.check_ret(d, result, syms, e.span)
         return result
@@ -386,6 +388,13 @@ class TensorMixin:
 
     def declare_param(self, s, kind: str) -> None:
         """A `param` (trainable) or a `var` inside a def: one tensor per call."""
+        try:
+            self._declare_param(s, kind)
+        except self.Bad:
+            self.poison(s.name)       # reported; later uses of the name stay quiet
+            raise
+
+    def _declare_param(self, s, kind: str) -> None:
         if s.type is None:
             self.d.error(s.span, f"'{s.name}' needs a type")
             raise self.Bad

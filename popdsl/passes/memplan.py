@@ -94,7 +94,8 @@ def _plan_tile(sizes, aligns, starts, ends, reuse: bool) -> tuple[np.ndarray, in
     return a if a[1] <= b[1] else b
 
 
-def plan(low: Lowered, code_sizes: dict[str, int], unchecked: bool = False, reuse: bool = True) -> X.Executable:
+def plan(low: Lowered, code_sizes: dict[str, int], unchecked: bool = False, reuse: bool = True,
+         verify: bool = False) -> X.Executable:
     graph = low.graph
     target: Target = graph.target
     ntiles = target.tiles
@@ -148,12 +149,37 @@ def plan(low: Lowered, code_sizes: dict[str, int], unchecked: bool = False, reus
     base = alloc_base[region_alloc] + inner if n else np.zeros(0, np.int64)
     for out_r, in_r in alias.items():
         base[out_r] = base[in_r]
+    if verify:
+        verify_plan(rt, base, rs, live)
     # Categories count regions as allocated (rounded to their alignment), so that
     # naive >= lower bound <= planned compare like with like.
     mem = _categories(low, live, -(-full_rs // al) * al, -(-rs // al) * al, rt, planned, bound, code_sizes,
                       ntiles)
     _check_capacity(low, mem, target)
     return _finish(low, base, mem, unchecked)
+
+
+def verify_plan(tiles: np.ndarray, base: np.ndarray, sizes: np.ndarray, live: Liveness) -> None:
+    """No two regions live at the same time share a byte of one tile.  A region
+    that took over another's bytes in place has size 0 here (its owner's interval
+    covers it).  A failure is a compiler bug."""
+    order = np.lexsort((base, tiles))
+    t, lo, hi = tiles[order], base[order], base[order] + sizes[order]
+    s, e = live.start[order], live.end[order]
+    bounds = np.searchsorted(t, np.unique(t))
+    bounds = np.append(bounds, len(t))
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        L, H, S, E = lo[a:b], hi[a:b], s[a:b], e[a:b]
+        nz = H > L
+        L, H, S, E = L[nz], H[nz], S[nz], E[nz]
+        space = (L[:, None] < H[None, :]) & (L[None, :] < H[:, None])
+        time = (S[:, None] <= E[None, :]) & (S[None, :] <= E[:, None])
+        clash = space & time
+        np.fill_diagonal(clash, False)
+        if clash.any():
+            i, j = np.argwhere(clash)[0]
+            raise AssertionError(f"memory plan overlap on tile {int(t[a])}: bytes [{L[i]}, {H[i]}) live "
+                                 f"{S[i]}..{E[i]} and [{L[j]}, {H[j]}) live {S[j]}..{E[j]}")
 
 
 def _in_place(low: Lowered, live: Liveness) -> dict[int, int]:

@@ -61,15 +61,13 @@ class Partitioner:
         self.g.outputs = outs
         step = g.Seq(tuple(self.seq))
         self.g.program = self.replace_steps(self.g.program, step)
+        # Whatever elaboration let through unmapped (parameters and inputs of the
+        # tensor program that no op placed) spreads evenly.
         for t in self.g.tensors:
             tile_of = self.g.tile_of[t.id]
-            if (tile_of < 0).all() and (t.kind == "param" or t.id in self.touched):
+            if (tile_of < 0).all():
                 tile_of[:] = self.linear(t.numel)
         return self.g
-
-    @functools.cached_property
-    def touched(self) -> set[int]:
-        return {n.attrs[0] for n in (self.g.nodes.nodes if self.g.nodes else ()) if n.op in ("tensor", "view")}
 
     def replace_steps(self, p, step):
         body = []

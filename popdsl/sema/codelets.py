@@ -37,8 +37,10 @@ class _Var:
 
 
 class _Checker:
-    def __init__(self, node: ast.Codelet, scalars: dict[str, ir.Codelet], diags: Diagnostics):
+    def __init__(self, node: ast.Codelet, scalars: dict[str, ir.Codelet], diags: Diagnostics,
+                 recursive=frozenset()):
         self.node, self.scalars, self.d = node, scalars, diags
+        self.recursive = recursive      # codelets whose recursive calls are already reported
         self.fields: dict[str, ir.Field] = {}
         self.symbols: list[str] = []
         self.scopes: list[dict[str, _Var]] = []
@@ -424,7 +426,8 @@ class _Checker:
             xs = tuple(self.coerce(self.expr(a, ir.compute_type(f.dtype)), f.dtype, a)
                        for a, f in zip(args, sc.fields))
             return ir.CallScalar(name, xs, ir.compute_type(sc.ret))
-        self.d.error(e.fn.span, f"unknown function '{name}'")
+        if name not in self.recursive:
+            self.d.error(e.fn.span, f"unknown function '{name}'")
         raise _Bad
 
     def load(self, f: ir.Field, index, span: Span) -> ir.Load:
@@ -463,21 +466,26 @@ def const_int(e) -> int | None:
 
 
 def _always_returns(stmts) -> bool:
+    """Whether the statements (AST, so that a 'return' whose expression had an
+    error still counts) end in a 'return' on every path."""
     if not stmts:
         return False
     last = stmts[-1]
-    if isinstance(last, ir.Return):
+    if isinstance(last, ast.ReturnStmt):
         return True
-    if isinstance(last, ir.If):
-        return _always_returns(last.then) and _always_returns(last.orelse)
+    if isinstance(last, ast.IfStmt):
+        orelse = last.orelse
+        rest = () if orelse is None else (orelse,) if isinstance(orelse, ast.IfStmt) else orelse.stmts
+        return _always_returns(last.then.stmts) and _always_returns(rest)
     return False
 
 
-def lower_codelet(node: ast.Codelet, scalars: dict[str, ir.Codelet], diags: Diagnostics) -> ir.Codelet:
-    c = _Checker(node, scalars, diags)
+def lower_codelet(node: ast.Codelet, scalars: dict[str, ir.Codelet], diags: Diagnostics,
+                  recursive=frozenset()) -> ir.Codelet:
+    c = _Checker(node, scalars, diags, recursive)
     fields = c.signature()
     c.scopes.append({})
     body = c.block(node.body)
-    if node.ret is not None and not _always_returns(body):
+    if node.ret is not None and not _always_returns(node.body.stmts):
         diags.error(node.span, f"scalar codelet '{node.name}' must end with 'return'")
     return ir.Codelet(node.name, fields, tuple(c.symbols), c.ret, body)

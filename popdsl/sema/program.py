@@ -7,7 +7,7 @@ compile-time program.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from popdsl import resources
@@ -58,7 +58,7 @@ def load_program(text: str, path: str = "<string>") -> list[ast.Module]:
                     continue
                 seen.add(key)
                 try:
-                    sub = target.read_text()
+                    sub = target.read_text(encoding="utf-8-sig")
                 except (OSError, UnicodeDecodeError) as e:
                     diags.error(item.span, f"cannot read module '{item.path}': {e}")
                     continue
@@ -82,17 +82,17 @@ def check_program(modules: list[ast.Module]) -> Program:
     items = [it for m in modules for it in m.items if not isinstance(it, ast.ImportDecl)]
     for it in items:
         prev = first.get(it.name)
-        if prev is not None:
+        # A definition in an importing file replaces an imported one of that name.
+        if prev is not None and prev.path == it.span.path:
             diags.error(it.span, f"'{it.name}' is defined twice", f"first defined at {prev}")
             continue
         first[it.name] = it.span
-    ordered = sorted((it for it in items if isinstance(it, ast.Codelet)),
-                     key=lambda c: c.ret is None)
+    codelets = [it for it in items if isinstance(it, ast.Codelet) and first.get(it.name) is it.span]
+    ordered, recursive = _scalars_callees_first(codelets, diags)
+    ordered += [c for c in codelets if c.ret is None]
     scalars: dict[str, ir.Codelet] = {}
     for c in ordered:
-        if first.get(c.name) is not c.span:
-            continue
-        lowered = lower_codelet(c, scalars, diags)
+        lowered = lower_codelet(c, scalars, diags, recursive)
         prog.codelets[c.name] = lowered
         prog.codelet_spans[c.name] = c.span
         if lowered.ret is not None:
@@ -104,8 +104,53 @@ def check_program(modules: list[ast.Module]) -> Program:
             prog.graphs[it.name] = it
         elif isinstance(it, ast.DefDecl):
             prog.defs[it.name] = it
+    diags.items.sort(key=lambda d: (d.span.path, d.span.line, d.span.col))
     diags.check()
     return prog
+
+
+def _calls(node, out: list) -> list:
+    """(name, span) of every call of a named function in an AST subtree, in order."""
+    if isinstance(node, ast.Call) and isinstance(node.fn, ast.Name):
+        out.append((node.fn.id, node.fn.span))
+    if isinstance(node, tuple):
+        for x in node:
+            _calls(x, out)
+    elif is_dataclass(node):
+        for f in fields(node):
+            _calls(getattr(node, f.name), out)
+    return out
+
+
+def _scalars_callees_first(codelets: list[ast.Codelet], diags: Diagnostics):
+    """The scalar codelets ordered so that each comes after the scalar codelets it
+    calls (definition order does not matter), and the names whose calls close a
+    cycle — reported here, as codelets cannot recurse."""
+    scalar = {c.name: c for c in codelets if c.ret is not None}
+    calls = {n: [(m, sp) for m, sp in _calls(c.body, []) if m in scalar] for n, c in scalar.items()}
+    order: list[ast.Codelet] = []
+    recursive: set[str] = set()
+    state: dict[str, int] = {}               # 1 on the path, 2 done
+    for root in scalar:
+        if root in state:
+            continue
+        state[root] = 1
+        stack = [(root, iter(calls[root]))]
+        while stack:
+            name, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                state[name] = 2
+                order.append(scalar[name])
+                stack.pop()
+            elif state.get(nxt[0]) == 1:
+                how = "itself" if nxt[0] == name else f"'{nxt[0]}', which calls it back"
+                diags.error(nxt[1], f"codelet '{name}' calls {how}: codelets cannot be recursive")
+                recursive.add(nxt[0])
+            elif nxt[0] not in state:
+                state[nxt[0]] = 1
+                stack.append((nxt[0], iter(calls[nxt[0]])))
+    return order, recursive
 
 
 def compile_codelets(source: str, path: str = "<string>") -> list[ir.Codelet]:
