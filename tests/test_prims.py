@@ -222,3 +222,26 @@ def test_scalar_codelet_is_an_elementwise_function():
     xd = x.astype(np.float64)
     ref = 0.5 * xd * (1 + np.tanh(0.7978845608 * (xd + 0.044715 * xd ** 3))) + 1
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
+
+
+def conv_ref_fast(x, w, s, p):
+    from numpy.lib.stride_tricks import sliding_window_view
+    x = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (p, p), (p, p)))
+    win = sliding_window_view(x, w.shape[2:], axis=(2, 3))[:, :, ::s, ::s]     # n c oh ow kh kw
+    return np.einsum("ncijab,ocab->noij", win, w.astype(np.float64))
+
+
+@pytest.mark.parametrize("tiles", [16, 1472])
+def test_large_conv_splits_input_channels_and_rows(tiles):
+    """A convolution whose input does not fit one vertex: the plan splits input
+    channels (partial sums added on the tiles) and output rows."""
+    from popdsl.passes import partition_ops
+    x, w = rnd((1, 64, 20, 20), 16), rnd((32, 64, 3, 3), 17)
+    src = f"graph g(tiles = {tiles}) {{ input x: f32[1, 64, 20, 20]; input w: f32[32, 64, 3, 3];" \
+          " output y = conv2d(x, w, stride = 1, padding = 1); }"
+    exe = popdsl.compile(src)
+    assert any(t.name.endswith("conv2d.partial") for t in exe.ir.tensors), "expected an input-channel split"
+    assert 64 * 22 * 22 * 4 > partition_ops.SLAB_BYTES
+    with popdsl.Simulator(exe) as sim:
+        y = sim.run({"x": x, "w": w})["y"]
+    np.testing.assert_allclose(y, conv_ref_fast(x, w, 1, 1), rtol=1e-4, atol=1e-4)
