@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from popdsl import __version__, artifact
-from popdsl.diagnostics import CompileError, Diagnostic, Span
+from popdsl.diagnostics import CompileError
 
 EXIT_USER, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 70
 COMMANDS = ("build", "check", "run", "report", "dump")

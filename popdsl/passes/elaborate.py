@@ -8,15 +8,14 @@ collected; elaboration goes on past a bad statement so one run reports several.
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
 from popdsl.diagnostics import Diagnostics, Span
 from popdsl.frontend import ast
-from popdsl.ir import codelet as cir
 from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node
+from popdsl.passes.elaborate_poplar import INITS, PoplarMixin, kind_of
 from popdsl.passes.elaborate_tensor import TensorMixin
 from popdsl.runtime.target import Target
 from popdsl.sema import Program
@@ -46,22 +45,10 @@ _CMP_OPS = {
     "==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
     "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
 }
-_INITS = {"zeros", "ones", "full", "uniform", "normal", "arange"}
+_kind = kind_of         # how a compile-time value reads in a message
 
 
-def _kind(v) -> str:
-    if isinstance(v, bool):
-        return "bool"
-    if isinstance(v, int):
-        return "int"
-    if isinstance(v, float):
-        return "float"
-    if isinstance(v, (g.View, Node)):
-        return "tensor"
-    return type(v).__name__
-
-
-class _Elaborator(TensorMixin):
+class _Elaborator(PoplarMixin, TensorMixin):
     Bad = _Bad
 
     def __init__(self, prog: Program, target: Target, diags: Diagnostics):
@@ -329,324 +316,6 @@ class _Elaborator(TensorMixin):
             raise _Bad
         self.scopes[-1][name] = value
 
-    # ---------------------------------------------------------------- tensors
-    def shape_of(self, t: ast.TypeRef) -> tuple[str, tuple[int, ...]]:
-        if t.name not in cir.SCALARS:
-            self.d.error(t.span, f"unknown type '{t.name}'", "types are f32, f16, i32 and bool")
-            raise _Bad
-        dims = []
-        for d in t.dims or ():
-            if isinstance(d, str):
-                v = self.lookup(d, t.span)
-                if not isinstance(v, int) or isinstance(v, bool):
-                    self.d.error(t.span, f"dimension '{d}' must be a compile-time integer")
-                    raise _Bad
-                d = v
-            if d <= 0:
-                self.d.error(t.span, f"dimensions must be positive, got {d}")
-                raise _Bad
-            dims.append(d)
-        if math.prod(dims) > (1 << 31):
-            self.d.error(t.span, "tensor too large")
-            raise _Bad
-        # Nothing bigger than the whole target can ever be placed (and elaboration
-        # would build index arrays of its size on the host first).
-        nbytes, total = math.prod(dims) * cir.ELEM_BYTES[t.name], self.target.tiles * self.target.tile_memory
-        if nbytes > total:
-            self.d.error(t.span, f"tensor too large: {nbytes:,} B is more than the memory of the "
-                         f"whole target ({self.target.tiles} tiles of {self.target.tile_memory:,} B)")
-            raise _Bad
-        return t.name, tuple(dims)
-
-    def declare_tensor(self, s) -> None:
-        if s.type is None:
-            self.d.error(s.span, f"tensor '{s.name}' needs a type, e.g. 'var {s.name}: f32[8];'")
-            raise _Bad
-        dtype, shape = self.shape_of(s.type)
-        kind = "input" if isinstance(s, ast.InputStmt) else "var"
-        init = None
-        if kind == "var" and s.value is not None:
-            init = self.initial_value(s.value, dtype, shape, s.name)
-        gr = self.graph
-        t = g.Tensor(len(gr.tensors), s.name, dtype, shape, kind, s.span)
-        self.bind(s.name, g.View(t.id, np.arange(t.numel, dtype=np.int64).reshape(shape), s.span), s.span)
-        gr.tensors.append(t)
-        gr.tile_of[t.id] = np.full(t.numel, -1, dtype=np.int32)
-        if init is not None:
-            gr.init[t.id] = init
-        if kind == "input":
-            gr.inputs[s.name] = t.id
-
-    def initial_value(self, e, dtype: str, shape, name: str) -> np.ndarray:
-        if isinstance(e, ast.Call) and isinstance(e.fn, ast.Name) and e.fn.id in _INITS:
-            return self.init_call(e, dtype, shape)
-        v = self.expr(e)
-        if isinstance(v, (int, float, bool)):
-            return np.full(shape, self.converted(v, dtype, e, name, literal=True))
-        if isinstance(v, list):
-            arr = self.converted(v, dtype, e, name, literal=True)
-            if arr.shape != tuple(shape):
-                self.d.error(e.span, f"initializer has shape {list(arr.shape)}, "
-                             f"'{name}' has shape {list(shape)}")
-                raise _Bad
-            return arr
-        self.d.error(e.span, "a tensor's initial value must be a number, a list or an "
-                     "initializer such as zeros(), uniform(seed = 1)")
-        raise _Bad
-
-    def converted(self, values, dtype: str, e, name: str, literal: bool) -> np.ndarray:
-        """`values` (a number, nested lists of numbers, or an array) as an array of
-        `dtype`, or an error when one does not fit: no silent wrap-around,
-        truncation or overflow to infinity."""
-        try:
-            a = np.asarray(values)
-        except (ValueError, TypeError, OverflowError):         # ragged lists
-            a = None
-        if a is None or a.dtype.kind not in "biuf":
-            items = a.ravel().tolist() if a is not None else [None]
-            if all(isinstance(x, (int, float)) for x in items):  # integers beyond 64 bits
-                self.d.error(e.span, f"initial value {max(items, key=abs)} does not fit in {dtype}")
-            else:
-                self.d.error(e.span, "initializer must be a rectangular list of numbers")
-            raise _Bad
-        kind = a.dtype.kind
-        if dtype == "i32" and literal and kind == "f":
-            self.d.error(e.span, f"'{name}' is i32; its initial values must be integers")
-            raise _Bad
-        with np.errstate(all="ignore"):
-            if dtype == "bool":
-                if literal and kind != "b" or not ((a == 0) | (a == 1)).all():
-                    self.d.error(e.span, f"'{name}' is bool; its initial values must be true or false")
-                    raise _Bad
-                out = np.zeros(a.shape, bool)
-            elif dtype == "i32":
-                out = ~np.isfinite(a) | (a < -2**31) | (a >= 2**31)
-            else:
-                out = np.isfinite(a) & ~np.isfinite(a.astype(cir.NUMPY_DTYPE[dtype]))
-        if out.any():
-            self.d.error(e.span, f"initial value {a[out].ravel()[0].item()} does not fit in {dtype}")
-            raise _Bad
-        return a.astype(cir.NUMPY_DTYPE[dtype])
-
-    def init_call(self, e: ast.Call, dtype: str, shape) -> np.ndarray:
-        fn = e.fn.id
-        allowed = {"zeros": (), "ones": (), "full": ("value",), "uniform": ("low", "high", "seed"),
-                   "normal": ("mean", "std", "seed"), "arange": ("start", "step")}[fn]
-        kw: dict[str, float] = {}
-        for i, a in enumerate(e.args):
-            name = a.name if isinstance(a, ast.Kwarg) else (allowed[i] if i < len(allowed) else None)
-            if name not in allowed:
-                self.d.error(a.span, f"{fn}() takes {', '.join(allowed) or 'no arguments'}")
-                raise _Bad
-            v = self.expr(a.value if isinstance(a, ast.Kwarg) else a)
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                self.d.error(a.span, f"{fn}(): '{name}' must be a number")
-                raise _Bad
-            if name == "seed" and (not isinstance(v, int) or v < 0):
-                self.d.error(a.span, f"{fn}(): the seed must be a non-negative integer")
-                raise _Bad
-            if name == "std" and v < 0:
-                self.d.error(a.span, f"{fn}(): 'std' must not be negative")
-                raise _Bad
-            kw[name] = v
-        rng = np.random.default_rng(int(kw.get("seed", 0)))
-        try:
-            with np.errstate(all="ignore"):
-                out = self.init_values(fn, e, kw, rng, shape)
-        except (ValueError, OverflowError) as ex:
-            self.d.error(e.span, f"{fn}(): {ex}")
-            raise _Bad
-        return self.converted(out, dtype, e, f"{fn}()", literal=False)
-
-    def init_values(self, fn: str, e, kw, rng, shape) -> np.ndarray:
-        if fn == "zeros":
-            out = np.zeros(shape)
-        elif fn == "ones":
-            out = np.ones(shape)
-        elif fn == "full":
-            if "value" not in kw:
-                self.d.error(e.span, "full() needs a value")
-                raise _Bad
-            out = np.full(shape, kw["value"])
-        elif fn == "uniform":
-            out = rng.uniform(kw.get("low", 0.0), kw.get("high", 1.0), size=shape)
-        elif fn == "normal":
-            out = rng.normal(kw.get("mean", 0.0), kw.get("std", 1.0), size=shape)
-        else:
-            n = int(np.prod(shape, dtype=np.int64))
-            out = (kw.get("start", 0) + kw.get("step", 1) * np.arange(n, dtype=np.float64)).reshape(shape)
-        return out
-
-    def map_stmt(self, s: ast.MapStmt) -> None:
-        v = self.tensor_value(s.target, "map")
-        flat = v.index.reshape(-1)
-        tiles = self.target.tiles
-        if s.tile is None:
-            chunk = -(-flat.size // tiles) if flat.size else 1
-            dest = (np.arange(flat.size) // chunk).astype(np.int32)
-        else:
-            try:
-                tile = self.int_value(s.tile, "a tile")
-                if not 0 <= tile < tiles:
-                    self.d.error(s.tile.span, f"tile {tile} is out of range: the target has "
-                                 f"{tiles} tiles (0..{tiles - 1})")
-                    raise _Bad
-            except _Bad:
-                self.bad_map.add(v.tensor)
-                raise
-            dest = np.int32(tile)
-        self.graph.tile_of[v.tensor][flat] = dest
-
-    def check_mapping(self) -> None:
-        """Every element of every tensor is on a tile.  A vertex connected to
-        unmapped elements is reported where it is connected; any other unmapped
-        tensor where it is declared (not when a 'map' of it already failed)."""
-        tile_of = self.graph.tile_of
-        # Tensors of the tensor program are mapped by the partitioner.
-        unmapped = {t.id for t in self.graph.tensors
-                    if t.id not in self.bad_map and t.id not in self.op_tensors and t.kind != "param"
-                    and not (t.kind == "input" and self.nodes.nodes)
-                    and (tile_of[t.id] < 0).any()}
-        if not unmapped:
-            return
-        at_vertex: set[int] = set()
-        for cs in self.graph.compute_sets.values():
-            for grp in cs.groups:
-                for fname, views in grp.connections.items():
-                    for v in ([views] if isinstance(views, g.Stacked) else views):
-                        if v.tensor in unmapped and (tile_of[v.tensor][v.index] < 0).any():
-                            t = self.graph.tensors[v.tensor]
-                            self.d.error(v.span, f"field '{fname}' of {grp.codelet} is connected to "
-                                         f"elements of '{t.name}' that are not mapped to any tile",
-                                         f"map '{t.name}' with 'map {t.name} -> ...;'")
-                            at_vertex.add(v.tensor)
-        for t in self.graph.tensors:
-            if t.id in unmapped and t.id not in at_vertex:
-                n = int((tile_of[t.id] < 0).sum())
-                self.d.error(t.span, f"tensor '{t.name}' has {n} of {t.numel} elements "
-                             "not mapped to any tile", f"add 'map {t.name} -> linear;' or map its "
-                             "slices to tiles")
-
-    # ---------------------------------------------------------------- vertices
-    def vertex(self, s: ast.VertexStmt) -> None:
-        call = s.call
-        if not isinstance(call, ast.Call) or not isinstance(call.fn, ast.Name):
-            self.d.error(s.span, "a vertex is written 'Codelet(field = tensor, ...) on tile T;'")
-            raise _Bad
-        name = call.fn.id
-        c = self.prog.codelets.get(name)
-        if c is None:
-            self.d.error(call.fn.span, f"unknown codelet '{name}'")
-            raise _Bad
-        if c.ret is not None:
-            self.d.error(call.fn.span, f"'{name}' is a scalar codelet (an element-wise "
-                         "function), not a vertex")
-            raise _Bad
-        tile = self.int_value(s.tile, "a tile")
-        if not 0 <= tile < self.target.tiles:
-            self.d.error(s.tile.span, f"tile {tile} is out of range: the target has "
-                         f"{self.target.tiles} tiles (0..{self.target.tiles - 1})")
-            raise _Bad
-        given: dict[str, ast.Kwarg] = {}
-        ok = True
-        for a in call.args:
-            if not isinstance(a, ast.Kwarg):
-                self.d.error(a.span, f"connect fields by name, e.g. {name}({c.fields[0].name if c.fields else 'x'} = ...)")
-                raise _Bad
-            if a.name in given:
-                self.d.error(a.span, f"field '{a.name}' is connected twice")
-                ok = False
-            given[a.name] = a
-        fields = {f.name: f for f in c.fields}
-        for n, a in given.items():
-            if n not in fields:
-                self.d.error(a.span, f"codelet '{name}' has no field '{n}'",
-                             f"its fields are: {', '.join(fields)}")
-                ok = False
-        missing = [f.name for f in c.fields if f.name not in given]
-        if missing:
-            self.d.error(call.span, f"vertex {name}: field{'s' if len(missing) > 1 else ''} "
-                         f"{', '.join(repr(m) for m in missing)} not connected")
-            ok = False
-        if not ok:
-            raise _Bad
-        conns: dict[str, g.View] = {}
-        state: dict[str, object] = {}
-        syms: dict[str, tuple[int, Span, str]] = {}
-        for f in c.fields:
-            a = given[f.name]
-            try:
-                v = self.expr(a.value)
-                if f.direction == "state":
-                    state[f.name] = self.state_value(f, v, a)
-                    continue
-                conns[f.name] = self.connect(name, f, v, a, syms)
-            except _Bad:
-                ok = False
-        if not ok:
-            raise _Bad
-        grp = next((x for x in self.cs.groups if x.codelet == name), None)
-        if grp is None:
-            grp = g.VertexGroup(name)
-            self.cs.groups.append(grp)
-            grp.connections = {f: [] for f in conns}
-            grp.state = {f: [] for f in state}
-            grp.syms = {s_: [] for s_ in c.symbols}
-        grp.tiles.append(tile)
-        grp.span_ids.append(self.graph.span_id(s.span))
-        for f, v in conns.items():
-            grp.connections[f].append(v)
-        for f, v in state.items():
-            grp.state[f].append(v)
-        for s_ in c.symbols:
-            grp.syms[s_].append(syms[s_][0])
-
-    def state_value(self, f: cir.Field, v, a: ast.Kwarg):
-        ok = {"f32": (int, float), "f16": (int, float), "i32": (int,), "bool": (bool,)}[f.dtype]
-        if isinstance(v, bool) and f.dtype != "bool" or not isinstance(v, ok):
-            self.d.error(a.value.span, f"vertex state '{f.name}' is {f.dtype}; got {_kind(v)}")
-            raise _Bad
-        if f.dtype == "i32" and not -2**31 <= v < 2**31:
-            self.d.error(a.value.span, f"{v} does not fit in i32")
-            raise _Bad
-        return v
-
-    def connect(self, cname: str, f: cir.Field, v, a: ast.Kwarg, syms) -> g.View:
-        if not isinstance(v, g.View):
-            what = "tensor expression (connect a tensor declared with 'var' or 'input')" \
-                if isinstance(v, Node) else _kind(v)
-            self.d.error(a.value.span, f"field '{f.name}' of {cname} is an '{f.direction}' edge; "
-                         f"connect a tensor, not a {what}")
-            raise _Bad
-        t = self.graph.tensors[v.tensor]
-        if t.dtype != f.dtype:
-            self.d.error(a.value.span, f"field '{f.name}' of {cname} is {_type_text(f.dtype, f.dims)} "
-                         f"but '{t.name}' is {t.dtype}")
-            raise _Bad
-        shape = v.shape
-        if f.rank == 0 and v.index.size == 1:
-            return g.View(v.tensor, v.index.reshape(()), a.value.span)
-        if len(shape) != f.rank:
-            self.d.error(a.value.span, f"field '{f.name}' of {cname} has rank {f.rank} but is "
-                         f"connected to shape {list(shape)}")
-            raise _Bad
-        for axis, (dim, n) in enumerate(zip(f.dims, shape)):
-            if isinstance(dim, int):
-                if dim != n:
-                    self.d.error(a.value.span, f"field '{f.name}' of {cname} needs size {dim} on "
-                                 f"axis {axis}; connected to shape {list(shape)}")
-                    raise _Bad
-            elif dim in syms and syms[dim][0] != n:
-                self.d.error(a.value.span, f"size symbol '{dim}' of {cname} is {syms[dim][0]} "
-                             f"from field '{syms[dim][2]}' but {n} from field '{f.name}'")
-                raise _Bad
-            elif n == 0:
-                self.d.error(a.value.span, f"field '{f.name}' of {cname} is connected to an empty tensor")
-                raise _Bad
-            else:
-                syms.setdefault(dim, (n, a.span, f.name))
-        return g.View(v.tensor, v.index, a.value.span)
-
     # ---------------------------------------------------------------- expressions
     def lookup(self, name: str, span: Span):
         for scope in reversed(self.scopes):
@@ -828,7 +497,7 @@ class _Elaborator(TensorMixin):
             return g.View(args[0].tensor, args[0].index.T, e.span)
         if fn == "flatten" and len(args) == 1 and isinstance(args[0], g.View):
             return g.View(args[0].tensor, args[0].index.reshape(-1), e.span)
-        if fn in _INITS:
+        if fn in INITS:
             self.d.error(e.span, f"{fn}() is an initializer: use it as 'var x: T = {fn}(...);'")
             raise _Bad
         if fn in self.prog.codelets:
@@ -841,10 +510,6 @@ class _Elaborator(TensorMixin):
         else:
             self.d.error(e.fn.span, f"unknown function '{fn}'", f"graph-level functions are {known}")
         raise _Bad
-
-
-def _type_text(dtype: str, dims) -> str:
-    return f"{dtype}[{', '.join(map(str, dims))}]" if dims else dtype
 
 
 def _source_text(span: Span) -> str:

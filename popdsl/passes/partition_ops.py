@@ -222,14 +222,11 @@ def padded(p, x: g.View, pads, value: float, dtype: str, label: str) -> g.View:
     tile_of[inner.ravel()] = p.g.tile_of[x.tensor][x.index.ravel()]
     # A border element goes with its nearest interior element.
     if (tile_of < 0).any():
-        near = out.index[tuple(np.clip(np.arange(m) - a, 0, n - 1) + a
-                               for m, n, (a, _) in zip(shape, x.index.shape, pads)) if False else ()]
         coords = np.indices(shape).reshape(len(shape), -1)
         clipped = [np.clip(c - a, 0, n - 1) + a for c, n, (a, _) in zip(coords, x.index.shape, pads)]
         nearest = np.ravel_multi_index(clipped, shape)
         missing = tile_of < 0
         tile_of[missing] = tile_of[nearest[missing]]
-        del near
     border = np.setdiff1d(out.index.ravel(), inner.ravel(), assume_unique=True)
     if border.size:
         _fill(p, g.View(out.tensor, border, out.span), value, dtype, label)
