@@ -124,32 +124,31 @@ def reduce(p, n: Node) -> g.View:
 # ---------------------------------------------------------------- matmul
 
 def _grid(M: int, N: int, K: int, budget: int) -> tuple[int, int, int]:
-    gm = gn = gk = 1
-    while True:
-        bm, bn, bk = _cdiv(M, gm), _cdiv(N, gn), _cdiv(K, gk)
-        if gm * gn * gk * 2 > budget:
-            break
-        # Split the dimension with the most work per block; the reduction only
-        # when the output blocks are already small (its partials cost memory).
-        # Columns stay at least 16 wide: a vertex's inner loop is over them, and
-        # shorter loops waste the vector units.
-        options = []
-        if bm > 1:
-            options.append((bm * 4, "m"))
-        if bn >= 32:
-            options.append((bn * 4, "n"))
-        if bk > 256 and bm * bn <= 64 * 64:
-            options.append((bk, "k"))
-        if not options:
-            break
-        _, d = max(options)
-        if d == "m":
-            gm *= 2
-        elif d == "n":
-            gn *= 2
-        else:
-            gk *= 2
-    return min(gm, M), min(gn, N), min(gk, K)
+    """(row, column, reduction) splits of one matmul over `budget` tiles.
+
+    Searches power-of-two splits for the least estimated time per tile —
+    multiply-accumulates at 8 a cycle, the a and b blocks a tile receives at 4
+    bytes a cycle, and for a split reduction the partial sums exchanged and added —
+    among blocks at least 16 columns wide where the output allows (a vertex's inner
+    loop runs over the columns)."""
+    best = None
+    min_bn = min(16, N)
+    for gm in _pow2(M):
+        for gn in _pow2(N):
+            bn = _cdiv(N, gn)
+            if bn < min_bn:
+                continue
+            for gk in _pow2(K):
+                tasks = gm * gn * gk
+                if tasks > budget:
+                    continue
+                bm, bk = _cdiv(M, gm), _cdiv(K, gk)
+                cost = bm * bn * bk / 8 + (bm * bk + bk * bn) * 4 / 4
+                if gk > 1:
+                    cost += 2 * gk * M * N * 4 / budget / 4
+                if best is None or cost < best[0]:
+                    best = (cost, (gm, gn, gk))
+    return best[1] if best else (1, 1, 1)
 
 
 def matmul(p, n: Node) -> g.View:
