@@ -437,10 +437,15 @@ class _Elaborator(PoplarMixin, TensorMixin):
         if not isinstance(base, g.View):
             self.d.error(e.base.span, f"only tensors can be indexed, found {_kind(base)}")
             raise _Bad
-        name = self.graph.tensors[base.tensor].name
-        shape = base.shape
+        key = self.index_key(e, base.shape, f"'{self.graph.tensors[base.tensor].name}'")
+        return g.View(base.tensor, base.index[tuple(slice(*k) if isinstance(k, tuple) else k for k in key)],
+                      e.span)
+
+    def index_key(self, e: ast.IndexExpr, shape, what: str) -> list:
+        """Compile-time indices of `e`, range-checked: per axis an index in 0..n-1
+        (negative ones count from the end) or a (lo, hi) slice."""
         if len(e.index) > len(shape):
-            self.d.error(e.span, f"too many indices: '{name}' view has shape {list(shape)}")
+            self.d.error(e.span, f"too many indices: {what} has shape {list(shape)}")
             raise _Bad
         key = []
         for axis, ix in enumerate(e.index):
@@ -450,17 +455,17 @@ class _Elaborator(PoplarMixin, TensorMixin):
                 hi = self.int_value(ix.stop, "a slice bound") if ix.stop is not None else n
                 if not 0 <= lo < hi <= n:
                     self.d.error(ix.span, f"slice {lo}:{hi} is out of range for axis {axis} of "
-                                 f"'{name}' (size {n})" if hi > lo else f"slice {lo}:{hi} is empty")
+                                 f"{what} (size {n})" if hi > lo else f"slice {lo}:{hi} is empty")
                     raise _Bad
-                key.append(slice(lo, hi))
+                key.append((lo, hi))
             else:
                 i = self.int_value(ix, "an index")
                 if not -n <= i < n:
                     self.d.error(ix.span, f"index {i} is out of range for axis {axis} of "
-                                 f"'{name}' (size {n})")
+                                 f"{what} (size {n})")
                     raise _Bad
-                key.append(i)
-        return g.View(base.tensor, base.index[tuple(key)], e.span)
+                key.append(i % n)
+        return key
 
     def call(self, e: ast.Call):
         if not isinstance(e.fn, ast.Name):

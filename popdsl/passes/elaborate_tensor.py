@@ -82,26 +82,7 @@ class TensorMixin:
         return self.prim(self.prims.unary, op, self.as_node(v, span), span)
 
     def tensor_index(self, e: ast.IndexExpr, base: Node):
-        shape = base.shape
-        if len(e.index) > len(shape):
-            self.d.error(e.span, f"too many indices for shape {shape_str(shape)}")
-            raise self.Bad
-        key = []
-        for axis, ix in enumerate(e.index):
-            n = shape[axis]
-            if isinstance(ix, ast.Slice):
-                lo = self.int_value(ix.start, "a slice bound") if ix.start is not None else 0
-                hi = self.int_value(ix.stop, "a slice bound") if ix.stop is not None else n
-                if not 0 <= lo < hi <= n:
-                    self.d.error(ix.span, f"slice {lo}:{hi} is out of range for axis {axis} (size {n})")
-                    raise self.Bad
-                key.append((lo, hi))
-            else:
-                i = self.int_value(ix, "an index")
-                if not -n <= i < n:
-                    self.d.error(ix.span, f"index {i} is out of range for axis {axis} (size {n})")
-                    raise self.Bad
-                key.append(i % n)
+        key = self.index_key(e, base.shape, f"a {base.dtype}{shape_str(base.shape)} value")
         return self.prim(self.prims.index, base, key, e.span)
 
     # ---------------------------------------------------------------- calls

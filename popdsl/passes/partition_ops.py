@@ -189,13 +189,18 @@ def matmul(p, n: Node) -> g.View:
                     tasks.append({"tile": tile, "conns": {"a": (a.tensor, av), "b": (b.tensor, bv),
                                                           "c": (acc.tensor, cv)}})
     _emit(p, cs, p.prim("MatMul"), tasks)
+    return _add_partials(p, n, cs, acc, len(kb) > 1, label)
+
+
+def _add_partials(p, n: Node, cs, acc: g.View, split: bool, label: str) -> g.View:
+    """The result of a matmul or conv: its accumulator, or the sum of its partials
+    when the reduction was split."""
     css = [cs]
-    if len(kb) > 1:
+    out = acc
+    if split:
         before = len(p.seq)
         out = sum_partials(p, acc, label)
         css += [p.g.compute_sets[e.cs] for e in p.seq[before:]]
-    else:
-        out = acc
     p.record(n, *css)
     return g.View(out.tensor, out.index.reshape(n.shape), out.span)
 
@@ -403,15 +408,7 @@ def conv2d(p, n: Node) -> g.View:
                                                 "y": (acc.tensor, ys.reshape(o1 - o0, -1))}})
     cs = p.new_cs(label)
     _emit(p, cs, p.prim("Conv2dBlock"), tasks, ("kh", "kw", "s", "wp", "ow"))
-    css = [cs]
-    if len(cb_) > 1:
-        before = len(p.seq)
-        out = sum_partials(p, acc, label)
-        css += [p.g.compute_sets[e.cs] for e in p.seq[before:]]
-    else:
-        out = acc
-    p.record(n, *css)
-    return g.View(out.tensor, out.index.reshape(n.shape), out.span)
+    return _add_partials(p, n, cs, acc, len(cb_) > 1, label)
 
 
 def pool(p, n: Node) -> g.View:
