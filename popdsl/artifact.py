@@ -31,7 +31,7 @@ from popdsl.runtime.target import Target
 MAGIC = "popdsl-executable"
 VERSION = 2
 MAX_MEMBER_BYTES = 1 << 34
-_MEMORY_ARRAYS = X.CATEGORIES + ("planned", "lower_bound", "timeline")
+_MEMORY_ARRAYS = X.CATEGORIES + ("planned", "lower_bound", "naive_data", "timeline")
 # JSON levels of one codelet's IR: sema makes at most two per level of source
 # nesting (a node and a list), and the parser allows MAX_NESTING levels.  Deeper IR
 # would only exhaust the stack of the passes that walk it.

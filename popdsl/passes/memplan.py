@@ -78,13 +78,11 @@ def _peak(sizes, starts, ends, points: int) -> int:
 
 def _plan_tile(sizes, aligns, starts, ends, reuse: bool) -> tuple[np.ndarray, int]:
     if not reuse:
-        off = np.zeros(len(sizes), np.int64)
-        cur = 0
-        for i in range(len(sizes)):
-            cur = _round(cur, int(aligns[i]))
-            off[i] = cur
-            cur += int(sizes[i])
-        return off, cur
+        # Most-aligned first: every size is a multiple of its alignment, so no padding.
+        order = np.argsort(-aligns, kind="stable")
+        off = np.empty(len(sizes), np.int64)
+        off[order] = np.cumsum(sizes[order]) - sizes[order]
+        return off, int(sizes.sum())
     by_size = np.lexsort((starts, -(ends - starts), -sizes))
     by_life = np.lexsort((starts, -sizes, -(ends - starts)))
     a = best_fit(sizes, aligns, starts, ends, by_size)
@@ -126,6 +124,11 @@ def plan(low: Lowered, code_sizes: dict[str, int], unchecked: bool = False, reus
     alloc_size = np.bincount(alloc_of_sorted, weights=rounded[key], minlength=nalloc).astype(np.int64)
     alloc_align = np.zeros(nalloc, np.int64)
     np.maximum.at(alloc_align, alloc_of_sorted, al[key])
+    # A size that is a multiple of its alignment packs without padding.
+    alloc_size = -(-alloc_size // alloc_align) * alloc_align
+    # Naive: the same allocations, none sharing, none in place.
+    full = np.bincount(alloc_of_sorted, weights=(-(-full_rs // al) * al)[key], minlength=nalloc).astype(np.int64)
+    full = -(-full // alloc_align) * alloc_align
     first = key[new]
     alloc_tile, alloc_start, alloc_end = rt[first], live.start[first], live.end[first]
     alloc_base = np.zeros(nalloc, np.int64)
@@ -153,8 +156,10 @@ def plan(low: Lowered, code_sizes: dict[str, int], unchecked: bool = False, reus
         verify_plan(rt, base, rs, live)
     # Categories count regions as allocated (rounded to their alignment), so that
     # naive >= lower bound <= planned compare like with like.
-    mem = _categories(low, live, -(-full_rs // al) * al, -(-rs // al) * al, rt, planned, bound, code_sizes,
-                      ntiles)
+    naive = np.bincount(alloc_tile, weights=full, minlength=ntiles).astype(np.int64) if nalloc \
+        else np.zeros(ntiles, np.int64)
+    mem = _categories(low, live, -(-full_rs // al) * al, -(-rs // al) * al, rt, planned, bound, naive,
+                      code_sizes, ntiles)
     _check_capacity(low, mem, target)
     return _finish(low, base, mem, unchecked)
 
@@ -219,7 +224,8 @@ def _in_place(low: Lowered, live: Liveness) -> dict[int, int]:
     return alias
 
 
-def _categories(low, live: Liveness, rs, plan_rs, rt, planned, bound, code_sizes, ntiles) -> X.MemoryPlan:
+def _categories(low, live: Liveness, rs, plan_rs, rt, planned, bound, naive, code_sizes,
+                ntiles) -> X.MemoryPlan:
     tensor = np.asarray(low.region_tensor, np.int64)
     is_buf = tensor < 0
 
@@ -241,7 +247,7 @@ def _categories(low, live: Liveness, rs, plan_rs, rt, planned, bound, code_sizes
     np.add.at(timeline, live.end + 1, -plan_rs)
     return X.MemoryPlan(always_live=per_tile(live.always), not_always_live=per_tile(~live.always & ~is_buf),
                         exchange_buffers=per_tile(is_buf), vertex_state=vertex_state, code=code,
-                        planned=planned, lower_bound=bound, timeline=np.cumsum(timeline)[:-1],
+                        planned=planned, lower_bound=bound, naive_data=naive, timeline=np.cumsum(timeline)[:-1],
                         timeline_labels=list(live.labels) + ["outputs read by the host"])
 
 

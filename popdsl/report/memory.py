@@ -42,7 +42,7 @@ class MemoryReport:
             "totals": {"naive": int(m.naive.sum()), "lower_bound": int(m.bound_total.sum()),
                        "planned": int(total.sum()),
                        "fragmentation": int(total.sum() - m.bound_total.sum()),
-                       "data": {"naive": int((m.naive - m.fixed).sum()), "lower_bound": int(m.lower_bound.sum()),
+                       "data": {"naive": int(m.naive_data.sum()), "lower_bound": int(m.lower_bound.sum()),
                                 "planned": int(m.planned.sum())}},
             "categories": {c: {"total": int(a.sum()), "max": int(a.max()), "mean": float(a.mean())}
                            for c, a in cats.items()},

@@ -116,7 +116,7 @@ class MemoryPlan:
     By category, with no sharing: always_live (variables, inputs, parameters),
     not_always_live (results of the tensor program), exchange_buffers,
     vertex_state, code.  Data as planned: `planned` (the top of the tile's plan),
-    `lower_bound` (the peak of live bytes).  `timeline`: live data bytes over all
+    `lower_bound` (the peak of live bytes), `naive_data` (the plan with no sharing).  `timeline`: live data bytes over all
     tiles at each program point, named by `timeline_labels`."""
     always_live: np.ndarray
     not_always_live: np.ndarray
@@ -125,6 +125,7 @@ class MemoryPlan:
     code: np.ndarray
     planned: np.ndarray
     lower_bound: np.ndarray
+    naive_data: np.ndarray
     timeline: np.ndarray
     timeline_labels: list
 
@@ -134,8 +135,8 @@ class MemoryPlan:
 
     @property
     def naive(self) -> np.ndarray:
-        """Every region its own bytes, plus vertex state and code."""
-        return self.always_live + self.not_always_live + self.exchange_buffers + self.fixed
+        """Every region its own bytes (the --no-reuse plan), plus vertex state and code."""
+        return self.naive_data + self.fixed
 
     @property
     def total(self) -> np.ndarray:
