@@ -56,7 +56,7 @@ def compile(path_or_source: str | os.PathLike, target: str = "gc200", tiles: int
             isinstance(path_or_source, str) and path_or_source.endswith(".pop")
             and "\n" not in path_or_source):
         path = os.fspath(path_or_source)
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8-sig")
     else:
         path, text = "<string>", str(path_or_source)
     exe, native = compile_source(text, path, get_target(target, tiles, tile_memory), graph, unchecked,
