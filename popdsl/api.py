@@ -47,6 +47,16 @@ class Executable:
     def save(self, path: str | os.PathLike) -> None:
         artifact.save(self.ir, os.fspath(path))
 
+    def memory_report(self):
+        """Naive, lower-bound and planned bytes per tile and category (`.text()`, `.to_json()`)."""
+        from popdsl.report.memory import memory_report
+        return memory_report(self.ir)
+
+    def partition_report(self):
+        """Per tensor op: tiles, cycles per tile, exchange bytes (runs one step)."""
+        from popdsl.report.partition import partition_report
+        return partition_report(self.ir, self.native())
+
 
 def compile(path_or_source: str | os.PathLike, target: str = "gc200", tiles: int | None = None,
             tile_memory: int | None = None, graph: str | None = None,

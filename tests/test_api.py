@@ -148,3 +148,13 @@ def test_partition_report_names_ops_tiles_cycles_and_exchange(capsys, tmp_path):
     mm = next(r for r in doc["ops"] if r["op"] == "matmul")
     assert mm["tiles"] > 1 and mm["max_cycles"] >= mm["mean_cycles"] > 0 and mm["exchange_bytes"] > 0
     assert mm["source"].endswith(":37:12") and "popnn.pop" in mm["source"]
+
+
+def test_reports_as_objects():
+    exe = popdsl.compile(AXPY)
+    mem = exe.memory_report()
+    doc = mem.to_json()
+    assert doc["totals"]["planned"] == sum(doc["tile_bytes"])
+    assert "lower bound" in mem.text()
+    part = exe.partition_report().to_json()
+    assert part["ops"] == []            # a Poplar-level graph places its own vertices
