@@ -56,15 +56,23 @@ def _copy_fn():
     return engine, fn
 
 
-def copy_runs(mem: np.ndarray, src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray) -> None:
-    """mem[dst[i] : dst[i]+nbytes[i]] = mem[src[i] : ...], for i in order."""
-    if not src.size:
-        return
+def check_runs(mem_size: int, src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray) -> None:
+    """Raise ValueError unless every run lies inside a memory of `mem_size` bytes."""
     for a in (src, dst, nbytes):
         if a.dtype != np.int64 or not a.flags.c_contiguous or a.shape != src.shape:
             raise ValueError("copy runs must be contiguous int64 arrays of one length")
-    if nbytes.min() < 0 or min(src.min(), dst.min()) < 0 or \
-            max((src + nbytes).max(), (dst + nbytes).max()) > mem.size:
+    if src.size and (nbytes.min() < 0 or min(src.min(), dst.min()) < 0
+                     or max((src + nbytes).max(), (dst + nbytes).max()) > mem_size):
         raise ValueError("a copy reaches outside the simulator's memory")
+
+
+def copy_runs(mem: np.ndarray, src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray,
+              checked: bool = True) -> None:
+    """mem[dst[i] : dst[i]+nbytes[i]] = mem[src[i] : ...], for i in order.  Pass
+    checked=False only for runs already passed through `check_runs`."""
+    if not src.size:
+        return
+    if checked:
+        check_runs(mem.size, src, dst, nbytes)
     _, fn = _copy_fn()
     fn(mem.ctypes.data, src.ctypes.data, dst.ctypes.data, nbytes.ctypes.data, src.size)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from popdsl.codegen.copies import copy_runs
+from popdsl.codegen.copies import check_runs, copy_runs
 from popdsl.codegen.jit import NativeCodelets, aligned_zeros
 from popdsl.diagnostics import Diagnostic
 from popdsl.ir.codelet import ERR_BOUNDS, NUMPY_DTYPE
@@ -64,6 +64,14 @@ class Machine:
         self.cycles = CycleCounts()
         self.tile_cycles: dict[int, np.ndarray] = {}     # compute set → its last run's cycles per tile
         self._cycle_bufs = [[np.zeros(len(g.tiles), np.int64) for g in cs.groups] for cs in exe.compute_sets]
+        # Per compute set, its vertices' tiles and their order, for the cycle model.
+        self._cs_tiles = []
+        for cs in exe.compute_sets:
+            tiles = np.concatenate([g.tiles for g in cs.groups]) if cs.groups else np.zeros(0, np.int32)
+            self._cs_tiles.append((tiles, np.argsort(tiles, kind="stable")))
+        # Copy tables are checked once here, not on every run.
+        for c in [cs.pre for cs in exe.compute_sets] + [cs.post for cs in exe.compute_sets] + list(exe.copies):
+            check_runs(self.mem.size, c.src, c.dst, c.nbytes)
         for tid, values in exe.init.items():
             self._store(exe.tensor_addrs[tid], values, exe.tensors[tid].dtype)
 
@@ -135,7 +143,7 @@ class Machine:
     def _copy(self, c: X.CopyTable) -> None:
         if not c:
             return
-        copy_runs(self.mem, c.src, c.dst, c.nbytes)
+        copy_runs(self.mem, c.src, c.dst, c.nbytes, checked=False)
         sync = self.exe.target.sync_cycles
         self.cycles.exchange += c.cycles - sync
         self.cycles.sync += sync
@@ -151,8 +159,9 @@ class Machine:
         phase = 0
         if cs.groups:
             # All codelets of a compute set share the tiles' workers in one phase.
-            tiles = np.concatenate([g.tiles for g in cs.groups])
-            per_tile = compute_cycles(tiles, np.concatenate(bufs), target)
+            tiles, order = self._cs_tiles[csi]
+            cyc = bufs[0] if len(bufs) == 1 else np.concatenate(bufs)
+            per_tile = compute_cycles(tiles, cyc, target, order)
             self.tile_cycles[csi] = per_tile
             phase = int(per_tile.max())
         self.cycles.compute += phase
