@@ -15,6 +15,7 @@ import numpy as np
 
 from popdsl import __version__, artifact
 from popdsl.diagnostics import CompileError
+from popdsl.runtime.simulator import DeviceError
 
 EXIT_USER, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 70
 COMMANDS = ("build", "check", "run", "report", "dump")
@@ -113,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except artifact.ArtifactError as e:
         print(f"{args.file}: error: {e}", file=sys.stderr)
+        return EXIT_USER
+    except DeviceError as e:          # a vertex failed while a report ran a step
+        sys.stdout.flush()
+        print(e.diagnostic.render(), file=sys.stderr)
         return EXIT_USER
     except KeyboardInterrupt:
         print("popc: interrupted", file=sys.stderr)

@@ -158,3 +158,21 @@ def test_reports_as_objects():
     assert "lower bound" in mem.text()
     part = exe.partition_report().to_json()
     assert part["ops"] == []            # a Poplar-level graph places its own vertices
+
+
+def test_partition_report_of_a_failing_vertex_is_a_diagnostic(capsys, tmp_path):
+    from popdsl.cli import main
+    p = tmp_path / "divz.pop"
+    p.write_text("""codelet Div(in a: i32[n], out r: i32[n]) { for i in 0..n { r[i] = 10 / a[i]; } }
+graph g(tiles = 2) {
+    input a: i32[4];
+    var r: i32[4];
+    map a -> linear; map r -> linear;
+    compute cs { Div(a = a[0:2], r = r[0:2]) on tile 0; }
+    output s = sum(r);
+}
+""")
+    assert main(["report", str(p), "--partition"]) == 1      # the report runs a step on zeros
+    err = capsys.readouterr().err
+    assert "divz.pop:6:18: error: integer division by zero in codelet Div" in err
+    assert "internal compiler error" not in err
