@@ -298,10 +298,10 @@ class Partitioner:
         op = n.op
         if op in ("add", "sub", "mul", "div", "mod"):
             return cir.Binary({"add": "+", "sub": "-", "mul": "*", "div": "/", "mod": "%"}[op],
-                              *self.same(args), ty)
+                              *args, ty)
         if op in ("eq", "ne", "lt", "le", "gt", "ge"):
             sym = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}[op]
-            return cir.Binary(sym, *self.same(args), "bool")
+            return cir.Binary(sym, *args, "bool")
         if op in ("and", "or"):
             return cir.Binary("&&" if op == "and" else "||", args[0], args[1], "bool")
         if op == "neg":
@@ -313,20 +313,15 @@ class Partitioner:
         if op == "square":
             return cir.Binary("*", args[0], args[0], ty)
         if op in ("pow", "min", "max"):
-            return cir.Intrinsic(op, tuple(self.same(args)), ty)
+            return cir.Intrinsic(op, tuple(args), ty)
         if op == "select":
-            a, b = self.same(args[1:])
+            a, b = args[1:]
             return cir.Select(args[0], a, b, ty)
         if op.startswith("cast_"):
             return args[0] if args[0].ty == ty else cir.Cast(args[0], ty)
         if op.startswith("call:"):
             return cir.CallScalar(op[5:], tuple(args), ty)
         return cir.Intrinsic(op, tuple(args), ty)
-
-    @staticmethod
-    def same(args):
-        """Operands of one type: f16 storage already loads as f32."""
-        return args
 
     # ---------------------------------------------------------------- statistics
     def record(self, n: Node, *css: g.ComputeSet) -> None:
