@@ -213,12 +213,13 @@ class PoplarMixin:
     def check_mapping(self) -> None:
         """Every element of every tensor is on a tile.  A vertex connected to
         unmapped elements is reported where it is connected; any other unmapped
-        tensor where it is declared (not when a 'map' of it already failed)."""
+        tensor where it is declared (not when a 'map' of it already failed).  An
+        input no vertex reads and no `map` touched is spread by the partitioner: the
+        host writes it, only copies, prints and tensor ops read it."""
         tile_of = self.graph.tile_of
         # Tensors of the tensor program are mapped by the partitioner.
         unmapped = {t.id for t in self.graph.tensors
                     if t.id not in self.bad_map and t.id not in self.op_tensors and t.kind != "param"
-                    and not (t.kind == "input" and self.nodes.nodes)
                     and (tile_of[t.id] < 0).any()}
         if not unmapped:
             return
@@ -234,7 +235,8 @@ class PoplarMixin:
                                          f"map '{t.name}' with 'map {t.name} -> ...;'")
                             at_vertex.add(v.tensor)
         for t in self.graph.tensors:
-            if t.id in unmapped and t.id not in at_vertex:
+            if t.id in unmapped and t.id not in at_vertex \
+                    and not (t.kind == "input" and (tile_of[t.id] < 0).all()):
                 n = int((tile_of[t.id] < 0).sum())
                 self.d.error(t.span, f"tensor '{t.name}' has {n} of {t.numel} elements "
                              "not mapped to any tile", f"add 'map {t.name} -> linear;' or map its "

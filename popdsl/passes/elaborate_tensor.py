@@ -404,6 +404,9 @@ class TensorMixin:
             for a in e.args:
                 if isinstance(a, ast.Kwarg) and a.name == "seed":
                     seed = self.int_value(a.value, "a seed")
+                    if not 0 <= seed < 2**63:
+                        self.d.error(a.value.span, f"a seed must be a non-negative integer, got {seed}")
+                        raise self.Bad
                 else:
                     self.d.error(a.span, f"{fn}() takes only 'seed'")
                     raise self.Bad
