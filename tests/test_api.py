@@ -176,3 +176,23 @@ graph g(tiles = 2) {
     err = capsys.readouterr().err
     assert "divz.pop:6:18: error: integer division by zero in codelet Div" in err
     assert "internal compiler error" not in err
+
+
+@pytest.mark.parametrize("stage", ["parse", "check", "elaborate", "partition", "lower", "codegen", "plan"])
+def test_dump_of_a_tensor_program_after_every_stage(stage, capsys, tmp_path):
+    from popdsl.cli import main
+    p = tmp_path / "t.pop"
+    p.write_text("""import "popnn";
+graph g(tiles = 3) {
+    input x: f32[4, 8];
+    input y: i32[4];
+    program { step; step; }
+    output loss = mean(cross_entropy(dense(x, 5), y));
+}
+""")
+    assert main(["dump", "--after", stage, str(p)]) == 0
+    first = capsys.readouterr().out
+    assert main(["dump", "--after", stage, str(p)]) == 0
+    assert capsys.readouterr().out == first and first.strip()
+    if stage == "elaborate":
+        assert "tensor program:" in first and "output loss = %" in first and "step" in first

@@ -174,6 +174,8 @@ def _prog_lines(graph, p, indent: int) -> list[str]:
             out += _prog_lines(graph, n.orelse, indent + 1) + [pad + "}"]
         elif isinstance(n, g.Print):
             out.append(f"{pad}print {_view(graph, n.view)}")
+        elif isinstance(n, g.Step):
+            out.append(f"{pad}step")
     return out
 
 
@@ -195,9 +197,38 @@ def _tensor_graph(graph) -> str:
     out.append("  program {")
     out += _prog_lines(graph, graph.program, 2)
     out.append("  }")
+    from popdsl.ir.tensor import Node
+    roots = [v for _, v in graph.outputs if isinstance(v, Node)]
+    if roots:
+        out.append("  tensor program:")
+        out += _node_lines(graph, roots)
     for name, v in graph.outputs:
-        out.append(f"  output {name} = {_view(graph, v)}")
+        out.append(f"  output {name} = {f'%{v.id}' if isinstance(v, Node) else _view(graph, v)}")
     return "\n".join(out) + "\n"
+
+
+def _node_lines(graph, roots) -> list[str]:
+    """The op DAG under `roots`, operands before users, one line per node."""
+    order, seen = [], set()
+
+    def visit(n):
+        if n.id in seen:
+            return
+        seen.add(n.id)
+        for a in n.args:
+            visit(a)
+        order.append(n)
+    for r in roots:
+        visit(r)
+    lines = []
+    for n in order:
+        if n.op in ("tensor", "view"):
+            what = graph.tensors[n.attrs[0]].name + ("" if n.op == "tensor" else " (view)")
+        else:
+            attrs = f" {list(n.attrs)}" if n.attrs else ""
+            what = f"{n.op}({', '.join(f'%{a.id}' for a in n.args)}){attrs}"
+        lines.append(f"    %{n.id} = {what} : {n.dtype}{list(n.shape)}")
+    return lines
 
 
 def _lowered(low) -> str:

@@ -65,8 +65,9 @@ class Partitioner:
         # tensor program that no op placed) spreads evenly.
         for t in self.g.tensors:
             tile_of = self.g.tile_of[t.id]
-            if (tile_of < 0).all():
-                tile_of[:] = self.linear(t.numel)
+            free = tile_of < 0
+            if free.any():
+                tile_of[free] = self.linear(t.numel)[free]
         return self.g
 
     def replace_steps(self, p, step):
