@@ -245,3 +245,10 @@ def test_large_conv_splits_input_channels_and_rows(tiles):
     with popdsl.Simulator(exe) as sim:
         y = sim.run({"x": x, "w": w})["y"]
     np.testing.assert_allclose(y, conv_ref_fast(x, w, 1, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_number_next_to_a_tensor_takes_its_type():
+    x = rnd((6,), 18)
+    (y,) = run("    output y = select(x > 0.0, x, 1) + pow(abs(x), 2) + max(1, x);", {"x": x}, 7)
+    ref = np.where(x > 0, x, 1) + np.abs(x.astype(np.float64)) ** 2 + np.maximum(1, x)
+    np.testing.assert_allclose(y, ref, rtol=1e-5)

@@ -59,6 +59,10 @@ class TensorMixin:
         self.d.error(span, f"expected a tensor or a number, found {type(v).__name__}")
         raise self.Bad
 
+    def like(self, span: Span, *values) -> Node | None:
+        """The first tensor among `values`: a number next to it takes its type."""
+        return next((self.as_node(v, span) for v in values if self.is_tensor(v)), None)
+
     def is_tensor(self, v) -> bool:
         return isinstance(v, (Node, g.View))
 
@@ -70,9 +74,7 @@ class TensorMixin:
             raise self.Bad from None
 
     def tensor_binary(self, e: ast.Binary, a, b):
-        like = a if isinstance(a, Node) else (b if isinstance(b, Node) else None)
-        if like is None:
-            like = self.as_node(a if self.is_tensor(a) else b, e.span)
+        like = self.like(e.span, a, b)
         na, nb = self.as_node(a, e.a.span, like), self.as_node(b, e.b.span, like)
         if e.op == "@":
             return self.prim(self.prims.matmul, na, nb, e.span)
@@ -112,7 +114,7 @@ class TensorMixin:
             if kw:
                 self.d.error(e.span, f"scalar codelet '{fn}' takes positional arguments")
                 raise self.Bad
-            like = next((v for v, _ in pos if isinstance(v, Node)), None)
+            like = self.like(e.span, *(v for v, _ in pos))
             return self.prim(self.prims.call_scalar, c,
                              [self.as_node(v, sp, like) for v, sp in pos], e.span)
         if fn not in PRIMITIVES:
@@ -169,7 +171,7 @@ class TensorMixin:
         if fn in ("min", "max", "minimum", "maximum", "pow"):
             only("a", "b")
             a, b = arg(0, "a"), arg(1, "b")
-            like = a if isinstance(a, Node) else b if isinstance(b, Node) else None
+            like = self.like(span, a, b)
             op = {"minimum": "min", "maximum": "max"}.get(fn, fn)
             return self.prim(P.binary, op, self.as_node(a, span, like), self.as_node(b, span, like), span)
         if fn in ("f32", "i32", "bool", "f16"):
@@ -179,7 +181,7 @@ class TensorMixin:
             only("cond", "a", "b")
             c = arg(0, "cond", kind="tensor")
             a, b = arg(1, "a"), arg(2, "b")
-            like = a if isinstance(a, Node) else b if isinstance(b, Node) else None
+            like = self.like(span, a, b)
             return self.prim(P.select, c, self.as_node(a, span, like), self.as_node(b, span, like), span)
         if fn == "matmul":
             only("a", "b")
