@@ -196,3 +196,15 @@ graph g(tiles = 3) {
     assert capsys.readouterr().out == first and first.strip()
     if stage == "elaborate":
         assert "tensor program:" in first and "output loss = %" in first and "step" in first
+
+
+def test_error_inside_a_def_names_the_calls_that_led_there():
+    src = """def inner(x: f32[N, M]) -> f32[N, M] { return x @ x; }
+def outer(x: f32[N, M]) -> f32[N, M] { return inner(x); }
+graph g(tiles = 2) { input x: f32[4, 8]; output z = outer(x); }
+"""
+    with pytest.raises(popdsl.CompileError) as e:
+        popdsl.compile(src)
+    (d,) = e.value.diagnostics
+    assert d.span.line == 1
+    assert d.notes == ("in the call of 'inner' at <string>:2:47", "in the call of 'outer' at <string>:3:53")

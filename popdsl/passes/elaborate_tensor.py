@@ -8,6 +8,7 @@ tensors with initial values, and `graph.outputs` entries holding nodes.
 """
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import numpy as np
@@ -279,6 +280,11 @@ class TensorMixin:
         finally:
             self.path.pop()
             self.scopes, self.context = saved
+            # An error inside the def's body says which call led there.
+            for i in range(errors, len(self.d.items)):
+                item = self.d.items[i]
+                self.d.items[i] = dataclasses.replace(
+                    item, notes=item.notes + (f"in the call of '{d.name}' at {e.span}",))
         if d.ret is not None:
             if result is None:
                 if len(self.d.items) == errors:     # else its 'return' failed, reported
