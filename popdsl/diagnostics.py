@@ -23,9 +23,6 @@ class Span:
         return f"{self.path}:{self.line}:{self.col}"
 
 
-NO_SPAN = Span("<unknown>", 0, 0, 0, 0)
-
-
 class SourceMap:
     """Every source text the compiler read, by path, for rendering carets."""
     _texts: dict[str, str] = {}
@@ -97,7 +94,3 @@ class Diagnostics:
         if self.items:
             raise CompileError(self.items)
 
-
-def fail(span: Span, message: str, *notes: str):
-    """Raise a single user error at once (for errors nothing can continue past)."""
-    raise CompileError([Diagnostic(span, message, "error", tuple(notes))])

@@ -44,7 +44,6 @@ F32, F16, PTR = ll.FloatType(), ll.HalfType(), ll.PointerType()
 COMPUTE = {"f32": F32, "i32": I32, "bool": I1}
 STORAGE = {"f32": F32, "f16": F16, "i32": I32, "bool": I8}
 FLAGS = ("contract",)
-INT_MIN = -(1 << 31)
 
 
 def _c64(v: int) -> ll.Constant:

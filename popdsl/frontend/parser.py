@@ -182,10 +182,6 @@ def _span(path: str, meta) -> Span:
     return Span(path, meta.line, meta.column, meta.end_line, meta.end_column)
 
 
-def _tok_span(path: str, t: Token) -> Span:
-    return Span(path, t.line, t.column, t.end_line, t.end_column)
-
-
 def _meaningful(children):
     """Drop punctuation tokens: the AST keeps only what carries meaning."""
     return [c for c in children if not (isinstance(c, Token) and c.type in _PUNCT)]

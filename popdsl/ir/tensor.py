@@ -23,7 +23,6 @@ EW_BINARY = ("add", "sub", "mul", "div", "mod", "pow", "min", "max", "eq", "ne",
              "and", "or")
 EW_TERNARY = ("select",)
 CASTS = ("cast_f32", "cast_i32", "cast_bool", "cast_f16")
-REDUCTIONS = ("sum", "mean", "max", "min", "argmax")
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from popdsl.diagnostics import Diagnostics, Span
+from popdsl.diagnostics import CompileError, Diagnostic, Diagnostics, Span
 from popdsl.frontend import ast
 from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node
@@ -540,17 +540,15 @@ def elaborate(prog: Program, target: Target, graph_name: str | None = None,
     if graph_name is not None:
         node = graphs.get(graph_name)
         if node is None:
-            from popdsl.diagnostics import CompileError, Diagnostic, Span as S
-            raise CompileError([Diagnostic(S(root_path or "<input>", 0, 0, 0, 0),
+            raise CompileError([Diagnostic(Span(root_path or "<input>", 0, 0, 0, 0),
                                            f"no graph named '{graph_name}' (have: {', '.join(graphs) or 'none'})")])
     else:
         root = [n for n in graphs.values() if root_path is None or n.span.path == root_path] \
             or list(graphs.values())
         if len(root) != 1:
-            from popdsl.diagnostics import CompileError, Diagnostic, Span as S
             msg = "no graph to compile" if not root else \
                 f"several graphs ({', '.join(n.name for n in root)}); choose one with --graph"
-            raise CompileError([Diagnostic(S(root_path or "<input>", 0, 0, 0, 0), msg)])
+            raise CompileError([Diagnostic(Span(root_path or "<input>", 0, 0, 0, 0), msg)])
         node = root[0]
     e = _Elaborator(prog, target, diags)
     graph = e.run(node)

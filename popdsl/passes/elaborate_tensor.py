@@ -20,7 +20,6 @@ from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node, NodeTable
 from popdsl.sema.primitives import NAMES as PRIMITIVES, PrimError, Prims, shape_str
 
-PARAM_INITS = {"zeros", "ones", "full", "uniform", "normal", "glorot_uniform", "he_normal", "arange"}
 MAX_DEPTH = 64
 COMPILE_TIME_TYPES = {"int", "float", "bool"}
 

@@ -34,10 +34,6 @@ def _align(size: np.ndarray) -> np.ndarray:
     return np.where(size >= 256, 64, 8)
 
 
-def _round(x: int, a: int) -> int:
-    return -(-x // a) * a
-
-
 def best_fit(sizes: np.ndarray, aligns: np.ndarray, starts: np.ndarray, ends: np.ndarray,
              order: np.ndarray) -> tuple[np.ndarray, int]:
     """Offsets for allocations placed in `order`, each into the smallest gap among
@@ -76,7 +72,7 @@ def _peak(sizes, starts, ends, points: int) -> int:
     return int(np.cumsum(live).max()) if len(sizes) else 0
 
 
-def _plan_tile(sizes, aligns, starts, ends, reuse: bool) -> tuple[np.ndarray, int]:
+def _plan_tile(sizes, aligns, starts, ends, reuse: bool, bound: int) -> tuple[np.ndarray, int]:
     if not reuse:
         # Most-aligned first: every size is a multiple of its alignment, so no padding.
         order = np.argsort(-aligns, kind="stable")
@@ -86,7 +82,7 @@ def _plan_tile(sizes, aligns, starts, ends, reuse: bool) -> tuple[np.ndarray, in
     by_size = np.lexsort((starts, -(ends - starts), -sizes))
     by_life = np.lexsort((starts, -sizes, -(ends - starts)))
     a = best_fit(sizes, aligns, starts, ends, by_size)
-    if a[1] == _peak(sizes, starts, ends, int(ends.max()) + 1 if len(ends) else 1):
+    if a[1] == bound:
         return a                       # already at the lower bound
     b = best_fit(sizes, aligns, starts, ends, by_life)
     return a if a[1] <= b[1] else b
@@ -140,13 +136,13 @@ def plan(low: Lowered, code_sizes: dict[str, int], unchecked: bool = False, reus
         a, b = bounds[tile], bounds[tile + 1]
         sz, ag, s, e = alloc_size[a:b], alloc_align[a:b], alloc_start[a:b], alloc_end[a:b]
         # Tiles laid out alike are planned once.
+        bound[tile] = _peak(sz, s, e, live.points)
         sig = np.concatenate([sz, ag, s, e]).tobytes()
         hit = memo.get(sig)
         if hit is None:
-            hit = memo[sig] = _plan_tile(sz, ag, s, e, reuse)
+            hit = memo[sig] = _plan_tile(sz, ag, s, e, reuse, int(bound[tile]))
         alloc_base[a:b] = hit[0]
         planned[tile] = hit[1]
-        bound[tile] = _peak(sz, s, e, live.points)
     region_alloc = np.empty(n, np.int64)
     region_alloc[key] = alloc_of_sorted
     base = alloc_base[region_alloc] + inner if n else np.zeros(0, np.int64)

@@ -366,7 +366,7 @@ def _pool_plan(p, N: int, C: int, OH: int, OW: int, k: int, s: int, wp: int):
 def conv2d(p, n: Node) -> g.View:
     stride, padding, groups = n.attrs
     x, w = p.value(n.args[0]), p.value(n.args[1])
-    N, C, H, W = x.index.shape
+    N = x.index.shape[0]
     O, Cg, KH, KW = w.index.shape
     _, _, OH, OW = n.shape
     label = p.name(n)
@@ -374,7 +374,7 @@ def conv2d(p, n: Node) -> g.View:
         x = padded(p, x, ((0, 0), (0, 0), (padding, padding), (padding, padding)), 0.0, "f32", label + ".pad")
     else:
         p.ensure_mapped(x)
-    Hp, Wp = x.index.shape[2:]
+    Wp = x.index.shape[3]
     Og = O // groups
     go, gr, gc = _conv_plan(p, N * groups, Og, Cg, OH, OW, KH, stride, Wp, KH * KW)
     ob_, rb_, cb_ = _blocks(Og, go), _blocks(OH, gr), _blocks(Cg, gc)

@@ -53,13 +53,13 @@ class _Checker:
         n = self.node
         scalar = n.ret is not None
         if scalar:
-            self.ret = self.scalar_type(n.ret, allow_f16=True)
+            self.ret = self.scalar_type(n.ret)
         out = []
         for p in n.params:
             if p.name in self.fields:
                 self.d.error(p.span, f"duplicate field '{p.name}' in codelet '{n.name}'")
                 continue
-            dtype = self.scalar_type(p.type, allow_f16=True)
+            dtype = self.scalar_type(p.type)
             dims = p.type.dims or ()
             if scalar and (p.direction is not None or dims):
                 self.d.error(p.span, f"parameters of scalar codelet '{n.name}' are plain "
@@ -84,7 +84,7 @@ class _Checker:
                 self.d.error(n.span, f"'{s}' is both a field and a size symbol of codelet '{n.name}'")
         return tuple(out)
 
-    def scalar_type(self, t: ast.TypeRef, allow_f16: bool) -> str:
+    def scalar_type(self, t: ast.TypeRef) -> str:
         if t.name not in ir.SCALARS:
             self.d.error(t.span, f"unknown type '{t.name}'", "types are f32, f16, i32 and bool")
             return "f32"
@@ -122,7 +122,7 @@ class _Checker:
     def stmt(self, s) -> list[ir.Stmt]:
         if isinstance(s, (ast.LetStmt, ast.VarStmt)):
             kind = "let" if isinstance(s, ast.LetStmt) else "var"
-            want = self.scalar_type(s.type, False) if s.type is not None else None
+            want = self.scalar_type(s.type) if s.type is not None else None
             if s.type is not None and s.type.dims:
                 self.d.error(s.type.span, "codelet locals are scalars")
             if want == "f16":
