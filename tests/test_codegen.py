@@ -5,6 +5,7 @@ the test needs IR the front end would not produce."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from popdsl.codegen import jit
 from popdsl.codegen.jit import NativeCodelets, aligned_zeros
 from popdsl.codegen.llvm import emit_module
+from popdsl.codegen.specialise import constant_columns
 from popdsl.ir import codelet_eval as ev
 from popdsl.ir.codelet import (ERR_BOUNDS, ERR_DIV_ZERO, ELEM_BYTES, NUMPY_DTYPE, Assign,
                                Binary, Break, CallScalar, Cast, Codelet, Const, Continue,
@@ -535,3 +537,127 @@ def test_verifier_rejects_recursion_and_accepts_good():
         verify_codelet(f, {"f": f})
     for c in pop(FUSED + MATMUL + SCALARS).values():
         verify_codelet(c, pop(SCALARS))
+
+
+# ---------------------------------------------------------------- specialised drivers
+
+PRIMS = {c.name: c for c in compile_codelets(
+    (Path(__file__).resolve().parent.parent / "stdlib" / "prims.pop").read_text(), "prims.pop")}
+
+
+def _run_spec_and_generic(codelets, name, vs, contract=False):
+    """(generic, specialised) runs of the same table: (mem, cycles, error) each."""
+    nc = NativeCodelets(codelets, contract=contract)
+    consts = constant_columns(nc.codelets[name], vs.table, min_rows=1)
+    sp = nc.specialised([(name, consts)])
+    out = []
+    for runner, k in ((nc, ()), (sp, consts)):
+        mem = aligned_zeros(vs.mem.size)
+        mem[:] = vs.mem
+        cyc = np.full(len(vs.table), -7, np.int64)
+        err = None
+        try:
+            runner.run(name, mem, vs.table, 0, len(vs.table), cyc, k)
+        except VertexError as e:
+            err = e
+        out.append((mem, cyc, err))
+    return consts, out
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=st.integers(1, 9), k=st.integers(1, 7), p=st.integers(1, 20), n=st.integers(1, 3),
+       seed=st.integers(0, 2**16))
+def test_specialised_matmul_is_bit_exact_with_generic_and_reference(m, k, p, n, seed):
+    # The MatMul primitive takes rows four at a time with a remainder loop: every
+    # m mod 4 is exercised, and a constant-folded driver must not change a bit.
+    rng = np.random.default_rng(seed)
+    rows = [{"a": rng.standard_normal((m, k)).astype(np.float32),
+             "b": rng.standard_normal((k, p)).astype(np.float32),
+             "c": np.full((m, p), np.nan, np.float32), "m": m, "k": k, "p": p} for _ in range(n)]
+    vs = Vertices(PRIMS["MatMul"], rows)
+    consts, [(mg, cg, eg), (ms, cs_, es)] = _run_spec_and_generic([PRIMS["MatMul"]], "MatMul", vs)
+    assert {table_layout(PRIMS["MatMul"])[col].name for col, _ in consts} >= {"m", "k", "p"}
+    assert eg is None and es is None
+    np.testing.assert_array_equal(ms, mg)
+    np.testing.assert_array_equal(cs_, cg)
+    mr = aligned_zeros(vs.mem.size)
+    mr[:] = vs.mem
+    cr = np.zeros(n, np.int64)
+    ev.run_vertices(PRIMS["MatMul"], mr, vs.table, 0, n, cr, {})
+    np.testing.assert_array_equal(mr, mg)
+    np.testing.assert_array_equal(cr, cg)
+    for v in range(n):
+        np.testing.assert_allclose(vs.get(ms, v, "c"), rows[v]["a"] @ rows[v]["b"], rtol=1e-5, atol=1e-5)
+
+
+def test_specialised_conv_state_and_errors_match_generic():
+    # Conv2dBlock's geometry is state (kh, kw, stride, widths): constants too.
+    c = PRIMS["Conv2dBlock"]
+    rng = np.random.default_rng(3)
+    rows = [{"x": rng.standard_normal((2, 5 * 5)).astype(np.float32),
+             "w": rng.standard_normal((3, 2 * 3 * 3)).astype(np.float32),
+             "y": np.zeros((3, 2 * 2), np.float32), "kh": 3, "kw": 3, "s": 2, "wp": 5, "ow": 2,
+             "c": 2, "xs": 25, "o": 3, "ckk": 18, "ys": 4} for _ in range(4)]
+    vs = Vertices(c, rows)
+    consts, [(mg, cg, eg), (ms, cs_, es)] = _run_spec_and_generic([c], "Conv2dBlock", vs)
+    assert {table_layout(c)[col].name for col, _ in consts} >= {"kh", "kw", "s", "wp", "ow"}
+    assert eg is None and es is None
+    np.testing.assert_array_equal(ms, mg)
+    np.testing.assert_array_equal(cs_, cg)
+    # A failing vertex is reported identically by both drivers.
+    g = pop("""
+codelet Gather(in x: f32[n], in idx: i32[m], out y: f32[m]) {
+    for i in 0..m { y[i] = x[idx[i]]; }
+}""")["Gather"]
+    rows = [{"x": np.arange(4, dtype=np.float32), "idx": np.array(ix, np.int32),
+             "y": np.zeros(2, np.float32), "n": 4, "m": 2} for ix in ([0, 3], [1, 2], [2, 4], [5, 0])]
+    vs = Vertices(g, rows)
+    consts, [(mg, cg, eg), (ms, cs_, es)] = _run_spec_and_generic([g], "Gather", vs)
+    assert consts and eg.key() == es.key() == (ERR_BOUNDS, 2, "x", 0, 4, 4)
+    np.testing.assert_array_equal(ms, mg)
+    np.testing.assert_array_equal(cs_[:2], cg[:2])
+
+
+def test_specialisation_needs_enough_rows_and_skips_addresses():
+    c = PRIMS["MatMul"]
+    table = np.zeros((40, len(table_layout(c))), np.int64)
+    table[:, 0] = np.arange(40) * 64                  # a's address differs per row
+    table[:, 1] = 7
+    cols = dict(constant_columns(c, table))
+    assert 0 not in cols and cols[1] == 7
+    assert constant_columns(c, table[:10]) == ()
+    table[3, 1] = 8
+    assert 1 not in dict(constant_columns(c, table))
+    with pytest.raises(ValueError, match="outside its table"):
+        emit_module([c], specs=[("MatMul", ((99, 1),))])
+    with pytest.raises(ValueError, match="no vertex codelet"):
+        emit_module([c], specs=[("Nope", ())])
+
+
+# ---------------------------------------------------------------- copy runs
+
+@settings(max_examples=200, deadline=None)
+@given(runs=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 200), st.integers(0, 24)),
+                     min_size=0, max_size=12),
+       parts=st.integers(1, 4))
+def test_independent_runs_agree_with_brute_force_and_any_order(runs, parts):
+    from popdsl.codegen.copies import copy_runs, independent, split_runs
+    src = np.array([r[0] for r in runs], np.int64)
+    dst = np.array([r[1] for r in runs], np.int64)
+    nb = np.array([r[2] for r in runs], np.int64)
+    writes = [set(range(d, d + n)) for d, n in zip(dst, nb)]
+    reads = [set(range(s, s + n)) for s, n in zip(src, nb)]
+    brute = all(not (writes[i] & (writes[j] | reads[j]))
+                for i in range(len(runs)) for j in range(len(runs)) if i != j) and \
+        all(not (writes[i] & reads[i]) for i in range(len(runs)))
+    assert independent(src, dst, nb) == brute
+    cuts = split_runs(nb, parts)
+    assert cuts[0] == 0 and cuts[-1] == len(runs) and np.all(np.diff(cuts) >= 0)
+    if brute:
+        mem = aligned_zeros(256)
+        mem[:] = np.random.default_rng(len(runs)).integers(0, 255, 256)
+        want = mem.copy()
+        copy_runs(want, src, dst, nb)
+        for a, b in reversed(list(zip(cuts[:-1], cuts[1:]))):       # pieces in any order
+            copy_runs(mem, src[a:b], dst[a:b], nb[a:b])
+        np.testing.assert_array_equal(mem, want)

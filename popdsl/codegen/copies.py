@@ -66,6 +66,31 @@ def check_runs(mem_size: int, src: np.ndarray, dst: np.ndarray, nbytes: np.ndarr
         raise ValueError("a copy reaches outside the simulator's memory")
 
 
+def independent(src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray) -> bool:
+    """Whether the runs may be done in any order, or at once: no run writes bytes
+    another run reads or writes.  (Sources may overlap: a broadcast reads one block
+    many times.)"""
+    keep = nbytes > 0
+    src, dst, nbytes = src[keep], dst[keep], nbytes[keep]
+    order = np.argsort(dst, kind="stable")
+    d0, d1 = dst[order], dst[order] + nbytes[order]
+    if np.any(d0[1:] < d1[:-1]):
+        return False
+    # A source overlaps a destination iff the last destination starting before the
+    # source's end ends after the source's start.
+    k = np.searchsorted(d0, src + nbytes, side="left") - 1
+    hit = k >= 0
+    return not np.any(d1[k[hit]] > src[hit])
+
+
+def split_runs(nbytes: np.ndarray, parts: int) -> np.ndarray:
+    """Run indices cutting the runs into `parts` pieces of about equal bytes."""
+    cum = np.cumsum(nbytes)
+    total = int(cum[-1]) if cum.size else 0
+    cuts = np.searchsorted(cum, [total * i // parts for i in range(1, parts)], side="right")
+    return np.concatenate(([0], cuts, [nbytes.size])).astype(np.int64)
+
+
 def copy_runs(mem: np.ndarray, src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray,
               checked: bool = True) -> None:
     """mem[dst[i] : dst[i]+nbytes[i]] = mem[src[i] : ...], for i in order.  Pass

@@ -39,13 +39,13 @@ import llvmlite
 import llvmlite.binding as llvm
 import numpy as np
 
-from popdsl.codegen.llvm import emit_module
+from popdsl.codegen.llvm import emit_module, spec_symbol
 from popdsl.ir import codelet as ir
 from popdsl.ir.errors import VertexError
 
 __all__ = ["NativeCodelets", "VertexError", "aligned_zeros", "cache_dir", "CODEGEN_VERSION"]
 
-CODEGEN_VERSION = "popdsl-codegen-1"
+CODEGEN_VERSION = "popdsl-codegen-2"
 _MAGIC = b"POPDSLO1"
 _LOCK = threading.RLock()        # llvmlite compiles are not thread-safe
 _TM = None
@@ -112,6 +112,9 @@ def optimize_ir(ir_text: str) -> "llvm.ModuleRef":
     mod.data_layout = str(tm.target_data)
     mod.verify()
     pto = llvm.create_pipeline_tuning_options(speed_level=3)
+    # llvmlite leaves the SLP vectoriser off; straight-line code after full
+    # unrolling (specialised drivers) needs it to use vector registers at all.
+    pto.slp_vectorization = True
     pb = llvm.create_pass_builder(tm, pto)          # fresh per run: reuse aborts
     pb.getModulePassManager().run(mod, pb)
     return mod
@@ -149,10 +152,11 @@ def _write_cache(path: Path, obj: bytes) -> None:
 
 
 def object_code(codelets: Sequence[ir.Codelet], unchecked: bool = False,
-                contract: bool = True) -> tuple[bytes, bool]:
-    """(object code, came from cache) for `codelets`."""
+                contract: bool = True, specs: Sequence[tuple[str, tuple]] = (),
+                generic: bool = True) -> tuple[bytes, bool]:
+    """(object code, came from cache) for `codelets` (see `emit_module`)."""
     with _LOCK:
-        text = str(emit_module(codelets, unchecked, contract=contract))
+        text = str(emit_module(codelets, unchecked, contract=contract, specs=specs, generic=generic))
         path = cache_dir() / f"{cache_key(text)}.o"
         obj = _read_cache(path)
         if obj is not None:
@@ -195,12 +199,15 @@ class NativeCodelets:
     """Native code for a set of codelets (scalar codelets they call included)."""
 
     def __init__(self, codelets: Sequence[ir.Codelet], unchecked: bool = False, *,
-                 contract: bool = True):
+                 contract: bool = True, specs: Sequence[tuple[str, tuple]] = (),
+                 generic: bool = True):
         # contract=False: no FMA contraction, for bit-exact comparison with the
-        # reference evaluator in tests.
+        # reference evaluator in tests.  `specs`: drivers specialised to constant
+        # table columns (`codegen.specialise`); generic=False: only those.
         self.codelets = {c.name: c for c in codelets}
-        self.unchecked = unchecked
-        obj, self.from_cache = object_code(codelets, unchecked, contract)
+        self.unchecked, self.contract = unchecked, contract
+        specs = tuple(sorted(set(specs)))
+        obj, self.from_cache = object_code(codelets, unchecked, contract, specs, generic)
         self._sections = _section_sizes(obj)
         with _LOCK:
             _target_machine()
@@ -211,8 +218,15 @@ class NativeCodelets:
             self._engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
             self._engine.finalize_object()
             self._drivers, self._maps = {}, {}
+            for name, consts in specs:
+                c = self.codelets[name]
+                addr = self._engine.get_function_address(spec_symbol(name, consts))
+                self._drivers[(name, consts)] = (_DRIVE(addr), len(ir.table_layout(c)),
+                                                 tuple(f.name for f in c.fields))
             for c in codelets:
                 if c.ret is None:
+                    if not generic:
+                        continue
                     addr = self._engine.get_function_address(f"popdsl_drive_{c.name}")
                     self._drivers[c.name] = (_DRIVE(addr), len(ir.table_layout(c)),
                                              tuple(f.name for f in c.fields))
@@ -223,12 +237,19 @@ class NativeCodelets:
                     self._maps[c.name] = (proto(addr), _STORAGE_NP[c.ret],
                                           tuple(_STORAGE_NP[f.dtype] for f in c.fields))
 
+    def specialised(self, specs: Sequence[tuple[str, tuple]]) -> "NativeCodelets":
+        """Drivers of these codelets specialised to `specs` ((name, consts) pairs)
+        and nothing else; run them with `run(..., consts=...)`."""
+        return NativeCodelets(list(self.codelets.values()), self.unchecked,
+                              contract=self.contract, specs=specs, generic=False)
+
     def run(self, name: str, mem: np.ndarray, table: np.ndarray, begin: int, end: int,
-            cycles: np.ndarray) -> None:
+            cycles: np.ndarray, consts: tuple = ()) -> None:
         """Run rows begin..end of vertex codelet `name`; cycles[row] gets each
         vertex's cycle count.  Raises VertexError for the first failing row (rows
-        before it have run)."""
-        fn, ncols, fields = self._drivers[name]
+        before it have run).  With `consts` (a specialisation this object was built
+        with) the caller guarantees every row holds those values in those columns."""
+        fn, ncols, fields = self._drivers[(name, consts) if consts else name]
         mp = _ptr(mem)
         if ((mem.dtype is not _U8 and mem.dtype != _U8) or mem.ndim != 1 or not mem.flags.c_contiguous
                 or mp % _ALIGN or not mem.flags.writeable):

@@ -30,6 +30,7 @@ so it cannot overflow or run forever.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Sequence
 
 import llvmlite.ir as ll
@@ -452,9 +453,17 @@ def _emit_vertex(mod, c, scalars, unchecked, flags):
     em.stmts(c.body)
     em.finish()
 
-    drv = ll.Function(mod, ll.FunctionType(I64, [PTR, PTR, I64, I64, PTR, PTR]),
-                      f"popdsl_drive_{c.name}")
-    drv.section = f".text.popdsl_drive_{c.name}"
+    return body, params
+
+
+def _emit_driver(mod, c, body, params, name, consts=None):
+    """The row loop `name` over a vertex table calling `body`.  `consts` maps table
+    columns to values every row holds there (a specialised driver): those columns
+    are not read, and LLVM sees the constants (full unrolling of short loops,
+    bounds checks it can prove)."""
+    consts = consts or {}
+    drv = ll.Function(mod, ll.FunctionType(I64, [PTR, PTR, I64, I64, PTR, PTR]), name)
+    drv.section = f".text.{name}"
     drv.attributes.add("nounwind")
     mem, table, begin, end, cycles, err = drv.args
     for a in (mem, table, cycles, err):
@@ -472,7 +481,10 @@ def _emit_vertex(mod, c, scalars, unchecked, flags):
     rowp = b.gep(table, [b.mul(row, _c64(ncols))], inbounds=True, source_etype=I64)
     args = [err]
     for col, (kind, obj, ty) in enumerate(params):
-        v = b.load(b.gep(rowp, [_c64(col)], inbounds=True, source_etype=I64), typ=I64)
+        if col in consts:
+            v = _c64(consts[col])
+        else:
+            v = b.load(b.gep(rowp, [_c64(col)], inbounds=True, source_etype=I64), typ=I64)
         if kind == "ptr":
             args.append(b.gep(mem, [v], source_etype=I8))
         elif kind == "stride":
@@ -549,10 +561,13 @@ def _emit_scalar(mod, c, scalars, unchecked, flags):
 
 
 def emit_module(codelets: Sequence[ir.Codelet], unchecked: bool = False, *,
-                contract: bool = True) -> ll.Module:
+                contract: bool = True, specs: Sequence[tuple[str, tuple]] = (),
+                generic: bool = True) -> ll.Module:
     """One LLVM module holding every codelet of `codelets` (scalar codelets called by
     them must be in the list).  Raises ValueError on IR that does not verify.
-    contract=False drops the `contract` flag (bit-exact differential tests only)."""
+    contract=False drops the `contract` flag (bit-exact differential tests only).
+    `specs` adds specialised drivers (`spec_symbol`), each a (codelet name,
+    ((column, value), ...)) pair; generic=False leaves out the generic drivers."""
     flags = FLAGS if contract else ()
     scalars = {c.name: c for c in codelets if c.ret is not None}
     names = [c.name for c in codelets]
@@ -560,13 +575,32 @@ def emit_module(codelets: Sequence[ir.Codelet], unchecked: bool = False, *,
         raise ValueError("duplicate codelet names")
     for c in codelets:
         verify_codelet(c, scalars)
+    by_name = {c.name: c for c in codelets}
+    for name, consts in specs:
+        c = by_name.get(name)
+        if c is None or c.ret is not None:
+            raise ValueError(f"no vertex codelet '{name}' to specialise")
+        ncols = len(ir.table_layout(c))
+        if any(not 0 <= col < ncols for col, _ in consts):
+            raise ValueError(f"specialisation of '{name}' names a column outside its table")
     mod = ll.Module(name="popdsl")
     for c in codelets:
         if c.ret is not None:
             _declare_scalar(mod, c)
+    bodies = {}
     for c in codelets:
         if c.ret is not None:
             _emit_scalar(mod, c, scalars, unchecked, flags)
         else:
-            _emit_vertex(mod, c, scalars, unchecked, flags)
+            bodies[c.name] = _emit_vertex(mod, c, scalars, unchecked, flags)
+            if generic:
+                _emit_driver(mod, c, *bodies[c.name], f"popdsl_drive_{c.name}")
+    for name, consts in sorted(set(specs)):
+        _emit_driver(mod, by_name[name], *bodies[name], spec_symbol(name, consts), dict(consts))
     return mod
+
+
+def spec_symbol(name: str, consts: tuple) -> str:
+    """The symbol of codelet `name`'s driver specialised to `consts`."""
+    key = ",".join(f"{c}={v}" for c, v in sorted(consts))
+    return f"popdsl_spec_{name}_{hashlib.sha256(key.encode()).hexdigest()[:16]}"

@@ -6,8 +6,11 @@ tiles' memories are one 64-byte aligned byte array (tile t owns bytes
 the memory plan put it, and a planning bug shows as wrong numbers.
 
 One native call per (compute set, codelet, row range); row ranges run on threads
-(native calls release the GIL).  Copies are numpy gathers over typed views of the
-memory.  Every phase adds to the cycle estimate (`runtime.cycles`).
+(native calls release the GIL).  Groups whose sizes, strides and state are the same
+in every row run a driver specialised to them (`codegen.specialise`).  Copies are
+native loops of memmoves; a big copy whose runs are independent is split between
+the threads.  Every phase adds to the cycle estimate (`runtime.cycles`).  After a
+DeviceError the memory is unspecified (other threads' rows may have run).
 """
 from __future__ import annotations
 
@@ -17,8 +20,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from popdsl.codegen.copies import check_runs, copy_runs
+from popdsl.codegen.copies import check_runs, copy_runs, independent, split_runs
 from popdsl.codegen.jit import NativeCodelets, aligned_zeros
+from popdsl.codegen.specialise import group_specs
 from popdsl.diagnostics import Diagnostic
 from popdsl.ir.codelet import ERR_BOUNDS, NUMPY_DTYPE
 from popdsl.ir.errors import VertexError
@@ -26,7 +30,8 @@ from popdsl.runtime import executable as X
 from popdsl.runtime.cycles import compute_cycles
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-PARALLEL_MIN_ROWS = 256       # below this a thread hand-off costs more than it saves
+PARALLEL_MIN_ROWS = 256       # below these a thread hand-off costs more than it saves
+PARALLEL_MIN_BYTES = 1 << 18
 
 
 class DeviceError(Exception):
@@ -56,22 +61,40 @@ class Machine:
                  threads: int | None = None, out=None):
         self.exe = exe
         self.native = native or NativeCodelets(list(exe.codelets.values()), exe.unchecked)
+        # Groups whose sizes, strides and state are constant run a driver compiled
+        # with them folded in (codegen.specialise: same cycles, faster host code).
+        self._consts = group_specs(exe)
+        specs = {(g.codelet, k) for cs, ks in zip(exe.compute_sets, self._consts)
+                 for g, k in zip(cs.groups, ks) if k}
+        self._special = self.native.specialised(sorted(specs)) if specs else None
         t = exe.target
         self.mem = aligned_zeros(t.tiles * t.tile_memory)
         self.threads = max(1, threads or 2)
-        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self._pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
         self.out = out or sys.stdout
         self.cycles = CycleCounts()
         self.tile_cycles: dict[int, np.ndarray] = {}     # compute set → its last run's cycles per tile
-        self._cycle_bufs = [[np.zeros(len(g.tiles), np.int64) for g in cs.groups] for cs in exe.compute_sets]
-        # Per compute set, its vertices' tiles and their order, for the cycle model.
-        self._cs_tiles = []
+        # Per compute set: one cycle slot per vertex (a view per group), its
+        # vertices' tiles and their order, for the cycle model; and the last
+        # slots seen with their per-tile cycles, since most compute sets count the
+        # same cycles every time they run.
+        self._cycle_bufs, self._cs_tiles, self._last = [], [], []
         for cs in exe.compute_sets:
+            sizes = [len(g.tiles) for g in cs.groups]
+            buf = np.zeros(sum(sizes), np.int64)
+            cuts = np.cumsum([0] + sizes)
+            self._cycle_bufs.append((buf, [buf[a:b] for a, b in zip(cuts[:-1], cuts[1:])]))
             tiles = np.concatenate([g.tiles for g in cs.groups]) if cs.groups else np.zeros(0, np.int32)
             self._cs_tiles.append((tiles, np.argsort(tiles, kind="stable")))
-        # Copy tables are checked once here, not on every run.
+            self._last.append(None)
+        # Copy tables are checked once here, not on every run; big ones whose runs
+        # are independent are split between the threads.
+        self._copy_parts: dict[int, np.ndarray] = {}
         for c in [cs.pre for cs in exe.compute_sets] + [cs.post for cs in exe.compute_sets] + list(exe.copies):
             check_runs(self.mem.size, c.src, c.dst, c.nbytes)
+            if (self.threads > 1 and int(c.nbytes.sum()) >= PARALLEL_MIN_BYTES
+                    and independent(c.src, c.dst, c.nbytes)):
+                self._copy_parts[id(c)] = split_runs(c.nbytes, self.threads)
         for tid, values in exe.init.items():
             self._store(exe.tensor_addrs[tid], values, exe.tensors[tid].dtype)
 
@@ -143,49 +166,66 @@ class Machine:
     def _copy(self, c: X.CopyTable) -> None:
         if not c:
             return
-        copy_runs(self.mem, c.src, c.dst, c.nbytes, checked=False)
+        parts = self._copy_parts.get(id(c))
+        if parts is None:
+            copy_runs(self.mem, c.src, c.dst, c.nbytes, checked=False)
+        else:
+            self._parallel(lambda a, b: copy_runs(self.mem, c.src[a:b], c.dst[a:b], c.nbytes[a:b],
+                                                  checked=False), parts)
         sync = self.exe.target.sync_cycles
         self.cycles.exchange += c.cycles - sync
         self.cycles.sync += sync
         self.cycles.exchange_bytes += c.exchange_bytes
 
+    def _parallel(self, fn, cuts) -> None:
+        """fn(cuts[i], cuts[i+1]) for every piece: the first here, the others on the
+        pool.  Raises the VertexError of the lowest failing row, if any."""
+        futs = [self._pool.submit(fn, int(a), int(b)) for a, b in zip(cuts[1:-1], cuts[2:])]
+        errors = []
+        try:
+            fn(int(cuts[0]), int(cuts[1]))
+        except VertexError as e:
+            errors.append(e)
+        for f in futs:
+            try:
+                f.result()
+            except VertexError as e:
+                errors.append(e)
+        if errors:
+            raise min(errors, key=lambda e: e.vertex)
+
     def _execute(self, csi: int) -> None:
         cs = self.exe.compute_sets[csi]
         target = self.exe.target
         self._copy(cs.pre)
-        bufs = self._cycle_bufs[csi]
-        for grp, cyc in zip(cs.groups, bufs):
-            self._run_group(cs, grp, cyc)
+        buf, views = self._cycle_bufs[csi]
+        for grp, cyc, consts in zip(cs.groups, views, self._consts[csi]):
+            self._run_group(cs, grp, cyc, consts)
         phase = 0
         if cs.groups:
             # All codelets of a compute set share the tiles' workers in one phase.
-            tiles, order = self._cs_tiles[csi]
-            cyc = bufs[0] if len(bufs) == 1 else np.concatenate(bufs)
-            per_tile = compute_cycles(tiles, cyc, target, order)
-            self.tile_cycles[csi] = per_tile
-            phase = int(per_tile.max())
+            last = self._last[csi]
+            if last is None or not np.array_equal(last[0], buf):
+                tiles, order = self._cs_tiles[csi]
+                per_tile = compute_cycles(tiles, buf, target, order)
+                last = self._last[csi] = (buf.copy(), per_tile, int(per_tile.max()))
+            self.tile_cycles[csi] = last[1]
+            phase = last[2]
         self.cycles.compute += phase
         self.cycles.sync += target.sync_cycles
         self.cycles.per_compute_set[cs.name] = self.cycles.per_compute_set.get(cs.name, 0) + phase
         self._copy(cs.post)
 
-    def _run_group(self, cs: X.ComputeSetExec, grp: X.VertexTable, cyc: np.ndarray) -> None:
+    def _run_group(self, cs: X.ComputeSetExec, grp: X.VertexTable, cyc: np.ndarray,
+                   consts: tuple) -> None:
         n = len(grp.tiles)
+        native = self._special if consts else self.native
         try:
             if self._pool is None or n < PARALLEL_MIN_ROWS:
-                self.native.run(grp.codelet, self.mem, grp.table, 0, n, cyc)
+                native.run(grp.codelet, self.mem, grp.table, 0, n, cyc, consts)
             else:
-                bounds = np.linspace(0, n, self.threads + 1).astype(int)
-                futs = [self._pool.submit(self.native.run, grp.codelet, self.mem, grp.table,
-                                          int(a), int(b), cyc) for a, b in zip(bounds[:-1], bounds[1:])]
-                errors = []
-                for f in futs:
-                    try:
-                        f.result()
-                    except VertexError as e:
-                        errors.append(e)
-                if errors:
-                    raise min(errors, key=lambda e: e.vertex)
+                self._parallel(lambda a, b: native.run(grp.codelet, self.mem, grp.table, a, b, cyc, consts),
+                               np.linspace(0, n, self.threads + 1).astype(int))
         except VertexError as e:
             raise DeviceError(self._describe(cs, grp, e)) from None
 
