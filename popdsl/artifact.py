@@ -291,25 +291,17 @@ class _Loader:
         if table.shape[1] != len(layout):
             raise ValueError(f"vertex table of {c.name} has {table.shape[1]} columns, expected {len(layout)}")
         col = {(k.kind, k.name): j for j, k in enumerate(layout)}
-        sym = {s: table[:, col[("sym", s)]] for s in c.symbols}
-        for s, v in sym.items():
+        for s in c.symbols:
+            v = table[:, col[("sym", s)]]
             if v.size and (v.min() < 1 or v.max() >= 2**31):
                 raise ValueError(f"size symbol {s} of {c.name} out of range")
         for f in c.fields:
-            if f.direction == "state":
-                continue
-            es = cir.ELEM_BYTES[f.dtype]
-            addr = table[:, col[("addr", f.name)]]
-            dims = [sym[x] if isinstance(x, str) else np.int64(x) for x in f.dims]
-            if f.rank == 0:
-                extent = np.full(addr.shape, es)
-            elif f.rank == 1:
-                extent = dims[0] * es
-            else:
+            if f.rank == 2 and f.direction != "state":
                 stride = table[:, col[("stride", f.name)]]
                 if stride.size and stride.min() < 0:
                     raise ValueError("negative row stride")
-                extent = ((dims[0] - 1) * stride + dims[1]) * es
+        for f, addr, extent in X.field_extents(c, table):
+            es = cir.ELEM_BYTES[f.dtype]
             if addr.size and (addr.min() < 0 or (addr % es).any() or (addr + extent).max() > self.memsize):
                 raise ValueError(f"field {f.name} of {c.name} reaches outside the target's memory")
 

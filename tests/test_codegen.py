@@ -661,3 +661,32 @@ def test_independent_runs_agree_with_brute_force_and_any_order(runs, parts):
         for a, b in reversed(list(zip(cuts[:-1], cuts[1:]))):       # pieces in any order
             copy_runs(mem, src[a:b], dst[a:b], nb[a:b])
         np.testing.assert_array_equal(mem, want)
+
+
+@settings(max_examples=100, deadline=None)
+@given(addrs=st.lists(st.integers(0, 60), min_size=0, max_size=30, unique=True))
+def test_scatter_and_gather_by_runs_round_trip(addrs):
+    from popdsl.codegen.copies import element_runs, gather_runs, scatter_runs
+    a = np.array(addrs, np.int64) * 4
+    values = np.arange(len(addrs), dtype=np.float32) + 0.5
+    runs = element_runs(a, 4)
+    assert runs[2].sum() == 4 * len(addrs)
+    mem = aligned_zeros(256)
+    scatter_runs(mem, values, runs)
+    want = np.zeros(64, np.float32)
+    want[a // 4] = values
+    np.testing.assert_array_equal(mem.view(np.float32), want)
+    out = np.empty(len(addrs), np.float32)
+    gather_runs(mem, out, runs)
+    np.testing.assert_array_equal(out, values)
+
+
+def test_scatter_and_gather_refuse_runs_outside_their_arrays():
+    from popdsl.codegen.copies import element_runs, gather_runs, scatter_runs
+    mem = aligned_zeros(64)
+    with pytest.raises(ValueError, match="outside"):
+        scatter_runs(mem, np.ones(4, np.float32), element_runs(np.array([0, 4, 8, 64]), 4))
+    with pytest.raises(ValueError, match="outside"):
+        scatter_runs(mem, np.ones(2, np.float32), element_runs(np.array([0, 4, 8]), 4))
+    with pytest.raises(ValueError, match="outside"):
+        gather_runs(mem, np.ones(1, np.float32), element_runs(np.array([0, 4]), 4))

@@ -2,7 +2,8 @@
 
 Requires the simulator memory and runs (src, dst, nbytes arrays of global byte
 addresses); produces the copies, in order, by one native loop of memmoves (the
-call releases the GIL).  Addresses are checked against the memory before the call,
+call releases the GIL).  The same loop moves host arrays in and out of the memory
+(`scatter_runs`, `gather_runs`) by runs of consecutive addresses.  Addresses are checked against the memory before the call,
 so a bad table is an error, never a crash.
 """
 from __future__ import annotations
@@ -18,21 +19,45 @@ from popdsl.codegen import jit
 _IR = """
 declare void @llvm.memmove.p0.p0.i64(ptr, ptr, i64, i1)
 
-define void @popdsl_copy_runs(ptr %mem, ptr noalias %src, ptr noalias %dst, ptr noalias %len, i64 %count) {
+define void @popdsl_copy_runs(ptr %to_mem, ptr %from_mem, ptr noalias %src, ptr noalias %dst, ptr noalias %len, i64 %count) {
 entry:
   %empty = icmp sle i64 %count, 0
   br i1 %empty, label %done, label %loop
 loop:
-  %i = phi i64 [ 0, %entry ], [ %next, %loop ]
+  %i = phi i64 [ 0, %entry ], [ %next, %next_run ]
   %sp = getelementptr i64, ptr %src, i64 %i
   %dp = getelementptr i64, ptr %dst, i64 %i
   %lp = getelementptr i64, ptr %len, i64 %i
   %s = load i64, ptr %sp
   %d = load i64, ptr %dp
   %n = load i64, ptr %lp
-  %from = getelementptr i8, ptr %mem, i64 %s
-  %to = getelementptr i8, ptr %mem, i64 %d
+  %from = getelementptr i8, ptr %from_mem, i64 %s
+  %to = getelementptr i8, ptr %to_mem, i64 %d
+  ; Short runs of the common sizes copy inline (a fixed-size memmove is a few
+  ; vector moves); the rest call memmove.
+  switch i64 %n, label %any [ i64 4, label %c4 i64 8, label %c8 i64 16, label %c16 i64 32, label %c32 i64 64, label %c64 i64 128, label %c128 ]
+any:
   call void @llvm.memmove.p0.p0.i64(ptr %to, ptr %from, i64 %n, i1 false)
+  br label %next_run
+c4:
+  call void @llvm.memmove.p0.p0.i64(ptr %to, ptr %from, i64 4, i1 false)
+  br label %next_run
+c8:
+  call void @llvm.memmove.p0.p0.i64(ptr %to, ptr %from, i64 8, i1 false)
+  br label %next_run
+c16:
+  call void @llvm.memmove.p0.p0.i64(ptr %to, ptr %from, i64 16, i1 false)
+  br label %next_run
+c32:
+  call void @llvm.memmove.p0.p0.i64(ptr %to, ptr %from, i64 32, i1 false)
+  br label %next_run
+c64:
+  call void @llvm.memmove.p0.p0.i64(ptr %to, ptr %from, i64 64, i1 false)
+  br label %next_run
+c128:
+  call void @llvm.memmove.p0.p0.i64(ptr %to, ptr %from, i64 128, i1 false)
+  br label %next_run
+next_run:
   %next = add i64 %i, 1
   %more = icmp slt i64 %next, %count
   br i1 %more, label %loop, label %done
@@ -42,7 +67,7 @@ done:
 """
 
 _PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                          ctypes.c_int64)
+                          ctypes.c_void_p, ctypes.c_int64)
 
 
 @functools.cache
@@ -100,4 +125,40 @@ def copy_runs(mem: np.ndarray, src: np.ndarray, dst: np.ndarray, nbytes: np.ndar
     if checked:
         check_runs(mem.size, src, dst, nbytes)
     _, fn = _copy_fn()
-    fn(mem.ctypes.data, src.ctypes.data, dst.ctypes.data, nbytes.ctypes.data, src.size)
+    fn(mem.ctypes.data, mem.ctypes.data, src.ctypes.data, dst.ctypes.data, nbytes.ctypes.data, src.size)
+
+
+def element_runs(addrs: np.ndarray, itemsize: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Elements at byte addresses `addrs` (in order) as runs: (offset in the
+    contiguous array, address, bytes) per run of consecutive addresses."""
+    a = addrs.reshape(-1).astype(np.int64)
+    if not a.size:
+        z = np.zeros(0, np.int64)
+        return z, z, z
+    starts = np.concatenate(([0], np.nonzero(np.diff(a) != itemsize)[0] + 1))
+    ends = np.concatenate((starts[1:], [a.size]))
+    return starts * itemsize, a[starts], (ends - starts) * itemsize
+
+
+def scatter_runs(mem: np.ndarray, values: np.ndarray, runs) -> None:
+    """Copy the bytes of contiguous `values` into `mem` by `element_runs` runs."""
+    off, addr, nbytes = runs
+    if not off.size:
+        return
+    if (not values.flags.c_contiguous or int((off + nbytes).max()) > values.nbytes
+            or int(addr.min()) < 0 or int((addr + nbytes).max()) > mem.size):
+        raise ValueError("runs reach outside their arrays")
+    _, fn = _copy_fn()
+    fn(mem.ctypes.data, values.ctypes.data, off.ctypes.data, addr.ctypes.data, nbytes.ctypes.data, off.size)
+
+
+def gather_runs(mem: np.ndarray, out: np.ndarray, runs) -> None:
+    """The inverse of `scatter_runs`: fill contiguous `out` from `mem`."""
+    off, addr, nbytes = runs
+    if not off.size:
+        return
+    if (not out.flags.c_contiguous or not out.flags.writeable or int((off + nbytes).max()) > out.nbytes
+            or int(addr.min()) < 0 or int((addr + nbytes).max()) > mem.size):
+        raise ValueError("runs reach outside their arrays")
+    _, fn = _copy_fn()
+    fn(out.ctypes.data, mem.ctypes.data, addr.ctypes.data, off.ctypes.data, nbytes.ctypes.data, off.size)

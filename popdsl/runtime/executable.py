@@ -172,3 +172,28 @@ class Executable:
             if t.name == name:
                 return i
         return None
+
+
+def field_extents(c: cir.Codelet, table: np.ndarray):
+    """Per edge field of vertex codelet `c`: (field, first byte address per row,
+    bytes from there to the end of its last element per row), given the sizes in
+    `table` (rows with an empty field have extent 0)."""
+    col = {(k.kind, k.name): j for j, k in enumerate(cir.table_layout(c))}
+    sym = {s: table[:, col[("sym", s)]] for s in c.symbols}
+    out = []
+    for f in c.fields:
+        if f.direction == "state":
+            continue
+        es = cir.ELEM_BYTES[f.dtype]
+        addr = table[:, col[("addr", f.name)]]
+        dims = [sym[x] if isinstance(x, str) else np.int64(x) for x in f.dims]
+        if f.rank == 0:
+            extent = np.full(addr.shape, es, np.int64)
+        elif f.rank == 1:
+            extent = np.broadcast_to(dims[0] * es, addr.shape)
+        else:
+            stride = table[:, col[("stride", f.name)]]
+            extent = np.where((dims[0] > 0) & (dims[1] > 0), ((dims[0] - 1) * stride + dims[1]) * es, 0)
+            extent = np.broadcast_to(extent, addr.shape)
+        out.append((f, addr, extent.astype(np.int64)))
+    return out

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from popdsl.codegen.copies import check_runs, copy_runs, independent, split_runs
+from popdsl.codegen.copies import (check_runs, copy_runs, element_runs, gather_runs, independent,
+                                   scatter_runs, split_runs)
 from popdsl.codegen.jit import NativeCodelets, aligned_zeros
 from popdsl.codegen.specialise import group_specs
 from popdsl.diagnostics import Diagnostic
@@ -28,8 +29,8 @@ from popdsl.ir.codelet import ERR_BOUNDS, NUMPY_DTYPE
 from popdsl.ir.errors import VertexError
 from popdsl.runtime import executable as X
 from popdsl.runtime.cycles import compute_cycles
+from popdsl.runtime.layout import host_copy, host_table, to_host, window_stride
 
-_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 PARALLEL_MIN_ROWS = 256       # below these a thread hand-off costs more than it saves
 PARALLEL_MIN_BYTES = 1 << 18
 
@@ -68,7 +69,16 @@ class Machine:
                  for g, k in zip(cs.groups, ks) if k}
         self._special = self.native.specialised(sorted(specs)) if specs else None
         t = exe.target
-        self.mem = aligned_zeros(t.tiles * t.tile_memory)
+        # Tile t's memory is the window [t × stride, (t+1) × stride) of `mem`
+        # (runtime.layout): tables and copies are rewritten to host offsets once.
+        tm = t.tile_memory
+        self.stride = window_stride(exe)
+        self.mem = aligned_zeros(t.tiles * self.stride)
+        self._groups = [[X.VertexTable(g.codelet, host_table(exe.codelets[g.codelet], g.table, tm, self.stride),
+                                       g.tiles, g.span_ids) for g in cs.groups] for cs in exe.compute_sets]
+        self._pre = [host_copy(cs.pre, tm, self.stride) for cs in exe.compute_sets]
+        self._post = [host_copy(cs.post, tm, self.stride) for cs in exe.compute_sets]
+        self._copies = [host_copy(c, tm, self.stride) for c in exe.copies]
         self.threads = max(1, threads or 2)
         self._pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
         self.out = out or sys.stdout
@@ -90,7 +100,8 @@ class Machine:
         # Copy tables are checked once here, not on every run; big ones whose runs
         # are independent are split between the threads.
         self._copy_parts: dict[int, np.ndarray] = {}
-        for c in [cs.pre for cs in exe.compute_sets] + [cs.post for cs in exe.compute_sets] + list(exe.copies):
+        self._run_cache: dict[int, tuple] = {}
+        for c in self._pre + self._post + self._copies:
             check_runs(self.mem.size, c.src, c.dst, c.nbytes)
             if (self.threads > 1 and int(c.nbytes.sum()) >= PARALLEL_MIN_BYTES
                     and independent(c.src, c.dst, c.nbytes)):
@@ -104,15 +115,26 @@ class Machine:
             self._pool = None
 
     # ---------------------------------------------------------------- host access
+    def _runs(self, addrs: np.ndarray, itemsize: int):
+        """`addrs` as runs of consecutive bytes (cached: the same tensors are fed
+        and read every step)."""
+        hit = self._run_cache.get(id(addrs))
+        if hit is None or hit[0] is not addrs:
+            hit = self._run_cache[id(addrs)] = (addrs, element_runs(self.host_offsets(addrs), itemsize))
+        return hit[1]
+
+    def host_offsets(self, addrs: np.ndarray) -> np.ndarray:
+        """Where the bytes at global addresses `addrs` live in `mem`."""
+        return to_host(np.asarray(addrs, np.int64), self.exe.target.tile_memory, self.stride)
+
     def _store(self, addrs: np.ndarray, values: np.ndarray, dtype: str) -> None:
         arr = np.ascontiguousarray(np.asarray(values, dtype=NUMPY_DTYPE[dtype])).reshape(-1)
-        es = arr.dtype.itemsize
-        self.mem.view(_UINT[es])[addrs.reshape(-1) // es] = arr.view(_UINT[es])
+        scatter_runs(self.mem, arr, self._runs(addrs, arr.dtype.itemsize))
 
     def _load(self, addrs: np.ndarray, dtype: str) -> np.ndarray:
-        dt = np.dtype(NUMPY_DTYPE[dtype])
-        es = dt.itemsize
-        return self.mem.view(_UINT[es])[addrs // es].view(dt)
+        out = np.empty(addrs.shape, NUMPY_DTYPE[dtype])
+        gather_runs(self.mem, out, self._runs(addrs, out.dtype.itemsize))
+        return out
 
     def write(self, name: str, value) -> None:
         i = self.exe.tensor_index(name)
@@ -148,7 +170,7 @@ class Machine:
             if isinstance(n, X.PExecute):
                 self._execute(n.cs)
             elif isinstance(n, X.PCopy):
-                self._copy(self.exe.copies[n.copy])
+                self._copy(self._copies[n.copy])
             elif isinstance(n, X.PRepeat):
                 for _ in range(n.count):
                     self._run(n.body)
@@ -197,9 +219,9 @@ class Machine:
     def _execute(self, csi: int) -> None:
         cs = self.exe.compute_sets[csi]
         target = self.exe.target
-        self._copy(cs.pre)
+        self._copy(self._pre[csi])
         buf, views = self._cycle_bufs[csi]
-        for grp, cyc, consts in zip(cs.groups, views, self._consts[csi]):
+        for grp, cyc, consts in zip(self._groups[csi], views, self._consts[csi]):
             self._run_group(cs, grp, cyc, consts)
         phase = 0
         if cs.groups:
@@ -214,7 +236,7 @@ class Machine:
         self.cycles.compute += phase
         self.cycles.sync += target.sync_cycles
         self.cycles.per_compute_set[cs.name] = self.cycles.per_compute_set.get(cs.name, 0) + phase
-        self._copy(cs.post)
+        self._copy(self._post[csi])
 
     def _run_group(self, cs: X.ComputeSetExec, grp: X.VertexTable, cyc: np.ndarray,
                    consts: tuple) -> None:
