@@ -31,7 +31,11 @@ from popdsl.runtime import executable as X
 from popdsl.runtime.cycles import compute_cycles
 from popdsl.runtime.layout import host_copy, host_table, to_host, window_stride
 
-PARALLEL_MIN_ROWS = 256       # below these a thread hand-off costs more than it saves
+# Below these a thread hand-off costs more than it saves.  A group's work is judged
+# by the cycles its vertices counted the last time it ran (vectorised host code
+# runs many model instructions per nanosecond).
+PARALLEL_MIN_ROWS = 256
+PARALLEL_MIN_CYCLES = 4_000_000
 PARALLEL_MIN_BYTES = 1 << 18
 
 
@@ -243,7 +247,8 @@ class Machine:
         n = len(grp.tiles)
         native = self._special if consts else self.native
         try:
-            if self._pool is None or n < PARALLEL_MIN_ROWS:
+            if (self._pool is None or n < PARALLEL_MIN_ROWS
+                    or 0 < int(cyc.sum()) < PARALLEL_MIN_CYCLES):
                 native.run(grp.codelet, self.mem, grp.table, 0, n, cyc, consts)
             else:
                 self._parallel(lambda a, b: native.run(grp.codelet, self.mem, grp.table, a, b, cyc, consts),
