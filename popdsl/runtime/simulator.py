@@ -54,7 +54,8 @@ class CycleCounts:
     sync: int = 0
     steps: int = 0
     per_compute_set: dict[str, int] = field(default_factory=dict)
-    exchange_bytes: int = 0
+    exchange_bytes: int = 0        # copied between tiles
+    local_bytes: int = 0           # rearranged within a tile
 
     @property
     def total(self) -> int:
@@ -202,6 +203,7 @@ class Machine:
         self.cycles.exchange += c.cycles - sync
         self.cycles.sync += sync
         self.cycles.exchange_bytes += c.exchange_bytes
+        self.cycles.local_bytes += c.local_bytes
 
     def _parallel(self, fn, cuts) -> None:
         """fn(cuts[i], cuts[i+1]) for every piece: the first here, the others on the
