@@ -3,8 +3,9 @@
 Requires the simulator memory and runs (src, dst, nbytes arrays of global byte
 addresses); produces the copies, in order, by one native loop of memmoves (the
 call releases the GIL).  The same loop moves host arrays in and out of the memory
-(`scatter_runs`, `gather_runs`) by runs of consecutive addresses.  Addresses are checked against the memory before the call,
-so a bad table is an error, never a crash.
+(`scatter_runs`, `gather_runs`) by runs of consecutive addresses.  Addresses are
+checked against the memory before the call, so a bad table is an error, never a
+crash.
 """
 from __future__ import annotations
 

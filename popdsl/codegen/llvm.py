@@ -11,7 +11,10 @@ per codelet (names are identifiers, so they mangle by prefixing):
   returns -1, or the failing row with err[0..4] = kind, field index (-1 if none),
   axis, index, size.  The body is an internal always-inline function whose field
   pointers are `noalias` parameters, so after inlining LLVM still knows the fields
-  do not alias (that is what lets loops vectorise without runtime checks).
+  do not alias (that is what lets loops vectorise without runtime checks).  The
+  row loop prefetches the fields of the vertex PREFETCH_ROWS ahead.
+  ``popdsl_spec_N_<hash>`` (`spec_symbol`, asked for by `specs`): the same driver
+  with some table columns fixed to constants (`codegen.specialise`).
 * scalar codelet `s`: internal ``{ret, i1} popdsl_scalar_s(ptr err, args...)``
   (the i1 says "failed, err filled"; it folds away when nothing can fail) and
   ``i64 popdsl_map_s(i64 n, ptr noalias err, ptr noalias out, ptr noalias in0, ...)``,
@@ -459,7 +462,7 @@ def _emit_vertex(mod, c, scalars, unchecked, flags):
 PREFETCH_ROWS = 8      # how many vertices ahead the driver prefetches fields
 
 
-def _prefetch_ahead(mod, b, c, params, mem, table, row, end, ncols):
+def _prefetch_ahead(mod, b, params, mem, table, row, end, ncols):
     """Prefetch the first cache line of every field of vertex row + PREFETCH_ROWS.
     Vertices of one compute set sit on different tiles, so each one's fields are
     cold; a few rows' head start overlaps those misses (longer fields are then
@@ -500,7 +503,7 @@ def _emit_driver(mod, c, body, params, name, consts=None):
     b.position_at_end(row_blk)
     ncols = len(ir.table_layout(c))
     rowp = b.gep(table, [b.mul(row, _c64(ncols))], inbounds=True, source_etype=I64)
-    _prefetch_ahead(mod, b, c, params, mem, table, row, end, ncols)
+    _prefetch_ahead(mod, b, params, mem, table, row, end, ncols)
     args = [err]
     for col, (kind, obj, ty) in enumerate(params):
         if col in consts:
