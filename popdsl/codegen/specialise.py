@@ -25,10 +25,11 @@ MIN_ROWS = 32
 
 
 def constant_columns(c: ir.Codelet, table: np.ndarray,
-                     min_rows: int = MIN_ROWS) -> tuple[tuple[int, int], ...]:
+                     min_rows: int | None = None) -> tuple[tuple[int, int], ...]:
     """((column, value), ...) for every non-address column of `c`'s vertex table
-    holding one value in all rows; () when the table has fewer than `min_rows`."""
-    if table.shape[0] < max(1, min_rows):
+    holding one value in all rows; () when the table has fewer than `min_rows`
+    (default MIN_ROWS)."""
+    if table.shape[0] < max(1, MIN_ROWS if min_rows is None else min_rows):
         return ()
     out = []
     for col, column in enumerate(ir.table_layout(c)):
