@@ -61,9 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     common(c)
     r = sub.add_parser("run", help="run FILE.pop or FILE.popx on the IPU model")
     common(r, "a .pop or .popx file")
-    r.add_argument("--feed", action="append", default=[], metavar="NAME=FILE.npy")
+    r.add_argument("--feed", action="append", default=[], metavar="NAME=FILE.npy",
+                   help="feed input NAME from a .npy file (repeatable)")
     r.add_argument("--data", metavar="FILE.npz", help="feeds by input name")
-    r.add_argument("--steps", type=_positive, default=1)
+    r.add_argument("--steps", type=_positive, default=1,
+                   help="steps to run (default 1); a feed holding STEPS batches along "
+                        "axis 0 gives one batch per step")
     r.add_argument("--save", metavar="OUT.npz", help="write the outputs here")
     r.add_argument("--load-params", metavar="P.npz", help="set tensors by name before running")
     r.add_argument("--save-params", metavar="P.npz", help="save every variable after running")
