@@ -156,3 +156,39 @@ def test_no_reuse_flag_gives_the_naive_plan(capsys, tmp_path):
     assert main(["report", str(p), "--json", "--no-reuse"]) == 0
     naive = json.loads(capsys.readouterr().out)["totals"]
     assert naive["planned"] == naive["naive"] > shared["planned"]
+
+
+_ALLOC = st.tuples(st.integers(0, 300), st.sampled_from([8, 64]), st.integers(0, 12), st.integers(0, 12))
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems=st.lists(st.lists(_ALLOC, max_size=25), min_size=1, max_size=6), by_life=st.booleans())
+def test_native_best_fit_places_exactly_as_the_numpy_definition(problems, by_life):
+    from popdsl.passes.bestfit import best_fit, best_fit_many
+    args = []
+    for allocs in problems:
+        sz = np.array([-(-a[0] // a[1]) * a[1] for a in allocs], np.int64)
+        ag = np.array([a[1] for a in allocs], np.int64)
+        s = np.array([min(a[2], a[3]) for a in allocs], np.int64)
+        e = np.array([max(a[2], a[3]) for a in allocs], np.int64)
+        order = np.lexsort((s, -sz, -(e - s))) if by_life else np.lexsort((s, -(e - s), -sz))
+        args.append((sz, ag, s, e, order))
+    for (off, top), p in zip(best_fit_many(args), args):
+        want_off, want_top = best_fit(*p)
+        np.testing.assert_array_equal(off, want_off)
+        assert top == want_top
+        # and the placement is valid: allocations alive together do not overlap
+        sz, _, s, e, _ = p
+        for i in range(len(sz)):
+            for j in range(i):
+                if s[i] <= e[j] and s[j] <= e[i] and sz[i] and sz[j]:
+                    assert off[i] + sz[i] <= off[j] or off[j] + sz[j] <= off[i]
+
+
+def test_best_fit_many_falls_back_for_sizes_beyond_i32():
+    from popdsl.passes.bestfit import best_fit, best_fit_many
+    p = (np.array([1 << 30, 64], np.int64), np.array([64, 64], np.int64), np.array([0, 0], np.int64),
+         np.array([1, 1], np.int64), np.array([0, 1], np.int64))
+    (off, top), = best_fit_many([p])
+    assert top == (1 << 30) + 64 and sorted(off.tolist()) == [0, 1 << 30]
+    assert top == best_fit(*p)[1]

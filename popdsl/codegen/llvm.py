@@ -11,10 +11,10 @@ per codelet (names are identifiers, so they mangle by prefixing):
   returns -1, or the failing row with err[0..4] = kind, field index (-1 if none),
   axis, index, size.  The body is an internal always-inline function whose field
   pointers are `noalias` parameters, so after inlining LLVM still knows the fields
-  do not alias (that is what lets loops vectorise without runtime checks).  The
-  row loop prefetches the fields of the vertex PREFETCH_ROWS ahead.
+  do not alias (that is what lets loops vectorise without runtime checks).
   ``popdsl_spec_N_<hash>`` (`spec_symbol`, asked for by `specs`): the same driver
-  with some table columns fixed to constants (`codegen.specialise`).
+  with some table columns fixed to constants (`codegen.specialise`), whose row
+  loop also prefetches the fields of the vertex PREFETCH_ROWS ahead.
 * scalar codelet `s`: internal ``{ret, i1} popdsl_scalar_s(ptr err, args...)``
   (the i1 says "failed, err filled"; it folds away when nothing can fail) and
   ``i64 popdsl_map_s(i64 n, ptr noalias err, ptr noalias out, ptr noalias in0, ...)``,
@@ -503,7 +503,10 @@ def _emit_driver(mod, c, body, params, name, consts=None):
     b.position_at_end(row_blk)
     ncols = len(ir.table_layout(c))
     rowp = b.gep(table, [b.mul(row, _c64(ncols))], inbounds=True, source_etype=I64)
-    _prefetch_ahead(mod, b, params, mem, table, row, end, ncols)
+    if consts:
+        # Only specialised drivers (big uniform groups) prefetch: the generic
+        # driver's object size stands for the codelet's code on the device.
+        _prefetch_ahead(mod, b, params, mem, table, row, end, ncols)
     args = [err]
     for col, (kind, obj, ty) in enumerate(params):
         if col in consts:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from popdsl.diagnostics import Diagnostics, Span
+from popdsl.passes.bestfit import best_fit_many
 from popdsl.passes.liveness import Liveness, liveness
 from popdsl.passes.lower import CopyElems, Lowered
 from popdsl.runtime import executable as X
@@ -34,37 +35,6 @@ def _align(size: np.ndarray) -> np.ndarray:
     return np.where(size >= 256, 64, 8)
 
 
-def best_fit(sizes: np.ndarray, aligns: np.ndarray, starts: np.ndarray, ends: np.ndarray,
-             order: np.ndarray) -> tuple[np.ndarray, int]:
-    """Offsets for allocations placed in `order`, each into the smallest gap among
-    the already placed allocations whose lifetimes overlap it (or on top)."""
-    n = len(sizes)
-    off = np.zeros(n, np.int64)
-    placed = np.zeros(n, bool)
-    top = 0
-    for i in order.tolist():
-        size, a = int(sizes[i]), int(aligns[i])
-        idx = np.nonzero(placed & (starts <= ends[i]) & (ends >= starts[i]))[0]
-        at = 0
-        if idx.size:
-            lo = off[idx]
-            srt = np.argsort(lo, kind="stable")
-            lo = lo[srt]
-            hi = np.maximum.accumulate(lo + sizes[idx][srt])
-            # Gap k lies between the end of everything below conflict k and its start.
-            begin = -(-np.concatenate(([0], hi[:-1])) // a) * a
-            gap = lo - begin
-            fits = np.nonzero(gap >= size)[0]
-            if fits.size:
-                at = int(begin[fits[np.argmin(gap[fits])]])
-            else:
-                at = -(-int(hi[-1]) // a) * a
-        off[i] = at
-        placed[i] = True
-        top = max(top, at + size)
-    return off, top
-
-
 def _peak(sizes, starts, ends, points: int) -> int:
     live = np.zeros(points + 1, np.int64)
     np.add.at(live, starts, sizes)
@@ -72,20 +42,25 @@ def _peak(sizes, starts, ends, points: int) -> int:
     return int(np.cumsum(live).max()) if len(sizes) else 0
 
 
-def _plan_tile(sizes, aligns, starts, ends, reuse: bool, bound: int) -> tuple[np.ndarray, int]:
+def _plan_tiles(problems: list[tuple[np.ndarray, ...]], reuse: bool, bounds: list[int]) -> list:
+    """(offsets, top) per (sizes, aligns, starts, ends) problem."""
     if not reuse:
-        # Most-aligned first: every size is a multiple of its alignment, so no padding.
-        order = np.argsort(-aligns, kind="stable")
-        off = np.empty(len(sizes), np.int64)
-        off[order] = np.cumsum(sizes[order]) - sizes[order]
-        return off, int(sizes.sum())
-    by_size = np.lexsort((starts, -(ends - starts), -sizes))
-    by_life = np.lexsort((starts, -sizes, -(ends - starts)))
-    a = best_fit(sizes, aligns, starts, ends, by_size)
-    if a[1] == bound:
-        return a                       # already at the lower bound
-    b = best_fit(sizes, aligns, starts, ends, by_life)
-    return a if a[1] <= b[1] else b
+        out = []
+        for sizes, aligns, _, _ in problems:
+            # Most-aligned first: every size is a multiple of its alignment, so no padding.
+            order = np.argsort(-aligns, kind="stable")
+            off = np.empty(len(sizes), np.int64)
+            off[order] = np.cumsum(sizes[order]) - sizes[order]
+            out.append((off, int(sizes.sum())))
+        return out
+    by_size = [np.lexsort((s, -(e - s), -sz)) for sz, _, s, e in problems]
+    out = best_fit_many([(*p, o) for p, o in zip(problems, by_size)])
+    again = [k for k, (a, bound) in enumerate(zip(out, bounds)) if a[1] != bound]   # not yet at the bound
+    by_life = [np.lexsort((problems[k][2], -problems[k][0], -(problems[k][3] - problems[k][2]))) for k in again]
+    for k, b in zip(again, best_fit_many([(*problems[k], o) for k, o in zip(again, by_life)])):
+        if b[1] < out[k][1]:
+            out[k] = b
+    return out
 
 
 def plan(low: Lowered, code_sizes: dict[str, int], unchecked: bool = False, reuse: bool = True,
@@ -130,19 +105,26 @@ def plan(low: Lowered, code_sizes: dict[str, int], unchecked: bool = False, reus
     alloc_base = np.zeros(nalloc, np.int64)
     planned = np.zeros(ntiles, np.int64)
     bound = np.zeros(ntiles, np.int64)
-    memo: dict[bytes, tuple[np.ndarray, int]] = {}
     bounds = np.searchsorted(alloc_tile, np.arange(ntiles + 1))
+    # Tiles laid out alike are planned once.
+    problems, problem_bound, problem_of = [], [], {}
+    which = {}
     for tile in np.unique(alloc_tile).tolist():
         a, b = bounds[tile], bounds[tile + 1]
         sz, ag, s, e = alloc_size[a:b], alloc_align[a:b], alloc_start[a:b], alloc_end[a:b]
-        # Tiles laid out alike are planned once.
         bound[tile] = _peak(sz, s, e, live.points)
         sig = np.concatenate([sz, ag, s, e]).tobytes()
-        hit = memo.get(sig)
-        if hit is None:
-            hit = memo[sig] = _plan_tile(sz, ag, s, e, reuse, int(bound[tile]))
-        alloc_base[a:b] = hit[0]
-        planned[tile] = hit[1]
+        k = problem_of.get(sig)
+        if k is None:
+            k = problem_of[sig] = len(problems)
+            problems.append((sz, ag, s, e))
+            problem_bound.append(int(bound[tile]))
+        which[tile] = k
+    solved = _plan_tiles(problems, reuse, problem_bound)
+    for tile, k in which.items():
+        a, b = bounds[tile], bounds[tile + 1]
+        alloc_base[a:b] = solved[k][0]
+        planned[tile] = solved[k][1]
     region_alloc = np.empty(n, np.int64)
     region_alloc[key] = alloc_of_sorted
     base = alloc_base[region_alloc] + inner if n else np.zeros(0, np.int64)
