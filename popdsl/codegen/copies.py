@@ -126,7 +126,8 @@ def copy_runs(mem: np.ndarray, src: np.ndarray, dst: np.ndarray, nbytes: np.ndar
     if checked:
         check_runs(mem.size, src, dst, nbytes)
     _, fn = _copy_fn()
-    fn(mem.ctypes.data, mem.ctypes.data, src.ctypes.data, dst.ctypes.data, nbytes.ctypes.data, src.size)
+    p = jit._ptr
+    fn(p(mem), p(mem), p(src), p(dst), p(nbytes), src.size)
 
 
 def element_runs(addrs: np.ndarray, itemsize: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
