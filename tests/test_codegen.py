@@ -17,9 +17,9 @@ from popdsl.codegen.llvm import emit_module
 from popdsl.codegen.specialise import constant_columns
 from popdsl.ir import codelet_eval as ev
 from popdsl.ir.codelet import (ERR_BOUNDS, ERR_DIV_ZERO, ELEM_BYTES, NUMPY_DTYPE, Assign,
-                               Binary, Break, CallScalar, Cast, Codelet, Const, Continue,
-                               Declare, Field, For, If, Intrinsic, Len, Load, Local,
-                               Return, Select, Store, Sym, Unary, While, table_layout)
+                               Binary, Break, CallScalar, Cast, Codelet, Const,
+                               Declare, Field, For, Intrinsic, Len, Load, Local,
+                               Return, Select, Store, Sym, Unary, table_layout)
 from popdsl.ir.errors import VertexError
 from popdsl.ir.verify import verify_codelet
 from popdsl.sema import compile_codelets

@@ -465,7 +465,7 @@ def tensor_program_source(draw) -> str:
                                          f"concat([{a}, {a}], axis = 0)",
                                          f"pad({a}, [[1, 1], [0, 2]])",
                                          f"gather({a}, y, axis = 0)",
-                                         f"one_hot(y, 5)",
+                                         "one_hot(y, 5)",
                                          f"select({a} > 0.5, {a}, 0.0)",
                                          f"max_pool2d({a}, 2)", f"avg_pool2d({a}, 3)",
                                          f"conv2d({a}, reshape(x, [1, 2, 4, 4]), stride = 1, padding = 1)")))
