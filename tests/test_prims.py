@@ -117,6 +117,56 @@ def test_matmul(tiles, m, k, n, batch):
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6 * k)
 
 
+def test_matmul_workers_share_their_b_block(monkeypatch):
+    """A tile's matmul block is split into bands of rows for its workers; they read
+    one exchanged copy of the b block, so the exchange is what one vertex per tile
+    would need while the tile's estimated compute time drops."""
+    from popdsl.passes import partition_ops
+    src = """graph g(tiles = 8) {
+    input a: f32[32, 48];
+    input b: f32[48, 32];
+    output y = a @ b;
+}"""
+    a, b = rnd((32, 48), 3), rnd((48, 32), 4)
+
+    def measure():
+        exe = popdsl.compile(src)
+        with popdsl.Simulator(exe) as sim:
+            y = sim.run({"a": a, "b": b})["y"]
+        rows = {r["op"]: r for r in exe.partition_report().rows}
+        return y, rows["matmul"]
+    y, split = measure()
+    monkeypatch.setattr(partition_ops, "_worker_rows", lambda r0, r1, w: [(r0, r1)])
+    y1, single = measure()
+    np.testing.assert_allclose(y, a.astype(np.float64) @ b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(y, y1)
+    assert split["vertices"] > single["vertices"]
+    assert split["exchange_bytes"] == single["exchange_bytes"]
+    assert split["max_cycles"] < 0.6 * single["max_cycles"]
+
+
+def test_only_read_buffers_with_the_same_elements_on_one_tile_are_shared():
+    from types import SimpleNamespace
+    from popdsl.passes.lower import _shared_buffers
+    tiles = np.array([0, 0, 0, 1, 1])
+    R = np.array([[5, 5], [5, 5], [6, 6], [5, 5], [5, 5]])
+    O = np.array([[0, 4], [0, 4], [0, 4], [0, 4], [8, 12]])
+    own, share = _shared_buffers(SimpleNamespace(direction="in"), tiles, R, O)
+    assert own.tolist() == [0, 2, 3, 4] and share.tolist() == [0, 0, 1, 2, 3]
+    for d in ("out", "inout"):
+        own, share = _shared_buffers(SimpleNamespace(direction=d), tiles, R, O)
+        assert own.tolist() == share.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_worker_rows_are_bands_of_four():
+    from popdsl.passes.partition_ops import _worker_rows
+    assert _worker_rows(0, 16, 6) == [(0, 4), (4, 8), (8, 12), (12, 16)]
+    assert _worker_rows(8, 13, 6) == [(8, 12), (12, 13)]
+    assert _worker_rows(0, 3, 6) == [(0, 3)]
+    assert _worker_rows(0, 64, 6) == [(0, 12), (12, 24), (24, 36), (36, 48), (48, 60), (60, 64)]
+    assert _worker_rows(0, 64, 1) == [(0, 64)]
+
+
 def test_matmul_vector_forms():
     a, v = rnd((5, 7), 1), rnd((7,), 2)
     y1, y2 = run("    output y1 = a @ v;\n    output y2 = v @ transpose(a, [1, 0]);",

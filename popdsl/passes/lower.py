@@ -307,22 +307,43 @@ def _connect_stacked(low, graph, c, f, st: g.Stacked, order, tiles, csi, col, ta
         table[:, col[("stride", f.name)]] = stride
     bad = np.nonzero(~ok)[0]
     if bad.size:
+        own, share = _shared_buffers(f, tiles[bad], R[bad], O[bad])
+        mine = bad[own]                  # rows that get a buffer of their own
         first = len(low.region_tile)
-        low.region_tile.extend(tiles[bad].tolist())
-        low.region_size.extend([n * es] * bad.size)
-        low.region_cs.extend([csi] * bad.size)
-        low.region_tensor.extend([-1] * bad.size)
-        low.region_label.extend([(f"{c.name}.{f.name} buffer", st.span)] * bad.size)
-        bufs = np.arange(first, first + bad.size, dtype=np.int32)
+        low.region_tile.extend(tiles[mine].tolist())
+        low.region_size.extend([n * es] * mine.size)
+        low.region_cs.extend([csi] * mine.size)
+        low.region_tensor.extend([-1] * mine.size)
+        low.region_label.extend([(f"{c.name}.{f.name} buffer", st.span)] * mine.size)
+        bufs = np.arange(first, first + mine.size, dtype=np.int32)
         table[bad, ac] = 0
-        region[bad, ac] = bufs
+        region[bad, ac] = bufs[share]
         bregs = np.repeat(bufs, n)
-        boffs = np.tile(np.arange(n, dtype=np.int64) * es, bad.size)
+        boffs = np.tile(np.arange(n, dtype=np.int64) * es, mine.size)
         if f.direction in ("in", "inout"):
-            pre.add(es, R[bad], O[bad], bregs, boffs)
+            pre.add(es, R[mine], O[mine], bregs, boffs)
         if f.direction in ("out", "inout"):
-            post.add(es, bregs, boffs, R[bad], O[bad])
+            post.add(es, bregs, boffs, R[mine], O[mine])
     return True
+
+
+def _shared_buffers(f, tiles: np.ndarray, R: np.ndarray, O: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (vertices needing a buffer for field `f`) → (rows that own a buffer,
+    per row the index of the buffer it uses among those).  Vertices of one tile that
+    read the same elements in the same layout share one buffer, so the exchange
+    brings those bytes to the tile once (a matmul's workers share their b block).
+    Buffers that are written are never shared."""
+    rows = np.arange(len(tiles))
+    if f.direction != "in" or len(tiles) < 2 or np.unique(tiles).size == len(tiles):
+        return rows, rows
+    key = np.ascontiguousarray(np.concatenate([tiles[:, None].astype(np.int64), R.astype(np.int64), O], axis=1))
+    _, own, share = np.unique(key.view(np.dtype((np.void, key.itemsize * key.shape[1]))).ravel(),
+                              return_index=True, return_inverse=True)
+    # Buffers in row order (rows are sorted by tile), each row pointing at its own.
+    order = np.argsort(own, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return own[order], rank[share.ravel()]
 
 
 def _check_write_conflicts(graph, cs, written, d: Diagnostics) -> None:

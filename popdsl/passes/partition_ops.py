@@ -151,6 +151,16 @@ def _grid(M: int, N: int, K: int, budget: int) -> tuple[int, int, int]:
     return best[1] if best else (1, 1, 1)
 
 
+def _worker_rows(r0: int, r1: int, workers: int) -> list[tuple[int, int]]:
+    """Rows r0..r1 of a tile's matmul block as bands for up to `workers` vertices:
+    whole multiples of four rows (the MatMul codelet takes rows four at a time)
+    but the last."""
+    n = r1 - r0
+    parts = max(1, min(workers, -(-n // 4)))
+    size = -(-_cdiv(n, parts) // 4) * 4
+    return [(i, min(r1, i + size)) for i in range(r0, r1, size)]
+
+
 def matmul(p, n: Node) -> g.View:
     a, b = p.value(n.args[0]), p.value(n.args[1])
     M, K = a.index.shape[-2:]
@@ -180,14 +190,17 @@ def matmul(p, n: Node) -> g.View:
                 for kk, (k0, k1) in enumerate(kb):
                     tile = int(tiles[t])
                     t += 1
-                    av = ai[bt, r0:r1, k0:k1]
                     bv = bi[bt, k0:k1, c0:c1]
-                    cv = target[kk, bt, r0:r1, c0:c1]
-                    p.g.tile_of[acc.tensor][cv.ravel()] = tile
-                    p.ensure_mapped(g.View(a.tensor, av, a.span), np.int32(tile))
                     p.ensure_mapped(g.View(b.tensor, bv, b.span), np.int32(tile))
-                    tasks.append({"tile": tile, "conns": {"a": (a.tensor, av), "b": (b.tensor, bv),
-                                                          "c": (acc.tensor, cv)}})
+                    # The tile's block is shared by its workers, a band of rows each;
+                    # they read one copy of the b block (lower shares the buffer).
+                    for (s0, s1) in _worker_rows(r0, r1, p.workers):
+                        av = ai[bt, s0:s1, k0:k1]
+                        cv = target[kk, bt, s0:s1, c0:c1]
+                        p.g.tile_of[acc.tensor][cv.ravel()] = tile
+                        p.ensure_mapped(g.View(a.tensor, av, a.span), np.int32(tile))
+                        tasks.append({"tile": tile, "conns": {"a": (a.tensor, av), "b": (b.tensor, bv),
+                                                              "c": (acc.tensor, cv)}})
     _emit(p, cs, p.prim("MatMul"), tasks)
     return _add_partials(p, n, cs, acc, len(kb) > 1, label)
 
