@@ -6,9 +6,9 @@ copy and read, and the per-tile memory plan.
 
 Per tile, regions (a tensor's part on the tile, or a vertex's exchange buffer) get
 live intervals from `liveness`; regions with the same interval are packed together
-into one allocation; allocations get offsets by greedy-by-size best fit (largest
-first, each into the smallest gap left by the allocations whose lifetimes overlap
-it), tried in two orders — by size and by length of life — keeping the better
+into one allocation; allocations get offsets by greedy-by-size best fit
+(`passes.bestfit`: largest first, each into the smallest gap left by the
+allocations whose lifetimes overlap it), tried in two orders — by size and by length of life — keeping the better
 (TFLite's arena planner; XLA's heap simulator tries the same two).  The lower
 bound is the peak of live bytes; `reuse=False` gives every region its own bytes
 (the naive plan), for checking results against.  Vertex state (the real table
@@ -55,8 +55,9 @@ def _plan_tiles(problems: list[tuple[np.ndarray, ...]], reuse: bool, bounds: lis
         return out
     by_size = [np.lexsort((s, -(e - s), -sz)) for sz, _, s, e in problems]
     out = best_fit_many([(*p, o) for p, o in zip(problems, by_size)])
-    again = [k for k, (a, bound) in enumerate(zip(out, bounds)) if a[1] != bound]   # not yet at the bound
-    by_life = [np.lexsort((problems[k][2], -problems[k][0], -(problems[k][3] - problems[k][2]))) for k in again]
+    # Problems not yet at their lower bound try the second order.
+    again = [k for k, (a, bound) in enumerate(zip(out, bounds)) if a[1] != bound]
+    by_life = [np.lexsort((s, -sz, -(e - s))) for sz, _, s, e in (problems[k] for k in again)]
     for k, b in zip(again, best_fit_many([(*problems[k], o) for k, o in zip(again, by_life)])):
         if b[1] < out[k][1]:
             out[k] = b
