@@ -8,8 +8,9 @@ Per tile, regions (a tensor's part on the tile, or a vertex's exchange buffer) g
 live intervals from `liveness`; regions with the same interval are packed together
 into one allocation; allocations get offsets by greedy-by-size best fit
 (`passes.bestfit`: largest first, each into the smallest gap left by the
-allocations whose lifetimes overlap it), tried in two orders — by size and by length of life — keeping the better
-(TFLite's arena planner; XLA's heap simulator tries the same two).  The lower
+allocations whose lifetimes overlap it), tried in two orders — by size and by
+length of life — keeping the better (TFLite's arena planner; XLA's heap simulator
+tries the same two).  The lower
 bound is the peak of live bytes; `reuse=False` gives every region its own bytes
 (the naive plan), for checking results against.  Vertex state (the real table
 bytes) and codelet code (real object-code size per codelet used) are charged to
