@@ -128,11 +128,15 @@ def _grid(M: int, N: int, K: int, budget: int) -> tuple[int, int, int]:
 
     Searches power-of-two splits for the least estimated time per tile —
     multiply-accumulates at 8 a cycle, the a and b blocks a tile receives at 4
-    bytes a cycle, and for a split reduction the partial sums exchanged and added —
-    among blocks at least 16 columns wide where the output allows (a vertex's inner
-    loop runs over the columns)."""
+    bytes a cycle, and for a split reduction the partial sums exchanged and added
+    on the tiles `sum_partials` spreads the M × N outputs over (at least GRAIN
+    outputs each, so a small output is reduced on few tiles) — among blocks at
+    least 16 columns wide where the output allows (a vertex's inner loop runs over
+    the columns)."""
+    from popdsl.passes.partition import GRAIN
     best = None
     min_bn = min(16, N)
+    reducers = max(1, min(budget, _cdiv(M * N, GRAIN)))
     for gm in _pow2(M):
         for gn in _pow2(N):
             bn = _cdiv(N, gn)
@@ -145,7 +149,7 @@ def _grid(M: int, N: int, K: int, budget: int) -> tuple[int, int, int]:
                 bm, bk = _cdiv(M, gm), _cdiv(K, gk)
                 cost = bm * bn * bk / 8 + (bm * bk + bk * bn) * 4 / 4
                 if gk > 1:
-                    cost += 2 * gk * M * N * 4 / budget / 4
+                    cost += 2 * gk * M * N * 4 / reducers / 4
                 if best is None or cost < best[0]:
                     best = (cost, (gm, gn, gk))
     return best[1] if best else (1, 1, 1)
