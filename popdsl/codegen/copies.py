@@ -17,6 +17,16 @@ import numpy as np
 
 from popdsl.codegen import jit
 
+# Short runs of these sizes copy inline (a fixed-size memmove is a few vector
+# moves); the rest call memmove.
+_INLINE_SIZES = (4, 8, 16, 32, 64, 128)
+
+
+def _move(label: str, n: str) -> str:
+    return (f"{label}:\n  call void @llvm.memmove.p0.p0.i64(ptr %to, ptr %from, i64 {n}, i1 false)\n"
+            "  br label %next_run\n")
+
+
 _IR = """
 declare void @llvm.memmove.p0.p0.i64(ptr, ptr, i64, i1)
 
@@ -34,31 +44,8 @@ loop:
   %n = load i64, ptr %lp
   %from = getelementptr i8, ptr %from_mem, i64 %s
   %to = getelementptr i8, ptr %to_mem, i64 %d
-  ; Short runs of the common sizes copy inline (a fixed-size memmove is a few
-  ; vector moves); the rest call memmove.
-  switch i64 %n, label %any [ i64 4, label %c4 i64 8, label %c8 i64 16, label %c16 i64 32, label %c32 i64 64, label %c64 i64 128, label %c128 ]
-any:
-  call void @llvm.memmove.p0.p0.i64(ptr %to, ptr %from, i64 %n, i1 false)
-  br label %next_run
-c4:
-  call void @llvm.memmove.p0.p0.i64(ptr %to, ptr %from, i64 4, i1 false)
-  br label %next_run
-c8:
-  call void @llvm.memmove.p0.p0.i64(ptr %to, ptr %from, i64 8, i1 false)
-  br label %next_run
-c16:
-  call void @llvm.memmove.p0.p0.i64(ptr %to, ptr %from, i64 16, i1 false)
-  br label %next_run
-c32:
-  call void @llvm.memmove.p0.p0.i64(ptr %to, ptr %from, i64 32, i1 false)
-  br label %next_run
-c64:
-  call void @llvm.memmove.p0.p0.i64(ptr %to, ptr %from, i64 64, i1 false)
-  br label %next_run
-c128:
-  call void @llvm.memmove.p0.p0.i64(ptr %to, ptr %from, i64 128, i1 false)
-  br label %next_run
-next_run:
+  switch i64 %n, label %any [ """ + " ".join(f"i64 {n}, label %c{n}" for n in _INLINE_SIZES) + """ ]
+""" + _move("any", "%n") + "".join(_move(f"c{n}", str(n)) for n in _INLINE_SIZES) + """next_run:
   %next = add i64 %i, 1
   %more = icmp slt i64 %next, %count
   br i1 %more, label %loop, label %done
