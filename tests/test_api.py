@@ -100,6 +100,22 @@ def test_tensors_live_at_their_planned_offsets():
         assert tiles.tolist() == [3] * 4 + [2] * 4 + [1] * 4 + [0] * 4
 
 
+def test_window_stride_is_the_furthest_reach_or_the_whole_tile():
+    """Packed windows hold everything any access reaches; an access that crosses its
+    tile's end (no plan makes one, a damaged executable could) keeps the global layout."""
+    import dataclasses
+    from popdsl.runtime.layout import window_stride
+    exe = popdsl.compile(AXPY).ir
+    tm = exe.target.tile_memory
+    stride = window_stride(exe)
+    assert stride % 64 == 0 and stride < tm
+    for a in exe.tensor_addrs:
+        assert (a % tm + 4 <= stride).all()
+    addrs = [a.copy() for a in exe.tensor_addrs]
+    addrs[0].reshape(-1)[0] = tm - 2                  # a 4-byte element over the end of tile 0
+    assert window_stride(dataclasses.replace(exe, tensor_addrs=addrs)) == tm
+
+
 def test_packed_windows_compute_what_the_global_layout_does(monkeypatch):
     """Packing tile windows is invisible: the same outputs, cycles and bytes at every
     planned address as a simulator laid out at tile × tile_memory."""

@@ -127,8 +127,8 @@ def best_fit_many(problems: list[tuple[np.ndarray, ...]]) -> list[tuple[np.ndarr
     seg = -(-total * 4 // 64) * 64                    # bytes per field array
     mem = aligned_zeros(seg * len(_FIELDS) + 8 * len(native) + 64)
     words = mem[:seg * len(_FIELDS)].view(np.int32).reshape(len(_FIELDS), -1)
-    for f, col in enumerate((0, 1, 2, 3, 4)):
-        words[f, :total] = np.concatenate([problems[k][col] for k in native])
+    for f in range(5):                                # the inputs: size .. order
+        words[f, :total] = np.concatenate([problems[k][f] for k in native])
     top_at = seg * len(_FIELDS) + 8 * np.arange(len(native))
     table = np.empty((len(native), len(_FIELDS) + 2), np.int64)
     for f in range(len(_FIELDS)):

@@ -43,7 +43,7 @@ def _peak(sizes, starts, ends, points: int) -> int:
     return int(np.cumsum(live).max()) if len(sizes) else 0
 
 
-def _plan_tiles(problems: list[tuple[np.ndarray, ...]], reuse: bool, bounds: list[int]) -> list:
+def _plan_tiles(problems: list[tuple[np.ndarray, ...]], reuse: bool, lower_bounds: list[int]) -> list:
     """(offsets, top) per (sizes, aligns, starts, ends) problem."""
     if not reuse:
         out = []
@@ -57,7 +57,7 @@ def _plan_tiles(problems: list[tuple[np.ndarray, ...]], reuse: bool, bounds: lis
     by_size = [np.lexsort((s, -(e - s), -sz)) for sz, _, s, e in problems]
     out = best_fit_many([(*p, o) for p, o in zip(problems, by_size)])
     # Problems not yet at their lower bound try the second order.
-    again = [k for k, (a, bound) in enumerate(zip(out, bounds)) if a[1] != bound]
+    again = [k for k, (a, bound) in enumerate(zip(out, lower_bounds)) if a[1] != bound]
     by_life = [np.lexsort((s, -sz, -(e - s))) for sz, _, s, e in (problems[k] for k in again)]
     for k, b in zip(again, best_fit_many([(*problems[k], o) for k, o in zip(again, by_life)])):
         if b[1] < out[k][1]:

@@ -49,14 +49,12 @@ def copy_cycles(src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, target: Ta
 
 
 def compute_cycles(tiles: np.ndarray, vertex_cycles: np.ndarray, target: Target,
-                   order: np.ndarray | None = None) -> np.ndarray:
-    """Per-tile compute cycles of one compute-set execution (int64, length tiles).
-    `order` (argsort of `tiles`, stable) may be given when known in advance."""
+                   order: np.ndarray) -> np.ndarray:
+    """Per-tile compute cycles of one compute-set execution (int64, length tiles);
+    `order` is the stable argsort of `tiles` (fixed per compute set, so computed once)."""
     total = np.bincount(tiles, weights=vertex_cycles, minlength=target.tiles)
     longest = np.zeros(target.tiles, np.int64)
     if tiles.size:
-        if order is None:
-            order = np.argsort(tiles, kind="stable")
         st = tiles[order]
         first = np.concatenate(([0], np.nonzero(st[1:] != st[:-1])[0] + 1))
         longest[st[first]] = np.maximum.reduceat(vertex_cycles[order], first)

@@ -1,9 +1,10 @@
 """The IPU model: a bulk-synchronous simulator over real tile memories.
 
 Requires an `Executable` and its compiled codelets; runs the program tree.  All
-tiles' memories are one 64-byte aligned byte array (tile t owns bytes
-[t × tile_memory, (t+1) × tile_memory)), so a tensor's element lives exactly where
-the memory plan put it, and a planning bug shows as wrong numbers.
+tiles' memories are one 64-byte aligned byte array (tile t owns the window
+[t × stride, (t+1) × stride), `runtime.layout`), so a tensor's element lives exactly
+at the offset in its tile the memory plan gave it, and a planning bug shows as
+wrong numbers.
 
 One native call per (compute set, codelet, row range); row ranges run on threads
 (native calls release the GIL).  Groups whose sizes, strides and state are the same
