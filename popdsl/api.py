@@ -10,9 +10,9 @@ from popdsl import artifact
 from popdsl.codegen.jit import NativeCodelets
 from popdsl.ir.codelet import NUMPY_DTYPE
 from popdsl.pipeline import compile_source
-from popdsl.runtime import executable as X
+from popdsl.ir import executable as X
 from popdsl.runtime.simulator import Machine
-from popdsl.runtime.target import get_target
+from popdsl.ir.target import get_target
 
 
 class Executable:

@@ -25,8 +25,8 @@ from popdsl.diagnostics import Span
 from popdsl.frontend.parser import MAX_NESTING
 from popdsl.ir import codelet as cir
 from popdsl.ir.verify import verify_codelet
-from popdsl.runtime import executable as X
-from popdsl.runtime.target import Target
+from popdsl.ir import executable as X
+from popdsl.ir.target import Target
 
 MAGIC = "popdsl-executable"
 VERSION = 2

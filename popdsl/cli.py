@@ -80,9 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--json", action="store_true", help="machine-readable output")
     d = sub.add_parser("dump", help="print the IR after a stage")
     common(d)
-    from popdsl.pipeline import STAGES
-    d.add_argument("--after", required=True, choices=STAGES, metavar="STAGE",
-                   help="one of: " + ", ".join(STAGES))
+    from popdsl.pipeline import STAGE_NAMES
+    d.add_argument("--after", required=True, choices=STAGE_NAMES, metavar="STAGE",
+                   help="one of: " + ", ".join(STAGE_NAMES))
     return p
 
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------- helpers
 
 def _target(args):
-    from popdsl.runtime.target import get_target
+    from popdsl.ir.target import get_target
     try:
         return get_target(args.target, args.tiles, args.tile_memory)
     except ValueError as e:
@@ -277,7 +277,7 @@ def _save_npz(path: str, arrays: dict) -> None:
 
 
 def _cycles_text(exe, c) -> str:
-    from popdsl.runtime.cycles import assumptions
+    from popdsl.ir.cost import assumptions
     t = exe.target
     lines = [f"cycles (estimated, {t.name}, {t.tiles} tiles, {c.steps} step{'s' if c.steps != 1 else ''}): "
              f"{c.total:,} = compute {c.compute:,} + exchange {c.exchange:,} + sync {c.sync:,}",
@@ -308,7 +308,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_dump(args) -> int:
-    from popdsl.ir.printer import dump
+    from popdsl.pipeline import dump
     result = _compile(args, args.after)
     print(dump(args.after, result), end="")
     return 0

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from popdsl import cli
-from popdsl.pipeline import STAGES
+from popdsl.pipeline import STAGE_NAMES as STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from popdsl.codegen import jit
 from popdsl.codegen.jit import NativeCodelets, aligned_zeros
 from popdsl.codegen.llvm import emit_module
-from popdsl.codegen.specialise import constant_columns
+from popdsl.runtime.specialise import constant_columns
 from popdsl.ir import codelet_eval as ev
 from popdsl.ir.codelet import (ERR_BOUNDS, ERR_DIV_ZERO, ELEM_BYTES, NUMPY_DTYPE, Assign,
                                Binary, Break, CallScalar, Cast, Codelet, Const,
@@ -641,7 +641,7 @@ def test_specialisation_needs_enough_rows_and_skips_addresses():
                      min_size=0, max_size=12),
        parts=st.integers(1, 4))
 def test_independent_runs_agree_with_brute_force_and_any_order(runs, parts):
-    from popdsl.codegen.copies import copy_runs, independent, split_runs
+    from popdsl.runtime.copies import copy_runs, independent, split_runs
     src = np.array([r[0] for r in runs], np.int64)
     dst = np.array([r[1] for r in runs], np.int64)
     nb = np.array([r[2] for r in runs], np.int64)
@@ -666,7 +666,7 @@ def test_independent_runs_agree_with_brute_force_and_any_order(runs, parts):
 @settings(max_examples=100, deadline=None)
 @given(addrs=st.lists(st.integers(0, 60), min_size=0, max_size=30, unique=True))
 def test_scatter_and_gather_by_runs_round_trip(addrs):
-    from popdsl.codegen.copies import element_runs, gather_runs, scatter_runs
+    from popdsl.runtime.copies import element_runs, gather_runs, scatter_runs
     a = np.array(addrs, np.int64) * 4
     values = np.arange(len(addrs), dtype=np.float32) + 0.5
     runs = element_runs(a, 4)
@@ -682,7 +682,7 @@ def test_scatter_and_gather_by_runs_round_trip(addrs):
 
 
 def test_scatter_and_gather_refuse_runs_outside_their_arrays():
-    from popdsl.codegen.copies import element_runs, gather_runs, scatter_runs
+    from popdsl.runtime.copies import element_runs, gather_runs, scatter_runs
     mem = aligned_zeros(64)
     with pytest.raises(ValueError, match="outside"):
         scatter_runs(mem, np.ones(4, np.float32), element_runs(np.array([0, 4, 8, 64]), 4))

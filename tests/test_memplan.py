@@ -68,7 +68,7 @@ def source(a, b, lines, tiles):
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(prog=programs(), tiles=st.sampled_from([1, 3, 7]), seed=st.integers(0, 2**16))
 def test_random_programs_plan_without_overlaps_and_match_numpy(prog, tiles, seed, monkeypatch):
-    monkeypatch.setenv("POPDSL_VERIFY_PLAN", "1")
+    monkeypatch.setenv("POPDSL_VERIFY", "1")
     a, b, lines, outs = prog
     rng = np.random.default_rng(seed)
     env = {"x": rng.uniform(-1, 1, (a, b)).astype(np.float32), "y": rng.uniform(-1, 1, (a, b)).astype(np.float32),

@@ -203,7 +203,7 @@ class NativeCodelets:
                  generic: bool = True):
         # contract=False: no FMA contraction, for bit-exact comparison with the
         # reference evaluator in tests.  `specs`: drivers specialised to constant
-        # table columns (`codegen.specialise`); generic=False: only those.
+        # table columns (`runtime.specialise`); generic=False: only those.
         self.codelets = {c.name: c for c in codelets}
         self.unchecked, self.contract = unchecked, contract
         specs = tuple(sorted(set(specs)))

@@ -1,7 +1,7 @@
 """Codelet IR → LLVM IR (llvmlite.ir), a pure and deterministic function.
 
 Requires verified codelets (`popdsl.ir.verify`; `emit_module` re-verifies, cheaply)
-and the cost model of `popdsl.codegen.cost`.  Produces one `llvmlite.ir.Module` with,
+and the cost model of `popdsl.ir.cost`.  Produces one `llvmlite.ir.Module` with,
 per codelet (names are identifiers, so they mangle by prefixing):
 
 * vertex codelet `N`:
@@ -13,7 +13,7 @@ per codelet (names are identifiers, so they mangle by prefixing):
   pointers are `noalias` parameters, so after inlining LLVM still knows the fields
   do not alias (that is what lets loops vectorise without runtime checks).
   ``popdsl_spec_N_<hash>`` (`spec_symbol`, asked for by `specs`): the same driver
-  with some table columns fixed to constants (`codegen.specialise`), whose row
+  with some table columns fixed to constants (`runtime.specialise`), whose row
   loop also prefetches the fields of the vertex PREFETCH_ROWS ahead.
 * scalar codelet `s`: internal ``{ret, i1} popdsl_scalar_s(ptr err, args...)``
   (the i1 says "failed, err filled"; it folds away when nothing can fail) and
@@ -39,7 +39,7 @@ from typing import Sequence
 import llvmlite.ir as ll
 import numpy as np
 
-from popdsl.codegen import cost
+from popdsl.ir import cost
 from popdsl.ir import codelet as ir
 from popdsl.ir.verify import verify_codelet
 

@@ -1,6 +1,6 @@
 """Reference evaluator of codelet IR: the living definition the JIT is checked against.
 
-Requires `popdsl.ir.codelet`, the cycle model `popdsl.codegen.cost` and
+Requires `popdsl.ir.codelet`, the cycle model `popdsl.ir.cost` and
 `popdsl.ir.errors`.  Produces `run_vertices` (same memory/table contract as the native
 driver `popdsl_drive_<Name>`), `call_scalar` and `map_elements` (the element-wise map
 of a scalar codelet).  Pure Python + numpy scalars, one vertex at a time: slow by
@@ -29,7 +29,7 @@ from typing import Mapping
 
 import numpy as np
 
-from popdsl.codegen import cost
+from popdsl.ir import cost
 from popdsl.ir import codelet as ir
 from popdsl.ir.errors import VertexError
 

@@ -7,14 +7,14 @@ index or reshape a user writes connects the same way.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Union
 
 import numpy as np
 
 from popdsl.diagnostics import Span
 from popdsl.ir import codelet as cir
-from popdsl.runtime.target import Target
+from popdsl.ir.target import Target
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +23,7 @@ class Tensor:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    kind: str                  # "var" | "input"
+    kind: str                  # "var" | "input" | "param" | "temp" (a result of the tensor program)
     span: Span
 
     @property
@@ -158,3 +158,13 @@ class TensorGraph:
     def span_id(self, span: Span) -> int:
         self.spans.append(span)
         return len(self.spans) - 1
+
+    def copy(self) -> "TensorGraph":
+        """A graph a pass may extend without changing this one: new containers, new
+        mapping arrays; tensors, views, compute sets already made and nodes are
+        shared (no pass changes them)."""
+        return replace(self, codelets=dict(self.codelets), tensors=list(self.tensors), init=dict(self.init),
+                       tile_of={k: v.copy() for k, v in self.tile_of.items()},
+                       compute_sets=dict(self.compute_sets), inputs=dict(self.inputs),
+                       outputs=list(self.outputs), spans=list(self.spans), params=list(self.params),
+                       ops=list(self.ops), inplace=list(self.inplace))

@@ -1,5 +1,5 @@
-"""Deterministic text for every stage's IR (`popc dump --after STAGE`), what golden
-tests compare.  Large arrays print as summaries, never as Python reprs."""
+"""Deterministic text for the IRs of this layer (AST, codelet IR, tensor graph,
+vertex graph): what `popc dump --after STAGE` prints and per-pass tests check.  Large arrays print as summaries, never as Python reprs."""
 from __future__ import annotations
 
 from dataclasses import fields, is_dataclass
@@ -10,10 +10,6 @@ from popdsl.diagnostics import Span
 from popdsl.ir import codelet as cir
 
 
-def dump(stage: str, result) -> str:
-    return {"parse": _modules, "check": _program, "elaborate": _tensor_graph, "partition": _tensor_graph,
-            "lower": _lowered,
-            "codegen": _native, "plan": _plan}[stage](result)
 
 
 # ---------------------------------------------------------------- AST
@@ -43,7 +39,7 @@ def _ast(node, indent: int = 0) -> list[str]:
     return out
 
 
-def _modules(modules) -> str:
+def modules(modules) -> str:
     out = []
     for m in modules:
         out.append(f"module {m.path}")
@@ -120,7 +116,7 @@ def codelet(c: cir.Codelet) -> str:
     return "\n".join([head + " {", *stmts(c.body, 1), "}"])
 
 
-def _program(prog) -> str:
+def program(prog) -> str:
     out = ["// '!' marks an access whose bounds check was proven unnecessary"]
     out += [codelet(c) for c in prog.codelets.values()]
     out += [f"graph {name}  // elaborated by the next stage" for name in prog.graphs]
@@ -179,7 +175,7 @@ def _prog_lines(graph, p, indent: int) -> list[str]:
     return out
 
 
-def _tensor_graph(graph) -> str:
+def tensor_graph(graph) -> str:
     out = [f"graph {graph.name} on {graph.target.name} ({graph.target.tiles} tiles)"]
     for t in graph.tensors:
         init = " init" if t.id in graph.init else ""
@@ -231,7 +227,7 @@ def _node_lines(graph, roots) -> list[str]:
     return lines
 
 
-def _lowered(low) -> str:
+def lowered(low) -> str:
     g = low.graph
     rt = np.asarray(low.region_tile)
     out = [f"vertex graph {g.name}: {len(rt)} regions on {len(np.unique(rt))} tiles"]
@@ -251,21 +247,4 @@ def _lowered(low) -> str:
                 cells = " ".join(f"r{grp.region[r, j]}+{grp.table[r, j]}" if grp.region[r, j] >= 0
                                  else str(grp.table[r, j]) for j in range(grp.table.shape[1]))
                 out.append(f"      tile {grp.tiles[r]}: {cells}")
-    return "\n".join(out) + "\n"
-
-
-def _native(native) -> str:
-    from popdsl.codegen.llvm import emit_module
-    return str(emit_module(list(native.codelets.values()), native.unchecked))
-
-
-def _plan(result) -> str:
-    exe, _ = result
-    from popdsl.report.memory import memory_report
-    out = [memory_report(exe).text()]
-    for t, a in zip(exe.tensors, exe.tensor_addrs):
-        tm = exe.target.tile_memory
-        tiles = np.unique(a // tm)
-        out.append(f"  {t.name}: " + ", ".join(f"tile {int(tt)} @{int(a[a // tm == tt].min() % tm)}"
-                                                for tt in tiles[:8]) + (" ..." if len(tiles) > 8 else ""))
     return "\n".join(out) + "\n"

@@ -17,7 +17,7 @@ from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node
 from popdsl.passes.elaborate_poplar import INITS, PoplarMixin, kind_of
 from popdsl.passes.elaborate_tensor import TensorMixin
-from popdsl.runtime.target import Target
+from popdsl.ir.target import Target
 from popdsl.sema import Program
 
 MAX_UNROLL = 1 << 22          # compile-time loop iterations, all loops together

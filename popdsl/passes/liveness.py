@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from popdsl.passes.lower import Lowered
-from popdsl.runtime import executable as X
+from popdsl.ir.lowered import Lowered
+from popdsl.ir import executable as X
 
 ALWAYS_LIVE_KINDS = ("var", "input", "param")
 
@@ -30,6 +30,7 @@ class Liveness:
     points: int                # number of program points
     labels: list[str]          # what happens at each point
     always: np.ndarray         # bool per region: live for the whole program
+    cs_points: dict[int, list[int]]   # compute set index -> the points where it executes
 
 
 def _cs_regions(cs) -> np.ndarray:
@@ -46,6 +47,7 @@ def liveness(low: Lowered) -> Liveness:
     times: list[np.ndarray] = []
     labels: list[str] = []
     loops: list[tuple[int, int]] = []
+    cs_points: dict[int, list[int]] = {}
     cs_regions = [_cs_regions(cs) for cs in low.compute_sets]
     copy_regions = [np.unique(np.concatenate([np.concatenate([p[0], p[2]]) for p in c.parts]))
                     if c.parts else np.zeros(0, np.int64) for c in low.copies]
@@ -60,6 +62,7 @@ def liveness(low: Lowered) -> Liveness:
     def walk(p: X.PSeq) -> None:
         for node in p.body:
             if isinstance(node, X.PExecute):
+                cs_points.setdefault(node.cs, []).append(len(labels))
                 touch(cs_regions[node.cs], f"execute {low.compute_sets[node.cs].name}")
             elif isinstance(node, X.PCopy):
                 touch(copy_regions[node.copy], "copy")
@@ -110,4 +113,4 @@ def liveness(low: Lowered) -> Liveness:
     always[is_tensor] = [kinds[i] in ALWAYS_LIVE_KINDS for i in tensor[is_tensor].tolist()]
     start[always] = 0
     end[always] = end_point
-    return Liveness(start, end, end_point + 1, labels, always)
+    return Liveness(start, end, end_point + 1, labels, always, cs_points)

@@ -25,10 +25,10 @@ import numpy as np
 from popdsl.diagnostics import Diagnostics, Span
 from popdsl.passes.bestfit import best_fit_many
 from popdsl.passes.liveness import Liveness, liveness
-from popdsl.passes.lower import CopyElems, Lowered
-from popdsl.runtime import executable as X
-from popdsl.runtime.cycles import copy_cycles
-from popdsl.runtime.target import Target
+from popdsl.ir.lowered import CopyElems, Lowered
+from popdsl.ir import executable as X
+from popdsl.ir.cost import copy_cycles
+from popdsl.ir.target import Target
 
 
 def _align(size: np.ndarray) -> np.ndarray:
@@ -65,8 +65,10 @@ def _plan_tiles(problems: list[tuple[np.ndarray, ...]], reuse: bool, lower_bound
     return out
 
 
-def plan(low: Lowered, code_sizes: dict[str, int], unchecked: bool = False, reuse: bool = True,
-         verify: bool = False) -> X.Executable:
+def plan(low: Lowered, codelets: dict, code_sizes: dict[str, int], unchecked: bool = False,
+         reuse: bool = True, verify: bool = False) -> X.Executable:
+    """`codelets`: the codelets the executable needs (native code exists for them);
+    `verify`: check the plan (no two regions live at once share a byte)."""
     graph = low.graph
     target: Target = graph.target
     ntiles = target.tiles
@@ -141,7 +143,7 @@ def plan(low: Lowered, code_sizes: dict[str, int], unchecked: bool = False, reus
     mem = _categories(low, live, -(-full_rs // al) * al, -(-rs // al) * al, rt, planned, bound, naive,
                       code_sizes, ntiles)
     _check_capacity(low, mem, target)
-    return _finish(low, base, mem, unchecked)
+    return _finish(low, codelets, base, mem, unchecked)
 
 
 def verify_plan(tiles: np.ndarray, base: np.ndarray, sizes: np.ndarray, live: Liveness) -> None:
@@ -174,10 +176,7 @@ def _in_place(low: Lowered, live: Liveness) -> dict[int, int]:
     not a variable, input or output).  The input's interval is stretched over the
     output's and the output region is left out of planning (size 0, same base)."""
     graph = low.graph
-    cs_time = {}
-    for t, label in enumerate(live.labels):
-        if label.startswith("execute "):
-            cs_time.setdefault(label[8:], []).append(t)
+    cs_index = {cs.name: i for i, cs in enumerate(low.compute_sets)}
     regions_of: dict[int, dict[int, int]] = {}
     tensor = np.asarray(low.region_tensor, np.int64)
     tiles = np.asarray(low.region_tile, np.int64)
@@ -187,7 +186,7 @@ def _in_place(low: Lowered, live: Liveness) -> dict[int, int]:
     alias: dict[int, int] = {}
     taken: set[int] = set()
     for out_t, in_t, cs in graph.inplace:
-        times = cs_time.get(cs, [])
+        times = live.cs_points.get(cs_index[cs], [])
         if len(times) != 1 or graph.tensors[in_t].kind != "temp" or in_t in outputs:
             continue
         t = times[0]
@@ -231,7 +230,7 @@ def _categories(low, live: Liveness, rs, plan_rs, rt, planned, bound, naive, cod
                         timeline_labels=list(live.labels) + ["outputs read by the host"])
 
 
-def _finish(low: Lowered, base: np.ndarray, mem: X.MemoryPlan, unchecked: bool) -> X.Executable:
+def _finish(low: Lowered, codelets: dict, base: np.ndarray, mem: X.MemoryPlan, unchecked: bool) -> X.Executable:
     graph = low.graph
     target = graph.target
     rt = np.asarray(low.region_tile, np.int64)
@@ -253,7 +252,7 @@ def _finish(low: Lowered, base: np.ndarray, mem: X.MemoryPlan, unchecked: bool) 
     cs_index = {cs.name: i for i, cs in enumerate(low.compute_sets)}
     ops = [{**{k: v for k, v in op.items() if k != "compute_sets"},
             "compute_sets": [cs_index[n] for n in op["compute_sets"]]} for op in graph.ops]
-    return X.Executable(graph.name, target, dict(graph.codelets), tensors, tensor_addrs,
+    return X.Executable(graph.name, target, dict(codelets), tensors, tensor_addrs,
                         dict(graph.init), css, copies, reads, low.program, dict(graph.inputs),
                         dict(low.outputs), list(graph.spans), mem, unchecked, ops)
 

@@ -26,8 +26,9 @@ from popdsl.ir import codelet as cir
 from popdsl.ir import graph as g
 from popdsl.ir import tensor as T
 from popdsl.ir.tensor import Node
+from popdsl.passes import partition_ops as ops
+from popdsl.passes.partition_ops import GRAIN
 
-GRAIN = 16              # fewest elements worth a vertex of element-wise work
 
 
 @functools.cache
@@ -222,7 +223,6 @@ class Partitioner:
         return v
 
     def compute(self, n: Node) -> g.View:
-        from popdsl.passes import partition_ops as ops
         # Tensors and vertices made for this node point at the source that made it.
         self.span = self.g.nodes.spans.get(n.id, self.span) if self.g.nodes is not None else self.span
         if n.op == "tensor":
@@ -338,4 +338,5 @@ class Partitioner:
 
 
 def partition(graph: g.TensorGraph) -> g.TensorGraph:
-    return Partitioner(graph).run()
+    """A new graph; `graph` is left as it was."""
+    return Partitioner(graph.copy()).run()

@@ -19,6 +19,7 @@ import numpy as np
 from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node
 
+GRAIN = 16              # fewest elements worth a vertex of element-wise work
 SLAB_BYTES = 48 * 1024        # most input data one vertex of a conv or pool may take
 TWO_STAGE_MIN = 2048          # a reduction row at least this long may be split
 
@@ -133,7 +134,6 @@ def _grid(M: int, N: int, K: int, budget: int) -> tuple[int, int, int]:
     outputs each, so a small output is reduced on few tiles) — among blocks at
     least 16 columns wide where the output allows (a vertex's inner loop runs over
     the columns)."""
-    from popdsl.passes.partition import GRAIN
     best = None
     min_bn = min(16, N)
     reducers = max(1, min(budget, _cdiv(M * N, GRAIN)))

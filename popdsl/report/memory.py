@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from popdsl.runtime.executable import CATEGORIES, Executable
+from popdsl.ir.executable import CATEGORIES, Executable
 
 TIMELINE_WIDTH = 48
 

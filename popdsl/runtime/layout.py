@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from popdsl.runtime import executable as X
+from popdsl.ir import executable as X
 
 
 def window_stride(exe: X.Executable) -> int:

@@ -8,9 +8,9 @@ wrong numbers.
 
 One native call per (compute set, codelet, row range); row ranges run on threads
 (native calls release the GIL).  Groups whose sizes, strides and state are the same
-in every row run a driver specialised to them (`codegen.specialise`).  Copies are
+in every row run a driver specialised to them (`runtime.specialise`).  Copies are
 native loops of memmoves; a big copy whose runs are independent is split between
-the threads.  Every phase adds to the cycle estimate (`runtime.cycles`).  After a
+the threads.  Every phase adds to the cycle estimate (`ir.cost`).  After a
 DeviceError the memory is unspecified (other threads' rows may have run).
 """
 from __future__ import annotations
@@ -21,15 +21,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from popdsl.codegen.copies import (check_runs, copy_runs, element_runs, gather_runs, independent,
+from popdsl.runtime.copies import (check_runs, copy_runs, element_runs, gather_runs, independent,
                                    scatter_runs, split_runs)
 from popdsl.codegen.jit import NativeCodelets, aligned_zeros
-from popdsl.codegen.specialise import group_specs
+from popdsl.runtime.specialise import group_specs
 from popdsl.diagnostics import Diagnostic
 from popdsl.ir.codelet import ERR_BOUNDS, NUMPY_DTYPE
 from popdsl.ir.errors import VertexError
-from popdsl.runtime import executable as X
-from popdsl.runtime.cycles import compute_cycles
+from popdsl.ir import executable as X
+from popdsl.ir.cost import compute_cycles
 from popdsl.runtime.layout import host_copy, host_table, to_host, window_stride
 
 # Below these a thread hand-off costs more than it saves.  A group's work is judged
@@ -69,7 +69,7 @@ class Machine:
         self.exe = exe
         self.native = native or NativeCodelets(list(exe.codelets.values()), exe.unchecked)
         # Groups whose sizes, strides and state are constant run a driver compiled
-        # with them folded in (codegen.specialise: same cycles, faster host code).
+        # with them folded in (runtime.specialise: same cycles, faster host code).
         self._consts = group_specs(exe)
         specs = {(g.codelet, k) for cs, ks in zip(exe.compute_sets, self._consts)
                  for g, k in zip(cs.groups, ks) if k}

@@ -1,8 +1,12 @@
-"""Static cycle costs of codelet IR nodes: the per-vertex cycle model.
+"""The cycle model (DESIGN §3), estimated and saying so: what a vertex, a tile's
+compute phase and an exchange phase cost.
 
-Requires `popdsl.ir.codelet`; produces cost functions used by the code generator
-(`popdsl.codegen.llvm`, which adds them to a per-vertex counter) and by the reference
-evaluator (`popdsl.ir.codelet_eval`, which must count exactly the same).
+Requires `popdsl.ir.codelet` and the target description; produces cost functions used
+by the code generator (`popdsl.codegen.llvm`, which adds them to a per-vertex counter),
+the reference evaluator (`popdsl.ir.codelet_eval`, which must count exactly the same),
+the memory planner (exchange cycles of its copy tables) and the simulator.
+
+Per vertex:
 
 The model is an estimate of an IPU worker, not a measurement, and says so:
 
@@ -21,13 +25,27 @@ The model is an estimate of an IPU worker, not a measurement, and says so:
 Counting rule shared by both consumers: a statement's `stmt_cost` is charged when the
 statement starts executing; loop costs as described above.  Operands of `&&`/`||` and
 both arms of `select` are charged whether evaluated or not (static cost).
+
+Per tile and phase:
+
+- A tile runs its vertices on `workers` barrel-scheduled contexts: one context issues
+  every `workers` cycles, so a vertex of C instructions alone takes workers × C
+  cycles and a full tile issues one instruction a cycle.  A tile's compute time is
+  max(workers × longest vertex, sum of its vertices) — perfect packing.
+- Exchange moves `exchange_bytes_per_cycle` bytes per cycle into and out of each tile;
+  an exchange phase lasts as long as its busiest tile.  On-tile rearrangement copies
+  are charged at the same rate.
+- Every compute or exchange phase ends with a sync of `sync_cycles`.
 """
 from __future__ import annotations
 
 from functools import lru_cache
 from typing import Mapping
 
+import numpy as np
+
 from popdsl.ir import codelet as ir
+from popdsl.ir.target import Target
 
 VERTEX_OVERHEAD = 10
 BRANCH = 1
@@ -117,3 +135,49 @@ def static_cost(c: ir.Codelet, scalars: Mapping[str, ir.Codelet] = {}) -> int:
 @lru_cache(maxsize=4096)
 def _static_cached(c: ir.Codelet, scalar_items: tuple) -> int:
     return _block_static(c.body, dict(scalar_items))
+
+
+# ---------------------------------------------------------------- tiles and phases
+
+ASSUMPTIONS = (
+    "vertex cycles: static instruction cost per executed codelet statement (estimated)",
+    "tile compute: max(workers x longest vertex, sum of vertex cycles) (perfect packing on {workers} workers)",
+    "exchange: {exchange_bytes_per_cycle} B/cycle in and out of each tile; busiest tile sets the phase",
+    "sync: {sync_cycles} cycles per compute or exchange phase (assumed)",
+    "clock: {clock_ghz:.2f} GHz",
+)
+
+
+def assumptions(target: Target) -> list[str]:
+    return [a.format(workers=target.workers, exchange_bytes_per_cycle=target.exchange_bytes_per_cycle,
+                     sync_cycles=target.sync_cycles, clock_ghz=target.clock_hz / 1e9) for a in ASSUMPTIONS]
+
+
+def copy_cycles(src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, target: Target) -> tuple[int, int, int]:
+    """(cycles, bytes crossing tiles, on-tile bytes) of runs of copies."""
+    if not src.size:
+        return 0, 0, 0
+    tm = target.tile_memory
+    st, dt = src // tm, dst // tm
+    cross = st != dt
+    sent = np.bincount(st[cross], weights=nbytes[cross], minlength=target.tiles)
+    recv = np.bincount(dt[cross], weights=nbytes[cross], minlength=target.tiles)
+    local = np.bincount(dt[~cross], weights=nbytes[~cross], minlength=target.tiles)
+    xbytes = int(nbytes[cross].sum())
+    lbytes = int(nbytes[~cross].sum())
+    busiest = int(np.max(np.maximum(np.maximum(sent, recv), local)))
+    cycles = -(-busiest // target.exchange_bytes_per_cycle) + target.sync_cycles
+    return cycles, xbytes, lbytes
+
+
+def compute_cycles(tiles: np.ndarray, vertex_cycles: np.ndarray, target: Target,
+                   order: np.ndarray) -> np.ndarray:
+    """Per-tile compute cycles of one compute-set execution (int64, length tiles);
+    `order` is the stable argsort of `tiles` (fixed per compute set, so computed once)."""
+    total = np.bincount(tiles, weights=vertex_cycles, minlength=target.tiles)
+    longest = np.zeros(target.tiles, np.int64)
+    if tiles.size:
+        st = tiles[order]
+        first = np.concatenate(([0], np.nonzero(st[1:] != st[:-1])[0] + 1))
+        longest[st[first]] = np.maximum.reduceat(vertex_cycles[order], first)
+    return np.maximum(total, target.workers * longest).astype(np.int64)

@@ -10,7 +10,7 @@ import numpy as np
 
 from popdsl.diagnostics import Span
 from popdsl.ir import codelet as cir
-from popdsl.runtime.target import Target
+from popdsl.ir.target import Target
 
 
 @dataclass(frozen=True, slots=True)
