@@ -121,7 +121,7 @@ def test_matmul_workers_share_their_b_block(monkeypatch):
     """A tile's matmul block is split into bands of rows for its workers; they read
     one exchanged copy of the b block, so the exchange is what one vertex per tile
     would need while the tile's estimated compute time drops."""
-    from popdsl.passes import partition_ops
+    from popdsl.ops import linalg
     src = """graph g(tiles = 8) {
     input a: f32[32, 48];
     input b: f32[48, 32];
@@ -136,7 +136,7 @@ def test_matmul_workers_share_their_b_block(monkeypatch):
         rows = {r["op"]: r for r in exe.partition_report().rows}
         return y, rows["matmul"]
     y, split = measure()
-    monkeypatch.setattr(partition_ops, "_worker_rows", lambda r0, r1, w: [(r0, r1)])
+    monkeypatch.setattr(linalg, "_worker_rows", lambda r0, r1, w: [(r0, r1)])
     y1, single = measure()
     np.testing.assert_allclose(y, a.astype(np.float64) @ b, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(y, y1)
@@ -159,7 +159,7 @@ def test_only_read_buffers_with_the_same_elements_on_one_tile_are_shared():
 
 
 def test_worker_rows_are_bands_of_four():
-    from popdsl.passes.partition_ops import _worker_rows
+    from popdsl.ops.linalg import _worker_rows
     assert _worker_rows(0, 16, 6) == [(0, 4), (4, 8), (8, 12), (12, 16)]
     assert _worker_rows(8, 13, 6) == [(8, 12), (12, 13)]
     assert _worker_rows(0, 3, 6) == [(0, 3)]
@@ -285,13 +285,13 @@ def conv_ref_fast(x, w, s, p):
 def test_large_conv_splits_input_channels_and_rows(tiles):
     """A convolution whose input does not fit one vertex: the plan splits input
     channels (partial sums added on the tiles) and output rows."""
-    from popdsl.passes import partition_ops
+    from popdsl.ops import blocks
     x, w = rnd((1, 64, 20, 20), 16), rnd((32, 64, 3, 3), 17)
     src = f"graph g(tiles = {tiles}) {{ input x: f32[1, 64, 20, 20]; input w: f32[32, 64, 3, 3];" \
           " output y = conv2d(x, w, stride = 1, padding = 1); }"
     exe = popdsl.compile(src)
     assert any(t.name.endswith("conv2d.partial") for t in exe.ir.tensors), "expected an input-channel split"
-    assert 64 * 22 * 22 * 4 > partition_ops.SLAB_BYTES
+    assert 64 * 22 * 22 * 4 > blocks.SLAB_BYTES
     with popdsl.Simulator(exe) as sim:
         y = sim.run({"x": x, "w": w})["y"]
     np.testing.assert_allclose(y, conv_ref_fast(x, w, 1, 1), rtol=1e-4, atol=1e-4)

@@ -41,6 +41,7 @@ import numpy as np
 
 from popdsl.codegen.llvm import emit_module, spec_symbol
 from popdsl.ir import codelet as ir
+from popdsl.ir.intrinsics import link_symbols
 from popdsl.ir.errors import VertexError
 
 __all__ = ["NativeCodelets", "VertexError", "aligned_zeros", "cache_dir", "CODEGEN_VERSION"]
@@ -49,9 +50,9 @@ CODEGEN_VERSION = "popdsl-codegen-2"
 _MAGIC = b"POPDSLO1"
 _LOCK = threading.RLock()        # llvmlite compiles are not thread-safe
 _TM = None
-_LIBM_SYMBOLS = ("expf", "logf", "sinf", "cosf", "tanhf", "powf", "fmodf", "sqrtf",
-                 "floorf", "ceilf", "fmaf", "fminf", "fmaxf", "exp2f", "log2f",
-                 "log10f", "__extendhfsf2", "__truncsfhf2")
+# C symbols native code may call: those intrinsics lower to (ir.intrinsics), the
+# float remainder and the half-precision conversions.
+_LIBM_SYMBOLS = ("fmodf", "__extendhfsf2", "__truncsfhf2") + link_symbols()
 _ALIGN = 64
 
 _DRIVE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,

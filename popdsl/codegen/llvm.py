@@ -41,6 +41,7 @@ import numpy as np
 
 from popdsl.ir import cost
 from popdsl.ir import codelet as ir
+from popdsl.ir.intrinsics import INTRINSICS
 from popdsl.ir.verify import verify_codelet
 
 I1, I8, I32, I64 = ll.IntType(1), ll.IntType(8), ll.IntType(32), ll.IntType(64)
@@ -326,6 +327,9 @@ class _Emitter:
         if isinstance(e, ir.Cast):
             return self.cast(self.expr(e.x), e.x.ty, e.ty)
         if isinstance(e, ir.Intrinsic):
+            expand = INTRINSICS[e.name].expand
+            if expand is not None:
+                return self.expr(expand(*e.args))
             return self.intrinsic(e.name, [self.expr(a) for a in e.args], e.ty)
         if isinstance(e, ir.CallScalar):
             args = [self.expr(a) for a in e.args]
@@ -393,23 +397,21 @@ class _Emitter:
         return b.call(fn, [v])
 
     def intrinsic(self, name, args, ty):
-        b, mod = self.b, self.mod
-        if ty == "i32":
-            if name == "abs":
-                return b.call(_intrinsic(mod, "llvm.abs.i32", I32, [I32, I1]),
-                              [args[0], ll.Constant(I1, 0)])
-            llname = {"min": "llvm.smin.i32", "max": "llvm.smax.i32"}[name]
-            return b.call(_intrinsic(mod, llname, I32, [I32, I32]), args)
-        one = ll.Constant(F32, 1.0)
-        if name == "sigmoid":
-            ex = b.call(_intrinsic(mod, "llvm.exp.f32", F32, [F32]), [b.fneg(args[0], flags=self.flags)])
-            return b.fdiv(one, b.fadd(one, ex, flags=self.flags), flags=self.flags)
-        if name == "rsqrt":
-            sq = b.call(_intrinsic(mod, "llvm.sqrt.f32", F32, [F32]), args)
-            return b.fdiv(one, sq, flags=self.flags)
-        llname = {"abs": "fabs", "min": "minnum", "max": "maxnum"}.get(name, name)
-        fn = _intrinsic(mod, f"llvm.{llname}.f32", F32, [F32] * len(args))
-        return b.call(fn, args)
+        """A call of intrinsic `name` (not an expansion) as its table entry says."""
+        entry = INTRINSICS[name]
+        lty = COMPUTE[ty]
+        if entry.libm is not None:
+            fn = _intrinsic(self.mod, entry.libm, lty, [lty] * len(args))
+        else:
+            llname = entry.llvm[ty]
+            extra = _LLVM_EXTRA_ARGS.get(llname, ())
+            fn = _intrinsic(self.mod, llname, lty, [lty] * len(args) + [x.type for x in extra])
+            args = list(args) + list(extra)
+        return self.b.call(fn, args)
+
+
+# Arguments some LLVM intrinsics take besides the operands.
+_LLVM_EXTRA_ARGS = {"llvm.abs.i32": (ll.Constant(I1, 0),)}     # INT_MIN is not poison: it wraps
 
 
 def _straight(body) -> bool:

@@ -31,6 +31,8 @@ import numpy as np
 
 from popdsl.ir import cost
 from popdsl.ir import codelet as ir
+from popdsl.ir import intrinsics
+from popdsl.ir.intrinsics import INTRINSICS
 from popdsl.ir.errors import VertexError
 
 _F32 = np.float32
@@ -192,7 +194,10 @@ class _Vertex:
         if isinstance(e, ir.Cast):
             return cast(self.expr(e.x), e.x.ty, e.ty)
         if isinstance(e, ir.Intrinsic):
-            return intrinsic(e.name, [self.expr(a) for a in e.args], e.ty)
+            entry = INTRINSICS[e.name]
+            if entry.expand is not None:
+                return self.expr(entry.expand(*e.args))
+            return intrinsics.reference(e.name, [self.expr(a) for a in e.args], e.ty)
         if isinstance(e, ir.CallScalar):
             args = [self.expr(a) for a in e.args]
             return call_scalar(self.scalars[e.name], args, self.scalars, self.row)
@@ -233,33 +238,6 @@ def cast(v, src, dst):
     if dst == "f32":
         return _F32(v)
     return f32_to_i32(v)
-
-
-def intrinsic(name, args, ty):
-    if ty == "i32":
-        if name == "abs":
-            return wrap32(abs(args[0]))
-        return min(args) if name == "min" else max(args)
-    x = args[0]
-    one = _F32(1.0)
-    fn = {"exp": np.exp, "log": np.log, "sqrt": np.sqrt, "tanh": np.tanh,
-          "sin": np.sin, "cos": np.cos, "floor": np.floor, "ceil": np.ceil,
-          "abs": np.abs}.get(name)
-    if fn is not None:
-        return _F32(fn(x))
-    if name == "sigmoid":
-        return _F32(one / (one + _F32(np.exp(-x))))
-    if name == "rsqrt":
-        return _F32(one / _F32(np.sqrt(x)))
-    if name == "min":
-        return _F32(np.fmin(*args))
-    if name == "max":
-        return _F32(np.fmax(*args))
-    if name == "pow":
-        return _F32(np.power(*args))
-    if name == "fma":
-        return _F32(np.float64(args[0]) * np.float64(args[1]) + np.float64(args[2]))
-    raise ValueError(f"unknown intrinsic {name!r}")
 
 
 def call_scalar(c: ir.Codelet, args, scalars: Mapping[str, ir.Codelet], row: int = 0):

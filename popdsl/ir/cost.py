@@ -6,15 +6,12 @@ by the code generator (`popdsl.codegen.llvm`, which adds them to a per-vertex co
 the reference evaluator (`popdsl.ir.codelet_eval`, which must count exactly the same),
 the memory planner (exchange cycles of its copy tables) and the simulator.
 
-Per vertex:
+Per vertex (an estimate of an IPU worker, not a measurement, and it says so):
 
-The model is an estimate of an IPU worker, not a measurement, and says so:
-
-* every load, store, arithmetic op, comparison, logic op, select, cast and cheap
-  intrinsic (abs min max floor ceil fma) costs 1 cycle; constants, locals, sizes and
-  `len` are free (registers);
-* division and remainder cost `DIV`; sqrt/rsqrt cost `SQRT`; exp log tanh sigmoid
-  sin cos pow cost `TRANSCENDENTAL` (the IPU evaluates them in software/multi-cycle);
+* every load, store, arithmetic op, comparison, logic op, select and cast costs `OP`
+  (1 cycle); constants, locals, sizes and `len` are free (registers);
+* division and remainder cost `DIV`; an intrinsic costs what its entry in
+  `ir.intrinsics` says (cheap ones `OP`, transcendental ones many cycles);
 * a call of a scalar codelet costs `CALL` plus the callee's static cost (its statements
   counted once each, loops as one iteration) — calls are usually inlined, so this is
   the cost of its straight-line work;
@@ -45,6 +42,7 @@ from typing import Mapping
 import numpy as np
 
 from popdsl.ir import codelet as ir
+from popdsl.ir.intrinsics import DIV, INTRINSICS, OP
 from popdsl.ir.target import Target
 
 VERTEX_OVERHEAD = 10
@@ -52,16 +50,6 @@ BRANCH = 1
 LOOP_SETUP = 2
 LOOP_ITER = 1
 CALL = 4
-DIV = 8
-SQRT = 8
-TRANSCENDENTAL = 20
-OP = 1
-
-_INTRINSIC = {"exp": TRANSCENDENTAL, "log": TRANSCENDENTAL, "tanh": TRANSCENDENTAL,
-              "sigmoid": TRANSCENDENTAL + DIV, "sin": TRANSCENDENTAL,
-              "cos": TRANSCENDENTAL, "pow": TRANSCENDENTAL, "sqrt": SQRT,
-              "rsqrt": SQRT + DIV, "abs": OP, "min": OP, "max": OP, "floor": OP,
-              "ceil": OP, "fma": OP}
 
 
 def expr_cost(e, scalars: Mapping[str, ir.Codelet] = {}) -> int:
@@ -80,7 +68,7 @@ def expr_cost(e, scalars: Mapping[str, ir.Codelet] = {}) -> int:
     if isinstance(e, ir.Cast):
         return OP + expr_cost(e.x, scalars)
     if isinstance(e, ir.Intrinsic):
-        return _INTRINSIC.get(e.name, TRANSCENDENTAL) + sum(expr_cost(a, scalars) for a in e.args)
+        return INTRINSICS[e.name].cost + sum(expr_cost(a, scalars) for a in e.args)
     if isinstance(e, ir.CallScalar):
         callee = scalars.get(e.name)
         body = static_cost(callee, scalars) if callee is not None else 0

@@ -1,4 +1,4 @@
-"""Machine models (DESIGN §3).  A `Target` is a value: presets plus `--tiles` and
+"""The target description: machine models (DESIGN §3).  A `Target` is a value: presets plus `--tiles` and
 `--tile-memory` overrides derive new ones."""
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ class Target:
     clock_hz: float = 1.33e9
     exchange_bytes_per_cycle: int = 4
     sync_cycles: int = 150    # assumed cost of one on-chip BSP sync
+    # Multiply-accumulates a tile completes per cycle, as the partitioner's cost
+    # models assume when they choose a matmul or convolution plan (an estimate of
+    # the codelets' own cost; the simulator counts their real instructions).
+    macs_per_cycle: int = 8
 
     def with_overrides(self, tiles: int | None = None, tile_memory: int | None = None) -> "Target":
         t = self
@@ -27,7 +31,7 @@ class Target:
         return {"name": self.name, "tiles": self.tiles, "tile_memory": self.tile_memory,
                 "workers": self.workers, "clock_hz": self.clock_hz,
                 "exchange_bytes_per_cycle": self.exchange_bytes_per_cycle,
-                "sync_cycles": self.sync_cycles}
+                "sync_cycles": self.sync_cycles, "macs_per_cycle": self.macs_per_cycle}
 
     @staticmethod
     def from_json(d: dict) -> "Target":

@@ -1,8 +1,9 @@
 """Tensor-program IR: a hash-consed DAG of operations on whole tensors.
 
 Produced by elaboration for tensor expressions (`x @ w + b`, `relu(...)`, calls of
-stdlib primitives); consumed by `passes.partition`, which turns every node into
-compute sets of vertices over the tiles.  Nodes are interned: building the same
+stdlib primitives; what each `op` means is its entry in `popdsl.ops`); consumed by
+`passes.partition`, which turns every node into compute sets of vertices over the
+tiles.  Nodes are interned: building the same
 operation on the same operands twice yields the same node, so a repeated
 subexpression is computed once and repeated structure is cheap to recognise.
 
@@ -14,15 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-# Element-wise operations: name → arity.  The partitioner fuses chains of them into
-# one generated codelet; `call:NAME` applies a user's scalar codelet.
-EW_UNARY = ("neg", "not", "exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "sin", "cos", "abs",
-            "floor", "ceil", "relu", "square")
-EW_BINARY = ("add", "sub", "mul", "div", "mod", "pow", "min", "max", "eq", "ne", "lt", "le", "gt", "ge",
-             "and", "or")
-EW_TERNARY = ("select",)
-CASTS = ("cast_f32", "cast_i32", "cast_bool", "cast_f16")
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -77,8 +69,3 @@ def broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...] | None:
         return tuple(np.broadcast_shapes(*shapes))
     except ValueError:
         return None
-
-
-def is_elementwise(n: Node) -> bool:
-    return n.op in EW_UNARY or n.op in EW_BINARY or n.op in EW_TERNARY or n.op in CASTS \
-        or n.op.startswith("call:") or n.op == "const"

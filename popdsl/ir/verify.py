@@ -14,13 +14,11 @@ from __future__ import annotations
 from typing import Mapping
 
 from popdsl.ir import codelet as ir
+from popdsl.ir.intrinsics import INTRINSICS
 
 _EXPR_TYPES = ("f32", "i32", "bool")
 _ARITH = ("+", "-", "*", "/", "%")
 _CMP = ("==", "!=", "<", "<=", ">", ">=")
-_F32_ONLY = ("exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "sin", "cos",
-             "floor", "ceil", "pow", "fma")
-_ARITY = {"pow": 2, "min": 2, "max": 2, "fma": 3}
 _I32_MIN, _I32_MAX = -(1 << 31), (1 << 31) - 1
 
 
@@ -232,12 +230,12 @@ class _Checker:
         elif isinstance(e, ir.Cast):
             self.expr(e.x, scope)
         elif isinstance(e, ir.Intrinsic):
-            n = _ARITY.get(e.name, 1)
-            if e.name not in _F32_ONLY + ("abs", "min", "max"):
+            entry = INTRINSICS.get(e.name) if isinstance(e.name, str) else None
+            if entry is None:
                 self.fail(f"unknown intrinsic {e.name!r}")
-            if not isinstance(e.args, tuple) or len(e.args) != n:
-                self.fail(f"{e.name} takes {n} argument(s)")
-            if ty == "bool" or (e.name in _F32_ONLY and ty != "f32"):
+            if not isinstance(e.args, tuple) or len(e.args) != entry.arity:
+                self.fail(f"{e.name} takes {entry.arity} argument(s)")
+            if not entry.accepts(ty):
                 self.fail(f"{e.name} on {ty}")
             for a in e.args:
                 self.expect(a, ty, scope)

@@ -514,8 +514,8 @@ class _Elaborator(PoplarMixin, TensorMixin):
             self.d.error(e.span, f"bad arguments to {fn}(): {', '.join(_kind(a) for a in args)}")
         else:
             import difflib
-            from popdsl.sema.primitives import NAMES
-            names = set(NAMES) | set(self.prog.defs) | {n for n, c in self.prog.codelets.items() if c.ret}
+            from popdsl.ops import FUNCTIONS
+            names = set(FUNCTIONS) | set(self.prog.defs) | {n for n, c in self.prog.codelets.items() if c.ret}
             close = difflib.get_close_matches(fn, sorted(names | set(known.split(", "))), n=3, cutoff=0.75)
             self.d.error(e.fn.span, f"unknown operation '{fn}'",
                          *([f"did you mean {', '.join(close)}?"] if close else []),

@@ -18,7 +18,10 @@ from popdsl.frontend import ast
 from popdsl.ir import codelet as cir
 from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node, NodeTable
-from popdsl.sema.primitives import NAMES as PRIMITIVES, PrimError, Prims, shape_str
+from popdsl import ops
+from popdsl.ops import elementwise, linalg
+from popdsl.ops import shape as shape_ops
+from popdsl.ops.core import Builder, OpError, shape_str
 
 MAX_DEPTH = 64
 COMPILE_TIME_TYPES = {"int", "float", "bool"}
@@ -35,7 +38,7 @@ class TensorMixin:
 
     def init_tensor(self) -> None:
         self.nodes = NodeTable()
-        self.prims = Prims(self.nodes, self.d)
+        self.builder = Builder(self.nodes, self.d)
         self.path: list[str] = []
         self.call_counts: dict[tuple, int] = {}
         self.op_tensors: set[int] = set()
@@ -51,11 +54,11 @@ class TensorMixin:
                 return self.nodes.make("tensor", (), (t.id,), t.shape, t.dtype)
             return self.nodes.make("view", (), (t.id,), v.index.shape, t.dtype, index=v.index)
         if isinstance(v, bool):
-            return self.prims.const(v, "bool")
+            return self.builder.const(v, "bool")
         if isinstance(v, int):
-            return self.prims.const(v, "f32" if like is not None and like.dtype in ("f32", "f16") else "i32")
+            return self.builder.const(v, "f32" if like is not None and like.dtype in ("f32", "f16") else "i32")
         if isinstance(v, float):
-            return self.prims.const(v, "f32")
+            return self.builder.const(v, "f32")
         self.d.error(span, f"expected a tensor or a number, found {type(v).__name__}")
         raise self.Bad
 
@@ -70,22 +73,22 @@ class TensorMixin:
         self.nodes.span = next((a for a in reversed(args) if isinstance(a, Span)), None)
         try:
             return fn(*args)
-        except PrimError:
+        except OpError:
             raise self.Bad from None
 
     def tensor_binary(self, e: ast.Binary, a, b):
         like = self.like(e.span, a, b)
         na, nb = self.as_node(a, e.a.span, like), self.as_node(b, e.b.span, like)
         if e.op == "@":
-            return self.prim(self.prims.matmul, na, nb, e.span)
-        return self.prim(self.prims.binary, e.op, na, nb, e.span)
+            return self.prim(linalg.matmul, self.builder, na, nb, e.span)
+        return self.prim(elementwise.apply, self.builder, elementwise.BY_SYMBOL[e.op].name, [na, nb], e.span)
 
     def tensor_unary(self, op: str, v, span: Span):
-        return self.prim(self.prims.unary, op, self.as_node(v, span), span)
+        return self.prim(elementwise.apply, self.builder, op, [self.as_node(v, span)], span)
 
     def tensor_index(self, e: ast.IndexExpr, base: Node):
         key = self.index_key(e, base.shape, f"a {base.dtype}{shape_str(base.shape)} value")
-        return self.prim(self.prims.index, base, key, e.span)
+        return self.prim(shape_ops.index, self.builder, base, key, e.span)
 
     # ---------------------------------------------------------------- calls
     def call_args(self, e: ast.Call):
@@ -115,9 +118,9 @@ class TensorMixin:
                 self.d.error(e.span, f"scalar codelet '{fn}' takes positional arguments")
                 raise self.Bad
             like = self.like(e.span, *(v for v, _ in pos))
-            return self.prim(self.prims.call_scalar, c,
+            return self.prim(elementwise.call_scalar, self.builder, c,
                              [self.as_node(v, sp, like) for v, sp in pos], e.span)
-        if fn not in PRIMITIVES:
+        if fn not in ops.FUNCTIONS:
             return NotImplemented
         pos, kw = self.call_args(e)
         tensors = any(self.is_tensor(v) for v, _ in pos) or any(self.is_tensor(v) for v, _ in kw.values())
@@ -134,105 +137,14 @@ class TensorMixin:
         return self.primitive(fn, pos, kw, e.span)
 
     def primitive(self, fn: str, pos, kw, span: Span):
-        P = self.prims
-
-        def arg(i, name, default=..., kind=None):
-            if i < len(pos):
-                v, sp = pos[i]
-            elif name in kw:
-                v, sp = kw[name]
-            elif default is not ...:
-                return default
-            else:
-                self.d.error(span, f"{fn}: missing argument '{name}'")
-                raise self.Bad
-            if kind == "tensor":
-                return self.as_node(v, sp)
-            if kind == "int" and (not isinstance(v, int) or isinstance(v, bool)):
-                self.d.error(sp, f"{fn}: '{name}' must be a compile-time integer, found {type(v).__name__ if not self.is_tensor(v) else 'a tensor'}")
-                raise self.Bad
-            return v
-
-        def only(*names):
-            extra = set(kw) - set(names)
-            if extra:
-                self.d.error(span, f"{fn}: unknown argument '{sorted(extra)[0]}'",
-                             f"{fn} takes {', '.join(names) or 'no keyword arguments'}")
-                raise self.Bad
-            if len(pos) > len(names):
-                self.d.error(span, f"{fn} takes at most {len(names)} arguments, given {len(pos)}")
-                raise self.Bad
-        if fn in ("sum", "mean", "max", "min", "argmax") and (len(pos) == 1 or fn in ("sum", "mean", "argmax")):
-            only("x", "axis", "keepdims")
-            x = arg(0, "x", kind="tensor")
-            axis = arg(1, "axis", None)
-            keep = arg(2, "keepdims", False)
-            return self.prim(P.reduce, fn, x, axis, bool(keep), span)
-        if fn in ("min", "max", "minimum", "maximum", "pow"):
-            only("a", "b")
-            a, b = arg(0, "a"), arg(1, "b")
-            like = self.like(span, a, b)
-            op = {"minimum": "min", "maximum": "max"}.get(fn, fn)
-            return self.prim(P.binary, op, self.as_node(a, span, like), self.as_node(b, span, like), span)
-        if fn in ("f32", "i32", "bool", "f16"):
-            only("x")
-            return P.cast(fn, arg(0, "x", kind="tensor"))
-        if fn == "select":
-            only("cond", "a", "b")
-            c = arg(0, "cond", kind="tensor")
-            a, b = arg(1, "a"), arg(2, "b")
-            like = self.like(span, a, b)
-            return self.prim(P.select, c, self.as_node(a, span, like), self.as_node(b, span, like), span)
-        if fn == "matmul":
-            only("a", "b")
-            return self.prim(P.matmul, arg(0, "a", kind="tensor"), arg(1, "b", kind="tensor"), span)
-        if fn == "conv2d":
-            only("x", "w", "stride", "padding", "groups")
-            return self.prim(P.conv2d, arg(0, "x", kind="tensor"), arg(1, "w", kind="tensor"),
-                             arg(2, "stride", 1, "int"), arg(3, "padding", 0, "int"), arg(4, "groups", 1, "int"), span)
-        if fn in ("max_pool2d", "avg_pool2d"):
-            only("x", "kernel", "stride", "padding")
-            k = arg(1, "kernel", kind="int")
-            return self.prim(P.pool, fn.split("_")[0], arg(0, "x", kind="tensor"), k, arg(2, "stride", k, "int"),
-                             arg(3, "padding", 0, "int"), span)
-        if fn == "reshape":
-            only("x", "shape")
-            return self.prim(P.reshape, arg(0, "x", kind="tensor"), arg(1, "shape"), span)
-        if fn == "transpose":
-            only("x", "perm")
-            return self.prim(P.transpose, arg(0, "x", kind="tensor"), arg(1, "perm", None), span)
-        if fn == "slice":
-            only("x", "axis", "start", "stop")
-            return self.prim(P.slice, arg(0, "x", kind="tensor"), arg(1, "axis", kind="int"),
-                             arg(2, "start", kind="int"), arg(3, "stop", kind="int"), span)
-        if fn == "concat":
-            only("xs", "axis")
-            xs = arg(0, "xs")
-            if not isinstance(xs, list):
-                self.d.error(span, "concat takes a list of tensors: concat([a, b], axis = 0)")
-                raise self.Bad
-            return self.prim(P.concat, [self.as_node(x, span) for x in xs], arg(1, "axis", 0, "int"), span)
-        if fn == "pad":
-            only("x", "pads", "value")
-            v = arg(2, "value", 0.0)
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                self.d.error(span, "pad: value must be a number")
-                raise self.Bad
-            return self.prim(P.pad, arg(0, "x", kind="tensor"), arg(1, "pads"), float(v), span)
-        if fn == "gather":
-            only("x", "indices", "axis")
-            return self.prim(P.gather, arg(0, "x", kind="tensor"), arg(1, "indices", kind="tensor"),
-                             arg(2, "axis", 0, "int"), span)
-        if fn == "one_hot":
-            only("y", "depth")
-            return self.prim(P.one_hot, arg(0, "y", kind="tensor"), arg(1, "depth", kind="int"), span)
-        if fn in ("exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "sin", "cos", "floor", "ceil", "abs",
-                  "relu", "square"):
-            only("x")
-            x = arg(0, "x")
-            return self.tensor_unary(fn, x, span)
-        self.d.error(span, f"bad arguments to {fn}()")
-        raise self.Bad
+        """A call of a function of the operation table: its arguments bound by its
+        signature, then its shape rule."""
+        f = ops.function(fn, len(pos), set(kw))
+        try:
+            args = ops.bind(f, pos, kw, span, self.d, self.as_node, self.is_tensor)
+        except OpError:
+            raise self.Bad from None
+        return self.prim(f.build, self.builder, args, span)
 
     def call_def(self, d: ast.DefDecl, e: ast.Call):
         if len(self.path) >= MAX_DEPTH:

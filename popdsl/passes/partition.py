@@ -7,10 +7,12 @@ groups hold stacked views (numpy arrays, never an object per vertex), and each
 `Step` replaced by the sequence of compute sets and copies that computes the
 outputs.
 
-- Shape operations (reshape, transpose, index, broadcast) are views: no copy.
-- Chains of element-wise work fuse into one generated codelet; its output is mapped
-  like its first full-size operand (so no exchange) or spread evenly.
-- Reductions, matmul, conv2d and pooling follow `partition_ops`.
+- Every operation follows its partition rule in the operation table (`popdsl.ops`):
+  shape operations (reshape, transpose, index, broadcast) are views, no copy;
+  reductions, matmul, convolutions, pooling, padding... place vertices.
+- Chains of element-wise work fuse into one generated codelet (each op's `emit`
+  gives its codelet IR); its output is mapped like its first full-size operand (so
+  no exchange) or spread evenly.
 - Tensors still unmapped at the end (parameters nobody mapped) spread linearly.
 """
 from __future__ import annotations
@@ -20,14 +22,12 @@ import hashlib
 
 import numpy as np
 
-from popdsl import resources
+from popdsl import ops, resources
 from popdsl.diagnostics import Span
 from popdsl.ir import codelet as cir
 from popdsl.ir import graph as g
-from popdsl.ir import tensor as T
 from popdsl.ir.tensor import Node
-from popdsl.passes import partition_ops as ops
-from popdsl.passes.partition_ops import GRAIN
+from popdsl.ops.blocks import GRAIN
 
 
 
@@ -225,24 +225,10 @@ class Partitioner:
     def compute(self, n: Node) -> g.View:
         # Tensors and vertices made for this node point at the source that made it.
         self.span = self.g.nodes.spans.get(n.id, self.span) if self.g.nodes is not None else self.span
-        if n.op == "tensor":
-            t = self.g.tensors[n.attrs[0]]
-            return g.View(t.id, np.arange(t.numel, dtype=np.int64).reshape(t.shape), self.span)
-        if n.op == "view":
-            return g.View(n.attrs[0], n.index, self.span)
-        if n.op == "reshape":
-            v = self.value(n.args[0])
-            return g.View(v.tensor, v.index.reshape(n.shape), v.span)
-        if n.op == "transpose":
-            v = self.value(n.args[0])
-            return g.View(v.tensor, v.index.transpose(n.attrs[0]), v.span)
-        if n.op == "index":
-            v = self.value(n.args[0])
-            key = tuple(slice(*k) if isinstance(k, tuple) else k for k in n.attrs[0])
-            return g.View(v.tensor, v.index[key], v.span)
-        if T.is_elementwise(n):
+        entry = ops.op(n.op)
+        if entry.kind == "elementwise" or n.op == "const":
             return self.elementwise(n)
-        return getattr(ops, n.op)(self, n)
+        return entry.partition(self, n)
 
     # ---------------------------------------------------------------- element-wise
     def elementwise(self, n: Node) -> g.View:
@@ -289,40 +275,16 @@ class Partitioner:
         """Codelet IR for n, inlining single-use element-wise operands."""
         if n.op == "const":
             return cir.Const(n.attrs[0], n.dtype)
-        if not top and (not T.is_elementwise(n) or self.consumers.get(n.id, 0) > 1 or n.id in self.mat):
+        if not top and (not ops.is_elementwise(n.op) or self.consumers.get(n.id, 0) > 1 or n.id in self.mat):
             if n not in leaves:
                 leaves.append(n)
             k = leaves.index(n)
             return cir.Load(f"a{k}", (cir.Local("i", "i32"),), cir.compute_type(n.dtype), False)
         args = [self.fuse(a, leaves) for a in n.args]
         ty = cir.compute_type(n.dtype)
-        op = n.op
-        if op in ("add", "sub", "mul", "div", "mod"):
-            return cir.Binary({"add": "+", "sub": "-", "mul": "*", "div": "/", "mod": "%"}[op],
-                              *args, ty)
-        if op in ("eq", "ne", "lt", "le", "gt", "ge"):
-            sym = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}[op]
-            return cir.Binary(sym, *args, "bool")
-        if op in ("and", "or"):
-            return cir.Binary("&&" if op == "and" else "||", args[0], args[1], "bool")
-        if op == "neg":
-            return cir.Unary("neg", args[0], ty)
-        if op == "not":
-            return cir.Unary("not", args[0], "bool")
-        if op == "relu":
-            return cir.Intrinsic("max", (args[0], cir.Const(0.0 if ty == "f32" else 0, ty)), ty)
-        if op == "square":
-            return cir.Binary("*", args[0], args[0], ty)
-        if op in ("pow", "min", "max"):
-            return cir.Intrinsic(op, tuple(args), ty)
-        if op == "select":
-            a, b = args[1:]
-            return cir.Select(args[0], a, b, ty)
-        if op.startswith("cast_"):
-            return args[0] if args[0].ty == ty else cir.Cast(args[0], ty)
-        if op.startswith("call:"):
-            return cir.CallScalar(op[5:], tuple(args), ty)
-        return cir.Intrinsic(op, tuple(args), ty)
+        if n.op.startswith("call:"):
+            return cir.CallScalar(n.op[5:], tuple(args), ty)
+        return ops.op(n.op).emit(args, ty, n.attrs)
 
     # ---------------------------------------------------------------- statistics
     def record(self, n: Node, *css: g.ComputeSet) -> None:

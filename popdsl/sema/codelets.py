@@ -15,10 +15,8 @@ from dataclasses import dataclass
 from popdsl.diagnostics import Diagnostics, Span
 from popdsl.frontend import ast
 from popdsl.ir import codelet as ir
+from popdsl.ir.intrinsics import INTRINSICS
 
-UNARY_F32 = {"exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "sin", "cos", "floor", "ceil"}
-INTRINSIC_ARITY = {**{n: 1 for n in UNARY_F32}, "abs": 1, "min": 2, "max": 2, "pow": 2,
-                   "fma": 3}
 CASTS = {"f32", "i32", "bool"}
 MAX_RANK = 2
 
@@ -405,21 +403,26 @@ class _Checker:
                 raise _Bad
             dim = f.dims[axis]
             return ir.Sym(dim) if isinstance(dim, str) else ir.Const(dim, "i32")
-        if name in INTRINSIC_ARITY:
-            arity(INTRINSIC_ARITY[name])
-            if name in ("abs", "min", "max"):
-                xs = [self.expr(args[0], hint)]
-                if len(args) == 2:
-                    xs = list(self.operands(args[0], args[1], hint))
-                    if xs[0].ty != xs[1].ty:
-                        self.d.error(e.span, f"{name}: arguments have types {xs[0].ty} and {xs[1].ty}")
-                        raise _Bad
-                if xs[0].ty == "bool":
-                    self.d.error(e.span, f"{name} is not defined on bool")
-                    raise _Bad
-                return ir.Intrinsic(name, tuple(xs), xs[0].ty)
-            xs = tuple(self.coerce(self.expr(a, "f32"), "f32", a) for a in args)
-            return ir.Intrinsic(name, xs, "f32")
+        intr = INTRINSICS.get(name)
+        if intr is not None:
+            arity(intr.arity)
+            if intr.types == ("f32",):
+                xs = tuple(self.coerce(self.expr(a, "f32"), "f32", a) for a in args)
+                return ir.Intrinsic(name, xs, "f32")
+            # Several operand types: the operands agree (an integer literal takes the
+            # other operand's type) and pick the result type.
+            xs = [self.expr(args[0], hint)]
+            if len(args) == 2:
+                xs = list(self.operands(args[0], args[1], hint))
+            else:
+                xs += [self.coerce(self.expr(a, xs[0].ty), xs[0].ty, a) for a in args[1:]]
+            if any(x.ty != xs[0].ty for x in xs):
+                self.d.error(e.span, f"{name}: arguments have types {', '.join(x.ty for x in xs)}")
+                raise _Bad
+            if not intr.accepts(xs[0].ty):
+                self.d.error(e.span, f"{name} is not defined on {xs[0].ty}")
+                raise _Bad
+            return ir.Intrinsic(name, tuple(xs), xs[0].ty)
         sc = self.scalars.get(name)
         if sc is not None:
             arity(len(sc.fields))

@@ -1,0 +1,113 @@
+"""Codelet intrinsics, in one table: everything else looks them up.
+
+An entry says what a codelet may call (`exp(x)`, `max(a, b)`), on which types, what
+it costs on the IPU model, how the reference evaluator computes it and how code
+generation emits it.  The checker (`sema.codelets`), the IR verifier (`ir.verify`),
+the cycle model (`ir.cost`), the reference evaluator (`ir.codelet_eval`), the code
+generator (`codegen.llvm`) and the JIT's symbol table (`codegen.jit`) all read this
+table; adding an intrinsic is one entry here plus its tests.
+
+Requires nothing but numpy; produces `INTRINSICS` (name → `Intrinsic`).
+
+How an entry is computed:
+- `ref(*args)` (numpy scalars: np.float32 for f32, Python int for i32) defines the
+  value for the reference evaluator, rounded to the result type there; or
+- `expand(*args)` rewrites the call into other codelet IR (`sigmoid(x)` is
+  `1 / (1 + exp(-x))`); the evaluator and the code generator both run the
+  expansion, so they agree by construction.  The cycle cost stays the entry's own.
+- `llvm[ty]` names the LLVM intrinsic the code generator calls for operand type
+  `ty` (`"llvm.exp.f32"`); `libm` names a C function instead (`"erff"`), which the
+  JIT links in.  `links` lists the C symbols an LLVM intrinsic may lower to on the
+  host (`llvm.tanh.f32` becomes a call of `tanhf`), so the JIT can resolve them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from popdsl.ir import codelet as ir
+
+# Costs in cycles of one IPU worker instruction stream (an estimate, see ir.cost).
+OP = 1                  # a cheap ALU operation
+DIV = 8                 # division: no single-cycle divider
+SQRT = 8
+TRANSCENDENTAL = 20     # evaluated in software or over several cycles on the IPU
+
+
+@dataclass(frozen=True, slots=True)
+class Intrinsic:
+    name: str
+    arity: int
+    types: tuple[str, ...]                    # operand types accepted; all operands and the result share one
+    cost: int                                 # cycles, besides the operands'
+    doc: str
+    ref: Callable | None = None               # reference value (see the module docstring)
+    expand: Callable[..., ir.Expr] | None = None
+    llvm: dict[str, str] = field(default_factory=dict)    # operand type -> LLVM intrinsic
+    libm: str | None = None                   # C function (f32) the code calls instead
+    links: tuple[str, ...] = ()               # C symbols the LLVM intrinsic may lower to
+
+    def accepts(self, ty: str) -> bool:
+        return ty in self.types
+
+
+def _f32(name: str, cost: int, doc: str, ref, arity: int = 1, links: tuple[str, ...] = ()) -> Intrinsic:
+    """An f32 intrinsic emitted as the LLVM intrinsic of the same name."""
+    return Intrinsic(name, arity, ("f32",), cost, doc, ref=ref, llvm={"f32": f"llvm.{name}.f32"}, links=links)
+
+
+def _one(ty: str) -> ir.Const:
+    return ir.Const(1.0, ty)
+
+
+_TABLE = (
+    _f32("exp", TRANSCENDENTAL, "e to the power x", np.exp, links=("expf", "exp2f")),
+    _f32("log", TRANSCENDENTAL, "natural logarithm", np.log, links=("logf", "log2f", "log10f")),
+    _f32("sqrt", SQRT, "square root", np.sqrt, links=("sqrtf",)),
+    Intrinsic("rsqrt", 1, ("f32",), SQRT + DIV, "1 / sqrt(x)",
+              expand=lambda x: ir.Binary("/", _one("f32"), ir.Intrinsic("sqrt", (x,), "f32"), "f32")),
+    _f32("tanh", TRANSCENDENTAL, "hyperbolic tangent", np.tanh, links=("tanhf",)),
+    Intrinsic("sigmoid", 1, ("f32",), TRANSCENDENTAL + DIV, "1 / (1 + exp(-x))",
+              expand=lambda x: ir.Binary("/", _one("f32"), ir.Binary(
+                  "+", _one("f32"), ir.Intrinsic("exp", (ir.Unary("neg", x, "f32"),), "f32"), "f32"), "f32")),
+    _f32("sin", TRANSCENDENTAL, "sine", np.sin, links=("sinf",)),
+    _f32("cos", TRANSCENDENTAL, "cosine", np.cos, links=("cosf",)),
+    _f32("floor", OP, "largest integer <= x", np.floor, links=("floorf",)),
+    _f32("ceil", OP, "smallest integer >= x", np.ceil, links=("ceilf",)),
+    _f32("pow", TRANSCENDENTAL, "x to the power y", np.power, arity=2, links=("powf",)),
+    Intrinsic("fma", 3, ("f32",), OP, "x * y + z rounded once",
+              ref=lambda a, b, c: np.float64(a) * np.float64(b) + np.float64(c),
+              llvm={"f32": "llvm.fma.f32"}, links=("fmaf",)),
+    Intrinsic("abs", 1, ("f32", "i32"), OP, "absolute value (i32: wraps at -2^31)",
+              ref=lambda x: np.abs(x) if isinstance(x, np.floating) else abs(x),
+              llvm={"f32": "llvm.fabs.f32", "i32": "llvm.abs.i32"}),
+    Intrinsic("min", 2, ("f32", "i32"), OP, "the smaller of x and y (f32: a NaN operand is ignored)",
+              ref=lambda a, b: np.fmin(a, b) if isinstance(a, np.floating) else min(a, b),
+              llvm={"f32": "llvm.minnum.f32", "i32": "llvm.smin.i32"}, links=("fminf",)),
+    Intrinsic("max", 2, ("f32", "i32"), OP, "the larger of x and y (f32: a NaN operand is ignored)",
+              ref=lambda a, b: np.fmax(a, b) if isinstance(a, np.floating) else max(a, b),
+              llvm={"f32": "llvm.maxnum.f32", "i32": "llvm.smax.i32"}, links=("fmaxf",)),
+)
+
+INTRINSICS: dict[str, Intrinsic] = {e.name: e for e in _TABLE}
+
+
+def reference(name: str, args: list, ty: str):
+    """The value of intrinsic `name` at `args` (compute-type values), as the
+    reference evaluator defines it; expansions are evaluated by the caller."""
+    e = INTRINSICS[name]
+    with np.errstate(all="ignore"):
+        v = e.ref(*args)
+    if ty == "f32":
+        return np.float32(v)
+    return ((int(v) + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)
+
+
+def link_symbols() -> tuple[str, ...]:
+    """C symbols native code may call because of an intrinsic."""
+    out: list[str] = []
+    for e in _TABLE:
+        out += [s for s in (e.libm, *e.links) if s and s not in out]
+    return tuple(out)

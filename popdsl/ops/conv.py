@@ -1,0 +1,241 @@
+"""Convolution and pooling: `conv2d(x, w, stride, padding, groups)` (NCHW, weights
+OIHW), `max_pool2d` and `avg_pool2d (x, kernel, stride, padding)`.
+
+Requires `ops.core`, `ops.blocks`, `ops.reduce` (partial sums) and `ops.shape`
+(padding); produces the `conv2d` and `pool` operations and their partition rules:
+tasks over batch, groups, output channels, output rows and (for conv) input
+channels, each within SLAB_BYTES of input per vertex, the split chosen by estimated
+cycles at the target's rates; padding is a tensor the input is copied into, its
+border filled (zero, or -inf for max pooling: a window never sees padding as a
+maximum).  Average pooling divides by the whole kernel, padding included (PyTorch's
+`count_include_pad=True`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from popdsl.ir import graph as g
+from popdsl.ir.tensor import Node
+from popdsl.ops.blocks import SLAB_BYTES, blocks, ceil_div, emit_tasks, pow2_splits
+from popdsl.ops.core import FLOATS, Builder, Function, OpDef, Param, shape_str
+from popdsl.ops.reduce import add_partials
+from popdsl.ops.shape import padded
+
+
+# ---------------------------------------------------------------- shape rules
+
+def conv2d(b: Builder, x: Node, w: Node, stride: int, padding: int, groups: int, span) -> Node:
+    if len(x.shape) != 4 or len(w.shape) != 4:
+        b.err(span, f"conv2d needs x as [N, C, H, W] and weights as [O, C/groups, KH, KW]; "
+              f"found {shape_str(x.shape)} and {shape_str(w.shape)}")
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    if groups < 1 or c % groups or o % groups:
+        b.err(span, f"conv2d: groups = {groups} must divide input channels {c} and output channels {o}")
+    if cg != c // groups:
+        b.err(span, f"conv2d: weights {shape_str(w.shape)} expect {cg * groups} input channels "
+              f"(with groups = {groups}), x {shape_str(x.shape)} has {c}")
+    if stride < 1 or padding < 0:
+        b.err(span, "conv2d: stride must be >= 1 and padding >= 0")
+    oh, ow = (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1
+    if oh < 1 or ow < 1:
+        b.err(span, f"conv2d: a {kh}x{kw} kernel does not fit input {shape_str(x.shape)} with padding {padding}")
+    if x.dtype not in FLOATS or w.dtype not in FLOATS:
+        b.err(span, "conv2d needs floating-point tensors")
+    return b.make("conv2d", (x, w), (stride, padding, groups), (n, o, oh, ow), "f32")
+
+
+def pool(b: Builder, kind: str, x: Node, kernel: int, stride: int, padding: int, span) -> Node:
+    if len(x.shape) != 4:
+        b.err(span, f"{kind}_pool2d needs x as [N, C, H, W], found {shape_str(x.shape)}")
+    if kernel < 1 or stride < 1 or padding < 0 or padding * 2 > kernel:
+        b.err(span, f"{kind}_pool2d: kernel >= 1, stride >= 1, 0 <= padding <= kernel / 2")
+    n, c, h, w = x.shape
+    oh, ow = (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1
+    if oh < 1 or ow < 1:
+        b.err(span, f"{kind}_pool2d: kernel {kernel} does not fit {shape_str(x.shape)}")
+    if x.dtype not in FLOATS:
+        b.err(span, f"{kind}_pool2d needs a floating-point tensor")
+    return b.make("pool", (x,), (kind, kernel, stride, padding), (n, c, oh, ow), "f32")
+
+
+def _conv_ref(attrs, x, w):
+    stride, padding, groups = attrs
+    x = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    og = o // groups
+    win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride]
+    out = [np.einsum("nchwyx,ocyx->nohw", win[:, gi * cg:(gi + 1) * cg], w[gi * og:(gi + 1) * og].astype(np.float64))
+           for gi in range(groups)]
+    return np.concatenate(out, axis=1)
+
+
+def _pool_ref(attrs, x):
+    kind, k, stride, padding = attrs
+    fill = -np.inf if kind == "max" else 0.0
+    x = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (padding, padding), (padding, padding)), constant_values=fill)
+    win = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(2, 3))[:, :, ::stride, ::stride]
+    return win.max(axis=(4, 5)) if kind == "max" else win.mean(axis=(4, 5))
+
+
+# ---------------------------------------------------------------- plans
+
+def _conv_plan(p, outer: int, Og: int, Cg: int, OH: int, OW: int, kh: int, s: int, wp: int, kk: int):
+    """(output-channel, output-row, input-channel) splits of a convolution.
+
+    Searches power-of-two splits for the least estimated time per tile —
+    multiply-accumulates and the bytes a tile receives, at the target's rates
+    (input slab, weights, and partial sums when input channels are split) — among
+    plans whose per-vertex blocks fit SLAB_BYTES."""
+    best, fallback = None, None
+    target = p.g.target
+    rate = target.exchange_bytes_per_cycle
+    for go in pow2_splits(Og):
+        for gr in pow2_splits(OH):
+            for gc in pow2_splits(Cg):
+                ob, rb, cb = ceil_div(Og, go), ceil_div(OH, gr), ceil_div(Cg, gc)
+                rin = (rb - 1) * s + kh
+                slab, wblk, yblk = cb * rin * wp * 4, ob * cb * kk * 4, ob * rb * OW * 4
+                tasks = outer * go * gr * gc
+                per_tile = ceil_div(tasks, p.tiles)
+                macs = ob * rb * OW * cb * kk
+                moved = slab + wblk
+                cost = per_tile * (macs / target.macs_per_cycle + moved / rate)
+                if gc > 1:      # partial sums: gc copies of the output, exchanged and added
+                    cost += outer * Og * OH * OW * gc * 4 / p.tiles / rate * 2
+                worst = max(slab, wblk, yblk)
+                if fallback is None or worst < fallback[0]:
+                    fallback = (worst, (go, gr, gc))
+                # One task per tile at most: more only multiplies exchanged data.
+                if worst <= SLAB_BYTES and tasks <= p.tiles and (best is None or cost < best[0]):
+                    best = (cost, (go, gr, gc))
+    return (best or fallback)[1]
+
+
+def _pool_plan(p, N: int, C: int, OH: int, OW: int, k: int, s: int, wp: int):
+    """(channel, row) splits of a pooling: all tiles busy, blocks within SLAB_BYTES."""
+    best, fallback = None, None
+    for gcn in pow2_splits(C):
+        for gr in pow2_splits(OH):
+            cb, rb = ceil_div(C, gcn), ceil_div(OH, gr)
+            rin = (rb - 1) * s + k
+            slab = cb * rin * wp * 4
+            tasks = N * gcn * gr
+            cost = ceil_div(tasks, p.tiles) * (cb * rb * OW * k * k + slab / p.g.target.exchange_bytes_per_cycle)
+            if fallback is None or slab < fallback[0]:
+                fallback = (slab, (gcn, gr))
+            if slab <= SLAB_BYTES and (best is None or cost < best[0]):
+                best = (cost, (gcn, gr))
+    return (best or fallback)[1]
+
+
+# ---------------------------------------------------------------- partition rules
+
+def partition_conv(p, n: Node) -> g.View:
+    stride, padding, groups = n.attrs
+    x, w = p.value(n.args[0]), p.value(n.args[1])
+    N = x.index.shape[0]
+    O, Cg, KH, KW = w.index.shape
+    _, _, OH, OW = n.shape
+    label = p.name(n)
+    if padding:
+        x = padded(p, x, ((0, 0), (0, 0), (padding, padding), (padding, padding)), 0.0, "f32", label + ".pad")
+    else:
+        p.ensure_mapped(x)
+    Wp = x.index.shape[3]
+    Og = O // groups
+    go, gr, gc = _conv_plan(p, N * groups, Og, Cg, OH, OW, KH, stride, Wp, KH * KW)
+    ob_, rb_, cb_ = blocks(Og, go), blocks(OH, gr), blocks(Cg, gc)
+    if len(cb_) > 1:
+        acc = p.new_tensor(label + ".partial", "f32", (len(cb_), N, O, OH, OW))
+        target = acc.index
+    else:
+        acc = p.new_tensor(label, "f32", (N, O, OH, OW))
+        target = acc.index[None]
+    ntasks = N * groups * len(ob_) * len(rb_) * len(cb_)
+    tiles = p.spread(ntasks)
+    tasks = []
+    t = 0
+    for nn in range(N):
+        for gi in range(groups):
+            for (o0, o1) in ob_:
+                for (r0, r1) in rb_:
+                    for ci, (c0, c1) in enumerate(cb_):
+                        tile = int(tiles[t])
+                        t += 1
+                        oo0, oo1 = gi * Og + o0, gi * Og + o1
+                        xin0, xin1 = r0 * stride, (r1 - 1) * stride + KH
+                        xs = x.index[nn, gi * Cg + c0: gi * Cg + c1, xin0:xin1, :]
+                        ws = w.index[oo0:oo1, c0:c1, :, :]
+                        ys = target[ci, nn, oo0:oo1, r0:r1, :]
+                        p.g.tile_of[acc.tensor][ys.ravel()] = tile
+                        p.ensure_mapped(g.View(w.tensor, ws, w.span), np.int32(tile))
+                        tasks.append({"tile": tile, "state": {"kh": KH, "kw": KW, "s": stride, "wp": Wp, "ow": OW},
+                                      "conns": {"x": (x.tensor, xs.reshape(c1 - c0, -1)),
+                                                "w": (w.tensor, ws.reshape(o1 - o0, -1)),
+                                                "y": (acc.tensor, ys.reshape(o1 - o0, -1))}})
+    cs = p.new_cs(label)
+    emit_tasks(p, cs, p.prim("Conv2dBlock"), tasks, ("kh", "kw", "s", "wp", "ow"))
+    return add_partials(p, n, cs, acc, len(cb_) > 1, label)
+
+
+def partition_pool(p, n: Node) -> g.View:
+    kind, k, stride, padding = n.attrs
+    x = p.value(n.args[0])
+    label = p.name(n)
+    if padding:
+        fill = -np.inf if kind == "max" else 0.0
+        x = padded(p, x, ((0, 0), (0, 0), (padding, padding), (padding, padding)), fill, "f32", label + ".pad")
+    else:
+        p.ensure_mapped(x)
+    N, C = x.index.shape[:2]
+    Wp = x.index.shape[3]
+    _, _, OH, OW = n.shape
+    go, gr = _pool_plan(p, N, C, OH, OW, k, stride, Wp)
+    cbs, rbs = blocks(C, go), blocks(OH, gr)
+    out = p.new_tensor(label, "f32", n.shape)
+    ntasks = N * len(cbs) * len(rbs)
+    tiles = p.spread(ntasks)
+    tasks = []
+    t = 0
+    for nn in range(N):
+        for (c0, c1) in cbs:
+            for (r0, r1) in rbs:
+                tile = int(tiles[t])
+                t += 1
+                xs = x.index[nn, c0:c1, r0 * stride:(r1 - 1) * stride + k, :]
+                ys = out.index[nn, c0:c1, r0:r1, :]
+                p.g.tile_of[out.tensor][ys.ravel()] = tile
+                tasks.append({"tile": tile, "state": {"k": k, "s": stride, "wp": Wp, "ow": OW},
+                              "conns": {"x": (x.tensor, xs.reshape(c1 - c0, -1)),
+                                        "y": (out.tensor, ys.reshape(c1 - c0, -1))}})
+    cs = p.new_cs(label)
+    emit_tasks(p, cs, p.prim("MaxPoolBlock" if kind == "max" else "AvgPoolBlock"), tasks, ("k", "s", "wp", "ow"))
+    p.record(n, cs)
+    return out
+
+
+# ---------------------------------------------------------------- the table's entries
+
+def op_defs() -> list[OpDef]:
+    return [OpDef("conv2d", "compute", "2-D convolution, NCHW input, OIHW weights", ref=_conv_ref,
+                  partition=partition_conv, codelets=("Conv2dBlock", "ReduceSumCols", "Fill"), cost=_conv_plan),
+            OpDef("pool", "compute", "max or average pooling over square windows", ref=_pool_ref,
+                  partition=partition_pool, codelets=("MaxPoolBlock", "AvgPoolBlock", "Fill"), cost=_pool_plan)]
+
+
+def functions() -> list[Function]:
+    conv = Function("conv2d", (Param("x", "tensor"), Param("w", "tensor"), Param("stride", "int", 1),
+                               Param("padding", "int", 0), Param("groups", "int", 1)),
+                    lambda b, a, span: conv2d(b, a["x"], a["w"], a["stride"], a["padding"], a["groups"], span),
+                    "2-D convolution (NCHW, OIHW)")
+    out = [conv]
+    for kind in ("max", "avg"):
+        out.append(Function(f"{kind}_pool2d", (Param("x", "tensor"), Param("kernel", "int"),
+                                               Param("stride", "int", None), Param("padding", "int", 0)),
+                            lambda b, a, span, kind=kind: pool(b, kind, a["x"], a["kernel"],
+                                                               a["kernel"] if a["stride"] is None else a["stride"],
+                                                               a["padding"], span),
+                            f"{kind} pooling over kernel x kernel windows"))
+    return out

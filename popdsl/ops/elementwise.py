@@ -1,0 +1,240 @@
+"""Element-wise operations: one table row each.
+
+Requires `ops.core`; produces the element-wise `OpDef`s and the `Function`s users
+call.  A row gives an operation's name, how many operands it takes, its dtype rule,
+its codelet IR for one element (`emit`: the partitioner fuses chains of these into
+one generated codelet), its numpy reference, and, where an operator spells it, the
+operator (`+`).  Adding an element-wise primitive is a row here (and an intrinsic in
+`ir.intrinsics` if the codelet language has no way to compute it yet).
+
+Dtype rules (operands broadcast as numpy's do):
+  float    f32/f16 operands; the result is f16 only if every operand is
+  numeric  f32/f16/i32, not mixing floats and integers; the result the operands'
+  int      i32 only
+  compare  numeric (or bool for == and !=) operands; the result bool
+  logic    bool operands; the result bool
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from popdsl.ir import codelet as cir
+from popdsl.ops.core import FLOATS, Builder, Function, OpDef, Param, describe, float_result, shape_str
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    name: str
+    arity: int
+    rule: str                          # see the module docstring
+    emit: object                       # (args: list[cir.Expr], ty: str, attrs) -> cir.Expr
+    ref: object                        # numpy: (attrs, *arrays) -> array
+    doc: str
+    symbol: str | None = None          # the operator that spells it, if any
+    callable: bool = True              # users may call it by name
+    attrs: tuple[Param, ...] = ()      # compile-time parameters after the operands
+
+
+def _intr(name):
+    return lambda args, ty, attrs: cir.Intrinsic(name, tuple(args), ty)
+
+
+def _bin(sym, result=None):
+    return lambda args, ty, attrs: cir.Binary(sym, args[0], args[1], result or ty)
+
+
+def _zero(ty):
+    return cir.Const(0.0 if ty == "f32" else 0, ty)
+
+
+def _trunc_div(attrs, a, b):
+    if a.dtype.kind == "f":
+        return np.divide(a, b)
+    q = np.abs(a.astype(np.int64)) // np.maximum(np.abs(b.astype(np.int64)), 1)
+    return np.where((a < 0) != (b < 0), -q, q)
+
+
+def _trunc_mod(attrs, a, b):
+    return a.astype(np.int64) - _trunc_div(attrs, a, b) * b.astype(np.int64)
+
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+ROWS: tuple[Row, ...] = (
+    # -- arithmetic
+    Row("add", 2, "numeric", _bin("+"), lambda at, a, b: a + b, "a + b", "+", callable=False),
+    Row("sub", 2, "numeric", _bin("-"), lambda at, a, b: a - b, "a - b", "-", callable=False),
+    Row("mul", 2, "numeric", _bin("*"), lambda at, a, b: a * b, "a * b", "*", callable=False),
+    Row("div", 2, "numeric", _bin("/"), _trunc_div, "a / b (integers: truncated toward zero)", "/",
+        callable=False),
+    Row("mod", 2, "int", _bin("%"), _trunc_mod, "a % b, the sign of a (as C, not numpy)", "%",
+        callable=False),
+    Row("pow", 2, "float", _intr("pow"), lambda at, a, b: np.power(a, b), "a to the power b"),
+    Row("min", 2, "numeric", _intr("min"), lambda at, a, b: np.fmin(a, b),
+        "the smaller of a and b (minimum)"),
+    Row("max", 2, "numeric", _intr("max"), lambda at, a, b: np.fmax(a, b),
+        "the larger of a and b (maximum)"),
+    # -- comparisons and logic
+    Row("eq", 2, "compare", _bin("==", "bool"), lambda at, a, b: a == b, "a == b", "==", callable=False),
+    Row("ne", 2, "compare", _bin("!=", "bool"), lambda at, a, b: a != b, "a != b", "!=", callable=False),
+    Row("lt", 2, "compare", _bin("<", "bool"), lambda at, a, b: a < b, "a < b", "<", callable=False),
+    Row("le", 2, "compare", _bin("<=", "bool"), lambda at, a, b: a <= b, "a <= b", "<=", callable=False),
+    Row("gt", 2, "compare", _bin(">", "bool"), lambda at, a, b: a > b, "a > b", ">", callable=False),
+    Row("ge", 2, "compare", _bin(">=", "bool"), lambda at, a, b: a >= b, "a >= b", ">=", callable=False),
+    Row("and", 2, "logic", _bin("&&", "bool"), lambda at, a, b: a & b, "a && b", "&&", callable=False),
+    Row("or", 2, "logic", _bin("||", "bool"), lambda at, a, b: a | b, "a || b", "||", callable=False),
+    # -- unary
+    Row("neg", 1, "numeric", lambda args, ty, at: cir.Unary("neg", args[0], ty), lambda at, x: -x, "-x",
+        callable=False),
+    Row("not", 1, "logic", lambda args, ty, at: cir.Unary("not", args[0], "bool"), lambda at, x: ~x, "!x",
+        callable=False),
+    Row("abs", 1, "numeric", _intr("abs"), lambda at, x: np.abs(x), "absolute value"),
+    Row("relu", 1, "numeric", lambda args, ty, at: cir.Intrinsic("max", (args[0], _zero(ty)), ty),
+        lambda at, x: np.fmax(x, 0), "max(x, 0)"),
+    Row("square", 1, "numeric", lambda args, ty, at: cir.Binary("*", args[0], args[0], ty),
+        lambda at, x: x * x, "x * x"),
+    Row("exp", 1, "float", _intr("exp"), lambda at, x: np.exp(x), "e to the power x"),
+    Row("log", 1, "float", _intr("log"), lambda at, x: np.log(x), "natural logarithm"),
+    Row("sqrt", 1, "float", _intr("sqrt"), lambda at, x: np.sqrt(x), "square root"),
+    Row("rsqrt", 1, "float", _intr("rsqrt"), lambda at, x: 1 / np.sqrt(x), "1 / sqrt(x)"),
+    Row("tanh", 1, "float", _intr("tanh"), lambda at, x: np.tanh(x), "hyperbolic tangent"),
+    Row("sigmoid", 1, "float", _intr("sigmoid"), lambda at, x: 1 / (1 + np.exp(-x)), "1 / (1 + exp(-x))"),
+    Row("sin", 1, "float", _intr("sin"), lambda at, x: np.sin(x), "sine"),
+    Row("cos", 1, "float", _intr("cos"), lambda at, x: np.cos(x), "cosine"),
+    Row("floor", 1, "float", _intr("floor"), lambda at, x: np.floor(x), "round down"),
+    Row("ceil", 1, "float", _intr("ceil"), lambda at, x: np.ceil(x), "round up"),
+)
+ROW = {r.name: r for r in ROWS}
+BY_SYMBOL = {r.symbol: r for r in ROWS if r.symbol}
+
+
+# ---------------------------------------------------------------- dtype rules
+
+def result_dtype(b: Builder, row: Row, xs, span, what: str) -> str:
+    """The result dtype of `row` on operand nodes `xs`, or a reported error."""
+    dts = [x.dtype for x in xs]
+    floats = [d in FLOATS for d in dts]
+    if row.rule == "logic":
+        if any(d != "bool" for d in dts):
+            if row.arity == 1:
+                b.err(span, f"'!' needs a bool tensor, found {describe(xs[0])}")
+            b.err(span, f"{what} needs bool tensors, found {' and '.join(dts)}")
+        return "bool"
+    if row.arity == 1:
+        if row.rule == "float" and not floats[0]:
+            b.err(span, f"{row.name} needs a floating-point tensor, found {describe(xs[0])}", "convert with f32(x)")
+        if dts[0] == "bool":
+            b.err(span, f"{row.name} is not defined on bool tensors")
+        return dts[0]
+    a, c = xs
+    if (a.dtype == "bool") != (c.dtype == "bool") or (a.dtype == "bool" and row.name not in ("eq", "ne")):
+        b.err(span, f"{what} is not defined on {a.dtype} and {c.dtype}")
+    if floats[0] != floats[1]:
+        b.err(span, f"{what} mixes {describe(a)} and {describe(c)}", "convert one side with f32(...) or i32(...)")
+    if row.rule == "int" and floats[0]:
+        b.err(span, f"{what} needs i32 tensors")
+    if row.rule == "float" and not floats[0]:
+        b.err(span, f"{what} needs floating-point tensors, found {a.dtype} and {c.dtype}", "convert with f32(...)")
+    if row.rule == "compare":
+        return "bool"
+    return float_result(*dts) if floats[0] else a.dtype
+
+
+def apply(b: Builder, name: str, xs, span, attrs=()):
+    """The node of element-wise op `name` on operand nodes `xs`."""
+    row = ROW[name]
+    what = f"'{row.symbol}'" if row.symbol else f"'{name}'" if row.arity > 1 else name
+    shape = b.broadcast(span, what, *xs) if len(xs) > 1 else xs[0].shape
+    dtype = result_dtype(b, row, xs, span, what)
+    return b.make(name, xs, tuple(attrs), shape, dtype)
+
+
+def select(b: Builder, c, x, y, span):
+    if c.dtype != "bool":
+        b.err(span, f"select: the condition must be bool, found {describe(c)}")
+    if (x.dtype in FLOATS) != (y.dtype in FLOATS) or (x.dtype == "bool") != (y.dtype == "bool"):
+        b.err(span, f"select: branches are {x.dtype} and {y.dtype}")
+    shape = b.broadcast(span, "select", c, x, y)
+    dtype = float_result(x.dtype, y.dtype) if x.dtype in FLOATS else x.dtype
+    return b.make("select", (c, x, y), (), shape, dtype)
+
+
+CASTS = {"f32": "cast_f32", "i32": "cast_i32", "bool": "cast_bool", "f16": "cast_f16"}
+
+
+def cast(b: Builder, to: str, x):
+    if x.dtype == to:
+        return x
+    return b.make(CASTS[to], (x,), (), x.shape, to)
+
+
+def call_scalar(b: Builder, codelet, args, span):
+    """A scalar codelet applied element-wise (op `call:NAME`)."""
+    if len(args) != len(codelet.fields):
+        b.err(span, f"'{codelet.name}' takes {len(codelet.fields)} arguments, given {len(args)}")
+    for a, f in zip(args, codelet.fields):
+        if (a.dtype in FLOATS) != (f.dtype in FLOATS) or (a.dtype == "bool") != (f.dtype == "bool"):
+            b.err(span, f"'{codelet.name}': argument '{f.name}' is {f.dtype}, given {describe(a)}")
+    shape = b.broadcast(span, codelet.name, *args)
+    return b.make("call:" + codelet.name, tuple(args), (), shape, codelet.ret)
+
+
+# ---------------------------------------------------------------- the table's entries
+
+def _cast_emit(args, ty, attrs):
+    return args[0] if args[0].ty == ty else cir.Cast(args[0], ty)
+
+
+def _select_emit(args, ty, attrs):
+    return cir.Select(args[0], args[1], args[2], ty)
+
+
+def op_defs() -> list[OpDef]:
+    out = [OpDef(r.name, "elementwise", r.doc, ref=r.ref, emit=r.emit) for r in ROWS]
+    out.append(OpDef("select", "elementwise", "select(cond, a, b): a where cond, else b",
+                     ref=lambda at, c, x, y: np.where(c, x, y), emit=_select_emit))
+    for to, op in CASTS.items():
+        out.append(OpDef(op, "elementwise", f"convert to {to}", ref=lambda at, x, to=to: _cast_ref(x, to),
+                         emit=_cast_emit))
+    out.append(OpDef("const", "leaf", "a number broadcast where it is used",
+                     ref=lambda at: np.asarray(at[0])))
+    return out
+
+
+def _cast_ref(x, to):
+    if to == "i32" and x.dtype.kind == "f":
+        # Saturating, NaN to 0: what native code does.
+        with np.errstate(invalid="ignore"):
+            return np.nan_to_num(np.clip(x, -2**31, 2**31 - 1), nan=0).astype(np.int32)
+    return x.astype({"f32": np.float32, "f16": np.float16, "i32": np.int32, "bool": np.bool_}[to])
+
+
+def functions() -> list[Function]:
+    out = []
+    for r in ROWS:
+        if not r.callable:
+            continue
+        if r.arity == 1:
+            out.append(Function(r.name, (Param("x", "operand"),) + r.attrs,
+                                lambda b, a, span, n=r.name: apply(b, n, [a["x"]], span), r.doc))
+        else:
+            out.append(Function(r.name, (Param("a", "operand"), Param("b", "operand")) + r.attrs,
+                                lambda b, a, span, n=r.name: apply(b, n, [a["a"], a["b"]], span), r.doc,
+                                applies=(lambda npos, kw: npos >= 2 or "b" in kw) if r.name in ("min", "max") else None))
+    out.append(Function("maximum", (Param("a", "operand"), Param("b", "operand")),
+                        lambda b, a, span: apply(b, "max", [a["a"], a["b"]], span), "the larger of a and b"))
+    out.append(Function("minimum", (Param("a", "operand"), Param("b", "operand")),
+                        lambda b, a, span: apply(b, "min", [a["a"], a["b"]], span), "the smaller of a and b"))
+    out.append(Function("select", (Param("cond", "tensor"), Param("a", "operand"), Param("b", "operand")),
+                        lambda b, a, span: select(b, a["cond"], a["a"], a["b"], span), "a where cond, else b"))
+    for to in CASTS:
+        out.append(Function(to, (Param("x", "tensor"),), lambda b, a, span, to=to: cast(b, to, a["x"]),
+                            f"convert to {to}"))
+    return out
+
+
+__all__ = ["ROWS", "ROW", "BY_SYMBOL", "CASTS", "apply", "select", "cast", "call_scalar", "op_defs",
+           "functions", "shape_str"]

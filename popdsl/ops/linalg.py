@@ -1,0 +1,152 @@
+"""Matrix products: `a @ b` and `matmul(a, b)`, batched and broadcasting as numpy's.
+
+Requires `ops.core`, `ops.blocks` and `ops.reduce`; produces the `matmul` operation
+and its partition rule: output blocks on a grid of tiles (rows × columns × the
+reduction dimension), the grid chosen by `cost` (estimated cycles of the busiest
+tile, with the target's rates); a tile's block is split over its workers in bands
+of rows that share one exchanged copy of the b block; a split reduction leaves
+partial sums that `reduce.sum_partials` adds up on the tiles.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from popdsl.ir import graph as g
+from popdsl.ir.target import Target
+from popdsl.ir.tensor import Node, broadcast_shapes
+from popdsl.ops.blocks import GRAIN, blocks, ceil_div, emit_tasks, pow2_splits
+from popdsl.ops.core import FLOATS, Builder, Function, OpDef, Param, float_result, shape_str
+from popdsl.ops.reduce import add_partials
+
+F32_BYTES = 4
+
+
+# ---------------------------------------------------------------- shape rule
+
+def matmul(b: Builder, x: Node, y: Node, span) -> Node:
+    if len(x.shape) < 1 or len(y.shape) < 1:
+        b.err(span, f"'@' needs tensors of rank >= 1, found {shape_str(x.shape)} and {shape_str(y.shape)}")
+    if x.dtype not in FLOATS or y.dtype not in FLOATS:
+        b.err(span, f"'@' needs floating-point tensors, found {x.dtype} and {y.dtype}")
+    x2 = x if len(x.shape) > 1 else b.make("reshape", (x,), ((1, x.shape[0]),), (1, x.shape[0]), x.dtype)
+    y2 = y if len(y.shape) > 1 else b.make("reshape", (y,), ((y.shape[0], 1),), (y.shape[0], 1), y.dtype)
+    if x2.shape[-1] != y2.shape[-2]:
+        b.err(span, f"'@': shapes {shape_str(x.shape)} and {shape_str(y.shape)} do not match "
+              f"({x2.shape[-1]} != {y2.shape[-2]})")
+    batch = broadcast_shapes(x2.shape[:-2], y2.shape[:-2])
+    if batch is None:
+        b.err(span, f"'@': batch dimensions of {shape_str(x.shape)} and {shape_str(y.shape)} do not broadcast")
+    shape = batch + (x2.shape[-2], y2.shape[-1])
+    out = b.make("matmul", (x2, y2), (), shape, float_result(x.dtype, y.dtype))
+    if len(x.shape) == 1 or len(y.shape) == 1:
+        final = shape[:-2] + ((x2.shape[-2],) if len(x.shape) > 1 else ()) + ((y2.shape[-1],) if len(y.shape) > 1 else ())
+        out = b.make("reshape", (out,), (final,), final, out.dtype)
+    return out
+
+
+def _ref(attrs, a, b):
+    return np.matmul(a.astype(np.float64), b.astype(np.float64))
+
+
+# ---------------------------------------------------------------- cost and plan
+
+def cost(target: Target, bm: int, bn: int, bk: int, gk: int, M: int, N: int, reducers: int) -> float:
+    """Estimated cycles of the busiest tile for blocks of bm × bk by bk × bn with the
+    reduction split gk ways: its multiply-accumulates at the target's rate, the a
+    and b blocks it receives, and for a split reduction the partial sums exchanged
+    and added on `reducers` tiles."""
+    rate = target.exchange_bytes_per_cycle
+    c = bm * bn * bk / target.macs_per_cycle + (bm * bk + bk * bn) * F32_BYTES / rate
+    if gk > 1:
+        c += 2 * gk * M * N * F32_BYTES / reducers / rate
+    return c
+
+
+def grid(M: int, N: int, K: int, budget: int, target: Target) -> tuple[int, int, int]:
+    """(row, column, reduction) splits of one matmul over `budget` tiles: the
+    power-of-two splits of least `cost` among blocks at least 16 columns wide where
+    the output allows (a vertex's inner loop runs over the columns).  Partial sums
+    are reduced on as many tiles as `sum_partials` would spread the M × N outputs
+    over (at least GRAIN outputs each, so a small output is reduced on few tiles)."""
+    best = None
+    min_bn = min(16, N)
+    reducers = max(1, min(budget, ceil_div(M * N, GRAIN)))
+    for gm in pow2_splits(M):
+        for gn in pow2_splits(N):
+            bn = ceil_div(N, gn)
+            if bn < min_bn:
+                continue
+            for gk in pow2_splits(K):
+                if gm * gn * gk > budget:
+                    continue
+                c = cost(target, ceil_div(M, gm), bn, ceil_div(K, gk), gk, M, N, reducers)
+                if best is None or c < best[0]:
+                    best = (c, (gm, gn, gk))
+    return best[1] if best else (1, 1, 1)
+
+
+def _worker_rows(r0: int, r1: int, workers: int) -> list[tuple[int, int]]:
+    """Rows r0..r1 of a tile's matmul block as bands for up to `workers` vertices:
+    whole multiples of four rows (the MatMul codelet takes rows four at a time)
+    but the last."""
+    n = r1 - r0
+    parts = max(1, min(workers, -(-n // 4)))
+    size = -(-ceil_div(n, parts) // 4) * 4
+    return [(i, min(r1, i + size)) for i in range(r0, r1, size)]
+
+
+
+def partition(p, n: Node) -> g.View:
+    a, b = p.value(n.args[0]), p.value(n.args[1])
+    M, K = a.index.shape[-2:]
+    N = b.index.shape[-1]
+    batch = n.shape[:-2]
+    ai = np.broadcast_to(a.index, batch + (M, K))
+    bi = np.broadcast_to(b.index, batch + (K, N))
+    nb = int(np.prod(batch, dtype=np.int64)) if batch else 1
+    ai, bi = ai.reshape(nb, M, K), bi.reshape(nb, K, N)
+    gm, gn, gk = grid(M, N, K, max(1, p.tiles // nb), p.g.target)
+    rb, cb, kb = blocks(M, gm), blocks(N, gn), blocks(K, gk)
+    label = p.name(n)
+    if len(kb) > 1:
+        acc = p.new_tensor(label + ".partial", "f32", (len(kb), nb, M, N))
+        target = acc.index
+    else:
+        acc = p.new_tensor(label, "f32", (nb, M, N))
+        target = acc.index[None]
+    ntasks = nb * len(rb) * len(cb) * len(kb)
+    tiles = p.spread(ntasks)
+    cs = p.new_cs(label)
+    tasks = []
+    t = 0
+    for bt in range(nb):
+        for (r0, r1) in rb:
+            for (c0, c1) in cb:
+                for kk, (k0, k1) in enumerate(kb):
+                    tile = int(tiles[t])
+                    t += 1
+                    bv = bi[bt, k0:k1, c0:c1]
+                    p.ensure_mapped(g.View(b.tensor, bv, b.span), np.int32(tile))
+                    # The tile's block is shared by its workers, a band of rows each;
+                    # they read one copy of the b block (lower shares the buffer).
+                    for (s0, s1) in _worker_rows(r0, r1, p.workers):
+                        av = ai[bt, s0:s1, k0:k1]
+                        cv = target[kk, bt, s0:s1, c0:c1]
+                        p.g.tile_of[acc.tensor][cv.ravel()] = tile
+                        p.ensure_mapped(g.View(a.tensor, av, a.span), np.int32(tile))
+                        tasks.append({"tile": tile, "conns": {"a": (a.tensor, av), "b": (b.tensor, bv),
+                                                              "c": (acc.tensor, cv)}})
+    emit_tasks(p, cs, p.prim("MatMul"), tasks)
+    return add_partials(p, n, cs, acc, len(kb) > 1, label)
+
+
+# ---------------------------------------------------------------- the table's entries
+
+def op_defs() -> list[OpDef]:
+    return [OpDef("matmul", "compute", "batched matrix product of the last two axes", ref=_ref,
+                  partition=partition, codelets=("MatMul",), cost=cost)]
+
+
+def functions() -> list[Function]:
+    return [Function("matmul", (Param("a", "tensor"), Param("b", "tensor")),
+                     lambda b, a, span: matmul(b, a["a"], a["b"], span), "a @ b")]

@@ -1,0 +1,152 @@
+"""Reductions: `sum mean max min argmax (x, axis = A | [A, ...], keepdims = b)`.
+
+Requires `ops.core` and `ops.blocks`; produces the `reduce` operation (attrs: kind,
+axes, keepdims; `mean` is a sum divided by the count) and its partition rule: the
+reduced axes are moved last and each row is reduced on the tile that holds its first
+element; a few long rows (at least TWO_STAGE_MIN elements) are first split into
+partial sums on the tiles holding each part.  `sum_partials` (adding up the partial
+sums a split matmul or convolution leaves) lives here too.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from popdsl.ir import graph as g
+from popdsl.ir.tensor import Node
+from popdsl.ops import elementwise
+from popdsl.ops.blocks import blocks, emit_tasks
+from popdsl.ops.core import FLOATS, Builder, Function, OpDef, Param
+
+TWO_STAGE_MIN = 2048          # a reduction row at least this long may be split
+KINDS = ("sum", "max", "min", "argmax")
+
+CODELETS = {("sum", "f32"): "ReduceSum", ("max", "f32"): "ReduceMax", ("min", "f32"): "ReduceMin",
+            ("argmax", "f32"): "ReduceArgMax", ("sum", "i32"): "ReduceSumI",
+            ("max", "i32"): "ReduceMaxI", ("min", "i32"): "ReduceMinI", ("argmax", "i32"): "ReduceArgMaxI"}
+
+
+# ---------------------------------------------------------------- shape rule
+
+def reduction(b: Builder, op: str, x: Node, axis, keepdims: bool, span) -> Node:
+    if x.dtype == "bool" and op != "argmax":
+        b.err(span, f"{op} of a bool tensor: convert it with f32(...) or i32(...) first")
+    if not x.shape:
+        b.err(span, f"{op} needs a tensor with at least one dimension")
+    axes = b.axes(x, axis, span, op)
+    if op == "argmax" and len(axes) != 1:
+        b.err(span, "argmax reduces exactly one axis: give axis = N")
+    shape = tuple(1 if i in axes else n for i, n in enumerate(x.shape) if keepdims or i not in axes)
+    if op == "mean":
+        if x.dtype not in FLOATS:
+            b.err(span, "mean of an i32 tensor: convert with f32(...)")
+        s = b.make("reduce", (x,), ("sum", axes, keepdims), shape, x.dtype)
+        k = int(np.prod([x.shape[i] for i in axes]))
+        return elementwise.apply(b, "div", [s, b.const(k, "f32")], span)
+    dtype = "i32" if op == "argmax" else x.dtype
+    return b.make("reduce", (x,), (op, axes, keepdims), shape, dtype)
+
+
+def _ref(attrs, x):
+    kind, axes, keepdims = attrs
+    if kind == "argmax":
+        r = np.argmax(x, axis=axes[0])
+        return np.expand_dims(r, axes[0]) if keepdims else r
+    fn = {"sum": np.sum, "max": np.max, "min": np.min}[kind]
+    return fn(x, axis=axes, keepdims=keepdims)
+
+
+# ---------------------------------------------------------------- partition rule
+
+def reduce_rows(p, kind: str, src: g.View, dtype: str, out_dtype: str, label: str) -> g.View:
+    """Reduce the last axis of a 2-D view [R, K] into a new tensor [R]."""
+    R, K = src.index.shape
+    p.ensure_mapped(src)
+    codelet = p.prim(CODELETS[(kind, "i32" if dtype == "i32" else "f32")])
+    rows = src.index
+    if kind != "argmax" and R * 4 <= p.tiles and K >= TWO_STAGE_MIN:
+        parts = max(2, min(p.tiles // max(R, 1), K // 512))
+        bl = blocks(K, parts)
+        partial = p.new_tensor(f"{label}.partial", out_dtype, (R, len(bl)))
+        cs = p.new_cs(label + ".partial")
+        tasks = []
+        for r in range(R):
+            for j, (lo, hi) in enumerate(bl):
+                idx = rows[r, lo:hi][None, :]
+                tile = int(p.g.tile_of[src.tensor][idx[0, 0]])
+                p.g.tile_of[partial.tensor][partial.index[r, j]] = tile
+                tasks.append({"tile": tile, "conns": {"a": (src.tensor, idx),
+                                                      "y": (partial.tensor, partial.index[r, j:j + 1])}})
+        emit_tasks(p, cs, codelet, tasks)
+        src, rows = partial, partial.index
+        R, K = rows.shape
+        codelet = p.prim(CODELETS[(kind, "i32" if out_dtype == "i32" else "f32")])
+    out = p.new_tensor(label, out_dtype, (R,))
+    # Each row is reduced where its first element lives.
+    p.g.tile_of[out.tensor][:] = p.g.tile_of[src.tensor][rows[:, 0]]
+    cs = p.new_cs(label)
+    for size, pos, tiles in p.chunks(p.g.tile_of[out.tensor], grain=1):
+        p.group(cs, codelet, tiles, {"a": (src.tensor, rows[pos]), "y": (out.tensor, out.index[pos])})
+    return out
+
+
+def sum_partials(p, partial: g.View, label: str) -> g.View:
+    """Add up the leading axis of a [K, ...] partial-sum view into a new tensor.
+    The result is spread over all tiles, each reducing its columns from K
+    contiguous runs (the partials of one column block sit on few tiles, so
+    reducing where they are would pile the work onto those)."""
+    K = partial.index.shape[0]
+    cols = partial.index.reshape(K, -1)
+    R = cols.shape[1]
+    out = p.new_tensor(label, "f32", (R,))
+    p.g.tile_of[out.tensor][:] = p.linear(R)
+    cs = p.new_cs(label)
+    # Few columns per vertex keep each vertex's K-row buffer small.
+    grain = max(1, min(256, 8192 // max(K, 1)))
+    for size, pos, tiles in p.chunks(p.g.tile_of[out.tensor], grain=grain, max_size=grain):
+        p.group(cs, p.prim("ReduceSumCols"), tiles,
+                {"a": (partial.tensor, np.moveaxis(cols[:, pos], 1, 0)), "y": (out.tensor, out.index[pos])})
+    return out
+
+
+def partition(p, n: Node) -> g.View:
+    kind, axes, keepdims = n.attrs
+    x = p.value(n.args[0])
+    keep = [i for i in range(x.index.ndim) if i not in axes]
+    idx = x.index.transpose(keep + list(axes))
+    R = int(np.prod([x.index.shape[i] for i in keep], dtype=np.int64))
+    K = int(np.prod([x.index.shape[i] for i in axes], dtype=np.int64))
+    src = g.View(x.tensor, idx.reshape(R, K), x.span)
+    before = len(p.seq)
+    out = reduce_rows(p, kind, src, n.args[0].dtype, n.dtype, p.name(n))
+    p.record(n, *[p.g.compute_sets[e.cs] for e in p.seq[before:]])
+    return g.View(out.tensor, out.index.reshape(n.shape), out.span)
+
+
+def add_partials(p, n: Node, cs, acc: g.View, split: bool, label: str) -> g.View:
+    """The result of a matmul or conv: its accumulator, or the sum of its partials
+    when the reduction was split."""
+    css = [cs]
+    out = acc
+    if split:
+        before = len(p.seq)
+        out = sum_partials(p, acc, label)
+        css += [p.g.compute_sets[e.cs] for e in p.seq[before:]]
+    p.record(n, *css)
+    return g.View(out.tensor, out.index.reshape(n.shape), out.span)
+
+
+# ---------------------------------------------------------------- the table's entries
+
+def op_defs() -> list[OpDef]:
+    return [OpDef("reduce", "compute", "sum, max, min or argmax over axes", ref=_ref, partition=partition,
+                  codelets=tuple(CODELETS.values()) + ("ReduceSumCols",))]
+
+
+def functions() -> list[Function]:
+    params = (Param("x", "tensor"), Param("axis", "any", None), Param("keepdims", "bool", False))
+
+    def fn(kind, one_operand_only=False):
+        return Function(kind, params, lambda b, a, span: reduction(b, kind, a["x"], a["axis"], a["keepdims"], span),
+                        f"{kind} over axes (all by default)",
+                        applies=(lambda npos, kw: npos < 2 and "b" not in kw) if one_operand_only else None)
+    return [fn("sum"), fn("mean"), fn("argmax"), fn("max", True), fn("min", True)]

@@ -1,0 +1,296 @@
+"""Shape operations, views and data movement: `reshape transpose slice concat pad
+gather one_hot` and indexing `x[i, a:b]`.
+
+Requires `ops.core`; produces their operations.  Reshape, transpose and indexing are
+views: the partitioner re-indexes the operand's elements, no vertex, no copy.
+`concat` and `pad` make a new tensor each part is copied into (a pad's border is
+filled by vertices every step); `gather` and `one_hot` place vertices where their
+rows go.  Leaves (`tensor`, `view` of a graph tensor) are here too.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from popdsl.ir import graph as g
+from popdsl.ir.tensor import Node
+from popdsl.ops.core import Builder, Function, OpDef, Param, shape_str
+
+
+# ---------------------------------------------------------------- shape rules
+
+def reshape(b: Builder, x: Node, shape, span) -> Node:
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+        b.err(span, "reshape: the shape must be a list of integers")
+    shape = list(shape)
+    if shape.count(-1) > 1 or any(s < -1 or s == 0 for s in shape):
+        b.err(span, f"reshape: bad shape {shape_str(shape)}")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if known == 0 or x.numel % known:
+            b.err(span, f"cannot reshape {shape_str(x.shape)} to {shape_str(shape)}")
+        shape[shape.index(-1)] = x.numel // known
+    if int(np.prod(shape)) != x.numel:
+        b.err(span, f"cannot reshape {shape_str(x.shape)} ({x.numel} elements) to {shape_str(shape)}")
+    if tuple(shape) == x.shape:
+        return x
+    return b.make("reshape", (x,), (tuple(shape),), tuple(shape), x.dtype)
+
+
+def transpose(b: Builder, x: Node, perm, span) -> Node:
+    r = len(x.shape)
+    perm = list(range(r))[::-1] if perm is None else perm
+    if not isinstance(perm, list) or sorted(perm) != list(range(r)):
+        b.err(span, f"transpose: perm must be a permutation of 0..{r - 1} for shape {shape_str(x.shape)}")
+    if perm == list(range(r)):
+        return x
+    return b.make("transpose", (x,), (tuple(perm),), tuple(x.shape[p] for p in perm), x.dtype)
+
+
+def index(b: Builder, x: Node, key: list, span) -> Node:
+    """key: per leading axis an int or (lo, hi), already range-checked."""
+    shape = []
+    for i, n in enumerate(x.shape):
+        if i < len(key) and isinstance(key[i], int):
+            continue
+        shape.append(key[i][1] - key[i][0] if i < len(key) else n)
+    return b.make("index", (x,), (tuple(tuple(k) if isinstance(k, tuple) else k for k in key),),
+                  tuple(shape), x.dtype)
+
+
+def slice_(b: Builder, x: Node, axis: int, start: int, stop: int, span) -> Node:
+    if not -len(x.shape) <= axis < len(x.shape):
+        b.err(span, f"slice: axis {axis} is out of range for shape {shape_str(x.shape)}")
+    axis %= len(x.shape)
+    n = x.shape[axis]
+    if not 0 <= start < stop <= n:
+        b.err(span, f"slice: {start}:{stop} is out of range for axis {axis} of {shape_str(x.shape)}")
+    key = [(0, x.shape[i]) for i in range(axis)] + [(start, stop)]
+    return index(b, x, key, span)
+
+
+def concat(b: Builder, xs: list, axis: int, span) -> Node:
+    if not xs:
+        b.err(span, "concat needs at least one tensor")
+    r = len(xs[0].shape)
+    if not -r <= axis < r:
+        b.err(span, f"concat: axis {axis} is out of range for shape {shape_str(xs[0].shape)}")
+    axis %= r
+    for x in xs[1:]:
+        if len(x.shape) != r or any(p != q for i, (p, q) in enumerate(zip(x.shape, xs[0].shape)) if i != axis) \
+                or x.dtype != xs[0].dtype:
+            b.err(span, f"concat: {xs[0].dtype}{shape_str(xs[0].shape)} and {x.dtype}{shape_str(x.shape)} "
+                  f"differ outside axis {axis}")
+    shape = list(xs[0].shape)
+    shape[axis] = sum(x.shape[axis] for x in xs)
+    return b.make("concat", tuple(xs), (axis,), tuple(shape), xs[0].dtype)
+
+
+def pad(b: Builder, x: Node, pads, value, span) -> Node:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        b.err(span, "pad: value must be a number")
+    r = len(x.shape)
+    if isinstance(pads, int) and not isinstance(pads, bool):
+        pads = [[pads, pads]] * r
+    ok = isinstance(pads, list) and len(pads) == r and all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(q, int) and not isinstance(q, bool) and q >= 0 for q in p)
+        for p in pads)
+    if not ok:
+        b.err(span, f"pad: give one [before, after] pair of non-negative integers per axis of {shape_str(x.shape)}")
+    pads_t = tuple((p[0], p[1]) for p in pads)
+    shape = tuple(n + lo + hi for n, (lo, hi) in zip(x.shape, pads_t))
+    return b.make("pad", (x,), (pads_t, float(value)), shape, x.dtype)
+
+
+def gather(b: Builder, x: Node, idx: Node, axis: int, span) -> Node:
+    if idx.dtype != "i32":
+        b.err(span, f"gather: indices must be i32, found {idx.dtype}")
+    if not x.shape or not -len(x.shape) <= axis < len(x.shape):
+        b.err(span, f"gather: axis {axis} is out of range for shape {shape_str(x.shape)}")
+    axis %= len(x.shape)
+    shape = x.shape[:axis] + idx.shape + x.shape[axis + 1:]
+    return b.make("gather", (x, idx), (axis,), shape, x.dtype)
+
+
+def one_hot(b: Builder, y: Node, depth: int, span) -> Node:
+    if y.dtype != "i32":
+        b.err(span, f"one_hot: labels must be i32, found {y.dtype}")
+    if depth < 1:
+        b.err(span, "one_hot: depth must be positive")
+    return b.make("one_hot", (y,), (depth,), y.shape + (depth,), "f32")
+
+
+# ---------------------------------------------------------------- numpy references
+
+def _index_ref(attrs, x):
+    return x[tuple(slice(*k) if isinstance(k, tuple) else k for k in attrs[0])]
+
+
+def _pad_ref(attrs, x):
+    pads, value = attrs
+    return np.pad(x, pads, constant_values=np.asarray(value).astype(x.dtype))
+
+
+def _gather_ref(attrs, x, idx):
+    return np.take(x, idx, axis=attrs[0])
+
+
+def _one_hot_ref(attrs, y):
+    return (y[..., None] == np.arange(attrs[0])).astype(np.float32)
+
+
+# ---------------------------------------------------------------- partition rules
+
+def partition_tensor(p, n: Node) -> g.View:
+    t = p.g.tensors[n.attrs[0]]
+    return g.View(t.id, np.arange(t.numel, dtype=np.int64).reshape(t.shape), p.span)
+
+
+def partition_view(p, n: Node) -> g.View:
+    return g.View(n.attrs[0], n.index, p.span)
+
+
+def partition_reshape(p, n: Node) -> g.View:
+    v = p.value(n.args[0])
+    return g.View(v.tensor, v.index.reshape(n.shape), v.span)
+
+
+def partition_transpose(p, n: Node) -> g.View:
+    v = p.value(n.args[0])
+    return g.View(v.tensor, v.index.transpose(n.attrs[0]), v.span)
+
+
+def partition_index(p, n: Node) -> g.View:
+    v = p.value(n.args[0])
+    return g.View(v.tensor, v.index[tuple(slice(*k) if isinstance(k, tuple) else k for k in n.attrs[0])], v.span)
+
+
+def fill(p, view: g.View, value: float, dtype: str, label: str) -> None:
+    cs = p.new_cs(label + ".fill")
+    codelet = p.prim("FillI" if dtype == "i32" else "Fill")
+    tile_of = p.g.tile_of[view.tensor]
+    flat = view.index.ravel()
+    for size, pos, tiles in p.chunks(tile_of[flat]):
+        p.group(cs, codelet, tiles, {"y": (view.tensor, flat[pos])}, {"v": value})
+
+
+def padded(p, x: g.View, pads, value: float, dtype: str, label: str) -> g.View:
+    """A new tensor: x surrounded by `value`, refreshed every step."""
+    shape = tuple(n + a + b for n, (a, b) in zip(x.index.shape, pads))
+    out = p.new_tensor(label, dtype, shape)
+    p.ensure_mapped(x)
+    inner = out.index[tuple(slice(a, a + n) for n, (a, _) in zip(x.index.shape, pads))]
+    tile_of = p.g.tile_of[out.tensor]
+    tile_of[inner.ravel()] = p.g.tile_of[x.tensor][x.index.ravel()]
+    # A border element goes with its nearest interior element.
+    if (tile_of < 0).any():
+        coords = np.indices(shape).reshape(len(shape), -1)
+        clipped = [np.clip(c - a, 0, n - 1) + a for c, n, (a, _) in zip(coords, x.index.shape, pads)]
+        nearest = np.ravel_multi_index(clipped, shape)
+        missing = tile_of < 0
+        tile_of[missing] = tile_of[nearest[missing]]
+    border = np.setdiff1d(out.index.ravel(), inner.ravel(), assume_unique=True)
+    if border.size:
+        fill(p, g.View(out.tensor, border, out.span), value, dtype, label)
+    p.seq.append(g.Copy(x, g.View(out.tensor, inner, out.span), p.span))
+    return out
+
+
+def partition_pad(p, n: Node) -> g.View:
+    pads, value = n.attrs
+    return padded(p, p.value(n.args[0]), pads, value, n.dtype, p.name(n))
+
+
+def partition_concat(p, n: Node) -> g.View:
+    axis = n.attrs[0]
+    out = p.new_tensor(p.name(n), n.dtype, n.shape)
+    at = 0
+    for a in n.args:
+        v = p.value(a)
+        p.ensure_mapped(v)
+        k = v.index.shape[axis]
+        dst = out.index[(slice(None),) * axis + (slice(at, at + k),)]
+        p.g.tile_of[out.tensor][dst.ravel()] = p.g.tile_of[v.tensor][v.index.ravel()]
+        p.seq.append(g.Copy(v, g.View(out.tensor, dst, out.span), p.span))
+        at += k
+    return out
+
+
+def partition_gather(p, n: Node) -> g.View:
+    axis = n.attrs[0]
+    x, idx = p.value(n.args[0]), p.value(n.args[1])
+    xi = np.moveaxis(x.index, axis, 0)
+    rows = xi.reshape(xi.shape[0], -1)
+    flat_idx = idx.index.reshape(-1)
+    m, d = flat_idx.size, rows.shape[1]
+    out = p.new_tensor(p.name(n), n.dtype, (m, d))
+    p.ensure_mapped(x)
+    p.ensure_mapped(idx)
+    p.g.tile_of[out.tensor][:] = np.repeat(p.linear(m, grain=1), d)
+    cs = p.new_cs(p.name(n))
+    codelet = p.prim("GatherRowsI" if n.dtype == "i32" else "GatherRows")
+    row_tiles = p.g.tile_of[out.tensor][out.index[:, 0]]
+    for size, pos, tiles in p.chunks(row_tiles, grain=1):
+        p.group(cs, codelet, tiles, {"x": (x.tensor, np.broadcast_to(rows, (len(tiles),) + rows.shape)),
+                                     "idx": (idx.tensor, flat_idx[pos]),
+                                     "y": (out.tensor, out.index[pos])})
+    p.record(n, cs)
+    res = out.index.reshape(idx.index.shape + xi.shape[1:])
+    res = np.moveaxis(res, list(range(idx.index.ndim)), list(range(axis, axis + idx.index.ndim)))
+    return g.View(out.tensor, res, out.span)
+
+
+def partition_one_hot(p, n: Node) -> g.View:
+    y = p.value(n.args[0])
+    depth = n.attrs[0]
+    flat = y.index.reshape(-1)
+    out = p.new_tensor(p.name(n), "f32", (flat.size, depth))
+    p.ensure_mapped(y)
+    p.g.tile_of[out.tensor][:] = np.repeat(p.g.tile_of[y.tensor][flat], depth)
+    cs = p.new_cs(p.name(n))
+    for size, pos, tiles in p.chunks(p.g.tile_of[y.tensor][flat], grain=1):
+        p.group(cs, p.prim("OneHot"), tiles, {"labels": (y.tensor, flat[pos]), "y": (out.tensor, out.index[pos])})
+    p.record(n, cs)
+    return g.View(out.tensor, out.index.reshape(n.shape), out.span)
+
+
+# ---------------------------------------------------------------- the table's entries
+
+def op_defs() -> list[OpDef]:
+    return [
+        OpDef("tensor", "leaf", "a tensor of the graph", partition=partition_tensor),
+        OpDef("view", "leaf", "elements of a tensor of the graph, as a Poplar-level view", partition=partition_view),
+        OpDef("reshape", "view", "the same elements in a new shape", ref=lambda at, x: x.reshape(at[0]),
+              partition=partition_reshape),
+        OpDef("transpose", "view", "axes permuted", ref=lambda at, x: x.transpose(at[0]),
+              partition=partition_transpose),
+        OpDef("index", "view", "x[i, a:b]", ref=_index_ref, partition=partition_index),
+        OpDef("concat", "compute", "tensors joined along an axis",
+              ref=lambda at, *xs: np.concatenate(xs, axis=at[0]), partition=partition_concat),
+        OpDef("pad", "compute", "x surrounded by a value", ref=_pad_ref, partition=partition_pad,
+              codelets=("Fill", "FillI")),
+        OpDef("gather", "compute", "x's slices at indices along an axis", ref=_gather_ref,
+              partition=partition_gather, codelets=("GatherRows", "GatherRowsI")),
+        OpDef("one_hot", "compute", "1.0 where the class is the label", ref=_one_hot_ref,
+              partition=partition_one_hot, codelets=("OneHot",)),
+    ]
+
+
+def functions() -> list[Function]:
+    return [
+        Function("reshape", (Param("x", "tensor"), Param("shape", "any")),
+                 lambda b, a, span: reshape(b, a["x"], a["shape"], span), "the same elements in a new shape"),
+        Function("transpose", (Param("x", "tensor"), Param("perm", "any", None)),
+                 lambda b, a, span: transpose(b, a["x"], a["perm"], span), "axes permuted (reversed by default)"),
+        Function("slice", (Param("x", "tensor"), Param("axis", "int"), Param("start", "int"), Param("stop", "int")),
+                 lambda b, a, span: slice_(b, a["x"], a["axis"], a["start"], a["stop"], span),
+                 "elements start..stop of an axis"),
+        Function("concat", (Param("xs", "tensors"), Param("axis", "int", 0)),
+                 lambda b, a, span: concat(b, a["xs"], a["axis"], span), "tensors joined along an axis"),
+        Function("pad", (Param("x", "tensor"), Param("pads", "any"), Param("value", "any", 0.0)),
+                 lambda b, a, span: pad(b, a["x"], a["pads"], a["value"], span),
+                 "x with [before, after] elements of `value` around each axis"),
+        Function("gather", (Param("x", "tensor"), Param("indices", "tensor"), Param("axis", "int", 0)),
+                 lambda b, a, span: gather(b, a["x"], a["indices"], a["axis"], span), "numpy's take"),
+        Function("one_hot", (Param("y", "tensor"), Param("depth", "int")),
+                 lambda b, a, span: one_hot(b, a["y"], a["depth"], span), "one-hot rows of f32"),
+    ]
