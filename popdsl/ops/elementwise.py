@@ -16,7 +16,6 @@ Dtype rules (operands broadcast as numpy's do):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,8 +59,6 @@ def _trunc_div(attrs, a, b):
 def _trunc_mod(attrs, a, b):
     return a.astype(np.int64) - _trunc_div(attrs, a, b) * b.astype(np.int64)
 
-
-_erf = np.vectorize(math.erf, otypes=[np.float64])
 
 ROWS: tuple[Row, ...] = (
     # -- arithmetic
@@ -208,7 +205,7 @@ def _cast_ref(x, to):
     if to == "i32" and x.dtype.kind == "f":
         # Saturating, NaN to 0: what native code does.
         with np.errstate(invalid="ignore"):
-            return np.nan_to_num(np.clip(x, -2**31, 2**31 - 1), nan=0).astype(np.int32)
+            return np.nan_to_num(np.clip(x.astype(np.float64), -2**31, 2**31 - 1), nan=0).astype(np.int32)
     return x.astype({"f32": np.float32, "f16": np.float16, "i32": np.int32, "bool": np.bool_}[to])
 
 
@@ -217,13 +214,12 @@ def functions() -> list[Function]:
     for r in ROWS:
         if not r.callable:
             continue
-        if r.arity == 1:
-            out.append(Function(r.name, (Param("x", "operand"),) + r.attrs,
-                                lambda b, a, span, n=r.name: apply(b, n, [a["x"]], span), r.doc))
-        else:
-            out.append(Function(r.name, (Param("a", "operand"), Param("b", "operand")) + r.attrs,
-                                lambda b, a, span, n=r.name: apply(b, n, [a["a"], a["b"]], span), r.doc,
-                                applies=(lambda npos, kw: npos >= 2 or "b" in kw) if r.name in ("min", "max") else None))
+        operands = ("x",) if r.arity == 1 else ("a", "b")
+
+        def build(b, a, span, r=r, operands=operands):
+            return apply(b, r.name, [a[o] for o in operands], span, tuple(a[p.name] for p in r.attrs))
+        out.append(Function(r.name, tuple(Param(o, "operand") for o in operands) + r.attrs, build, r.doc,
+                            applies=(lambda npos, kw: npos >= 2 or "b" in kw) if r.name in ("min", "max") else None))
     out.append(Function("maximum", (Param("a", "operand"), Param("b", "operand")),
                         lambda b, a, span: apply(b, "max", [a["a"], a["b"]], span), "the larger of a and b"))
     out.append(Function("minimum", (Param("a", "operand"), Param("b", "operand")),

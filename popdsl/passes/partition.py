@@ -233,11 +233,12 @@ class Partitioner:
     # ---------------------------------------------------------------- element-wise
     def elementwise(self, n: Node) -> g.View:
         leaves: list[Node] = []
-        expr = self.fuse(n, leaves, top=True)
+        lets: list[cir.Declare] = []
+        expr = self.fuse(n, leaves, lets, top=True)
         fields = tuple(cir.Field(f"a{i}", "in", leaf.dtype, ("n",)) for i, leaf in enumerate(leaves))
         i = cir.Local("i", "i32")
         body = (cir.For("i", cir.Const(0, "i32"), cir.Sym("n"), 1,
-                        (cir.Store("y", (i,), expr, False),)),)
+                        (*lets, cir.Store("y", (i,), expr, False))),)
         proto = cir.Codelet("ew", fields + (cir.Field("y", "out", n.dtype, ("n",)),), ("n",), None, body)
         digest = hashlib.sha1(repr(proto).encode()).hexdigest()[:12]
         name = self.add_codelet(cir.Codelet(f"ew_{digest}", proto.fields, proto.symbols, None, body))
@@ -271,8 +272,10 @@ class Partitioner:
         self.record(n, cs)
         return out
 
-    def fuse(self, n: Node, leaves: list, top: bool = False) -> cir.Expr:
-        """Codelet IR for n, inlining single-use element-wise operands."""
+    def fuse(self, n: Node, leaves: list, lets: list, top: bool = False) -> cir.Expr:
+        """Codelet IR for n, inlining single-use element-wise operands.  An operand
+        an op's `emit` uses more than once (`square`, `leaky_relu`) is computed once
+        into a local (a `let` in `lets`) rather than once per use."""
         if n.op == "const":
             return cir.Const(n.attrs[0], n.dtype)
         if not top and (not ops.is_elementwise(n.op) or self.consumers.get(n.id, 0) > 1 or n.id in self.mat):
@@ -280,11 +283,21 @@ class Partitioner:
                 leaves.append(n)
             k = leaves.index(n)
             return cir.Load(f"a{k}", (cir.Local("i", "i32"),), cir.compute_type(n.dtype), False)
-        args = [self.fuse(a, leaves) for a in n.args]
+        args = [self.fuse(a, leaves, lets) for a in n.args]
         ty = cir.compute_type(n.dtype)
         if n.op.startswith("call:"):
             return cir.CallScalar(n.op[5:], tuple(args), ty)
-        return ops.op(n.op).emit(args, ty, n.attrs)
+        emit = ops.op(n.op).emit
+        expr = emit(args, ty, n.attrs)
+        reused = [k for k, a in enumerate(args)
+                  if not isinstance(a, (cir.Load, cir.Const, cir.Local)) and _uses(expr, a) > 1]
+        if not reused:
+            return expr
+        for k in reused:
+            name = f"t{len(lets)}"
+            lets.append(cir.Declare(name, args[k].ty, args[k]))
+            args[k] = cir.Local(name, args[k].ty)
+        return emit(args, ty, n.attrs)
 
     # ---------------------------------------------------------------- statistics
     def record(self, n: Node, *css: g.ComputeSet) -> None:
@@ -302,3 +315,14 @@ class Partitioner:
 def partition(graph: g.TensorGraph) -> g.TensorGraph:
     """A new graph; `graph` is left as it was."""
     return Partitioner(graph.copy()).run()
+
+
+def _uses(expr, sub) -> int:
+    """How many times the object `sub` occurs in the codelet IR tree `expr`."""
+    if expr is sub:
+        return 1
+    if isinstance(expr, tuple):
+        return sum(_uses(x, sub) for x in expr)
+    if hasattr(expr, "__dataclass_fields__"):
+        return sum(_uses(getattr(expr, f), sub) for f in expr.__dataclass_fields__)
+    return 0
