@@ -150,3 +150,31 @@ def test_an_operand_used_twice_by_an_op_is_computed_once():
     a, b = np.arange(8, dtype=np.float32), np.ones(8, np.float32)
     with popdsl.Simulator(popdsl.compile(src)) as sim:
         np.testing.assert_array_equal(sim.run({"a": a, "b": b})["y"], (a + b) ** 2)
+
+
+def test_leaky_relu_takes_its_slope_and_erf_matches_math():
+    """The two rows added as table entries only: leaky_relu's compile-time slope
+    (default 0.01, PyTorch's) and erf through the libm intrinsic."""
+    import math
+    src = ("graph g(tiles = 2) {\n    input x: f32[9];\n    output a = leaky_relu(x);\n"
+           "    output b = leaky_relu(x, alpha = 0.2);\n    output c = erf(x);\n}\n")
+    x = np.linspace(-3, 3, 9).astype(np.float32)
+    with popdsl.Simulator(popdsl.compile(src)) as sim:
+        out = sim.run({"x": x})
+    np.testing.assert_allclose(out["a"], np.where(x > 0, x, 0.01 * x), rtol=1e-6)
+    np.testing.assert_allclose(out["b"], np.where(x > 0, x, 0.2 * x), rtol=1e-6)
+    np.testing.assert_allclose(out["c"], [math.erf(v) for v in x], rtol=1e-6, atol=1e-7)
+    with pytest.raises(CompileError, match="'alpha' must be a number"):
+        popdsl.compile(src.replace("alpha = 0.2", "alpha = x"))
+
+
+def test_erf_in_a_codelet():
+    from popdsl.ir.codelet_eval import map_elements
+    from popdsl.sema import compile_codelets
+    from popdsl.codegen.jit import NativeCodelets
+    [c] = compile_codelets("codelet e(x: f32) -> f32 { return erf(x) * 2.0; }")
+    x = np.linspace(-2, 2, 11).astype(np.float32)
+    native, ref = np.zeros_like(x), np.zeros_like(x)
+    NativeCodelets([c]).map("e", native, x)
+    map_elements(c, ref, x)
+    np.testing.assert_allclose(native, ref, rtol=1e-6)

@@ -22,6 +22,7 @@ How an entry is computed:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -74,6 +75,7 @@ _TABLE = (
                   "+", _one("f32"), ir.Intrinsic("exp", (ir.Unary("neg", x, "f32"),), "f32"), "f32"), "f32")),
     _f32("sin", TRANSCENDENTAL, "sine", np.sin, links=("sinf",)),
     _f32("cos", TRANSCENDENTAL, "cosine", np.cos, links=("cosf",)),
+    Intrinsic("erf", 1, ("f32",), TRANSCENDENTAL, "the error function", ref=lambda x: math.erf(x), libm="erff"),
     _f32("floor", OP, "largest integer <= x", np.floor, links=("floorf",)),
     _f32("ceil", OP, "smallest integer >= x", np.ceil, links=("ceilf",)),
     _f32("pow", TRANSCENDENTAL, "x to the power y", np.power, arity=2, links=("powf",)),

@@ -16,6 +16,7 @@ Dtype rules (operands broadcast as numpy's do):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +61,8 @@ def _trunc_mod(attrs, a, b):
     return a.astype(np.int64) - _trunc_div(attrs, a, b) * b.astype(np.int64)
 
 
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
 ROWS: tuple[Row, ...] = (
     # -- arithmetic
     Row("add", 2, "numeric", _bin("+"), lambda at, a, b: a + b, "a + b", "+", callable=False),
@@ -101,6 +104,12 @@ ROWS: tuple[Row, ...] = (
     Row("sigmoid", 1, "float", _intr("sigmoid"), lambda at, x: 1 / (1 + np.exp(-x)), "1 / (1 + exp(-x))"),
     Row("sin", 1, "float", _intr("sin"), lambda at, x: np.sin(x), "sine"),
     Row("cos", 1, "float", _intr("cos"), lambda at, x: np.cos(x), "cosine"),
+    Row("erf", 1, "float", _intr("erf"), lambda at, x: _erf(x), "the error function"),
+    Row("leaky_relu", 1, "float",
+        lambda args, ty, at: cir.Select(cir.Binary(">", args[0], _zero(ty), "bool"), args[0],
+                                        cir.Binary("*", args[0], cir.Const(at[0], ty), ty), ty),
+        lambda at, x: np.where(x > 0, x, x * np.float32(at[0])), "x where x > 0, else alpha * x",
+        attrs=(Param("alpha", "float", 0.01),)),
     Row("floor", 1, "float", _intr("floor"), lambda at, x: np.floor(x), "round down"),
     Row("ceil", 1, "float", _intr("ceil"), lambda at, x: np.ceil(x), "round up"),
 )
