@@ -1,4 +1,4 @@
-"""The public Python API (DESIGN §6)."""
+"""The public Python API (README: "Python API")."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""`popc`: the command line (DESIGN §6).
+"""`popc`: the command line (README: "CLI reference").
 
 Exit codes: 0 ok; 1 an error in the user's program, data or files; 2 command-line
 usage; 70 an internal compiler error (a bug of ours, said as such).

@@ -1,4 +1,4 @@
-"""The Python API of DESIGN §6, and the simulator's memory as a user can see it."""
+"""The Python API (README: "Python API"), and the simulator's memory as a user can see it."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""`popc` as a user meets it (DESIGN §6): exit codes 0 ok, 1 an error in the user's
+"""`popc` as a user meets it (README: "CLI reference"): exit codes 0 ok, 1 an error in the user's
 program, data or files, 2 command-line usage, 70 an internal compiler error; clear
 messages and never a Python traceback, whatever the input — including damaged,
 truncated or hostile `.popx` files.

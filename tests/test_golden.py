@@ -1,4 +1,4 @@
-"""Golden tests: every `.pop` under tests/golden/ is one test (DESIGN §7).
+"""Golden tests: every `.pop` under tests/golden/ is one test (Crafting Interpreters style).
 
 A golden file is a small program annotated with what popc must do with it,
 Crafting-Interpreters style.  The annotations are `//` comments:

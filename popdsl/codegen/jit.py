@@ -1,6 +1,6 @@
 """JIT: codelet IR → native code in this process, with an on-disk object cache.
 
-Requires llvmlite 0.50 (LLVM 22; new pass manager only), numpy, ctypes, and
+Requires llvmlite >= 0.44 (its new pass manager; tested with 0.50 and LLVM 22), numpy, ctypes, and
 `popdsl.codegen.llvm.emit_module`.  Produces `NativeCodelets` — every codelet of a
 program compiled in ONE module (each LLVM compile leaks ~100 KB, so never one per
 codelet) — and re-exports `VertexError`.

@@ -1,4 +1,4 @@
-"""The cycle model (DESIGN §3), estimated and saying so: what a vertex, a tile's
+"""The cycle model (README: "The IPU model"), estimated and saying so: what a vertex, a tile's
 compute phase and an exchange phase cost.
 
 Requires `popdsl.ir.codelet` and the target description; produces cost functions used

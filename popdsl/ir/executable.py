@@ -18,7 +18,7 @@ class TensorInfo:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    kind: str                      # "var" | "input"
+    kind: str                      # "var" | "input" | "param" | "temp"
     span: Span
 
 

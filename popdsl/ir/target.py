@@ -1,4 +1,4 @@
-"""The target description: machine models (DESIGN §3).  A `Target` is a value: presets plus `--tiles` and
+"""The target description: machine models (README: "The IPU model").  A `Target` is a value: presets plus `--tiles` and
 `--tile-memory` overrides derive new ones."""
 from __future__ import annotations
 

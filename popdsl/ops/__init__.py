@@ -1,5 +1,5 @@
 """The operation table: every tensor-program operation and every function users call,
-each defined once (DESIGN §8, "tables are the spine").
+each defined once: the tables are the compiler's spine.
 
 Requires `ir` only; produces `OPS` (node op → `OpDef`) and `FUNCTIONS` (name → its
 overloads).  Passes look operations up here and never switch on their names: the

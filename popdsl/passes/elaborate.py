@@ -32,14 +32,15 @@ class _Poisoned:
     abandons the statement quietly instead of reporting 'unknown name' again."""
 
 
-def _cdiv(a: int, b: int) -> int:
+def _trunc_div(a: int, b: int) -> int:
+    """a / b rounded toward zero, as the language's integer division."""
     q = abs(a) // abs(b)
     return q if (a >= 0) == (b >= 0) else -q
 
 
 _INT_OPS = {
     "+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
-    "/": _cdiv, "%": lambda a, b: a - _cdiv(a, b) * b,
+    "/": _trunc_div, "%": lambda a, b: a - _trunc_div(a, b) * b,
 }
 _CMP_OPS = {
     "==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,

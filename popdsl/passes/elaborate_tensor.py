@@ -1,4 +1,4 @@
-"""Elaboration of tensor programs (DESIGN §2 "Graphs as tensor programs").
+"""Elaboration of tensor programs (README: "Graphs as tensor programs").
 
 Mixed into the graph elaborator: tensor expressions build interned `ir.tensor`
 nodes; `def` calls run their body with shape symbols bound by the arguments;

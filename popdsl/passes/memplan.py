@@ -172,7 +172,7 @@ def verify_plan(tiles: np.ndarray, base: np.ndarray, sizes: np.ndarray, live: Li
 def _in_place(low: Lowered, live: Liveness) -> dict[int, int]:
     """Output regions that take over an input region's bytes: the input dies at
     the element-wise op that makes the output, on the same tile, with the same
-    size (REFERENCE's rules: a safe pair, no later reader, equal size and type,
+    size (the usual rules: a safe pair, no later reader, equal size and type,
     not a variable, input or output).  The input's interval is stretched over the
     output's and the output region is left out of planning (size 0, same base)."""
     graph = low.graph
