@@ -178,3 +178,89 @@ def test_erf_in_a_codelet():
     NativeCodelets([c]).map("e", native, x)
     map_elements(c, ref, x)
     np.testing.assert_allclose(native, ref, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- every other primitive on every dtype
+
+# (expression, inputs {name: shape}, dtypes it accepts); `T` is the dtype under test.
+PRIMITIVES = [
+    ("sum(a, axis = 1)", {"a": (4, 6)}, ("f32", "f16", "i32")),
+    ("mean(a, axis = [0, 1], keepdims = true)", {"a": (4, 6)}, ("f32", "f16")),
+    ("max(a, axis = 0)", {"a": (4, 6)}, ("f32", "f16", "i32")),
+    ("min(a)", {"a": (4, 6)}, ("f32", "f16", "i32")),
+    ("argmax(a, axis = 1)", {"a": (4, 6)}, DTYPES),
+    ("a @ b", {"a": (3, 5), "b": (5, 4)}, ("f32", "f16")),
+    ("conv2d(a, b, padding = 1)", {"a": (1, 2, 5, 5), "b": (3, 2, 3, 3)}, ("f32", "f16")),
+    ("max_pool2d(a, 2)", {"a": (1, 2, 4, 6)}, ("f32", "f16")),
+    ("avg_pool2d(a, 3, stride = 1, padding = 1)", {"a": (1, 2, 4, 5)}, ("f32", "f16")),
+    ("transpose(reshape(a, [3, 8]))[1:3, 2]", {"a": (4, 6)}, DTYPES),
+    ("slice(a, axis = 1, start = 2, stop = 5)", {"a": (4, 6)}, DTYPES),
+    ("concat([a, b], axis = 1)", {"a": (3, 2), "b": (3, 4)}, DTYPES),
+    ("pad(a, [[1, 0], [2, 1]], value = V)", {"a": (3, 4)}, DTYPES),
+    ("gather(a, i, axis = 0)", {"a": (5, 3), "i": (4,)}, DTYPES),
+]
+PAD_VALUE = {"f32": "2.5", "f16": "-1.5", "i32": "7", "bool": "true"}
+
+
+def prim_source(expr: str, shapes: dict, dt: str) -> str:
+    decl = "".join(f"    input {k}: {'i32' if k == 'i' else dt}{list(s)};\n" for k, s in shapes.items())
+    return f"graph g(tiles = 5) {{\n{decl}    output y = {expr.replace('V', PAD_VALUE[dt])};\n}}\n"
+
+
+PRIM_CASES = [(e, s, ok, dt) for e, s, ok in PRIMITIVES for dt in DTYPES]
+
+
+@pytest.mark.parametrize("expr,shapes,ok,dt", PRIM_CASES, ids=[f"{e.split('(')[0] or e[:6]}-{d}" for e, s, ok, d in PRIM_CASES])
+def test_primitive_on_every_dtype(expr, shapes, ok, dt):
+    src = prim_source(expr, shapes, dt)
+    if dt not in ok:
+        with pytest.raises(CompileError):
+            popdsl.compile(src)
+        return
+    feeds = {k: (np.array([4, -1, 0, -5], np.int32) if k == "i" else sample(dt, s, 7 + n))
+             for n, (k, s) in enumerate(shapes.items())}
+    want = run_graph(compile_source(src, "<string>", get_target("gc200", tiles=5), stop_after="elaborate"), feeds)["y"]
+    with popdsl.Simulator(popdsl.compile(src)) as sim:
+        got = sim.run(feeds)["y"]
+    compare(got, want, dt)
+
+
+def test_pow_of_integers_is_a_diagnostic_not_an_internal_error():
+    with pytest.raises(CompileError, match="'pow' needs floating-point tensors"):
+        popdsl.compile("graph g(tiles = 2) { input a: i32[4]; input b: i32[4]; output y = pow(a, b); }")
+
+
+def test_pad_values_are_checked_against_the_dtype():
+    for dt, value, msg in (("bool", "2", "must be true or false"), ("i32", "1.5", "must be an i32 integer"),
+                           ("f32", "true", "must be a number")):
+        with pytest.raises(CompileError, match=msg):
+            popdsl.compile(f"graph g(tiles = 2) {{ input a: {dt}[4]; output y = pad(a, 1, value = {value}); }}")
+
+
+def test_labels_outside_the_classes_are_a_runtime_error_naming_the_label():
+    src = "graph g(tiles = 3) {\n    input y: i32[4];\n    output h = one_hot(y, 10);\n}\n"
+    exe = popdsl.compile(src)
+    with popdsl.Simulator(exe) as sim:
+        np.testing.assert_array_equal(sim.run({"y": np.array([0, 9, 3, 3], np.int32)})["h"],
+                                      np.eye(10, dtype=np.float32)[[0, 9, 3, 3]])
+        for bad in (10, -1):
+            with pytest.raises(popdsl.DeviceError) as e:
+                sim.run({"y": np.array([1, bad, 2, 3], np.int32)})
+            text = str(e.value)
+            assert f"one_hot: label {bad} is outside 0..10 - 1" in text and "<string>:3:" in text, text
+
+
+def test_gather_out_of_range_names_the_index():
+    src = "graph g(tiles = 2) {\n    input x: f32[5, 2];\n    input i: i32[2];\n    output y = gather(x, i);\n}\n"
+    with popdsl.Simulator(popdsl.compile(src)) as sim:
+        with pytest.raises(popdsl.DeviceError) as e:
+            sim.run({"x": np.zeros((5, 2), np.float32), "i": np.array([1, -6], np.int32)})
+    assert "gather: an index is out of range for an axis of size 5" in str(e.value), str(e.value)
+
+
+def test_a_users_codelet_named_like_a_primitive_does_not_replace_it():
+    src = """codelet MatMul(in a: f32[n], out c: f32[n]) { for i in 0..n { c[i] = 0.0; } }
+graph g(tiles = 2) { input a: f32[2, 3]; input b: f32[3, 2]; output y = a @ b; }"""
+    a, b = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((3, 2), np.float32)
+    with popdsl.Simulator(popdsl.compile(src)) as sim:
+        np.testing.assert_array_equal(sim.run({"a": a, "b": b})["y"], a @ b)

@@ -400,6 +400,8 @@ class _Emitter:
         """A call of intrinsic `name` (not an expansion) as its table entry says."""
         entry = INTRINSICS[name]
         lty = COMPUTE[ty]
+        if entry.lowering == "round_f16":
+            return self.from_storage(self.to_storage(args[0], "f16"), "f16")
         if entry.libm is not None:
             fn = _intrinsic(self.mod, entry.libm, lty, [lty] * len(args))
         else:

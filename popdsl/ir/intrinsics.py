@@ -17,7 +17,8 @@ How an entry is computed:
   expansion, so they agree by construction.  The cycle cost stays the entry's own.
 - `llvm[ty]` names the LLVM intrinsic the code generator calls for operand type
   `ty` (`"llvm.exp.f32"`); `libm` names a C function instead (`"erff"`), which the
-  JIT links in.  `links` lists the C symbols an LLVM intrinsic may lower to on the
+  JIT links in; `lowering` names one of the code generator's own lowerings
+  (`"round_f16"`: a truncation to half and back).  `links` lists the C symbols an LLVM intrinsic may lower to on the
   host (`llvm.tanh.f32` becomes a call of `tanhf`), so the JIT can resolve them.
 """
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Intrinsic:
     llvm: dict[str, str] = field(default_factory=dict)    # operand type -> LLVM intrinsic
     libm: str | None = None                   # C function (f32) the code calls instead
     links: tuple[str, ...] = ()               # C symbols the LLVM intrinsic may lower to
+    lowering: str | None = None               # a code generator's own way ("round_f16")
 
     def accepts(self, ty: str) -> bool:
         return ty in self.types
@@ -82,6 +84,8 @@ _TABLE = (
     Intrinsic("fma", 3, ("f32",), OP, "x * y + z rounded once",
               ref=lambda a, b, c: np.float64(a) * np.float64(b) + np.float64(c),
               llvm={"f32": "llvm.fma.f32"}, links=("fmaf",)),
+    Intrinsic("f16", 1, ("f32",), OP, "x rounded to the nearest half (what an f16 store keeps); f16(x) in codelets",
+              ref=lambda x: np.float16(x), lowering="round_f16", links=("__truncsfhf2", "__extendhfsf2")),
     Intrinsic("abs", 1, ("f32", "i32"), OP, "absolute value (i32: wraps at -2^31)",
               ref=lambda x: np.abs(x) if isinstance(x, np.floating) else abs(x),
               llvm={"f32": "llvm.fabs.f32", "i32": "llvm.abs.i32"}),

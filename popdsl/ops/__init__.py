@@ -52,9 +52,18 @@ def function(name: str, npos: int, kwnames: set) -> Function | None:
     return next((f for f in overloads if applies_to(f, npos, kwnames)), overloads[-1])
 
 
+def explain(codelet: str, field: str, axis: int, index: int, size: int) -> str | None:
+    """What an index error of a primitive's codelet means, if its op says."""
+    for entry in OPS.values():
+        msg = entry.explain.get((codelet, field, axis))
+        if msg is not None:
+            return msg.format(index=index, size=size)
+    return None
+
+
 def is_elementwise(op_name: str) -> bool:
     return op(op_name).kind == "elementwise" or op_name == "const"
 
 
 __all__ = ["OPS", "FUNCTIONS", "Builder", "Function", "OpDef", "OpError", "Param", "bind", "function", "op",
-           "is_elementwise", "shape_str"]
+           "is_elementwise", "explain", "shape_str"]

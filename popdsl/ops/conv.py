@@ -17,7 +17,8 @@ import numpy as np
 from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node
 from popdsl.ops.blocks import SLAB_BYTES, blocks, ceil_div, emit_tasks, pow2_splits
-from popdsl.ops.core import FLOATS, Builder, Function, OpDef, Param, shape_str
+from popdsl.ops import elementwise
+from popdsl.ops.core import FLOATS, Builder, Function, OpDef, Param, float_result, shape_str
 from popdsl.ops.reduce import add_partials
 from popdsl.ops.shape import padded
 
@@ -42,7 +43,11 @@ def conv2d(b: Builder, x: Node, w: Node, stride: int, padding: int, groups: int,
         b.err(span, f"conv2d: a {kh}x{kw} kernel does not fit input {shape_str(x.shape)} with padding {padding}")
     if x.dtype not in FLOATS or w.dtype not in FLOATS:
         b.err(span, "conv2d needs floating-point tensors")
-    return b.make("conv2d", (x, w), (stride, padding, groups), (n, o, oh, ow), "f32")
+    # Computed in f32 (the codelet's type); f16 operands are converted and the
+    # result rounded back when both were f16.
+    out = b.make("conv2d", (elementwise.cast(b, "f32", x), elementwise.cast(b, "f32", w)),
+                 (stride, padding, groups), (n, o, oh, ow), "f32")
+    return elementwise.cast(b, float_result(x.dtype, w.dtype), out)
 
 
 def pool(b: Builder, kind: str, x: Node, kernel: int, stride: int, padding: int, span) -> Node:
@@ -56,7 +61,8 @@ def pool(b: Builder, kind: str, x: Node, kernel: int, stride: int, padding: int,
         b.err(span, f"{kind}_pool2d: kernel {kernel} does not fit {shape_str(x.shape)}")
     if x.dtype not in FLOATS:
         b.err(span, f"{kind}_pool2d needs a floating-point tensor")
-    return b.make("pool", (x,), (kind, kernel, stride, padding), (n, c, oh, ow), "f32")
+    out = b.make("pool", (elementwise.cast(b, "f32", x),), (kind, kernel, stride, padding), (n, c, oh, ow), "f32")
+    return elementwise.cast(b, x.dtype, out)
 
 
 def _conv_ref(attrs, x, w):

@@ -15,7 +15,7 @@ which the elaborator turns into "abandon this statement".
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -57,7 +57,8 @@ class OpDef:
     emit(args, ty, attrs) -> codelet IR of one element (element-wise ops only).
     cost: the cost model the partition rule plans with (None: the cycles of the
     codelets it places, counted by `ir.cost`).
-    grad, reuse_key: filled by the autodiff and reuse capabilities (None today)."""
+    grad, reuse_key: filled by the autodiff and reuse capabilities (None today).
+    explain: messages for runtime errors of its codelets (a label out of range)."""
     name: str
     kind: str                          # "leaf" | "view" | "elementwise" | "compute"
     doc: str
@@ -68,6 +69,9 @@ class OpDef:
     cost: Callable | None = None
     grad: Callable | None = None
     reuse_key: Callable | None = None
+    # What a runtime error of one of its codelets means to the user, by (codelet,
+    # field, axis) of the failing index: a message with {index} and {size}.
+    explain: dict = field(default_factory=dict)
 
 
 REQUIRED = object()

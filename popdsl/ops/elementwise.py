@@ -194,6 +194,12 @@ def _cast_emit(args, ty, attrs):
     return args[0] if args[0].ty == ty else cir.Cast(args[0], ty)
 
 
+def _cast_f16_emit(args, ty, attrs):
+    """Computed in f32, so a cast to f16 rounds to half (f32(f16(x)) is not x)."""
+    x = args[0] if args[0].ty == "f32" else cir.Cast(args[0], "f32")
+    return cir.Intrinsic("f16", (x,), "f32")
+
+
 def _select_emit(args, ty, attrs):
     return cir.Select(args[0], args[1], args[2], ty)
 
@@ -204,7 +210,7 @@ def op_defs() -> list[OpDef]:
                      ref=lambda at, c, x, y: np.where(c, x, y), emit=_select_emit))
     for to, op in CASTS.items():
         out.append(OpDef(op, "elementwise", f"convert to {to}", ref=lambda at, x, to=to: _cast_ref(x, to),
-                         emit=_cast_emit))
+                         emit=_cast_f16_emit if to == "f16" else _cast_emit))
     out.append(OpDef("const", "leaf", "a number broadcast where it is used",
                      ref=lambda at: np.asarray(at[0])))
     return out

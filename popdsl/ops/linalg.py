@@ -14,6 +14,7 @@ import numpy as np
 from popdsl.ir import graph as g
 from popdsl.ir.target import Target
 from popdsl.ir.tensor import Node, broadcast_shapes
+from popdsl.ops import elementwise
 from popdsl.ops.blocks import GRAIN, blocks, ceil_div, emit_tasks, pow2_splits
 from popdsl.ops.core import FLOATS, Builder, Function, OpDef, Param, float_result, shape_str
 from popdsl.ops.reduce import add_partials
@@ -37,7 +38,10 @@ def matmul(b: Builder, x: Node, y: Node, span) -> Node:
     if batch is None:
         b.err(span, f"'@': batch dimensions of {shape_str(x.shape)} and {shape_str(y.shape)} do not broadcast")
     shape = batch + (x2.shape[-2], y2.shape[-1])
-    out = b.make("matmul", (x2, y2), (), shape, float_result(x.dtype, y.dtype))
+    # The codelet multiplies f32: f16 operands are converted, the product rounded
+    # back to f16 when both were (numpy's result type).
+    out = b.make("matmul", (elementwise.cast(b, "f32", x2), elementwise.cast(b, "f32", y2)), (), shape, "f32")
+    out = elementwise.cast(b, float_result(x.dtype, y.dtype), out)
     if len(x.shape) == 1 or len(y.shape) == 1:
         final = shape[:-2] + ((x2.shape[-2],) if len(x.shape) > 1 else ()) + ((y2.shape[-1],) if len(y.shape) > 1 else ())
         out = b.make("reshape", (out,), (final,), final, out.dtype)

@@ -36,14 +36,22 @@ def reduction(b: Builder, op: str, x: Node, axis, keepdims: bool, span) -> Node:
     if op == "argmax" and len(axes) != 1:
         b.err(span, "argmax reduces exactly one axis: give axis = N")
     shape = tuple(1 if i in axes else n for i, n in enumerate(x.shape) if keepdims or i not in axes)
+    if op == "mean" and x.dtype not in FLOATS:
+        b.err(span, "mean of an i32 tensor: convert with f32(...)")
+    # The codelets reduce f32 or i32: f16 is reduced in f32 and the result rounded
+    # back (as numpy's float16 sum accumulates in float32), bools are argmaxed as i32.
+    dtype = x.dtype
+    if x.dtype == "f16":
+        x = elementwise.cast(b, "f32", x)
+    elif x.dtype == "bool":
+        x = elementwise.cast(b, "i32", x)
     if op == "mean":
-        if x.dtype not in FLOATS:
-            b.err(span, "mean of an i32 tensor: convert with f32(...)")
         s = b.make("reduce", (x,), ("sum", axes, keepdims), shape, x.dtype)
         k = int(np.prod([x.shape[i] for i in axes]))
-        return elementwise.apply(b, "div", [s, b.const(k, "f32")], span)
-    dtype = "i32" if op == "argmax" else x.dtype
-    return b.make("reduce", (x,), (op, axes, keepdims), shape, dtype)
+        return elementwise.cast(b, dtype, elementwise.apply(b, "div", [s, b.const(k, "f32")], span))
+    if op == "argmax":
+        return b.make("reduce", (x,), (op, axes, keepdims), shape, "i32")
+    return elementwise.cast(b, dtype, b.make("reduce", (x,), (op, axes, keepdims), shape, x.dtype))
 
 
 def _ref(attrs, x):

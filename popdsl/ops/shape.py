@@ -15,6 +15,10 @@ from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node
 from popdsl.ops.core import Builder, Function, OpDef, Param, shape_str
 
+# Data-movement codelets, one per storage type.
+FILL = {"f32": "Fill", "i32": "FillI", "f16": "FillH", "bool": "FillB"}
+GATHER = {"f32": "GatherRows", "i32": "GatherRowsI", "f16": "GatherRowsH", "bool": "GatherRowsB"}
+
 
 # ---------------------------------------------------------------- shape rules
 
@@ -86,8 +90,7 @@ def concat(b: Builder, xs: list, axis: int, span) -> Node:
 
 
 def pad(b: Builder, x: Node, pads, value, span) -> Node:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        b.err(span, "pad: value must be a number")
+    value = _fill_value(b, x.dtype, value, span)
     r = len(x.shape)
     if isinstance(pads, int) and not isinstance(pads, bool):
         pads = [[pads, pads]] * r
@@ -98,7 +101,23 @@ def pad(b: Builder, x: Node, pads, value, span) -> Node:
         b.err(span, f"pad: give one [before, after] pair of non-negative integers per axis of {shape_str(x.shape)}")
     pads_t = tuple((p[0], p[1]) for p in pads)
     shape = tuple(n + lo + hi for n, (lo, hi) in zip(x.shape, pads_t))
-    return b.make("pad", (x,), (pads_t, float(value)), shape, x.dtype)
+    return b.make("pad", (x,), (pads_t, value), shape, x.dtype)
+
+
+def _fill_value(b: Builder, dtype: str, value, span):
+    """`value` as an element of `dtype`: true/false (or 1/0) for bool, an integer for
+    i32, any number for floats; anything else an error rather than a silent cast."""
+    if dtype == "bool":
+        if isinstance(value, bool) or (isinstance(value, (int, float)) and value in (0, 1)):
+            return bool(value)
+        b.err(span, f"pad: the value for a bool tensor must be true or false, found {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        b.err(span, f"pad: value must be a number, found {type(value).__name__}")
+    if dtype == "i32":
+        if float(value) != int(value) or not -2**31 <= int(value) < 2**31:
+            b.err(span, f"pad: the value for an i32 tensor must be an i32 integer, found {value!r}")
+        return int(value)
+    return float(value)
 
 
 def gather(b: Builder, x: Node, idx: Node, axis: int, span) -> Node:
@@ -131,10 +150,12 @@ def _pad_ref(attrs, x):
 
 
 def _gather_ref(attrs, x, idx):
-    return np.take(x, idx, axis=attrs[0])
+    return np.take(x, idx, axis=attrs[0])         # negative indices count from the end
 
 
 def _one_hot_ref(attrs, y):
+    if y.size and (y.min() < 0 or y.max() >= attrs[0]):
+        raise ValueError(f"one_hot: label outside 0..{attrs[0] - 1}")
     return (y[..., None] == np.arange(attrs[0])).astype(np.float32)
 
 
@@ -166,7 +187,7 @@ def partition_index(p, n: Node) -> g.View:
 
 def fill(p, view: g.View, value: float, dtype: str, label: str) -> None:
     cs = p.new_cs(label + ".fill")
-    codelet = p.prim("FillI" if dtype == "i32" else "Fill")
+    codelet = p.prim(FILL[dtype])
     tile_of = p.g.tile_of[view.tensor]
     flat = view.index.ravel()
     for size, pos, tiles in p.chunks(tile_of[flat]):
@@ -227,7 +248,7 @@ def partition_gather(p, n: Node) -> g.View:
     p.ensure_mapped(idx)
     p.g.tile_of[out.tensor][:] = np.repeat(p.linear(m, grain=1), d)
     cs = p.new_cs(p.name(n))
-    codelet = p.prim("GatherRowsI" if n.dtype == "i32" else "GatherRows")
+    codelet = p.prim(GATHER[n.dtype])
     row_tiles = p.g.tile_of[out.tensor][out.index[:, 0]]
     for size, pos, tiles in p.chunks(row_tiles, grain=1):
         p.group(cs, codelet, tiles, {"x": (x.tensor, np.broadcast_to(rows, (len(tiles),) + rows.shape)),
@@ -267,11 +288,15 @@ def op_defs() -> list[OpDef]:
         OpDef("concat", "compute", "tensors joined along an axis",
               ref=lambda at, *xs: np.concatenate(xs, axis=at[0]), partition=partition_concat),
         OpDef("pad", "compute", "x surrounded by a value", ref=_pad_ref, partition=partition_pad,
-              codelets=("Fill", "FillI")),
+              codelets=tuple(FILL.values())),
         OpDef("gather", "compute", "x's slices at indices along an axis", ref=_gather_ref,
-              partition=partition_gather, codelets=("GatherRows", "GatherRowsI")),
+              partition=partition_gather, codelets=tuple(GATHER.values()),
+              explain={(c, "x", 0): "gather: an index is out of range for an axis of size {size} "
+                                    "(numpy's take allows -{size} to {size} - 1)"
+                       for c in GATHER.values()}),
         OpDef("one_hot", "compute", "1.0 where the class is the label", ref=_one_hot_ref,
-              partition=partition_one_hot, codelets=("OneHot",)),
+              partition=partition_one_hot, codelets=("OneHot",),
+              explain={("OneHot", "y", 1): "one_hot: label {index} is outside 0..{size} - 1 (one_hot(y, {size}))"}),
     ]
 
 

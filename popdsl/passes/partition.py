@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from dataclasses import replace
 
 import numpy as np
 
@@ -160,8 +161,14 @@ class Partitioner:
         return cs
 
     def add_codelet(self, c: cir.Codelet) -> str:
-        self.g.codelets.setdefault(c.name, c)
-        return c.name
+        """The name `c` goes by in the graph: its own, unless the program already has
+        a different codelet of that name (a user's `codelet MatMul`), then a fresh one."""
+        name, k = c.name, 1
+        while name in self.g.codelets and self.g.codelets[name] != replace(c, name=name):
+            k += 1
+            name = f"{c.name}_{k}"
+        self.g.codelets.setdefault(name, replace(c, name=name))
+        return name
 
     def prim(self, name: str) -> str:
         return self.add_codelet(prim_codelets()[name])
@@ -184,7 +191,12 @@ class Partitioner:
         for f in c.fields:
             if f.direction == "state":
                 continue
-            shape = conns[f.name][1].shape[1:]
+            tensor, index = conns[f.name]
+            # A partition rule connecting a field to data of another type would make
+            # the codelet read the bytes wrongly: a bug of ours, never the user's.
+            assert self.g.tensors[tensor].dtype == f.dtype, \
+                f"{codelet}.{f.name} is {f.dtype} but is connected to {self.g.tensors[tensor].dtype} data"
+            shape = index.shape[1:]
             for d, n in zip(f.dims, shape):
                 if isinstance(d, str):
                     found.setdefault(d, np.full(nv, n, np.int64))

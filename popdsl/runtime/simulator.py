@@ -29,6 +29,8 @@ from popdsl.diagnostics import Diagnostic
 from popdsl.ir.codelet import ERR_BOUNDS, NUMPY_DTYPE
 from popdsl.ir.errors import VertexError
 from popdsl.ir import executable as X
+from popdsl.ops import explain
+from popdsl.passes.partition import prim_codelets
 from popdsl.ir.cost import compute_cycles
 from popdsl.runtime.layout import host_copy, host_table, to_host, window_stride
 
@@ -263,12 +265,18 @@ class Machine:
         tile = int(grp.tiles[e.vertex])
         span = self.exe.spans[int(grp.span_ids[e.vertex])]
         where = f"in codelet {grp.codelet}, vertex {e.vertex} of compute set '{cs.name}', on tile {tile}"
+        notes = ["raised at run time by the vertex placed here"]
         if e.kind == ERR_BOUNDS:
             msg = (f"index {e.index} is out of range for axis {e.axis} of field '{e.field}' "
                    f"(size {e.size}) {where}")
+            # A primitive's codelet: say what the index means to the user.
+            if prim_codelets().get(grp.codelet) == self.exe.codelets[grp.codelet]:
+                meaning = explain(grp.codelet, e.field, e.axis, e.index, e.size)
+                if meaning is not None:
+                    msg, notes = meaning, [msg] + notes
         else:
             msg = f"integer division by zero {where}"
-        return Diagnostic(span, msg, "error", ("raised at run time by the vertex placed here",))
+        return Diagnostic(span, msg, "error", tuple(notes))
 
 
 def format_array(a: np.ndarray) -> str:

@@ -17,7 +17,7 @@ from popdsl.frontend import ast
 from popdsl.ir import codelet as ir
 from popdsl.ir.intrinsics import INTRINSICS
 
-CASTS = {"f32", "i32", "bool"}
+CASTS = {"f32", "i32", "bool", "f16"}
 MAX_RANK = 2
 
 
@@ -382,6 +382,8 @@ class _Checker:
         if name in CASTS:
             arity(1)
             x = self.expr(args[0], None)
+            if name == "f16":       # computed in f32: the value an f16 store would keep
+                return ir.Intrinsic("f16", (x if x.ty == "f32" else ir.Cast(x, "f32"),), "f32")
             return x if x.ty == name else ir.Cast(x, name)
         if name == "select":
             arity(3)
