@@ -169,3 +169,30 @@ def resnet50_reference(P, x):
             h = bottleneck(h, f"stage_{s}.bottleneck_{b}", stride if b == 1 else 1)
     pooled = h.mean(axis=(2, 3))
     return pooled @ P["dense_1.w"] + P["dense_1.b"]
+
+
+def test_lstm_shares_its_weights_keeps_its_state_and_matches_numpy():
+    """Eight calls of the cell use one set of weights; two runs of eight steps carry
+    the hidden and cell state on the device from the first to the second."""
+    exe = popdsl.compile(EXAMPLES / "lstm.pop")
+    params = {t.name: t.shape for t in exe.ir.tensors if t.kind == "param"}
+    assert sorted(params) == ["dense_1.b", "dense_1.w", "lstm_cell.b", "lstm_cell.wh", "lstm_cell.wx"]
+    xs = np.random.default_rng(0).standard_normal((16, 4, 16)).astype(np.float32)
+    with popdsl.Simulator(exe) as sim:
+        P = {n: sim.read(n).astype(np.float64) for n in params}
+        out = sim.run({"xs": xs}, steps=2)
+        h_end, c_end = sim.read("h"), sim.read("c")
+
+    def sig(v):
+        return 1 / (1 + np.exp(-v))
+    h, c, H = np.zeros((4, 32)), np.zeros((4, 32)), 32
+    for run in range(2):
+        for t in range(8):
+            z = xs[run * 8 + t] @ P["lstm_cell.wx"] + h @ P["lstm_cell.wh"] + P["lstm_cell.b"]
+            i, f, g, o = sig(z[:, :H]), sig(z[:, H:2 * H]), np.tanh(z[:, 2 * H:3 * H]), sig(z[:, 3 * H:])
+            c = f * c + i * g
+            h = o * np.tanh(c)
+        np.testing.assert_allclose(out["hidden"][run], h, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out["logits"][run], h @ P["dense_1.w"] + P["dense_1.b"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h_end, h, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(c_end, c, rtol=1e-5, atol=1e-6)

@@ -48,6 +48,14 @@ class ListLit:
 
 
 @dataclass(frozen=True, slots=True)
+class TupleLit:
+    """`(a, b)`: what a def returns when it declares several results, and the target
+    of an assignment that takes them apart."""
+    items: tuple["Expr", ...]
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
 class Neg:
     x: "Expr"
     span: Span
@@ -95,7 +103,7 @@ class IndexExpr:
     span: Span
 
 
-Expr = Union[IntLit, FloatLit, BoolLit, StringLit, Name, ListLit, Neg, Not, Binary,
+Expr = Union[IntLit, FloatLit, BoolLit, StringLit, Name, ListLit, TupleLit, Neg, Not, Binary,
              Call, IndexExpr]
 
 
@@ -118,7 +126,7 @@ class Block:
 
 @dataclass(frozen=True, slots=True)
 class LetStmt:
-    name: str
+    name: str | tuple[str, ...]        # several names take apart a def's several results
     type: TypeRef | None
     value: Expr
     span: Span
@@ -130,6 +138,7 @@ class VarStmt:
     type: TypeRef | None
     value: Expr | None
     span: Span
+    shared: bool = False               # in a def: one tensor for every call from one place
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +237,7 @@ class ParamStmt:
     type: TypeRef
     init: Expr | None
     span: Span
+    shared: bool = False               # in a def: one tensor for every call from one place
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,7 +315,7 @@ class Graph:
 class DefDecl:
     name: str
     params: tuple[Param, ...]
-    ret: TypeRef | None
+    ret: TypeRef | tuple[TypeRef, ...] | None      # a tuple: several results
     body: Block
     span: Span
 

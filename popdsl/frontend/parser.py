@@ -20,7 +20,7 @@ _TOKEN_TEXT = {
     "FLOAT": "a number", "STRING": "a string", "ASSIGN_OP": "an assignment",
     "CMP_OP": "a comparison", "ADD_OP": "'+' or '-'", "MUL_OP": "'*', '/', '%' or '@'",
     "MINUS": "'-'", "BANG": "'!'", "OROR": "'||'", "ANDAND": "'&&'",
-    "DIRECTION": "'in', 'out' or 'inout'", "$END": "end of file",
+    "DIRECTION": "'in', 'out' or 'inout'", "SHARED": "'shared'", "$END": "end of file",
 }
 
 
@@ -187,6 +187,13 @@ def _meaningful(children):
     return [c for c in children if not (isinstance(c, Token) and c.type in _PUNCT)]
 
 
+def _shared(c) -> bool:
+    """Whether a declaration starts with 'shared'; drops that token (or the
+    placeholder of its absence) from `c`."""
+    first = c.pop(0)
+    return first is not None
+
+
 def _decl_parts(c):
     """NAME [: type] [= value], whatever placeholders the optional parts left."""
     c = _meaningful(c)
@@ -233,6 +240,9 @@ class _ToAst(Transformer):
     def list_lit(self, meta, c):
         return ast.ListLit(tuple(x for x in _meaningful(c) if x is not None), self.sp(meta))
 
+    def tuple_lit(self, meta, c):
+        return ast.TupleLit(tuple(_meaningful(c)), self.sp(meta))
+
     def neg(self, meta, c):
         return ast.Neg(c[1], self.sp(meta))
 
@@ -269,6 +279,9 @@ class _ToAst(Transformer):
         dims = tuple(x for x in c[1:] if x is not None)
         return ast.TypeRef(str(c[0]), dims or None, self.sp(meta))
 
+    def tuple_type(self, meta, c):
+        return tuple(_meaningful(c))
+
     # -- statements
     def block(self, meta, c):
         return ast.Block(tuple(_meaningful(c)), self.sp(meta))
@@ -277,9 +290,14 @@ class _ToAst(Transformer):
         name, typ, value = _decl_parts(c)
         return ast.LetStmt(name, typ, value, self.sp(meta))
 
+    def let_tuple(self, meta, c):
+        c = _meaningful(c)
+        return ast.LetStmt(tuple(str(x) for x in c[:-1]), None, c[-1], self.sp(meta))
+
     def var_stmt(self, meta, c):
+        shared = _shared(c)
         name, typ, value = _decl_parts(c)
-        return ast.VarStmt(name, typ, value, self.sp(meta))
+        return ast.VarStmt(name, typ, value, self.sp(meta), shared)
 
     def assign_stmt(self, meta, c):
         c = _meaningful(c)
@@ -340,8 +358,9 @@ class _ToAst(Transformer):
         return ast.OutputStmt(c[0], name, self.sp(meta))
 
     def param_stmt(self, meta, c):
+        shared = _shared(c)
         c = _meaningful(c)
-        return ast.ParamStmt(str(c[0]), c[1], c[2], self.sp(meta))
+        return ast.ParamStmt(str(c[0]), c[1], c[2], self.sp(meta), shared)
 
     def minimize_stmt(self, meta, c):
         c = _meaningful(c)

@@ -154,6 +154,8 @@ class TensorGraph:
     # (output tensor, input tensor, compute set): an element-wise op whose output may
     # take its input's memory where the input dies there (same layout, element by element)
     inplace: list[tuple[int, int, str]] = field(default_factory=list)
+    # var tensor id -> the tensor-program node each step writes into it (at the step's end)
+    updates: dict[int, object] = field(default_factory=dict)
 
     def span_id(self, span: Span) -> int:
         self.spans.append(span)
@@ -167,4 +169,4 @@ class TensorGraph:
                        tile_of={k: v.copy() for k, v in self.tile_of.items()},
                        compute_sets=dict(self.compute_sets), inputs=dict(self.inputs),
                        outputs=list(self.outputs), spans=list(self.spans), params=list(self.params),
-                       ops=list(self.ops), inplace=list(self.inplace))
+                       ops=list(self.ops), inplace=list(self.inplace), updates=dict(self.updates))

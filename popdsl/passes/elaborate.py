@@ -63,6 +63,8 @@ class _Elaborator(PoplarMixin, TensorMixin):
         self.unrolled = 0
         self.has_step = False
         self.let_bound: set[tuple[int, str]] = set()
+        self.state_names: dict[tuple[int, str], int] = {}   # names of vars given new values
+        self.output_spans: dict[str, Span] = {}
         self.pre_args = None
         self.init_tensor()
         self.bad_map: set[int] = set()  # tensors a failed 'map' was meant for
@@ -102,7 +104,21 @@ class _Elaborator(PoplarMixin, TensorMixin):
                              "program never runs 'step;'")
         self.graph.nodes = self.nodes
         self.check_mapping()
+        self.check_output_names()
         return self.graph
+
+    def check_output_names(self) -> None:
+        """An output may not take the name of another tensor: reading that name back
+        (`sim.read`, --save-params) would be ambiguous."""
+        for name, v in self.graph.outputs:
+            for t in self.graph.tensors:
+                if t.name != name:
+                    continue
+                whole = isinstance(v, g.View) and v.tensor == t.id and v.index.shape == t.shape \
+                    and np.array_equal(v.index.ravel(), np.arange(t.numel))
+                if not whole:
+                    self.d.error(self.output_spans.get(name, t.span), f"output '{name}' has the name of "
+                                 f"{t.kind} '{name}' ({t.span})", f"name the output otherwise: 'output EXPR as NAME;'")
 
     # ---------------------------------------------------------------- statements
     def block(self, b: ast.Block) -> g.Seq:
@@ -127,15 +143,18 @@ class _Elaborator(PoplarMixin, TensorMixin):
 
     def stmt(self, s):
         if isinstance(s, ast.LetStmt):
+            names = s.name if isinstance(s.name, tuple) else (s.name,)
             try:
-                value = self.expr(s.value)
+                values = self.results(self.expr(s.value), len(names), s, isinstance(s.name, tuple))
             except _Bad:
-                self.poison(s.name)
+                for n in names:
+                    self.poison(n)
                 raise
-            self.bind(s.name, value, s.span)
-            self.let_bound.add((id(self.scopes[-1]), s.name))
+            for n, v in zip(names, values):
+                self.bind(n, v, s.span)
+                self.let_bound.add((id(self.scopes[-1]), n))
             return None
-        if isinstance(s, ast.AssignStmt) and s.op == "=" and isinstance(s.target, ast.Name) \
+        if isinstance(s, ast.AssignStmt) and s.op == "=" and isinstance(s.target, (ast.Name, ast.TupleLit)) \
                 and self.context != "compute":
             return self.rebind(s)
         if isinstance(s, ast.VarStmt) and self.context == "def":
@@ -143,6 +162,10 @@ class _Elaborator(PoplarMixin, TensorMixin):
             return None
         if isinstance(s, (ast.VarStmt, ast.InputStmt)):
             self.need(s, "graph", "a tensor declaration")
+            if getattr(s, "shared", False):
+                self.d.error(s.span, "'shared' is for the vars of a def: every call of the def from one place "
+                             "uses one tensor", "at the top level of a graph a declaration is already one tensor")
+                raise _Bad
             try:
                 self.declare_tensor(s)
             except _Bad:
@@ -194,7 +217,11 @@ class _Elaborator(PoplarMixin, TensorMixin):
             if any(n == name for n, _ in self.graph.outputs):
                 self.d.error(s.span, f"output '{name}' is defined twice")
                 raise _Bad
+            if isinstance(v, tuple):
+                self.d.error(s.value.span, f"output needs a tensor, found {len(v)} results")
+                raise _Bad
             self.graph.outputs.append((name, v))
+            self.output_spans[name] = s.span
             return None
         if isinstance(s, ast.ForStmt):
             return self.for_stmt(s)
@@ -294,22 +321,80 @@ class _Elaborator(PoplarMixin, TensorMixin):
     def poison(self, name: str) -> None:
         self.scopes[-1].setdefault(name, _Poisoned())
 
+    def results(self, value, n: int, s, unpack: bool) -> tuple:
+        """`value` as `n` values: a def's several results taken apart, or one value."""
+        if isinstance(value, tuple) and not unpack:
+            self.d.error(s.span, f"this gives {len(value)} results: take them apart with "
+                         "'let (a, b) = ...' or '(a, b) = ...'")
+            raise _Bad
+        if unpack and (not isinstance(value, tuple) or len(value) != n):
+            found = f"{len(value)} results" if isinstance(value, tuple) else f"one {_kind(value)}"
+            self.d.error(s.span, f"{n} names take apart {n} results, found {found}")
+            raise _Bad
+        return value if unpack else (value,)
+
     def rebind(self, s: ast.AssignStmt) -> None:
-        """`h = EXPR;` gives a `let` name a new compile-time value (a loop that
-        chains layers); tensors declared with var/input/param are not names to
-        rebind."""
-        name = s.target.id
+        """`h = EXPR;` (or `(h, c) = EXPR;` for a def's several results) gives a name a
+        new value.  A `let` name simply takes it (a loop that chains layers).  A `var`
+        takes it as the tensor program's new state: later uses of the name in the
+        program see the new value, and at the end of each step the var is written
+        with it (an RNN's hidden state, a running statistic).  Inputs and params are
+        not assigned: the host writes inputs, `minimize` changes params."""
+        targets = s.target.items if isinstance(s.target, ast.TupleLit) else (s.target,)
+        if any(not isinstance(x, ast.Name) for x in targets):
+            self.d.error(s.target.span, "assign to names: '(a, b) = ...'")
+            raise _Bad
+        values = self.results(self.expr(s.value), len(targets), s, isinstance(s.target, ast.TupleLit))
+        for target, value in zip(targets, values):
+            self.assign_name(target, value)
+        return None
+
+    def assign_name(self, target: ast.Name, value) -> None:
+        name = target.id
         for scope in reversed(self.scopes):
-            if name in scope:
-                if (id(scope), name) not in self.let_bound:
-                    self.d.error(s.target.span, f"cannot assign to '{name}': only names bound with "
-                                 "'let' can be given a new value", "to change a tensor's contents, "
-                                 "use 'copy' in the program")
+            if name not in scope:
+                continue
+            key = (id(scope), name)
+            if key in self.let_bound:
+                scope[name] = value
+                return
+            tensor = self.state_names.get(key)
+            current = scope[name]
+            if tensor is None and isinstance(current, g.View):
+                t = self.graph.tensors[current.tensor]
+                whole = current.index.shape == t.shape and np.array_equal(current.index.ravel(), np.arange(t.numel))
+                if t.kind == "var" and whole:
+                    tensor = t.id
+                elif t.kind in ("input", "param"):
+                    why = "the host writes an input before each step" if t.kind == "input" else \
+                        "params change only through 'minimize'; state the program writes is a 'var'"
+                    self.d.error(target.span, f"cannot assign to {t.kind} '{name}': {why}")
                     raise _Bad
-                scope[name] = self.expr(s.value)
-                return None
-        self.d.error(s.target.span, f"unknown name '{name}'", "bind it first with 'let'")
+            if tensor is None:
+                self.d.error(target.span, f"cannot assign to '{name}': only 'let' names and whole 'var' "
+                             "tensors can be given a new value")
+                raise _Bad
+            if self.context not in ("graph", "def"):
+                self.d.error(target.span, f"var '{name}' is written by the tensor program outside the "
+                             "'program' block", "inside it, 'copy SRC -> DST;' writes a tensor")
+                raise _Bad
+            scope[name] = self.var_update(tensor, value, target)
+            self.state_names[key] = tensor
+            return
+        self.d.error(target.span, f"unknown name '{name}'", "bind it first with 'let'")
         raise _Bad
+
+    def var_update(self, tensor: int, value, target: ast.Name) -> Node:
+        t = self.graph.tensors[tensor]
+        self.op_tensors.add(t.id)          # the tensor program places it, even if this fails
+        like = self.nodes.make("tensor", (), (t.id,), t.shape, t.dtype)
+        node = self.as_node(value, target.span, like)
+        if node.dtype != t.dtype or node.shape != t.shape:
+            self.d.error(target.span, f"var '{t.name}' is {t.dtype}{list(t.shape)}; the value is "
+                         f"{node.dtype}{list(node.shape)}", "convert or reshape the value to the var's type")
+            raise _Bad
+        self.graph.updates[t.id] = node
+        return node
 
     def bind(self, name: str, value, span: Span) -> None:
         if name in self.scopes[-1]:
@@ -366,6 +451,8 @@ class _Elaborator(PoplarMixin, TensorMixin):
             return self.lookup(e.id, e.span)
         if isinstance(e, ast.ListLit):
             return [self.expr(x) for x in e.items]
+        if isinstance(e, ast.TupleLit):
+            return tuple(self.expr(x) for x in e.items)
         if isinstance(e, ast.Neg):
             v = self.expr(e.x)
             if isinstance(v, (g.View, Node)):

@@ -39,7 +39,8 @@ class TensorMixin:
     def init_tensor(self) -> None:
         self.nodes = NodeTable()
         self.builder = Builder(self.nodes, self.d)
-        self.path: list[str] = []
+        self.path: list[str] = []             # call path: "stage_2", "bottleneck_1", ...
+        self.def_names: list[str] = []        # the defs on that path
         self.call_counts: dict[tuple, int] = {}
         self.op_tensors: set[int] = set()
 
@@ -182,6 +183,7 @@ class TensorMixin:
         self.scopes = [self.scopes[0], scope]
         self.context = "def"
         self.path.append(f"{d.name}_{self.call_counts[key]}")
+        self.def_names.append(d.name)
         result = None
         errors = len(self.d.items)
         try:
@@ -190,6 +192,7 @@ class TensorMixin:
             result = r.value
         finally:
             self.path.pop()
+            self.def_names.pop()
             self.scopes, self.context = saved
             # An error inside the def's body says which call led there.
             for i in range(errors, len(self.d.items)):
@@ -241,25 +244,34 @@ class TensorMixin:
         return node
 
     def check_ret(self, d: ast.DefDecl, result, syms, span: Span) -> None:
-        t = d.ret
-        if not self.is_tensor(result):
-            return
-        node = self.as_node(result, span)
-        dims = t.dims or ()
-        scope_ints = {}
-        bad = node.dtype != t.name or len(dims) != len(node.shape)
-        for dim, n in zip(dims, node.shape):
-            if isinstance(dim, str):
-                want = syms.get(dim, (None,))[0]
-                if want is None:
-                    want = scope_ints.setdefault(dim, n)
-                bad |= want != n
-            else:
-                bad |= dim != n
-        if bad:
-            self.d.error(span, f"'{d.name}' returns {node.dtype}{shape_str(node.shape)} but declares "
-                         f"{t.name}{shape_str(dims) if dims else ''}")
+        """The result(s) have the declared types; a size symbol only the result
+        names must be one size wherever it appears."""
+        several = isinstance(d.ret, tuple)
+        types = d.ret if several else (d.ret,)
+        values = result if isinstance(result, tuple) else (result,)
+        if several != isinstance(result, tuple) or len(types) != len(values):
+            self.d.error(span, f"'{d.name}' returns {len(values)} result{'s' if len(values) != 1 else ''} "
+                         f"but declares {len(types)}")
             raise self.Bad
+        scope_ints: dict[str, int] = {}
+        for t, value in zip(types, values):
+            if not self.is_tensor(value):
+                continue
+            node = self.as_node(value, span)
+            dims = t.dims or ()
+            bad = node.dtype != t.name or len(dims) != len(node.shape)
+            for dim, n in zip(dims, node.shape):
+                if isinstance(dim, str):
+                    want = syms.get(dim, (None,))[0]
+                    if want is None:
+                        want = scope_ints.setdefault(dim, n)
+                    bad |= want != n
+                else:
+                    bad |= dim != n
+            if bad:
+                self.d.error(span, f"'{d.name}' returns {node.dtype}{shape_str(node.shape)} but declares "
+                             f"{t.name}{shape_str(dims) if dims else ''}")
+                raise self.Bad
 
     # ---------------------------------------------------------------- statements
     def tensor_stmt(self, s):
@@ -299,7 +311,26 @@ class TensorMixin:
             self.d.error(s.span, f"'{s.name}' needs a type")
             raise self.Bad
         dtype, shape = self.shape_of(s.type)
-        full = ".".join(self.path + [s.name])
+        if s.shared:
+            if self.context != "def":
+                self.d.error(s.span, f"'shared' is for the {kind}s of a def: every call of the def from "
+                             "one place uses one tensor", "at the top level of a graph a declaration is already one tensor")
+                raise self.Bad
+            # Named without the call number: every call of this def from the same
+            # place (the same enclosing call, or the graph) finds the same tensor.
+            full = ".".join(self.path[:-1] + [self.def_names[-1], s.name])
+            prev = next((t for t in self.graph.tensors if t.name == full), None)
+            if prev is not None:
+                if (prev.kind, prev.dtype, prev.shape) != (kind, dtype, shape):
+                    self.d.error(s.span, f"shared {kind} '{full}' is {dtype}{list(shape)} in this call but "
+                                 f"{prev.dtype}{list(prev.shape)} in an earlier one",
+                                 "calls that share a tensor must agree on its type")
+                    raise self.Bad
+                self.bind(s.name, g.View(prev.id, np.arange(prev.numel, dtype=np.int64).reshape(shape), s.span),
+                          s.span)
+                return
+        else:
+            full = ".".join(self.path + [s.name])
         init_expr = getattr(s, "init", None) if kind == "param" else s.value
         values = self.param_init(init_expr, dtype, shape, full) if init_expr is not None \
             else np.zeros(shape, cir.NUMPY_DTYPE[dtype])

@@ -53,14 +53,21 @@ class Partitioner:
 
     # ---------------------------------------------------------------- driver
     def run(self) -> g.TensorGraph:
-        roots = [v for _, v in self.g.outputs if isinstance(v, Node)]
+        roots = [v for _, v in self.g.outputs if isinstance(v, Node)] + list(self.g.updates.values())
         self.count_consumers(roots)
         outs = []
         for name, v in self.g.outputs:
             if isinstance(v, Node):
                 v = self.value(v)
             outs.append((name, v))
+        news = [(tid, self.value(node)) for tid, node in self.g.updates.items()]
+        # Outputs read after the step: one that shows a var's old value is kept
+        # before the var takes its new one.
+        outs = [(name, self.kept(v) if v.tensor in self.g.updates else v) for name, v in outs]
+        for tid, src in news:
+            self.write_var(tid, src)
         self.g.outputs = outs
+        self.g.updates = {}
         step = g.Seq(tuple(self.seq))
         self.g.program = self.replace_steps(self.g.program, step)
         # Whatever elaboration let through unmapped (parameters and inputs of the
@@ -71,6 +78,25 @@ class Partitioner:
             if free.any():
                 tile_of[free] = self.linear(t.numel)[free]
         return self.g
+
+    def kept(self, v: g.View) -> g.View:
+        """A copy of v's elements in a new tensor, made now."""
+        self.ensure_mapped(v)
+        out = self.new_tensor(self.g.tensors[v.tensor].name + ".before", self.g.tensors[v.tensor].dtype, v.index.shape)
+        self.g.tile_of[out.tensor][:] = self.tiles_of(v).ravel()
+        self.seq.append(g.Copy(v, out, self.span))
+        return out
+
+    def write_var(self, tid: int, src: g.View) -> None:
+        """The step's last action for a var the tensor program assigns: its new value
+        copied in (after every read of the old one)."""
+        t = self.g.tensors[tid]
+        dst = g.View(tid, np.arange(t.numel, dtype=np.int64).reshape(t.shape), t.span)
+        if src.tensor == tid and np.array_equal(src.index.ravel(), dst.index.ravel()):
+            return                              # `h = h;`
+        self.ensure_mapped(src)
+        self.ensure_mapped(dst, self.tiles_of(src).reshape(t.shape))
+        self.seq.append(g.Copy(src, dst, t.span))
 
     def replace_steps(self, p, step):
         body = []

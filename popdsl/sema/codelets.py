@@ -120,6 +120,13 @@ class _Checker:
     def stmt(self, s) -> list[ir.Stmt]:
         if isinstance(s, (ast.LetStmt, ast.VarStmt)):
             kind = "let" if isinstance(s, ast.LetStmt) else "var"
+            if isinstance(s.name, tuple):
+                self.d.error(s.span, "'let (a, b) = ...' takes apart the results of a def; "
+                             "codelets have no tuples")
+                raise _Bad
+            if getattr(s, "shared", False):
+                self.d.error(s.span, "'shared' is for the params and vars of a def, not a codelet's locals")
+                raise _Bad
             want = self.scalar_type(s.type) if s.type is not None else None
             if s.type is not None and s.type.dims:
                 self.d.error(s.type.span, "codelet locals are scalars")
@@ -311,6 +318,10 @@ class _Checker:
             return self.call(e, hint)
         if isinstance(e, ast.ListLit):
             self.d.error(e.span, "list literals are not allowed inside a codelet")
+            raise _Bad
+        if isinstance(e, ast.TupleLit):
+            self.d.error(e.span, "tuples are not allowed inside a codelet",
+                         "a def returns several results as (a, b); a codelet writes its 'out' fields")
             raise _Bad
         if isinstance(e, ast.StringLit):
             self.d.error(e.span, "strings are not allowed inside a codelet")
