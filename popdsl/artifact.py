@@ -266,7 +266,8 @@ class _Loader:
                 raise ValueError("bad compute set reference in an op")
             ops.append({"op": str(op["op"]), "shape": [int(x) for x in op["shape"]], "dtype": str(op["dtype"]),
                         "node": int(op["node"]), "vertices": int(op["vertices"]), "tiles": int(op["tiles"]),
-                        "source": str(op["source"]), "compute_sets": [int(i) for i in op["compute_sets"]]})
+                        "source": str(op["source"]), "flops": int(op.get("flops", 0)),
+                        "compute_sets": [int(i) for i in op["compute_sets"]]})
         return X.Executable(str(d["name"]), target, codelets, tensors, addrs, init, css, copies,
                             reads, program, inputs, outputs, spans, mem, bool(d["unchecked"]), ops)
 

@@ -69,6 +69,9 @@ class OpDef:
     cost: Callable | None = None
     grad: Callable | None = None
     reuse_key: Callable | None = None
+    # Floating-point operations of one node (multiply-adds count two), for reports;
+    # None: one per element of the result.
+    flops: Callable | None = None
     # What a runtime error of one of its codelets means to the user, by (codelet,
     # field, axis) of the failing index: a message with {index} and {size}.
     explain: dict = field(default_factory=dict)

@@ -112,12 +112,13 @@ def partition(p, n: Node) -> g.View:
     gm, gn, gk = grid(M, N, K, max(1, p.tiles // nb), p.g.target)
     rb, cb, kb = blocks(M, gm), blocks(N, gn), blocks(K, gk)
     label = p.name(n)
+    # The result (or its partial sums) has the op's shape; the rule indexes it as
+    # [reduction block, batch, row, column].
     if len(kb) > 1:
-        acc = p.new_tensor(label + ".partial", "f32", (len(kb), nb, M, N))
-        target = acc.index
+        acc = p.new_tensor(label + ".partial", "f32", (len(kb),) + n.shape)
     else:
-        acc = p.new_tensor(label, "f32", (nb, M, N))
-        target = acc.index[None]
+        acc = p.new_tensor(label, "f32", n.shape)
+    target = acc.index.reshape(len(kb), nb, M, N)
     ntasks = nb * len(rb) * len(cb) * len(kb)
     tiles = p.spread(ntasks)
     cs = p.new_cs(label)
@@ -148,7 +149,8 @@ def partition(p, n: Node) -> g.View:
 
 def op_defs() -> list[OpDef]:
     return [OpDef("matmul", "compute", "batched matrix product of the last two axes", ref=_ref,
-                  partition=partition, codelets=("MatMul",), cost=cost)]
+                  partition=partition, codelets=("MatMul",), cost=cost,
+                  flops=lambda n: 2 * n.numel * n.args[0].shape[-1])]
 
 
 def functions() -> list[Function]:

@@ -65,8 +65,9 @@ def _ref(attrs, x):
 
 # ---------------------------------------------------------------- partition rule
 
-def reduce_rows(p, kind: str, src: g.View, dtype: str, out_dtype: str, label: str) -> g.View:
-    """Reduce the last axis of a 2-D view [R, K] into a new tensor [R]."""
+def reduce_rows(p, kind: str, src: g.View, dtype: str, out_dtype: str, label: str, shape=None) -> g.View:
+    """Reduce the last axis of a 2-D view [R, K] into a new tensor of R elements (of
+    `shape`, [R] by default), returned as a view [R]."""
     R, K = src.index.shape
     p.ensure_mapped(src)
     codelet = p.prim(CODELETS[(kind, "i32" if dtype == "i32" else "f32")])
@@ -88,7 +89,8 @@ def reduce_rows(p, kind: str, src: g.View, dtype: str, out_dtype: str, label: st
         src, rows = partial, partial.index
         R, K = rows.shape
         codelet = p.prim(CODELETS[(kind, "i32" if out_dtype == "i32" else "f32")])
-    out = p.new_tensor(label, out_dtype, (R,))
+    out = p.new_tensor(label, out_dtype, shape or (R,))
+    out = g.View(out.tensor, out.index.reshape(R), out.span)
     # Each row is reduced where its first element lives.
     p.g.tile_of[out.tensor][:] = p.g.tile_of[src.tensor][rows[:, 0]]
     cs = p.new_cs(label)
@@ -97,7 +99,7 @@ def reduce_rows(p, kind: str, src: g.View, dtype: str, out_dtype: str, label: st
     return out
 
 
-def sum_partials(p, partial: g.View, label: str) -> g.View:
+def sum_partials(p, partial: g.View, label: str, shape=None) -> g.View:
     """Add up the leading axis of a [K, ...] partial-sum view into a new tensor.
     The result is spread over all tiles, each reducing its columns from K
     contiguous runs (the partials of one column block sit on few tiles, so
@@ -105,7 +107,8 @@ def sum_partials(p, partial: g.View, label: str) -> g.View:
     K = partial.index.shape[0]
     cols = partial.index.reshape(K, -1)
     R = cols.shape[1]
-    out = p.new_tensor(label, "f32", (R,))
+    out = p.new_tensor(label, "f32", shape or (R,))
+    out = g.View(out.tensor, out.index.reshape(R), out.span)
     p.g.tile_of[out.tensor][:] = p.linear(R)
     cs = p.new_cs(label)
     # Few columns per vertex keep each vertex's K-row buffer small.
@@ -125,7 +128,7 @@ def partition(p, n: Node) -> g.View:
     K = int(np.prod([x.index.shape[i] for i in axes], dtype=np.int64))
     src = g.View(x.tensor, idx.reshape(R, K), x.span)
     before = len(p.seq)
-    out = reduce_rows(p, kind, src, n.args[0].dtype, n.dtype, p.name(n))
+    out = reduce_rows(p, kind, src, n.args[0].dtype, n.dtype, p.name(n), n.shape)
     p.record(n, *[p.g.compute_sets[e.cs] for e in p.seq[before:]])
     return g.View(out.tensor, out.index.reshape(n.shape), out.span)
 
@@ -137,7 +140,7 @@ def add_partials(p, n: Node, cs, acc: g.View, split: bool, label: str) -> g.View
     out = acc
     if split:
         before = len(p.seq)
-        out = sum_partials(p, acc, label)
+        out = sum_partials(p, acc, label, n.shape)
         css += [p.g.compute_sets[e.cs] for e in p.seq[before:]]
     p.record(n, *css)
     return g.View(out.tensor, out.index.reshape(n.shape), out.span)
@@ -147,7 +150,8 @@ def add_partials(p, n: Node, cs, acc: g.View, split: bool, label: str) -> g.View
 
 def op_defs() -> list[OpDef]:
     return [OpDef("reduce", "compute", "sum, max, min or argmax over axes", ref=_ref, partition=partition,
-                  codelets=tuple(CODELETS.values()) + ("ReduceSumCols",))]
+                  codelets=tuple(CODELETS.values()) + ("ReduceSumCols",),
+                  flops=lambda n: n.args[0].numel)]
 
 
 def functions() -> list[Function]:

@@ -276,6 +276,10 @@ def partition_one_hot(p, n: Node) -> g.View:
 
 # ---------------------------------------------------------------- the table's entries
 
+def _moves(n: Node) -> int:
+    return 0                         # data movement: no arithmetic
+
+
 def op_defs() -> list[OpDef]:
     return [
         OpDef("tensor", "leaf", "a tensor of the graph", partition=partition_tensor),
@@ -286,16 +290,16 @@ def op_defs() -> list[OpDef]:
               partition=partition_transpose),
         OpDef("index", "view", "x[i, a:b]", ref=_index_ref, partition=partition_index),
         OpDef("concat", "compute", "tensors joined along an axis",
-              ref=lambda at, *xs: np.concatenate(xs, axis=at[0]), partition=partition_concat),
+              ref=lambda at, *xs: np.concatenate(xs, axis=at[0]), partition=partition_concat, flops=_moves),
         OpDef("pad", "compute", "x surrounded by a value", ref=_pad_ref, partition=partition_pad,
-              codelets=tuple(FILL.values())),
+              codelets=tuple(FILL.values()), flops=_moves),
         OpDef("gather", "compute", "x's slices at indices along an axis", ref=_gather_ref,
-              partition=partition_gather, codelets=tuple(GATHER.values()),
+              partition=partition_gather, codelets=tuple(GATHER.values()), flops=_moves,
               explain={(c, "x", 0): "gather: an index is out of range for an axis of size {size} "
                                     "(numpy's take allows -{size} to {size} - 1)"
                        for c in GATHER.values()}),
         OpDef("one_hot", "compute", "1.0 where the class is the label", ref=_one_hot_ref,
-              partition=partition_one_hot, codelets=("OneHot",),
+              partition=partition_one_hot, codelets=("OneHot",), flops=_moves,
               explain={("OneHot", "y", 1): "one_hot: label {index} is outside 0..{size} - 1 (one_hot(y, {size}))"}),
     ]
 

@@ -36,7 +36,7 @@ from popdsl.ops.blocks import GRAIN
 def prim_codelets() -> dict[str, cir.Codelet]:
     from popdsl.sema import compile_codelets
     path = resources.resource("stdlib", "prims.pop")
-    return {c.name: c for c in compile_codelets(path.read_text(), str(path))}
+    return {c.name: c for c in compile_codelets(path.read_text(), "<stdlib>/prims.pop")}
 
 
 class Partitioner:
@@ -257,7 +257,13 @@ class Partitioner:
     def value(self, n: Node) -> g.View:
         v = self.mat.get(n.id)
         if v is None:
-            v = self.mat[n.id] = self.compute(n)
+            # What a rule makes after computing its operands still points at its own
+            # source line, not at the operand's.
+            saved = self.span
+            try:
+                v = self.mat[n.id] = self.compute(n)
+            finally:
+                self.span = saved
         return v
 
     def compute(self, n: Node) -> g.View:
@@ -307,7 +313,7 @@ class Partitioner:
             conns = {f"a{k}": (t, b[pos]) for k, (t, b) in enumerate(flat_leaves)}
             conns["y"] = (out.tensor, pos)
             self.group(cs, name, tiles, conns)
-        self.record(n, cs)
+        self.record(n, cs, flops=n.numel * _count_ops(expr, lets))
         return out
 
     def fuse(self, n: Node, leaves: list, lets: list, top: bool = False) -> cir.Expr:
@@ -338,15 +344,20 @@ class Partitioner:
         return emit(args, ty, n.attrs)
 
     # ---------------------------------------------------------------- statistics
-    def record(self, n: Node, *css: g.ComputeSet) -> None:
+    def record(self, n: Node, *css: g.ComputeSet, flops: int | None = None) -> None:
+        """What the reports say of an op: its compute sets, vertices, tiles, FLOPs."""
         verts = sum(len(grp.tiles) for cs in css for grp in cs.groups)
         tiles = set()
         for cs in css:
             for grp in cs.groups:
                 tiles.update(np.unique(grp.tiles).tolist())
         span = self.g.nodes.spans.get(n.id) if self.g.nodes is not None else None
+        if flops is None:
+            rule = ops.op(n.op).flops
+            flops = rule(n) if rule is not None else n.numel
         self.g.ops.append({"node": n.id, "op": n.op, "shape": list(n.shape), "dtype": n.dtype,
                            "compute_sets": [cs.name for cs in css], "vertices": verts, "tiles": len(tiles),
+                           "flops": int(flops),
                            "source": str(span) if span is not None and span.line else ""})
 
 
@@ -364,3 +375,19 @@ def _uses(expr, sub) -> int:
     if hasattr(expr, "__dataclass_fields__"):
         return sum(_uses(getattr(expr, f), sub) for f in expr.__dataclass_fields__)
     return 0
+
+
+def _count_ops(expr, lets) -> int:
+    """Arithmetic operations in a fused kernel's element (loads, constants and
+    locals are not operations)."""
+    n = 0
+    stack = [expr] + [d.init for d in lets]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, (cir.Unary, cir.Binary, cir.Select, cir.Intrinsic, cir.CallScalar)):
+            n += 1
+        if isinstance(e, tuple):
+            stack.extend(e)
+        elif hasattr(e, "__dataclass_fields__"):
+            stack.extend(getattr(e, f) for f in e.__dataclass_fields__)
+    return max(n, 1)

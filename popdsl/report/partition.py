@@ -1,16 +1,21 @@
 """Partition report: how each tensor operation was spread over the tiles.
 
 Per op: the tiles its vertices use, the compute cycles of the busiest tile and the
-mean over the tiles it uses (their ratio is the balance), and the bytes its
-exchange moves.  Cycles come from running one step on the IPU model (inputs
-zero): a vertex's cycles are counted by its own native code.
+mean over the tiles it uses (their ratio is the balance), its share of the step's
+compute cycles, its floating-point operations and the rate they run at on the model,
+how many of each tile's workers it keeps busy (a tile has six; one vertex per tile
+leaves five idle), and the bytes its exchange moves.  Cycles come from running one
+step on the IPU model (inputs zero): a vertex's cycles are counted by its own native
+code.
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import numpy as np
 
+from popdsl.ir.codelet import NUMPY_DTYPE
 from popdsl.ir.executable import Executable
 
 
@@ -18,21 +23,24 @@ from popdsl.ir.executable import Executable
 class PartitionReport:
     exe: Executable
     rows: list[dict]
+    step_cycles: int
 
     def to_json(self) -> dict:
         return {"graph": self.exe.name, "tiles": self.exe.target.tiles, "ops": self.rows,
+                "step_compute_cycles": self.step_cycles,
                 "assumption": "cycles measured by one simulated step with zero inputs"}
 
     def text(self) -> str:
         t = self.exe.target
         out = [f"partition of graph '{self.exe.name}' over {t.tiles} tiles ({t.name}); cycles from one "
-               "simulated step with zero inputs",
-               f"  {'op':<10}{'shape':<22}{'vertices':>9}{'tiles':>7}{'max cyc':>10}{'mean cyc':>10}"
-               f"{'balance':>9}{'exchange B':>13}  source"]
+               f"simulated step with zero inputs ({self.step_cycles:,} compute cycles)",
+               f"  {'op':<10}{'shape':<20}{'vertices':>9}{'tiles':>7}{'max cyc':>10}{'share':>7}{'balance':>8}"
+               f"{'workers':>8}{'GFLOP/s':>9}{'exchange B':>12}  source"]
         for r in self.rows:
-            out.append(f"  {r['op']:<10}{str(r['shape']):<22}{r['vertices']:>9}{r['tiles']:>7}"
-                       f"{r['max_cycles']:>10,}{r['mean_cycles']:>10,.0f}{r['balance']:>9.2f}"
-                       f"{r['exchange_bytes']:>13,}  {r['source']}")
+            out.append(f"  {r['op']:<10}{str(r['shape']):<20}{r['vertices']:>9}{r['tiles']:>7}"
+                       f"{r['max_cycles']:>10,}{100 * r['cycle_share']:>6.1f}%{r['balance']:>8.2f}"
+                       f"{r['workers_busy']:>6.1f}/{t.workers}{r['gflops_per_s']:>9.1f}"
+                       f"{r['exchange_bytes']:>12,}  {r['source']}")
         if not self.rows:
             out.append("  (no tensor operations: this graph places its vertices itself)")
         return "\n".join(out)
@@ -40,32 +48,43 @@ class PartitionReport:
 
 def partition_report(exe: Executable, native) -> PartitionReport:
     from popdsl.runtime.simulator import Machine
-    import io
     machine = Machine(exe, native, threads=2, out=io.StringIO())     # the program's prints are not the report
     try:
-        zeros = {}
-        from popdsl.ir.codelet import NUMPY_DTYPE
-        for name, i in exe.inputs.items():
-            t = exe.tensors[i]
-            zeros[name] = np.zeros(t.shape, NUMPY_DTYPE[t.dtype])
+        zeros = {name: np.zeros(exe.tensors[i].shape, NUMPY_DTYPE[exe.tensors[i].dtype])
+                 for name, i in exe.inputs.items()}
         machine.run_step(zeros)
-        rows = []
-        for op in exe.ops:
-            per_tile = np.zeros(exe.target.tiles, np.int64)
-            used = np.zeros(exe.target.tiles, bool)
-            xbytes = 0
-            for csi in op["compute_sets"]:
-                cs = exe.compute_sets[csi]
-                per_tile += machine.tile_cycles.get(csi, 0)
-                for grp in cs.groups:
-                    used[grp.tiles] = True
-                xbytes += cs.pre.exchange_bytes + cs.post.exchange_bytes
-            mx = int(per_tile.max()) if used.any() else 0
-            mean = float(per_tile[used].mean()) if used.any() else 0.0
-            rows.append({"op": op["op"], "shape": op["shape"], "vertices": op["vertices"],
-                         "tiles": int(used.sum()), "max_cycles": mx, "mean_cycles": mean,
-                         "balance": mx / mean if mean else 1.0, "exchange_bytes": int(xbytes),
-                         "source": op["source"]})
-        return PartitionReport(exe, rows)
+        step = max(1, machine.cycles.compute)
+        rows = [_row(exe, machine, op, step) for op in exe.ops]
+        return PartitionReport(exe, rows, machine.cycles.compute)
     finally:
         machine.close()
+
+
+def _row(exe: Executable, machine, op: dict, step: int) -> dict:
+    target = exe.target
+    per_tile = np.zeros(target.tiles, np.int64)
+    used = np.zeros(target.tiles, bool)
+    xbytes, busiest, busy = 0, -1, 0.0
+    for csi in op["compute_sets"]:
+        cs = exe.compute_sets[csi]
+        cycles = machine.tile_cycles.get(csi, 0)
+        per_tile += cycles
+        verts = np.zeros(target.tiles, np.int64)
+        for grp in cs.groups:
+            used[grp.tiles] = True
+            verts += np.bincount(grp.tiles, minlength=target.tiles)
+        peak = int(np.max(cycles)) if np.ndim(cycles) else 0
+        on = verts > 0
+        if on.any() and peak > busiest:
+            # Workers kept busy, on the tiles this compute set uses, in the op's dearest compute set.
+            busiest, busy = peak, float(np.minimum(verts[on], target.workers).mean())
+        xbytes += cs.pre.exchange_bytes + cs.post.exchange_bytes
+    mx = int(per_tile.max()) if used.any() else 0
+    mean = float(per_tile[used].mean()) if used.any() else 0.0
+    flops = int(op.get("flops", 0))
+    return {"op": op["op"], "shape": op["shape"], "vertices": op["vertices"],
+            "tiles": int(used.sum()), "max_cycles": mx, "mean_cycles": mean,
+            "balance": mx / mean if mean else 1.0, "cycle_share": mx / step,
+            "workers_busy": busy, "flops": flops,
+            "gflops_per_s": flops / (mx / target.clock_hz) / 1e9 if mx else 0.0,
+            "exchange_bytes": int(xbytes), "source": op["source"]}

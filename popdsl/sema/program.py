@@ -26,9 +26,27 @@ class Program:
     modules: list[ast.Module] = field(default_factory=list)
 
 
+STDLIB_PREFIX = "<stdlib>/"
+
+
+def display_path(path: Path) -> str:
+    """How diagnostics and reports name a source file: a stdlib module as
+    `<stdlib>/popnn.pop`, wherever popdsl is installed; others as given."""
+    try:
+        stdlib = resources.resource("stdlib")
+        if path.resolve().parent == stdlib.resolve():
+            return STDLIB_PREFIX + path.name
+    except FileNotFoundError:
+        pass
+    return str(path)
+
+
 def _resolve_import(name: str, importer: str) -> Path | None:
     if name.endswith(".pop"):
-        base = Path(importer).parent if not importer.startswith("<") else Path.cwd()
+        if importer.startswith(STDLIB_PREFIX):
+            base = resources.resource("stdlib")
+        else:
+            base = Path(importer).parent if not importer.startswith("<") else Path.cwd()
         p = (base / name)
         return p if p.is_file() else None
     try:
@@ -63,7 +81,7 @@ def load_program(text: str, path: str = "<string>") -> list[ast.Module]:
                     diags.error(item.span, f"cannot read module '{item.path}': {e}")
                     continue
                 try:
-                    visit(sub, str(target))
+                    visit(sub, display_path(target))
                 except CompileError as e:
                     diags.items.extend(e.diagnostics)
         modules.append(mod)
