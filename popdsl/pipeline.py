@@ -1,6 +1,7 @@
 """The whole compiler in one function, and its stages in one table.
 
     source ─parse─▶ AST ─check─▶ codelet IR + graph AST ─elaborate─▶ tensor graph
+           ─autodiff─▶ tensor graph with gradients and optimizer updates
            ─partition─▶ tensor graph with vertices ─lower─▶ vertex graph (regions, exchange)
            ─codegen─▶ native codelets ─plan─▶ Executable
 
@@ -26,6 +27,7 @@ from popdsl.ir import printer
 from popdsl.ir.lowered import Lowered
 from popdsl.ir.target import Target
 from popdsl.ir.verify import direct_calls
+from popdsl.passes.autodiff import autodiff
 from popdsl.passes.elaborate import elaborate
 from popdsl.passes.lower import lower
 from popdsl.passes.memplan import plan
@@ -43,6 +45,7 @@ class Options:
     unchecked: bool = False
     reuse: bool = True
     verify: bool = False
+    training: bool | None = None      # None: a graph that says 'minimize' trains
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -91,7 +94,8 @@ def _dump_plan(result) -> str:
 STAGES: tuple[Stage, ...] = (
     Stage("parse", lambda o, _: load_program(o.text, o.path), printer.modules),
     Stage("check", lambda o, modules: check_program(modules), printer.program),
-    Stage("elaborate", lambda o, prog: elaborate(prog, o.target, o.graph, o.path), printer.tensor_graph),
+    Stage("elaborate", lambda o, prog: elaborate(prog, o.target, o.graph, o.path, o.training), printer.tensor_graph),
+    Stage("autodiff", lambda o, graph: autodiff(graph), printer.tensor_graph),
     Stage("partition", lambda o, graph: partition(graph), printer.tensor_graph),
     Stage("lower", lambda o, graph: lower(graph), printer.lowered),
     Stage("codegen", _codegen, _dump_codegen),
@@ -106,13 +110,15 @@ def verify_by_default() -> bool:
 
 def compile_source(text: str, path: str, target: Target, graph: str | None = None,
                    unchecked: bool = False, stop_after: str | None = None, reuse: bool = True,
-                   verify: bool | None = None):
+                   verify: bool | None = None, training: bool | None = None):
     """Returns (Executable, NativeCodelets), or the result of stage `stop_after`.
-    Raises CompileError for errors in the program."""
+    `training`: False compiles a graph that minimizes for inference (training()
+    false, no update), None lets the graph say.  Raises CompileError for errors in
+    the program."""
     if stop_after is not None and stop_after not in STAGE_NAMES:
         raise ValueError(f"unknown stage {stop_after!r}")
     verify = verify_by_default() if verify is None else verify
-    opts = Options(text, path, target, graph, unchecked, reuse, verify)
+    opts = Options(text, path, target, graph, unchecked, reuse, verify, training)
     result = None
     for stage in STAGES:
         result = stage.run(opts, result)

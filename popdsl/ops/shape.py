@@ -1,11 +1,19 @@
 """Shape operations, views and data movement: `reshape transpose slice concat pad
 gather one_hot` and indexing `x[i, a:b]`.
 
-Requires `ops.core`; produces their operations.  Reshape, transpose and indexing are
-views: the partitioner re-indexes the operand's elements, no vertex, no copy.
-`concat` and `pad` make a new tensor each part is copied into (a pad's border is
-filled by vertices every step); `gather` and `one_hot` place vertices where their
-rows go.  Leaves (`tensor`, `view` of a graph tensor) are here too.
+Requires `ops.core`; produces their operations.  Reshape, transpose, indexing and
+`broadcast` (made by gradients: a tensor repeated along axes, numpy's
+`broadcast_to`) are views: the partitioner re-indexes the operand's elements, no
+vertex, no copy.  `concat` and `pad` make a new tensor each part is copied into (a
+pad's border is filled by vertices every step), and so does `place`, the gradient
+of a view leaf (its elements put back where the view took them, zeros elsewhere);
+`gather` and `one_hot` place vertices where their rows go.  Leaves (`tensor`,
+`view` of a graph tensor) are here too.
+
+Gradients are written in terms of each other: reshape's is a reshape, transpose's
+the inverse transpose, an index's a pad, a pad's an index, concat's an index per
+part, and gather's a one-hot matrix product (a scatter-add: the rows of g summed
+into the rows they were gathered from).
 """
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ import numpy as np
 
 from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node
+from popdsl.ops import elementwise
 from popdsl.ops.core import Builder, Function, OpDef, Param, shape_str
 
 # Data-movement codelets, one per storage type.
@@ -138,6 +147,74 @@ def one_hot(b: Builder, y: Node, depth: int, span) -> Node:
     return b.make("one_hot", (y,), (depth,), y.shape + (depth,), "f32")
 
 
+def broadcast_to(b: Builder, x: Node, shape) -> Node:
+    """x repeated along axes to `shape` (numpy's broadcast_to; a view)."""
+    shape = tuple(shape)
+    if x.shape == shape:
+        return x
+    return b.make("broadcast", (x,), (shape,), shape, x.dtype)
+
+
+def place(b: Builder, g: Node, index: np.ndarray, shape, dtype: str) -> Node:
+    """A tensor of `shape`: g's elements at flat positions `index` (g's shape, no
+    position twice), zeros elsewhere.  Not interned: it carries an index array."""
+    return b.t.make("place", (g,), (tuple(shape),), tuple(shape), dtype, index=index)
+
+
+# ---------------------------------------------------------------- gradient rules
+
+def _g_reshape(b, n, g, i):
+    return reshape(b, g, list(n.args[0].shape), None)
+
+
+def _g_transpose(b, n, g, i):
+    return transpose(b, g, [int(k) for k in np.argsort(n.attrs[0])], None)
+
+
+def _g_index(b, n, g, i):
+    """An index's gradient: g padded with zeros back to the operand's shape (an
+    integer index first becomes an axis of one)."""
+    x = n.args[0]
+    key = n.attrs[0]
+    kept, pads = [], []
+    for ax, size in enumerate(x.shape):
+        k = key[ax] if ax < len(key) else (0, size)
+        lo, hi = (k, k + 1) if isinstance(k, int) else k
+        kept.append(hi - lo)
+        pads.append([lo, size - hi])
+    return pad(b, reshape(b, g, kept, None), pads, 0.0, None)
+
+
+def _g_pad(b, n, g, i):
+    return index(b, g, [(lo, lo + size) for size, (lo, _) in zip(n.args[0].shape, n.attrs[0])], None)
+
+
+def _g_concat(b, n, g, i):
+    axis = n.attrs[0]
+    at = sum(a.shape[axis] for a in n.args[:i])
+    key = [(0, size) for size in n.shape[:axis]] + [(at, at + n.args[i].shape[axis])]
+    return index(b, g, key, None)
+
+
+def _g_gather(b, n, g, i):
+    """dx = one_hot(idx)^T @ g with the gathered axis first: each row of g added to
+    the row it came from (a scatter-add as a matrix product)."""
+    from popdsl.ops import linalg        # here, not at the top: linalg imports reduce, which imports us
+    x, idx = n.args
+    axis = n.attrs[0]
+    rank, k = len(x.shape), len(idx.shape)
+    rest = x.shape[:axis] + x.shape[axis + 1:]
+    m, size = idx.numel, x.shape[axis]
+    # g: x.shape[:axis] + idx.shape + x.shape[axis + 1:], the index axes moved first.
+    gt = transpose(b, g, list(range(axis, axis + k)) + list(range(axis)) + list(range(axis + k, rank - 1 + k)), None)
+    g2 = reshape(b, gt, [m, int(np.prod(rest, dtype=np.int64))], None)
+    wrapped = elementwise.select(b, elementwise.apply(b, "lt", [idx, b.const(0, "i32")], None),
+                                 elementwise.apply(b, "add", [idx, b.const(size, "i32")], None), idx, None)
+    rows = transpose(b, one_hot(b, reshape(b, wrapped, [m], None), size, None), None, None)
+    dx = reshape(b, linalg.matmul(b, rows, g2, None), [size, *rest], None)
+    return transpose(b, dx, list(range(1, axis + 1)) + [0] + list(range(axis + 1, rank)), None)
+
+
 # ---------------------------------------------------------------- numpy references
 
 def _index_ref(attrs, x):
@@ -151,6 +228,12 @@ def _pad_ref(attrs, x):
 
 def _gather_ref(attrs, x, idx):
     return np.take(x, idx, axis=attrs[0])         # negative indices count from the end
+
+
+def _place_ref(attrs, index, g):
+    out = np.zeros(attrs[0], g.dtype)
+    out.reshape(-1)[index.ravel()] = g.ravel()
+    return out
 
 
 def _one_hot_ref(attrs, y):
@@ -178,6 +261,11 @@ def partition_reshape(p, n: Node) -> g.View:
 def partition_transpose(p, n: Node) -> g.View:
     v = p.value(n.args[0])
     return g.View(v.tensor, v.index.transpose(n.attrs[0]), v.span)
+
+
+def partition_broadcast(p, n: Node) -> g.View:
+    v = p.value(n.args[0])
+    return g.View(v.tensor, np.broadcast_to(v.index, n.shape), v.span)
 
 
 def partition_index(p, n: Node) -> g.View:
@@ -219,6 +307,24 @@ def padded(p, x: g.View, pads, value: float, dtype: str, label: str) -> g.View:
 def partition_pad(p, n: Node) -> g.View:
     pads, value = n.attrs
     return padded(p, p.value(n.args[0]), pads, value, n.dtype, p.name(n))
+
+
+def partition_place(p, n: Node) -> g.View:
+    """g's elements copied to where the view took them (mapped where g is), the
+    other elements zero, filled every step."""
+    v = p.value(n.args[0])
+    label = p.name(n)
+    out = p.new_tensor(label, n.dtype, n.shape)
+    p.ensure_mapped(v)
+    dst = out.index.reshape(-1)[n.index]
+    tile_of = p.g.tile_of[out.tensor]
+    tile_of[dst.ravel()] = p.tiles_of(v).ravel()
+    rest = np.flatnonzero(tile_of < 0)
+    if rest.size:
+        tile_of[rest] = p.linear(rest.size)
+        fill(p, g.View(out.tensor, rest, out.span), 0.0, n.dtype, label)
+    p.seq.append(g.Copy(v, g.View(out.tensor, dst, out.span), p.span))
+    return g.View(out.tensor, out.index, out.span)
 
 
 def partition_concat(p, n: Node) -> g.View:
@@ -285,16 +391,22 @@ def op_defs() -> list[OpDef]:
         OpDef("tensor", "leaf", "a tensor of the graph", partition=partition_tensor),
         OpDef("view", "leaf", "elements of a tensor of the graph, as a Poplar-level view", partition=partition_view),
         OpDef("reshape", "view", "the same elements in a new shape", ref=lambda at, x: x.reshape(at[0]),
-              partition=partition_reshape),
+              partition=partition_reshape, grad=_g_reshape),
         OpDef("transpose", "view", "axes permuted", ref=lambda at, x: x.transpose(at[0]),
-              partition=partition_transpose),
-        OpDef("index", "view", "x[i, a:b]", ref=_index_ref, partition=partition_index),
+              partition=partition_transpose, grad=_g_transpose),
+        OpDef("index", "view", "x[i, a:b]", ref=_index_ref, partition=partition_index, grad=_g_index),
+        OpDef("broadcast", "view", "x repeated along axes (numpy's broadcast_to)",
+              ref=lambda at, x: np.broadcast_to(x, at[0]), partition=partition_broadcast,
+              grad=lambda b, n, g, i: g),             # the pass sums the repeated axes
+        OpDef("place", "compute", "g's elements where a view took them, zeros elsewhere", ref=_place_ref,
+              partition=partition_place, codelets=tuple(FILL.values()), flops=_moves),
         OpDef("concat", "compute", "tensors joined along an axis",
-              ref=lambda at, *xs: np.concatenate(xs, axis=at[0]), partition=partition_concat, flops=_moves),
+              ref=lambda at, *xs: np.concatenate(xs, axis=at[0]), partition=partition_concat, flops=_moves,
+              grad=_g_concat),
         OpDef("pad", "compute", "x surrounded by a value", ref=_pad_ref, partition=partition_pad,
-              codelets=tuple(FILL.values()), flops=_moves),
+              codelets=tuple(FILL.values()), flops=_moves, grad=_g_pad),
         OpDef("gather", "compute", "x's slices at indices along an axis", ref=_gather_ref,
-              partition=partition_gather, codelets=tuple(GATHER.values()), flops=_moves,
+              partition=partition_gather, codelets=tuple(GATHER.values()), flops=_moves, grad=_g_gather,
               explain={(c, "x", 0): "gather: an index is out of range for an axis of size {size} "
                                     "(numpy's take allows -{size} to {size} - 1)"
                        for c in GATHER.values()}),

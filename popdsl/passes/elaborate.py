@@ -17,6 +17,7 @@ from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node
 from popdsl.passes.elaborate_poplar import INITS, PoplarMixin, kind_of
 from popdsl.passes.elaborate_tensor import TensorMixin
+from popdsl.passes.elaborate_train import TrainMixin, says_minimize
 from popdsl.ir.target import Target
 from popdsl.sema import Program
 
@@ -49,10 +50,10 @@ _CMP_OPS = {
 _kind = kind_of         # how a compile-time value reads in a message
 
 
-class _Elaborator(PoplarMixin, TensorMixin):
+class _Elaborator(PoplarMixin, TensorMixin, TrainMixin):
     Bad = _Bad
 
-    def __init__(self, prog: Program, target: Target, diags: Diagnostics):
+    def __init__(self, prog: Program, target: Target, diags: Diagnostics, training: bool | None = None):
         self.prog, self.d = prog, diags
         self.graph: g.TensorGraph | None = None
         self.target = target
@@ -68,6 +69,8 @@ class _Elaborator(PoplarMixin, TensorMixin):
         self.pre_args = None
         self.init_tensor()
         self.bad_map: set[int] = set()  # tensors a failed 'map' was meant for
+        self.training_option = training    # None: training when the graph says 'minimize'
+        self.training = False
 
     # ---------------------------------------------------------------- entry
     def run(self, node: ast.Graph) -> g.TensorGraph:
@@ -91,6 +94,10 @@ class _Elaborator(PoplarMixin, TensorMixin):
         if tiles is not None and tiles != self.target.tiles:
             self.target = self.target.with_overrides(tiles=tiles)
         self.graph = g.TensorGraph(node.name, self.target, dict(self.prog.codelets))
+        # Known before the body runs: defs (batch_norm) ask training() before the
+        # graph's 'minimize', which usually comes last.
+        self.training = says_minimize(node.body) if self.training_option is None else self.training_option
+        self.graph.training = self.training
         self.scopes[0]["tiles"] = self.target.tiles
         body = self.block(node.body)
         if not self.have_program:
@@ -621,8 +628,9 @@ def _source_text(span: Span) -> str:
 
 
 def elaborate(prog: Program, target: Target, graph_name: str | None = None,
-              root_path: str | None = None) -> g.TensorGraph:
-    """Run the chosen graph (by name, or the one graph of the root file)."""
+              root_path: str | None = None, training: bool | None = None) -> g.TensorGraph:
+    """Run the chosen graph (by name, or the one graph of the root file), in training
+    mode when `training` says so (None: when the graph says 'minimize')."""
     diags = Diagnostics()
     graphs = prog.graphs
     if graph_name is not None:
@@ -638,7 +646,7 @@ def elaborate(prog: Program, target: Target, graph_name: str | None = None,
                 f"several graphs ({', '.join(n.name for n in root)}); choose one with --graph"
             raise CompileError([Diagnostic(Span(root_path or "<input>", 0, 0, 0, 0), msg)])
         node = root[0]
-    e = _Elaborator(prog, target, diags)
+    e = _Elaborator(prog, target, diags, training)
     graph = e.run(node)
     diags.check()
     return graph
