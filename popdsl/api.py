@@ -60,8 +60,10 @@ class Executable:
 
 def compile(path_or_source: str | os.PathLike, target: str = "gc200", tiles: int | None = None,
             tile_memory: int | None = None, graph: str | None = None,
-            unchecked: bool = False, reuse: bool = True) -> Executable:
-    """Compile a `.pop` file (a path) or source text.  Raises CompileError."""
+            unchecked: bool = False, reuse: bool = True, training: bool | None = None) -> Executable:
+    """Compile a `.pop` file (a path) or source text.  `training=False` compiles a
+    graph that says `minimize` for inference (training() false, no update); None
+    lets the graph say.  Raises CompileError."""
     if isinstance(path_or_source, os.PathLike) or (
             isinstance(path_or_source, str) and path_or_source.endswith(".pop")
             and "\n" not in path_or_source):
@@ -70,7 +72,7 @@ def compile(path_or_source: str | os.PathLike, target: str = "gc200", tiles: int
     else:
         path, text = "<string>", str(path_or_source)
     exe, native = compile_source(text, path, get_target(target, tiles, tile_memory), graph, unchecked,
-                                 reuse=reuse)
+                                 reuse=reuse, training=training)
     return Executable(exe, native)
 
 

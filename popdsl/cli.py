@@ -61,15 +61,22 @@ def _parser() -> argparse.ArgumentParser:
     common(c)
     r = sub.add_parser("run", help="run FILE.pop or FILE.popx on the IPU model")
     common(r, "a .pop or .popx file")
-    r.add_argument("--feed", action="append", default=[], metavar="NAME=FILE.npy",
-                   help="feed input NAME from a .npy file (repeatable)")
+    r.add_argument("--feed", action="append", default=[], metavar="NAME=FILE",
+                   help="feed input NAME from a .npy or an IDX file (MNIST's; gzipped or not) (repeatable)")
     r.add_argument("--data", metavar="FILE.npz", help="feeds by input name")
-    r.add_argument("--steps", type=_positive, default=1,
-                   help="steps to run (default 1); a feed holding STEPS batches along "
-                        "axis 0 gives one batch per step")
+    length = r.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=_positive,
+                        help="steps to run (default 1); a feed with more "
+                             "examples than its input's batch gives the next batch each step")
+    length.add_argument("--epochs", type=_positive,
+                        help="run every whole batch of the data this many times")
+    r.add_argument("--eval", action="append", default=[], metavar="TEST.npz|NAME=FILE",
+                   help="after running, the test loss and accuracy of the graph compiled for "
+                        "inference on this data (repeatable: NAME=FILE per input)")
     r.add_argument("--save", metavar="OUT.npz", help="write the outputs here")
     r.add_argument("--load-params", metavar="P.npz", help="set tensors by name before running")
-    r.add_argument("--save-params", metavar="P.npz", help="save every variable after running")
+    r.add_argument("--save-params", metavar="P.npz",
+                   help="save every param and var after running (the optimizer's state included)")
     r.add_argument("--threads", type=_positive, help="host threads for tiles (default: all cores)")
     r.add_argument("--cycles", action="store_true", help="print the cycle estimate and its assumptions")
     rp = sub.add_parser("report", help="memory and cycle reports")
@@ -209,29 +216,47 @@ def _load_npy(path: str):
         raise UserError(f"cannot read '{path}': not a valid .npy/.npz file ({e})") from None
 
 
-def _feeds(args) -> dict[str, np.ndarray]:
+def _read_feed(name: str, path: str):
+    from popdsl import data
+    if data.is_idx(path):
+        try:
+            return data.read_idx(path)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read '{path}': {e}") from None
+    arr = _load_npy(path)
+    if isinstance(arr, np.lib.npyio.NpzFile):
+        raise UserError(f"--feed {name}: '{path}' is an .npz; use --data or an .npy file")
+    return arr
+
+
+def _named_files(specs, flag: str, npz: str | None = None, npz_flag: str = "--data") -> dict[str, np.ndarray]:
+    """Arrays from an .npz (`npz`) and NAME=FILE specs (.npy or IDX)."""
     feeds: dict[str, np.ndarray] = {}
-    if args.data:
-        data = _load_npy(args.data)
+    if npz:
+        data = _load_npy(npz)
         if not isinstance(data, np.lib.npyio.NpzFile):
-            raise UserError(f"--data needs an .npz file of named arrays, '{args.data}' is not one")
+            raise UserError(f"{npz_flag} needs an .npz file of named arrays, '{npz}' is not one")
         feeds.update({k: data[k] for k in data.files})
-    for f in args.feed:
+    for f in specs:
         name, sep, path = f.partition("=")
         if not sep or not name or not path:
-            raise UserError(f"--feed expects NAME=FILE.npy, got {f!r}")
-        arr = _load_npy(path)
-        if isinstance(arr, np.lib.npyio.NpzFile):
-            raise UserError(f"--feed {name}: '{path}' is an .npz; use --data or an .npy file")
-        feeds[name] = arr
+            raise UserError(f"{flag} expects NAME=FILE, got {f!r}" if flag != "--feed"
+                            else f"--feed expects NAME=FILE.npy, got {f!r}")
+        feeds[name] = _read_feed(name, path)
     return feeds
 
 
+def _feeds(args) -> dict[str, np.ndarray]:
+    return _named_files(args.feed, "--feed", args.data)
+
+
 def cmd_run(args) -> int:
+    from popdsl import training
     from popdsl.api import Simulator
     from popdsl.runtime.simulator import DeviceError, format_array
     exe = _executable(args)
     feeds = _feeds(args)
+    test = _eval_data(args, exe) if args.eval else None      # errors before a long run
     sim = Simulator(exe, threads=args.threads or os.cpu_count())
     try:
         if args.load_params:
@@ -242,7 +267,18 @@ def cmd_run(args) -> int:
                 except (KeyError, ValueError) as e:
                     raise UserError(f"--load-params: {e.args[0]}") from None
         try:
-            outputs = sim.run(feeds, steps=args.steps)
+            stream = training.prepare(exe, feeds, args.data if args.data and not args.feed else "")
+        except training.DataError as e:
+            raise UserError(str(e)) from None
+        if args.epochs and not stream.streamed:
+            raise UserError("--epochs needs data with more examples than one batch to stream "
+                            "(--data FILE.npz or --feed NAME=FILE)")
+        steps = args.steps or (args.epochs or 1) * (stream.batches if args.epochs else 1)
+        if stream.left_out and steps > 1:
+            print(f"popc: note: {stream.examples} examples make {stream.batches} batches of "
+                  f"{stream.samples_per_step}; the last {stream.left_out} are left out of each epoch", file=sys.stderr)
+        try:
+            outputs = training.run(sim, stream, steps)
         except ValueError as e:
             raise UserError(str(e)) from None
         except DeviceError as e:
@@ -254,13 +290,37 @@ def cmd_run(args) -> int:
         else:
             for name, value in outputs.items():
                 print(f"{name}: {format_array(value) if value.size <= 64 else np.array2string(value, threshold=16)}")
+        if test is not None:
+            eval_exe, test_stream = test
+            result, seen = training.evaluate(eval_exe, sim, test_stream, threads=args.threads or os.cpu_count())
+            for k, v in result.items():
+                print(f"test {k}: {v:.4f} ({seen} examples)")
         if args.save_params:
-            _save_npz(args.save_params, {t.name: sim.read(t.name) for t in exe.ir.tensors if t.kind == "var"})
+            _save_npz(args.save_params, {n: sim.read(n) for n in training.state_names(exe)})
         if args.cycles:
             print(_cycles_text(exe.ir, sim.cycles))
     finally:
         sim.close()
     return 0
+
+
+def _eval_data(args, exe):
+    """The inference executable of the graph and the test data, checked."""
+    from popdsl import training
+    from popdsl.api import Executable
+    if args.file.endswith(".popx"):
+        raise UserError("--eval compiles the graph again for inference: give the .pop file, not a .popx")
+    npz = [e for e in args.eval if "=" not in e]
+    if len(npz) > 1:
+        raise UserError(f"--eval takes one .npz file (or NAME=FILE per input), given {', '.join(npz)}")
+    test = _named_files([e for e in args.eval if "=" in e], "--eval", npz[0] if npz else None, "--eval")
+    from popdsl.pipeline import compile_source
+    eval_exe = Executable(*compile_source(_read_source(args.file), args.file, _target(args), args.graph,
+                                          args.unchecked, reuse=not args.no_reuse, training=False))
+    try:
+        return eval_exe, training.prepare(eval_exe, test, npz[0] if npz and len(args.eval) == 1 else "")
+    except training.DataError as e:
+        raise UserError(f"--eval: {e}") from None
 
 
 def _save_npz(path: str, arrays: dict) -> None:

@@ -18,9 +18,10 @@ LAYERS = (
     ("codegen",),
     ("passes",),
     ("runtime",),
-    ("report", "artifact"),
+    ("report", "artifact", "data"),
     ("pipeline",),
     ("api",),
+    ("training",),
     ("cli", "__main__"),
 )
 LEVEL = {unit: k for k, units in enumerate(LAYERS) for unit in units}
