@@ -154,7 +154,7 @@ class _Pass:
         if n.id in self.reported:
             return
         self.reported.add(n.id)
-        name = f"scalar codelet '{n.op[5:]}'" if n.op.startswith("call:") else f"'{n.op}'"
+        name = f"scalar codelet '{n.op[5:]}'" if n.op.startswith("call:") else f"'{n.op}' ({op(n.op).doc})"
         where = self.g.nodes.spans.get(n.id) or span
         self.d.error(where, f"cannot differentiate through {name}: it has no gradient rule",
                      *([f"'{what}' at {span} differentiates through it"] if span is not None and span != where else []),
