@@ -292,7 +292,12 @@ def cmd_run(args) -> int:
                 print(f"{name}: {format_array(value) if value.size <= 64 else np.array2string(value, threshold=16)}")
         if test is not None:
             eval_exe, test_stream = test
-            result, seen = training.evaluate(eval_exe, sim, test_stream, threads=args.threads or os.cpu_count())
+            try:
+                result, seen = training.evaluate(eval_exe, sim, test_stream, threads=args.threads or os.cpu_count())
+            except DeviceError as e:
+                sys.stdout.flush()
+                print(e.diagnostic.render(), file=sys.stderr)
+                return EXIT_USER
             for k, v in result.items():
                 print(f"test {k}: {v:.4f} ({seen} examples)")
         if args.save_params:
@@ -318,6 +323,7 @@ def _eval_data(args, exe):
     eval_exe = Executable(*compile_source(_read_source(args.file), args.file, _target(args), args.graph,
                                           args.unchecked, reuse=not args.no_reuse, training=False))
     try:
+        training.reported(eval_exe)
         return eval_exe, training.prepare(eval_exe, test, npz[0] if npz and len(args.eval) == 1 else "")
     except training.DataError as e:
         raise UserError(f"--eval: {e}") from None

@@ -14,6 +14,7 @@ what is wrong.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 
 import numpy as np
@@ -66,7 +67,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"the IDX header promises {ndim} dimensions but the file ends first")
     shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, 4))
     dt = TYPES[code]
-    want = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    want = math.prod(shape) * dt.itemsize          # Python ints: a hostile header does not overflow
     if want > MAX_BYTES:
         raise ValueError(f"the IDX header claims {list(shape)} values ({want:,} bytes)")
     if len(raw) - head != want:

@@ -168,16 +168,20 @@ def state_names(exe: Executable) -> list[str]:
     return [t.name for t in exe.ir.tensors if t.kind in ("param", "var")]
 
 
+def reported(exe: Executable) -> list[str]:
+    """The outputs an evaluation reports, or DataError when the graph has none."""
+    names = [n for n in REPORTED if n in exe.outputs]
+    if not names:
+        raise DataError(f"graph '{exe.name}' has no output named 'loss' or 'accuracy' to report")
+    return names
+
+
 def evaluate(exe: Executable, trained: Simulator, stream: Stream,
              threads: int | None = None) -> tuple[dict[str, float], int]:
     """Means of the `loss` and `accuracy` outputs of inference executable `exe`
     over every whole batch of `stream`, with the trained simulator's parameters
     and vars (those `exe` has, by name), and the number of examples they cover."""
-    names = [n for n in REPORTED if n in exe.outputs]
-    if not names:
-        raise DataError(f"--eval: graph '{exe.name}' has no output named 'loss' or 'accuracy' to report")
-    if stream.streamed and stream.batches < 1:
-        raise DataError(f"--eval: {stream.examples} examples do not make one batch of {stream.samples_per_step}")
+    names = reported(exe)
     known = set(state_names(trained.exe))
     with Simulator(exe, threads=threads) as sim:
         for name in state_names(exe):
