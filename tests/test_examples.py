@@ -196,3 +196,16 @@ def test_lstm_shares_its_weights_keeps_its_state_and_matches_numpy():
         np.testing.assert_allclose(out["logits"][run], h @ P["dense_1.w"] + P["dense_1.b"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(h_end, h, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(c_end, c, rtol=1e-5, atol=1e-6)
+
+
+def test_digits_trains_to_95_percent_with_the_readme_command(capsys, monkeypatch):
+    """The README's command, as written there, trains examples/digits.pop on real
+    handwritten digits and tests it on the held-out ones."""
+    import shlex
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    cmd = re.search(r"^popc (run examples/digits\.pop .*)$", readme, re.M).group(1)
+    monkeypatch.chdir(EXAMPLES.parent)
+    assert main(shlex.split(cmd)) == 0
+    out = capsys.readouterr().out
+    acc = float(re.search(r"^test accuracy: ([0-9.]+) \(360 examples\)$", out, re.M).group(1))
+    assert acc >= 0.95, out
