@@ -112,24 +112,28 @@ def _avg_pool_grad_ref(attrs, g):
 
 def _split_plan(p, outer: int, sizes, moved, macs, partial_dim: int | None = None, partial_bytes: int = 0):
     """Power-of-two splits of the dimensions `sizes` for `outer` independent jobs: the
-    least estimated cycles per tile — `macs(*block)` multiply-accumulates and
-    `moved(*block)` = (bytes a vertex receives, its largest field) at the target's
-    rates, and, when dimension `partial_dim` is split, `partial_bytes` of partial
-    sums per split exchanged and added — among plans of at most one task per tile
-    whose fields fit SLAB_BYTES; else the plan with the smallest largest field."""
+    least estimated cycles of the busiest tile — its vertices' `macs(*block)`
+    multiply-accumulates at the target's rate, a tile's workers busy only when it
+    has as many vertices as workers (a lone vertex runs at a sixth of the tile's
+    issue rate), the bytes its vertices receive (`moved(*block)` = (bytes received,
+    largest field)) at the exchange rate, and, when dimension `partial_dim` is
+    split, `partial_bytes` of partial sums per split exchanged and added — among
+    plans of at most one vertex per worker whose fields fit SLAB_BYTES; else the
+    plan with the smallest largest field."""
     target = p.g.target
-    rate = target.exchange_bytes_per_cycle
+    rate, workers = target.exchange_bytes_per_cycle, target.workers
     best, fallback = None, None
     for splits in itertools.product(*(pow2_splits(n) for n in sizes)):
         block = [ceil_div(n, k) for n, k in zip(sizes, splits)]
         tasks = outer * int(np.prod(splits))
+        per_tile = ceil_div(tasks, p.tiles)
         received, worst = moved(*block)
-        cost = ceil_div(tasks, p.tiles) * (macs(*block) / target.macs_per_cycle + received / rate)
+        cost = macs(*block) * max(workers, per_tile) / workers / target.macs_per_cycle + per_tile * received / rate
         if partial_dim is not None and splits[partial_dim] > 1:
             cost += splits[partial_dim] * partial_bytes / p.tiles / rate * 2
         if fallback is None or worst < fallback[0]:
             fallback = (worst, splits)
-        if worst <= SLAB_BYTES and tasks <= p.tiles and (best is None or cost < best[0]):
+        if worst <= SLAB_BYTES and tasks <= p.tiles * workers and (best is None or cost < best[0]):
             best = (cost, splits)
     return (best or fallback)[1]
 
