@@ -27,7 +27,7 @@ from popdsl.ir import printer
 from popdsl.ir.lowered import Lowered
 from popdsl.ir.target import Target
 from popdsl.ir.verify import direct_calls
-from popdsl.passes.autodiff import autodiff
+from popdsl.passes import autodiff as ad
 from popdsl.passes.elaborate import elaborate
 from popdsl.passes.lower import lower
 from popdsl.passes.memplan import plan
@@ -95,7 +95,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("parse", lambda o, _: load_program(o.text, o.path), printer.modules),
     Stage("check", lambda o, modules: check_program(modules), printer.program),
     Stage("elaborate", lambda o, prog: elaborate(prog, o.target, o.graph, o.path, o.training), printer.tensor_graph),
-    Stage("autodiff", lambda o, graph: autodiff(graph), printer.tensor_graph),
+    Stage("autodiff", lambda o, graph: ad.autodiff(graph), printer.tensor_graph, ad.verify),
     Stage("partition", lambda o, graph: partition(graph), printer.tensor_graph),
     Stage("lower", lambda o, graph: lower(graph), printer.lowered),
     Stage("codegen", _codegen, _dump_codegen),

@@ -207,6 +207,17 @@ class _Pass:
         return t
 
 
+def verify(graph: g.TensorGraph) -> None:
+    """What the stage promises: no `grad` node and no `minimize` left for partition,
+    and every update of the tensor's own shape and dtype."""
+    assert graph.minimize is None
+    roots = [v for _, v in graph.outputs if isinstance(v, Node)] + list(graph.updates.values())
+    assert not any(n.op == "grad" for n in topological(roots)), "a grad node survived autodiff"
+    for tid, node in graph.updates.items():
+        t = graph.tensors[tid]
+        assert (node.shape, node.dtype) == (t.shape, t.dtype), f"update of {t.name}: {node.dtype}{list(node.shape)}"
+
+
 def autodiff(graph: g.TensorGraph) -> g.TensorGraph:
     """Gradients and optimizer updates in place of `grad` nodes and `minimize`; a
     graph with neither is returned as it is.  Raises CompileError for an operation
@@ -216,4 +227,4 @@ def autodiff(graph: g.TensorGraph) -> g.TensorGraph:
     return _Pass(graph).run()
 
 
-__all__ = ["autodiff", "gradients", "topological"]
+__all__ = ["autodiff", "gradients", "topological", "verify"]

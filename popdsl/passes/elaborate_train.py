@@ -23,6 +23,7 @@ from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node
 from popdsl.ops import OPTIMIZERS
 from popdsl.ops.core import FLOATS, Function, OpError, bind, describe
+from popdsl.passes.elaborate_poplar import kind_of
 
 
 def says_minimize(stmt) -> bool:
@@ -75,14 +76,14 @@ class TrainMixin:
                 self.d.error(span, f"grad: this is part of param '{t.name}'; give the whole param")
                 raise self.Bad
             return self.as_node(v, span)
-        what = "a tensor expression" if isinstance(v, Node) else f"a {type(v).__name__}"
+        what = "a tensor expression" if isinstance(v, Node) else f"{kind_of(v)} {v!r}"
         self.d.error(span, f"grad: differentiates with respect to params, found {what}",
                      "name params declared with 'param': grad(loss, [w, b])")
         raise self.Bad
 
     def scalar_loss(self, v, span, what: str) -> Node:
         if not self.is_tensor(v):
-            self.d.error(span, f"{what}: the loss must be a tensor, found {type(v).__name__}")
+            self.d.error(span, f"{what}: the loss must be a tensor, found {kind_of(v)} {v!r}")
             raise self.Bad
         node = self.as_node(v, span)
         if node.shape != () or node.dtype not in FLOATS:
@@ -117,6 +118,10 @@ class TrainMixin:
             self.d.error(opt_expr.span, problem)
             raise self.Bad
         first = getattr(self, "minimized_at", None)
+        if first == s.span:
+            self.d.error(s.span, "'minimize' runs more than once: it is inside a compile-time loop",
+                         "a graph minimizes one loss: add the losses, minimize a + b with ...")
+            raise self.Bad
         if first is not None:
             self.d.error(s.span, f"a graph minimizes one loss; the first is at {first}",
                          "add the losses: minimize a + b with ...")
