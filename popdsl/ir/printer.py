@@ -171,6 +171,10 @@ GENERATED_PREFIX = "ew_"
 _MAX_RUNS = 6          # a tile mapping prints as runs of elements when it has this few
 
 
+def _n(count: int, word: str, plural: str | None = None) -> str:
+    return f"{count} {word if count == 1 else plural or word + 's'}"
+
+
 def _scalar(v, dtype: str) -> str:
     """A vertex state value as its field's type prints it (never a numpy repr)."""
     if dtype == "bool":
@@ -267,7 +271,7 @@ def tensor_graph(graph) -> str:
         out.append(f"  compute {cs.name}:")
         for grp in cs.groups:
             ntiles = len(set(np.asarray(grp.tiles).tolist()))
-            out.append(f"    {grp.codelet}: {len(grp)} vertices on {ntiles} tile{'s' if ntiles != 1 else ''}")
+            out.append(f"    {grp.codelet}: {_n(len(grp), 'vertex', 'vertices')} on {_n(ntiles, 'tile')}")
             dtype = {f.name: f.dtype for f in graph.codelets[grp.codelet].fields}
             for i in range(min(len(grp), 4)):
                 conns = ", ".join(f"{f}={_view(graph, _nth(vs, i))}" for f, vs in grp.connections.items())
@@ -289,7 +293,7 @@ def tensor_graph(graph) -> str:
     # that may take over an operand's memory where it dies.
     for op in graph.ops:
         out.append(f"  op %{op['node']} {op['op']} {op['dtype']}{op['shape']}: {', '.join(op['compute_sets'])}"
-                   f" ({op['vertices']} vertices on {op['tiles']} tiles)")
+                   f" ({_n(op['vertices'], 'vertex', 'vertices')} on {_n(op['tiles'], 'tile')})")
     for out_t, in_t, cs in graph.inplace:
         out.append(f"  in place: {graph.tensors[out_t].name} may take {graph.tensors[in_t].name}'s memory in {cs}")
     used = sorted({grp.codelet for cs in graph.compute_sets.values() for grp in cs.groups})
@@ -403,11 +407,16 @@ def lowered(low) -> str:
     program with its copies."""
     g = low.graph
     rt = np.asarray(low.region_tile)
-    out = [f"vertex graph {g.name}: {len(rt)} regions on {len(np.unique(rt))} tiles"]
+    out = [f"vertex graph {g.name}: {_n(len(rt), 'region')} on {_n(len(np.unique(rt)), 'tile')}"]
+    # How many vertex fields connect to each region (a shared buffer shows > 1).
+    users = np.zeros(len(rt) + 1, np.int64)
+    for cs in low.compute_sets:
+        for grp in cs.groups:
+            users += np.bincount(grp.region.ravel() + 1, minlength=len(rt) + 1)[:len(rt) + 1]
     for i in range(min(len(rt), _MAX_REGIONS)):
         cs, t = low.region_cs[i], low.region_tensor[i]
         what = f"tensor {g.tensors[t].name}" if t >= 0 else low.region_label[i][0]
-        life = "" if cs < 0 else f", during {low.compute_sets[cs].name}"
+        life = "" if cs < 0 else f", during {low.compute_sets[cs].name}, used by {_n(int(users[i + 1]), 'vertex', 'vertices')}"
         out.append(f"  region {i}: tile {rt[i]}, {low.region_size[i]} B, {what}{life}")
     if len(rt) > _MAX_REGIONS:
         out.append(f"  ... {len(rt) - _MAX_REGIONS} more regions")
@@ -417,7 +426,7 @@ def lowered(low) -> str:
         for grp in cs.groups:
             c = g.codelets[grp.codelet]
             layout = cir.table_layout(c)
-            out.append(f"    {grp.codelet}: {len(grp.tiles)} vertices, table columns "
+            out.append(f"    {grp.codelet}: {_n(len(grp.tiles), 'vertex', 'vertices')}, table columns "
                        + " ".join(f"{k.kind}:{k.name}" for k in layout))
             for r in range(min(len(grp.tiles), 4)):
                 out.append("      " + _vertex_row(low, c, layout, grp, r))
