@@ -104,3 +104,66 @@ def test_batches_stack_views_of_one_shape():
     b = Batch.stack(views)
     np.testing.assert_array_equal(b.array(), np.stack([v.array() for v in views]))
     assert b.view(2) == views[2] and len(b.take(np.array([0, 3]))) == 2
+
+
+# ---------------------------------------------------------------- tile mappings as runs
+
+from popdsl.ir.mapping import Mapping  # noqa: E402
+
+
+@st.composite
+def assignments(draw):
+    numel = draw(st.integers(1, 60))
+    steps = []
+    for _ in range(draw(st.integers(1, 6))):
+        k = draw(st.integers(1, 5))
+        starts = draw(st.lists(st.integers(0, numel - 1), min_size=k, max_size=k))
+        lengths = [draw(st.integers(0, numel - s)) for s in starts]
+        tiles = draw(st.lists(st.integers(0, 7), min_size=k, max_size=k))
+        steps.append((starts, lengths, tiles, draw(st.booleans())))
+    return numel, steps
+
+
+@settings(max_examples=300, deadline=None)
+@given(assignments())
+def test_mapping_runs_equal_a_tile_per_element(case):
+    numel, steps = case
+    m = Mapping.unmapped(numel)
+    ref = np.full(numel, -1, np.int32)
+    for starts, lengths, tiles, only_unmapped in steps:
+        m.assign(starts, lengths, tiles, only_unmapped)
+        order = range(len(starts)) if not only_unmapped else reversed(range(len(starts)))
+        new = ref.copy()
+        for k in order:
+            lo, hi = starts[k], starts[k] + lengths[k]
+            if only_unmapped:
+                sel = np.arange(lo, hi)
+                sel = sel[ref[sel] == -1]
+                new[sel] = tiles[k]
+            else:
+                new[lo:hi] = tiles[k]
+        ref = new
+        np.testing.assert_array_equal(m.elements(), ref)
+        assert (m.tiles[1:] != m.tiles[:-1]).all()          # adjacent runs merged
+    np.testing.assert_array_equal(m.tile_of(np.arange(numel)), ref)
+    assert m.unmapped_count() == int((ref == -1).sum())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=50), st.data())
+def test_layout_places_each_tiles_elements_in_flat_order(tile_of, data):
+    m = Mapping.from_elements(np.array(tile_of))
+    lay = m.layout()
+    region, off = lay.locate(np.arange(len(tile_of)))
+    for r, tile in enumerate(lay.tiles):
+        mine = np.nonzero(np.array(tile_of) == tile)[0]
+        np.testing.assert_array_equal(np.sort(off[region == r]), np.arange(len(mine)))
+        np.testing.assert_array_equal(off[mine], np.arange(len(mine)))
+        assert lay.counts[r] == len(mine)
+    start = data.draw(st.integers(0, len(tile_of) - 1))
+    length = data.draw(st.integers(0, len(tile_of) - start))
+    lo, n, src, pos = lay.split([start], [length])
+    assert n.sum() == length and (n > 0).all() and (src == 0).all()
+    for a, k in zip(lo, n):                   # each piece sits in one region, contiguous
+        r, o = lay.locate(np.arange(a, a + k))
+        assert (r == r[0]).all() and np.array_equal(o, o[0] + np.arange(k))
