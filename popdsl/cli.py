@@ -202,9 +202,14 @@ def cmd_build(args) -> int:
 def cmd_check(args) -> int:
     exe, _ = _compile(args)
     nv = sum(len(g.tiles) for cs in exe.compute_sets for g in cs.groups)
-    print(f"{args.file}: ok (graph '{exe.name}': {len(exe.tensors)} tensors, {nv} vertices in "
-          f"{len(exe.compute_sets)} compute sets, {exe.target.tiles} tiles)")
+    print(f"{args.file}: ok (graph '{exe.name}': {_count(len(exe.tensors), 'tensor')}, "
+          f"{_count(nv, 'vertex', 'vertices')} in {_count(len(exe.compute_sets), 'compute set')}, "
+          f"{_count(exe.target.tiles, 'tile')})")
     return 0
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 def _load_npy(path: str):

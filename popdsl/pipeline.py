@@ -81,13 +81,42 @@ def _dump_codegen(gen: Generated) -> str:
 
 
 def _dump_plan(result) -> str:
+    """The memory report, then what it does not show: data bytes (without vertex
+    state and code, whose size depends on the host's native code) per tile, where
+    each tensor's part on a tile sits, and the vertices whose output took over an
+    input's bytes (in place)."""
     exe, _ = result
-    out = [memory_report(exe).text()]
+    m = exe.memory
+    out = [memory_report(exe).text(), "",
+           f"  data (naive / lower bound / planned): all tiles {int(m.naive_data.sum()):,} / "
+           f"{int(m.lower_bound.sum()):,} / {int(m.planned.sum()):,} B"]
+    busy = np.nonzero(m.naive_data)[0]
+    for tile in busy[:8].tolist():
+        at = "  at the bound" if m.planned[tile] == m.lower_bound[tile] else ""
+        out.append(f"    tile {tile}: {int(m.naive_data[tile]):,} / {int(m.lower_bound[tile]):,} / "
+                   f"{int(m.planned[tile]):,} B{at}")
+    if busy.size > 8:
+        out.append(f"    ... {busy.size - 8} more tiles")
+    out.append("  tensors (bytes on each tile):")
     tm = exe.target.tile_memory
     for t, a in zip(exe.tensors, exe.tensor_addrs):
+        a = a.ravel()
+        es = cir.ELEM_BYTES[t.dtype]
         tiles = np.unique(a // tm)
-        out.append(f"  {t.name}: " + ", ".join(f"tile {int(tt)} @{int(a[a // tm == tt].min() % tm)}"
-                                                for tt in tiles[:8]) + (" ..." if len(tiles) > 8 else ""))
+        parts = [f"tile {int(tt)} [{int(a[a // tm == tt].min() % tm)}, {int(a[a // tm == tt].max() % tm) + es})"
+                 for tt in tiles[:8]]
+        out.append(f"    {t.name}: " + ", ".join(parts) + (f", ... ({len(tiles)} tiles)" if len(tiles) > 8 else ""))
+    for cs in exe.compute_sets:
+        for grp in cs.groups:
+            c = exe.codelets[grp.codelet]
+            col = {(k.kind, k.name): j for j, k in enumerate(cir.table_layout(c))}
+            edges = [f for f in c.fields if f.direction != "state"]
+            for w in (f for f in edges if f.direction in ("out", "inout")):
+                for r in (f for f in edges if f.direction == "in"):
+                    same = int((grp.table[:, col[("addr", w.name)]] == grp.table[:, col[("addr", r.name)]]).sum())
+                    if same:
+                        out.append(f"  in place: {cs.name}: {grp.codelet}.{w.name} over .{r.name} in {same} of "
+                                   f"{len(grp.tiles)} vertices")
     return "\n".join(out) + "\n"
 
 

@@ -33,7 +33,7 @@ def random_feeds(exe, seed=0) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("path", SMALL, ids=lambda p: p.name)
-def test_example_runs_and_prints_its_expectations(path, capsys, tmp_path):
+def test_example_runs_and_prints_its_expectations_and_outputs(path, capsys, tmp_path):
     exe = popdsl.compile(path)
     data = tmp_path / "feeds.npz"
     np.savez(data, **random_feeds(exe))
@@ -42,6 +42,10 @@ def test_example_runs_and_prints_its_expectations(path, capsys, tmp_path):
     want = expectations(path)
     printed = [line for line in out if any(line == w for w in want)]
     assert printed == want, f"expected {want}\ngot:\n" + "\n".join(out)
+    # Examples without `// expect:` lines (their numbers are checked against numpy
+    # below) still show every output.
+    for name in exe.outputs:
+        assert any(line.startswith(f"{name}: ") for line in out), (name, out)
 
 
 def test_scale_demo_output_exactly(capsys):

@@ -586,6 +586,17 @@ class _Elaborator(PoplarMixin, TensorMixin, TrainMixin):
             return (min if fn == "min" else max)(args)
         if fn == "abs" and len(args) == 1 and _kind(args[0]) in ("int", "float"):
             return abs(args[0])
+        if fn in ("f32", "i32", "bool") and len(args) == 1 and _kind(args[0]) in ("int", "float", "bool"):
+            # A compile-time conversion (vertex state computed from a loop variable).
+            v = args[0]
+            if fn == "f32":
+                return float(v)
+            if fn == "bool":
+                return bool(v)
+            if isinstance(v, float) and not -2**31 <= v < 2**31:
+                self.d.error(e.span, f"i32({v}) does not fit in i32")
+                raise _Bad
+            return int(v)
         if fn == "reshape" and len(args) == 2 and isinstance(args[0], g.View) \
                 and isinstance(args[1], list) and all(_kind(x) == "int" for x in args[1]):
             v, shape = args

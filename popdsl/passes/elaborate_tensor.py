@@ -136,7 +136,7 @@ class TensorMixin:
             v = pos[0][0]
             return g.View(v.tensor, v.index.transpose(node.attrs[0]) if node.op == "transpose"
                           else v.index.reshape(node.shape), e.span)
-        if fn in ("min", "max", "abs") and not tensors:
+        if fn in ("min", "max", "abs", "f32", "i32", "bool") and not tensors:
             self.pre_args = (pos, kw)
             return NotImplemented
         return self.primitive(fn, pos, kw, e.span)
