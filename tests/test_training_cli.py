@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 
 import popdsl
-from popdsl import training
+from popdsl import cli, training
 from popdsl.data import is_idx, read_idx, write_idx
-from test_cli import popc, src  # noqa: F401 (fixtures)
 
 MLP = """import "popnn";
 graph mlp(tiles = 8) {
@@ -27,6 +26,26 @@ graph mlp(tiles = 8) {
 """
 
 
+@pytest.fixture
+def popc(capsys):
+    """popc(*argv) -> (exit code, stdout, stderr), in-process; never a traceback."""
+    def run(*argv):
+        code = cli.main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        assert "Traceback" not in out + err, err
+        return code, out, err
+    return run
+
+
+@pytest.fixture
+def src(tmp_path):
+    def write(text: str, name: str = "prog.pop"):
+        p = tmp_path / name
+        p.write_text(text)
+        return p
+    return write
+
+
 def dataset(n, seed=0, features=6):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, features)).astype(np.float32)
@@ -35,7 +54,7 @@ def dataset(n, seed=0, features=6):
 
 
 @pytest.fixture
-def mlp(src):  # noqa: F811
+def mlp(src):
     return lambda opt="sgd(lr = 0.1, momentum = 0.9)": src(MLP.replace("OPT", opt), "mlp.pop")
 
 
@@ -52,7 +71,7 @@ def data(tmp_path):
 
 # ---------------------------------------------------------------- training runs
 
-def test_epochs_then_eval_prints_the_test_accuracy(popc, mlp, data):  # noqa: F811
+def test_epochs_then_eval_prints_the_test_accuracy(popc, mlp, data):
     code, out, err = popc("run", mlp(), "--data", data("train.npz", 800), "--epochs", 4,
                           "--eval", data("test.npz", 200, seed=1))
     assert code == 0, err
@@ -65,7 +84,7 @@ def test_epochs_then_eval_prints_the_test_accuracy(popc, mlp, data):  # noqa: F8
     assert loss.count("...") == 1                  # 400 steps, summarised
 
 
-def test_eval_takes_name_equals_file_per_input(popc, mlp, data, tmp_path):  # noqa: F811
+def test_eval_takes_name_equals_file_per_input(popc, mlp, data, tmp_path):
     x, y = dataset(16, seed=3)
     np.save(tmp_path / "tx.npy", x)
     np.save(tmp_path / "ty.npy", y)
@@ -75,13 +94,13 @@ def test_eval_takes_name_equals_file_per_input(popc, mlp, data, tmp_path):  # no
     assert "(16 examples)" in out
 
 
-def test_examples_after_the_last_whole_batch_are_left_out_with_a_note(popc, mlp, data):  # noqa: F811
+def test_examples_after_the_last_whole_batch_are_left_out_with_a_note(popc, mlp, data):
     code, out, err = popc("run", mlp(), "--data", data("train.npz", 803), "--epochs", 1)
     assert code == 0, err
     assert "803 examples make 100 batches of 8; the last 3 are left out of each epoch" in err
 
 
-def test_saved_state_continues_training_exactly(popc, mlp, data, tmp_path):  # noqa: F811
+def test_saved_state_continues_training_exactly(popc, mlp, data, tmp_path):
     """Params, the optimizer's state (Adam's moments and step) and vars saved after
     6 steps and loaded into a new run continue as one 12-step run does."""
     prog = mlp("adam(lr = 0.01)")
@@ -101,7 +120,7 @@ def test_saved_state_continues_training_exactly(popc, mlp, data, tmp_path):  # n
         np.testing.assert_allclose(np.concatenate([first["loss"], second["loss"]]), whole["loss"], rtol=1e-6)
 
 
-def test_a_graph_without_minimize_streams_data_too(popc, src, tmp_path):  # noqa: F811
+def test_a_graph_without_minimize_streams_data_too(popc, src, tmp_path):
     prog = src("graph g(tiles = 2) {\n    input x: f32[2, 3];\n    output s = sum(x, axis = 1);\n}\n")
     np.savez(tmp_path / "d.npz", x=np.arange(18, dtype=np.float32).reshape(6, 3))
     code, out, err = popc("run", prog, "--data", tmp_path / "d.npz", "--steps", 4)
@@ -134,54 +153,54 @@ def test_progress_bar_on_a_terminal():
 
 # ---------------------------------------------------------------- bad data and flags
 
-def test_steps_and_epochs_exclude_each_other(popc, mlp, data):  # noqa: F811
+def test_steps_and_epochs_exclude_each_other(popc, mlp, data):
     code, _, err = popc("run", mlp(), "--data", data("train.npz", 80), "--steps", 2, "--epochs", 1)
     assert code == 2 and "not allowed with argument" in err
 
 
 @pytest.mark.parametrize("flag", ["--epochs", "--steps"])
 @pytest.mark.parametrize("value", ["0", "-1", "x"])
-def test_epochs_and_steps_are_positive(popc, mlp, flag, value):  # noqa: F811
+def test_epochs_and_steps_are_positive(popc, mlp, flag, value):
     code, _, err = popc("run", mlp(), flag, value)
     assert code == 2 and "expected" in err
 
 
-def test_epochs_need_data_to_stream(popc, mlp, data):  # noqa: F811
+def test_epochs_need_data_to_stream(popc, mlp, data):
     code, _, err = popc("run", mlp(), "--data", data("one.npz", 8), "--epochs", 2)
     assert code == 1 and "--epochs needs data with more examples than one batch" in err
 
 
-def test_data_with_a_missing_name(popc, mlp, data):  # noqa: F811
+def test_data_with_a_missing_name(popc, mlp, data):
     code, _, err = popc("run", mlp(), "--data", data("train.npz", 80, y=None), "--epochs", 1)
     assert code == 1 and "input 'y' not fed" in err and "train.npz has: x" in err
 
 
-def test_data_with_a_wrong_dtype(popc, mlp, data):  # noqa: F811
+def test_data_with_a_wrong_dtype(popc, mlp, data):
     code, _, err = popc("run", mlp(), "--data", data("train.npz", 80, y=np.zeros(80, np.float32)), "--epochs", 1)
     assert code == 1 and "feed 'y' in" in err and "has dtype float32; input is i32" in err
 
 
-def test_data_with_a_wrong_shape(popc, mlp, data):  # noqa: F811
+def test_data_with_a_wrong_shape(popc, mlp, data):
     code, _, err = popc("run", mlp(), "--data", data("train.npz", 80, x=np.zeros((80, 5), np.float32)), "--epochs", 1)
     assert code == 1 and "has shape [80, 5]; input is [8, 6] (or [N, 6] to stream N examples in batches of 8)" in err
 
 
-def test_data_with_fewer_examples_than_a_batch(popc, mlp, data):  # noqa: F811
+def test_data_with_fewer_examples_than_a_batch(popc, mlp, data):
     code, _, err = popc("run", mlp(), "--data", data("train.npz", 5), "--epochs", 1)
     assert code == 1 and "has shape [5, 6]; input is [8, 6]" in err
 
 
-def test_data_whose_inputs_hold_different_numbers_of_batches(popc, mlp, data):  # noqa: F811
+def test_data_whose_inputs_hold_different_numbers_of_batches(popc, mlp, data):
     code, _, err = popc("run", mlp(), "--data", data("train.npz", 80, y=np.zeros(72, np.int32)), "--epochs", 1)
     assert code == 1 and "hold different numbers of batches: 'x' 10 of 8, 'y' 9 of 8" in err
 
 
-def test_data_with_an_unknown_name(popc, mlp, data):  # noqa: F811
+def test_data_with_an_unknown_name(popc, mlp, data):
     code, _, err = popc("run", mlp(), "--data", data("train.npz", 80, z=np.zeros(3)), "--epochs", 1)
     assert code == 1 and "no input named 'z'" in err
 
 
-def test_eval_with_bad_data(popc, mlp, data):  # noqa: F811
+def test_eval_with_bad_data(popc, mlp, data):
     train = data("train.npz", 80)
     for test, want in [(data("t1.npz", 40, y=None), "--eval: input 'y' not fed"),
                        (data("t2.npz", 40, x=np.zeros((40, 2), np.float32)), "--eval: feed 'x'"),
@@ -191,7 +210,7 @@ def test_eval_with_bad_data(popc, mlp, data):  # noqa: F811
         assert out == ""                             # checked before training
 
 
-def test_eval_needs_the_source_and_a_loss_or_accuracy(popc, mlp, data, src, tmp_path):  # noqa: F811
+def test_eval_needs_the_source_and_a_loss_or_accuracy(popc, mlp, data, src, tmp_path):
     prog = mlp()
     assert popc("build", prog, "-o", tmp_path / "m.popx")[0] == 0
     code, _, err = popc("run", tmp_path / "m.popx", "--data", data("train.npz", 80), "--eval", data("t.npz", 16))
@@ -237,7 +256,7 @@ def test_bad_idx_files(tmp_path, raw, want):
         read_idx(p)
 
 
-def test_training_on_idx_files_like_mnist(popc, src, tmp_path):  # noqa: F811
+def test_training_on_idx_files_like_mnist(popc, src, tmp_path):
     """MNIST's files: u8 images [N, rows, cols] feed an input [B, rows * cols] (one
     example's values reshaped), u8 labels an i32 input."""
     rng = np.random.default_rng(0)
