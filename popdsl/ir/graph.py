@@ -166,9 +166,7 @@ class TensorGraph:
     inplace: list[tuple[int, int, str]] = field(default_factory=list)
     # var tensor id -> the tensor-program node each step writes into it (at the step's end)
     updates: dict[int, object] = field(default_factory=dict)
-    # Training: elaborated with training() true (a graph that minimizes), and its
-    # `minimize` until the autodiff pass turns it into updates.
-    training: bool = False
+    # `minimize`, until the autodiff pass turns it into updates
     minimize: Minimize | None = None
 
     def span_id(self, span: Span) -> int:

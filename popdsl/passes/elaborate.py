@@ -97,7 +97,6 @@ class _Elaborator(PoplarMixin, TensorMixin, TrainMixin):
         # Known before the body runs: defs (batch_norm) ask training() before the
         # graph's 'minimize', which usually comes last.
         self.training = says_minimize(node.body) if self.training_option is None else self.training_option
-        self.graph.training = self.training
         self.scopes[0]["tiles"] = self.target.tiles
         body = self.block(node.body)
         if not self.have_program:
