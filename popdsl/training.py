@@ -112,7 +112,9 @@ class Progress:
         self.start = self.last = time.perf_counter()
         self.sums: dict[str, float] = {}
         self.count = 0
-        self.epochs = -(-steps // stream.batches)
+        # Without streamed data there are no epochs: one line for the whole run.
+        self.per_epoch = stream.batches if stream.streamed else steps
+        self.epochs = -(-steps // self.per_epoch)
 
     def update(self, step: int, outputs: dict, cycles) -> None:
         for k in REPORTED:
@@ -120,7 +122,7 @@ class Progress:
                 self.sums[k] = self.sums.get(k, 0.0) + float(np.asarray(outputs[k]).reshape(()))
         self.count += 1
         now = time.perf_counter()
-        end_of_epoch = step % self.stream.batches == 0 or step == self.steps
+        end_of_epoch = step % self.per_epoch == 0 or step == self.steps
         if end_of_epoch or now - self.last >= self.every:
             self.last = now
             self.out.write("\r" + self.line(step, now, cycles) + ("\n" if end_of_epoch else ""))
@@ -129,9 +131,9 @@ class Progress:
             self.sums, self.count = {}, 0
 
     def line(self, step: int, now: float, cycles) -> str:
-        epoch = -(-step // self.stream.batches)
+        epoch = -(-step // self.per_epoch)
         parts = [f"step {step}/{self.steps}"]
-        if self.stream.batches > 1:
+        if self.epochs > 1:
             parts.append(f"epoch {epoch}/{self.epochs}")
         parts += [f"{k} {self.sums[k] / self.count:.4f}" for k in REPORTED if k in self.sums]
         if self.stream.samples_per_step:
@@ -142,9 +144,10 @@ class Progress:
 
 def run(sim: Simulator, stream: Stream, steps: int, out=None) -> dict[str, np.ndarray]:
     """`steps` steps over the stream; outputs of several steps are stacked on a new
-    axis 0.  A progress bar goes to `out` (default stdout) when it is a terminal."""
+    axis 0.  A progress bar goes to `out` (default stdout) when it is a terminal and
+    there is more than one step."""
     out = sys.stdout if out is None else out
-    bar = Progress(out, steps, stream, sim.exe.target.clock_hz) if _is_terminal(out) else None
+    bar = Progress(out, steps, stream, sim.exe.target.clock_hz) if steps > 1 and _is_terminal(out) else None
     results = []
     for i in range(steps):
         results.append(sim.run(stream.feeds(i)))

@@ -151,6 +151,19 @@ def test_progress_bar_on_a_terminal():
     assert term.getvalue().count("\n") == 2
 
 
+def test_progress_without_epochs_is_one_line_and_one_step_has_none():
+    exe = popdsl.compile("graph g(tiles = 2) {\n    input x: f32[4];\n    output loss = sum(x);\n}\n")
+    stream = training.prepare(exe, {"x": np.ones(4, np.float32)})
+    with popdsl.Simulator(exe) as sim:
+        term = Terminal()
+        training.run(sim, stream, 5, out=term)
+        assert term.getvalue().count("\n") == 1 and "epoch" not in term.getvalue()
+        assert term.getvalue().rstrip().endswith("ms/step (est.)") and "step 5/5  loss 4.0000" in term.getvalue()
+        term = Terminal()
+        training.run(sim, stream, 1, out=term)
+        assert term.getvalue() == ""
+
+
 # ---------------------------------------------------------------- bad data and flags
 
 def test_steps_and_epochs_exclude_each_other(popc, mlp, data):
