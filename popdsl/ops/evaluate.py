@@ -75,6 +75,13 @@ def run_graph(graph, feeds: dict[str, np.ndarray], float64: bool = False) -> dic
     from its initial state: inputs from `feeds`, variables and parameters from their
     initial values.  Poplar-level outputs (views of graph tensors) read the tensor as
     it stands before any compute set runs."""
+    return step_graph(graph, feeds, float64)[0]
+
+
+def step_graph(graph, feeds: dict[str, np.ndarray], float64: bool = False):
+    """One step from the initial state: (outputs, {name: the value the step writes
+    into each var or param it updates} — an optimizer's new parameters, a running
+    statistic)."""
     tensors: dict[int, np.ndarray] = {}
     for t in graph.tensors:
         dt = np.dtype(np.float64) if float64 and t.dtype in FLOATS else numpy_dtype(t.dtype)
@@ -89,4 +96,6 @@ def run_graph(graph, feeds: dict[str, np.ndarray], float64: bool = False) -> dic
             out[name] = evaluate([v], tensors, graph.codelets, memo, float64)[0]
         else:
             out[name] = tensors[v.tensor].reshape(-1)[v.index]
-    return out
+    new = {graph.tensors[tid].name: evaluate([v], tensors, graph.codelets, memo, float64)[0]
+           for tid, v in graph.updates.items()}
+    return out, new
