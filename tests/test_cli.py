@@ -344,7 +344,7 @@ def test_popx_table_address_out_of_range(popc, built, tmp_path):
         ref = doc["compute_sets"][0]["groups"][0]["table"]
         arrays[ref][0, 0] = doc["target"]["tiles"] * doc["target"]["tile_memory"]
     err = _run_popx(popc, _tampered(built, tmp_path, edit_arrays=edit))
-    assert "reaches outside the target's memory" in err
+    assert "field x of vertex 0 (Scale) in compute set 'scale' reaches outside its tile 0's memory" in err
 
 
 def test_popx_negative_address(popc, built, tmp_path):
@@ -364,7 +364,7 @@ def test_popx_huge_size_symbol(popc, built, tmp_path):
     def edit(doc, arrays):
         ref = doc["compute_sets"][0]["groups"][0]["table"]
         arrays[ref][:, -1] = 1 << 30
-    assert "outside the target's memory" in _run_popx(popc, _tampered(built, tmp_path, edit_arrays=edit))
+    assert "reaches outside its tile" in _run_popx(popc, _tampered(built, tmp_path, edit_arrays=edit))
 
 
 def test_popx_wrong_array_dtype(popc, built, tmp_path):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from popdsl.ir.executable import Executable
+from popdsl.limits import MAX_CYCLES
 
 
 @dataclass
@@ -38,10 +39,11 @@ class PartitionReport:
         return "\n".join(out)
 
 
-def partition_report(exe: Executable, native) -> PartitionReport:
+def partition_report(exe: Executable, native, max_cycles: int = MAX_CYCLES) -> PartitionReport:
     from popdsl.runtime.simulator import Machine
     import io
-    machine = Machine(exe, native, threads=2, out=io.StringIO())     # the program's prints are not the report
+    machine = Machine(exe, native, threads=2, out=io.StringIO(),     # the program's prints are not the report
+                      max_cycles=max_cycles)
     try:
         zeros = {}
         from popdsl.ir.codelet import NUMPY_DTYPE
