@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import popdsl
-from popdsl import artifact, cli
+from popdsl import cli
 from test_cli import SCALE, _members, _tampered, _write_zip
 from test_golden import golden_files, parse_golden
 
@@ -139,9 +139,11 @@ def _build_in_subprocess(source: Path, out: Path, seed: str) -> None:
 def test_two_builds_are_byte_identical(name, tmp_path):
     """Different processes (hash seeds), different times: the same bytes."""
     a, b = tmp_path / "a.popx", tmp_path / "b.popx"
-    _build_in_subprocess(ROOT / "examples" / name, a, "1")
-    os.utime(ROOT / "examples" / name)          # a later mtime changes nothing either
-    _build_in_subprocess(ROOT / "examples" / name, b, "2")
+    src = tmp_path / name
+    src.write_text((ROOT / "examples" / name).read_text())
+    _build_in_subprocess(src, a, "1")
+    os.utime(src, (1e9, 1e9))                   # another mtime changes nothing either
+    _build_in_subprocess(src, b, "2")
     assert a.read_bytes() == b.read_bytes()
 
 
@@ -198,6 +200,19 @@ def test_empty_output_name_is_an_error(tmp_path, flag):
     code, _, err = popc("build" if flag == "-o" else "run", src, flag, "")
     assert code == 2 and f"{flag} needs a file name" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pop"]
+
+
+def test_model_too_big_for_the_host_is_a_clean_error(tmp_path, monkeypatch):
+    """A valid file whose tiles x used bytes the host cannot allocate."""
+    from popdsl.runtime import simulator
+
+    def no_memory(n):
+        raise MemoryError
+    monkeypatch.setattr(simulator, "aligned_zeros", no_memory)
+    src = tmp_path / "s.pop"
+    src.write_text(SCALE)
+    code, _, err = popc("run", src)
+    assert code == 1 and "this machine could not allocate them" in err
 
 
 def test_build_will_not_overwrite_its_source(tmp_path):
