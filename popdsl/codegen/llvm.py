@@ -180,7 +180,7 @@ class _Emitter:
         skip = None
         if when is not None:
             check, skip = self.block("check"), self.block("checked")
-            b.cbranch(when, check, skip)
+            b.cbranch(when, check, skip).set_weights([1, 1 << 20])
             b.position_at_end(check)
         flag = b.load_atomic(self.stop_flag, "monotonic", 4, typ=I32)
         interrupted = b.icmp_signed("!=", flag, _c32(0))
@@ -189,7 +189,7 @@ class _Emitter:
             cyc = b.load(self.cyc, typ=I64)
             stop = b.or_(interrupted, b.icmp_signed(">", cyc, self.budget))
         go, bad = self.block("go"), self.block("stop")
-        b.cbranch(stop, bad, go)
+        b.cbranch(stop, bad, go).set_weights([1, 1 << 20])
         fb = ll.IRBuilder(bad)
         kind = fb.select(interrupted, _c64(ir.ERR_INTERRUPT), _c64(ir.ERR_CYCLES))
         for k, v in enumerate((kind, _c64(-1), _c64(-1), cyc, self.budget)):

@@ -12,7 +12,8 @@ pipe is that fd, and a daemon thread waiting on it sets the native stop flag
 (`ir.checkpoints`), the native call raises KeyboardInterrupt, and so does Python's
 own handler.  The previous wakeup fd is restored afterwards and gets every byte
 meanwhile (an event loop's still sees its signals).  Nothing is installed outside
-the main thread, on Windows, or when SIGINT has no Python handler.
+the main thread or on Windows; when SIGINT has no Python handler (ignored), no byte
+ever comes.  Entering and leaving costs a few microseconds a step.
 """
 from __future__ import annotations
 
@@ -66,8 +67,7 @@ def interruptible():
     global _forward
     jit.clear_stop()
     try:
-        if (sys.platform == "win32" or threading.current_thread() is not threading.main_thread()
-                or not callable(signal.getsignal(signal.SIGINT))):
+        if sys.platform == "win32" or threading.current_thread() is not threading.main_thread():
             yield
             return
         w = _start()
