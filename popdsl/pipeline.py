@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from popdsl.codegen.jit import NativeCodelets
+from popdsl.diagnostics import CompileError, Diagnostic, Span
 from popdsl.codegen.llvm import emit_module
 from popdsl.ir import codelet as cir
 from popdsl.ir import printer
@@ -28,6 +29,7 @@ from popdsl.ir.lowered import Lowered
 from popdsl.ir.target import Target
 from popdsl.ir.verify import direct_calls
 from popdsl.passes import autodiff as ad
+from popdsl.limits import BUDGET_FLAGS, Budgets
 from popdsl.passes.elaborate import elaborate
 from popdsl.passes.lower import lower
 from popdsl.passes.memplan import plan
@@ -46,6 +48,7 @@ class Options:
     reuse: bool = True
     verify: bool = False
     training: bool | None = None      # None: a graph that says 'minimize' trains
+    budgets: Budgets = Budgets()
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -64,6 +67,19 @@ class Stage:
     run: Callable[[Options, object], object]     # (options, previous result) -> result
     dump: Callable[[object], str]
     verify: Callable[[object], None] | None = None
+
+
+def _partition(opts: Options, graph):
+    out = partition(graph)
+    # Vertices placed by hand were counted by elaboration; the partitioner's too
+    # must fit the budget before lowering and planning spend time on them.
+    n = sum(len(grp) for cs in out.compute_sets.values() for grp in cs.groups)
+    if n > opts.budgets.vertices:
+        raise CompileError([Diagnostic(
+            Span(opts.path, 0, 0, 0, 0), f"the graph has {n:,} vertices after partitioning: more than "
+            f"{opts.budgets.vertices:,}, the compile-time budget", "error",
+            (f"raise the budget with {BUDGET_FLAGS['vertices']} N",))])
+    return out
 
 
 def _codegen(opts: Options, low: Lowered) -> Generated:
@@ -123,9 +139,10 @@ def _dump_plan(result) -> str:
 STAGES: tuple[Stage, ...] = (
     Stage("parse", lambda o, _: load_program(o.text, o.path), printer.modules),
     Stage("check", lambda o, modules: check_program(modules), printer.program),
-    Stage("elaborate", lambda o, prog: elaborate(prog, o.target, o.graph, o.path, o.training), printer.tensor_graph),
+    Stage("elaborate", lambda o, prog: elaborate(prog, o.target, o.graph, o.path, o.training, o.budgets),
+          printer.tensor_graph),
     Stage("autodiff", lambda o, graph: ad.autodiff(graph), printer.tensor_graph, ad.verify),
-    Stage("partition", lambda o, graph: partition(graph), printer.tensor_graph),
+    Stage("partition", _partition, printer.tensor_graph),
     Stage("lower", lambda o, graph: lower(graph), printer.lowered),
     Stage("codegen", _codegen, _dump_codegen),
     Stage("plan", _plan, _dump_plan),
@@ -139,7 +156,8 @@ def verify_by_default() -> bool:
 
 def compile_source(text: str, path: str, target: Target, graph: str | None = None,
                    unchecked: bool = False, stop_after: str | None = None, reuse: bool = True,
-                   verify: bool | None = None, training: bool | None = None):
+                   verify: bool | None = None, training: bool | None = None,
+                   budgets: Budgets | None = None):
     """Returns (Executable, NativeCodelets), or the result of stage `stop_after`.
     `training`: False compiles a graph that minimizes for inference (training()
     false, no update), None lets the graph say.  Raises CompileError for errors in
@@ -147,7 +165,7 @@ def compile_source(text: str, path: str, target: Target, graph: str | None = Non
     if stop_after is not None and stop_after not in STAGE_NAMES:
         raise ValueError(f"unknown stage {stop_after!r}")
     verify = verify_by_default() if verify is None else verify
-    opts = Options(text, path, target, graph, unchecked, reuse, verify, training)
+    opts = Options(text, path, target, graph, unchecked, reuse, verify, training, budgets or Budgets())
     result = None
     for stage in STAGES:
         result = stage.run(opts, result)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from popdsl.api import Executable, Simulator
+from popdsl.api import Executable, Simulator, check_values
 from popdsl.ir.codelet import NUMPY_DTYPE
 
 REPORTED = ("loss", "accuracy")          # the outputs a progress bar and an evaluation show
@@ -59,6 +59,32 @@ class Stream:
         return next(iter(self.batch.values()), 0)
 
 
+def check_feed(inputs: dict, name: str, dtype: np.dtype, shape: tuple, where: str = "") -> bool:
+    """Whether a feed of this dtype and shape fits input `name` (True: one batch,
+    used by every step; False: examples to stream in batches).  Raises DataError
+    saying why not.  Needs only a file's header, so data is refused before it is
+    read."""
+    at = f" in {where}" if where else ""
+    if name not in inputs:
+        raise DataError(f"no input named '{name}'{at} (inputs: {', '.join(inputs) or 'none'})")
+    dt, want_shape = inputs[name]
+    want = np.dtype(NUMPY_DTYPE[dt])
+    dtype = np.dtype(dtype)
+    if not np.can_cast(dtype, want, "same_kind") and not (dtype.kind in "iub" and want.kind in "iuf"):
+        raise DataError(f"feed '{name}'{at} has dtype {dtype}; input is {dt}")
+    shape = tuple(int(n) for n in shape)
+    if shape == want_shape:
+        return True
+    per_example = int(np.prod(want_shape[1:], dtype=np.int64)) if want_shape else 0
+    ok = bool(want_shape) and len(shape) >= 1 and shape[0] >= want_shape[0] and (
+        shape[1:] == want_shape[1:] or int(np.prod(shape[1:], dtype=np.int64)) == per_example)
+    if not ok:
+        raise DataError(f"feed '{name}'{at} has shape {list(shape)}; input is {list(want_shape)}"
+                        + (f" (or [N, {', '.join(map(str, want_shape[1:]))}] to stream N examples in batches "
+                           f"of {want_shape[0]})" if want_shape else ""))
+    return False
+
+
 def prepare(exe: Executable, feeds: dict[str, np.ndarray], where: str = "") -> Stream:
     """`feeds` checked against `exe`'s inputs and split into batches.  `where`
     names the data (a file) in messages."""
@@ -76,19 +102,15 @@ def prepare(exe: Executable, feeds: dict[str, np.ndarray], where: str = "") -> S
     for name, arr in feeds.items():
         dtype, shape = inputs[name]
         arr = np.asarray(arr)
+        once = check_feed(inputs, name, arr.dtype, arr.shape, where)
         want = np.dtype(NUMPY_DTYPE[dtype])
-        if not np.can_cast(arr.dtype, want, "same_kind") and not (arr.dtype.kind in "iub" and want.kind in "iuf"):
-            raise DataError(f"feed '{name}'{at} has dtype {arr.dtype}; input is {dtype}")
-        if arr.shape == shape:
+        try:
+            check_values(f"feed '{name}'{at}", arr, dtype)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        if once:
             every[name] = arr.astype(want)
             continue
-        per_example = int(np.prod(shape[1:], dtype=np.int64)) if shape else 0
-        ok = bool(shape) and arr.ndim >= 1 and arr.shape[0] >= shape[0] and (
-            arr.shape[1:] == shape[1:] or int(np.prod(arr.shape[1:], dtype=np.int64)) == per_example)
-        if not ok:
-            raise DataError(f"feed '{name}'{at} has shape {list(arr.shape)}; input is {list(shape)}"
-                            + (f" (or [N, {', '.join(map(str, shape[1:]))}] to stream N examples in batches "
-                               f"of {shape[0]})" if shape else ""))
         streamed[name] = arr.reshape((arr.shape[0],) + shape[1:]).astype(want)
         batch[name] = shape[0]
         counts[name] = arr.shape[0] // shape[0]

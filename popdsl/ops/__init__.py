@@ -24,11 +24,11 @@ its tests.
 """
 from __future__ import annotations
 
-from popdsl.ops import conv, conv_grad, elementwise, linalg, reduce, shape, train
+from popdsl.ops import conv, conv_grad, elementwise, gather, linalg, reduce, shape, train
 from popdsl.ops.core import Builder, Function, OpDef, OpError, Param, applies_to, bind, shape_str
 from popdsl.ops.train import OPTIMIZERS
 
-_FAMILIES = (elementwise, reduce, linalg, conv, conv_grad, shape, train)
+_FAMILIES = (elementwise, reduce, linalg, conv, conv_grad, shape, gather, train)
 
 OPS: dict[str, OpDef] = {}
 FUNCTIONS: dict[str, list[Function]] = {}

@@ -1,5 +1,5 @@
 """Shape operations, views and data movement: `reshape transpose slice concat pad
-gather one_hot` and indexing `x[i, a:b]`.
+one_hot` and indexing `x[i, a:b]` (`gather` has its own module, `ops.gather`).
 
 Requires `ops.core`; produces their operations.  Reshape, transpose, indexing and
 `broadcast` (made by gradients: a tensor repeated along axes, numpy's
@@ -7,13 +7,12 @@ Requires `ops.core`; produces their operations.  Reshape, transpose, indexing an
 vertex, no copy.  `concat` and `pad` make a new tensor each part is copied into (a
 pad's border is filled by vertices every step), and so does `place`, the gradient
 of a view leaf (its elements put back where the view took them, zeros elsewhere);
-`gather` and `one_hot` place vertices where their rows go.  Leaves (`tensor`,
+`one_hot` places vertices where its rows go.  Leaves (`tensor`,
 `view` of a graph tensor) are here too.
 
 Gradients are written in terms of each other: reshape's is a reshape, transpose's
 the inverse transpose, an index's a pad, a pad's an index, concat's an index per
-part, and gather's a one-hot matrix product (a scatter-add: the rows of g summed
-into the rows they were gathered from).
+part.
 """
 from __future__ import annotations
 
@@ -21,12 +20,10 @@ import numpy as np
 
 from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node
-from popdsl.ops import elementwise
 from popdsl.ops.core import Builder, Function, OpDef, Param, shape_str
 
 # Data-movement codelets, one per storage type.
 FILL = {"f32": "Fill", "i32": "FillI", "f16": "FillH", "bool": "FillB"}
-GATHER = {"f32": "GatherRows", "i32": "GatherRowsI", "f16": "GatherRowsH", "bool": "GatherRowsB"}
 
 
 # ---------------------------------------------------------------- shape rules
@@ -129,16 +126,6 @@ def _fill_value(b: Builder, dtype: str, value, span):
     return float(value)
 
 
-def gather(b: Builder, x: Node, idx: Node, axis: int, span) -> Node:
-    if idx.dtype != "i32":
-        b.err(span, f"gather: indices must be i32, found {idx.dtype}")
-    if not x.shape or not -len(x.shape) <= axis < len(x.shape):
-        b.err(span, f"gather: axis {axis} is out of range for shape {shape_str(x.shape)}")
-    axis %= len(x.shape)
-    shape = x.shape[:axis] + idx.shape + x.shape[axis + 1:]
-    return b.make("gather", (x, idx), (axis,), shape, x.dtype)
-
-
 def one_hot(b: Builder, y: Node, depth: int, span) -> Node:
     if y.dtype != "i32":
         b.err(span, f"one_hot: labels must be i32, found {y.dtype}")
@@ -196,23 +183,6 @@ def _g_concat(b, n, g, i):
     return index(b, g, key, None)
 
 
-def _g_gather(b, n, g, i):
-    """dx = one_hot(idx)^T @ g with the gathered axis first: each row of g added to
-    the row it came from (a scatter-add as a matrix product)."""
-    from popdsl.ops import linalg        # here, not at the top: linalg imports reduce, which imports us
-    x, idx = n.args
-    axis = n.attrs[0]
-    rank, k = len(x.shape), len(idx.shape)
-    rest = x.shape[:axis] + x.shape[axis + 1:]
-    m, size = idx.numel, x.shape[axis]
-    # g: x.shape[:axis] + idx.shape + x.shape[axis + 1:], the index axes moved first.
-    gt = transpose(b, g, list(range(axis, axis + k)) + list(range(axis)) + list(range(axis + k, rank - 1 + k)), None)
-    g2 = reshape(b, gt, [m, int(np.prod(rest, dtype=np.int64))], None)
-    wrapped = elementwise.select(b, elementwise.apply(b, "lt", [idx, b.const(0, "i32")], None),
-                                 elementwise.apply(b, "add", [idx, b.const(size, "i32")], None), idx, None)
-    rows = transpose(b, one_hot(b, reshape(b, wrapped, [m], None), size, None), None, None)
-    dx = reshape(b, linalg.matmul(b, rows, g2, None), [size, *rest], None)
-    return transpose(b, dx, list(range(1, axis + 1)) + [0] + list(range(axis + 1, rank)), None)
 
 
 # ---------------------------------------------------------------- numpy references
@@ -224,10 +194,6 @@ def _index_ref(attrs, x):
 def _pad_ref(attrs, x):
     pads, value = attrs
     return np.pad(x, pads, constant_values=np.asarray(value).astype(x.dtype))
-
-
-def _gather_ref(attrs, x, idx):
-    return np.take(x, idx, axis=attrs[0])         # negative indices count from the end
 
 
 def _place_ref(attrs, index, g):
@@ -342,30 +308,6 @@ def partition_concat(p, n: Node) -> g.View:
     return out
 
 
-def partition_gather(p, n: Node) -> g.View:
-    axis = n.attrs[0]
-    x, idx = p.value(n.args[0]), p.value(n.args[1])
-    xi = np.moveaxis(x.index, axis, 0)
-    rows = xi.reshape(xi.shape[0], -1)
-    flat_idx = idx.index.reshape(-1)
-    m, d = flat_idx.size, rows.shape[1]
-    out = p.new_tensor(p.name(n), n.dtype, (m, d))
-    p.ensure_mapped(x)
-    p.ensure_mapped(idx)
-    p.g.tile_of[out.tensor][:] = np.repeat(p.linear(m, grain=1), d)
-    cs = p.new_cs(p.name(n))
-    codelet = p.prim(GATHER[n.dtype])
-    row_tiles = p.g.tile_of[out.tensor][out.index[:, 0]]
-    for size, pos, tiles in p.chunks(row_tiles, grain=1):
-        p.group(cs, codelet, tiles, {"x": (x.tensor, np.broadcast_to(rows, (len(tiles),) + rows.shape)),
-                                     "idx": (idx.tensor, flat_idx[pos]),
-                                     "y": (out.tensor, out.index[pos])})
-    p.record(n, cs)
-    res = out.index.reshape(idx.index.shape + xi.shape[1:])
-    res = np.moveaxis(res, list(range(idx.index.ndim)), list(range(axis, axis + idx.index.ndim)))
-    return g.View(out.tensor, res, out.span)
-
-
 def partition_one_hot(p, n: Node) -> g.View:
     y = p.value(n.args[0])
     depth = n.attrs[0]
@@ -405,11 +347,6 @@ def op_defs() -> list[OpDef]:
               grad=_g_concat),
         OpDef("pad", "compute", "x surrounded by a value", ref=_pad_ref, partition=partition_pad,
               codelets=tuple(FILL.values()), flops=_moves, grad=_g_pad),
-        OpDef("gather", "compute", "x's slices at indices along an axis", ref=_gather_ref,
-              partition=partition_gather, codelets=tuple(GATHER.values()), flops=_moves, grad=_g_gather,
-              explain={(c, "x", 0): "gather: an index is out of range for an axis of size {size} "
-                                    "(numpy's take allows -{size} to {size} - 1)"
-                       for c in GATHER.values()}),
         OpDef("one_hot", "compute", "1.0 where the class is the label", ref=_one_hot_ref,
               partition=partition_one_hot, codelets=("OneHot",), flops=_moves,
               explain={("OneHot", "y", 1): "one_hot: label {index} is outside 0..{size} - 1 (one_hot(y, {size}))"}),
@@ -430,8 +367,6 @@ def functions() -> list[Function]:
         Function("pad", (Param("x", "tensor"), Param("pads", "any"), Param("value", "any", 0.0)),
                  lambda b, a, span: pad(b, a["x"], a["pads"], a["value"], span),
                  "x with [before, after] elements of `value` around each axis"),
-        Function("gather", (Param("x", "tensor"), Param("indices", "tensor"), Param("axis", "int", 0)),
-                 lambda b, a, span: gather(b, a["x"], a["indices"], a["axis"], span), "numpy's take"),
         Function("one_hot", (Param("y", "tensor"), Param("depth", "int")),
                  lambda b, a, span: one_hot(b, a["y"], a["depth"], span), "one-hot rows of f32"),
     ]

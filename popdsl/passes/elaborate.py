@@ -5,6 +5,10 @@ mapping and initial values, compute sets of vertices (grouped per codelet), and 
 program tree.  Graph construction is a compile-time program: `for`, `if`, `let` and
 integer arithmetic run here; everything left is device work.  User errors are
 collected; elaboration goes on past a bad statement so one run reports several.
+
+Being a program, it may not end: the budgets of `popdsl.limits.Budgets` bound
+compile-time loop iterations and def calls together, tensor operations and
+vertices placed by hand; the error names the budget and the flag that raises it.
 """
 from __future__ import annotations
 
@@ -19,9 +23,8 @@ from popdsl.passes.elaborate_poplar import INITS, PoplarMixin, kind_of
 from popdsl.passes.elaborate_tensor import TensorMixin
 from popdsl.passes.elaborate_train import TrainMixin, says_minimize
 from popdsl.ir.target import Target
+from popdsl.limits import BUDGET_FLAGS, CALL_STEPS, Budgets
 from popdsl.sema import Program
-
-MAX_UNROLL = 1 << 22          # compile-time loop iterations, all loops together
 
 
 class _Bad(Exception):
@@ -53,8 +56,11 @@ _kind = kind_of         # how a compile-time value reads in a message
 class _Elaborator(PoplarMixin, TensorMixin, TrainMixin):
     Bad = _Bad
 
-    def __init__(self, prog: Program, target: Target, diags: Diagnostics, training: bool | None = None):
+    def __init__(self, prog: Program, target: Target, diags: Diagnostics, training: bool | None = None,
+                 budgets: Budgets = Budgets()):
         self.prog, self.d = prog, diags
+        self.budgets = budgets
+        self.vertices = 0
         self.graph: g.TensorGraph | None = None
         self.target = target
         self.scopes: list[dict[str, object]] = [{}]
@@ -125,6 +131,35 @@ class _Elaborator(PoplarMixin, TensorMixin, TrainMixin):
                 if not whole:
                     self.d.error(self.output_spans.get(name, t.span), f"output '{name}' has the name of "
                                  f"{t.kind} '{name}' ({t.span})", f"name the output otherwise: 'output EXPR as NAME;'")
+
+    # ---------------------------------------------------------------- budgets
+    def over_budget(self, span: Span, which: str, what: str) -> None:
+        limit = getattr(self.budgets, which)
+        self.d.error(span, f"{what}: more than {limit:,}, the compile-time budget",
+                     f"a graph-building loop or recursion that never ends? raise the budget with "
+                     f"{BUDGET_FLAGS[which]} N")
+        raise _Bad
+
+    def tick(self, span: Span, what: str, steps: int = 1) -> None:
+        """Compile-time steps: a loop iteration or a def call (`limits.Budgets`);
+        also watches the tensor ops built so far (only loops and calls can build
+        unboundedly many)."""
+        self.unrolled += steps
+        if self.unrolled > self.budgets.unroll:
+            self.over_budget(span, "unroll", "compile-time steps (loop iterations; a def call "
+                             f"counts {CALL_STEPS})")
+        if len(self.nodes.nodes) > self.budgets.ops:
+            self.over_budget(span, "ops", f"tensor operations built ({what})")
+
+    def call_def(self, d: ast.DefDecl, e: ast.Call):
+        self.tick(e.span, f"in calls of '{d.name}'", CALL_STEPS)
+        return super().call_def(d, e)
+
+    def vertex(self, s: ast.VertexStmt) -> None:
+        if self.vertices >= self.budgets.vertices:
+            self.over_budget(s.span, "vertices", "vertices placed")
+        super().vertex(s)
+        self.vertices += 1
 
     # ---------------------------------------------------------------- statements
     def block(self, b: ast.Block) -> g.Seq:
@@ -287,10 +322,7 @@ class _Elaborator(PoplarMixin, TensorMixin, TrainMixin):
         out: list[g.Prog] = []
         errors = len(self.d.items)
         for i in range(start, stop, step):
-            self.unrolled += 1
-            if self.unrolled > MAX_UNROLL:
-                self.d.error(s.span, f"compile-time loops ran more than {MAX_UNROLL} iterations")
-                raise _Bad
+            self.tick(s.span, "in loops")
             self.scopes.append({s.var: i})
             try:
                 out.extend(self.block(s.body).body)
@@ -638,7 +670,8 @@ def _source_text(span: Span) -> str:
 
 
 def elaborate(prog: Program, target: Target, graph_name: str | None = None,
-              root_path: str | None = None, training: bool | None = None) -> g.TensorGraph:
+              root_path: str | None = None, training: bool | None = None,
+              budgets: Budgets = Budgets()) -> g.TensorGraph:
     """Run the chosen graph (by name, or the one graph of the root file), in training
     mode when `training` says so (None: when the graph says 'minimize')."""
     diags = Diagnostics()
@@ -656,7 +689,7 @@ def elaborate(prog: Program, target: Target, graph_name: str | None = None,
                 f"several graphs ({', '.join(n.name for n in root)}); choose one with --graph"
             raise CompileError([Diagnostic(Span(root_path or "<input>", 0, 0, 0, 0), msg)])
         node = root[0]
-    e = _Elaborator(prog, target, diags, training)
+    e = _Elaborator(prog, target, diags, training, budgets)
     graph = e.run(node)
     diags.check()
     return graph
