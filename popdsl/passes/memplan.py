@@ -227,7 +227,7 @@ def _categories(low, live: Liveness, rs, plan_rs, rt, planned, bound, naive, cod
     return X.MemoryPlan(always_live=per_tile(live.always), not_always_live=per_tile(~live.always & ~is_buf),
                         exchange_buffers=per_tile(is_buf), vertex_state=vertex_state, code=code,
                         planned=planned, lower_bound=bound, naive_data=naive, timeline=np.cumsum(timeline)[:-1],
-                        timeline_labels=list(live.labels) + ["outputs read by the host"])
+                        timeline_labels=list(live.labels))
 
 
 def _finish(low: Lowered, codelets: dict, base: np.ndarray, mem: X.MemoryPlan, unchecked: bool) -> X.Executable:
