@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--unchecked", action="store_true", help="drop the remaining bounds checks")
         sp.add_argument("--no-reuse", action="store_true",
                         help="give every tensor and buffer its own memory (no liveness sharing, no in-place)")
+        sp.add_argument("--verify", action="store_true",
+                        help="check the compiler's invariants after every stage (slower; for bug reports)")
 
     b = sub.add_parser("build", help="compile FILE.pop to FILE.popx")
     common(b)
@@ -165,7 +167,7 @@ def _compile(args, stop_after=None):
     if args.file.endswith(".popx"):
         raise UserError(f"'{args.file}' is already compiled; '{args.command}' needs a .pop file")
     return compile_source(_read_source(args.file), args.file, _target(args), args.graph,
-                          args.unchecked, stop_after, reuse=not args.no_reuse)
+                          args.unchecked, stop_after, reuse=not args.no_reuse, verify=args.verify or None)
 
 
 def _executable(args):

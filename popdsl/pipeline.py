@@ -26,6 +26,8 @@ from popdsl.ir import printer
 from popdsl.ir.lowered import Lowered
 from popdsl.ir.target import Target
 from popdsl.ir.verify import direct_calls
+from popdsl.ir.verify_graph import verify_checked, verify_elaborated, verify_partitioned
+from popdsl.ir.verify_lowered import verify_generated, verify_lowered, verify_planned
 from popdsl.passes.elaborate import elaborate
 from popdsl.passes.lower import lower
 from popdsl.passes.memplan import plan
@@ -90,12 +92,13 @@ def _dump_plan(result) -> str:
 
 STAGES: tuple[Stage, ...] = (
     Stage("parse", lambda o, _: load_program(o.text, o.path), printer.modules),
-    Stage("check", lambda o, modules: check_program(modules), printer.program),
-    Stage("elaborate", lambda o, prog: elaborate(prog, o.target, o.graph, o.path), printer.tensor_graph),
-    Stage("partition", lambda o, graph: partition(graph), printer.tensor_graph),
-    Stage("lower", lambda o, graph: lower(graph), printer.lowered),
-    Stage("codegen", _codegen, _dump_codegen),
-    Stage("plan", _plan, _dump_plan),
+    Stage("check", lambda o, modules: check_program(modules), printer.program, verify_checked),
+    Stage("elaborate", lambda o, prog: elaborate(prog, o.target, o.graph, o.path), printer.tensor_graph,
+          verify_elaborated),
+    Stage("partition", lambda o, graph: partition(graph), printer.tensor_graph, verify_partitioned),
+    Stage("lower", lambda o, graph: lower(graph), printer.lowered, verify_lowered),
+    Stage("codegen", _codegen, _dump_codegen, verify_generated),
+    Stage("plan", _plan, _dump_plan, verify_planned),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
