@@ -186,7 +186,9 @@ def _group(check: Check, graph: g.TensorGraph, grp: g.VertexGroup, what: str) ->
             _field_shape(check, f, conn.index.shape[1:], syms, slice(None), fwhat)
             check(t.dtype == f.dtype, fwhat, f"is {f.dtype}, connected to '{t.name}' of {t.dtype}")
             continue
-        check(isinstance(conn, list) and len(conn) == nv, fwhat, f"has {len(conn)} connections for {nv} vertices")
+        check(isinstance(conn, list) and len(conn) == nv, fwhat,
+              lambda: f"has {type(conn).__name__} {len(conn) if isinstance(conn, list) else ''} connections "
+              f"for {nv} vertices")
         for k, v in enumerate(conn):
             t = _view(check, graph, v, f"{fwhat} vertex {k}")
             check(t.dtype == f.dtype, fwhat, f"is {f.dtype}, connected to '{t.name}' of {t.dtype}")
