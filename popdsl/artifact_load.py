@@ -371,9 +371,9 @@ class Loader:
 
     @staticmethod
     def op(op, ncs: int) -> dict:
-        op = _dict(op, "an op", ("op", "shape", "dtype", "node", "vertices", "tiles", "source", "flops",
+        op = _dict(op, "an op", ("op", "name", "shape", "dtype", "node", "vertices", "tiles", "source", "flops",
                                  "compute_sets"))
-        return {"op": _str(op["op"], "an op's name"),
+        return {"op": _str(op["op"], "an op's operation"), "name": _str(op["name"], "an op's name"),
                 "shape": [_int(x, 0, _I32, "an op's dimension") for x in _list(op["shape"], "an op's shape")],
                 "dtype": _str(op["dtype"], "an op's dtype"), "node": _int(op["node"], 0, _I32, "an op's node"),
                 "vertices": _int(op["vertices"], 0, _BIG, "an op's vertex count"),

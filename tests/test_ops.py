@@ -143,7 +143,7 @@ def test_an_operand_used_twice_by_an_op_is_computed_once():
     """square(a + b) fuses into one codelet that adds once, into a local, and squares it."""
     src = "graph g(tiles = 2) {\n    input a: f32[8];\n    input b: f32[8];\n    output y = square(a + b);\n}\n"
     graph = compile_source(src, "<string>", get_target("gc200", tiles=2), stop_after="partition")
-    fused = [c for n, c in graph.codelets.items() if n.startswith("ew_")]
+    fused = [c for n, c in graph.codelets.items() if n.startswith("fused_")]
     assert len(fused) == 1
     text = repr(fused[0].body)
     assert text.count("Binary(op='+'") == 1 and "Declare(name='t0'" in text

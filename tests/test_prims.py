@@ -72,7 +72,7 @@ def test_fused_chain_is_one_codelet_and_matches():
     x, b = rnd((4, 33), 4), rnd((33,), 5)
     src = "graph g(tiles = 7) { input x: f32[4, 33]; input b: f32[33]; output y = tanh(x * 2.0 + b) - x / 3.0; }"
     exe = popdsl.compile(src)
-    ew = [c for c in exe.ir.codelets if c.startswith("ew_")]
+    ew = [c for c in exe.ir.codelets if c.startswith("fused_")]
     assert len(ew) == 1, ew                     # the whole chain is one vertex loop
     with popdsl.Simulator(exe) as sim:
         y = sim.run({"x": x, "b": b})["y"]

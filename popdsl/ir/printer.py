@@ -165,9 +165,9 @@ def program(prog) -> str:
 
 # ---------------------------------------------------------------- graphs
 
-# Partition names the element-wise codelets it generates `ew_<hash>`; the tensor graph
+# Partition names the element-wise codelets it generates `fused_<ops>_<hash>`; the tensor graph
 # dump prints their bodies, which no earlier dump shows.
-GENERATED_PREFIX = "ew_"
+GENERATED_PREFIX = "fused_"
 _MAX_RUNS = 6          # a tile mapping prints as runs of elements when it has this few
 
 

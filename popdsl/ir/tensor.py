@@ -47,6 +47,9 @@ class NodeTable:
         self.nodes: list[Node] = []
         self.spans: dict[int, object] = {}       # node id → span of the source that first made it
         self.span = None                         # set by the elaborator while it evaluates a call
+        # node id → what made it, by call path: "stage_2.bottleneck_1.conv_bn_1.conv_1.conv2d"
+        self.sites: dict[int, str] = {}
+        self.site: str | None = None
 
     def make(self, op: str, args=(), attrs=(), shape=(), dtype="f32", index=None) -> Node:
         key = None
@@ -59,6 +62,8 @@ class NodeTable:
         self.nodes.append(n)
         if self.span is not None:
             self.spans[n.id] = self.span
+        if self.site is not None:
+            self.sites[n.id] = self.site
         if key is not None:
             self._by_key[key] = n
         return n
@@ -68,6 +73,7 @@ class NodeTable:
         so far are shared: nodes never change)."""
         t = NodeTable()
         t._by_key, t.nodes, t.spans, t.span = dict(self._by_key), list(self.nodes), dict(self.spans), self.span
+        t.sites, t.site = dict(self.sites), self.site
         return t
 
 

@@ -80,8 +80,10 @@ def gradients(b: Builder, loss: Node, wrt: dict[int, tuple], no_rule) -> dict[in
             gn = grads.pop(n.id, None)
             if gn is None or n.id not in live:
                 continue
-            # Backward nodes point at the source of the forward op they come from.
+            # Backward nodes point at the source of the forward op they come from,
+            # and are named after it.
             b.t.span = spans.get(n.id, saved)
+            b.t.site = b.t.sites.get(n.id, n.op) + ".grad"
             if n.op in LEAVES:
                 shape, dtype = wrt[n.attrs[0]]
                 part = gn if n.op == "tensor" else place(b, gn, n.index, shape, dtype)
@@ -103,7 +105,7 @@ def gradients(b: Builder, loss: Node, wrt: dict[int, tuple], no_rule) -> dict[in
                 prev = grads.get(a.id)
                 grads[a.id] = part if prev is None else elementwise.apply(b, "add", [prev, part], None)
     finally:
-        b.t.span = saved
+        b.t.span, b.t.site = saved, None
     return out
 
 
@@ -175,6 +177,7 @@ class _Pass:
         h = dict(m.hyper)
         saved = b.t.span
         b.t.span = m.span                     # the update's nodes point at the minimize statement
+        b.t.site = m.optimizer
         try:
             counters = {}
             for c in opt.counters:
@@ -191,7 +194,7 @@ class _Pass:
                 for s, v in new_state.items():
                     gr.updates[state[s].attrs[0]] = elementwise.cast(b, t.dtype, v)
         finally:
-            b.t.span = saved
+            b.t.span, b.t.site = saved, None
 
     def leaf(self, t: g.Tensor) -> Node:
         return self.g.nodes.make("tensor", (), (t.id,), t.shape, t.dtype)

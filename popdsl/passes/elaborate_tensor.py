@@ -70,6 +70,10 @@ class TensorMixin:
     def is_tensor(self, v) -> bool:
         return isinstance(v, (Node, g.View))
 
+    def named(self, label: str) -> None:
+        """Nodes made from now on are named `label` after the current call path."""
+        self.nodes.site = ".".join(self.path + [label])
+
     def prim(self, fn, *args):
         self.nodes.span = next((a for a in reversed(args) if isinstance(a, Span)), None)
         try:
@@ -81,14 +85,19 @@ class TensorMixin:
         like = self.like(e.span, a, b)
         na, nb = self.as_node(a, e.a.span, like), self.as_node(b, e.b.span, like)
         if e.op == "@":
+            self.named("matmul")
             return self.prim(linalg.matmul, self.builder, na, nb, e.span)
-        return self.prim(elementwise.apply, self.builder, elementwise.BY_SYMBOL[e.op].name, [na, nb], e.span)
+        name = elementwise.BY_SYMBOL[e.op].name
+        self.named(name)
+        return self.prim(elementwise.apply, self.builder, name, [na, nb], e.span)
 
     def tensor_unary(self, op: str, v, span: Span):
+        self.named(op)
         return self.prim(elementwise.apply, self.builder, op, [self.as_node(v, span)], span)
 
     def tensor_index(self, e: ast.IndexExpr, base: Node):
         key = self.index_key(e, base.shape, f"a {base.dtype}{shape_str(base.shape)} value")
+        self.named("index")
         return self.prim(shape_ops.index, self.builder, base, key, e.span)
 
     # ---------------------------------------------------------------- calls
@@ -119,6 +128,7 @@ class TensorMixin:
                 self.d.error(e.span, f"scalar codelet '{fn}' takes positional arguments")
                 raise self.Bad
             like = self.like(e.span, *(v for v, _ in pos))
+            self.named(fn)
             return self.prim(elementwise.call_scalar, self.builder, c,
                              [self.as_node(v, sp, like) for v, sp in pos], e.span)
         if fn == "grad":
@@ -149,6 +159,7 @@ class TensorMixin:
             args = ops.bind(f, pos, kw, span, self.d, self.as_node, self.is_tensor)
         except OpError:
             raise self.Bad from None
+        self.named(fn)
         return self.prim(f.build, self.builder, args, span)
 
     def call_def(self, d: ast.DefDecl, e: ast.Call):

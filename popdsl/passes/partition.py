@@ -50,6 +50,8 @@ class Partitioner:
         self.ncs = 0
         self.span = Span("<tensor program>", 0, 0, 0, 0)
         self.rotor = 0
+        self.names: dict[str, int] = {}
+        self.node_names: dict[int, str] = {}
 
     # ---------------------------------------------------------------- driver
     def run(self) -> g.TensorGraph:
@@ -177,7 +179,18 @@ class Partitioner:
         return self.g.tile_of[v.tensor][v.index]
 
     def name(self, n: Node) -> str:
-        return f"%{n.id}.{n.op.replace(':', '_')}"
+        """What the tensors and compute sets made for `n` are called: its call path
+        and the function that made it (`stage_2.bottleneck_1.conv_bn_1.conv_1.conv2d`),
+        numbered when one place makes several (`softmax_1.sub`, `softmax_1.sub.2`)."""
+        given = self.node_names.get(n.id)
+        if given is not None:
+            return given
+        site = self.g.nodes.sites.get(n.id) if self.g.nodes is not None else None
+        base = site or f"%{n.id}.{n.op.replace(':', '_')}"
+        k = self.names.get(base, 0) + 1
+        self.names[base] = k
+        given = self.node_names[n.id] = base if k == 1 else f"{base}.{k}"
+        return given
 
     def new_cs(self, label: str) -> g.ComputeSet:
         self.ncs += 1
@@ -284,8 +297,9 @@ class Partitioner:
         body = (cir.For("i", cir.Const(0, "i32"), cir.Sym("n"), 1,
                         (*lets, cir.Store("y", (i,), expr, False))),)
         proto = cir.Codelet("ew", fields + (cir.Field("y", "out", n.dtype, ("n",)),), ("n",), None, body)
-        digest = hashlib.sha1(repr(proto).encode()).hexdigest()[:12]
-        name = self.add_codelet(cir.Codelet(f"ew_{digest}", proto.fields, proto.symbols, None, body))
+        digest = hashlib.sha1(repr(proto).encode()).hexdigest()[:8]
+        name = self.add_codelet(cir.Codelet(f"fused_{_fused_ops(n, leaves)}_{digest}", proto.fields, proto.symbols,
+                                            None, body))
         out = self.new_tensor(self.name(n), n.dtype, n.shape)
         views = [self.value(leaf) for leaf in leaves]
         # Aligned with the first full-size operand: each tile computes its own data.
@@ -361,7 +375,7 @@ class Partitioner:
             flops = rule(n) if rule is not None else n.numel
         self.g.ops.append({"node": n.id, "op": n.op, "shape": list(n.shape), "dtype": n.dtype,
                            "compute_sets": [cs.name for cs in css], "vertices": verts, "tiles": len(tiles),
-                           "flops": int(flops),
+                           "flops": int(flops), "name": self.name(n),
                            "source": str(span) if span is not None and span.line else ""})
 
 
@@ -395,3 +409,21 @@ def _count_ops(expr, lets) -> int:
         elif hasattr(e, "__dataclass_fields__"):
             stack.extend(getattr(e, f) for f in e.__dataclass_fields__)
     return max(n, 1)
+
+
+def _fused_ops(n: Node, leaves: list) -> str:
+    """The operations a fused kernel computes, for its name: `mul_add_relu` (at most
+    four, then `etc`)."""
+    names: list[str] = []
+    stop = {leaf.id for leaf in leaves}
+
+    def visit(m: Node) -> None:
+        if m.id in stop or m.op == "const":
+            return
+        for a in m.args:
+            visit(a)
+        op = m.op[5:] if m.op.startswith("call:") else m.op.removeprefix("cast_")
+        if op not in names:
+            names.append(op)
+    visit(n)
+    return "_".join(names[:4] + (["etc"] if len(names) > 4 else [])) or n.op

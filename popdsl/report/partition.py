@@ -35,16 +35,21 @@ class PartitionReport:
         t = self.exe.target
         out = [f"partition of graph '{self.exe.name}' over {t.tiles} tiles ({t.name}); cycles from one "
                f"simulated step with zero inputs ({self.step_cycles:,} compute cycles)",
-               f"  {'op':<10}{'shape':<20}{'vertices':>9}{'tiles':>7}{'max cyc':>10}{'share':>7}{'balance':>8}"
+               f"  {'op':<52}{'shape':<20}{'vertices':>9}{'tiles':>7}{'max cyc':>10}{'share':>7}{'balance':>8}"
                f"{'workers':>8}{'GFLOP/s':>9}{'exchange B':>12}  source"]
         for r in self.rows:
-            out.append(f"  {r['op']:<10}{str(r['shape']):<20}{r['vertices']:>9}{r['tiles']:>7}"
+            out.append(f"  {_clip(r['name'], 51):<52}{str(r['shape']):<20}{r['vertices']:>9}{r['tiles']:>7}"
                        f"{r['max_cycles']:>10,}{100 * r['cycle_share']:>6.1f}%{r['balance']:>8.2f}"
                        f"{r['workers_busy']:>6.1f}/{t.workers}{r['gflops_per_s']:>9.1f}"
                        f"{r['exchange_bytes']:>12,}  {r['source']}")
         if not self.rows:
             out.append("  (no tensor operations: this graph places its vertices itself)")
         return "\n".join(out)
+
+
+def _clip(name: str, width: int) -> str:
+    """A long call path keeps its end (the op and its nearest calls)."""
+    return name if len(name) <= width else "..." + name[-(width - 3):]
 
 
 def partition_report(exe: Executable, native, max_cycles: int = MAX_CYCLES) -> PartitionReport:
@@ -84,7 +89,7 @@ def _row(exe: Executable, machine, op: dict, step: int) -> dict:
     mx = int(per_tile.max()) if used.any() else 0
     mean = float(per_tile[used].mean()) if used.any() else 0.0
     flops = int(op.get("flops", 0))
-    return {"op": op["op"], "shape": op["shape"], "vertices": op["vertices"],
+    return {"op": op["op"], "name": op.get("name", op["op"]), "shape": op["shape"], "vertices": op["vertices"],
             "tiles": int(used.sum()), "max_cycles": mx, "mean_cycles": mean,
             "balance": mx / mean if mean else 1.0, "cycle_share": mx / step,
             "workers_busy": busy, "flops": flops,
