@@ -101,7 +101,8 @@ def save(exe: X.Executable, path: str) -> None:
         "inputs": exe.inputs, "outputs": exe.outputs,
         "spans": [_span_json(s) for s in exe.spans],
         "memory": {**{k: A.ref(getattr(exe.memory, k)) for k in _MEMORY_ARRAYS},
-                   "timeline_labels": list(exe.memory.timeline_labels)},
+                   "timeline_labels": list(exe.memory.timeline_labels),
+                   "timeline_categories": {k: A.ref(v) for k, v in exe.memory.timeline_categories.items()}},
         "ops": exe.ops,
     }
     directory = os.path.dirname(os.path.abspath(path)) or "."
@@ -259,7 +260,11 @@ class _Loader:
         if any(a.size != target.tiles for k, a in arrays.items() if k != "timeline"):
             raise ValueError("memory plan does not match the target's tiles")
         labels = [str(x) for x in d["memory"]["timeline_labels"]]
-        mem = X.MemoryPlan(**arrays, timeline_labels=labels)
+        cats = {str(k): self.array(v, np.int64, 1)
+                for k, v in d["memory"].get("timeline_categories", {}).items()}
+        if any(k not in X.CATEGORIES or a.size != arrays["timeline"].size for k, a in cats.items()):
+            raise ValueError("memory timeline categories do not match the timeline")
+        mem = X.MemoryPlan(**arrays, timeline_labels=labels, timeline_categories=cats)
         ops = []
         for op in d.get("ops", []):
             if any(not 0 <= int(i) < len(css) for i in op["compute_sets"]):
