@@ -43,7 +43,7 @@ class Picture:
     height: int
     seconds: float
     note: str
-    marks: dict[str, tuple[float, float]] = field(default_factory=dict)   # name → (x, y) pixels from top left
+    marks: dict[str, tuple[float, float]] = field(default_factory=dict)   # name → (x, y) pixels from the top left
 
 
 def require(graph: bool = False):
@@ -97,7 +97,7 @@ def save(fig, path: str) -> tuple[int, int]:
 
 
 def mb(nbytes: float) -> str:
-    return f"{nbytes / 1e6:,.1f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:,.1f} KB"
+    return f"{nbytes / 1e6:,.2f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:,.1f} KB"
 
 
 def tile_grid(tiles: int) -> tuple[int, int]:
@@ -171,7 +171,7 @@ def draw_memory_map(exe: Executable, path: str, mark: int = 5) -> Picture:
                   labels=[CATEGORY_NAMES[k] if k != "not_always_live" else
                           "not-always-live results and exchange buffers (as planned, shared)" for k, _ in parts],
                   step="mid")
-    top = float(total.max()) * 1.15
+    top = float(total.max()) * 1.5                 # room for the legend above the bars
     if top >= 0.5 * t.tile_memory:
         top = max(top, t.tile_memory * 1.08)
         ax2.axhline(t.tile_memory / 1e3, color="black", linestyle="--", linewidth=1)
@@ -196,7 +196,7 @@ def draw_memory_map(exe: Executable, path: str, mark: int = 5) -> Picture:
              "results and exchange buffers between tiles' lifetimes)", ha="center", fontsize=8.5, color="#444")
     for k, tile in enumerate(busiest.tolist()):
         r, c = divmod(tile, cols)
-        marks[f"busiest_{k + 1}"] = pixel(fig, ax, c, r)
+        marks[f"busiest_{k + 1}"] = pixel(fig, ax, c - 0.5, r - 0.5)      # the outline's corner
     w, h = save(fig, path)
     note = f"memory map of {t.tiles} tiles; busiest tile {int(busiest[0])}"
     return Picture(path, w, h, time.perf_counter() - t0, note, marks)
@@ -223,7 +223,7 @@ def draw_liveness(exe: Executable, path: str) -> Picture:
     live = sum(v for _, v in layers) if layers else np.zeros(n)
     peak = int(np.argmax(live)) if n else 0
     fig = new_figure(14, 7)
-    ax = fig.add_axes((0.07, 0.13, 0.9, 0.68))
+    ax = fig.add_axes((0.07, 0.13, 0.9, 0.6))
     fig.suptitle(f"Liveness: graph '{exe.name}' on {t.name}, {t.tiles:,} tiles", fontsize=15,
                  fontweight="bold", y=0.97)
     labels = [CATEGORY_NAMES[k] if cats or k != "not_always_live" else "data (no categories in this file)"
@@ -235,18 +235,18 @@ def draw_liveness(exe: Executable, path: str) -> Picture:
         ax.axhline(planned / 1e6, color="black", linestyle="--", linewidth=1,
                    label=f"planned, all tiles ({mb(planned)})")
         ax.plot([peak], [live[peak] / 1e6], "o", color=MARK, markersize=12, markeredgecolor="black",
-                markeredgewidth=1.5, label="peak")
+                markeredgewidth=1.5, label="peak", zorder=10)
         ax.axvline(peak, color=MARK, linewidth=1.2, linestyle=":")
         where = m.timeline_labels[peak] if peak < len(m.timeline_labels) else ""
         src = _source_of(exe, where)
         ax.annotate(f"peak {mb(live[peak])} at point {peak}: {where}{src}", (peak, live[peak] / 1e6),
-                    xytext=(0.5, 1.04), textcoords="axes fraction", ha="center", fontsize=10,
+                    xytext=(0.5, 1.2), textcoords="axes fraction", ha="center", fontsize=10,
                     arrowprops=dict(arrowstyle="->", color="#333"), color="#111")
         ax.set_xlim(-0.5, n - 0.5)
         ax.set_ylim(0, max(live.max(), planned) / 1e6 * 1.12)
     ax.set_xlabel("program point (each execution of a compute set with its exchange, each copy, each read)")
     ax.set_ylabel("live bytes, all tiles (MB)")
-    ax.legend(loc="upper left", fontsize=9, framealpha=0.9, ncol=2)
+    ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), fontsize=9, frameon=False, ncol=4)
     fig.text(0.07, 0.015, "Always-live variables, vertex state and code live throughout; results and "
              "exchange buffers from first to last use (loops keep what they carry).\nThe planned total is "
              "the sum of each tile's own peak (plus code and vertex state), so it lies at or above the peak "

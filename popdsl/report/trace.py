@@ -298,7 +298,7 @@ def check_trace(doc: dict) -> list[str]:
                 problems.append(f"event {i} ({ph}): {key!r} is {type(e[key]).__name__}")
         if ph in "XC" and isinstance(e.get("ts"), (int, float)) and e["ts"] < 0:
             problems.append(f"event {i}: negative ts")
-        if ph == "X" and isinstance(e.get("dur"), (int, float)):
+        if ph == "X" and all(isinstance(e.get(k), (int, float)) for k in ("ts", "dur")):
             if e["dur"] < 0:
                 problems.append(f"event {i}: negative dur")
             tracks.setdefault((e.get("pid"), e.get("tid")), []).append(
