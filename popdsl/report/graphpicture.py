@@ -282,7 +282,7 @@ def draw_graph(exe: Executable, path: str, max_nodes: int = 40_000, sections: in
               f"sections {t_sections:.1f} s")
     fig.text(1 - 0.1 / W, 0.08 / H, f"drawn in {time.perf_counter() - t0:.1f} s: {timing}", color="#888888",
              fontsize=8, ha="right")
-    w, h = save(fig, path)
+    w, h = save(fig, path, palette=True)
     return Picture(path, w, h, time.perf_counter() - t0, f"{g.describe()}; {timing}", {})
 
 

@@ -78,13 +78,25 @@ def pixel(fig, ax, x: float, y: float) -> tuple[float, float]:
     return float(px), float(fig.bbox.height - py)
 
 
-def save(fig, path: str) -> tuple[int, int]:
-    """Write `fig` as PNG atomically; returns (width, height) in pixels.  Raises OSError."""
+def save(fig, path: str, palette: bool = False) -> tuple[int, int]:
+    """Write `fig` as PNG atomically, readable as the umask allows; `palette`: in
+    256 colours (a glowing graph's PNG is 3x smaller).  Returns (width, height) in
+    pixels.  Raises OSError."""
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".picture-", suffix=".png", dir=d)
     os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=fig.dpi, facecolor=fig.get_facecolor())
+        if palette:
+            import io
+            from PIL import Image                     # matplotlib's own dependency
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=fig.dpi, facecolor=fig.get_facecolor())
+            buf.seek(0)
+            Image.open(buf).convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(
+                tmp, format="PNG", optimize=True)
+        else:
+            fig.savefig(tmp, format="png", dpi=fig.dpi, facecolor=fig.get_facecolor())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -94,6 +106,12 @@ def save(fig, path: str) -> tuple[int, int]:
         raise
     w, h = fig.canvas.get_width_height()
     return int(w), int(h)
+
+
+def umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def mb(nbytes: float) -> str:
