@@ -1,6 +1,7 @@
 """The whole compiler in one function, and its stages in one table.
 
     source ─parse─▶ AST ─check─▶ codelet IR + graph AST ─elaborate─▶ tensor graph
+           ─autodiff─▶ tensor graph with gradients and optimizer updates
            ─partition─▶ tensor graph with vertices ─lower─▶ vertex graph (regions, exchange)
            ─codegen─▶ native codelets ─plan─▶ Executable
 
@@ -20,12 +21,15 @@ from typing import Callable
 import numpy as np
 
 from popdsl.codegen.jit import NativeCodelets
+from popdsl.diagnostics import CompileError, Diagnostic, Span
 from popdsl.codegen.llvm import emit_module
 from popdsl.ir import codelet as cir
 from popdsl.ir import printer
 from popdsl.ir.lowered import Lowered
 from popdsl.ir.target import Target
 from popdsl.ir.verify import direct_calls
+from popdsl.passes import autodiff as ad
+from popdsl.limits import BUDGET_FLAGS, Budgets
 from popdsl.passes.elaborate import elaborate
 from popdsl.passes.lower import lower
 from popdsl.passes.memplan import plan
@@ -43,6 +47,8 @@ class Options:
     unchecked: bool = False
     reuse: bool = True
     verify: bool = False
+    training: bool | None = None      # None: a graph that says 'minimize' trains
+    budgets: Budgets = Budgets()
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -63,6 +69,19 @@ class Stage:
     verify: Callable[[object], None] | None = None
 
 
+def _partition(opts: Options, graph):
+    out = partition(graph)
+    # Vertices placed by hand were counted by elaboration; the partitioner's too
+    # must fit the budget before lowering and planning spend time on them.
+    n = sum(len(grp) for cs in out.compute_sets.values() for grp in cs.groups)
+    if n > opts.budgets.vertices:
+        raise CompileError([Diagnostic(
+            Span(opts.path, 0, 0, 0, 0), f"the graph has {n:,} vertices after partitioning: more than "
+            f"{opts.budgets.vertices:,}, the compile-time budget", "error",
+            (f"raise the budget with {BUDGET_FLAGS['vertices']} N",))])
+    return out
+
+
 def _codegen(opts: Options, low: Lowered) -> Generated:
     codelets = used_codelets(low.graph.codelets, (grp.codelet for cs in low.compute_sets for grp in cs.groups))
     return Generated(low, codelets, NativeCodelets(list(codelets.values()), opts.unchecked))
@@ -78,21 +97,52 @@ def _dump_codegen(gen: Generated) -> str:
 
 
 def _dump_plan(result) -> str:
+    """The memory report, then what it does not show: data bytes (without vertex
+    state and code, whose size depends on the host's native code) per tile, where
+    each tensor's part on a tile sits, and the vertices whose output took over an
+    input's bytes (in place)."""
     exe, _ = result
-    out = [memory_report(exe).text()]
+    m = exe.memory
+    out = [memory_report(exe).text(), "",
+           f"  data (naive / lower bound / planned): all tiles {int(m.naive_data.sum()):,} / "
+           f"{int(m.lower_bound.sum()):,} / {int(m.planned.sum()):,} B"]
+    busy = np.nonzero(m.naive_data)[0]
+    for tile in busy[:8].tolist():
+        at = "  at the bound" if m.planned[tile] == m.lower_bound[tile] else ""
+        out.append(f"    tile {tile}: {int(m.naive_data[tile]):,} / {int(m.lower_bound[tile]):,} / "
+                   f"{int(m.planned[tile]):,} B{at}")
+    if busy.size > 8:
+        out.append(f"    ... {busy.size - 8} more tiles")
+    out.append("  tensors (bytes on each tile):")
     tm = exe.target.tile_memory
     for t, a in zip(exe.tensors, exe.tensor_addrs):
+        a = a.ravel()
+        es = cir.ELEM_BYTES[t.dtype]
         tiles = np.unique(a // tm)
-        out.append(f"  {t.name}: " + ", ".join(f"tile {int(tt)} @{int(a[a // tm == tt].min() % tm)}"
-                                                for tt in tiles[:8]) + (" ..." if len(tiles) > 8 else ""))
+        parts = [f"tile {int(tt)} [{int(a[a // tm == tt].min() % tm)}, {int(a[a // tm == tt].max() % tm) + es})"
+                 for tt in tiles[:8]]
+        out.append(f"    {t.name}: " + ", ".join(parts) + (f", ... ({len(tiles)} tiles)" if len(tiles) > 8 else ""))
+    for cs in exe.compute_sets:
+        for grp in cs.groups:
+            c = exe.codelets[grp.codelet]
+            col = {(k.kind, k.name): j for j, k in enumerate(cir.table_layout(c))}
+            edges = [f for f in c.fields if f.direction != "state"]
+            for w in (f for f in edges if f.direction in ("out", "inout")):
+                for r in (f for f in edges if f.direction == "in"):
+                    same = int((grp.table[:, col[("addr", w.name)]] == grp.table[:, col[("addr", r.name)]]).sum())
+                    if same:
+                        out.append(f"  in place: {cs.name}: {grp.codelet}.{w.name} over .{r.name} in {same} of "
+                                   f"{len(grp.tiles)} vertices")
     return "\n".join(out) + "\n"
 
 
 STAGES: tuple[Stage, ...] = (
     Stage("parse", lambda o, _: load_program(o.text, o.path), printer.modules),
     Stage("check", lambda o, modules: check_program(modules), printer.program),
-    Stage("elaborate", lambda o, prog: elaborate(prog, o.target, o.graph, o.path), printer.tensor_graph),
-    Stage("partition", lambda o, graph: partition(graph), printer.tensor_graph),
+    Stage("elaborate", lambda o, prog: elaborate(prog, o.target, o.graph, o.path, o.training, o.budgets),
+          printer.tensor_graph),
+    Stage("autodiff", lambda o, graph: ad.autodiff(graph), printer.tensor_graph, ad.verify),
+    Stage("partition", _partition, printer.tensor_graph),
     Stage("lower", lambda o, graph: lower(graph), printer.lowered),
     Stage("codegen", _codegen, _dump_codegen),
     Stage("plan", _plan, _dump_plan),
@@ -106,13 +156,16 @@ def verify_by_default() -> bool:
 
 def compile_source(text: str, path: str, target: Target, graph: str | None = None,
                    unchecked: bool = False, stop_after: str | None = None, reuse: bool = True,
-                   verify: bool | None = None):
+                   verify: bool | None = None, training: bool | None = None,
+                   budgets: Budgets | None = None):
     """Returns (Executable, NativeCodelets), or the result of stage `stop_after`.
-    Raises CompileError for errors in the program."""
+    `training`: False compiles a graph that minimizes for inference (training()
+    false, no update), None lets the graph say.  Raises CompileError for errors in
+    the program."""
     if stop_after is not None and stop_after not in STAGE_NAMES:
         raise ValueError(f"unknown stage {stop_after!r}")
     verify = verify_by_default() if verify is None else verify
-    opts = Options(text, path, target, graph, unchecked, reuse, verify)
+    opts = Options(text, path, target, graph, unchecked, reuse, verify, training, budgets or Budgets())
     result = None
     for stage in STAGES:
         result = stage.run(opts, result)

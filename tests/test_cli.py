@@ -235,7 +235,7 @@ def test_build_onto_a_directory(popc, src, tmp_path):
     code, _, err = popc("build", src(SCALE), "-o", d)
     assert code == 1
     assert "cannot write" in err
-    assert list(tmp_path.glob(".popx-*")) == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_check_writes_nothing(popc, src, tmp_path):
@@ -344,7 +344,7 @@ def test_popx_table_address_out_of_range(popc, built, tmp_path):
         ref = doc["compute_sets"][0]["groups"][0]["table"]
         arrays[ref][0, 0] = doc["target"]["tiles"] * doc["target"]["tile_memory"]
     err = _run_popx(popc, _tampered(built, tmp_path, edit_arrays=edit))
-    assert "reaches outside the target's memory" in err
+    assert "field x of vertex 0 (Scale) in compute set 'scale' reaches outside its tile 0's memory" in err
 
 
 def test_popx_negative_address(popc, built, tmp_path):
@@ -364,20 +364,22 @@ def test_popx_huge_size_symbol(popc, built, tmp_path):
     def edit(doc, arrays):
         ref = doc["compute_sets"][0]["groups"][0]["table"]
         arrays[ref][:, -1] = 1 << 30
-    assert "outside the target's memory" in _run_popx(popc, _tampered(built, tmp_path, edit_arrays=edit))
+    assert "reaches outside its tile" in _run_popx(popc, _tampered(built, tmp_path, edit_arrays=edit))
 
 
 def test_popx_wrong_array_dtype(popc, built, tmp_path):
     def edit(doc, arrays):
         ref = doc["compute_sets"][0]["groups"][0]["table"]
         arrays[ref] = arrays[ref].astype(np.float64)
-    assert "damaged .popx" in _run_popx(popc, _tampered(built, tmp_path, edit_arrays=edit))
+    err = _run_popx(popc, _tampered(built, tmp_path, edit_arrays=edit))
+    assert "damaged .popx file (array " in err and "holds float64, expected int64" in err, err
 
 
 def test_popx_missing_array_member(popc, built, tmp_path):
     m = _members(built)
     del m["a3.npy"]
-    assert "damaged .popx" in _run_popx(popc, _write_zip(tmp_path / "holes.popx", m))
+    err = _run_popx(popc, _write_zip(tmp_path / "holes.popx", m))
+    assert "damaged .popx file (bad array reference 'a3')" in err, err
 
 
 def test_popx_pickled_array_is_refused(popc, built, tmp_path):
@@ -386,27 +388,33 @@ def test_popx_pickled_array_is_refused(popc, built, tmp_path):
     buf = io.BytesIO()
     np.save(buf, np.array([{"x": 1}], dtype=object), allow_pickle=True)
     m["a0.npy"] = buf.getvalue()
-    assert "damaged .popx" in _run_popx(popc, _write_zip(tmp_path / "pickle.popx", m))
+    err = _run_popx(popc, _write_zip(tmp_path / "pickle.popx", m))
+    assert "holds Python objects (a pickle), which popc never loads" in err, err
 
 
-@pytest.mark.parametrize("edit", [
-    lambda d: d.update(tensors=5),
-    lambda d: d.update(program={"seq": [{"execute": 7}]}),
-    lambda d: d.update(program={"seq": [{"launch": 0}]}),
-    lambda d: d.update(program={"repeat": -1, "body": {"seq": []}}),
-    lambda d: d.update(target={"name": "gc200", "tiles": 0, "tile_memory": 64}),
-    lambda d: d.update(target={"bogus": 1}),
-    lambda d: d.update(outputs={"y": 99}),
-    lambda d: d["compute_sets"][0]["groups"][0].update(codelet="Nope"),
-    lambda d: d.pop("spans"),
-    lambda d: d["tensors"][0].update(dtype="f64"),
-    lambda d: d["tensors"][0].update(shape=[3]),
-    lambda d: d["codelets"][0].update(_="Mystery"),
+# Each damage is reported with its own reason (the first check that catches it).
+@pytest.mark.parametrize("edit, reason", [
+    (lambda d: d.update(tensors=5), "tensors is not a list"),
+    (lambda d: d.update(program={"seq": [{"execute": 7}]}), "a compute set reference is 7, not an integer in 0..0"),
+    (lambda d: d.update(program={"seq": [{"launch": 0}]}), "unknown program node"),
+    (lambda d: d.update(program={"repeat": -1, "body": {"seq": []}}), "a repeat count is -1, not an integer"),
+    (lambda d: d.update(target={"name": "gc200", "tiles": 0, "tile_memory": 64}),
+     "the target is not a record of the expected fields"),
+    (lambda d: d.update(target={"bogus": 1}), "the target is not a record of the expected fields"),
+    (lambda d: d.update(outputs={"y": 99}), "an output's read is 99, not an integer in 0..1"),
+    (lambda d: d["compute_sets"][0]["groups"][0].update(codelet="Nope"), "compute set 'scale' runs 'Nope', which is not a vertex codelet here"),
+    (lambda d: d.pop("spans"), "KeyError: 'spans'"),
+    (lambda d: d["tensors"][0].update(dtype="f64"), "unknown dtype 'f64'"),
+    (lambda d: d["tensors"][0].update(shape=[3]),
+     "tensor 'v': address count does not match its shape"),
+    (lambda d: d["codelets"][0].update(_="Mystery"), "ValueError: unknown codelet IR node 'Mystery'"),
 ], ids=["tensors-not-a-list", "execute-out-of-range", "unknown-node", "negative-repeat",
         "zero-tiles", "bad-target", "output-out-of-range", "unknown-codelet", "no-spans",
         "unknown-dtype", "shape-mismatch", "unknown-ir-node"])
-def test_popx_damaged_manifest(popc, built, tmp_path, edit):
-    _run_popx(popc, _tampered(built, tmp_path, edit))
+def test_popx_damaged_manifest(popc, built, tmp_path, edit, reason):
+    path = _tampered(built, tmp_path, edit)
+    first = _run_popx(popc, path).splitlines()[0]
+    assert first.startswith(f"{path}: error: damaged .popx file (") and reason in first, first
 
 
 def test_popx_invalid_codelet_ir(popc, built, tmp_path):
@@ -473,10 +481,18 @@ def test_popx_unchecked_when_both_ask(popc, src, tmp_path):
     assert stdout.splitlines() == SCALE_OUT
 
 
-def test_report_on_popx(popc, built):
+def test_report_on_popx(popc, built, src):
+    """The report of a .popx is the report of the program it was built from."""
     code, out, err = popc("report", built, "--json")
     assert code == 0, err
-    json.loads(out)
+    doc = json.loads(out)
+    assert doc["graph"] == "g" and doc["target"]["tiles"] == 4
+    assert {t["name"] for t in doc["largest_tensors"]} == {"v", "w"}
+    code, again, err = popc("report", src(SCALE, "scale.pop"), "--json")
+    assert code == 0, err
+    fresh = json.loads(again)
+    for key in ("totals", "categories", "tile_bytes"):
+        assert doc[key] == fresh[key], key
 
 
 # ---------------------------------------------------------------- feeds and data
@@ -553,7 +569,7 @@ def test_feed_pickled_file(popc, fed, tmp_path):
 @pytest.mark.parametrize("spec", ["x", "=x.npy", "x=", ""])
 def test_feed_malformed(popc, fed, spec):
     code, _, err = popc("run", fed, "--feed", spec)
-    assert code == 1 and "--feed expects NAME=FILE.npy" in err
+    assert code == 1 and "--feed expects NAME=FILE" in err
 
 
 def test_feed_npz_instead_of_npy(popc, fed, tmp_path):

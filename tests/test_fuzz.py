@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, event, given, settings, strategies as st
 
 from popdsl import cli
 
@@ -487,7 +487,9 @@ def tensor_program_source(draw) -> str:
 @fuzz(150)
 @given(tensor_program_source())
 def test_generated_tensor_programs(source):
-    assert_handled(source, commands=(("check",), ("run",)))
+    code = assert_handled(source, commands=(("check",), ("run",)))
+    # How many reach `run` (--hypothesis-show-statistics): most are rejected by check.
+    event(f"check exited {code}")
 
 
 @fuzz(300)
@@ -495,6 +497,7 @@ def test_generated_tensor_programs(source):
 def test_generated_programs(source):
     code = assert_handled(source, commands=(("check",), ("run",)))
     assume(code is not None)
+    event(f"check exited {code}")      # about half reach `run` (--hypothesis-show-statistics)
 
 
 @fuzz(150)

@@ -99,9 +99,25 @@ def test_reductions(tiles, shape, data, op):
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_long_reduction_uses_partial_sums():
+@pytest.mark.parametrize("tiles, split", [(64, True), (4, False)])
+def test_long_reduction_uses_partial_sums(tiles, split):
+    """Two long rows on 64 tiles are summed in two compute sets, through a
+    `.partial` tensor of one sum per block of each row; on 4 tiles (fewer than
+    four per row) in one.  Both give numpy's sums."""
     x = rnd((2, 8192), 7, 0, 1)
-    (y,) = run("    output y = sum(x, axis = 1);", {"x": x}, 64)
+    exe = popdsl.compile(f"graph g(tiles = {tiles}) {{ input x: f32[2, 8192]; output y = sum(x, axis = 1); }}")
+    (op,) = [o for o in exe.ir.ops if o["op"] == "reduce"]
+    partial = [t for t in exe.ir.tensors if t.name.endswith(".partial")]
+    if split:
+        assert len(op["compute_sets"]) == 2, op
+        (p,) = partial
+        assert p.shape[0] == 2 and p.shape[1] > 1, p.shape        # per row, several blocks
+        first, second = (exe.ir.compute_sets[i] for i in op["compute_sets"])
+        assert first.name.endswith(".partial.1") and sum(len(g.tiles) for g in first.groups) == 2 * p.shape[1]
+    else:
+        assert len(op["compute_sets"]) == 1 and not partial, (op, partial)
+    with popdsl.Simulator(exe, threads=2) as sim:
+        y = sim.run({"x": x})["y"]
     np.testing.assert_allclose(y, x.astype(np.float64).sum(1), rtol=1e-5)
 
 
@@ -175,14 +191,22 @@ def test_matmul_vector_forms():
     np.testing.assert_allclose(y2, v @ a.T, rtol=1e-5)
 
 
+@st.composite
+def conv_params(draw):
+    """Only valid convolutions: channels divisible by the groups (an input of at
+    least 3 rows always holds a kernel of at most 3)."""
+    groups = draw(st.sampled_from([1, 2]))
+    c = draw(st.sampled_from([x for x in (1, 2, 4) if x % groups == 0]))
+    o = draw(st.sampled_from([x for x in (1, 2, 4) if x % groups == 0]))
+    return (draw(st.integers(1, 2)), c, o, draw(st.integers(3, 9)), draw(st.sampled_from([1, 2, 3])),
+            draw(st.integers(1, 2)), draw(st.integers(0, 1)), groups)
+
+
 @pytest.mark.parametrize("tiles", TILES)
 @SETTINGS
-@given(n=st.integers(1, 2), c=st.sampled_from([1, 2, 4]), o=st.sampled_from([1, 2, 4]),
-       hw=st.integers(3, 9), k=st.sampled_from([1, 2, 3]), stride=st.integers(1, 2),
-       pad=st.integers(0, 1), groups=st.sampled_from([1, 2]))
-def test_conv2d(tiles, n, c, o, hw, k, stride, pad, groups):
-    if c % groups or o % groups or hw + 2 * pad < k:
-        return
+@given(params=conv_params())
+def test_conv2d(tiles, params):
+    n, c, o, hw, k, stride, pad, groups = params
     x, w = rnd((n, c, hw, hw), 10), rnd((o, c // groups, k, k), 11)
     (y,) = run(f"    output y = conv2d(x, w, stride = {stride}, padding = {pad}, groups = {groups});",
                {"x": x, "w": w}, tiles)
@@ -205,13 +229,21 @@ def conv_ref(x, w, s, p, groups):
     return y
 
 
+@st.composite
+def pool_params(draw):
+    """Only valid poolings: padding at most half the window, the padded input at
+    least one window."""
+    k = draw(st.integers(1, 3))
+    pad = draw(st.integers(0, min(1, k // 2)))
+    hw = draw(st.integers(max(2, k - 2 * pad), 9))
+    return draw(st.integers(1, 3)), hw, k, draw(st.integers(1, 3)), pad, draw(st.sampled_from(["max", "avg"]))
+
+
 @pytest.mark.parametrize("tiles", TILES)
 @SETTINGS
-@given(c=st.integers(1, 3), hw=st.integers(2, 9), k=st.integers(1, 3), stride=st.integers(1, 3),
-       pad=st.integers(0, 1), kind=st.sampled_from(["max", "avg"]))
-def test_pooling(tiles, c, hw, k, stride, pad, kind):
-    if pad * 2 > k or hw + 2 * pad < k:
-        return
+@given(params=pool_params())
+def test_pooling(tiles, params):
+    c, hw, k, stride, pad, kind = params
     x = rnd((2, c, hw, hw), 12)
     (y,) = run(f"    output y = {kind}_pool2d(x, {k}, stride = {stride}, padding = {pad});", {"x": x}, tiles)
     fill = -np.inf if kind == "max" else 0.0

@@ -9,6 +9,7 @@ import lark
 from lark import Token, Transformer, v_args
 
 from popdsl import resources
+from popdsl.limits import MAX_SOURCE_BYTES
 from popdsl.diagnostics import CompileError, Diagnostic, SourceMap, Span
 from popdsl.frontend import ast
 
@@ -149,6 +150,10 @@ def _syntax_error(path: str, text: str, e: lark.exceptions.UnexpectedInput) -> D
 
 def parse(text: str, path: str = "<string>") -> ast.Module:
     """Parse one source file.  Raises CompileError on a syntax error."""
+    if len(text) > MAX_SOURCE_BYTES:
+        raise CompileError([Diagnostic(Span(path, 0, 0, 0, 0), f"source of {len(text):,} characters: popc "
+                                       f"compiles sources of at most {MAX_SOURCE_BYTES:,} bytes", "error",
+                                       ("large constant data belongs in a .npz: popc run --load-params",))])
     SourceMap.add(path, text)
     try:
         tree = _parser().parse(text)

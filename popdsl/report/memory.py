@@ -60,7 +60,7 @@ class MemoryReport:
         t, tot, mx = j["target"], j["totals"], j["max_tile"]
         m = self.exe.memory
         cap = t["tile_memory"]
-        out = [f"memory of graph '{j['graph']}' on {t['name']} ({t['tiles']} tiles x {cap:,} B)",
+        out = [f"memory of graph '{j['graph']}' on {t['name']} ({t['tiles']} tile{'s' if t['tiles'] != 1 else ''} x {cap:,} B)",
                f"  {'':<22}{'naive':>15}{'lower bound':>15}{'planned':>15}",
                f"  {'all tiles':<22}{tot['naive']:>15,}{tot['lower_bound']:>15,}{tot['planned']:>15,}",
                f"  {'busiest tile ' + str(mx['tile']):<22}{mx['naive']:>15,}{mx['lower_bound']:>15,}{mx['planned']:>15,}"

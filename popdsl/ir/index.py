@@ -1,0 +1,258 @@
+"""Strided views of a tensor's elements: an offset, a shape and strides, numpy-style,
+instead of an array of element indices.
+
+Requires numpy only; produces `Strided` (one view) and `Batch` (one view per vertex
+of a group: offsets differ, shape and strides are shared).  A view of a tensor's
+flat elements is `offset + Σ i_k · strides[k]` over the index `i` of `shape`: every
+slice, integer index, transpose, broadcast and most reshapes of a strided view are
+strided again, so the compiler keeps O(rank) numbers where it kept one int64 per
+element.  `array()` gives the element indices themselves — the definition the
+tests check everything else against — and is used only where a view is small or
+irregular.  `runs()` gives the view as contiguous runs of elements, what memory
+layout and exchange work with.
+
+Element indices fit in int64; offsets and strides are Python ints here, int64 in
+`Batch` arrays.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out, acc = [], 1
+    for n in reversed(shape):
+        out.append(acc if n != 1 else 0)
+        acc *= n
+    return tuple(reversed(out))
+
+
+@dataclass(frozen=True, slots=True)
+class Strided:
+    offset: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+
+    # ---------------------------------------------------------------- making
+    @staticmethod
+    def whole(shape) -> "Strided":
+        """All elements of a tensor of `shape`, in order."""
+        shape = tuple(int(n) for n in shape)
+        return Strided(0, shape, contiguous_strides(shape))
+
+    @staticmethod
+    def of(index: np.ndarray) -> "Strided | None":
+        """The strided view equal to an index array, or None if it is irregular."""
+        index = np.asarray(index)
+        if index.size == 0:
+            return None
+        shape = index.shape
+        offset = int(index.flat[0])
+        strides = []
+        for axis, n in enumerate(shape):
+            if n == 1:
+                strides.append(0)
+                continue
+            step = np.take(index, 1, axis=axis).flat[0] - np.take(index, 0, axis=axis).flat[0]
+            strides.append(int(step))
+        s = Strided(offset, shape, tuple(strides))
+        return s if np.array_equal(s.array(), index) else None
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def bounds(self) -> tuple[int, int]:
+        """Smallest and largest element index (the view must not be empty)."""
+        lo = hi = self.offset
+        for n, s in zip(self.shape, self.strides):
+            if s > 0:
+                hi += (n - 1) * s
+            else:
+                lo += (n - 1) * s
+        return lo, hi
+
+    def is_whole(self, numel: int) -> bool:
+        """All `numel` elements of the tensor, in order."""
+        return self.size == numel and self.canonical() == Strided.whole((numel,)).canonical()
+
+    # ---------------------------------------------------------------- numpy-style operations
+    def __getitem__(self, key) -> "Strided":
+        """Basic indexing: ints (negative count from the end), slices (any step),
+        None (a new axis of size 1) and Ellipsis."""
+        if not isinstance(key, tuple):
+            key = (key,)
+        if any(k is Ellipsis for k in key):
+            i = next(j for j, k in enumerate(key) if k is Ellipsis)
+            used = sum(1 for k in key if k is not None and k is not Ellipsis)
+            key = key[:i] + (slice(None),) * (self.ndim - used) + key[i + 1:]
+        offset, shape, strides, axis = self.offset, [], [], 0
+        for k in key:
+            if k is None:
+                shape.append(1)
+                strides.append(0)
+                continue
+            if axis >= self.ndim:
+                raise IndexError("too many indices for a strided view")
+            n, s = self.shape[axis], self.strides[axis]
+            if isinstance(k, slice):
+                start, stop, step = k.indices(n)
+                count = len(range(start, stop, step))
+                offset += start * s
+                shape.append(count)
+                strides.append(s * step if count > 1 else 0)
+            else:
+                k = int(k)
+                if not -n <= k < n:
+                    raise IndexError(f"index {k} out of range for axis {axis} of size {n}")
+                offset += (k % n) * s
+            axis += 1
+        shape += self.shape[axis:]
+        strides += self.strides[axis:]
+        return Strided(offset, tuple(shape), tuple(strides))
+
+    def transpose(self, perm=None) -> "Strided":
+        perm = tuple(reversed(range(self.ndim))) if perm is None else tuple(perm)
+        return Strided(self.offset, tuple(self.shape[p] for p in perm), tuple(self.strides[p] for p in perm))
+
+    @property
+    def T(self) -> "Strided":
+        return self.transpose()
+
+    def broadcast_to(self, shape) -> "Strided":
+        """numpy's broadcasting: new leading axes and axes of size 1 get stride 0."""
+        shape = tuple(int(n) for n in shape)
+        if len(shape) < self.ndim:
+            raise ValueError(f"cannot broadcast {self.shape} to {shape}")
+        pad = len(shape) - self.ndim
+        strides = [0] * pad
+        for n, own, s in zip(shape[pad:], self.shape, self.strides):
+            if own == n:
+                strides.append(s)
+            elif own == 1:
+                strides.append(0)
+            else:
+                raise ValueError(f"cannot broadcast {self.shape} to {shape}")
+        return Strided(self.offset, shape, tuple(strides))
+
+    def reshape(self, shape) -> "Strided | None":
+        """The same elements in a new shape, if that needs no copy (numpy's rule,
+        ported from its `_attempt_nocopy_reshape`); None otherwise."""
+        shape = [int(n) for n in shape]
+        if -1 in shape:
+            known = int(np.prod([n for n in shape if n != -1], dtype=np.int64))
+            shape[shape.index(-1)] = self.size // known if known else 0
+        shape = tuple(shape)
+        if int(np.prod(shape, dtype=np.int64)) != self.size:
+            raise ValueError(f"cannot reshape {self.shape} to {shape}")
+        if self.size == 0:
+            return Strided(self.offset, shape, contiguous_strides(shape))
+        olddims = [n for n in self.shape if n != 1]
+        oldstrides = [s for n, s in zip(self.shape, self.strides) if n != 1]
+        newstrides = [0] * len(shape)
+        oi, oj, ni, nj = 0, 1, 0, 1
+        while ni < len(shape) and oi < len(olddims):
+            np_, op = shape[ni], olddims[oi]
+            while np_ != op:
+                if np_ < op:
+                    np_ *= shape[nj]
+                    nj += 1
+                else:
+                    op *= olddims[oj]
+                    oj += 1
+            for ok in range(oi, oj - 1):
+                if oldstrides[ok] != olddims[ok + 1] * oldstrides[ok + 1]:
+                    return None
+            newstrides[nj - 1] = oldstrides[oj - 1]
+            for nk in range(nj - 1, ni, -1):
+                newstrides[nk - 1] = newstrides[nk] * shape[nk]
+            ni, nj = nj, nj + 1
+            oi, oj = oj, oj + 1
+        last = newstrides[ni - 1] if ni >= 1 else 1
+        for nk in range(ni, len(shape)):
+            newstrides[nk] = last
+        return Strided(self.offset, shape, tuple(newstrides))
+
+    def canonical(self) -> tuple:
+        """The same view with axes of size 1 dropped and axes that continue each other
+        merged: two views select the same elements in the same order iff these are
+        equal."""
+        if self.size == 0:
+            return ("empty",)
+        merged: list[list[int]] = []
+        for n, s in zip(self.shape, self.strides):
+            if n == 1:
+                continue
+            if merged and merged[-1][1] == s * n:
+                merged[-1] = [merged[-1][0] * n, s]
+            else:
+                merged.append([n, s])
+        return (self.offset, tuple(n for n, _ in merged), tuple(s for _, s in merged))
+
+    # ---------------------------------------------------------------- elements and runs
+    def array(self) -> np.ndarray:
+        """The element indices, shaped as the view (the definition of the view)."""
+        out = np.full(self.shape, self.offset, np.int64)
+        for axis, (n, s) in enumerate(zip(self.shape, self.strides)):
+            if s and n > 1:
+                shape = [1] * self.ndim
+                shape[axis] = n
+                out += (np.arange(n, dtype=np.int64) * s).reshape(shape)
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.array()
+        return a if dtype is None else a.astype(dtype)
+
+    def runs(self) -> tuple[np.ndarray, int]:
+        """The view in order as runs of consecutive elements: (first element of each
+        run, run length).  The innermost axes that continue each other with stride
+        1 form one run."""
+        if self.size == 0:
+            return np.zeros(0, np.int64), 0
+        offset, shape, strides = self.canonical()
+        shape, strides = list(shape), list(strides)
+        length = 1
+        if shape and strides[-1] == 1:
+            length = shape.pop()
+            strides.pop()
+        starts = Strided(offset, tuple(shape), tuple(strides)).array().reshape(-1)
+        return starts, length
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Batch:
+    """One strided view per vertex of a group: `offsets[v]` and a shared shape and
+    strides (the field's shape).  What a partition rule connects a field of many
+    vertices to, in O(vertices) numbers."""
+    offsets: np.ndarray          # int64 (nverts,)
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+
+    @staticmethod
+    def stack(views: list[Strided]) -> "Batch":
+        first = views[0]
+        assert all(v.shape == first.shape and v.strides == first.strides for v in views), \
+            "views of one batch share their shape and strides"
+        return Batch(np.fromiter((v.offset for v in views), np.int64, len(views)), first.shape, first.strides)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def view(self, v: int) -> Strided:
+        return Strided(int(self.offsets[v]), self.shape, self.strides)
+
+    def take(self, rows: np.ndarray) -> "Batch":
+        return Batch(self.offsets[rows], self.shape, self.strides)
+
+    def array(self) -> np.ndarray:
+        """(nverts, *shape) element indices."""
+        one = Strided(0, self.shape, self.strides).array()
+        return self.offsets.reshape((-1,) + (1,) * len(self.shape)) + one[None]

@@ -1,0 +1,169 @@
+"""Strided views against their definition, the element-index arrays numpy computes
+for the same operations (hypothesis over random shapes and operations)."""
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from popdsl.ir.index import Batch, Strided
+
+SHAPES = st.lists(st.integers(1, 5), min_size=1, max_size=4).map(tuple)
+
+
+@st.composite
+def views(draw):
+    """A strided view and the index array it must equal, after random operations."""
+    shape = draw(SHAPES)
+    s = Strided.whole(shape)
+    a = np.arange(int(np.prod(shape))).reshape(shape)
+    for _ in range(draw(st.integers(0, 4))):
+        op = draw(st.sampled_from(["slice", "int", "transpose", "reshape", "broadcast", "newaxis"]))
+        if op == "slice" and a.ndim:
+            axis = draw(st.integers(0, a.ndim - 1))
+            n = a.shape[axis]
+            lo = draw(st.integers(0, n - 1))
+            hi = draw(st.integers(lo + 1, n))
+            step = draw(st.sampled_from([1, 1, 2, -1]))
+            key = (slice(None),) * axis + ((slice(lo, hi, step) if step > 0 else slice(hi - 1, None if lo == 0 else lo - 1, -1)),)
+            s, a = s[key], a[key]
+        elif op == "int" and a.ndim > 1:
+            axis = draw(st.integers(0, a.ndim - 1))
+            k = draw(st.integers(-a.shape[axis], a.shape[axis] - 1))
+            key = (slice(None),) * axis + (k,)
+            s, a = s[key], a[key]
+        elif op == "transpose" and a.ndim:
+            perm = draw(st.permutations(range(a.ndim)))
+            s, a = s.transpose(perm), a.transpose(perm)
+        elif op == "reshape" and a.size:
+            n = a.size
+            divisors = [d for d in range(1, n + 1) if n % d == 0]
+            d = draw(st.sampled_from(divisors))
+            shape = (d, n // d)
+            r = s.reshape(shape)
+            if r is not None:
+                s, a = r, a.reshape(shape)
+            else:
+                assert not _nocopy(a, shape), (s, shape)
+        elif op == "broadcast" and a.ndim < 4:
+            shape = (draw(st.integers(1, 3)),) + tuple(n if draw(st.booleans()) or n != 1 else draw(st.integers(1, 3))
+                                                    for n in a.shape)
+            s, a = s.broadcast_to(shape), np.broadcast_to(a, shape)
+        elif op == "newaxis":
+            s, a = s[None], a[None]
+    return s, a
+
+
+def _nocopy(a: np.ndarray, shape) -> bool:
+    """Whether numpy reshapes this view of an arange without a copy (setting the
+    shape of a view raises when a copy would be needed)."""
+    r = a.view()
+    try:
+        r.shape = shape
+        return True
+    except AttributeError:
+        return False
+
+
+@settings(max_examples=300, deadline=None)
+@given(views())
+def test_strided_views_equal_their_element_indices(case):
+    s, a = case
+    assert s.shape == a.shape
+    np.testing.assert_array_equal(s.array(), a)
+    if a.size:                        # always: no empty draws
+        assert s.bounds() == (int(a.min()), int(a.max()))
+        starts, length = s.runs()
+        flat = a.reshape(-1)
+        expanded = (starts[:, None] + np.arange(length)[None, :]).reshape(-1)
+        np.testing.assert_array_equal(expanded, flat)
+
+
+@settings(max_examples=200, deadline=None)
+@given(views())
+def test_reshape_succeeds_exactly_when_numpy_needs_no_copy(case):
+    s, a = case
+    assert a.size          # views are never empty here
+    for shape in ((a.size,), (1, a.size), (a.size, 1)):
+        r = s.reshape(shape)
+        if r is not None:
+            np.testing.assert_array_equal(r.array(), a.reshape(shape))
+        else:
+            assert not _nocopy(a, shape)
+
+
+def test_of_recovers_a_strided_view_and_refuses_an_irregular_one():
+    s = Strided.whole((4, 6))[1:3, ::2]
+    assert Strided.of(s.array()) is not None
+    np.testing.assert_array_equal(Strided.of(s.array()).array(), s.array())
+    assert Strided.of(np.array([0, 1, 3])) is None
+
+
+def test_batches_stack_views_of_one_shape():
+    base = Strided.whole((8, 8))
+    views = [base[r:r + 2, 2:5] for r in range(0, 8, 2)]
+    b = Batch.stack(views)
+    np.testing.assert_array_equal(b.array(), np.stack([v.array() for v in views]))
+    assert b.view(2) == views[2] and len(b.take(np.array([0, 3]))) == 2
+
+
+# ---------------------------------------------------------------- tile mappings as runs
+
+from popdsl.ir.mapping import Mapping  # noqa: E402
+
+
+@st.composite
+def assignments(draw):
+    numel = draw(st.integers(1, 60))
+    steps = []
+    for _ in range(draw(st.integers(1, 6))):
+        k = draw(st.integers(1, 5))
+        starts = draw(st.lists(st.integers(0, numel - 1), min_size=k, max_size=k))
+        lengths = [draw(st.integers(0, numel - s)) for s in starts]
+        tiles = draw(st.lists(st.integers(0, 7), min_size=k, max_size=k))
+        steps.append((starts, lengths, tiles, draw(st.booleans())))
+    return numel, steps
+
+
+@settings(max_examples=300, deadline=None)
+@given(assignments())
+def test_mapping_runs_equal_a_tile_per_element(case):
+    numel, steps = case
+    m = Mapping.unmapped(numel)
+    ref = np.full(numel, -1, np.int32)
+    for starts, lengths, tiles, only_unmapped in steps:
+        m.assign(starts, lengths, tiles, only_unmapped)
+        order = range(len(starts)) if not only_unmapped else reversed(range(len(starts)))
+        new = ref.copy()
+        for k in order:
+            lo, hi = starts[k], starts[k] + lengths[k]
+            if only_unmapped:
+                sel = np.arange(lo, hi)
+                sel = sel[ref[sel] == -1]
+                new[sel] = tiles[k]
+            else:
+                new[lo:hi] = tiles[k]
+        ref = new
+        np.testing.assert_array_equal(m.elements(), ref)
+        assert (m.tiles[1:] != m.tiles[:-1]).all()          # adjacent runs merged
+    np.testing.assert_array_equal(m.tile_of(np.arange(numel)), ref)
+    assert m.unmapped_count() == int((ref == -1).sum())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=50), st.data())
+def test_layout_places_each_tiles_elements_in_flat_order(tile_of, data):
+    m = Mapping.from_elements(np.array(tile_of))
+    lay = m.layout()
+    region, off = lay.locate(np.arange(len(tile_of)))
+    for r, tile in enumerate(lay.tiles):
+        mine = np.nonzero(np.array(tile_of) == tile)[0]
+        np.testing.assert_array_equal(np.sort(off[region == r]), np.arange(len(mine)))
+        np.testing.assert_array_equal(off[mine], np.arange(len(mine)))
+        assert lay.counts[r] == len(mine)
+    start = data.draw(st.integers(0, len(tile_of) - 1))
+    length = data.draw(st.integers(0, len(tile_of) - start))
+    lo, n, src, pos = lay.split([start], [length])
+    assert n.sum() == length and (n > 0).all() and (src == 0).all()
+    for a, k in zip(lo, n):                   # each piece sits in one region, contiguous
+        r, o = lay.locate(np.arange(a, a + k))
+        assert (r == r[0]).all() and np.array_equal(o, o[0] + np.arange(k))
