@@ -125,7 +125,7 @@ def cs_layers(exe: X.Executable) -> tuple[np.ndarray, list[str]]:
         labels.append(exe.compute_sets[c].name)
     # Number layers by when the program first runs them.
     first = np.full(len(labels), np.iinfo(np.int64).max)
-    np.minimum.at(first, layer, rank) if layer.size else None
+    np.minimum.at(first, layer, rank)
     ren = np.empty(len(labels), np.int64)
     ren[np.argsort(first, kind="stable")] = np.arange(len(labels))
     return ren[layer] if layer.size else layer, [labels[i] for i in np.argsort(first, kind="stable")]
@@ -208,14 +208,6 @@ def _cat4(parts):
         z = np.zeros(0, np.int64)
         return z, z, z, z
     return tuple(np.concatenate([p[k] for p in parts]) for k in range(4))
-
-
-def _copies(exe: X.Executable):
-    """Every copy table the program can run, keyed by id, in one list."""
-    tables = []
-    for cs in exe.compute_sets:
-        tables += [cs.pre, cs.post]
-    return tables + list(exe.copies)
 
 
 # ---------------------------------------------------------------- the graph

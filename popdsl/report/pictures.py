@@ -15,13 +15,12 @@ leaves its state alone.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from popdsl.atomic import write_atomically
 from popdsl.ir.executable import Executable
 
 INSTALL_HINT = "pip install 'popdsl[viz]'"
@@ -50,7 +49,7 @@ def require(graph: bool = False):
     """matplotlib (and igraph for the graph), or PicturesUnavailable."""
     missing = []
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib  # noqa: F401  (only whether it is there)
     except ImportError:
         missing.append("matplotlib")
     if graph:
@@ -79,13 +78,10 @@ def pixel(fig, ax, x: float, y: float) -> tuple[float, float]:
 
 
 def save(fig, path: str, palette: bool = False) -> tuple[int, int]:
-    """Write `fig` as PNG atomically, readable as the umask allows; `palette`: in
-    256 colours (a glowing graph's PNG is 3x smaller).  Returns (width, height) in
-    pixels.  Raises OSError."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".picture-", suffix=".png", dir=d)
-    os.close(fd)
-    try:
+    """Write `fig` as PNG atomically (`popdsl.atomic`: the user's umask, nothing
+    left behind on failure); `palette`: in 256 colours (a glowing graph's PNG is 3x
+    smaller).  Returns (width, height) in pixels.  Raises OSError."""
+    def write(f):
         if palette:
             import io
             from PIL import Image                     # matplotlib's own dependency
@@ -93,25 +89,12 @@ def save(fig, path: str, palette: bool = False) -> tuple[int, int]:
             fig.savefig(buf, format="png", dpi=fig.dpi, facecolor=fig.get_facecolor())
             buf.seek(0)
             Image.open(buf).convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(
-                tmp, format="PNG", optimize=True)
+                f, format="PNG", optimize=True)
         else:
-            fig.savefig(tmp, format="png", dpi=fig.dpi, facecolor=fig.get_facecolor())
-        os.chmod(tmp, 0o666 & ~umask())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+            fig.savefig(f, format="png", dpi=fig.dpi, facecolor=fig.get_facecolor())
+    write_atomically(path, write)
     w, h = fig.canvas.get_width_height()
     return int(w), int(h)
-
-
-def umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def mb(nbytes: float) -> str:

@@ -26,11 +26,10 @@ Events on one track nest strictly (`check_trace` checks it, and the tests run it
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 
 import numpy as np
 
+from popdsl.atomic import write_atomically
 from popdsl.ir import executable as X
 from popdsl.ir.cost import assumptions
 
@@ -110,7 +109,6 @@ class TraceRecorder:
             ev.append(e)
 
         ev += self._metadata()
-        groups = len(self.cuts) - 1
         starts = self.cuts[:-1]
         ops = _cs_ops(exe)
         timeline = _timeline_by_category(exe)
@@ -141,13 +139,10 @@ class TraceRecorder:
                   {**args, "busiest tile": busiest, "max cycles": int(mx[gi]),
                    "mean cycles": round(float(mean[gi]), 1)})
 
-        step_start = None
         for rec in self.records:
             what, cycle = rec[0], rec[1]
             if what == "action":
                 close_action(cycle)
-                if step_start is None:
-                    step_start = cycle
                 node = rec[2]
                 point = self.points.get(id(node))
                 if isinstance(node, X.PExecute):
@@ -181,7 +176,6 @@ class TraceRecorder:
             elif what == "step":
                 close_action(rec[3])
                 x(PROGRAM_PID, 0, f"step {rec[2] + 1}", "step", cycle, rec[3])
-                step_start = None
         close_action(self.records[-1][1] if self.records else 0)
         return ev
 
@@ -207,24 +201,11 @@ class TraceRecorder:
                               "assumptions": assumptions(t)}}
 
     def write(self, path: str) -> int:
-        """Write the trace atomically (a temporary file renamed over `path`);
-        returns the number of events.  Raises OSError."""
+        """Write the trace atomically (`popdsl.atomic`); returns the number of
+        events.  Raises OSError."""
         doc = self.to_json()
-        d = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".trace-", suffix=".json", dir=d)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(doc, f, separators=(",", ":"))
-            mask = os.umask(0o022)
-            os.umask(mask)
-            os.chmod(tmp, 0o666 & ~mask)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        data = json.dumps(doc, separators=(",", ":")).encode()
+        write_atomically(path, lambda f: f.write(data))
         return len(doc["traceEvents"])
 
 
