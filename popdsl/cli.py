@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"tensor operations a tensor program may build (default {d.ops})")
         sp.add_argument("--max-vertices", type=_positive, default=d.vertices, metavar="N",
                         help=f"vertices of the graph (default {d.vertices})")
+        sp.add_argument("--verify", action="store_true",
+                        help="check the compiler's invariants after every stage (slower; for bug reports)")
 
     def cycles(sp):
         sp.add_argument("--max-cycles", type=_cycles_budget, default=MAX_CYCLES, metavar="N",
@@ -210,7 +212,7 @@ def _compile(args, stop_after=None):
     if args.file.endswith(".popx"):
         raise UserError(f"'{args.file}' is already compiled; '{args.command}' needs a .pop file")
     return compile_source(_read_source(args.file), args.file, _target(args), args.graph,
-                          args.unchecked, stop_after, reuse=not args.no_reuse,
+                          args.unchecked, stop_after, reuse=not args.no_reuse, verify=args.verify or None,
                           budgets=Budgets(args.max_unroll, args.max_ops, args.max_vertices))
 
 

@@ -30,6 +30,8 @@ from popdsl.ir.target import Target
 from popdsl.ir.verify import direct_calls
 from popdsl.passes import autodiff as ad
 from popdsl.limits import BUDGET_FLAGS, Budgets
+from popdsl.ir.verify_graph import verify_checked, verify_elaborated, verify_partitioned
+from popdsl.ir.verify_lowered import verify_generated, verify_lowered, verify_planned
 from popdsl.passes.elaborate import elaborate
 from popdsl.passes.lower import lower
 from popdsl.passes.memplan import plan
@@ -138,14 +140,14 @@ def _dump_plan(result) -> str:
 
 STAGES: tuple[Stage, ...] = (
     Stage("parse", lambda o, _: load_program(o.text, o.path), printer.modules),
-    Stage("check", lambda o, modules: check_program(modules), printer.program),
+    Stage("check", lambda o, modules: check_program(modules), printer.program, verify_checked),
     Stage("elaborate", lambda o, prog: elaborate(prog, o.target, o.graph, o.path, o.training, o.budgets),
-          printer.tensor_graph),
+          printer.tensor_graph, verify_elaborated),
     Stage("autodiff", lambda o, graph: ad.autodiff(graph), printer.tensor_graph, ad.verify),
-    Stage("partition", _partition, printer.tensor_graph),
-    Stage("lower", lambda o, graph: lower(graph), printer.lowered),
-    Stage("codegen", _codegen, _dump_codegen),
-    Stage("plan", _plan, _dump_plan),
+    Stage("partition", _partition, printer.tensor_graph, verify_partitioned),
+    Stage("lower", lambda o, graph: lower(graph), printer.lowered, verify_lowered),
+    Stage("codegen", _codegen, _dump_codegen, verify_generated),
+    Stage("plan", _plan, _dump_plan, verify_planned),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 

@@ -236,7 +236,8 @@ def partition_broadcast(p, n: Node) -> g.View:
 
 def partition_index(p, n: Node) -> g.View:
     v = p.value(n.args[0])
-    return g.View(v.tensor, v.index[tuple(slice(*k) if isinstance(k, tuple) else k for k in n.attrs[0])], v.span)
+    key = tuple(slice(*k) if isinstance(k, tuple) else k for k in n.attrs[0])
+    return g.View(v.tensor, np.asarray(v.index[key]), v.span)       # an array even for one element
 
 
 def fill(p, view: g.View, value: float, dtype: str, label: str) -> None:

@@ -564,8 +564,9 @@ class _Elaborator(PoplarMixin, TensorMixin, TrainMixin):
             self.d.error(e.base.span, f"only tensors can be indexed, found {_kind(base)}")
             raise _Bad
         key = self.index_key(e, base.shape, f"'{self.graph.tensors[base.tensor].name}'")
-        return g.View(base.tensor, base.index[tuple(slice(*k) if isinstance(k, tuple) else k for k in key)],
-                      e.span)
+        # np.asarray: indexing every axis gives a numpy scalar; a View holds an array.
+        return g.View(base.tensor, np.asarray(base.index[tuple(slice(*k) if isinstance(k, tuple) else k
+                                                              for k in key)]), e.span)
 
     def index_key(self, e: ast.IndexExpr, shape, what: str) -> list:
         """Compile-time indices of `e`, range-checked: per axis an index in 0..n-1
