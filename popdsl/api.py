@@ -83,6 +83,21 @@ class Executable:
         from popdsl.report.partition import partition_report
         return partition_report(self.ir, self.native(), max_cycles)
 
+    def draw_graph(self, path: str | os.PathLike, **options):
+        """A PNG of the compiled graph (needs `pip install 'popdsl[viz]'`); returns a Picture."""
+        from popdsl.report.graphpicture import draw_graph
+        return draw_graph(self.ir, os.fspath(path), **options)
+
+    def draw_memory_map(self, path: str | os.PathLike):
+        """A PNG of bytes per tile on the tile grid, the busiest tiles marked."""
+        from popdsl.report.pictures import draw_memory_map
+        return draw_memory_map(self.ir, os.fspath(path))
+
+    def draw_liveness(self, path: str | os.PathLike):
+        """A PNG of live bytes by category over the program, the peak marked."""
+        from popdsl.report.pictures import draw_liveness
+        return draw_liveness(self.ir, os.fspath(path))
+
 
 def compile(path_or_source: str | os.PathLike, target: str = "gc200", tiles: int | None = None,
             tile_memory: int | None = None, graph: str | None = None,
@@ -208,6 +223,13 @@ class Simulator:
         if steps == 1:
             return results[0]
         return {n: np.stack([r[n] for r in results]) for n in results[0]}
+
+    def record_trace(self, per_tile: bool | None = None):
+        """Record the estimated execution of the runs that follow; returns the
+        recorder (`.write(path)` writes a Chrome/Perfetto trace-event file)."""
+        from popdsl.report.trace import TraceRecorder
+        self.machine.trace = TraceRecorder(self.exe.ir, per_tile)
+        return self.machine.trace
 
     def read(self, name: str) -> np.ndarray:
         """Tensor `name`'s values.  Raises KeyError naming the tensors there are."""

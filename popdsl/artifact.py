@@ -104,7 +104,8 @@ def save(exe: X.Executable, path: str) -> None:
         "inputs": exe.inputs, "outputs": exe.outputs,
         "spans": [_span_json(s) for s in exe.spans],
         "memory": {**{k: A.ref(getattr(exe.memory, k)) for k in MEMORY_ARRAYS},
-                   "timeline_labels": list(exe.memory.timeline_labels)},
+                   "timeline_labels": list(exe.memory.timeline_labels),
+                   "timeline_categories": {k: A.ref(v) for k, v in exe.memory.timeline_categories.items()}},
         "ops": exe.ops,
     }
 

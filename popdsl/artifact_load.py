@@ -358,7 +358,9 @@ class Loader:
         return seq(p)
 
     def memory(self, m) -> X.MemoryPlan:
-        m = _dict(m, "the memory plan", MEMORY_ARRAYS + ("timeline_labels",))
+        keys = MEMORY_ARRAYS + ("timeline_labels",)
+        m = _dict(m, "the memory plan", keys + ("timeline_categories",) if isinstance(m, dict)
+                  and "timeline_categories" in m else keys)
         tiles = self.target.tiles
         arrays = {k: self.array(m[k], np.int64, 1, rows=None if k == "timeline" else tiles)
                   for k in MEMORY_ARRAYS}
@@ -367,7 +369,14 @@ class Loader:
         labels = [_str(x, "a timeline label") for x in _list(m["timeline_labels"], "timeline labels")]
         if len(labels) < arrays["timeline"].size:
             raise damaged("the timeline has points without labels")
-        return X.MemoryPlan(**arrays, timeline_labels=labels)
+        # Live bytes over the timeline by category (files from before them have none).
+        cats = _dict(m.get("timeline_categories", {}), "the timeline's categories")
+        if not set(cats) <= set(X.CATEGORIES):
+            raise damaged("the timeline's categories are not memory categories")
+        cats = {k: self.array(v, np.int64, 1, rows=arrays["timeline"].size) for k, v in cats.items()}
+        if any(a.size and (a.min() < 0 or a.max() > 1 << 50) for a in cats.values()):
+            raise damaged("memory figures out of range")
+        return X.MemoryPlan(**arrays, timeline_labels=labels, timeline_categories=cats)
 
     @staticmethod
     def op(op, ncs: int) -> dict:

@@ -114,6 +114,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="save every param and var after running (the optimizer's state included)")
     r.add_argument("--threads", type=_positive, help="host threads for tiles (default: all cores)")
     r.add_argument("--cycles", action="store_true", help="print the cycle estimate and its assumptions")
+    r.add_argument("--trace", metavar="T.json",
+                   help="write the estimated execution as a Chrome/Perfetto trace-event file")
+    r.add_argument("--trace-tiles", action="store_true",
+                   help="a trace track per tile (default: per tile up to 64 tiles, else 16 groups of tiles)")
     cycles(r)
     rp = command("report", "memory per tile and category, or how each op was partitioned",
                  "  popc report examples/resnet50.pop\n"
@@ -125,6 +129,10 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--partition", action="store_true",
                     help="per tensor op: tiles used, cycles per tile (max, mean), exchange bytes")
     rp.add_argument("--json", action="store_true", help="machine-readable output")
+    rp.add_argument("--graph-picture", metavar="G.png",
+                    help="draw the compiled graph (needs the viz extra: pip install 'popdsl[viz]')")
+    rp.add_argument("--memory-map", metavar="M.png", help="draw bytes per tile on the tile grid")
+    rp.add_argument("--liveness", metavar="L.png", help="draw live bytes by category over the program")
     d = command("dump", "print the IR after a stage of the compiler",
                 "  popc dump --after partition examples/mlp.pop\n"
                 "  popc dump --after codegen net.pop --tiles 4")
@@ -385,6 +393,18 @@ def _feeds(args, inputs, specs_in=None, npz=None, flag="--data") -> dict[str, np
     return feeds
 
 
+def _writable(path: str, flag: str) -> None:
+    """Fail before the work if `path` cannot be written (its folder is missing or
+    not writable, or it is a folder)."""
+    d = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"cannot write {flag} '{path}': it is a directory")
+    if not os.path.isdir(d):
+        raise UserError(f"cannot write {flag} '{path}': no such directory '{d}'")
+    if not os.access(d, os.W_OK):
+        raise UserError(f"cannot write {flag} '{path}': permission denied")
+
+
 def _params(path: str, exe) -> dict[str, np.ndarray]:
     """--load-params: arrays by tensor name, checked from their headers."""
     def check_for(name: str):
@@ -407,6 +427,11 @@ def cmd_run(args) -> int:
     from popdsl.runtime.simulator import DeviceError, format_array
     _output_name("--save", args.save)
     _output_name("--save-params", args.save_params)
+    _output_name("--trace", args.trace)
+    if args.trace:
+        _writable(args.trace, "--trace")
+    elif args.trace_tiles:
+        raise UsageError("--trace-tiles needs --trace T.json")
     early: dict = {}
 
     def check_inputs(stage: str, result) -> None:
@@ -419,6 +444,9 @@ def cmd_run(args) -> int:
     params = _params(args.load_params, exe.ir) if args.load_params else {}
     test = _eval_data(args, exe) if args.eval else None      # errors before a long run
     sim = Simulator(exe, threads=args.threads or os.cpu_count(), max_cycles=args.max_cycles)
+    recorder = None
+    if args.trace:
+        recorder = sim.record_trace(per_tile=True if args.trace_tiles else None)
     try:
         for k, v in params.items():
             try:
@@ -463,6 +491,14 @@ def cmd_run(args) -> int:
             _save_npz(args.save_params, {n: sim.read(n) for n in training.state_names(exe)})
         if args.cycles:
             print(_cycles_text(exe.ir, sim.cycles))
+        if recorder is not None:
+            try:
+                n = recorder.write(args.trace)
+            except OSError as e:
+                raise UserError(f"cannot write --trace '{args.trace}': {e.strerror}") from None
+            print(f"wrote {args.trace} ({n:,} trace events, "
+                  f"{'a track per tile' if recorder.per_tile else f'{len(recorder.cuts) - 1} tracks of tile groups'})",
+                  file=sys.stderr)
     finally:
         sim.close()
     return 0
@@ -509,10 +545,44 @@ def _cycles_text(exe, c) -> str:
     return "\n".join(lines)
 
 
+PICTURES = (("graph_picture", "--graph-picture"), ("memory_map", "--memory-map"), ("liveness", "--liveness"))
+
+
+def _pictures(args, exe) -> None:
+    from popdsl.report.pictures import draw_liveness, draw_memory_map
+    for attr, flag in PICTURES:
+        path = getattr(args, attr)
+        if not path:
+            continue
+        if attr == "graph_picture":
+            from popdsl.report.graphpicture import draw_graph as draw
+        else:
+            draw = draw_memory_map if attr == "memory_map" else draw_liveness
+        try:
+            pic = draw(exe, path)
+        except OSError as e:
+            raise UserError(f"cannot write {flag} '{path}': {e.strerror}") from None
+        print(f"wrote {path} ({pic.width}x{pic.height} px, {pic.seconds:.1f} s): {pic.note}", file=sys.stderr)
+
+
 def cmd_report(args) -> int:
     from popdsl.report.memory import memory_report
     from popdsl.report.partition import partition_report
+    wanted = [(attr, flag) for attr, flag in PICTURES if getattr(args, attr)]
+    if wanted:
+        from popdsl.report.pictures import PicturesUnavailable, require
+        try:
+            require(graph=bool(args.graph_picture))
+        except PicturesUnavailable as e:
+            raise UserError(str(e)) from None
+        for attr, flag in wanted:
+            _output_name(flag, getattr(args, attr))
+            _writable(getattr(args, attr), flag)
     exe = _executable(args)
+    if wanted:
+        _pictures(args, exe.ir)
+        if not (args.memory or args.partition or args.json):
+            return 0
     reports = []
     if args.memory or not args.partition:
         reports.append(("memory", memory_report(exe.ir)))

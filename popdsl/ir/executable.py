@@ -117,7 +117,9 @@ class MemoryPlan:
     not_always_live (results of the tensor program), exchange_buffers,
     vertex_state, code.  Data as planned: `planned` (the top of the tile's plan),
     `lower_bound` (the peak of live bytes), `naive_data` (the plan with no sharing).  `timeline`: live data bytes over all
-    tiles at each program point, named by `timeline_labels`."""
+    tiles at each program point, named by `timeline_labels`; `timeline_categories`
+    splits it: always_live, not_always_live, exchange_buffers (empty for a plan
+    read from a file that predates it)."""
     always_live: np.ndarray
     not_always_live: np.ndarray
     exchange_buffers: np.ndarray
@@ -128,6 +130,7 @@ class MemoryPlan:
     naive_data: np.ndarray
     timeline: np.ndarray
     timeline_labels: list
+    timeline_categories: dict = field(default_factory=dict)
 
     @property
     def fixed(self) -> np.ndarray:

@@ -205,14 +205,18 @@ def _categories(low, live: Liveness, rs, plan_rs, rt, planned, bound, naive, cod
             on[grp.tiles] = True
     for cname, on in on_tiles.items():
         code += on * int(code_sizes.get(cname, 0))
-    # Live bytes at each program point, over all tiles.
-    timeline = np.zeros(live.points + 1, np.int64)
-    np.add.at(timeline, live.start, plan_rs)
-    np.add.at(timeline, live.end + 1, -plan_rs)
+    # Live bytes at each program point, over all tiles, by category.
+    def timeline(mask):
+        t = np.zeros(live.points + 1, np.int64)
+        np.add.at(t, live.start[mask], plan_rs[mask])
+        np.add.at(t, live.end[mask] + 1, -plan_rs[mask])
+        return np.cumsum(t)[:-1]
+    by_category = {"always_live": timeline(live.always), "not_always_live": timeline(~live.always & ~is_buf),
+                   "exchange_buffers": timeline(is_buf)}
     return X.MemoryPlan(always_live=per_tile(live.always), not_always_live=per_tile(~live.always & ~is_buf),
                         exchange_buffers=per_tile(is_buf), vertex_state=vertex_state, code=code,
-                        planned=planned, lower_bound=bound, naive_data=naive, timeline=np.cumsum(timeline)[:-1],
-                        timeline_labels=list(live.labels))
+                        planned=planned, lower_bound=bound, naive_data=naive, timeline=sum(by_category.values()),
+                        timeline_labels=list(live.labels), timeline_categories=by_category)
 
 
 def _finish(low: Lowered, codelets: dict, base: np.ndarray, mem: X.MemoryPlan, unchecked: bool) -> X.Executable:

@@ -16,6 +16,10 @@ DeviceError the memory is unspecified (other threads' rows may have run).
 A vertex that counts more than `max_cycles` cycles stops at its next check point
 (`ir.checkpoints`) with a DeviceError naming it; Ctrl-C during a step stops native
 code too (`runtime.interrupt`) and raises KeyboardInterrupt.
+
+`Machine.trace`, when set, is told every program action and phase as it runs, with
+the cycle it starts at (`report.trace.TraceRecorder` makes a trace of them): the
+hook costs nothing when unset and runs no second simulation.
 """
 from __future__ import annotations
 
@@ -107,6 +111,10 @@ class Machine:
         self._pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
         self.out = out or sys.stdout
         self.cycles = CycleCounts()
+        # A recorder told of every action (.action(node, cycle)), exchange or copy
+        # phase (.copy(kind, index, cycle)), compute phase (.compute(cs, cycle,
+        # per-tile cycles)) and step (.step(n, start, end)); None: no trace.
+        self.trace = None
         self.tile_cycles: dict[int, np.ndarray] = {}     # compute set → its last run's cycles per tile
         # Per compute set: one cycle slot per vertex (a view per group), its
         # vertices' tiles and their order, for the cycle model; and the last
@@ -188,8 +196,11 @@ class Machine:
     def run_step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for name, arr in feeds.items():
             self.write(name, arr)
+        start = self.cycles.total
         with interruptible():
             self._run(self.exe.program)
+        if self.trace is not None:
+            self.trace.step(self.cycles.steps, start, self.cycles.total)
         self.cycles.steps += 1
         return {name: self._read(r).copy() for name, r in self.exe.outputs.items()}
 
@@ -198,17 +209,22 @@ class Machine:
         return self._load(rd.addrs, rd.dtype)
 
     def _run(self, p: X.PSeq) -> None:
+        trace = self.trace
         for n in p.body:
+            if trace is not None and not isinstance(n, (X.PRepeat, X.PSeq)):
+                trace.action(n, self.cycles.total)
             if isinstance(n, X.PExecute):
                 self._execute(n.cs)
             elif isinstance(n, X.PCopy):
-                self._copy(self._copies[n.copy])
+                self._copy(self._copies[n.copy], "copy", n.copy)
             elif isinstance(n, X.PRepeat):
                 for _ in range(n.count):
                     self._run(n.body)
             elif isinstance(n, X.PWhile):
                 while bool(self._read(n.cond)):
                     self._run(n.body)
+                    if trace is not None:
+                        trace.action(n, self.cycles.total)
             elif isinstance(n, X.PIf):
                 self._run(n.then if bool(self._read(n.cond)) else n.orelse)
             elif isinstance(n, X.PPrint):
@@ -217,9 +233,11 @@ class Machine:
             else:
                 raise AssertionError(f"unhandled program node {n!r}")
 
-    def _copy(self, c: X.CopyTable) -> None:
+    def _copy(self, c: X.CopyTable, kind: str = "", index: int = -1) -> None:
         if not c:
             return
+        if self.trace is not None:
+            self.trace.copy(kind, index, self.cycles.total)
         parts = self._copy_parts.get(id(c))
         if parts is None:
             copy_runs(self.mem, c.src, c.dst, c.nbytes, checked=False)
@@ -266,7 +284,7 @@ class Machine:
     def _execute(self, csi: int) -> None:
         cs = self.exe.compute_sets[csi]
         target = self.exe.target
-        self._copy(self._pre[csi])
+        self._copy(self._pre[csi], "pre", csi)
         buf, views = self._cycle_bufs[csi]
         for grp, cyc, consts in zip(self._groups[csi], views, self._consts[csi]):
             self._run_group(cs, grp, cyc, consts)
@@ -280,10 +298,12 @@ class Machine:
                 last = self._last[csi] = (buf.copy(), per_tile, int(per_tile.max()))
             self.tile_cycles[csi] = last[1]
             phase = last[2]
+        if self.trace is not None:
+            self.trace.compute(csi, self.cycles.total, self.tile_cycles.get(csi) if cs.groups else None)
         self.cycles.compute += phase
         self.cycles.sync += target.sync_cycles
         self.cycles.per_compute_set[cs.name] = self.cycles.per_compute_set.get(cs.name, 0) + phase
-        self._copy(self._post[csi])
+        self._copy(self._post[csi], "post", csi)
 
     def _run_group(self, cs: X.ComputeSetExec, grp: X.VertexTable, cyc: np.ndarray,
                    consts: tuple) -> None:
