@@ -278,3 +278,33 @@ def test_nan_propagates_through_max_relu_and_reductions_as_in_numpy():
     np.testing.assert_array_equal(out["m"], np.maximum(x, 0.5))
     np.testing.assert_array_equal(out["s"], np.max(x, axis=1))
     assert np.isnan(out["p"]).all()
+
+
+def test_a_round_trip_through_f16_rounds_to_half():
+    """f32(f16(x)) inside one fused kernel is x rounded to half, not x; f16() in a
+    codelet does the same."""
+    src = "graph g(tiles = 4) { input x: f32[64]; output half = f32(f16(x)); }"
+    x = (np.arange(64) / 7 + 1e-4).astype(np.float32)
+    with popdsl.Simulator(popdsl.compile(src)) as sim:
+        np.testing.assert_array_equal(sim.run({"x": x})["half"], x.astype(np.float16).astype(np.float32))
+    from popdsl.codegen.jit import NativeCodelets
+    from popdsl.sema import compile_codelets
+    [c] = compile_codelets("codelet r(x: f32) -> f32 { return f16(x); }")
+    out = np.zeros_like(x)
+    NativeCodelets([c]).map("r", out, x)
+    np.testing.assert_array_equal(out, x.astype(np.float16).astype(np.float32))
+
+
+def test_memory_reuse_keeps_bool_outputs_on_several_tiles():
+    """The program a user found zeroed under reuse (bool pad and concat next to an
+    i32 op on 7 tiles): the same, right answer with and without reuse."""
+    src = ("graph g(tiles = 7) { input x: i32[2, 3]; input b: bool[2, 3]; output o = x + 1; "
+           "output p = pad(b, [[1, 0], [0, 1]]); output q = concat([b, b], axis = 0); }")
+    x = np.arange(6, dtype=np.int32).reshape(2, 3)
+    b = np.array([[1, 0, 1], [1, 1, 0]], bool)
+    for reuse in (True, False):
+        with popdsl.Simulator(popdsl.compile(src, reuse=reuse)) as sim:
+            out = sim.run({"x": x, "b": b})
+        np.testing.assert_array_equal(out["p"], np.pad(b, ((1, 0), (0, 1))))
+        np.testing.assert_array_equal(out["q"], np.concatenate([b, b]))
+        np.testing.assert_array_equal(out["o"], x + 1)

@@ -53,3 +53,16 @@ def test_partition_report_gives_share_flops_and_worker_occupancy():
     text = rep.text()
     assert "share" in text and "workers" in text and "GFLOP/s" in text
     assert rep.to_json()["step_compute_cycles"] > 0
+
+
+def test_ops_and_kernels_are_named_by_where_they_come_from():
+    exe = popdsl.compile("import \"popnn\";\ndef block(x: f32[B, I]) -> f32[B, 16] {\n"
+                         "    return relu(dense(x, 16) * 2.0);\n}\n"
+                         "graph g(tiles = 4) { input x: f32[2, 8]; output y = block(block(x)); }")
+    names = {op["name"] for op in exe.ir.ops}
+    assert {"block_1.dense_1.matmul", "block_2.dense_1.matmul"} <= names, names
+    fused = [c for c in exe.ir.codelets if c.startswith("fused_")]
+    assert any(c.startswith("fused_add_mul_relu_") for c in fused), fused
+    assert any(cs.name.startswith("block_2.dense_1.matmul") for cs in exe.ir.compute_sets)
+    text = exe.partition_report().text()
+    assert "block_1.dense_1.matmul" in text
