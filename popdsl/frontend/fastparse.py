@@ -71,6 +71,15 @@ def parse_fast(text: str, path: str, max_nesting: int) -> ast.Module:
         i += 1
         return t
 
+    def commas(rule) -> list:
+        """rule ("," rule)*"""
+        nonlocal i
+        out = [rule()]
+        while T[i] == ",":
+            i += 1
+            out.append(rule())
+        return out
+
     def guard(d: int, s: int) -> None:
         """Hand over if the tokens [s, i), children of a node at depth d, may reach
         deeper than the limit."""
@@ -145,7 +154,7 @@ def parse_fast(text: str, path: str, max_nesting: int) -> ast.Module:
             t = T[i]
             if t == "(":
                 i += 1
-                x = new.Call(x, args(")"), span(s, i - 1))
+                x = new.Call(x, args(), span(s, i - 1))
             elif t == "[":
                 i += 1
                 idx = [index()]
@@ -157,11 +166,11 @@ def parse_fast(text: str, path: str, max_nesting: int) -> ast.Module:
             else:
                 return x
 
-    def args(close: str) -> tuple:
-        """[arg ("," arg)*] close; an arg is an expression or NAME = expression."""
+    def args() -> tuple:
+        """[arg ("," arg)*] ")"; an arg is an expression or NAME = expression."""
         nonlocal i
         out = []
-        if T[i] == close:
+        if T[i] == ")":
             i += 1
             return ()
         while True:
@@ -174,7 +183,7 @@ def parse_fast(text: str, path: str, max_nesting: int) -> ast.Module:
                 out.append(expr(1))
             t = T[i]
             i += 1
-            if t == close:
+            if t == ")":
                 return tuple(out)
             if t != ",":
                 raise Handover
@@ -198,10 +207,7 @@ def parse_fast(text: str, path: str, max_nesting: int) -> ast.Module:
         if T[i] != "[":
             return new.TypeRef(n, None, span(s, s))
         i += 1
-        dims = [dim()]
-        while T[i] == ",":
-            i += 1
-            dims.append(dim())
+        dims = commas(dim)
         expect("]")
         return new.TypeRef(n, tuple(dims), span(s, i - 1))
 
@@ -220,6 +226,29 @@ def parse_fast(text: str, path: str, max_nesting: int) -> ast.Module:
         raise Handover
 
     # ------------------------------------------------------------ statements
+    def skip() -> int:
+        """Step over the keyword that starts a rule; where it was."""
+        nonlocal i
+        i += 1
+        return i - 1
+
+    def opt(tok: str, rule):
+        """[tok rule]"""
+        nonlocal i
+        if T[i] != tok:
+            return None
+        i += 1
+        return rule()
+
+    def expr1():
+        return expr(1)
+
+    def end(d: int, s: int, node_type, *fields):
+        """The ';' of a statement at depth d that started at token s, and its node."""
+        expect(";")
+        guard(d, s)
+        return node_type(*fields, span(s, i - 1))
+
     def block(d: int):
         nonlocal i
         s = i
@@ -228,18 +257,16 @@ def parse_fast(text: str, path: str, max_nesting: int) -> ast.Module:
             raise Handover
         stmts = []
         while T[i] != "}":
-            stmts.append(stmt(d + 1))
+            t = T[i]
+            rule = keyword_stmt.get(t)
+            if rule is not None:
+                stmts.append(rule(d + 1))
+            elif t in _AFTER_BRACE and T[i - 1] == "}":
+                raise Handover
+            else:
+                stmts.append(assign_or_vertex(d + 1))
         i += 1
         return new.Block(tuple(stmts), span(s, i - 1))
-
-    def stmt(d: int):
-        t = T[i]
-        rule = _KEYWORD_STMT.get(t)
-        if rule is not None:
-            return rule(d)
-        if t in _AFTER_BRACE and T[i - 1] == "}":
-            raise Handover
-        return assign_or_vertex(d)
 
     def assign_or_vertex(d: int):
         nonlocal i
@@ -248,124 +275,77 @@ def parse_fast(text: str, path: str, max_nesting: int) -> ast.Module:
         op = T[i]
         if op in _ASSIGN:
             i += 1
-            value = expr(1)
-            expect(";")
-            guard(d, s)
-            return new.AssignStmt(target, op, value, span(s, i - 1))
+            return end(d, s, new.AssignStmt, target, op, expr(1))
         if op == "on" and T[i + 1] == "tile":
             i += 2
-            tile = expr(1)
-            expect(";")
-            guard(d, s)
-            return new.VertexStmt(target, tile, span(s, i - 1))
+            return end(d, s, new.VertexStmt, target, expr(1))
         raise Handover
-
-    def simple(d: int, s: int, node):
-        """Finish a statement that ends with ';'."""
-        expect(";")
-        guard(d, s)
-        return node
 
     def let_stmt(d: int):
         nonlocal i
-        s = i
-        i += 1
-        if T[i] == "(":
-            i += 1
-            names = [name()]
-            while T[i] == ",":
-                i += 1
-                names.append(name())
-            if len(names) < 2:
-                raise Handover
-            expect(")")
+        s = skip()
+        if T[i] != "(":
+            n = name()
+            typ = opt(":", type_ref)
             expect("=")
-            value = expr(1)
-            return simple(d, s, new.LetStmt(tuple(names), None, value, span(s, i)))
-        n = name()
-        typ = None
-        if T[i] == ":":
-            i += 1
-            typ = type_ref()
+            return end(d, s, new.LetStmt, n, typ, expr(1))
+        i += 1
+        names = commas(name)
+        if len(names) < 2:
+            raise Handover
+        expect(")")
         expect("=")
-        value = expr(1)
-        return simple(d, s, new.LetStmt(n, typ, value, span(s, i)))
+        return end(d, s, new.LetStmt, tuple(names), None, expr(1))
 
-    def shared_stmt(d: int):
-        t = T[i + 1]
-        if t == "var":
-            return var_stmt(d, True)
-        if t == "param":
-            return param_stmt(d, True)
-        raise Handover
-
-    def var_stmt(d: int, shared: bool = False):
+    def var_or_param(d: int):
+        """[shared] var NAME [: type] [= expr] ;  /  [shared] param NAME : type [= expr] ;"""
         nonlocal i
         s = i
-        i += 1 + shared
+        shared = T[i] == "shared"
+        i += shared
+        word = T[i]
+        if word != "var" and word != "param":
+            raise Handover
+        i += 1
         n = name()
-        typ = value = None
-        if T[i] == ":":
-            i += 1
+        if word == "var":
+            typ = opt(":", type_ref)
+            node_type = new.VarStmt
+        else:
+            expect(":")
             typ = type_ref()
-        if T[i] == "=":
-            i += 1
-            value = expr(1)
-        return simple(d, s, new.VarStmt(n, typ, value, span(s, i), shared))
-
-    def param_stmt(d: int, shared: bool = False):
-        nonlocal i
-        s = i
-        i += 1 + shared
-        n = name()
-        expect(":")
-        typ = type_ref()
-        init = None
-        if T[i] == "=":
-            i += 1
-            init = expr(1)
-        return simple(d, s, new.ParamStmt(n, typ, init, span(s, i), shared))
+            node_type = new.ParamStmt
+        value = opt("=", expr1)
+        expect(";")
+        guard(d, s)
+        return node_type(n, typ, value, span(s, i - 1), shared)
 
     def for_stmt(d: int):
-        nonlocal i
-        s = i
-        i += 1
+        s = skip()
         var = name()
         expect("in")
         start = expr(1)
         expect("..")
         stop = expr(1)
-        step = None
-        if T[i] == "step":
-            i += 1
-            step = expr(1)
+        step = opt("step", expr1)
         guard(d, s)
         body = block(d + 1)
         return new.ForStmt(var, start, stop, step, body, span(s, i - 1))
 
-    def cond_block(d: int):
-        """keyword expr block: the expression and the block."""
-        nonlocal i
-        s = i
-        i += 1
+    def cond_block(d: int, node_type):
+        """while / repeat: keyword expr block."""
+        s = skip()
         cond = expr(1)
         guard(d, s)
-        return cond, block(d + 1)
-
-    def while_stmt(d: int):
-        s = i
-        cond, body = cond_block(d)
-        return new.WhileStmt(cond, body, span(s, i - 1))
-
-    def repeat_stmt(d: int):
-        s = i
-        count, body = cond_block(d)
-        return new.RepeatStmt(count, body, span(s, i - 1))
+        body = block(d + 1)
+        return node_type(cond, body, span(s, i - 1))
 
     def if_stmt(d: int):
         nonlocal i
-        s = i
-        cond, then = cond_block(d)
+        s = skip()
+        cond = expr(1)
+        guard(d, s)
+        then = block(d + 1)
         orelse = None
         if T[i] == "else":
             i += 1
@@ -377,143 +357,88 @@ def parse_fast(text: str, path: str, max_nesting: int) -> ast.Module:
                 raise Handover
         return new.IfStmt(cond, then, orelse, span(s, i - 1))
 
-    def word_stmt(node_type):
-        """break ; / continue ; / step ;"""
-        def rule(d: int):
-            nonlocal i
-            s = i
-            i += 1
-            expect(";")
-            return node_type(span(s, i - 1))
-        return rule
-
-    def return_stmt(d: int):
-        nonlocal i
-        s = i
-        i += 1
-        value = None if T[i] == ";" else expr(1)
-        return simple(d, s, new.ReturnStmt(value, span(s, i)))
-
     def map_stmt(d: int):
         nonlocal i
-        s = i
-        i += 1
+        s = skip()
         target = expr(1)
         expect("->")
         if T[i] == "linear":
             i += 1
-            tile = None
-        elif T[i] == "tile":
-            i += 1
-            tile = expr(1)
-        else:
-            raise Handover
-        return simple(d, s, new.MapStmt(target, tile, span(s, i)))
-
-    def compute_stmt(d: int):
-        nonlocal i
-        s = i
-        i += 1
-        n = name()
-        body = block(d + 1)
-        return new.ComputeStmt(n, body, span(s, i - 1))
-
-    def program_stmt(d: int):
-        nonlocal i
-        s = i
-        i += 1
-        body = block(d + 1)
-        return new.ProgramStmt(body, span(s, i - 1))
-
-    def input_stmt(d: int):
-        nonlocal i
-        s = i
-        i += 1
-        n = name()
-        expect(":")
-        typ = type_ref()
-        return simple(d, s, new.InputStmt(n, typ, span(s, i)))
+            return end(d, s, new.MapStmt, target, None)
+        expect("tile")
+        return end(d, s, new.MapStmt, target, expr(1))
 
     def output_stmt(d: int):
         nonlocal i
-        s = i
-        i += 1
+        s = skip()
         n = None
         if T[i + 1] == "=" and T[i][0] in NAME_START and T[i] not in BOOL:
             n = T[i]
             i += 2
         value = expr(1)
-        if T[i] == "as":
-            i += 1
-            n = name()
-        return simple(d, s, new.OutputStmt(value, n, span(s, i)))
+        return end(d, s, new.OutputStmt, value, opt("as", name) or n)
 
-    def minimize_stmt(d: int):
-        nonlocal i
-        s = i
-        i += 1
-        loss = expr(1)
-        expect("with")
-        opt = operand(prefix=False)
-        return simple(d, s, new.MinimizeStmt(loss, opt, span(s, i)))
+    def with_block(node_type):
+        """compute NAME block  /  program block"""
+        def rule(d: int):
+            s = skip()
+            n = () if node_type is new.ProgramStmt else (name(),)
+            return node_type(*n, block(d + 1), span(s, i - 1))
+        return rule
 
-    def execute_stmt(d: int):
-        nonlocal i
-        s = i
-        i += 1
-        n = name()
-        return simple(d, s, new.ExecuteStmt(n, span(s, i)))
+    def two(node_type, first, sep: str, second):
+        """keyword first sep second ;"""
+        def rule(d: int):
+            s = skip()
+            a = first()
+            expect(sep)
+            return end(d, s, node_type, a, second())
+        return rule
 
-    def copy_stmt(d: int):
-        nonlocal i
-        s = i
-        i += 1
-        src = expr(1)
-        expect("->")
-        dst = expr(1)
-        return simple(d, s, new.CopyStmt(src, dst, span(s, i)))
+    def one(node_type, rule_of_field=None):
+        """keyword [field] ;"""
+        def rule(d: int):
+            s = skip()
+            if rule_of_field is None:
+                return end(d, s, node_type)
+            if node_type is new.ReturnStmt and T[i] == ";":
+                return end(d, s, node_type, None)
+            return end(d, s, node_type, rule_of_field())
+        return rule
 
-    def print_stmt(d: int):
-        nonlocal i
-        s = i
-        i += 1
-        value = expr(1)
-        return simple(d, s, new.PrintStmt(value, span(s, i)))
-
-    _KEYWORD_STMT = {
-        "let": let_stmt, "var": var_stmt, "shared": shared_stmt, "param": param_stmt,
-        "for": for_stmt, "while": while_stmt, "if": if_stmt, "repeat": repeat_stmt,
-        "break": word_stmt(new.BreakStmt), "continue": word_stmt(new.ContinueStmt),
-        "step": word_stmt(new.StepStmt), "return": return_stmt, "map": map_stmt,
-        "compute": compute_stmt, "program": program_stmt, "input": input_stmt,
-        "output": output_stmt, "minimize": minimize_stmt, "execute": execute_stmt,
-        "copy": copy_stmt, "print": print_stmt,
+    keyword_stmt = {
+        "let": let_stmt, "var": var_or_param, "param": var_or_param, "shared": var_or_param,
+        "for": for_stmt, "if": if_stmt, "map": map_stmt, "output": output_stmt,
+        "while": lambda d: cond_block(d, new.WhileStmt),
+        "repeat": lambda d: cond_block(d, new.RepeatStmt),
+        "compute": with_block(new.ComputeStmt), "program": with_block(new.ProgramStmt),
+        "input": two(new.InputStmt, name, ":", type_ref),
+        "minimize": two(new.MinimizeStmt, expr1, "with", lambda: operand(prefix=False)),
+        "copy": two(new.CopyStmt, expr1, "->", expr1),
+        "break": one(new.BreakStmt), "continue": one(new.ContinueStmt), "step": one(new.StepStmt),
+        "return": one(new.ReturnStmt, expr1), "execute": one(new.ExecuteStmt, name),
+        "print": one(new.PrintStmt, expr1),
     }
 
     # ------------------------------------------------------------ top level
+    def param():
+        nonlocal i
+        s = i
+        direction = None
+        if T[i] in _DIRECTION:
+            direction = T[i]
+            i += 1
+        n = name()
+        expect(":")
+        return new.Param(direction, n, type_ref(), span(s, i - 1))
+
     def params() -> tuple:
         """"(" [param ("," param)*] ")" of a codelet or def."""
         nonlocal i
         expect("(")
-        out = []
-        if T[i] == ")":
-            i += 1
-            return ()
-        while True:
-            s = i
-            direction = None
-            if T[i] in _DIRECTION:
-                direction = T[i]
-                i += 1
-            n = name()
-            expect(":")
-            out.append(new.Param(direction, n, type_ref(), span(s, i - 1)))
-            t = T[i]
-            i += 1
-            if t == ")":
-                return tuple(out)
-            if t != ",":
-                raise Handover
+        out = () if T[i] == ")" else tuple(commas(param))
+        expect(")")
+        return out
 
     def codelet_or_def(node_type):
         nonlocal i
@@ -526,14 +451,10 @@ def parse_fast(text: str, path: str, max_nesting: int) -> ast.Module:
             i += 1
             if T[i] == "(" and node_type is new.DefDecl:
                 i += 1
-                types = [type_ref()]
-                while T[i] == ",":
-                    i += 1
-                    types.append(type_ref())
-                if len(types) < 2:
+                ret = tuple(commas(type_ref))
+                if len(ret) < 2:
                     raise Handover
                 expect(")")
-                ret = tuple(types)
             else:
                 ret = type_ref()
         body = block(2)
@@ -547,7 +468,7 @@ def parse_fast(text: str, path: str, max_nesting: int) -> ast.Module:
         graph_args = ()
         if T[i] == "(":
             i += 1
-            graph_args = args(")")
+            graph_args = args()
             guard(1, s)
         body = block(2)
         return new.Graph(n, graph_args, body, span(s, i - 1))

@@ -76,19 +76,58 @@ def tokenize(text: str) -> tuple[list[str], list[int], list[int], list[int]]:
 # ---------------------------------------------------------------- node constructors
 
 def _constructor(cls):
-    """A function of `cls`'s fields that builds what `cls(...)` builds in about half the
-    time: a frozen dataclass's __init__ sets each field through object.__setattr__,
-    this sets the slots directly.  Only for a slotted dataclass whose __init__ does
-    nothing else; any other class is its own constructor."""
+    """A function of `cls`'s fields, in order, that builds what `cls(...)` builds in about
+    half the time: a frozen dataclass's __init__ sets each field through
+    object.__setattr__, this sets the slots directly.  Only for a slotted dataclass whose
+    __init__ does nothing else; any other class is its own constructor."""
     if not (dataclasses.is_dataclass(cls) and "__slots__" in cls.__dict__) \
             or hasattr(cls, "__post_init__") or not all(f.init for f in dataclasses.fields(cls)):
         return cls
-    names = [f.name for f in dataclasses.fields(cls)]
-    scope = {"_new": object.__new__, "_cls": cls}
-    scope.update({f"_set{k}": cls.__dict__[n].__set__ for k, n in enumerate(names)})
-    sets = "".join(f"    _set{k}(o, {n})\n" for k, n in enumerate(names))
-    exec(f"def {cls.__name__}({', '.join(names)}):\n    o = _new(_cls)\n{sets}    return o\n", scope)
-    return scope[cls.__name__]
+    setters = [cls.__dict__[f.name].__set__ for f in dataclasses.fields(cls)]
+    if len(setters) not in _BY_ARITY:
+        return cls
+    return _BY_ARITY[len(setters)](object.__new__, cls, *setters)
+
+
+# One closure per number of fields: an exec per class would cost more at import.
+def _make1(new, cls, s0):
+    def make(a):
+        o = new(cls); s0(o, a); return o                                          # noqa: E702
+    return make
+
+
+def _make2(new, cls, s0, s1):
+    def make(a, b):
+        o = new(cls); s0(o, a); s1(o, b); return o                                # noqa: E702
+    return make
+
+
+def _make3(new, cls, s0, s1, s2):
+    def make(a, b, c):
+        o = new(cls); s0(o, a); s1(o, b); s2(o, c); return o                      # noqa: E702
+    return make
+
+
+def _make4(new, cls, s0, s1, s2, s3):
+    def make(a, b, c, d):
+        o = new(cls); s0(o, a); s1(o, b); s2(o, c); s3(o, d); return o            # noqa: E702
+    return make
+
+
+def _make5(new, cls, s0, s1, s2, s3, s4):
+    def make(a, b, c, d, e):
+        o = new(cls); s0(o, a); s1(o, b); s2(o, c); s3(o, d); s4(o, e); return o  # noqa: E702
+    return make
+
+
+def _make6(new, cls, s0, s1, s2, s3, s4, s5):
+    def make(a, b, c, d, e, f):
+        o = new(cls); s0(o, a); s1(o, b); s2(o, c); s3(o, d); s4(o, e); s5(o, f)  # noqa: E702
+        return o
+    return make
+
+
+_BY_ARITY = {1: _make1, 2: _make2, 3: _make3, 4: _make4, 5: _make5, 6: _make6}
 
 
 # The AST classes (and Span) by name, each as its fast constructor: `new.Name(id, span)`.
