@@ -1,4 +1,10 @@
-"""The public Python API (README: "Python API")."""
+"""The public Python API (README: "Python API").
+
+Requires the pipeline, the artifact reader and the simulator; produces `compile`,
+`load`, `Executable` and `Simulator`, and `check_feed` (the rule a host feed's
+dtype, shape and values must meet, shared with the CLI, which applies it to a
+data file's header before reading the data).
+"""
 from __future__ import annotations
 
 import os
@@ -9,6 +15,7 @@ import numpy as np
 from popdsl import artifact
 from popdsl.codegen.jit import NativeCodelets
 from popdsl.ir.codelet import NUMPY_DTYPE
+from popdsl.limits import MAX_CYCLES, Budgets
 from popdsl.pipeline import compile_source
 from popdsl.ir import executable as X
 from popdsl.runtime.simulator import Machine
@@ -52,16 +59,20 @@ class Executable:
         from popdsl.report.memory import memory_report
         return memory_report(self.ir)
 
-    def partition_report(self):
+    def partition_report(self, max_cycles: int = MAX_CYCLES):
         """Per tensor op: tiles, cycles per tile, exchange bytes (runs one step)."""
         from popdsl.report.partition import partition_report
-        return partition_report(self.ir, self.native())
+        return partition_report(self.ir, self.native(), max_cycles)
 
 
 def compile(path_or_source: str | os.PathLike, target: str = "gc200", tiles: int | None = None,
             tile_memory: int | None = None, graph: str | None = None,
-            unchecked: bool = False, reuse: bool = True) -> Executable:
-    """Compile a `.pop` file (a path) or source text.  Raises CompileError."""
+            unchecked: bool = False, reuse: bool = True, training: bool | None = None,
+            budgets: Budgets | None = None) -> Executable:
+    """Compile a `.pop` file (a path) or source text.  `training=False` compiles a
+    graph that says `minimize` for inference (training() false, no update); None
+    lets the graph say.  `budgets`: the compile-time limits (`popdsl.limits.Budgets`).
+    Raises CompileError."""
     if isinstance(path_or_source, os.PathLike) or (
             isinstance(path_or_source, str) and path_or_source.endswith(".pop")
             and "\n" not in path_or_source):
@@ -70,7 +81,7 @@ def compile(path_or_source: str | os.PathLike, target: str = "gc200", tiles: int
     else:
         path, text = "<string>", str(path_or_source)
     exe, native = compile_source(text, path, get_target(target, tiles, tile_memory), graph, unchecked,
-                                 reuse=reuse)
+                                 reuse=reuse, training=training, budgets=budgets)
     return Executable(exe, native)
 
 
@@ -79,12 +90,54 @@ def load(path: str | os.PathLike) -> Executable:
     return Executable(artifact.load(os.fspath(path)))
 
 
-class Simulator:
-    """Runs an executable on the IPU model."""
+def check_feed(exe: X.Executable, name: str, dtype: np.dtype, shape: tuple, steps: int) -> bool:
+    """Whether a feed of this dtype and shape fits input `name` (True: one batch
+    for every step; False: `steps` batches along axis 0).  Raises ValueError
+    saying why not."""
+    if name not in exe.inputs:
+        raise ValueError(f"no input named '{name}' (inputs: {', '.join(exe.inputs) or 'none'})")
+    t = exe.tensors[exe.inputs[name]]
+    want = np.dtype(NUMPY_DTYPE[t.dtype])
+    if not np.can_cast(dtype, want, "same_kind") and not (dtype.kind in "iub" and want.kind in "iuf"):
+        raise ValueError(f"feed '{name}' has dtype {dtype}; input is {t.dtype}")
+    if tuple(shape) == t.shape:
+        return True
+    if t.shape and tuple(shape[1:]) == t.shape[1:] and len(shape) == len(t.shape) \
+            and shape[0] == steps * t.shape[0]:
+        return False
+    raise ValueError(f"feed '{name}' has shape {list(shape)}; input is {list(t.shape)}"
+                     + (f" (or {[steps * t.shape[0], *t.shape[1:]]} for {steps} steps)"
+                        if steps > 1 and t.shape else ""))
 
-    def __init__(self, exe: Executable, threads: int | None = None, out=None):
+
+def check_values(what: str, arr: np.ndarray, dtype: str) -> None:
+    """Raise ValueError unless every value of `arr` is representable in `dtype`
+    (no silent wrap of an int64 into i32, no 2 becoming true, no overflow to inf)."""
+    want = np.dtype(NUMPY_DTYPE[dtype])
+    if arr.dtype == want or not arr.size or arr.dtype.kind == "b":
+        return
+    if arr.dtype.kind in "iu":
+        lo, hi = (0, 1) if want.kind == "b" else (np.iinfo(want).min, np.iinfo(want).max) \
+            if want.kind in "iu" else (-np.finfo(want).max, np.finfo(want).max)
+        bad = arr[(arr < lo) | (arr > hi)]
+    elif want.kind == "f" and arr.dtype.itemsize > want.itemsize:
+        big = np.finfo(want).max
+        bad = arr[np.isfinite(arr) & (np.abs(arr) > big)]
+    else:
+        return
+    if bad.size:
+        kind = "0 and 1" if want.kind == "b" else f"{dtype}'s range"
+        raise ValueError(f"{what} has values that do not fit {dtype} (e.g. {bad.reshape(-1)[0]}, "
+                         f"outside {kind})")
+
+
+class Simulator:
+    """Runs an executable on the IPU model.  `max_cycles`: a vertex counting more
+    cycles stops with a DeviceError (a loop that never ends)."""
+
+    def __init__(self, exe: Executable, threads: int | None = None, out=None, max_cycles: int = MAX_CYCLES):
         self.exe = exe
-        self.machine = Machine(exe.ir, exe.native(), threads=threads, out=out)
+        self.machine = Machine(exe.ir, exe.native(), threads=threads, out=out, max_cycles=max_cycles)
 
     @property
     def cycles(self):
@@ -94,8 +147,9 @@ class Simulator:
         """Run `steps` steps.  A feed shaped like its input is used every step; one
         with `steps` times the input's leading dimension is split along axis 0,
         one batch per step.  Outputs of several steps are stacked on a new axis 0.
-        Raises ValueError for a missing, unknown or misshapen feed, DeviceError
-        for a failing vertex."""
+        Raises ValueError for a missing, unknown or misshapen feed or one whose
+        values do not fit its input's dtype, DeviceError for a failing vertex,
+        KeyboardInterrupt on Ctrl-C."""
         feeds = dict(feeds or {})
         if steps < 1:
             raise ValueError("steps must be at least 1")
@@ -111,18 +165,13 @@ class Simulator:
         for name, arr in feeds.items():
             t = ir.tensors[ir.inputs[name]]
             arr = np.asarray(arr)
-            want = np.dtype(NUMPY_DTYPE[t.dtype])
-            if not np.can_cast(arr.dtype, want, "same_kind") and not (arr.dtype.kind in "iub" and want.kind in "iuf"):
-                raise ValueError(f"feed '{name}' has dtype {arr.dtype}; input is {t.dtype}")
-            if arr.shape == t.shape:
+            whole = check_feed(ir, name, arr.dtype, arr.shape, steps)
+            check_values(f"feed '{name}'", arr, t.dtype)
+            if whole:
                 per_step[name] = [arr] * steps
-            elif t.shape and arr.shape[1:] == t.shape[1:] and arr.shape[0] == steps * t.shape[0]:
+            else:
                 b = t.shape[0]
                 per_step[name] = [arr[i * b:(i + 1) * b] for i in range(steps)]
-            else:
-                raise ValueError(f"feed '{name}' has shape {list(arr.shape)}; input is {list(t.shape)}"
-                                 + (f" (or {[steps * t.shape[0], *t.shape[1:]]} for {steps} steps)"
-                                    if steps > 1 and t.shape else ""))
         results = [self.machine.run_step({n: v[i] for n, v in per_step.items()}) for i in range(steps)]
         if steps == 1:
             return results[0]
@@ -132,6 +181,11 @@ class Simulator:
         return self.machine.read(name)
 
     def write(self, name: str, value) -> None:
+        """Set tensor `name`.  Raises KeyError (no such tensor) or ValueError (a
+        wrong shape, or values that do not fit its dtype)."""
+        i = self.exe.ir.tensor_index(name)
+        if i is not None:
+            check_values(f"'{name}'", np.asarray(value), self.exe.ir.tensors[i].dtype)
         self.machine.write(name, value)
 
     def close(self) -> None:

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from popdsl import __version__, artifact
+from popdsl import __version__, artifact, datafile
+from popdsl.atomic import write_atomically
 from popdsl.diagnostics import CompileError
-from popdsl.runtime.simulator import DeviceError
+from popdsl.limits import MAX_CYCLES, MAX_CYCLES_LIMIT, MAX_SOURCE_BYTES, Budgets
+from popdsl.runtime.simulator import DeviceError, HostMemoryError
 
 EXIT_USER, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 70
 COMMANDS = ("build", "check", "run", "report", "dump")
@@ -40,6 +42,13 @@ def _positive(text: str) -> int:
     return v
 
 
+def _cycles_budget(text: str) -> int:
+    v = _positive(text)
+    if v > MAX_CYCLES_LIMIT:
+        raise argparse.ArgumentTypeError(f"at most {MAX_CYCLES_LIMIT} (2^60)")
+    return v
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="popc", description="popdsl compiler and IPU model")
     p.add_argument("--version", action="version", version=f"popc {__version__}")
@@ -54,6 +63,19 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--unchecked", action="store_true", help="drop the remaining bounds checks")
         sp.add_argument("--no-reuse", action="store_true",
                         help="give every tensor and buffer its own memory (no liveness sharing, no in-place)")
+        d = Budgets()
+        sp.add_argument("--max-unroll", type=_positive, default=d.unroll, metavar="N",
+                        help=f"compile-time steps: loop iterations, a def call counting 64 (default {d.unroll})")
+        sp.add_argument("--max-ops", type=_positive, default=d.ops, metavar="N",
+                        help=f"tensor operations a tensor program may build (default {d.ops})")
+        sp.add_argument("--max-vertices", type=_positive, default=d.vertices, metavar="N",
+                        help=f"vertices of the graph (default {d.vertices})")
+        sp.add_argument("--verify", action="store_true",
+                        help="check the compiler's invariants after every stage (slower; for bug reports)")
+
+    def cycles(sp):
+        sp.add_argument("--max-cycles", type=_cycles_budget, default=MAX_CYCLES, metavar="N",
+                        help=f"stop a vertex that counts more than N cycles (default {MAX_CYCLES:,})")
 
     b = sub.add_parser("build", help="compile FILE.pop to FILE.popx")
     common(b)
@@ -62,19 +84,28 @@ def _parser() -> argparse.ArgumentParser:
     common(c)
     r = sub.add_parser("run", help="run FILE.pop or FILE.popx on the IPU model")
     common(r, "a .pop or .popx file")
-    r.add_argument("--feed", action="append", default=[], metavar="NAME=FILE.npy",
-                   help="feed input NAME from a .npy file (repeatable)")
+    r.add_argument("--feed", action="append", default=[], metavar="NAME=FILE",
+                   help="feed input NAME from a .npy or an IDX file (MNIST's; gzipped or not) (repeatable)")
     r.add_argument("--data", metavar="FILE.npz", help="feeds by input name")
-    r.add_argument("--steps", type=_positive, default=1,
-                   help="steps to run (default 1); a feed holding STEPS batches along "
-                        "axis 0 gives one batch per step")
+    length = r.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=_positive,
+                        help="steps to run (default 1); a feed with more "
+                             "examples than its input's batch gives the next batch each step")
+    length.add_argument("--epochs", type=_positive,
+                        help="run every whole batch of the data this many times")
+    r.add_argument("--eval", action="append", default=[], metavar="TEST.npz|NAME=FILE",
+                   help="after running, the test loss and accuracy of the graph compiled for "
+                        "inference on this data (repeatable: NAME=FILE per input)")
     r.add_argument("--save", metavar="OUT.npz", help="write the outputs here")
     r.add_argument("--load-params", metavar="P.npz", help="set tensors by name before running")
-    r.add_argument("--save-params", metavar="P.npz", help="save every variable after running")
+    r.add_argument("--save-params", metavar="P.npz",
+                   help="save every param and var after running (the optimizer's state included)")
     r.add_argument("--threads", type=_positive, help="host threads for tiles (default: all cores)")
     r.add_argument("--cycles", action="store_true", help="print the cycle estimate and its assumptions")
+    cycles(r)
     rp = sub.add_parser("report", help="memory and cycle reports")
     common(rp, "a .pop or .popx file")
+    cycles(rp)
     rp.add_argument("--memory", action="store_true", help="memory per tile and category (default)")
     rp.add_argument("--partition", action="store_true",
                     help="per tensor op: tiles used, cycles per tile (max, mean), exchange bytes")
@@ -123,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         print(e.diagnostic.render(), file=sys.stderr)
         return EXIT_USER
+    except HostMemoryError as e:
+        print(f"popc: error: {e}", file=sys.stderr)
+        return EXIT_USER
     except KeyboardInterrupt:
         print("popc: interrupted", file=sys.stderr)
         return 130
@@ -150,6 +184,11 @@ def _target(args):
 
 def _read_source(path: str) -> str:
     try:
+        size = os.path.getsize(path)
+        if size > MAX_SOURCE_BYTES:
+            raise UserError(f"cannot compile '{path}': it is {size:,} bytes, and popc compiles sources of "
+                            f"at most {MAX_SOURCE_BYTES:,} bytes (large constant data belongs in a .npz: "
+                            "popc run --load-params)")
         return Path(path).read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise UserError(f"cannot read '{path}': no such file") from None
@@ -166,7 +205,8 @@ def _compile(args, stop_after=None):
     if args.file.endswith(".popx"):
         raise UserError(f"'{args.file}' is already compiled; '{args.command}' needs a .pop file")
     return compile_source(_read_source(args.file), args.file, _target(args), args.graph,
-                          args.unchecked, stop_after, reuse=not args.no_reuse)
+                          args.unchecked, stop_after, reuse=not args.no_reuse, verify=args.verify or None,
+                          budgets=Budgets(args.max_unroll, args.max_ops, args.max_vertices))
 
 
 def _executable(args):
@@ -182,11 +222,22 @@ def _executable(args):
 
 # ---------------------------------------------------------------- commands
 
+def _output_name(flag: str, path: str | None) -> None:
+    """Refuse an output the user cannot have meant, before any work is done."""
+    if path is not None and not path.strip():
+        raise UsageError(f"{flag} needs a file name")
+
+
 def cmd_build(args) -> int:
-    exe, _ = _compile(args)
+    _output_name("-o", args.output)
     out = args.output or str(Path(args.file).with_suffix(".popx"))
+    exe, _ = _compile(args)
+    if os.path.exists(out) and os.path.samefile(out, args.file):
+        raise UsageError(f"-o {out} would overwrite the source file")
     try:
         artifact.save(exe, out)
+    except IsADirectoryError:
+        raise UserError(f"cannot write '{out}': it is a directory") from None
     except OSError as e:
         raise UserError(f"cannot write '{out}': {e.strerror}") from None
     print(f"wrote {out}")
@@ -206,49 +257,140 @@ def _count(n: int, one: str, many: str | None = None) -> str:
     return f"{n} {one if n == 1 else many or one + 's'}"
 
 
-def _load_npy(path: str):
+def _cannot_read(path: str, e: BaseException) -> UserError:
+    if isinstance(e, FileNotFoundError):
+        return UserError(f"cannot read '{path}': no such file")
+    if isinstance(e, IsADirectoryError):
+        return UserError(f"cannot read '{path}': it is a directory")
+    if isinstance(e, datafile.DataFileError):
+        return UserError(f"cannot read '{path}': not a valid .npy/.npz file ({e})")
+    if isinstance(e, MemoryError):
+        return UserError(f"cannot read '{path}': too large for this machine's memory")
+    return UserError(f"cannot read '{path}': {getattr(e, 'strerror', None) or e}")
+
+
+def _is_zip(path: str) -> bool:
     try:
-        return np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise UserError(f"cannot read '{path}': no such file") from None
-    except (OSError, ValueError, EOFError) as e:
-        raise UserError(f"cannot read '{path}': not a valid .npy/.npz file ({e})") from None
+        with open(path, "rb") as f:
+            return f.read(4) in (b"PK\x03\x04", b"PK\x05\x06")     # a member first, or none
+    except OSError:
+        return False        # reading it properly says why
 
 
-def _feeds(args) -> dict[str, np.ndarray]:
-    feeds: dict[str, np.ndarray] = {}
-    if args.data:
-        data = _load_npy(args.data)
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise UserError(f"--data needs an .npz file of named arrays, '{args.data}' is not one")
-        feeds.update({k: data[k] for k in data.files})
-    for f in args.feed:
+def _read_npy(path: str, check) -> np.ndarray:
+    """The array in .npy file `path`; `check(header)` refuses it before its data
+    is read (a header may claim terabytes)."""
+    try:
+        return datafile.load_npy(path, check)
+    except (OSError, datafile.DataFileError, MemoryError) as e:
+        raise _cannot_read(path, e) from None
+
+
+def _read_npz(path: str, flag: str, check_for) -> dict[str, np.ndarray]:
+    """The arrays of .npz file `path` by name; `check_for(name)(header)` refuses
+    one before it is inflated (a 3 MB zip may inflate to gigabytes)."""
+    if os.path.isfile(path) and not _is_zip(path):
+        raise UserError(f"{flag} needs an .npz file of named arrays, '{path}' is not one")
+    try:
+        z, arrays = datafile.open_npz(path)
+        with z:
+            return {k: arrays.array(k, check_for(k)) for k in arrays.keys}
+    except (OSError, datafile.DataFileError, MemoryError) as e:
+        raise _cannot_read(path, e) from None
+
+
+def _feeds(args, exe, specs_in=None, npz=None, flag="--data") -> dict[str, np.ndarray]:
+    """--data and --feed arrays by input name (or --eval's), each checked against
+    its input (name, dtype, shape: one batch, or examples to stream in batches)
+    from its header before its data is read."""
+    from popdsl import data, training
+    specs_in = args.feed if specs_in is None else specs_in
+    npz = args.data if npz is None else npz
+
+    inputs = {n: (exe.tensors[i].dtype, exe.tensors[i].shape) for n, i in exe.inputs.items()}
+
+    def check_for(name: str):
+        def check(h: datafile.Header) -> None:
+            try:
+                training.check_feed(inputs, name, h.dtype, h.shape, npz or "")
+            except training.DataError as e:
+                raise UserError(str(e) if flag == "--data" else f"{flag}: {e}") from None
+        return check
+    specs: dict[str, str] = {}
+    for f in specs_in:
         name, sep, path = f.partition("=")
         if not sep or not name or not path:
-            raise UserError(f"--feed expects NAME=FILE.npy, got {f!r}")
-        arr = _load_npy(path)
-        if isinstance(arr, np.lib.npyio.NpzFile):
+            raise UserError(f"{flag if flag != '--data' else '--feed'} expects NAME=FILE (.npy or IDX), got {f!r}")
+        if name in specs:
+            raise UserError(f"input '{name}' is fed twice: --feed {name}={specs[name]} and --feed {f}")
+        specs[name] = path
+    feeds: dict[str, np.ndarray] = {}
+    if npz:
+        feeds = _read_npz(npz, flag, check_for)
+        twice = sorted(set(feeds) & set(specs))
+        if twice:
+            raise UserError(f"input '{twice[0]}' is fed twice: by {flag} {npz} and by "
+                            f"{'--feed' if flag == '--data' else flag + ' NAME=FILE'}")
+    for name, path in specs.items():
+        if data.is_idx(path):
+            try:
+                feeds[name] = data.read_idx(path)
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot read '{path}': {e}") from None
+            check_for(name)(datafile.Header(feeds[name].dtype, feeds[name].shape, False, feeds[name].nbytes, 0))
+            continue
+        if _is_zip(path):
             raise UserError(f"--feed {name}: '{path}' is an .npz; use --data or an .npy file")
-        feeds[name] = arr
+        feeds[name] = _read_npy(path, check_for(name))
     return feeds
 
 
+def _params(path: str, exe) -> dict[str, np.ndarray]:
+    """--load-params: arrays by tensor name, checked from their headers."""
+    def check_for(name: str):
+        def check(h: datafile.Header) -> None:
+            i = exe.tensor_index(name)
+            if i is None:
+                raise UserError(f"--load-params: no tensor named '{name}'")
+            t = exe.tensors[i]
+            if h.shape != t.shape:
+                raise UserError(f"--load-params: '{name}' has shape {list(t.shape)}, given {list(h.shape)}")
+            if h.dtype.kind not in "biuf":
+                raise UserError(f"--load-params: '{name}' holds {h.dtype} values; it is {t.dtype}")
+        return check
+    return _read_npz(path, "--load-params", check_for)
+
+
 def cmd_run(args) -> int:
+    from popdsl import training
     from popdsl.api import Simulator
     from popdsl.runtime.simulator import DeviceError, format_array
+    _output_name("--save", args.save)
+    _output_name("--save-params", args.save_params)
     exe = _executable(args)
-    feeds = _feeds(args)
-    sim = Simulator(exe, threads=args.threads or os.cpu_count())
+    feeds = _feeds(args, exe.ir)
+    params = _params(args.load_params, exe.ir) if args.load_params else {}
+    test = _eval_data(args, exe) if args.eval else None      # errors before a long run
+    sim = Simulator(exe, threads=args.threads or os.cpu_count(), max_cycles=args.max_cycles)
     try:
-        if args.load_params:
-            params = _load_npy(args.load_params)
-            for k in getattr(params, "files", []):
-                try:
-                    sim.write(k, params[k])
-                except (KeyError, ValueError) as e:
-                    raise UserError(f"--load-params: {e.args[0]}") from None
+        for k, v in params.items():
+            try:
+                sim.write(k, v)
+            except (KeyError, ValueError) as e:
+                raise UserError(f"--load-params: {e.args[0]}") from None
         try:
-            outputs = sim.run(feeds, steps=args.steps)
+            stream = training.prepare(exe, feeds, args.data if args.data and not args.feed else "")
+        except training.DataError as e:
+            raise UserError(str(e)) from None
+        if args.epochs and not stream.streamed:
+            raise UserError("--epochs needs data with more examples than one batch to stream "
+                            "(--data FILE.npz or --feed NAME=FILE)")
+        steps = args.steps or (args.epochs or 1) * (stream.batches if args.epochs else 1)
+        if stream.left_out and steps > 1:
+            print(f"popc: note: {stream.examples} examples make {stream.batches} batches of "
+                  f"{stream.samples_per_step}; the last {stream.left_out} are left out of each epoch", file=sys.stderr)
+        try:
+            outputs = training.run(sim, stream, steps)
         except ValueError as e:
             raise UserError(str(e)) from None
         except DeviceError as e:
@@ -260,8 +402,18 @@ def cmd_run(args) -> int:
         else:
             for name, value in outputs.items():
                 print(f"{name}: {format_array(value) if value.size <= 64 else np.array2string(value, threshold=16)}")
+        if test is not None:
+            eval_exe, test_stream = test
+            try:
+                result, seen = training.evaluate(eval_exe, sim, test_stream, threads=args.threads or os.cpu_count())
+            except DeviceError as e:
+                sys.stdout.flush()
+                print(e.diagnostic.render(), file=sys.stderr)
+                return EXIT_USER
+            for k, v in result.items():
+                print(f"test {k}: {v:.4f} ({seen} examples)")
         if args.save_params:
-            _save_npz(args.save_params, {t.name: sim.read(t.name) for t in exe.ir.tensors if t.kind == "var"})
+            _save_npz(args.save_params, {n: sim.read(n) for n in training.state_names(exe)})
         if args.cycles:
             print(_cycles_text(exe.ir, sim.cycles))
     finally:
@@ -269,16 +421,30 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _save_npz(path: str, arrays: dict) -> None:
-    tmp = path + ".tmp.npz"
+def _eval_data(args, exe):
+    """The inference executable of the graph and the test data, checked."""
+    from popdsl import training
+    from popdsl.api import Executable
+    if args.file.endswith(".popx"):
+        raise UserError("--eval compiles the graph again for inference: give the .pop file, not a .popx")
+    npz = [e for e in args.eval if "=" not in e]
+    if len(npz) > 1:
+        raise UserError(f"--eval takes one .npz file (or NAME=FILE per input), given {', '.join(npz)}")
+    from popdsl.pipeline import compile_source
+    eval_exe = Executable(*compile_source(_read_source(args.file), args.file, _target(args), args.graph,
+                                          args.unchecked, reuse=not args.no_reuse, training=False))
+    test = _feeds(args, eval_exe.ir, [e for e in args.eval if "=" in e], npz[0] if npz else "", "--eval")
     try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        training.reported(eval_exe)
+        return eval_exe, training.prepare(eval_exe, test, npz[0] if npz and len(args.eval) == 1 else "")
+    except training.DataError as e:
+        raise UserError(f"--eval: {e}") from None
+
+
+def _save_npz(path: str, arrays: dict) -> None:
+    try:
+        write_atomically(path, lambda f: np.savez(f, **arrays))
     except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise UserError(f"cannot write '{path}': {e.strerror}") from None
 
 
@@ -304,7 +470,7 @@ def cmd_report(args) -> int:
     if args.memory or not args.partition:
         reports.append(("memory", memory_report(exe.ir)))
     if args.partition:
-        reports.append(("partition", partition_report(exe.ir, exe.native())))
+        reports.append(("partition", partition_report(exe.ir, exe.native(), args.max_cycles)))
     if args.json:
         doc = reports[0][1].to_json() if len(reports) == 1 else {k: r.to_json() for k, r in reports}
         print(json.dumps(doc, indent=2))

@@ -1,5 +1,5 @@
 """Diagnostics: user errors collected with spans, rendered `path:line:col: error: msg`
-with the source line and a caret.
+with the source line (cut around the caret when it is long) and a caret.
 
 User mistakes are never exceptions inside a pass: a pass appends to a `Diagnostics`
 and goes on where it can, so one run reports several errors.  At a stage boundary
@@ -40,6 +40,21 @@ class SourceMap:
         return lines[line - 1] if line <= len(lines) else None
 
 
+MAX_LINE = 100          # columns of a source line shown around the caret
+
+
+def _window(src: str, col: int, width: int) -> tuple[str, int, int]:
+    """A long source line cut to MAX_LINE columns around the caret at `col`
+    (1-based), marked '...' where cut: (text, caret column, caret width)."""
+    if len(src) <= MAX_LINE:
+        return src, col, width
+    start = max(0, min(col - 1 - MAX_LINE // 3, len(src) - MAX_LINE))
+    end = start + MAX_LINE
+    prefix = "..." if start else ""
+    text = prefix + src[start:end] + ("..." if end < len(src) else "")
+    return text, col - start + len(prefix), max(1, min(width, end - (col - 1)))
+
+
 @dataclass(frozen=True, slots=True)
 class Diagnostic:
     span: Span
@@ -53,12 +68,12 @@ class Diagnostic:
         out = [head]
         src = SourceMap.line(self.span.path, self.span.line)
         if src is not None:
-            src = src.expandtabs(1)
             width = 1
             if self.span.end_line == self.span.line and self.span.end_col > self.span.col:
                 width = self.span.end_col - self.span.col
+            src, col, width = _window(src.expandtabs(1), self.span.col, width)
             out.append(f"  {src}")
-            out.append("  " + " " * (self.span.col - 1) + "^" + "~" * (width - 1))
+            out.append("  " + " " * (col - 1) + "^" + "~" * (width - 1))
         out.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(out)
 

@@ -1,6 +1,7 @@
 """The whole compiler in one function, and its stages in one table.
 
     source ─parse─▶ AST ─check─▶ codelet IR + graph AST ─elaborate─▶ tensor graph
+           ─autodiff─▶ tensor graph with gradients and optimizer updates
            ─partition─▶ tensor graph with vertices ─lower─▶ vertex graph (regions, exchange)
            ─codegen─▶ native codelets ─plan─▶ Executable
 
@@ -20,12 +21,17 @@ from typing import Callable
 import numpy as np
 
 from popdsl.codegen.jit import NativeCodelets
+from popdsl.diagnostics import CompileError, Diagnostic, Span
 from popdsl.codegen.llvm import emit_module
 from popdsl.ir import codelet as cir
 from popdsl.ir import printer
 from popdsl.ir.lowered import Lowered
 from popdsl.ir.target import Target
 from popdsl.ir.verify import direct_calls
+from popdsl.passes import autodiff as ad
+from popdsl.limits import BUDGET_FLAGS, Budgets
+from popdsl.ir.verify_graph import verify_checked, verify_elaborated, verify_partitioned
+from popdsl.ir.verify_lowered import verify_generated, verify_lowered, verify_planned
 from popdsl.passes.elaborate import elaborate
 from popdsl.passes.lower import lower
 from popdsl.passes.memplan import plan
@@ -43,6 +49,8 @@ class Options:
     unchecked: bool = False
     reuse: bool = True
     verify: bool = False
+    training: bool | None = None      # None: a graph that says 'minimize' trains
+    budgets: Budgets = Budgets()
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -61,6 +69,19 @@ class Stage:
     run: Callable[[Options, object], object]     # (options, previous result) -> result
     dump: Callable[[object], str]
     verify: Callable[[object], None] | None = None
+
+
+def _partition(opts: Options, graph):
+    out = partition(graph)
+    # Vertices placed by hand were counted by elaboration; the partitioner's too
+    # must fit the budget before lowering and planning spend time on them.
+    n = sum(len(grp) for cs in out.compute_sets.values() for grp in cs.groups)
+    if n > opts.budgets.vertices:
+        raise CompileError([Diagnostic(
+            Span(opts.path, 0, 0, 0, 0), f"the graph has {n:,} vertices after partitioning: more than "
+            f"{opts.budgets.vertices:,}, the compile-time budget", "error",
+            (f"raise the budget with {BUDGET_FLAGS['vertices']} N",))])
+    return out
 
 
 def _codegen(opts: Options, low: Lowered) -> Generated:
@@ -119,12 +140,14 @@ def _dump_plan(result) -> str:
 
 STAGES: tuple[Stage, ...] = (
     Stage("parse", lambda o, _: load_program(o.text, o.path), printer.modules),
-    Stage("check", lambda o, modules: check_program(modules), printer.program),
-    Stage("elaborate", lambda o, prog: elaborate(prog, o.target, o.graph, o.path), printer.tensor_graph),
-    Stage("partition", lambda o, graph: partition(graph), printer.tensor_graph),
-    Stage("lower", lambda o, graph: lower(graph), printer.lowered),
-    Stage("codegen", _codegen, _dump_codegen),
-    Stage("plan", _plan, _dump_plan),
+    Stage("check", lambda o, modules: check_program(modules), printer.program, verify_checked),
+    Stage("elaborate", lambda o, prog: elaborate(prog, o.target, o.graph, o.path, o.training, o.budgets),
+          printer.tensor_graph, verify_elaborated),
+    Stage("autodiff", lambda o, graph: ad.autodiff(graph), printer.tensor_graph, ad.verify),
+    Stage("partition", _partition, printer.tensor_graph, verify_partitioned),
+    Stage("lower", lambda o, graph: lower(graph), printer.lowered, verify_lowered),
+    Stage("codegen", _codegen, _dump_codegen, verify_generated),
+    Stage("plan", _plan, _dump_plan, verify_planned),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -135,13 +158,16 @@ def verify_by_default() -> bool:
 
 def compile_source(text: str, path: str, target: Target, graph: str | None = None,
                    unchecked: bool = False, stop_after: str | None = None, reuse: bool = True,
-                   verify: bool | None = None):
+                   verify: bool | None = None, training: bool | None = None,
+                   budgets: Budgets | None = None):
     """Returns (Executable, NativeCodelets), or the result of stage `stop_after`.
-    Raises CompileError for errors in the program."""
+    `training`: False compiles a graph that minimizes for inference (training()
+    false, no update), None lets the graph say.  Raises CompileError for errors in
+    the program."""
     if stop_after is not None and stop_after not in STAGE_NAMES:
         raise ValueError(f"unknown stage {stop_after!r}")
     verify = verify_by_default() if verify is None else verify
-    opts = Options(text, path, target, graph, unchecked, reuse, verify)
+    opts = Options(text, path, target, graph, unchecked, reuse, verify, training, budgets or Budgets())
     result = None
     for stage in STAGES:
         result = stage.run(opts, result)

@@ -209,7 +209,7 @@ def test_partition_report_names_ops_tiles_cycles_and_exchange(capsys, tmp_path):
     assert {"matmul", "relu", "reduce", "one_hot"} <= ops
     mm = next(r for r in doc["ops"] if r["op"] == "matmul")
     assert mm["tiles"] > 1 and mm["max_cycles"] >= mm["mean_cycles"] > 0 and mm["exchange_bytes"] > 0
-    assert mm["source"].endswith(":37:12") and "popnn.pop" in mm["source"]
+    assert mm["source"].endswith(":50:12") and "popnn.pop" in mm["source"]
 
 
 def test_reports_as_objects():

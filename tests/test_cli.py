@@ -235,7 +235,7 @@ def test_build_onto_a_directory(popc, src, tmp_path):
     code, _, err = popc("build", src(SCALE), "-o", d)
     assert code == 1
     assert "cannot write" in err
-    assert list(tmp_path.glob(".popx-*")) == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_check_writes_nothing(popc, src, tmp_path):
@@ -344,7 +344,7 @@ def test_popx_table_address_out_of_range(popc, built, tmp_path):
         ref = doc["compute_sets"][0]["groups"][0]["table"]
         arrays[ref][0, 0] = doc["target"]["tiles"] * doc["target"]["tile_memory"]
     err = _run_popx(popc, _tampered(built, tmp_path, edit_arrays=edit))
-    assert "reaches outside the target's memory" in err
+    assert "field x of vertex 0 (Scale) in compute set 'scale' reaches outside its tile 0's memory" in err
 
 
 def test_popx_negative_address(popc, built, tmp_path):
@@ -364,7 +364,7 @@ def test_popx_huge_size_symbol(popc, built, tmp_path):
     def edit(doc, arrays):
         ref = doc["compute_sets"][0]["groups"][0]["table"]
         arrays[ref][:, -1] = 1 << 30
-    assert "outside the target's memory" in _run_popx(popc, _tampered(built, tmp_path, edit_arrays=edit))
+    assert "reaches outside its tile" in _run_popx(popc, _tampered(built, tmp_path, edit_arrays=edit))
 
 
 def test_popx_wrong_array_dtype(popc, built, tmp_path):
@@ -372,14 +372,14 @@ def test_popx_wrong_array_dtype(popc, built, tmp_path):
         ref = doc["compute_sets"][0]["groups"][0]["table"]
         arrays[ref] = arrays[ref].astype(np.float64)
     err = _run_popx(popc, _tampered(built, tmp_path, edit_arrays=edit))
-    assert "damaged .popx file (ValueError: array " in err and "has dtype float64, expected int64" in err, err
+    assert "damaged .popx file (array " in err and "holds float64, expected int64" in err, err
 
 
 def test_popx_missing_array_member(popc, built, tmp_path):
     m = _members(built)
     del m["a3.npy"]
     err = _run_popx(popc, _write_zip(tmp_path / "holes.popx", m))
-    assert "damaged .popx file (KeyError: " in err and "no item named 'a3.npy'" in err, err
+    assert "damaged .popx file (bad array reference 'a3')" in err, err
 
 
 def test_popx_pickled_array_is_refused(popc, built, tmp_path):
@@ -389,26 +389,24 @@ def test_popx_pickled_array_is_refused(popc, built, tmp_path):
     np.save(buf, np.array([{"x": 1}], dtype=object), allow_pickle=True)
     m["a0.npy"] = buf.getvalue()
     err = _run_popx(popc, _write_zip(tmp_path / "pickle.popx", m))
-    assert "damaged .popx file (ValueError: Object arrays cannot be loaded when allow_pickle=False)" in err, err
+    assert "holds Python objects (a pickle), which popc never loads" in err, err
 
 
 # Each damage is reported with its own reason (the first check that catches it).
-# Some reasons are still the Python exception the loader met (TypeError, KeyError):
-# pinned here as they are, so that a clearer message is a visible change.
 @pytest.mark.parametrize("edit, reason", [
-    (lambda d: d.update(tensors=5), "TypeError: 'int' object is not iterable"),
-    (lambda d: d.update(program={"seq": [{"execute": 7}]}), "ValueError: reference out of range"),
-    (lambda d: d.update(program={"seq": [{"launch": 0}]}), "ValueError: unknown program node"),
-    (lambda d: d.update(program={"repeat": -1, "body": {"seq": []}}), "ValueError: negative repeat"),
+    (lambda d: d.update(tensors=5), "tensors is not a list"),
+    (lambda d: d.update(program={"seq": [{"execute": 7}]}), "a compute set reference is 7, not an integer in 0..0"),
+    (lambda d: d.update(program={"seq": [{"launch": 0}]}), "unknown program node"),
+    (lambda d: d.update(program={"repeat": -1, "body": {"seq": []}}), "a repeat count is -1, not an integer"),
     (lambda d: d.update(target={"name": "gc200", "tiles": 0, "tile_memory": 64}),
-     "ValueError: implausible target"),
-    (lambda d: d.update(target={"bogus": 1}), "unexpected keyword argument 'bogus'"),
-    (lambda d: d.update(outputs={"y": 99}), "ValueError: bad input or output reference"),
-    (lambda d: d["compute_sets"][0]["groups"][0].update(codelet="Nope"), "KeyError: 'Nope'"),
+     "the target is not a record of the expected fields"),
+    (lambda d: d.update(target={"bogus": 1}), "the target is not a record of the expected fields"),
+    (lambda d: d.update(outputs={"y": 99}), "an output's read is 99, not an integer in 0..1"),
+    (lambda d: d["compute_sets"][0]["groups"][0].update(codelet="Nope"), "compute set 'scale' runs 'Nope', which is not a vertex codelet here"),
     (lambda d: d.pop("spans"), "KeyError: 'spans'"),
-    (lambda d: d["tensors"][0].update(dtype="f64"), "ValueError: unknown dtype 'f64'"),
+    (lambda d: d["tensors"][0].update(dtype="f64"), "unknown dtype 'f64'"),
     (lambda d: d["tensors"][0].update(shape=[3]),
-     "ValueError: tensor 'v': address count does not match its shape"),
+     "tensor 'v': address count does not match its shape"),
     (lambda d: d["codelets"][0].update(_="Mystery"), "ValueError: unknown codelet IR node 'Mystery'"),
 ], ids=["tensors-not-a-list", "execute-out-of-range", "unknown-node", "negative-repeat",
         "zero-tiles", "bad-target", "output-out-of-range", "unknown-codelet", "no-spans",
@@ -571,7 +569,7 @@ def test_feed_pickled_file(popc, fed, tmp_path):
 @pytest.mark.parametrize("spec", ["x", "=x.npy", "x=", ""])
 def test_feed_malformed(popc, fed, spec):
     code, _, err = popc("run", fed, "--feed", spec)
-    assert code == 1 and "--feed expects NAME=FILE.npy" in err
+    assert code == 1 and "--feed expects NAME=FILE" in err
 
 
 def test_feed_npz_instead_of_npy(popc, fed, tmp_path):

@@ -98,7 +98,8 @@ class Vertices:
         return mem[o:o + base.nbytes].view(base.dtype).reshape(base.shape)
 
 
-def both(codelets, name, vs: Vertices, begin=0, end=None, unchecked=False, contract=True):
+def both(codelets, name, vs: Vertices, begin=0, end=None, unchecked=False, contract=True,
+         max_cycles=ev.MAX_CYCLES):
     """Run the JIT and the evaluator on copies of the same memory.  Returns
     (mem_jit, mem_ref, cycles_jit, cycles_ref, error_jit, error_ref)."""
     end = len(vs.table) if end is None else end
@@ -113,9 +114,9 @@ def both(codelets, name, vs: Vertices, begin=0, end=None, unchecked=False, contr
         err = None
         try:
             if runner == "jit":
-                nc.run(name, mem, vs.table, begin, end, cyc)
+                nc.run(name, mem, vs.table, begin, end, cyc, max_cycles=max_cycles)
             else:
-                ev.run_vertices(by_name[name], mem, vs.table, begin, end, cyc, scalars)
+                ev.run_vertices(by_name[name], mem, vs.table, begin, end, cyc, scalars, max_cycles)
         except VertexError as e:
             err = e
         out.append((mem, cyc, err))

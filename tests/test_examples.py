@@ -128,11 +128,15 @@ def test_cnn_on_gc200_matches_numpy():
     np.testing.assert_allclose(out["logits"], logits, rtol=1e-4, atol=1e-4)
 
 
-def test_resnet50_compiles_for_gc200_with_its_parameter_count_and_matches_numpy():
+def test_resnet50_compiles_for_gc200_with_its_parameter_count_and_matches_numpy(tmp_path):
     import time
     t = time.perf_counter()
     exe = popdsl.compile(EXAMPLES / "resnet50.pop")
     seconds = time.perf_counter() - t
+    # What runs is the executable saved and loaded again: the loader's proofs and
+    # limits accept the largest example.
+    exe.save(tmp_path / "resnet50.popx")
+    exe = popdsl.load(tmp_path / "resnet50.popx")
     params = sum(int(np.prod(t.shape)) for t in exe.ir.tensors if t.kind == "param")
     assert params == 25_557_032
     assert exe.target.tiles == 1472
@@ -200,3 +204,16 @@ def test_lstm_shares_its_weights_keeps_its_state_and_matches_numpy():
         np.testing.assert_allclose(out["logits"][run], h @ P["dense_1.w"] + P["dense_1.b"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(h_end, h, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(c_end, c, rtol=1e-5, atol=1e-6)
+
+
+def test_digits_trains_to_95_percent_with_the_readme_command(capsys, monkeypatch):
+    """The README's command, as written there, trains examples/digits.pop on real
+    handwritten digits and tests it on the held-out ones."""
+    import shlex
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    cmd = re.search(r"^popc (run examples/digits\.pop .*)$", readme, re.M).group(1)
+    monkeypatch.chdir(EXAMPLES.parent)
+    assert main(shlex.split(cmd)) == 0
+    out = capsys.readouterr().out
+    acc = float(re.search(r"^test accuracy: ([0-9.]+) \(360 examples\)$", out, re.M).group(1))
+    assert acc >= 0.95, out

@@ -9,7 +9,7 @@ the folder names the stage.
 Header (`//` comment lines before any code):
 
 `// dump-after: STAGE`
-    required: parse, check, elaborate, partition, lower, codegen or plan.
+    required: parse, check, elaborate, autodiff, partition, lower, codegen or plan.
 `// args: FLAGS`
     target flags, split like a shell would: --target, --tiles, --tile-memory,
     --graph, --unchecked, --no-reuse (as for `popc dump`).

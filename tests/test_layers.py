@@ -10,7 +10,7 @@ PKG = Path(__file__).resolve().parent.parent / "popdsl"
 
 # Bottom up.  A module may import modules of its own layer and of the layers below.
 LAYERS = (
-    ("diagnostics", "resources"),
+    ("diagnostics", "resources", "limits", "atomic"),
     ("frontend",),
     ("ir",),
     ("ops",),
@@ -18,9 +18,10 @@ LAYERS = (
     ("codegen",),
     ("passes",),
     ("runtime",),
-    ("report", "artifact"),
+    ("report", "artifact", "artifact_load", "data", "datafile"),
     ("pipeline",),
     ("api",),
+    ("training",),
     ("cli", "__main__"),
 )
 LEVEL = {unit: k for k, units in enumerate(LAYERS) for unit in units}

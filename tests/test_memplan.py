@@ -195,3 +195,29 @@ def test_best_fit_many_falls_back_for_sizes_beyond_i32():
     (off, top), = best_fit_many([p])
     assert top == (1 << 30) + 64 and sorted(off.tolist()) == [0, 1 << 30]
     assert top == best_fit(*p)[1]
+
+
+def test_operand_mapped_unlike_the_output_is_not_overwritten_in_place(monkeypatch):
+    """c = exp(x) - b is mapped like x; b dies at c and has as many elements as c on
+    each tile, but other ones: taking b's bytes would overwrite b[16:32] (read in
+    place by tile 0's second vertex) with c[0:16] before that vertex runs.  (The
+    partition verifier rejects such a record; here the numbers are checked.)"""
+    monkeypatch.setenv("POPDSL_VERIFY", "0")
+    src = """graph g(tiles = 2) {
+    input x: f32[192];
+    input y: f32[192];
+    map x[0:96] -> tile 0;
+    map x[96:192] -> tile 1;
+    map y[16:112] -> tile 0;
+    map y[0:16] -> tile 1;
+    map y[112:192] -> tile 1;
+    let b = tanh(y);
+    output s = sum(b);
+    output c = exp(x) - b;
+}"""
+    exe = popdsl.compile(src)
+    rng = np.random.default_rng(0)
+    x, y = (rng.uniform(-1, 1, 192).astype(np.float32) for _ in range(2))
+    with popdsl.Simulator(exe) as sim:
+        out = sim.run({"x": x, "y": y})
+    np.testing.assert_allclose(out["c"], np.exp(x.astype(np.float64)) - np.tanh(y.astype(np.float64)), rtol=1e-5)

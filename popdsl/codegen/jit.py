@@ -13,7 +13,11 @@ atomically (temp file + rename) and carry a checksum, so a damaged one is recomp
 The object is loaded with `ExecutionEngine.add_object_file`.
 
 Running: one ctypes call per (codelet, row range).  ctypes releases the GIL during
-the call, so callers may run disjoint row ranges on threads.  The caller must keep
+the call, so callers may run disjoint row ranges on threads.  Every call passes the
+control block of `codegen.llvm` (the address of the process's stop flag and the
+vertex cycle budget): `request_stop()` — from any thread, or from whatever watches
+for Ctrl-C (`runtime.interrupt`) — makes every running vertex stop at its next
+check point, and the call then raises KeyboardInterrupt.  The caller must keep
 `mem`, `table` and `cycles` alive during the call and guarantee that every address in
 the table lies inside `mem` (tables come from the memory planner; only indices are
 checked natively).
@@ -39,14 +43,16 @@ import llvmlite
 import llvmlite.binding as llvm
 import numpy as np
 
-from popdsl.codegen.llvm import emit_module, spec_symbol
+from popdsl.codegen.llvm import ERR_SLOTS, emit_module, spec_symbol
 from popdsl.ir import codelet as ir
 from popdsl.ir.intrinsics import link_symbols
 from popdsl.ir.errors import VertexError
+from popdsl.limits import MAX_CYCLES
 
-__all__ = ["NativeCodelets", "VertexError", "aligned_zeros", "cache_dir", "CODEGEN_VERSION"]
+__all__ = ["NativeCodelets", "VertexError", "aligned_zeros", "cache_dir", "CODEGEN_VERSION",
+           "request_stop", "clear_stop"]
 
-CODEGEN_VERSION = "popdsl-codegen-2"
+CODEGEN_VERSION = "popdsl-codegen-3"
 _MAGIC = b"POPDSLO1"
 _LOCK = threading.RLock()        # llvmlite compiles are not thread-safe
 _TM = None
@@ -167,7 +173,31 @@ def object_code(codelets: Sequence[ir.Codelet], unchecked: bool = False,
         return obj, False
 
 
-_ERR = ctypes.c_int64 * 5
+_ERR = ctypes.c_int64 * ERR_SLOTS
+# The stop flag every native loop polls at its check points (`ir.checkpoints`).
+_STOP = ctypes.c_int32(0)
+_STOP_ADDR = ctypes.addressof(_STOP)
+
+
+def request_stop() -> None:
+    """Make running and future native calls stop at their next check point (and
+    raise KeyboardInterrupt) until `clear_stop()`."""
+    _STOP.value = 1
+
+
+def clear_stop() -> None:
+    _STOP.value = 0
+
+
+def _control(budget: int = 0):
+    err = _ERR()
+    err[5], err[6] = _STOP_ADDR, budget
+    return err
+
+
+def _stopped(err) -> None:
+    if err[0] == ir.ERR_INTERRUPT:
+        raise KeyboardInterrupt
 _PTRS: dict[int, tuple] = {}     # id(array) -> (weakref, data pointer)
 
 
@@ -245,11 +275,13 @@ class NativeCodelets:
                               contract=self.contract, specs=specs, generic=False)
 
     def run(self, name: str, mem: np.ndarray, table: np.ndarray, begin: int, end: int,
-            cycles: np.ndarray, consts: tuple = ()) -> None:
+            cycles: np.ndarray, consts: tuple = (), max_cycles: int = MAX_CYCLES) -> None:
         """Run rows begin..end of vertex codelet `name`; cycles[row] gets each
         vertex's cycle count.  Raises VertexError for the first failing row (rows
-        before it have run).  With `consts` (a specialisation this object was built
-        with) the caller guarantees every row holds those values in those columns."""
+        before it have run) — ERR_CYCLES when a vertex passes `max_cycles` — and
+        KeyboardInterrupt after `request_stop()`.  With `consts` (a specialisation
+        this object was built with) the caller guarantees every row holds those
+        values in those columns."""
         fn, ncols, fields = self._drivers[(name, consts) if consts else name]
         mp = _ptr(mem)
         if ((mem.dtype is not _U8 and mem.dtype != _U8) or mem.ndim != 1 or not mem.flags.c_contiguous
@@ -265,9 +297,10 @@ class NativeCodelets:
                              "slot per row")
         if not 0 <= begin <= end <= table.shape[0]:
             raise ValueError(f"row range {begin}..{end} outside the table")
-        err = _ERR()
+        err = _control(max_cycles)
         row = fn(mp, _ptr(table), begin, end, _ptr(cycles), err)
         if row >= 0:
+            _stopped(err)
             k = err[1]
             raise VertexError(err[0], row, fields[k] if 0 <= k < len(fields) else "",
                               err[2], err[3], err[4], codelet=name)
@@ -282,9 +315,10 @@ class NativeCodelets:
         for a, dt in zip((out,) + ins, (out_dt,) + in_dts):
             if a.dtype != dt or a.ndim != 1 or a.shape[0] != n or not a.flags.c_contiguous:
                 raise ValueError(f"{name}: arrays must be contiguous 1-D {dt} of length {n}")
-        err = _ERR()
+        err = _control()
         i = fn(n, err, _ptr(out), *[_ptr(a) for a in ins])
         if i >= 0:
+            _stopped(err)
             raise VertexError(err[0], i, "", err[2], err[3], err[4], codelet=name)
 
     def object_code_size(self, name: str) -> int:

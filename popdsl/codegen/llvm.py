@@ -9,14 +9,18 @@ per codelet (names are identifiers, so they mangle by prefixing):
   ptr noalias cycles, ptr noalias err)`` — runs rows begin..end of the vertex table
   (layout: `codelet.table_layout`), writes each row's cycle count to cycles[row],
   returns -1, or the failing row with err[0..4] = kind, field index (-1 if none),
-  axis, index, size.  The body is an internal always-inline function whose field
-  pointers are `noalias` parameters, so after inlining LLVM still knows the fields
-  do not alias (that is what lets loops vectorise without runtime checks).
+  axis, index, size.  `err` is a control block of `ERR_SLOTS` i64: besides that
+  report, err[5] is the address of the stop flag (an i32 that Ctrl-C sets while
+  native code runs) and err[6] the cycle budget of one vertex.  The body is an
+  internal always-inline function whose field pointers are `noalias` parameters,
+  so after inlining LLVM still knows the fields do not alias (that is what lets
+  loops vectorise without runtime checks).
   ``popdsl_spec_N_<hash>`` (`spec_symbol`, asked for by `specs`): the same driver
   with some table columns fixed to constants (`runtime.specialise`), whose row
   loop also prefetches the fields of the vertex PREFETCH_ROWS ahead.
 * scalar codelet `s`: internal ``{ret, i1} popdsl_scalar_s(ptr err, args...)``
-  (the i1 says "failed, err filled"; it folds away when nothing can fail) and
+  (err: the same control block; the i1 says "failed, err filled"; it folds away
+  when nothing can fail) and
   ``i64 popdsl_map_s(i64 n, ptr noalias err, ptr noalias out, ptr noalias in0, ...)``,
   the element-wise map over contiguous arrays of the storage types; returns -1 or
   the failing element.
@@ -29,7 +33,10 @@ definition): wrapping i32 arithmetic; i32 `/ %` truncate, divisor 0 is ERR_DIV_Z
 INT_MIN / -1 == INT_MIN and INT_MIN % -1 == 0 (no trapping idiv); float ops carry only
 the `contract` fast-math flag; f32→i32 casts saturate (NaN → 0); `select` evaluates
 both arms; `&&`/`||` short-circuit; a `for` computes its trip count once in 64 bits,
-so it cannot overflow or run forever.
+so it cannot overflow or run forever.  A vertex stops at the check points of
+`popdsl.ir.checkpoints` (ERR_CYCLES over its budget, ERR_INTERRUPT on Ctrl-C): a
+check is one monotonic atomic load of the stop flag, a compare of the counter and
+a branch, never inside a loop without inner loops, and folds away in short loops.
 """
 from __future__ import annotations
 
@@ -42,6 +49,7 @@ import numpy as np
 from popdsl.ir import cost
 from popdsl.ir import codelet as ir
 from popdsl.ir.intrinsics import INTRINSICS
+from popdsl.ir.checkpoints import BIG_TRIPS, POLL, for_check
 from popdsl.ir.verify import verify_codelet
 
 I1, I8, I32, I64 = ll.IntType(1), ll.IntType(8), ll.IntType(32), ll.IntType(64)
@@ -49,6 +57,7 @@ F32, F16, PTR = ll.FloatType(), ll.HalfType(), ll.PointerType()
 COMPUTE = {"f32": F32, "i32": I32, "bool": I1}
 STORAGE = {"f32": F32, "f16": F16, "i32": I32, "bool": I8}
 FLAGS = ("contract",)
+ERR_SLOTS = 8          # i64s of the control block `err` (see the module docstring)
 
 
 def _c64(v: int) -> ll.Constant:
@@ -97,6 +106,12 @@ class _Emitter:
         self.cyc = self.ab.alloca(I64, name="cycles") if self.is_vertex else None
         if self.is_vertex:
             self.ab.store(_c64(cost.VERTEX_OVERHEAD), self.cyc)
+        # The stop flag and the budget, read once: nothing in the codelet writes them
+        # (the flag is read again, atomically, at every check point).
+        self.stop_flag = self.ab.inttoptr(
+            self.ab.load(self.ab.gep(err, [_c64(5)], source_etype=I64), typ=I64), PTR)
+        self.budget = self.ab.load(self.ab.gep(err, [_c64(6)], source_etype=I64), typ=I64) \
+            if self.is_vertex else _c64(0)
         self.nblocks = 0
 
     # ------------------------------------------------------------ plumbing
@@ -155,6 +170,37 @@ class _Emitter:
         self.ret_fail(b)
         return blk
 
+    def check_point(self, when=None):
+        """Stop here (`ir.checkpoints`) if Ctrl-C was pressed or the vertex's
+        counter, all charges so far included, is over its budget; only where the
+        i1 `when` holds, if given."""
+        self.flush()
+        if self.b.block.is_terminated:
+            return
+        b = self.b
+        skip = None
+        if when is not None:
+            check, skip = self.block("check"), self.block("checked")
+            b.cbranch(when, check, skip).set_weights([1, 1 << 20])
+            b.position_at_end(check)
+        flag = b.load_atomic(self.stop_flag, "monotonic", 4, typ=I32)
+        interrupted = b.icmp_signed("!=", flag, _c32(0))
+        stop, cyc = interrupted, _c64(0)
+        if self.is_vertex:
+            cyc = b.load(self.cyc, typ=I64)
+            stop = b.or_(interrupted, b.icmp_signed(">", cyc, self.budget))
+        go, bad = self.block("go"), self.block("stop")
+        b.cbranch(stop, bad, go).set_weights([1, 1 << 20])
+        fb = ll.IRBuilder(bad)
+        kind = fb.select(interrupted, _c64(ir.ERR_INTERRUPT), _c64(ir.ERR_CYCLES))
+        for k, v in enumerate((kind, _c64(-1), _c64(-1), cyc, self.budget)):
+            fb.store(v, fb.gep(self.err, [_c64(k)], source_etype=I64))
+        self.ret_fail(fb)
+        b.position_at_end(go)
+        if skip is not None:
+            b.branch(skip)
+            b.position_at_end(skip)
+
     def var(self, name, ty):
         a = self.locals.get(name)
         if a is None:
@@ -197,6 +243,7 @@ class _Emitter:
             head, body, done = self.block("while"), self.block("wbody"), self.block("wend")
             self.br(head)
             self.b.position_at_end(head)
+            self.check_point()
             self.charge(cost.while_test_cost(s, self.scalars))
             cond = self.expr(s.cond)
             self.cbr(cond, body, done)
@@ -236,11 +283,14 @@ class _Emitter:
         # A straight-line body costs the same every iteration: charge trips * cost
         # once, so the counter is not a reduction inside the loop (an i64 reduction
         # would halve the vector width of an f32 loop).
-        upfront = self.is_vertex and not self.quiet and _straight(s.body)
+        check = for_check(s, self.is_vertex)
+        upfront = check == "entry"
+        big = self.b.icmp_signed(">=", trips, _c64(BIG_TRIPS))
         if upfront:
             per_iter = cost.LOOP_ITER + sum(cost.stmt_cost(x, self.scalars) for x in s.body)
             total = self.b.mul(trips, _c64(per_iter))
             self.b.store(self.b.add(self.b.load(self.cyc, typ=I64), total), self.cyc)
+            self.check_point(big)
         self.br(head)
         self.b.position_at_end(head)
         k = self.b.load(count, typ=I64)
@@ -254,11 +304,16 @@ class _Emitter:
         self.br(latch)
         self.quiet -= upfront
         self.b.position_at_end(latch)
+        if check == "latch":
+            k = self.b.load(count, typ=I64)
+            self.check_point(self.b.icmp_unsigned("==", self.b.and_(k, _c64(POLL - 1)), _c64(POLL - 1)))
         v = self.b.load(var, typ=I32)
         self.b.store(self.b.add(v, _c32(s.step), flags=["nsw"]), var)
         self.b.store(self.b.add(self.b.load(count, typ=I64), _c64(1), flags=["nuw", "nsw"]), count)
         self.br(head)
         self.b.position_at_end(done)
+        if check == "exit":
+            self.check_point(big)
 
     # ------------------------------------------------------------ memory
     def dim(self, d):
@@ -414,11 +469,6 @@ class _Emitter:
 
 # Arguments some LLVM intrinsics take besides the operands.
 _LLVM_EXTRA_ARGS = {"llvm.abs.i32": (ll.Constant(I1, 0),)}     # INT_MIN is not poison: it wraps
-
-
-def _straight(body) -> bool:
-    """No statement of `body` can change how many statements run after it."""
-    return all(isinstance(s, (ir.Declare, ir.Assign, ir.Store)) for s in body)
 
 
 def _field_params(c: ir.Codelet):

@@ -259,6 +259,8 @@ def table_layout(c: Codelet) -> tuple[Column, ...]:
 # Error kinds reported by native code (and the reference evaluator).
 ERR_BOUNDS = 1
 ERR_DIV_ZERO = 2
+ERR_CYCLES = 3          # over the cycle budget at a check point (`ir.checkpoints`)
+ERR_INTERRUPT = 4       # Ctrl-C seen at a check point (native code only)
 
 
 # ---------------------------------------------------------------- (de)serialising

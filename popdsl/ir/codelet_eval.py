@@ -20,7 +20,11 @@ Semantics (the code generator must agree):
   native behaviour out of range is undefined).
 * cycles: `cost.VERTEX_OVERHEAD` per vertex, `cost.stmt_cost` at each statement start,
   `cost.LOOP_ITER` per for-iteration, `cost.while_test_cost` per while test; calls of
-  scalar codelets are charged statically by `cost.expr_cost` only.
+  scalar codelets are charged statically by `cost.expr_cost` only.  A vertex `for`
+  with a straight-line body is charged trips x (LOOP_ITER + its statements) when it
+  starts, as native code does.
+* a vertex whose counter exceeds `max_cycles` at a check point (`ir.checkpoints`)
+  stops with ERR_CYCLES (index = its count, size = the budget).
 """
 from __future__ import annotations
 
@@ -33,7 +37,9 @@ from popdsl.ir import cost
 from popdsl.ir import codelet as ir
 from popdsl.ir import intrinsics
 from popdsl.ir.intrinsics import INTRINSICS
+from popdsl.ir.checkpoints import BIG_TRIPS, POLL, for_check
 from popdsl.ir.errors import VertexError
+from popdsl.limits import MAX_CYCLES
 
 _F32 = np.float32
 _DT = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "i32": np.dtype("<i4"),
@@ -77,17 +83,24 @@ class _Continue(Exception):
 class _Vertex:
     """Evaluation state of one vertex (or one scalar call)."""
 
-    def __init__(self, c, scalars, row, mem, fields, syms, counting):
+    def __init__(self, c, scalars, row, mem, fields, syms, counting, budget=MAX_CYCLES):
         self.c, self.scalars, self.row, self.mem = c, scalars, row, mem
         self.fields, self.syms = fields, syms    # name -> ("mem", addr, stride, dims, dtype) | ("value", v)
         self.decl = {f.name: f for f in c.fields}
         self.locals: dict = {}
         self.cycles = cost.VERTEX_OVERHEAD
-        self.counting = counting
+        self.counting = counting       # a vertex (not a scalar call): counts cycles
+        self.quiet = False             # inside a loop charged up front
+        self.budget = budget
 
     def charge(self, n):
-        if self.counting:
+        if self.counting and not self.quiet:
             self.cycles += n
+
+    def check(self):
+        """A check point (`ir.checkpoints`)."""
+        if self.counting and self.cycles > self.budget:
+            raise VertexError(ir.ERR_CYCLES, self.row, "", -1, self.cycles, self.budget)
 
     # ------------------------------------------------------------ statements
     def block(self, body):
@@ -106,18 +119,10 @@ class _Vertex:
         elif isinstance(s, ir.If):
             self.block(s.then if self.expr(s.cond) else s.orelse)
         elif isinstance(s, ir.For):
-            start, stop = self.expr(s.start), self.expr(s.stop)
-            for v in range(start, stop, s.step):
-                self.charge(cost.LOOP_ITER)
-                self.locals[s.var] = v
-                try:
-                    self.block(s.body)
-                except _Continue:
-                    pass
-                except _Break:
-                    break
+            self.for_loop(s)
         elif isinstance(s, ir.While):
             while True:
+                self.check()
                 self.charge(cost.while_test_cost(s, self.scalars))
                 if not self.expr(s.cond):
                     break
@@ -135,6 +140,33 @@ class _Vertex:
             raise _Return(self.expr(s.value) if s.value is not None else None)
         else:
             raise TypeError(f"not a statement: {s!r}")
+
+    def for_loop(self, s):
+        start, stop = self.expr(s.start), self.expr(s.stop)
+        where = for_check(s, self.counting)
+        trips = range(start, stop, s.step)
+        big = len(trips) >= BIG_TRIPS
+        if where == "entry":
+            self.charge(len(trips) * (cost.LOOP_ITER + sum(cost.stmt_cost(x, self.scalars) for x in s.body)))
+            if big:
+                self.check()
+        quiet, self.quiet = self.quiet, self.quiet or where == "entry"
+        try:
+            for k, v in enumerate(trips):
+                self.charge(cost.LOOP_ITER)
+                self.locals[s.var] = v
+                try:
+                    self.block(s.body)
+                except _Continue:
+                    pass
+                except _Break:
+                    break
+                if where == "latch" and k % POLL == POLL - 1:
+                    self.check()
+        finally:
+            self.quiet = quiet
+        if where == "exit" and big:
+            self.check()
 
     # ------------------------------------------------------------ memory
     def dim(self, d):
@@ -263,10 +295,11 @@ def _state_value(raw: int, dtype: str):
 
 def run_vertices(codelet: ir.Codelet, mem: np.ndarray, table: np.ndarray, begin: int,
                  end: int, cycles: np.ndarray | None = None,
-                 scalar_codelets: Mapping[str, ir.Codelet] = {}) -> None:
+                 scalar_codelets: Mapping[str, ir.Codelet] = {}, max_cycles: int = MAX_CYCLES) -> None:
     """Run rows begin..end of `table` (layout `ir.table_layout(codelet)`) over the
     byte array `mem`; write per-vertex cycles to `cycles[row]` if given.  Raises
-    `VertexError` for the first failing vertex (earlier rows' effects stay)."""
+    `VertexError` for the first failing vertex (earlier rows' effects stay), with
+    ERR_CYCLES for one over `max_cycles` at a check point."""
     layout = ir.table_layout(codelet)
     col = {(c.kind, c.name): k for k, c in enumerate(layout)}
     mem = mem.view(np.uint8)
@@ -280,7 +313,7 @@ def run_vertices(codelet: ir.Codelet, mem: np.ndarray, table: np.ndarray, begin:
             else:
                 stride = int(t[col[("stride", f.name)]]) if f.rank == 2 else 0
                 fields[f.name] = ("mem", int(t[col[("addr", f.name)]]), stride, f.dims, f.dtype)
-        v = _Vertex(codelet, scalar_codelets, row, mem, fields, syms, counting=True)
+        v = _Vertex(codelet, scalar_codelets, row, mem, fields, syms, counting=True, budget=max_cycles)
         with np.errstate(all="ignore"):
             try:
                 v.block(codelet.body)

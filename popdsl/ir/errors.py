@@ -5,18 +5,20 @@ Requires nothing; produces `VertexError`.
 """
 from __future__ import annotations
 
-from popdsl.ir.codelet import ERR_BOUNDS, ERR_DIV_ZERO
+from popdsl.ir.codelet import ERR_BOUNDS, ERR_CYCLES, ERR_DIV_ZERO, ERR_INTERRUPT
 
-KIND_NAMES = {ERR_BOUNDS: "index out of bounds", ERR_DIV_ZERO: "integer division by zero"}
+KIND_NAMES = {ERR_BOUNDS: "index out of bounds", ERR_DIV_ZERO: "integer division by zero",
+              ERR_CYCLES: "over its cycle budget", ERR_INTERRUPT: "interrupted"}
 
 
 class VertexError(Exception):
     """A vertex stopped on a runtime error.
 
-    kind: `ERR_BOUNDS` or `ERR_DIV_ZERO`; vertex: the table row (or element index for
-    an element-wise map); field: field name ("" when no field is involved); axis,
-    index, size: the failing axis, index value and axis size (-1, 0, 0 when not a
-    bounds error).  `codelet` names the codelet when known.
+    kind: `ERR_BOUNDS`, `ERR_DIV_ZERO` or `ERR_CYCLES`; vertex: the table row (or
+    element index for an element-wise map); field: field name ("" when no field is
+    involved); axis, index, size: the failing axis, index value and axis size (-1,
+    0, 0 when not a bounds error; for ERR_CYCLES index is the cycles counted when
+    the vertex stopped and size its budget).  `codelet` names the codelet when known.
     """
 
     def __init__(self, kind: int, vertex: int, field: str = "", axis: int = -1,
@@ -31,6 +33,9 @@ class VertexError(Exception):
         if self.kind == ERR_BOUNDS:
             return (f"{where}vertex {self.vertex}: index {self.index} out of bounds for "
                     f"axis {self.axis} of field '{self.field}' with size {self.size}")
+        if self.kind == ERR_CYCLES:
+            return (f"{where}vertex {self.vertex}: ran {self.index:,} cycles, over its budget "
+                    f"of {self.size:,}")
         return f"{where}vertex {self.vertex}: {KIND_NAMES.get(self.kind, f'error {self.kind}')}"
 
     def key(self) -> tuple:

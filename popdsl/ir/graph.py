@@ -135,6 +135,16 @@ class Step:
 Prog = Union[Seq, Execute, Copy, Repeat, While, If, Print, Step]
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Minimize:
+    """`minimize LOSS with OPT(...)`: what the autodiff pass differentiates (a scalar
+    tensor-program node) and the optimizer that updates the parameters."""
+    loss: object
+    optimizer: str                             # a name in ops.OPTIMIZERS
+    hyper: tuple[tuple[str, float], ...]       # its hyperparameters, every one given or defaulted
+    span: Span
+
+
 @dataclass(eq=False)
 class TensorGraph:
     name: str
@@ -156,6 +166,8 @@ class TensorGraph:
     inplace: list[tuple[int, int, str]] = field(default_factory=list)
     # var tensor id -> the tensor-program node each step writes into it (at the step's end)
     updates: dict[int, object] = field(default_factory=dict)
+    # `minimize`, until the autodiff pass turns it into updates
+    minimize: Minimize | None = None
 
     def span_id(self, span: Span) -> int:
         self.spans.append(span)

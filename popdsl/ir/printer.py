@@ -283,12 +283,18 @@ def tensor_graph(graph) -> str:
     out += _prog_lines(graph, graph.program, 2)
     out.append("  }")
     from popdsl.ir.tensor import Node
-    roots = [v for _, v in graph.outputs if isinstance(v, Node)]
+    m = getattr(graph, "minimize", None)
+    roots = [v for _, v in graph.outputs if isinstance(v, Node)] + list(graph.updates.values()) \
+        + ([m.loss] if m is not None else [])
     if roots:
         out.append("  tensor program:")
         out += _node_lines(graph, roots)
     for name, v in graph.outputs:
         out.append(f"  output {name} = {f'%{v.id}' if isinstance(v, Node) else _view(graph, v)}")
+    for tid, v in graph.updates.items():
+        out.append(f"  update {graph.tensors[tid].name} = %{v.id}")
+    if m is not None:
+        out.append(f"  minimize %{m.loss.id} with {m.optimizer}({', '.join(f'{k} = {v:g}' for k, v in m.hyper)})")
     # What partition records: the compute sets of each tensor op, and the outputs
     # that may take over an operand's memory where it dies.
     for op in graph.ops:
@@ -304,18 +310,20 @@ def tensor_graph(graph) -> str:
 
 
 def _node_lines(graph, roots) -> list[str]:
-    """The op DAG under `roots`, operands before users, one line per node."""
+    """The op DAG under `roots`, operands before users, one line per node (without
+    recursion: backward programs are deep)."""
     order, seen = [], set()
-
-    def visit(n):
+    stack = [(r, False) for r in reversed(roots)]
+    while stack:
+        n, ready = stack.pop()
+        if ready:
+            order.append(n)
+            continue
         if n.id in seen:
-            return
+            continue
         seen.add(n.id)
-        for a in n.args:
-            visit(a)
-        order.append(n)
-    for r in roots:
-        visit(r)
+        stack.append((n, True))
+        stack.extend((a, False) for a in reversed(n.args))
     lines = []
     for n in order:
         if n.op in ("tensor", "view"):

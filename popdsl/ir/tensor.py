@@ -8,7 +8,8 @@ operation on the same operands twice yields the same node, so a repeated
 subexpression is computed once and repeated structure is cheap to recognise.
 
 Leaves are tensors of the graph (`tensor`, with a tensor id) or views of them
-(`view`, never interned: they carry an index array).  Everything else is pure.
+(`view`, never interned: they carry an index array; so does `place`, a gradient's
+way back into the tensor a view was taken from).  Everything else is pure.
 """
 from __future__ import annotations
 
@@ -61,6 +62,13 @@ class NodeTable:
         if key is not None:
             self._by_key[key] = n
         return n
+
+    def copy(self) -> "NodeTable":
+        """A table a pass may add nodes to without changing this one (the nodes made
+        so far are shared: nodes never change)."""
+        t = NodeTable()
+        t._by_key, t.nodes, t.spans, t.span = dict(self._by_key), list(self.nodes), dict(self.spans), self.span
+        return t
 
 
 def broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...] | None:

@@ -12,17 +12,23 @@ on the refs).  Families live in their own modules:
     reduce       sum mean max min argmax, and the partial sums others leave
     linalg       matmul
     conv         conv2d, max_pool2d, avg_pool2d
-    shape        reshape transpose slice concat pad gather one_hot, indexing, leaves
+    conv_grad    their backward primitives (made by gradient rules)
+    shape        reshape transpose slice concat pad gather one_hot, indexing, leaves,
+                 broadcast and place (made by gradients)
+    train        grad (what elaboration leaves for the autodiff pass); the optimizers
+
+Each entry's `grad` is its reverse-mode rule (`passes.autodiff` runs them).
 
 Adding an operation is an entry in its family (its `op_defs` and `functions`) plus
 its tests.
 """
 from __future__ import annotations
 
-from popdsl.ops import conv, elementwise, linalg, reduce, shape
+from popdsl.ops import conv, conv_grad, elementwise, gather, linalg, reduce, shape, train
 from popdsl.ops.core import Builder, Function, OpDef, OpError, Param, applies_to, bind, shape_str
+from popdsl.ops.train import OPTIMIZERS
 
-_FAMILIES = (elementwise, reduce, linalg, conv, shape)
+_FAMILIES = (elementwise, reduce, linalg, conv, conv_grad, shape, gather, train)
 
 OPS: dict[str, OpDef] = {}
 FUNCTIONS: dict[str, list[Function]] = {}
@@ -65,5 +71,5 @@ def is_elementwise(op_name: str) -> bool:
     return op(op_name).kind == "elementwise" or op_name == "const"
 
 
-__all__ = ["OPS", "FUNCTIONS", "Builder", "Function", "OpDef", "OpError", "Param", "bind", "function", "op",
+__all__ = ["OPS", "FUNCTIONS", "OPTIMIZERS", "Builder", "Function", "OpDef", "OpError", "Param", "bind", "function", "op",
            "is_elementwise", "explain", "shape_str"]

@@ -1,5 +1,6 @@
 """Convolution and pooling: `conv2d(x, w, stride, padding, groups)` (NCHW, weights
-OIHW), `max_pool2d` and `avg_pool2d (x, kernel, stride, padding)`.
+OIHW), `max_pool2d` and `avg_pool2d (x, kernel, stride, padding)`.  Their gradient
+rules build the backward primitives of `ops.conv_grad`.
 
 Requires `ops.core`, `ops.blocks`, `ops.reduce` (partial sums) and `ops.shape`
 (padding); produces the `conv2d` and `pool` operations and their partition rules:
@@ -19,6 +20,7 @@ from popdsl.ir.tensor import Node
 from popdsl.ops.blocks import SLAB_BYTES, blocks, ceil_div, emit_tasks, pow2_splits
 from popdsl.ops import elementwise
 from popdsl.ops.core import FLOATS, Builder, Function, OpDef, Param, float_result, shape_str
+from popdsl.ops import conv_grad
 from popdsl.ops.reduce import add_partials
 from popdsl.ops.shape import padded
 
@@ -83,6 +85,21 @@ def _pool_ref(attrs, x):
     x = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (padding, padding), (padding, padding)), constant_values=fill)
     win = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(2, 3))[:, :, ::stride, ::stride]
     return win.max(axis=(4, 5)) if kind == "max" else win.mean(axis=(4, 5))
+
+
+# ---------------------------------------------------------------- gradient rules
+
+def _g_conv(b: Builder, n: Node, g: Node, i: int) -> Node:
+    stride, padding, groups = n.attrs
+    x, w = n.args
+    if i == 0:
+        return conv_grad.input_grad(b, g, w, stride, padding, groups, x.shape)
+    return conv_grad.weight_grad(b, x, g, stride, padding, groups, w.shape)
+
+
+def _g_pool(b: Builder, n: Node, g: Node, i: int) -> Node:
+    kind, k, stride, padding = n.attrs
+    return conv_grad.pool_grad(b, kind, n.args[0], g, k, stride, padding)
 
 
 # ---------------------------------------------------------------- plans
@@ -227,10 +244,10 @@ def partition_pool(p, n: Node) -> g.View:
 def op_defs() -> list[OpDef]:
     return [OpDef("conv2d", "compute", "2-D convolution, NCHW input, OIHW weights", ref=_conv_ref,
                   partition=partition_conv, codelets=("Conv2dBlock", "ReduceSumCols", "Fill"), cost=_conv_plan,
-                  flops=lambda n: 2 * n.numel * int(np.prod(n.args[1].shape[1:]))),
+                  flops=lambda n: 2 * n.numel * int(np.prod(n.args[1].shape[1:])), grad=_g_conv),
             OpDef("pool", "compute", "max or average pooling over square windows", ref=_pool_ref,
                   partition=partition_pool, codelets=("MaxPoolBlock", "AvgPoolBlock", "Fill"), cost=_pool_plan,
-                  flops=lambda n: n.numel * n.attrs[1] ** 2)]
+                  flops=lambda n: n.numel * n.attrs[1] ** 2, grad=_g_pool)]
 
 
 def functions() -> list[Function]:

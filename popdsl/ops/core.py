@@ -3,8 +3,8 @@
 Requires the tensor-program IR (`ir.tensor`) and diagnostics; produces:
 - `OpDef`: one tensor-program operation (a node `op`): its numpy reference, its
   partition rule (how it becomes vertices on tiles), the prims codelets that rule
-  places, its cost model, and the slots later capabilities fill (gradient rule,
-  reuse key);
+  places, its cost model, its gradient rule, and the slot the reuse capability
+  fills (reuse key);
 - `Function` and `Param`: what a user calls (`sum(x, axis = 1)`): its signature,
   checked generically by `bind`, and the shape rule that builds nodes;
 - `Builder`: what a shape rule works with (the node table and the diagnostics).
@@ -57,7 +57,16 @@ class OpDef:
     emit(args, ty, attrs) -> codelet IR of one element (element-wise ops only).
     cost: the cost model the partition rule plans with (None: the cycles of the
     codelets it places, counted by `ir.cost`).
-    grad, reuse_key: filled by the autodiff and reuse capabilities (None today).
+    grad(b, n, g, i) -> Node | None: the reverse-mode rule (`passes.autodiff`):
+    given g, the gradient of the loss with respect to node n (n's shape and
+    dtype), the gradient with respect to operand i, built with the same shape
+    rules users get, in the operand's shape or in n's (the pass sums broadcast
+    axes away and casts to the operand's dtype); None where it is zero.  Only
+    floating operands that depend on what is differentiated are asked for, so
+    integer operands (indices, labels) and conditions never are.  A grad of None:
+    the op has no rule, and differentiating through it is an error at its call
+    site.
+    reuse_key: filled by the reuse capability (None today).
     explain: messages for runtime errors of its codelets (a label out of range)."""
     name: str
     kind: str                          # "leaf" | "view" | "elementwise" | "compute"

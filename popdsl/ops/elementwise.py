@@ -3,8 +3,10 @@
 Requires `ops.core`; produces the element-wise `OpDef`s and the `Function`s users
 call.  A row gives an operation's name, how many operands it takes, its dtype rule,
 its codelet IR for one element (`emit`: the partitioner fuses chains of these into
-one generated codelet), its numpy reference, and, where an operator spells it, the
-operator (`+`).  Adding an element-wise primitive is a row here (and an intrinsic in
+one generated codelet), its numpy reference, its gradient rule (built from the rows
+themselves: `exp`'s is g * exp(x)), and, where an operator spells it, the operator
+(`+`).  Comparisons, logic and `%` have no gradient rule: their results are bool or
+i32, which no gradient flows through.  Adding an element-wise primitive is a row here (and an intrinsic in
 `ir.intrinsics` if the codelet language has no way to compute it yet).
 
 Dtype rules (operands broadcast as numpy's do):
@@ -36,6 +38,7 @@ class Row:
     symbol: str | None = None          # the operator that spells it, if any
     callable: bool = True              # users may call it by name
     attrs: tuple[Param, ...] = ()      # compile-time parameters after the operands
+    grad: object = None                # (b, n, g, i) -> gradient of operand i (OpDef.grad)
 
 
 def _intr(name):
@@ -63,20 +66,99 @@ def _trunc_mod(attrs, a, b):
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
+
+# ---------------------------------------------------------------- gradient rules
+# (b, n, g, i): the gradient with respect to operand i of node n, given g, the
+# gradient with respect to n (OpDef.grad).  Built from the rows themselves.
+
+def _ap(b: Builder, name: str, *xs):
+    return apply(b, name, list(xs), None)
+
+
+def _num(b: Builder, v: float):
+    return b.const(v, "f32")
+
+
+def _where(b: Builder, cond, g):
+    """g where cond holds, else 0."""
+    return select(b, cond, g, _num(b, 0.0), None)
+
+
+def _g_sub(b, n, g, i):
+    return g if i == 0 else _ap(b, "neg", g)
+
+
+def _g_div(b, n, g, i):
+    x, y = n.args
+    return _ap(b, "div", g, y) if i == 0 else _ap(b, "neg", _ap(b, "mul", _ap(b, "div", g, y), n))
+
+
+def _g_pow(b, n, g, i):
+    x, y = n.args
+    if i == 0:       # y * x^(y - 1)
+        return _ap(b, "mul", g, _ap(b, "mul", y, _ap(b, "pow", x, _ap(b, "sub", y, _num(b, 1.0)))))
+    return _ap(b, "mul", g, _ap(b, "mul", n, _ap(b, "log", x)))
+
+
+def _g_minmax(keeps_a: str):
+    """max(a, b) passes g to a where a >= b (a tie goes to a, as fmax returns a)."""
+    def rule(b, n, g, i):
+        x, y = n.args
+        wins = _ap(b, keeps_a, x, y)
+        return _where(b, wins if i == 0 else _ap(b, "not", wins), g)
+    return rule
+
+
+def _g_abs(b, n, g, i):
+    x = n.args[0]          # sign(x) * g, 0 at 0 (as PyTorch)
+    return _where(b, _ap(b, "ne", x, _num(b, 0.0)),
+                  select(b, _ap(b, "gt", x, _num(b, 0.0)), g, _ap(b, "neg", g), None))
+
+
+def _g_erf(b, n, g, i):
+    x = n.args[0]
+    bell = _ap(b, "exp", _ap(b, "neg", _ap(b, "square", x)))          # d erf / dx = 2 / sqrt(pi) e^(-x^2)
+    return _ap(b, "mul", g, _ap(b, "mul", _num(b, 2 / math.sqrt(math.pi)), bell))
+
+
+def _g_leaky(b, n, g, i):
+    x = n.args[0]
+    return select(b, _ap(b, "gt", x, _num(b, 0.0)), g, _ap(b, "mul", g, _num(b, n.attrs[0])), None)
+
+
+def _by(f):
+    """g times f(b, x, y) of the operand x and the result y."""
+    return lambda b, n, g, i: _ap(b, "mul", g, f(b, n.args[0], n))
+
+
+def _zero_almost_everywhere(b, n, g, i):
+    return None          # piecewise constant (floor, ceil): PyTorch's choice too
+
+
+def _g_relu(b, n, g, i):
+    return _where(b, _ap(b, "gt", n.args[0], _num(b, 0.0)), g)
+
+
 ROWS: tuple[Row, ...] = (
     # -- arithmetic
-    Row("add", 2, "numeric", _bin("+"), lambda at, a, b: a + b, "a + b", "+", callable=False),
-    Row("sub", 2, "numeric", _bin("-"), lambda at, a, b: a - b, "a - b", "-", callable=False),
-    Row("mul", 2, "numeric", _bin("*"), lambda at, a, b: a * b, "a * b", "*", callable=False),
+    Row("add", 2, "numeric", _bin("+"), lambda at, a, b: a + b, "a + b", "+", callable=False,
+        grad=lambda b, n, g, i: g),
+    Row("sub", 2, "numeric", _bin("-"), lambda at, a, b: a - b, "a - b", "-", callable=False,
+        grad=_g_sub),
+    Row("mul", 2, "numeric", _bin("*"), lambda at, a, b: a * b, "a * b", "*", callable=False,
+        grad=lambda b, n, g, i: _ap(b, "mul", g, n.args[1 - i])),
     Row("div", 2, "numeric", _bin("/"), _trunc_div, "a / b (integers: truncated toward zero)", "/",
-        callable=False),
+        callable=False, grad=_g_div),
     Row("mod", 2, "int", _bin("%"), _trunc_mod, "a % b, the sign of a (as C, not numpy)", "%",
         callable=False),
-    Row("pow", 2, "float", _intr("pow"), lambda at, a, b: np.power(a, b), "a to the power b"),
+    Row("pow", 2, "float", _intr("pow"), lambda at, a, b: np.power(a, b), "a to the power b",
+        grad=_g_pow),
     Row("min", 2, "numeric", _intr("min"), lambda at, a, b: np.fmin(a, b),
-        "the smaller of a and b (minimum)"),
+        "the smaller of a and b (minimum)",
+        grad=_g_minmax("le")),
     Row("max", 2, "numeric", _intr("max"), lambda at, a, b: np.fmax(a, b),
-        "the larger of a and b (maximum)"),
+        "the larger of a and b (maximum)",
+        grad=_g_minmax("ge")),
     # -- comparisons and logic
     Row("eq", 2, "compare", _bin("==", "bool"), lambda at, a, b: a == b, "a == b", "==", callable=False),
     Row("ne", 2, "compare", _bin("!=", "bool"), lambda at, a, b: a != b, "a != b", "!=", callable=False),
@@ -88,30 +170,46 @@ ROWS: tuple[Row, ...] = (
     Row("or", 2, "logic", _bin("||", "bool"), lambda at, a, b: a | b, "a || b", "||", callable=False),
     # -- unary
     Row("neg", 1, "numeric", lambda args, ty, at: cir.Unary("neg", args[0], ty), lambda at, x: -x, "-x",
-        callable=False),
+        callable=False,
+        grad=lambda b, n, g, i: _ap(b, "neg", g)),
     Row("not", 1, "logic", lambda args, ty, at: cir.Unary("not", args[0], "bool"), lambda at, x: ~x, "!x",
         callable=False),
-    Row("abs", 1, "numeric", _intr("abs"), lambda at, x: np.abs(x), "absolute value"),
+    Row("abs", 1, "numeric", _intr("abs"), lambda at, x: np.abs(x), "absolute value",
+        grad=_g_abs),
     Row("relu", 1, "numeric", lambda args, ty, at: cir.Intrinsic("max", (args[0], _zero(ty)), ty),
-        lambda at, x: np.fmax(x, 0), "max(x, 0)"),
+        lambda at, x: np.fmax(x, 0), "max(x, 0)",
+        grad=_g_relu),
     Row("square", 1, "numeric", lambda args, ty, at: cir.Binary("*", args[0], args[0], ty),
-        lambda at, x: x * x, "x * x"),
-    Row("exp", 1, "float", _intr("exp"), lambda at, x: np.exp(x), "e to the power x"),
-    Row("log", 1, "float", _intr("log"), lambda at, x: np.log(x), "natural logarithm"),
-    Row("sqrt", 1, "float", _intr("sqrt"), lambda at, x: np.sqrt(x), "square root"),
-    Row("rsqrt", 1, "float", _intr("rsqrt"), lambda at, x: 1 / np.sqrt(x), "1 / sqrt(x)"),
-    Row("tanh", 1, "float", _intr("tanh"), lambda at, x: np.tanh(x), "hyperbolic tangent"),
-    Row("sigmoid", 1, "float", _intr("sigmoid"), lambda at, x: 1 / (1 + np.exp(-x)), "1 / (1 + exp(-x))"),
-    Row("sin", 1, "float", _intr("sin"), lambda at, x: np.sin(x), "sine"),
-    Row("cos", 1, "float", _intr("cos"), lambda at, x: np.cos(x), "cosine"),
-    Row("erf", 1, "float", _intr("erf"), lambda at, x: _erf(x), "the error function"),
+        lambda at, x: x * x, "x * x",
+        grad=_by(lambda b, x, y: _ap(b, "mul", x, _num(b, 2.0)))),
+    Row("exp", 1, "float", _intr("exp"), lambda at, x: np.exp(x), "e to the power x",
+        grad=_by(lambda b, x, y: y)),
+    Row("log", 1, "float", _intr("log"), lambda at, x: np.log(x), "natural logarithm",
+        grad=lambda b, n, g, i: _ap(b, "div", g, n.args[0])),
+    Row("sqrt", 1, "float", _intr("sqrt"), lambda at, x: np.sqrt(x), "square root",
+        grad=lambda b, n, g, i: _ap(b, "div", _ap(b, "mul", g, _num(b, 0.5)), n)),
+    Row("rsqrt", 1, "float", _intr("rsqrt"), lambda at, x: 1 / np.sqrt(x), "1 / sqrt(x)",
+        grad=_by(lambda b, x, y: _ap(b, "mul", _num(b, -0.5), _ap(b, "mul", y, _ap(b, "square", y))))),
+    Row("tanh", 1, "float", _intr("tanh"), lambda at, x: np.tanh(x), "hyperbolic tangent",
+        grad=_by(lambda b, x, y: _ap(b, "sub", _num(b, 1.0), _ap(b, "square", y)))),
+    Row("sigmoid", 1, "float", _intr("sigmoid"), lambda at, x: 1 / (1 + np.exp(-x)), "1 / (1 + exp(-x))",
+        grad=_by(lambda b, x, y: _ap(b, "mul", y, _ap(b, "sub", _num(b, 1.0), y)))),
+    Row("sin", 1, "float", _intr("sin"), lambda at, x: np.sin(x), "sine",
+        grad=_by(lambda b, x, y: _ap(b, "cos", x))),
+    Row("cos", 1, "float", _intr("cos"), lambda at, x: np.cos(x), "cosine",
+        grad=_by(lambda b, x, y: _ap(b, "neg", _ap(b, "sin", x)))),
+    Row("erf", 1, "float", _intr("erf"), lambda at, x: _erf(x), "the error function",
+        grad=_g_erf),
     Row("leaky_relu", 1, "float",
         lambda args, ty, at: cir.Select(cir.Binary(">", args[0], _zero(ty), "bool"), args[0],
                                         cir.Binary("*", args[0], cir.Const(at[0], ty), ty), ty),
         lambda at, x: np.where(x > 0, x, x * np.float32(at[0])), "x where x > 0, else alpha * x",
-        attrs=(Param("alpha", "float", 0.01),)),
-    Row("floor", 1, "float", _intr("floor"), lambda at, x: np.floor(x), "round down"),
-    Row("ceil", 1, "float", _intr("ceil"), lambda at, x: np.ceil(x), "round up"),
+        attrs=(Param("alpha", "float", 0.01),),
+        grad=_g_leaky),
+    Row("floor", 1, "float", _intr("floor"), lambda at, x: np.floor(x), "round down",
+        grad=_zero_almost_everywhere),
+    Row("ceil", 1, "float", _intr("ceil"), lambda at, x: np.ceil(x), "round up",
+        grad=_zero_almost_everywhere),
 )
 ROW = {r.name: r for r in ROWS}
 BY_SYMBOL = {r.symbol: r for r in ROWS if r.symbol}
@@ -204,19 +302,29 @@ def _select_emit(args, ty, attrs):
     return cir.Select(args[0], args[1], args[2], ty)
 
 
+def _g_select(b, n, g, i):
+    c = n.args[0]
+    return _where(b, c, g) if i == 1 else _where(b, _ap(b, "not", c), g)
+
+
 def op_defs() -> list[OpDef]:
-    out = [OpDef(r.name, "elementwise", r.doc, ref=r.ref, emit=r.emit) for r in ROWS]
+    out = [OpDef(r.name, "elementwise", r.doc, ref=r.ref, emit=r.emit, grad=r.grad) for r in ROWS]
     out.append(OpDef("select", "elementwise", "select(cond, a, b): a where cond, else b",
-                     ref=lambda at, c, x, y: np.where(c, x, y), emit=_select_emit))
+                     ref=lambda at, c, x, y: np.where(c, x, y), emit=_select_emit, grad=_g_select))
     for to, op in CASTS.items():
+        # Between floating types the gradient passes back (the pass casts it to the
+        # operand's type); integer and bool results carry no gradient.
         out.append(OpDef(op, "elementwise", f"convert to {to}", ref=lambda at, x, to=to: _cast_ref(x, to),
-                         emit=_cast_f16_emit if to == "f16" else _cast_emit))
+                         emit=_cast_f16_emit if to == "f16" else _cast_emit,
+                         grad=(lambda b, n, g, i: g) if to in FLOATS else None))
     out.append(OpDef("const", "leaf", "a number broadcast where it is used",
                      ref=lambda at: np.asarray(at[0])))
     return out
 
 
 def _cast_ref(x, to):
+    if x.dtype == np.float64 and to in FLOATS:
+        return x          # the reference evaluator's float64 mode: every float is float64
     if to == "i32" and x.dtype.kind == "f":
         # Saturating, NaN to 0: what native code does.
         with np.errstate(invalid="ignore"):

@@ -6,6 +6,9 @@ reduction dimension), the grid chosen by `cost` (estimated cycles of the busiest
 tile, with the target's rates); a tile's block is split over its workers in bands
 of rows that share one exchanged copy of the b block; a split reduction leaves
 partial sums that `reduce.sum_partials` adds up on the tiles.
+
+Gradient: g @ bᵀ for a and aᵀ @ g for b (batch axes an operand was broadcast along
+are summed by the autodiff pass).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from popdsl.ops import elementwise
 from popdsl.ops.blocks import GRAIN, blocks, ceil_div, emit_tasks, pow2_splits
 from popdsl.ops.core import FLOATS, Builder, Function, OpDef, Param, float_result, shape_str
 from popdsl.ops.reduce import add_partials
+from popdsl.ops.shape import transpose
 
 F32_BYTES = 4
 
@@ -46,6 +50,16 @@ def matmul(b: Builder, x: Node, y: Node, span) -> Node:
         final = shape[:-2] + ((x2.shape[-2],) if len(x.shape) > 1 else ()) + ((y2.shape[-1],) if len(y.shape) > 1 else ())
         out = b.make("reshape", (out,), (final,), final, out.dtype)
     return out
+
+
+def _swap(b: Builder, x: Node) -> Node:
+    r = len(x.shape)
+    return transpose(b, x, list(range(r - 2)) + [r - 1, r - 2], None)
+
+
+def _grad(b: Builder, n: Node, g: Node, i: int) -> Node:
+    x, y = n.args
+    return matmul(b, g, _swap(b, y), None) if i == 0 else matmul(b, _swap(b, x), g, None)
 
 
 def _ref(attrs, a, b):
@@ -150,7 +164,7 @@ def partition(p, n: Node) -> g.View:
 def op_defs() -> list[OpDef]:
     return [OpDef("matmul", "compute", "batched matrix product of the last two axes", ref=_ref,
                   partition=partition, codelets=("MatMul",), cost=cost,
-                  flops=lambda n: 2 * n.numel * n.args[0].shape[-1])]
+                  flops=lambda n: 2 * n.numel * n.args[0].shape[-1], grad=_grad)]
 
 
 def functions() -> list[Function]:

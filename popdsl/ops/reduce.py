@@ -5,7 +5,12 @@ axes, keepdims; `mean` is a sum divided by the count) and its partition rule: th
 reduced axes are moved last and each row is reduced on the tile that holds its first
 element; a few long rows (at least TWO_STAGE_MIN elements) are first split into
 partial sums on the tiles holding each part.  `sum_partials` (adding up the partial
-sums a split matmul or convolution leaves) lives here too.
+sums a split matmul or convolution leaves) lives here too, and `unbroadcast`, the
+one place gradients sum the axes an operand was broadcast along.
+
+Gradients: a sum's is g repeated along the reduced axes (a broadcast view); a max's
+or min's goes to the elements equal to the result, shared evenly between ties (as
+PyTorch's amax); argmax's result is an integer and carries none.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node
 from popdsl.ops import elementwise
 from popdsl.ops.blocks import blocks, emit_tasks
+from popdsl.ops.shape import broadcast_to, reshape
 from popdsl.ops.core import FLOATS, Builder, Function, OpDef, Param
 
 TWO_STAGE_MIN = 2048          # a reduction row at least this long may be split
@@ -52,6 +58,30 @@ def reduction(b: Builder, op: str, x: Node, axis, keepdims: bool, span) -> Node:
     if op == "argmax":
         return b.make("reduce", (x,), (op, axes, keepdims), shape, "i32")
     return elementwise.cast(b, dtype, b.make("reduce", (x,), (op, axes, keepdims), shape, x.dtype))
+
+
+def _g_reduce(b: Builder, n: Node, g: Node, i: int) -> Node:
+    kind, axes, keepdims = n.attrs
+    x = n.args[0]
+    kept = [1 if a in axes else size for a, size in enumerate(x.shape)]
+    gk = reshape(b, g, kept, None)
+    if kind == "sum":
+        return broadcast_to(b, gk, x.shape)
+    hit = elementwise.apply(b, "eq", [x, reshape(b, n, kept, None)], None)
+    share = reduction(b, "sum", elementwise.cast(b, "f32", hit), list(axes), True, None)
+    return elementwise.select(b, hit, elementwise.apply(b, "div", [gk, share], None), b.const(0.0, "f32"), None)
+
+
+def unbroadcast(b: Builder, g: Node, shape) -> Node:
+    """g summed over the axes an operand of `shape` was broadcast along (the leading
+    axes it lacks and those where it has 1), in the operand's shape."""
+    shape = tuple(shape)
+    if g.shape == shape:
+        return g
+    lead = len(g.shape) - len(shape)
+    axes = list(range(lead)) + [lead + a for a, size in enumerate(shape) if size == 1 and g.shape[lead + a] != 1]
+    summed = reduction(b, "sum", g, axes, False, None) if axes else g
+    return reshape(b, summed, list(shape), None)
 
 
 def _ref(attrs, x):
@@ -151,7 +181,7 @@ def add_partials(p, n: Node, cs, acc: g.View, split: bool, label: str) -> g.View
 def op_defs() -> list[OpDef]:
     return [OpDef("reduce", "compute", "sum, max, min or argmax over axes", ref=_ref, partition=partition,
                   codelets=tuple(CODELETS.values()) + ("ReduceSumCols",),
-                  flops=lambda n: n.args[0].numel)]
+                  flops=lambda n: n.args[0].numel, grad=_g_reduce)]
 
 
 def functions() -> list[Function]:

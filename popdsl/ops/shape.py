@@ -1,11 +1,18 @@
 """Shape operations, views and data movement: `reshape transpose slice concat pad
-gather one_hot` and indexing `x[i, a:b]`.
+one_hot` and indexing `x[i, a:b]` (`gather` has its own module, `ops.gather`).
 
-Requires `ops.core`; produces their operations.  Reshape, transpose and indexing are
-views: the partitioner re-indexes the operand's elements, no vertex, no copy.
-`concat` and `pad` make a new tensor each part is copied into (a pad's border is
-filled by vertices every step); `gather` and `one_hot` place vertices where their
-rows go.  Leaves (`tensor`, `view` of a graph tensor) are here too.
+Requires `ops.core`; produces their operations.  Reshape, transpose, indexing and
+`broadcast` (made by gradients: a tensor repeated along axes, numpy's
+`broadcast_to`) are views: the partitioner re-indexes the operand's elements, no
+vertex, no copy.  `concat` and `pad` make a new tensor each part is copied into (a
+pad's border is filled by vertices every step), and so does `place`, the gradient
+of a view leaf (its elements put back where the view took them, zeros elsewhere);
+`one_hot` places vertices where its rows go.  Leaves (`tensor`,
+`view` of a graph tensor) are here too.
+
+Gradients are written in terms of each other: reshape's is a reshape, transpose's
+the inverse transpose, an index's a pad, a pad's an index, concat's an index per
+part.
 """
 from __future__ import annotations
 
@@ -17,7 +24,6 @@ from popdsl.ops.core import Builder, Function, OpDef, Param, shape_str
 
 # Data-movement codelets, one per storage type.
 FILL = {"f32": "Fill", "i32": "FillI", "f16": "FillH", "bool": "FillB"}
-GATHER = {"f32": "GatherRows", "i32": "GatherRowsI", "f16": "GatherRowsH", "bool": "GatherRowsB"}
 
 
 # ---------------------------------------------------------------- shape rules
@@ -120,22 +126,63 @@ def _fill_value(b: Builder, dtype: str, value, span):
     return float(value)
 
 
-def gather(b: Builder, x: Node, idx: Node, axis: int, span) -> Node:
-    if idx.dtype != "i32":
-        b.err(span, f"gather: indices must be i32, found {idx.dtype}")
-    if not x.shape or not -len(x.shape) <= axis < len(x.shape):
-        b.err(span, f"gather: axis {axis} is out of range for shape {shape_str(x.shape)}")
-    axis %= len(x.shape)
-    shape = x.shape[:axis] + idx.shape + x.shape[axis + 1:]
-    return b.make("gather", (x, idx), (axis,), shape, x.dtype)
-
-
 def one_hot(b: Builder, y: Node, depth: int, span) -> Node:
     if y.dtype != "i32":
         b.err(span, f"one_hot: labels must be i32, found {y.dtype}")
     if depth < 1:
         b.err(span, "one_hot: depth must be positive")
     return b.make("one_hot", (y,), (depth,), y.shape + (depth,), "f32")
+
+
+def broadcast_to(b: Builder, x: Node, shape) -> Node:
+    """x repeated along axes to `shape` (numpy's broadcast_to; a view)."""
+    shape = tuple(shape)
+    if x.shape == shape:
+        return x
+    return b.make("broadcast", (x,), (shape,), shape, x.dtype)
+
+
+def place(b: Builder, g: Node, index: np.ndarray, shape, dtype: str) -> Node:
+    """A tensor of `shape`: g's elements at flat positions `index` (g's shape, no
+    position twice), zeros elsewhere.  Not interned: it carries an index array."""
+    return b.t.make("place", (g,), (tuple(shape),), tuple(shape), dtype, index=index)
+
+
+# ---------------------------------------------------------------- gradient rules
+
+def _g_reshape(b, n, g, i):
+    return reshape(b, g, list(n.args[0].shape), None)
+
+
+def _g_transpose(b, n, g, i):
+    return transpose(b, g, [int(k) for k in np.argsort(n.attrs[0])], None)
+
+
+def _g_index(b, n, g, i):
+    """An index's gradient: g padded with zeros back to the operand's shape (an
+    integer index first becomes an axis of one)."""
+    x = n.args[0]
+    key = n.attrs[0]
+    kept, pads = [], []
+    for ax, size in enumerate(x.shape):
+        k = key[ax] if ax < len(key) else (0, size)
+        lo, hi = (k, k + 1) if isinstance(k, int) else k
+        kept.append(hi - lo)
+        pads.append([lo, size - hi])
+    return pad(b, reshape(b, g, kept, None), pads, 0.0, None)
+
+
+def _g_pad(b, n, g, i):
+    return index(b, g, [(lo, lo + size) for size, (lo, _) in zip(n.args[0].shape, n.attrs[0])], None)
+
+
+def _g_concat(b, n, g, i):
+    axis = n.attrs[0]
+    at = sum(a.shape[axis] for a in n.args[:i])
+    key = [(0, size) for size in n.shape[:axis]] + [(at, at + n.args[i].shape[axis])]
+    return index(b, g, key, None)
+
+
 
 
 # ---------------------------------------------------------------- numpy references
@@ -149,8 +196,10 @@ def _pad_ref(attrs, x):
     return np.pad(x, pads, constant_values=np.asarray(value).astype(x.dtype))
 
 
-def _gather_ref(attrs, x, idx):
-    return np.take(x, idx, axis=attrs[0])         # negative indices count from the end
+def _place_ref(attrs, index, g):
+    out = np.zeros(attrs[0], g.dtype)
+    out.reshape(-1)[index.ravel()] = g.ravel()
+    return out
 
 
 def _one_hot_ref(attrs, y):
@@ -180,9 +229,15 @@ def partition_transpose(p, n: Node) -> g.View:
     return g.View(v.tensor, v.index.transpose(n.attrs[0]), v.span)
 
 
+def partition_broadcast(p, n: Node) -> g.View:
+    v = p.value(n.args[0])
+    return g.View(v.tensor, np.broadcast_to(v.index, n.shape), v.span)
+
+
 def partition_index(p, n: Node) -> g.View:
     v = p.value(n.args[0])
-    return g.View(v.tensor, v.index[tuple(slice(*k) if isinstance(k, tuple) else k for k in n.attrs[0])], v.span)
+    key = tuple(slice(*k) if isinstance(k, tuple) else k for k in n.attrs[0])
+    return g.View(v.tensor, np.asarray(v.index[key]), v.span)       # an array even for one element
 
 
 def fill(p, view: g.View, value: float, dtype: str, label: str) -> None:
@@ -221,6 +276,24 @@ def partition_pad(p, n: Node) -> g.View:
     return padded(p, p.value(n.args[0]), pads, value, n.dtype, p.name(n))
 
 
+def partition_place(p, n: Node) -> g.View:
+    """g's elements copied to where the view took them (mapped where g is), the
+    other elements zero, filled every step."""
+    v = p.value(n.args[0])
+    label = p.name(n)
+    out = p.new_tensor(label, n.dtype, n.shape)
+    p.ensure_mapped(v)
+    dst = out.index.reshape(-1)[n.index]
+    tile_of = p.g.tile_of[out.tensor]
+    tile_of[dst.ravel()] = p.tiles_of(v).ravel()
+    rest = np.flatnonzero(tile_of < 0)
+    if rest.size:
+        tile_of[rest] = p.linear(rest.size)
+        fill(p, g.View(out.tensor, rest, out.span), 0.0, n.dtype, label)
+    p.seq.append(g.Copy(v, g.View(out.tensor, dst, out.span), p.span))
+    return g.View(out.tensor, out.index, out.span)
+
+
 def partition_concat(p, n: Node) -> g.View:
     axis = n.attrs[0]
     out = p.new_tensor(p.name(n), n.dtype, n.shape)
@@ -234,30 +307,6 @@ def partition_concat(p, n: Node) -> g.View:
         p.seq.append(g.Copy(v, g.View(out.tensor, dst, out.span), p.span))
         at += k
     return out
-
-
-def partition_gather(p, n: Node) -> g.View:
-    axis = n.attrs[0]
-    x, idx = p.value(n.args[0]), p.value(n.args[1])
-    xi = np.moveaxis(x.index, axis, 0)
-    rows = xi.reshape(xi.shape[0], -1)
-    flat_idx = idx.index.reshape(-1)
-    m, d = flat_idx.size, rows.shape[1]
-    out = p.new_tensor(p.name(n), n.dtype, (m, d))
-    p.ensure_mapped(x)
-    p.ensure_mapped(idx)
-    p.g.tile_of[out.tensor][:] = np.repeat(p.linear(m, grain=1), d)
-    cs = p.new_cs(p.name(n))
-    codelet = p.prim(GATHER[n.dtype])
-    row_tiles = p.g.tile_of[out.tensor][out.index[:, 0]]
-    for size, pos, tiles in p.chunks(row_tiles, grain=1):
-        p.group(cs, codelet, tiles, {"x": (x.tensor, np.broadcast_to(rows, (len(tiles),) + rows.shape)),
-                                     "idx": (idx.tensor, flat_idx[pos]),
-                                     "y": (out.tensor, out.index[pos])})
-    p.record(n, cs)
-    res = out.index.reshape(idx.index.shape + xi.shape[1:])
-    res = np.moveaxis(res, list(range(idx.index.ndim)), list(range(axis, axis + idx.index.ndim)))
-    return g.View(out.tensor, res, out.span)
 
 
 def partition_one_hot(p, n: Node) -> g.View:
@@ -285,19 +334,20 @@ def op_defs() -> list[OpDef]:
         OpDef("tensor", "leaf", "a tensor of the graph", partition=partition_tensor),
         OpDef("view", "leaf", "elements of a tensor of the graph, as a Poplar-level view", partition=partition_view),
         OpDef("reshape", "view", "the same elements in a new shape", ref=lambda at, x: x.reshape(at[0]),
-              partition=partition_reshape),
+              partition=partition_reshape, grad=_g_reshape),
         OpDef("transpose", "view", "axes permuted", ref=lambda at, x: x.transpose(at[0]),
-              partition=partition_transpose),
-        OpDef("index", "view", "x[i, a:b]", ref=_index_ref, partition=partition_index),
+              partition=partition_transpose, grad=_g_transpose),
+        OpDef("index", "view", "x[i, a:b]", ref=_index_ref, partition=partition_index, grad=_g_index),
+        OpDef("broadcast", "view", "x repeated along axes (numpy's broadcast_to)",
+              ref=lambda at, x: np.broadcast_to(x, at[0]), partition=partition_broadcast,
+              grad=lambda b, n, g, i: g),             # the pass sums the repeated axes
+        OpDef("place", "compute", "g's elements where a view took them, zeros elsewhere", ref=_place_ref,
+              partition=partition_place, codelets=tuple(FILL.values()), flops=_moves),
         OpDef("concat", "compute", "tensors joined along an axis",
-              ref=lambda at, *xs: np.concatenate(xs, axis=at[0]), partition=partition_concat, flops=_moves),
+              ref=lambda at, *xs: np.concatenate(xs, axis=at[0]), partition=partition_concat, flops=_moves,
+              grad=_g_concat),
         OpDef("pad", "compute", "x surrounded by a value", ref=_pad_ref, partition=partition_pad,
-              codelets=tuple(FILL.values()), flops=_moves),
-        OpDef("gather", "compute", "x's slices at indices along an axis", ref=_gather_ref,
-              partition=partition_gather, codelets=tuple(GATHER.values()), flops=_moves,
-              explain={(c, "x", 0): "gather: an index is out of range for an axis of size {size} "
-                                    "(numpy's take allows -{size} to {size} - 1)"
-                       for c in GATHER.values()}),
+              codelets=tuple(FILL.values()), flops=_moves, grad=_g_pad),
         OpDef("one_hot", "compute", "1.0 where the class is the label", ref=_one_hot_ref,
               partition=partition_one_hot, codelets=("OneHot",), flops=_moves,
               explain={("OneHot", "y", 1): "one_hot: label {index} is outside 0..{size} - 1 (one_hot(y, {size}))"}),
@@ -318,8 +368,6 @@ def functions() -> list[Function]:
         Function("pad", (Param("x", "tensor"), Param("pads", "any"), Param("value", "any", 0.0)),
                  lambda b, a, span: pad(b, a["x"], a["pads"], a["value"], span),
                  "x with [before, after] elements of `value` around each axis"),
-        Function("gather", (Param("x", "tensor"), Param("indices", "tensor"), Param("axis", "int", 0)),
-                 lambda b, a, span: gather(b, a["x"], a["indices"], a["axis"], span), "numpy's take"),
         Function("one_hot", (Param("y", "tensor"), Param("depth", "int")),
                  lambda b, a, span: one_hot(b, a["y"], a["depth"], span), "one-hot rows of f32"),
     ]

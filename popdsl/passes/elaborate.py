@@ -5,6 +5,10 @@ mapping and initial values, compute sets of vertices (grouped per codelet), and 
 program tree.  Graph construction is a compile-time program: `for`, `if`, `let` and
 integer arithmetic run here; everything left is device work.  User errors are
 collected; elaboration goes on past a bad statement so one run reports several.
+
+Being a program, it may not end: the budgets of `popdsl.limits.Budgets` bound
+compile-time loop iterations and def calls together, tensor operations and
+vertices placed by hand; the error names the budget and the flag that raises it.
 """
 from __future__ import annotations
 
@@ -17,10 +21,10 @@ from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node
 from popdsl.passes.elaborate_poplar import INITS, PoplarMixin, kind_of
 from popdsl.passes.elaborate_tensor import TensorMixin
+from popdsl.passes.elaborate_train import TrainMixin, says_minimize
 from popdsl.ir.target import Target
+from popdsl.limits import BUDGET_FLAGS, CALL_STEPS, Budgets
 from popdsl.sema import Program
-
-MAX_UNROLL = 1 << 22          # compile-time loop iterations, all loops together
 
 
 class _Bad(Exception):
@@ -49,11 +53,14 @@ _CMP_OPS = {
 _kind = kind_of         # how a compile-time value reads in a message
 
 
-class _Elaborator(PoplarMixin, TensorMixin):
+class _Elaborator(PoplarMixin, TensorMixin, TrainMixin):
     Bad = _Bad
 
-    def __init__(self, prog: Program, target: Target, diags: Diagnostics):
+    def __init__(self, prog: Program, target: Target, diags: Diagnostics, training: bool | None = None,
+                 budgets: Budgets = Budgets()):
         self.prog, self.d = prog, diags
+        self.budgets = budgets
+        self.vertices = 0
         self.graph: g.TensorGraph | None = None
         self.target = target
         self.scopes: list[dict[str, object]] = [{}]
@@ -68,6 +75,8 @@ class _Elaborator(PoplarMixin, TensorMixin):
         self.pre_args = None
         self.init_tensor()
         self.bad_map: set[int] = set()  # tensors a failed 'map' was meant for
+        self.training_option = training    # None: training when the graph says 'minimize'
+        self.training = False
 
     # ---------------------------------------------------------------- entry
     def run(self, node: ast.Graph) -> g.TensorGraph:
@@ -91,6 +100,9 @@ class _Elaborator(PoplarMixin, TensorMixin):
         if tiles is not None and tiles != self.target.tiles:
             self.target = self.target.with_overrides(tiles=tiles)
         self.graph = g.TensorGraph(node.name, self.target, dict(self.prog.codelets))
+        # Known before the body runs: defs (batch_norm) ask training() before the
+        # graph's 'minimize', which usually comes last.
+        self.training = says_minimize(node.body) if self.training_option is None else self.training_option
         self.scopes[0]["tiles"] = self.target.tiles
         body = self.block(node.body)
         if not self.have_program:
@@ -119,6 +131,35 @@ class _Elaborator(PoplarMixin, TensorMixin):
                 if not whole:
                     self.d.error(self.output_spans.get(name, t.span), f"output '{name}' has the name of "
                                  f"{t.kind} '{name}' ({t.span})", f"name the output otherwise: 'output EXPR as NAME;'")
+
+    # ---------------------------------------------------------------- budgets
+    def over_budget(self, span: Span, which: str, what: str) -> None:
+        limit = getattr(self.budgets, which)
+        self.d.error(span, f"{what}: more than {limit:,}, the compile-time budget",
+                     f"a graph-building loop or recursion that never ends? raise the budget with "
+                     f"{BUDGET_FLAGS[which]} N")
+        raise _Bad
+
+    def tick(self, span: Span, what: str, steps: int = 1) -> None:
+        """Compile-time steps: a loop iteration or a def call (`limits.Budgets`);
+        also watches the tensor ops built so far (only loops and calls can build
+        unboundedly many)."""
+        self.unrolled += steps
+        if self.unrolled > self.budgets.unroll:
+            self.over_budget(span, "unroll", "compile-time steps (loop iterations; a def call "
+                             f"counts {CALL_STEPS})")
+        if len(self.nodes.nodes) > self.budgets.ops:
+            self.over_budget(span, "ops", f"tensor operations built ({what})")
+
+    def call_def(self, d: ast.DefDecl, e: ast.Call):
+        self.tick(e.span, f"in calls of '{d.name}'", CALL_STEPS)
+        return super().call_def(d, e)
+
+    def vertex(self, s: ast.VertexStmt) -> None:
+        if self.vertices >= self.budgets.vertices:
+            self.over_budget(s.span, "vertices", "vertices placed")
+        super().vertex(s)
+        self.vertices += 1
 
     # ---------------------------------------------------------------- statements
     def block(self, b: ast.Block) -> g.Seq:
@@ -281,10 +322,7 @@ class _Elaborator(PoplarMixin, TensorMixin):
         out: list[g.Prog] = []
         errors = len(self.d.items)
         for i in range(start, stop, step):
-            self.unrolled += 1
-            if self.unrolled > MAX_UNROLL:
-                self.d.error(s.span, f"compile-time loops ran more than {MAX_UNROLL} iterations")
-                raise _Bad
+            self.tick(s.span, "in loops")
             self.scopes.append({s.var: i})
             try:
                 out.extend(self.block(s.body).body)
@@ -526,8 +564,9 @@ class _Elaborator(PoplarMixin, TensorMixin):
             self.d.error(e.base.span, f"only tensors can be indexed, found {_kind(base)}")
             raise _Bad
         key = self.index_key(e, base.shape, f"'{self.graph.tensors[base.tensor].name}'")
-        return g.View(base.tensor, base.index[tuple(slice(*k) if isinstance(k, tuple) else k for k in key)],
-                      e.span)
+        # np.asarray: indexing every axis gives a numpy scalar; a View holds an array.
+        return g.View(base.tensor, np.asarray(base.index[tuple(slice(*k) if isinstance(k, tuple) else k
+                                                              for k in key)]), e.span)
 
     def index_key(self, e: ast.IndexExpr, shape, what: str) -> list:
         """Compile-time indices of `e`, range-checked: per axis an index in 0..n-1
@@ -632,8 +671,10 @@ def _source_text(span: Span) -> str:
 
 
 def elaborate(prog: Program, target: Target, graph_name: str | None = None,
-              root_path: str | None = None) -> g.TensorGraph:
-    """Run the chosen graph (by name, or the one graph of the root file)."""
+              root_path: str | None = None, training: bool | None = None,
+              budgets: Budgets = Budgets()) -> g.TensorGraph:
+    """Run the chosen graph (by name, or the one graph of the root file), in training
+    mode when `training` says so (None: when the graph says 'minimize')."""
     diags = Diagnostics()
     graphs = prog.graphs
     if graph_name is not None:
@@ -649,7 +690,7 @@ def elaborate(prog: Program, target: Target, graph_name: str | None = None,
                 f"several graphs ({', '.join(n.name for n in root)}); choose one with --graph"
             raise CompileError([Diagnostic(Span(root_path or "<input>", 0, 0, 0, 0), msg)])
         node = root[0]
-    e = _Elaborator(prog, target, diags)
+    e = _Elaborator(prog, target, diags, training, budgets)
     graph = e.run(node)
     diags.check()
     return graph

@@ -121,6 +121,10 @@ class TensorMixin:
             like = self.like(e.span, *(v for v, _ in pos))
             return self.prim(elementwise.call_scalar, self.builder, c,
                              [self.as_node(v, sp, like) for v, sp in pos], e.span)
+        if fn == "grad":
+            return self.grad_call(e)
+        if fn == "training":
+            return self.training_call(e)
         if fn not in ops.FUNCTIONS:
             return NotImplemented
         pos, kw = self.call_args(e)
@@ -293,9 +297,8 @@ class TensorMixin:
             self.has_step = True
             return g.Step(s.span)
         if isinstance(s, ast.MinimizeStmt):
-            self.d.error(s.span, "'minimize' needs automatic differentiation, which this version of "
-                         "popc does not have yet")
-            raise self.Bad
+            self.minimize_stmt(s)
+            return None
         raise AssertionError(s)
 
     def declare_param(self, s, kind: str) -> None:

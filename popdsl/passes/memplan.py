@@ -29,6 +29,7 @@ from popdsl.ir.lowered import CopyElems, Lowered
 from popdsl.ir import executable as X
 from popdsl.ir.cost import copy_cycles
 from popdsl.ir.target import Target
+from popdsl.ir.verify_lowered import verify_no_overlap
 
 
 def _align(size: np.ndarray) -> np.ndarray:
@@ -149,24 +150,8 @@ def plan(low: Lowered, codelets: dict, code_sizes: dict[str, int], unchecked: bo
 def verify_plan(tiles: np.ndarray, base: np.ndarray, sizes: np.ndarray, live: Liveness) -> None:
     """No two regions live at the same time share a byte of one tile.  A region
     that took over another's bytes in place has size 0 here (its owner's interval
-    covers it).  A failure is a compiler bug."""
-    order = np.lexsort((base, tiles))
-    t, lo, hi = tiles[order], base[order], base[order] + sizes[order]
-    s, e = live.start[order], live.end[order]
-    bounds = np.searchsorted(t, np.unique(t))
-    bounds = np.append(bounds, len(t))
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        L, H, S, E = lo[a:b], hi[a:b], s[a:b], e[a:b]
-        nz = H > L
-        L, H, S, E = L[nz], H[nz], S[nz], E[nz]
-        space = (L[:, None] < H[None, :]) & (L[None, :] < H[:, None])
-        time = (S[:, None] <= E[None, :]) & (S[None, :] <= E[:, None])
-        clash = space & time
-        np.fill_diagonal(clash, False)
-        if clash.any():
-            i, j = np.argwhere(clash)[0]
-            raise AssertionError(f"memory plan overlap on tile {int(t[a])}: bytes [{L[i]}, {H[i]}) live "
-                                 f"{S[i]}..{E[i]} and [{L[j]}, {H[j]}) live {S[j]}..{E[j]}")
+    covers it).  A failure is a compiler bug (AssertionError)."""
+    verify_no_overlap(tiles, base, sizes, live.start, live.end)
 
 
 def _in_place(low: Lowered, live: Liveness) -> dict[int, int]:
@@ -227,7 +212,7 @@ def _categories(low, live: Liveness, rs, plan_rs, rt, planned, bound, naive, cod
     return X.MemoryPlan(always_live=per_tile(live.always), not_always_live=per_tile(~live.always & ~is_buf),
                         exchange_buffers=per_tile(is_buf), vertex_state=vertex_state, code=code,
                         planned=planned, lower_bound=bound, naive_data=naive, timeline=np.cumsum(timeline)[:-1],
-                        timeline_labels=list(live.labels) + ["outputs read by the host"])
+                        timeline_labels=list(live.labels))
 
 
 def _finish(low: Lowered, codelets: dict, base: np.ndarray, mem: X.MemoryPlan, unchecked: bool) -> X.Executable:

@@ -305,9 +305,13 @@ class Partitioner:
         for v, leaf in zip(views, leaves):
             t = self.g.tensors[v.tensor]
             # Same layout element by element: the output may overwrite this operand
-            # where it dies (the planner decides).
+            # where it dies (the planner decides).  Equal mappings too: an operand
+            # mapped unlike the output (not the one it is aligned with) has other
+            # elements at the same offsets, which the output would overwrite
+            # before a vertex of the tile reads them.
             if v.shape == n.shape and t.shape == n.shape and cir.ELEM_BYTES[t.dtype] == cir.ELEM_BYTES[n.dtype] \
-                    and np.array_equal(v.index.ravel(), np.arange(t.numel)):
+                    and np.array_equal(v.index.ravel(), np.arange(t.numel)) \
+                    and np.array_equal(self.g.tile_of[v.tensor], tile_of):
                 self.g.inplace.append((out.tensor, v.tensor, cs.name))
         for size, pos, tiles in self.chunks(tile_of):
             conns = {f"a{k}": (t, b[pos]) for k, (t, b) in enumerate(flat_leaves)}

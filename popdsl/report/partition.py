@@ -17,6 +17,7 @@ import numpy as np
 
 from popdsl.ir.codelet import NUMPY_DTYPE
 from popdsl.ir.executable import Executable
+from popdsl.limits import MAX_CYCLES
 
 
 @dataclass
@@ -46,9 +47,10 @@ class PartitionReport:
         return "\n".join(out)
 
 
-def partition_report(exe: Executable, native) -> PartitionReport:
+def partition_report(exe: Executable, native, max_cycles: int = MAX_CYCLES) -> PartitionReport:
     from popdsl.runtime.simulator import Machine
-    machine = Machine(exe, native, threads=2, out=io.StringIO())     # the program's prints are not the report
+    machine = Machine(exe, native, threads=2, out=io.StringIO(),     # the program's prints are not the report
+                      max_cycles=max_cycles)
     try:
         zeros = {name: np.zeros(exe.tensors[i].shape, NUMPY_DTYPE[exe.tensors[i].dtype])
                  for name, i in exe.inputs.items()}

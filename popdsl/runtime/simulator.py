@@ -12,6 +12,10 @@ in every row run a driver specialised to them (`runtime.specialise`).  Copies ar
 native loops of memmoves; a big copy whose runs are independent is split between
 the threads.  Every phase adds to the cycle estimate (`ir.cost`).  After a
 DeviceError the memory is unspecified (other threads' rows may have run).
+
+A vertex that counts more than `max_cycles` cycles stops at its next check point
+(`ir.checkpoints`) with a DeviceError naming it; Ctrl-C during a step stops native
+code too (`runtime.interrupt`) and raises KeyboardInterrupt.
 """
 from __future__ import annotations
 
@@ -23,15 +27,17 @@ import numpy as np
 
 from popdsl.runtime.copies import (check_runs, copy_runs, element_runs, gather_runs, independent,
                                    scatter_runs, split_runs)
-from popdsl.codegen.jit import NativeCodelets, aligned_zeros
+from popdsl.codegen.jit import NativeCodelets, aligned_zeros, request_stop
 from popdsl.runtime.specialise import group_specs
 from popdsl.diagnostics import Diagnostic
-from popdsl.ir.codelet import ERR_BOUNDS, NUMPY_DTYPE
+from popdsl.ir.codelet import ERR_BOUNDS, ERR_CYCLES, NUMPY_DTYPE
 from popdsl.ir.errors import VertexError
 from popdsl.ir import executable as X
 from popdsl.ops import explain
 from popdsl.passes.partition import prim_codelets
 from popdsl.ir.cost import compute_cycles
+from popdsl.limits import MAX_CYCLES
+from popdsl.runtime.interrupt import interruptible
 from popdsl.runtime.layout import host_copy, host_table, to_host, window_stride
 
 # Below these a thread hand-off costs more than it saves.  A group's work is judged
@@ -40,6 +46,10 @@ from popdsl.runtime.layout import host_copy, host_table, to_host, window_stride
 PARALLEL_MIN_ROWS = 256
 PARALLEL_MIN_CYCLES = 4_000_000
 PARALLEL_MIN_BYTES = 1 << 18
+
+
+class HostMemoryError(Exception):
+    """The IPU model's memory does not fit in this machine's (a user error)."""
 
 
 class DeviceError(Exception):
@@ -67,8 +77,9 @@ class CycleCounts:
 
 class Machine:
     def __init__(self, exe: X.Executable, native: NativeCodelets | None = None,
-                 threads: int | None = None, out=None):
+                 threads: int | None = None, out=None, max_cycles: int = MAX_CYCLES):
         self.exe = exe
+        self.max_cycles = max_cycles
         self.native = native or NativeCodelets(list(exe.codelets.values()), exe.unchecked)
         # Groups whose sizes, strides and state are constant run a driver compiled
         # with them folded in (runtime.specialise: same cycles, faster host code).
@@ -81,7 +92,12 @@ class Machine:
         # (runtime.layout): tables and copies are rewritten to host offsets once.
         tm = t.tile_memory
         self.stride = window_stride(exe)
-        self.mem = aligned_zeros(t.tiles * self.stride)
+        try:
+            self.mem = aligned_zeros(t.tiles * self.stride)
+        except MemoryError:
+            raise HostMemoryError(f"the IPU model of this program needs {t.tiles * self.stride:,} bytes "
+                                  f"of host memory ({t.tiles} tiles x {self.stride:,} B used of each); "
+                                  "this machine could not allocate them") from None
         self._groups = [[X.VertexTable(g.codelet, host_table(exe.codelets[g.codelet], g.table, tm, self.stride),
                                        g.tiles, g.span_ids) for g in cs.groups] for cs in exe.compute_sets]
         self._pre = [host_copy(cs.pre, tm, self.stride) for cs in exe.compute_sets]
@@ -165,7 +181,8 @@ class Machine:
     def run_step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for name, arr in feeds.items():
             self.write(name, arr)
-        self._run(self.exe.program)
+        with interruptible():
+            self._run(self.exe.program)
         self.cycles.steps += 1
         return {name: self._read(r).copy() for name, r in self.exe.outputs.items()}
 
@@ -210,18 +227,32 @@ class Machine:
 
     def _parallel(self, fn, cuts) -> None:
         """fn(cuts[i], cuts[i+1]) for every piece: the first here, the others on the
-        pool.  Raises the VertexError of the lowest failing row, if any."""
+        pool.  Raises the VertexError of the lowest failing row, if any.  On Ctrl-C
+        every piece is told to stop and waited for before KeyboardInterrupt goes on
+        (no native code may outlive the step)."""
         futs = [self._pool.submit(fn, int(a), int(b)) for a, b in zip(cuts[1:-1], cuts[2:])]
-        errors = []
+        errors, stop = [], None
         try:
             fn(int(cuts[0]), int(cuts[1]))
         except VertexError as e:
             errors.append(e)
+        except BaseException as e:           # noqa: BLE001 — re-raised below
+            request_stop()
+            stop = e
         for f in futs:
-            try:
-                f.result()
-            except VertexError as e:
-                errors.append(e)
+            while True:
+                try:
+                    f.result()
+                except VertexError as e:
+                    errors.append(e)
+                except BaseException as e:   # noqa: BLE001 — the piece's, or Ctrl-C while waiting
+                    request_stop()
+                    stop = stop or e
+                    if not f.done():
+                        continue
+                break
+        if stop is not None:
+            raise stop
         if errors:
             raise min(errors, key=lambda e: e.vertex)
 
@@ -254,9 +285,10 @@ class Machine:
         try:
             if (self._pool is None or n < PARALLEL_MIN_ROWS
                     or 0 < int(cyc.sum()) < PARALLEL_MIN_CYCLES):
-                native.run(grp.codelet, self.mem, grp.table, 0, n, cyc, consts)
+                native.run(grp.codelet, self.mem, grp.table, 0, n, cyc, consts, self.max_cycles)
             else:
-                self._parallel(lambda a, b: native.run(grp.codelet, self.mem, grp.table, a, b, cyc, consts),
+                self._parallel(lambda a, b: native.run(grp.codelet, self.mem, grp.table, a, b, cyc, consts,
+                                                       self.max_cycles),
                                np.linspace(0, n, self.threads + 1).astype(int))
         except VertexError as e:
             raise DeviceError(self._describe(cs, grp, e)) from None
@@ -274,6 +306,10 @@ class Machine:
                 meaning = explain(grp.codelet, e.field, e.axis, e.index, e.size)
                 if meaning is not None:
                     msg, notes = meaning, [msg] + notes
+        elif e.kind == ERR_CYCLES:
+            return Diagnostic(span, f"vertex ran more than {e.size:,} cycles (it had counted {e.index:,}) {where}",
+                              "error", ("stopped at run time by the cycle budget (a loop that never ends?); "
+                                        "raise it with --max-cycles",))
         else:
             msg = f"integer division by zero {where}"
         return Diagnostic(span, msg, "error", tuple(notes))

@@ -1,0 +1,313 @@
+"""The backward primitives of convolution and pooling, which their gradient rules
+(`ops.conv`) build: `conv2d_grad_x` (the input's gradient: a transposed
+convolution), `conv2d_grad_w` (the weights'), `max_pool_grad` (each window's
+gradient to the first maximum of the window in row order, the element the
+forward's max kept) and `avg_pool_grad` (spread evenly over the window, padding
+included, as the forward divides).
+
+Requires `ops.core`, `ops.blocks`, `ops.reduce` (partial sums) and `ops.shape`
+(padding); produces the four operations, their numpy references and partition
+rules.  They work in padded coordinates: each vertex owns whole padded images of
+its channels, so overlapping windows add up on one vertex, and the result is the
+unpadded middle, a view.  Tasks go over images and channel blocks; the reduced
+dimension (output channels for the input's gradient, images for the weights')
+may be split too, leaving partial sums `reduce.sum_partials` adds up.  Plans are
+chosen by estimated cycles at the target's rates (`_split_plan`).  They have no
+gradients of their own: popdsl takes no second derivatives of convolutions.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from popdsl.ir import graph as g
+from popdsl.ir.tensor import Node
+from popdsl.ops.blocks import SLAB_BYTES, blocks, ceil_div, emit_tasks, pow2_splits
+from popdsl.ops.core import Builder, OpDef
+from popdsl.ops.reduce import sum_partials
+from popdsl.ops.shape import padded
+
+
+# ---------------------------------------------------------------- builders (for the gradient rules)
+
+def input_grad(b: Builder, g: Node, w: Node, stride: int, padding: int, groups: int, x_shape) -> Node:
+    return b.make("conv2d_grad_x", (g, w), (stride, padding, groups) + tuple(x_shape[2:]), x_shape, "f32")
+
+
+def weight_grad(b: Builder, x: Node, g: Node, stride: int, padding: int, groups: int, w_shape) -> Node:
+    return b.make("conv2d_grad_w", (x, g), (stride, padding, groups) + tuple(w_shape[2:]), w_shape, "f32")
+
+
+def pool_grad(b: Builder, kind: str, x: Node, g: Node, k: int, stride: int, padding: int) -> Node:
+    if kind == "max":
+        return b.make("max_pool_grad", (x, g), (k, stride, padding), x.shape, "f32")
+    return b.make("avg_pool_grad", (g,), (k, stride, padding) + x.shape[2:], x.shape, "f32")
+
+
+# ---------------------------------------------------------------- numpy references
+
+def _pad64(x, p, fill=0.0):
+    return np.pad(x.astype(np.float64), ((0, 0), (0, 0), (p, p), (p, p)), constant_values=fill)
+
+
+def _conv_grad_x_ref(attrs, g, w):
+    stride, padding, groups, h, wd = attrs
+    n, o, oh, ow = g.shape
+    _, cg, kh, kw = w.shape
+    og = o // groups
+    dx = np.zeros((n, cg * groups, h + 2 * padding, wd + 2 * padding))
+    g, w = g.astype(np.float64), w.astype(np.float64)
+    for gi in range(groups):
+        gg, ww = g[:, gi * og:(gi + 1) * og], w[gi * og:(gi + 1) * og]
+        for ky in range(kh):
+            for kx in range(kw):
+                dx[:, gi * cg:(gi + 1) * cg, ky:ky + stride * oh:stride, kx:kx + stride * ow:stride] += \
+                    np.einsum("nohw,oc->nchw", gg, ww[:, :, ky, kx])
+    return dx[:, :, padding:padding + h, padding:padding + wd]
+
+
+def _conv_grad_w_ref(attrs, x, g):
+    stride, padding, groups, kh, kw = attrs
+    x = _pad64(x, padding)
+    n, c, _, _ = x.shape
+    _, o, oh, ow = g.shape
+    cg, og = c // groups, o // groups
+    dw = np.zeros((o, cg, kh, kw))
+    for gi in range(groups):
+        gg = g[:, gi * og:(gi + 1) * og].astype(np.float64)
+        for ky in range(kh):
+            for kx in range(kw):
+                win = x[:, gi * cg:(gi + 1) * cg, ky:ky + stride * oh:stride, kx:kx + stride * ow:stride]
+                dw[gi * og:(gi + 1) * og, :, ky, kx] = np.einsum("nohw,nchw->oc", gg, win)
+    return dw
+
+
+def _max_pool_grad_ref(attrs, x, g):
+    k, stride, padding = attrs
+    n, c, h, w = x.shape
+    xp = _pad64(x, padding, -np.inf)
+    _, _, oh, ow = g.shape
+    win = np.lib.stride_tricks.sliding_window_view(xp, (k, k), axis=(2, 3))[:, :, ::stride, ::stride][:, :, :oh, :ow]
+    first = win.reshape(n, c, oh, ow, k * k).argmax(axis=4)          # the first maximum, row by row
+    rows = np.arange(oh)[:, None] * stride + first // k
+    cols = np.arange(ow)[None, :] * stride + first % k
+    dx = np.zeros_like(xp)
+    ni, ci = np.indices((n, c))
+    np.add.at(dx, (ni[:, :, None, None], ci[:, :, None, None], rows, cols), g.astype(np.float64))
+    return dx[:, :, padding:padding + h, padding:padding + w]
+
+
+def _avg_pool_grad_ref(attrs, g):
+    k, stride, padding, h, w = attrs
+    n, c, oh, ow = g.shape
+    dx = np.zeros((n, c, h + 2 * padding, w + 2 * padding))
+    for ky in range(k):
+        for kx in range(k):
+            dx[:, :, ky:ky + stride * oh:stride, kx:kx + stride * ow:stride] += g / (k * k)
+    return dx[:, :, padding:padding + h, padding:padding + w]
+
+
+# ---------------------------------------------------------------- plans and partition rules
+
+def _split_plan(p, outer: int, sizes, moved, macs, partial_dim: int | None = None, partial_bytes: int = 0):
+    """Power-of-two splits of the dimensions `sizes` for `outer` independent jobs: the
+    least estimated cycles of the busiest tile — its vertices' `macs(*block)`
+    multiply-accumulates at the target's rate, a tile's workers busy only when it
+    has as many vertices as workers (a lone vertex runs at a sixth of the tile's
+    issue rate), the bytes its vertices receive (`moved(*block)` = (bytes received,
+    largest field)) at the exchange rate, and, when dimension `partial_dim` is
+    split, `partial_bytes` of partial sums per split exchanged and added — among
+    plans of at most one vertex per worker whose fields fit SLAB_BYTES; else the
+    plan with the smallest largest field."""
+    target = p.g.target
+    rate, workers = target.exchange_bytes_per_cycle, target.workers
+    best, fallback = None, None
+    for splits in itertools.product(*(pow2_splits(n) for n in sizes)):
+        block = [ceil_div(n, k) for n, k in zip(sizes, splits)]
+        tasks = outer * int(np.prod(splits))
+        per_tile = ceil_div(tasks, p.tiles)
+        received, worst = moved(*block)
+        cost = macs(*block) * max(workers, per_tile) / workers / target.macs_per_cycle + per_tile * received / rate
+        if partial_dim is not None and splits[partial_dim] > 1:
+            cost += splits[partial_dim] * partial_bytes / p.tiles / rate * 2
+        if fallback is None or worst < fallback[0]:
+            fallback = (worst, splits)
+        if worst <= SLAB_BYTES and tasks <= p.tiles * workers and (best is None or cost < best[0]):
+            best = (cost, splits)
+    return (best or fallback)[1]
+
+
+def _crop(p, out: g.View, shape, padding: int) -> g.View:
+    """The middle of a padded result, as a view."""
+    n, c, h, w = shape
+    idx = out.index.reshape(n, c, h + 2 * padding, w + 2 * padding)
+    return g.View(out.tensor, idx[:, :, padding:padding + h, padding:padding + w], out.span)
+
+
+def _result(p, n: Node, cs, acc: g.View, split: bool, label: str, shape) -> g.View:
+    """A backward primitive's padded result: its accumulator, or the sum of its
+    partials."""
+    css = [cs]
+    out = acc
+    if split:
+        before = len(p.seq)
+        out = sum_partials(p, acc, label, shape)
+        css += [p.g.compute_sets[e.cs] for e in p.seq[before:]]
+    p.record(n, *css)
+    return out
+
+
+def partition_conv_grad_x(p, n: Node) -> g.View:
+    stride, padding, groups, H, W = n.attrs
+    gv, w = p.value(n.args[0]), p.value(n.args[1])
+    p.ensure_mapped(gv)
+    N, O, OH, OW = gv.index.shape
+    _, Cg, KH, KW = w.index.shape
+    C, Hp, Wp, Og = Cg * groups, H + 2 * padding, W + 2 * padding, O // groups
+    kk = KH * KW
+    label = p.name(n)
+    gc, go = _split_plan(p, N * groups, (Cg, Og),
+                         lambda cb, ob: (ob * OH * OW * 4 + ob * cb * kk * 4, max(cb * Hp * Wp, ob * OH * OW) * 4),
+                         lambda cb, ob: cb * ob * kk * OH * OW, partial_dim=1, partial_bytes=N * C * Hp * Wp * 4)
+    cbs, obs = blocks(Cg, gc), blocks(Og, go)
+    shape = (N, C, Hp, Wp)
+    acc = p.new_tensor(label + ".partial" if len(obs) > 1 else label, "f32", ((len(obs),) if len(obs) > 1 else ()) + shape)
+    target = acc.index.reshape((len(obs),) + shape)
+    tiles = p.spread(N * groups * len(cbs) * len(obs))
+    tasks, t = [], 0
+    for nn in range(N):
+        for gi in range(groups):
+            for (c0, c1) in cbs:
+                for oi, (o0, o1) in enumerate(obs):
+                    tile = int(tiles[t])
+                    t += 1
+                    oo0, oo1 = gi * Og + o0, gi * Og + o1
+                    ws = w.index[oo0:oo1, c0:c1]
+                    ds = target[oi, nn, gi * Cg + c0:gi * Cg + c1]
+                    p.g.tile_of[acc.tensor][ds.ravel()] = tile
+                    p.ensure_mapped(g.View(w.tensor, ws, w.span), np.int32(tile))
+                    tasks.append({"tile": tile, "state": {"kh": KH, "kw": KW, "s": stride, "wp": Wp, "ow": OW},
+                                  "conns": {"g": (gv.tensor, gv.index[nn, oo0:oo1].reshape(o1 - o0, -1)),
+                                            "w": (w.tensor, ws.reshape(o1 - o0, -1)),
+                                            "dx": (acc.tensor, ds.reshape(c1 - c0, -1))}})
+    cs = p.new_cs(label)
+    emit_tasks(p, cs, p.prim("Conv2dGradX"), tasks, ("kh", "kw", "s", "wp", "ow"))
+    return _crop(p, _result(p, n, cs, acc, len(obs) > 1, label, shape), n.shape, padding)
+
+
+def partition_conv_grad_w(p, n: Node) -> g.View:
+    stride, padding, groups, KH, KW = n.attrs
+    x, gv = p.value(n.args[0]), p.value(n.args[1])
+    label = p.name(n)
+    if padding:
+        x = padded(p, x, ((0, 0), (0, 0), (padding, padding), (padding, padding)), 0.0, "f32", label + ".pad")
+    else:
+        p.ensure_mapped(x)
+    p.ensure_mapped(gv)
+    N, C, Hp, Wp = x.index.shape
+    _, O, OH, OW = gv.index.shape
+    Cg, Og, kk = C // groups, O // groups, KH * KW
+    gn, go, gc = _split_plan(p, groups, (N, Og, Cg),
+                             lambda nb, ob, cb: ((nb * cb * Hp * Wp + nb * ob * OH * OW) * 4,
+                                                 max(nb * cb * Hp * Wp, nb * ob * OH * OW, ob * cb * kk) * 4),
+                             lambda nb, ob, cb: nb * ob * cb * kk * OH * OW, partial_dim=0,
+                             partial_bytes=O * Cg * kk * 4)
+    nbs, obs, cbs = blocks(N, gn), blocks(Og, go), blocks(Cg, gc)
+    shape = n.shape
+    acc = p.new_tensor(label + ".partial" if len(nbs) > 1 else label, "f32",
+                       ((len(nbs),) if len(nbs) > 1 else ()) + shape)
+    target = acc.index.reshape((len(nbs),) + shape)
+    tiles = p.spread(groups * len(nbs) * len(obs) * len(cbs))
+    tasks, t = [], 0
+    for gi in range(groups):
+        for ni, (n0, n1) in enumerate(nbs):
+            for (o0, o1) in obs:
+                for (c0, c1) in cbs:
+                    tile = int(tiles[t])
+                    t += 1
+                    oo0, oo1, cc0, cc1 = gi * Og + o0, gi * Og + o1, gi * Cg + c0, gi * Cg + c1
+                    ds = target[ni, oo0:oo1, c0:c1]
+                    p.g.tile_of[acc.tensor][ds.ravel()] = tile
+                    tasks.append({"tile": tile, "state": {"kh": KH, "kw": KW, "s": stride, "wp": Wp, "ow": OW},
+                                  "conns": {"x": (x.tensor, x.index[n0:n1, cc0:cc1].reshape((n1 - n0) * (c1 - c0), -1)),
+                                            "g": (gv.tensor, gv.index[n0:n1, oo0:oo1].reshape((n1 - n0) * (o1 - o0), -1)),
+                                            "dw": (acc.tensor, ds.reshape(o1 - o0, -1))}})
+    cs = p.new_cs(label)
+    emit_tasks(p, cs, p.prim("Conv2dGradW"), tasks, ("kh", "kw", "s", "wp", "ow"))
+    out = _result(p, n, cs, acc, len(nbs) > 1, label, shape)
+    return g.View(out.tensor, out.index.reshape(shape), out.span)
+
+
+def _partition_pool_grad(p, n: Node, x: g.View | None, gv: g.View, k: int, stride: int, padding: int) -> g.View:
+    """Max pooling's gradient (with x, padded with -inf) or average pooling's (without):
+    tasks over images and blocks of channels, each owning its channels' padded rows."""
+    label = p.name(n)
+    N, C, H, W = n.shape
+    Hp, Wp = H + 2 * padding, W + 2 * padding
+    if x is not None:
+        if padding:
+            x = padded(p, x, ((0, 0), (0, 0), (padding, padding), (padding, padding)), -np.inf, "f32", label + ".pad")
+        else:
+            p.ensure_mapped(x)
+    p.ensure_mapped(gv)
+    OH, OW = gv.index.shape[2:]
+    (gc,) = _split_plan(p, N, (C,), lambda cb: ((cb * Hp * Wp * (x is not None) + cb * OH * OW) * 4, cb * Hp * Wp * 4),
+                        lambda cb: cb * OH * OW * k * k)
+    out = p.new_tensor(label, "f32", (N, C, Hp, Wp))
+    cbs = blocks(C, gc)
+    tiles = p.spread(N * len(cbs))
+    tasks, t = [], 0
+    for nn in range(N):
+        for (c0, c1) in cbs:
+            tile = int(tiles[t])
+            t += 1
+            ds = out.index[nn, c0:c1]
+            p.g.tile_of[out.tensor][ds.ravel()] = tile
+            conns = {"g": (gv.tensor, gv.index[nn, c0:c1].reshape(c1 - c0, -1)),
+                     "dx": (out.tensor, ds.reshape(c1 - c0, -1))}
+            if x is not None:
+                conns["x"] = (x.tensor, x.index[nn, c0:c1].reshape(c1 - c0, -1))
+            tasks.append({"tile": tile, "state": {"k": k, "s": stride, "wp": Wp, "ow": OW}, "conns": conns})
+    cs = p.new_cs(label)
+    emit_tasks(p, cs, p.prim("MaxPoolGradBlock" if x is not None else "AvgPoolGradBlock"), tasks,
+               ("k", "s", "wp", "ow"))
+    p.record(n, cs)
+    return _crop(p, out, n.shape, padding)
+
+
+def partition_max_pool_grad(p, n: Node) -> g.View:
+    k, stride, padding = n.attrs
+    return _partition_pool_grad(p, n, p.value(n.args[0]), p.value(n.args[1]), k, stride, padding)
+
+
+def partition_avg_pool_grad(p, n: Node) -> g.View:
+    k, stride, padding = n.attrs[:3]
+    return _partition_pool_grad(p, n, None, p.value(n.args[0]), k, stride, padding)
+
+
+# ---------------------------------------------------------------- the table's entries
+
+def op_defs() -> list[OpDef]:
+    return [
+        OpDef("conv2d_grad_x", "compute", "the gradient of conv2d with respect to its input",
+              ref=_conv_grad_x_ref, partition=partition_conv_grad_x,
+              codelets=("Conv2dGradX", "ReduceSumCols"), cost=_split_plan,
+              flops=lambda n: 2 * n.args[0].numel * int(np.prod(n.args[1].shape[1:]))),
+        OpDef("conv2d_grad_w", "compute", "the gradient of conv2d with respect to its weights",
+              ref=_conv_grad_w_ref, partition=partition_conv_grad_w,
+              codelets=("Conv2dGradW", "ReduceSumCols", "Fill"), cost=_split_plan,
+              flops=lambda n: 2 * n.args[1].numel * int(np.prod(n.shape[1:]))),
+        OpDef("max_pool_grad", "compute", "max pooling's gradient: to the first maximum of each window",
+              ref=_max_pool_grad_ref, partition=partition_max_pool_grad,
+              codelets=("MaxPoolGradBlock", "Fill"), cost=_split_plan,
+              flops=lambda n: n.args[1].numel * n.attrs[0] ** 2),
+        OpDef("avg_pool_grad", "compute", "average pooling's gradient: spread evenly over each window",
+              ref=_avg_pool_grad_ref, partition=partition_avg_pool_grad,
+              codelets=("AvgPoolGradBlock",), cost=_split_plan,
+              flops=lambda n: n.args[0].numel * n.attrs[0] ** 2),
+    ]
+
+
+def functions() -> list:
+    return []          # built by gradient rules, never called by users
