@@ -320,6 +320,17 @@ def test_nesting_limit_in_every_place(place, extra):
     assert ok == (extra == 0)
 
 
+@pytest.mark.parametrize("stmt", ["y = {};", "var v: f32[{}];"])
+def test_an_integer_longer_than_python_converts_is_an_error(stmt):
+    digits = "9" * 5000
+    text = BODY.format(stmt.format(digits))
+    check(text)
+    with pytest.raises(CompileError, match="integer literal too long") as e:
+        parse(text, PATH)
+    d = e.value.diagnostics[0]
+    assert (d.span.line, d.span.end_col - d.span.col) == (1, 5000)
+
+
 def test_a_long_flat_list_takes_the_fast_path():
     """The depth bound counts operators and brackets, not every token."""
     text = BODY.format("y = [" + ", ".join(["1"] * 2000) + "];")

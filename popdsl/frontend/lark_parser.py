@@ -160,7 +160,12 @@ def parse_lark(text: str, path: str = "<string>") -> ast.Module:
     except lark.exceptions.UnexpectedInput as e:
         raise CompileError([_syntax_error(path, text, e)]) from None
     _check_nesting(tree, path)
-    items = _ToAst(path).transform(tree)
+    try:
+        items = _ToAst(path).transform(tree)
+    except lark.exceptions.VisitError as e:      # Lark wraps what a rule raises
+        if isinstance(e.orig_exc, CompileError):
+            raise e.orig_exc from None
+        raise
     return ast.Module(path, tuple(items.children))
 
 
@@ -217,7 +222,15 @@ class _ToAst(Transformer):
 
     # -- literals and names
     def int_lit(self, meta, c):
-        return ast.IntLit(int(c[0]), self.sp(meta))
+        return ast.IntLit(self._int(meta, c[0]), self.sp(meta))
+
+    def _int(self, meta, token) -> int:
+        try:
+            return int(token)
+        except ValueError:           # more digits than Python converts (4300 by default)
+            raise CompileError([Diagnostic(
+                Span(self.path, meta.line, meta.column, meta.end_line, meta.end_column),
+                f"integer literal too long ({len(token):,} digits)", "error")]) from None
 
     def float_lit(self, meta, c):
         return ast.FloatLit(float(c[0]), self.sp(meta))
@@ -272,7 +285,7 @@ class _ToAst(Transformer):
         return str(c[0])
 
     def dim_int(self, meta, c):
-        return int(c[0])
+        return self._int(meta, c[0])
 
     def type_ref(self, meta, c):
         c = _meaningful(c)
