@@ -46,6 +46,25 @@ class Executable:
     def outputs(self) -> list[str]:
         return list(self.ir.outputs)
 
+    def tensors(self, kind: str | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Name -> (dtype, shape) of the graph's tensors a user can read and write:
+        `kind` "input", "param" or "var" (None: all three)."""
+        kinds = ("input", "param", "var") if kind is None else (kind,)
+        return {t.name: (t.dtype, t.shape) for t in self.ir.tensors if t.kind in kinds}
+
+    @property
+    def params(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return self.tensors("param")
+
+    @property
+    def vars(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return self.tensors("var")
+
+    def __repr__(self) -> str:
+        return (f"<Executable '{self.name}' on {self.target.name} ({self.target.tiles} tiles): "
+                f"{len(self.inputs)} inputs, {len(self.outputs)} outputs, {len(self.params)} params, "
+                f"{len(self.vars)} vars>")
+
     def native(self) -> NativeCodelets:
         if self._native is None:
             self._native = NativeCodelets(list(self.ir.codelets.values()), self.ir.unchecked)
@@ -88,6 +107,18 @@ def compile(path_or_source: str | os.PathLike, target: str = "gc200", tiles: int
 def load(path: str | os.PathLike) -> Executable:
     """Read a `.popx`.  Raises artifact.ArtifactError."""
     return Executable(artifact.load(os.fspath(path)))
+
+
+def not_fed(inputs, missing) -> str:
+    """What a run with inputs `missing` unfed needs: each input's type and how to
+    give it.  `inputs`: an Executable or its `inputs` (name -> (dtype, shape))."""
+    inputs = inputs.inputs if isinstance(inputs, Executable) else inputs
+    parts = []
+    for name in sorted(missing):
+        dtype, shape = inputs[name]
+        parts.append(f"'{name}' ({dtype}{list(shape) if shape else ''})")
+    return (f"input {', '.join(parts)} not fed: give {'each' if len(parts) > 1 else 'it'} with "
+            "--feed NAME=FILE.npy or --data FILE.npz (arrays named after the inputs)")
 
 
 def check_feed(exe: X.Executable, name: str, dtype: np.dtype, shape: tuple, steps: int) -> bool:
@@ -150,6 +181,7 @@ class Simulator:
         Raises ValueError for a missing, unknown or misshapen feed or one whose
         values do not fit its input's dtype, DeviceError for a failing vertex,
         KeyboardInterrupt on Ctrl-C."""
+        self._open()
         feeds = dict(feeds or {})
         if steps < 1:
             raise ValueError("steps must be at least 1")
@@ -160,7 +192,7 @@ class Simulator:
                              f"(inputs: {', '.join(ir.inputs) or 'none'})")
         missing = sorted(set(ir.inputs) - set(feeds))
         if missing:
-            raise ValueError(f"input {', '.join(map(repr, missing))} not fed")
+            raise ValueError(not_fed(self.exe, missing))
         per_step = {}
         for name, arr in feeds.items():
             t = ir.tensors[ir.inputs[name]]
@@ -178,11 +210,14 @@ class Simulator:
         return {n: np.stack([r[n] for r in results]) for n in results[0]}
 
     def read(self, name: str) -> np.ndarray:
+        """Tensor `name`'s values.  Raises KeyError naming the tensors there are."""
+        self._open()
         return self.machine.read(name)
 
     def write(self, name: str, value) -> None:
         """Set tensor `name`.  Raises KeyError (no such tensor) or ValueError (a
         wrong shape, or values that do not fit its dtype)."""
+        self._open()
         i = self.exe.ir.tensor_index(name)
         if i is not None:
             check_values(f"'{name}'", np.asarray(value), self.exe.ir.tensors[i].dtype)
@@ -190,6 +225,13 @@ class Simulator:
 
     def close(self) -> None:
         self.machine.close()
+        self.closed = True
+
+    closed = False
+
+    def _open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this Simulator is closed: make a new one to run again")
 
     def __enter__(self):
         return self

@@ -141,7 +141,7 @@ class Loader:
         if d.get("version") != VERSION:
             raise ArtifactError(f"made by a different popdsl (.popx version {d.get('version')}, "
                                 f"this popc reads version {VERSION}); rebuild it with 'popc build'")
-        self.arrays = datafile.ZipArrays(z)
+        self.arrays = datafile.ZipArrays(z, refuse_bombs=False)
         self.used: set[str] = set()
 
     def array(self, ref, dtype, ndim: int | None = None, shape=None, rows: int | None = None) -> np.ndarray:

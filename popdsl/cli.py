@@ -77,12 +77,25 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-cycles", type=_cycles_budget, default=MAX_CYCLES, metavar="N",
                         help=f"stop a vertex that counts more than N cycles (default {MAX_CYCLES:,})")
 
-    b = sub.add_parser("build", help="compile FILE.pop to FILE.popx")
+    def command(name: str, summary: str, examples: str):
+        return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                              epilog="examples:\n" + examples, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    b = command("build", "compile FILE.pop to FILE.popx (planned, with its codelets as verified IR)",
+                "  popc build examples/mlp.pop              writes examples/mlp.popx\n"
+                "  popc build net.pop -o /tmp/net.popx --tiles 64\n"
+                "  popc examples/mlp.pop                    the same as 'popc build'")
     common(b)
     b.add_argument("-o", "--output", metavar="OUT.popx")
-    c = sub.add_parser("check", help="report every error in FILE.pop without writing anything")
+    c = command("check", "report every error in FILE.pop without writing anything",
+                "  popc check net.pop\n  popc check net.pop --tiles 4 --verify")
     common(c)
-    r = sub.add_parser("run", help="run FILE.pop or FILE.popx on the IPU model")
+    r = command("run", "run FILE.pop or FILE.popx on the IPU model (or train it, if it says 'minimize')",
+                "  popc run examples/scale_demo.pop\n"
+                "  popc run examples/mlp.pop --data feeds.npz --cycles\n"
+                "  popc run examples/digits.pop --data examples/data/digits-train.npz --epochs 15 \\\n"
+                "      --eval examples/data/digits-test.npz --save-params trained.npz\n"
+                "  popc run net.popx --feed x=x.npy --steps 4 --save out.npz")
     common(r, "a .pop or .popx file")
     r.add_argument("--feed", action="append", default=[], metavar="NAME=FILE",
                    help="feed input NAME from a .npy or an IDX file (MNIST's; gzipped or not) (repeatable)")
@@ -103,14 +116,19 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=_positive, help="host threads for tiles (default: all cores)")
     r.add_argument("--cycles", action="store_true", help="print the cycle estimate and its assumptions")
     cycles(r)
-    rp = sub.add_parser("report", help="memory and cycle reports")
+    rp = command("report", "memory per tile and category, or how each op was partitioned",
+                 "  popc report examples/resnet50.pop\n"
+                 "  popc report examples/mlp.pop --partition\n"
+                 "  popc report net.popx --json > memory.json")
     common(rp, "a .pop or .popx file")
     cycles(rp)
     rp.add_argument("--memory", action="store_true", help="memory per tile and category (default)")
     rp.add_argument("--partition", action="store_true",
                     help="per tensor op: tiles used, cycles per tile (max, mean), exchange bytes")
     rp.add_argument("--json", action="store_true", help="machine-readable output")
-    d = sub.add_parser("dump", help="print the IR after a stage")
+    d = command("dump", "print the IR after a stage of the compiler",
+                "  popc dump --after partition examples/mlp.pop\n"
+                "  popc dump --after codegen net.pop --tiles 4")
     common(d)
     from popdsl.pipeline import STAGE_NAMES
     d.add_argument("--after", required=True, choices=STAGE_NAMES, metavar="STAGE",
@@ -120,9 +138,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # `popc FILE.pop` is `popc build FILE.pop`.
+    # `popc FILE.pop` is `popc build FILE.pop`; any other first word is a command.
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
-        argv = ["build"] + argv
+        if argv[0].endswith(".pop") or os.path.isfile(argv[0]):
+            argv = ["build"] + argv
+        else:
+            import difflib
+            close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+            _parser().print_usage(sys.stderr)
+            print(f"popc: error: unknown command '{argv[0]}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+                  + f"; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+            return EXIT_USAGE
     parser = _parser()
     try:
         args = parser.parse_args(argv)
@@ -200,23 +226,30 @@ def _read_source(path: str) -> str:
         raise UserError(f"cannot read '{path}': {e.strerror}") from None
 
 
-def _compile(args, stop_after=None):
+def _compile(args, stop_after=None, inspect=None):
     from popdsl.pipeline import compile_source
     if args.file.endswith(".popx"):
         raise UserError(f"'{args.file}' is already compiled; '{args.command}' needs a .pop file")
     return compile_source(_read_source(args.file), args.file, _target(args), args.graph,
                           args.unchecked, stop_after, reuse=not args.no_reuse, verify=args.verify or None,
-                          budgets=Budgets(args.max_unroll, args.max_ops, args.max_vertices))
+                          budgets=Budgets(args.max_unroll, args.max_ops, args.max_vertices), inspect=inspect)
 
 
-def _executable(args):
-    """A .popx is loaded; a .pop is compiled."""
+def _executable(args, inspect=None):
+    """A .popx is loaded; a .pop is compiled (`inspect`: see `compile_source`)."""
     from popdsl.api import Executable
     if args.file.endswith(".popx"):
         if not os.path.exists(args.file):
             raise UserError(f"cannot read '{args.file}': no such file")
+        given = [flag for flag, v in (("--tiles", args.tiles), ("--tile-memory", args.tile_memory),
+                                      ("--graph", args.graph)) if v is not None]
+        if args.target != "gc200":
+            given.append("--target")
+        if given:
+            raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to a .popx: "
+                             "it was compiled for its target; rebuild it from its source with the flag")
         return Executable(artifact.load(args.file, unchecked=args.unchecked))
-    exe, native = _compile(args)
+    exe, native = _compile(args, inspect=inspect)
     return Executable(exe, native)
 
 
@@ -299,15 +332,18 @@ def _read_npz(path: str, flag: str, check_for) -> dict[str, np.ndarray]:
         raise _cannot_read(path, e) from None
 
 
-def _feeds(args, exe, specs_in=None, npz=None, flag="--data") -> dict[str, np.ndarray]:
+def _inputs(graph) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Input name -> (dtype, shape) of an elaborated graph or an executable."""
+    return {n: (graph.tensors[i].dtype, graph.tensors[i].shape) for n, i in graph.inputs.items()}
+
+
+def _feeds(args, inputs, specs_in=None, npz=None, flag="--data") -> dict[str, np.ndarray]:
     """--data and --feed arrays by input name (or --eval's), each checked against
     its input (name, dtype, shape: one batch, or examples to stream in batches)
-    from its header before its data is read."""
+    from its header before its data is read; every input fed."""
     from popdsl import data, training
     specs_in = args.feed if specs_in is None else specs_in
     npz = args.data if npz is None else npz
-
-    inputs = {n: (exe.tensors[i].dtype, exe.tensors[i].shape) for n, i in exe.inputs.items()}
 
     def check_for(name: str):
         def check(h: datafile.Header) -> None:
@@ -342,6 +378,11 @@ def _feeds(args, exe, specs_in=None, npz=None, flag="--data") -> dict[str, np.nd
         if _is_zip(path):
             raise UserError(f"--feed {name}: '{path}' is an .npz; use --data or an .npy file")
         feeds[name] = _read_npy(path, check_for(name))
+    missing = sorted(set(inputs) - set(feeds))
+    if missing:
+        from popdsl.api import not_fed
+        has = f" ({npz} has: {', '.join(sorted(feeds)) or 'nothing'})" if npz else ""
+        raise UserError((f"{flag}: " if flag != "--data" else "") + not_fed(inputs, missing) + has)
     return feeds
 
 
@@ -367,8 +408,15 @@ def cmd_run(args) -> int:
     from popdsl.runtime.simulator import DeviceError, format_array
     _output_name("--save", args.save)
     _output_name("--save-params", args.save_params)
-    exe = _executable(args)
-    feeds = _feeds(args, exe.ir)
+    early: dict = {}
+
+    def check_inputs(stage: str, result) -> None:
+        # Feeds are checked once the program is known to be right and its inputs
+        # are known (after autodiff): before the long stages.
+        if stage == "autodiff":
+            early["feeds"] = _feeds(args, _inputs(result))
+    exe = _executable(args, check_inputs)
+    feeds = early["feeds"] if "feeds" in early else _feeds(args, _inputs(exe.ir))
     params = _params(args.load_params, exe.ir) if args.load_params else {}
     test = _eval_data(args, exe) if args.eval else None      # errors before a long run
     sim = Simulator(exe, threads=args.threads or os.cpu_count(), max_cycles=args.max_cycles)
@@ -433,7 +481,7 @@ def _eval_data(args, exe):
     from popdsl.pipeline import compile_source
     eval_exe = Executable(*compile_source(_read_source(args.file), args.file, _target(args), args.graph,
                                           args.unchecked, reuse=not args.no_reuse, training=False))
-    test = _feeds(args, eval_exe.ir, [e for e in args.eval if "=" in e], npz[0] if npz else "", "--eval")
+    test = _feeds(args, _inputs(eval_exe.ir), [e for e in args.eval if "=" in e], npz[0] if npz else "", "--eval")
     try:
         training.reported(eval_exe)
         return eval_exe, training.prepare(eval_exe, test, npz[0] if npz and len(args.eval) == 1 else "")

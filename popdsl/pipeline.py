@@ -159,11 +159,13 @@ def verify_by_default() -> bool:
 def compile_source(text: str, path: str, target: Target, graph: str | None = None,
                    unchecked: bool = False, stop_after: str | None = None, reuse: bool = True,
                    verify: bool | None = None, training: bool | None = None,
-                   budgets: Budgets | None = None):
+                   budgets: Budgets | None = None, inspect=None):
     """Returns (Executable, NativeCodelets), or the result of stage `stop_after`.
     `training`: False compiles a graph that minimizes for inference (training()
-    false, no update), None lets the graph say.  Raises CompileError for errors in
-    the program."""
+    false, no update), None lets the graph say.  `inspect(stage, result)`, if given,
+    sees each stage's result (the CLI checks feeds against the inputs once they are
+    elaborated, before the long stages).  Raises CompileError for errors in the
+    program."""
     if stop_after is not None and stop_after not in STAGE_NAMES:
         raise ValueError(f"unknown stage {stop_after!r}")
     verify = verify_by_default() if verify is None else verify
@@ -173,6 +175,8 @@ def compile_source(text: str, path: str, target: Target, graph: str | None = Non
         result = stage.run(opts, result)
         if verify and stage.verify is not None:
             stage.verify(result)
+        if inspect is not None:
+            inspect(stage.name, result)
         if stage.name == stop_after:
             break
     return result

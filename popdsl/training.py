@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from popdsl.api import Executable, Simulator, check_values
+from popdsl.api import Executable, Simulator, check_values, not_fed
 from popdsl.ir.codelet import NUMPY_DTYPE
 
 REPORTED = ("loss", "accuracy")          # the outputs a progress bar and an evaluation show
@@ -97,7 +97,7 @@ def prepare(exe: Executable, feeds: dict[str, np.ndarray], where: str = "") -> S
     missing = sorted(set(inputs) - set(feeds))
     if missing:
         has = f" ({where} has: {', '.join(sorted(feeds)) or 'nothing'})" if where else ""
-        raise DataError(f"input {', '.join(map(repr, missing))} not fed{has}")
+        raise DataError(not_fed(exe, missing) + has)
     every, streamed, batch, counts = {}, {}, {}, {}
     for name, arr in feeds.items():
         dtype, shape = inputs[name]

@@ -526,7 +526,7 @@ def test_feed_several_steps_and_save(popc, fed, tmp_path):
 
 def test_feed_missing(popc, fed):
     code, _, err = popc("run", fed)
-    assert code == 1 and "input 'x' not fed" in err
+    assert code == 1 and "input 'x' (" in err and "not fed" in err
 
 
 def test_feed_unknown_input(popc, fed, tmp_path):

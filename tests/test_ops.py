@@ -264,3 +264,17 @@ graph g(tiles = 2) { input a: f32[2, 3]; input b: f32[3, 2]; output y = a @ b; }
     a, b = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((3, 2), np.float32)
     with popdsl.Simulator(popdsl.compile(src)) as sim:
         np.testing.assert_array_equal(sim.run({"a": a, "b": b})["y"], a @ b)
+
+
+def test_nan_propagates_through_max_relu_and_reductions_as_in_numpy():
+    """relu, maximum and a max reduction of NaN give NaN (numpy's maximum), never a
+    plausible number: an all-NaN input prints NaN probabilities, not real ones."""
+    src = ("import \"popnn\";\ngraph g(tiles = 3) {\n    input x: f32[2, 4];\n    output r = relu(x);\n"
+           "    output m = maximum(x, 0.5);\n    output s = max(x, axis = 1);\n    output p = softmax(x);\n}\n")
+    x = np.array([[np.nan, 1, -2, 3], [np.nan] * 4], np.float32)
+    with popdsl.Simulator(popdsl.compile(src)) as sim:
+        out = sim.run({"x": x})
+    np.testing.assert_array_equal(out["r"], np.maximum(x, 0))
+    np.testing.assert_array_equal(out["m"], np.maximum(x, 0.5))
+    np.testing.assert_array_equal(out["s"], np.max(x, axis=1))
+    assert np.isnan(out["p"]).all()

@@ -61,6 +61,23 @@ def _f32(name: str, cost: int, doc: str, ref, arity: int = 1, links: tuple[str, 
     return Intrinsic(name, arity, ("f32",), cost, doc, ref=ref, llvm={"f32": f"llvm.{name}.f32"}, links=links)
 
 
+def _ieee_max(a, b):
+    """IEEE 754-2019 maximum (LLVM's llvm.maximum): NaN propagates, +0 > -0."""
+    if np.isnan(a) or np.isnan(b):
+        return np.float32(np.nan)
+    if a == b:
+        return b if np.signbit(a) else a
+    return max(a, b)
+
+
+def _ieee_min(a, b):
+    if np.isnan(a) or np.isnan(b):
+        return np.float32(np.nan)
+    if a == b:
+        return a if np.signbit(a) else b
+    return min(a, b)
+
+
 def _one(ty: str) -> ir.Const:
     return ir.Const(1.0, ty)
 
@@ -89,12 +106,12 @@ _TABLE = (
     Intrinsic("abs", 1, ("f32", "i32"), OP, "absolute value (i32: wraps at -2^31)",
               ref=lambda x: np.abs(x) if isinstance(x, np.floating) else abs(x),
               llvm={"f32": "llvm.fabs.f32", "i32": "llvm.abs.i32"}),
-    Intrinsic("min", 2, ("f32", "i32"), OP, "the smaller of x and y (f32: a NaN operand is ignored)",
-              ref=lambda a, b: np.fmin(a, b) if isinstance(a, np.floating) else min(a, b),
-              llvm={"f32": "llvm.minnum.f32", "i32": "llvm.smin.i32"}, links=("fminf",)),
-    Intrinsic("max", 2, ("f32", "i32"), OP, "the larger of x and y (f32: a NaN operand is ignored)",
-              ref=lambda a, b: np.fmax(a, b) if isinstance(a, np.floating) else max(a, b),
-              llvm={"f32": "llvm.maxnum.f32", "i32": "llvm.smax.i32"}, links=("fmaxf",)),
+    Intrinsic("min", 2, ("f32", "i32"), OP, "the smaller of x and y (f32: NaN if either is, as numpy's "
+              "minimum; -0 below +0)", ref=lambda a, b: _ieee_min(a, b) if isinstance(a, np.floating) else min(a, b),
+              llvm={"f32": "llvm.minimum.f32", "i32": "llvm.smin.i32"}, links=("fminf",)),
+    Intrinsic("max", 2, ("f32", "i32"), OP, "the larger of x and y (f32: NaN if either is, as numpy's "
+              "maximum; +0 above -0)", ref=lambda a, b: _ieee_max(a, b) if isinstance(a, np.floating) else max(a, b),
+              llvm={"f32": "llvm.maximum.f32", "i32": "llvm.smax.i32"}, links=("fmaxf",)),
 )
 
 INTRINSICS: dict[str, Intrinsic] = {e.name: e for e in _TABLE}

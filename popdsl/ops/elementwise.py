@@ -101,7 +101,7 @@ def _g_pow(b, n, g, i):
 
 
 def _g_minmax(keeps_a: str):
-    """max(a, b) passes g to a where a >= b (a tie goes to a, as fmax returns a)."""
+    """max(a, b) passes g to a where a >= b (a tie goes to a)."""
     def rule(b, n, g, i):
         x, y = n.args
         wins = _ap(b, keeps_a, x, y)
@@ -153,10 +153,10 @@ ROWS: tuple[Row, ...] = (
         callable=False),
     Row("pow", 2, "float", _intr("pow"), lambda at, a, b: np.power(a, b), "a to the power b",
         grad=_g_pow),
-    Row("min", 2, "numeric", _intr("min"), lambda at, a, b: np.fmin(a, b),
+    Row("min", 2, "numeric", _intr("min"), lambda at, a, b: np.minimum(a, b),
         "the smaller of a and b (minimum)",
         grad=_g_minmax("le")),
-    Row("max", 2, "numeric", _intr("max"), lambda at, a, b: np.fmax(a, b),
+    Row("max", 2, "numeric", _intr("max"), lambda at, a, b: np.maximum(a, b),
         "the larger of a and b (maximum)",
         grad=_g_minmax("ge")),
     # -- comparisons and logic
@@ -177,7 +177,7 @@ ROWS: tuple[Row, ...] = (
     Row("abs", 1, "numeric", _intr("abs"), lambda at, x: np.abs(x), "absolute value",
         grad=_g_abs),
     Row("relu", 1, "numeric", lambda args, ty, at: cir.Intrinsic("max", (args[0], _zero(ty)), ty),
-        lambda at, x: np.fmax(x, 0), "max(x, 0)",
+        lambda at, x: np.maximum(x, 0), "max(x, 0); NaN stays NaN (numpy's maximum)",
         grad=_g_relu),
     Row("square", 1, "numeric", lambda args, ty, at: cir.Binary("*", args[0], args[0], ty),
         lambda at, x: x * x, "x * x",

@@ -160,10 +160,19 @@ class Machine:
         gather_runs(self.mem, out, self._runs(addrs, out.dtype.itemsize))
         return out
 
-    def write(self, name: str, value) -> None:
+    def _tensor(self, name: str) -> int:
         i = self.exe.tensor_index(name)
         if i is None:
-            raise KeyError(f"no tensor named '{name}'")
+            import difflib
+            names = [t.name for t in self.exe.tensors if t.kind != "temp"]
+            close = difflib.get_close_matches(name, names, n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+            raise KeyError(f"no tensor named '{name}' ({hint}tensors: {shown or 'none'})")
+        return i
+
+    def write(self, name: str, value) -> None:
+        i = self._tensor(name)
         t = self.exe.tensors[i]
         arr = np.asarray(value)
         if arr.shape != t.shape:
@@ -171,9 +180,7 @@ class Machine:
         self._store(self.exe.tensor_addrs[i], arr, t.dtype)
 
     def read(self, name: str) -> np.ndarray:
-        i = self.exe.tensor_index(name)
-        if i is None:
-            raise KeyError(f"no tensor named '{name}'")
+        i = self._tensor(name)
         t = self.exe.tensors[i]
         return self._load(self.exe.tensor_addrs[i], t.dtype).reshape(t.shape).copy()
 
