@@ -224,7 +224,10 @@ def _finish(low: Lowered, codelets: dict, base: np.ndarray, mem: X.MemoryPlan, u
     target = graph.target
     rt = np.asarray(low.region_tile, np.int64)
     region_addr = rt * target.tile_memory + base
-    tensor_addrs = [region_addr[low.elem_region[t.id]] + low.elem_off[t.id] for t in graph.tensors]
+    tensor_addrs = []
+    for t in graph.tensors:
+        r, off = low.layouts[t.id].locate(np.arange(t.numel, dtype=np.int64))
+        tensor_addrs.append(region_addr[r] + off)
     css = []
     for cs in low.compute_sets:
         groups = []
