@@ -49,7 +49,7 @@ def stacked_runs(conn, nv: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A group's connection of one field as runs per vertex: (ptr (nv+1), run
     starts, run lengths), vertex v's runs at ptr[v]:ptr[v+1]."""
     if isinstance(conn, Batch):
-        starts, n = Strided(0, conn.shape, conn.strides).runs()
+        starts, n = Strided(0, conn.field_shape, conn.strides).runs()
         per = starts.size
         allstarts = (conn.offsets[:, None] + starts[None, :]).reshape(-1)
         return np.arange(nv + 1, dtype=np.int64) * per, allstarts, np.full(allstarts.size, n, np.int64)
@@ -198,7 +198,7 @@ def _lower_cs(low: Lowered, graph: g.TensorGraph, cs: g.ComputeSet, csi: int,
                 tensor, span = conn.tensor, conn.span
                 index = conn.index.take(order) if isinstance(conn.index, Batch) else np.asarray(conn.index)[order]
                 ptr, rs, rl = stacked_runs(index, nv)
-                shape = tuple(conn.index.shape) if isinstance(conn.index, Batch) else np.asarray(conn.index).shape[1:]
+                shape = conn.index.field_shape if isinstance(conn.index, Batch) else np.asarray(conn.index).shape[1:]
                 rows, cols = _rows_cols(np.broadcast_to(np.asarray(shape[:f.rank] if f.rank else (), np.int64),
                                                         (nv, f.rank)), f.rank)
                 spans = None
