@@ -380,7 +380,7 @@ def _plan_copy_crosses(result):
 
 def _plan_tensor_addr(result):
     exe, _ = result
-    exe.tensor_addrs[0][5] = exe.target.tiles * exe.target.tile_memory
+    exe.tensor_runs[0].addrs[0] = exe.target.tiles * exe.target.tile_memory
 
 
 def _plan_shape(result):
@@ -422,7 +422,7 @@ CORRUPT_LOWERED = [
     ("plan", _plan_vertex_tile, "group 0 (Scale) field 'x': vertex 0: bytes"),
     ("plan", _plan_vertex_misaligned, "are not inside the data planned on tile 0 (tile memory 638976 B), or not 4-aligned"),
     ("plan", _plan_copy_crosses, "program copy 0: source run 0: bytes"),
-    ("plan", _plan_tensor_addr, "tensor 0 ('v'): element 5: bytes [2555904, 2555908)"),
+    ("plan", _plan_tensor_addr, "tensor 0 ('v'): run 0: bytes [2555904, "),
     ("plan", _plan_shape, "memory plan: planned has shape (3,), not (4,)"),
     ("plan", _plan_over_capacity, "memory plan: tile 1 holds"),
     ("plan", _plan_below_bound, "memory plan: tile 2 is planned in"),

@@ -16,6 +16,7 @@ Element indices fit in int64; offsets and strides are Python ints here, int64 in
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,7 +68,7 @@ class Strided:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     def bounds(self) -> tuple[int, int]:
         """Smallest and largest element index (the view must not be empty)."""
@@ -90,8 +91,9 @@ class Strided:
         arrays gives the element array, as numpy's would."""
         if not isinstance(key, tuple):
             key = (key,)
-        if any(isinstance(k, (np.ndarray, list)) for k in key):
-            return self.array()[key]
+        for k in key:
+            if isinstance(k, (np.ndarray, list)):
+                return self.array()[key]
         if any(k is Ellipsis for k in key):
             i = next(j for j, k in enumerate(key) if k is Ellipsis)
             used = sum(1 for k in key if k is not None and k is not Ellipsis)
@@ -160,13 +162,16 @@ class Strided:
         """The same elements in a new shape, if that needs no copy (numpy's rule,
         ported from its `_attempt_nocopy_reshape`); None otherwise."""
         shape = [int(n) for n in shape]
+        size = self.size
         if -1 in shape:
-            known = int(np.prod([n for n in shape if n != -1], dtype=np.int64))
-            shape[shape.index(-1)] = self.size // known if known else 0
+            known = math.prod(n for n in shape if n != -1)
+            shape[shape.index(-1)] = size // known if known else 0
         shape = tuple(shape)
-        if int(np.prod(shape, dtype=np.int64)) != self.size:
+        if math.prod(shape) != size:
             raise ValueError(f"cannot reshape {self.shape} to {shape}")
-        if self.size == 0:
+        if shape == self.shape:
+            return self
+        if size == 0:
             return Strided(self.offset, shape, contiguous_strides(shape))
         olddims = [n for n in self.shape if n != 1]
         oldstrides = [s for n, s in zip(self.shape, self.strides) if n != 1]

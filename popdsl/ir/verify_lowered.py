@@ -198,11 +198,18 @@ def verify_planned(result) -> None:
     check(len(mem.timeline) == len(mem.timeline_labels), "memory plan", "timeline and labels differ in length")
     # Data lies below the top of its tile's plan: in [tile * tm, tile * tm + planned).
     top = np.arange(nt, dtype=np.int64) * tm + mem.planned
-    check(len(exe.tensor_addrs) == len(exe.tensors), "tensors", "addresses are not given for every tensor")
-    for i, (t, a) in enumerate(zip(exe.tensors, exe.tensor_addrs)):
+    check(len(exe.tensor_runs) == len(exe.tensors), "tensors", "addresses are not given for every tensor")
+    for i, (t, r) in enumerate(zip(exe.tensors, exe.tensor_runs)):
         es, n = cir.ELEM_BYTES[t.dtype], int(np.prod(t.shape, dtype=np.int64))
-        check(a.shape == (n,), f"tensor {i} ('{t.name}')", f"addresses of shape {a.shape} for {n} elements")
-        _inside(check, a, es, None, top, tm, es, f"tensor {i} ('{t.name}')", "element")
+        what = f"tensor {i} ('{t.name}')"
+        check(r.starts.shape == r.counts.shape == r.addrs.shape, what, "run arrays differ in shape")
+        check.values(r.counts, 1, 1 << 62, what, "run length")
+        ends = r.starts + r.counts
+        check(r.starts.size == 0 or (r.starts[0] == 0 and bool((r.starts[1:] == ends[:-1]).all())), what,
+              "runs do not cover the elements once, in order")
+        covered = int(ends[-1]) if ends.size else 0
+        check(covered == n, what, f"runs cover {covered} elements of {n}")
+        _inside(check, r.addrs, r.counts * es, None, top, tm, es, what, "run")
     for i, r in enumerate(exe.reads):
         es = cir.ELEM_BYTES[r.dtype]
         _inside(check, r.addrs.ravel(), es, None, top, tm, es, f"read {i} ('{r.label}')", "element")

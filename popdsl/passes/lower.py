@@ -133,9 +133,9 @@ def _lower_prog(low, graph, p, cs_index) -> X.PSeq:
         elif isinstance(n, g.Repeat):
             out.append(X.PRepeat(n.count, _lower_prog(low, graph, n.body, cs_index)))
         elif isinstance(n, g.While):
-            out.append(X.PWhile(_read(low, graph, "cond", n.cond), _lower_prog(low, graph, n.body, cs_index)))
+            out.append(X.PWhile(_read(low, graph, graph.tensors[n.cond.tensor].name, n.cond), _lower_prog(low, graph, n.body, cs_index)))
         elif isinstance(n, g.If):
-            out.append(X.PIf(_read(low, graph, "cond", n.cond), _lower_prog(low, graph, n.then, cs_index),
+            out.append(X.PIf(_read(low, graph, graph.tensors[n.cond.tensor].name, n.cond), _lower_prog(low, graph, n.then, cs_index),
                              _lower_prog(low, graph, n.orelse, cs_index)))
         elif isinstance(n, g.Print):
             out.append(X.PPrint(_read(low, graph, n.label, n.view)))
