@@ -6,6 +6,7 @@ usage; 70 an internal compiler error (a bug of ours, said as such).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -607,6 +608,13 @@ _COMMANDS = {"build": cmd_build, "check": cmd_check, "run": cmd_run, "report": c
 
 
 def entry() -> None:
+    # One short process that builds large graphs of objects and frees few before it
+    # exits: the cyclic collector, run every 700 allocations, walks the live objects
+    # again and again.  Leave out what the imports made and collect young objects less
+    # often (measured: the stages of `check` of a 10,000-line file take a third less
+    # CPU time; ResNet-50's time and peak memory do not change).
+    gc.freeze()
+    gc.set_threshold(20_000, 10, 10)
     sys.exit(main())
 
 

@@ -194,8 +194,9 @@ class _Checker:
         step = 1
         if s.step is not None:
             step = const_int(s.step)
-            if step is None or step == 0:
-                self.d.error(s.step.span, "a loop step must be a non-zero integer constant")
+            if step is None or step == 0 or not -2**31 <= step < 2**31:
+                self.d.error(s.step.span, "a loop step must be a non-zero integer constant"
+                             + (" that fits in i32" if step else ""))
                 step = 1
         bound = None
         if step > 0 and isinstance(start, ir.Const) and start.value >= 0:
