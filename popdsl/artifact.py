@@ -90,8 +90,9 @@ def save(exe: X.Executable, path: str) -> None:
         "unchecked": exe.unchecked,
         "codelets": [cir.to_json(c) for c in exe.codelets.values()],
         "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "kind": t.kind,
-                     "span": _span_json(t.span), "addrs": A.ref(a)}
-                    for t, a in zip(exe.tensors, exe.tensor_addrs)],
+                     "span": _span_json(t.span),
+                     "runs": {"starts": A.ref(r.starts), "counts": A.ref(r.counts), "addrs": A.ref(r.addrs)}}
+                    for t, r in zip(exe.tensors, exe.tensor_runs)],
         "init": {str(k): A.ref(v) for k, v in sorted(exe.init.items())},
         "compute_sets": [{"name": cs.name, "span": _span_json(cs.span),
                           "groups": [{"codelet": g.codelet, "table": A.ref(g.table), "tiles": A.ref(g.tiles),

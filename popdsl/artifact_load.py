@@ -31,7 +31,7 @@ from popdsl.ir.target import MAX_TILE_MEMORY, MAX_TILES, MIN_TILE_MEMORY, Target
 from popdsl.ir.verify import verify_codelet
 
 MAGIC = "popdsl-executable"
-VERSION = 2
+VERSION = 3
 MEMORY_ARRAYS = X.CATEGORIES + ("planned", "lower_bound", "naive_data", "timeline")
 # JSON levels of one codelet's IR: sema makes at most two per level of source
 # nesting (a node and a list), and the parser allows MAX_NESTING levels.  Deeper IR
@@ -170,9 +170,9 @@ class Loader:
         self.memsize = target.tiles * target.tile_memory
         codelets = self.codelets(_list(d["codelets"], "codelets"))
         spans = [_span(s) for s in _list(d["spans"], "spans")]
-        tensors, addrs = [], []
+        tensors, runs = [], []
         for t in _list(d["tensors"], "tensors"):
-            t = _dict(t, "a tensor", ("name", "dtype", "shape", "kind", "span", "addrs"))
+            t = _dict(t, "a tensor", ("name", "dtype", "shape", "kind", "span", "runs"))
             dtype = t["dtype"]
             if dtype not in cir.SCALARS:
                 raise damaged(f"unknown dtype {dtype!r}")
@@ -181,11 +181,7 @@ class Loader:
                 raise damaged(f"tensor {t['name']!r} is larger than the target's memory")
             if t["kind"] not in _KINDS:
                 raise damaged(f"unknown tensor kind {t['kind']!r}")
-            a = self.array(t["addrs"], np.int64)
-            if a.size != math.prod(shape):
-                raise damaged(f"tensor {t['name']!r}: address count does not match its shape")
-            self.elements(a, dtype, f"tensor {t['name']!r}")
-            addrs.append(a.reshape(-1))
+            runs.append(self.tensor_runs(t["runs"], dtype, math.prod(shape), f"tensor {t['name']!r}"))
             tensors.append(X.TensorInfo(_str(t["name"], "a tensor name"), dtype, shape, t["kind"], _span(t["span"])))
         names = [t.name for t in tensors]
         if len(set(names)) != len(names):
@@ -221,7 +217,7 @@ class Loader:
             inputs[k] = i
         outputs = {_str(k, "an output name"): _index(v, len(reads), "an output's read")
                    for k, v in _dict(d["outputs"], "outputs").items()}
-        return X.Executable(_str(d["name"], "the graph's name"), target, codelets, tensors, addrs, init, css,
+        return X.Executable(_str(d["name"], "the graph's name"), target, codelets, tensors, runs, init, css,
                             copies, reads, program, inputs, outputs, spans, self.memory(d["memory"]),
                             self.flag(d["unchecked"]), [self.op(op, len(css)) for op in _list(d.get("ops", []), "ops")])
 
@@ -247,6 +243,24 @@ class Loader:
             except ValueError as e:
                 raise ArtifactError(f"codelet '{c.name}' failed verification: {e}") from None
         return {n: reprove_checks(c) for n, c in codelets.items()}
+
+    def tensor_runs(self, d, dtype: str, numel: int, what: str) -> X.TensorRuns:
+        """A tensor's runs: they cover its `numel` elements once, in order, each
+        inside one tile's memory and aligned to the element size."""
+        d = _dict(d, "a tensor's runs", ("starts", "counts", "addrs"))
+        starts = self.array(d["starts"], np.int64, 1)
+        counts = self.array(d["counts"], np.int64, 1, rows=starts.size)
+        addrs = self.array(d["addrs"], np.int64, 1, rows=starts.size)
+        es = cir.ELEM_BYTES[dtype]
+        ends = starts + counts
+        if (counts < 1).any() or (starts.size and (starts[0] != 0 or (starts[1:] != ends[:-1]).any())) \
+                or (int(ends[-1]) if starts.size else 0) != numel:
+            raise damaged(f"the runs of {what} do not cover its {numel} elements once, in order")
+        last = addrs + (counts - 1) * es
+        if starts.size and (int(addrs.min()) < 0 or int(last.max()) > self.memsize - es or (addrs % es).any()
+                            or (addrs // self.tm != last // self.tm).any()):
+            raise damaged(f"a run of {what} lies outside the target's memory or across a tile's end")
+        return X.TensorRuns(starts, counts, addrs)
 
     def elements(self, a: np.ndarray, dtype: str, what: str) -> None:
         """Every element address of `a` inside memory and aligned to its size,

@@ -117,11 +117,10 @@ def _dump_plan(result) -> str:
         out.append(f"    ... {busy.size - 8} more tiles")
     out.append("  tensors (bytes on each tile):")
     tm = exe.target.tile_memory
-    for t, a in zip(exe.tensors, exe.tensor_addrs):
-        a = a.ravel()
-        es = cir.ELEM_BYTES[t.dtype]
-        tiles = np.unique(a // tm)
-        parts = [f"tile {int(tt)} [{int(a[a // tm == tt].min() % tm)}, {int(a[a // tm == tt].max() % tm) + es})"
+    for t, r in zip(exe.tensors, exe.tensor_runs):
+        lo, hi = r.addrs, r.addrs + r.counts * cir.ELEM_BYTES[t.dtype]
+        tiles = np.unique(lo // tm)
+        parts = [f"tile {int(tt)} [{int(lo[lo // tm == tt].min() % tm)}, {int((hi[lo // tm == tt].max() - 1) % tm) + 1})"
                  for tt in tiles[:8]]
         out.append(f"    {t.name}: " + ", ".join(parts) + (f", ... ({len(tiles)} tiles)" if len(tiles) > 8 else ""))
     for cs in exe.compute_sets:

@@ -88,7 +88,7 @@ def test_tensors_live_at_their_planned_offsets():
     exe = popdsl.compile(AXPY)
     with popdsl.Simulator(exe) as sim:
         sim.run({"x": np.ones(16, np.float32)})
-        addrs = exe.ir.tensor_addrs[exe.ir.tensor_index("y")]
+        addrs = exe.ir.addresses(exe.ir.tensor_index("y"))
         m = sim.machine
         assert 64 <= m.stride < exe.target.tile_memory and m.mem.size == exe.target.tiles * m.stride
         host = m.host_offsets(addrs)
@@ -109,11 +109,11 @@ def test_window_stride_is_the_furthest_reach_or_the_whole_tile():
     tm = exe.target.tile_memory
     stride = window_stride(exe)
     assert stride % 64 == 0 and stride < tm
-    for a in exe.tensor_addrs:
-        assert (a % tm + 4 <= stride).all()
-    addrs = [a.copy() for a in exe.tensor_addrs]
-    addrs[0].reshape(-1)[0] = tm - 2                  # a 4-byte element over the end of tile 0
-    assert window_stride(dataclasses.replace(exe, tensor_addrs=addrs)) == tm
+    for i in range(len(exe.tensors)):
+        assert (exe.addresses(i) % tm + 4 <= stride).all()
+    runs = [dataclasses.replace(r, addrs=r.addrs.copy()) for r in exe.tensor_runs]
+    runs[0].addrs[0] = tm - 2 - 4 * (int(runs[0].counts[0]) - 1)   # its last element over the end of tile 0
+    assert window_stride(dataclasses.replace(exe, tensor_runs=runs)) == tm
 
 
 def test_packed_windows_compute_what_the_global_layout_does(monkeypatch):
@@ -166,8 +166,8 @@ def test_memory_plan_has_no_overlaps_on_any_tile():
     exe = popdsl.compile(AXPY).ir
     tm = exe.target.tile_memory
     owner: dict[int, str] = {}
-    for t, addrs in zip(exe.tensors, exe.tensor_addrs):
-        for a in addrs.tolist():
+    for i, t in enumerate(exe.tensors):
+        for a in exe.addresses(i).tolist():
             for b in range(a, a + 4):
                 assert b not in owner, f"{t.name} overlaps {owner[b]}"
                 owner[b] = t.name

@@ -349,8 +349,23 @@ def test_popx_table_address_out_of_range(popc, built, tmp_path):
 
 def test_popx_negative_address(popc, built, tmp_path):
     def edit(doc, arrays):
-        arrays[doc["tensors"][0]["addrs"]][3] = -4
-    assert "outside the target's memory" in _run_popx(popc, _tampered(built, tmp_path, edit_arrays=edit))
+        arrays[doc["tensors"][0]["runs"]["addrs"]][0] = -4
+    assert "a run of tensor 'v' lies outside the target's memory" in \
+        _run_popx(popc, _tampered(built, tmp_path, edit_arrays=edit))
+
+
+def test_popx_run_across_a_tile_end(popc, built, tmp_path):
+    def edit(doc, arrays):
+        runs = doc["tensors"][0]["runs"]
+        arrays[runs["addrs"]][0] = doc["target"]["tile_memory"] - 4   # more than one element: over the end
+    assert "a run of tensor 'v' lies outside the target's memory or across a tile's end" in \
+        _run_popx(popc, _tampered(built, tmp_path, edit_arrays=edit))
+
+
+def test_popx_runs_that_skip_or_repeat_elements(popc, built, tmp_path):
+    def edit(doc, arrays):
+        arrays[doc["tensors"][0]["runs"]["starts"]][-1] -= 1
+    assert "the runs of tensor 'v' do not cover its" in _run_popx(popc, _tampered(built, tmp_path, edit_arrays=edit))
 
 
 def test_popx_copy_address_out_of_range(popc, built, tmp_path):
@@ -406,7 +421,7 @@ def test_popx_pickled_array_is_refused(popc, built, tmp_path):
     (lambda d: d.pop("spans"), "KeyError: 'spans'"),
     (lambda d: d["tensors"][0].update(dtype="f64"), "unknown dtype 'f64'"),
     (lambda d: d["tensors"][0].update(shape=[3]),
-     "tensor 'v': address count does not match its shape"),
+     "the runs of tensor 'v' do not cover its 3 elements once, in order"),
     (lambda d: d["codelets"][0].update(_="Mystery"), "ValueError: unknown codelet IR node 'Mystery'"),
 ], ids=["tensors-not-a-list", "execute-out-of-range", "unknown-node", "negative-repeat",
         "zero-tiles", "bad-target", "output-out-of-range", "unknown-codelet", "no-spans",

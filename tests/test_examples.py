@@ -66,7 +66,7 @@ def test_matvec_on_all_gc200_tiles_matches_numpy():
         a, x = sim.read("A").astype(np.float64), sim.read("x").astype(np.float64)
     np.testing.assert_allclose(y, a @ x, rtol=1e-5, atol=1e-5)
     # The data really is spread: every tile holds four rows of A.
-    tiles = np.unique(exe.ir.tensor_addrs[exe.ir.tensor_index("A")] // exe.target.tile_memory)
+    tiles = np.unique(exe.ir.addresses(exe.ir.tensor_index("A")) // exe.target.tile_memory)
     assert tiles.tolist() == list(range(1472))
 
 

@@ -177,6 +177,36 @@ def test_default_budget_stops_a_trillion_iterations(tmp_path):
     assert time.perf_counter() - t < 120
 
 
+ENDLESS = """\
+codelet Bump(inout c: i32) { c += 1; }
+
+graph endless(tiles = 2) {
+    var going: bool = true;
+    var count: i32 = 0;
+    map going -> tile 0;
+    map count -> tile 1;
+    compute bump { Bump(c = count) on tile 1; }
+    program {
+        while going { BODY }
+    }
+    output count;
+}
+"""
+
+
+@pytest.mark.parametrize("body", ["execute bump;", ""], ids=["vertices", "empty"])
+def test_max_cycles_stops_a_device_while_loop_that_never_ends(tmp_path, body):
+    """No vertex runs long, the loop does: the step's cycles (a test of the condition
+    counting one at least) meet the same budget, and the error points at the condition."""
+    p = tmp_path / "endless.pop"
+    p.write_text(ENDLESS.replace("BODY", body))
+    t = time.perf_counter()
+    code, _, err = popc("run", p, "--max-cycles", "200000")
+    assert code == 1, err
+    assert f"{p}:4:5: error: a device while loop on 'going' ran more than 200,000 cycles" in err
+    assert "--max-cycles" in err and time.perf_counter() - t < 60
+
+
 def test_partition_report_honours_max_cycles(tmp_path):
     code, _, err = popc("report", _spin(tmp_path, "spin"), "--partition", "--max-cycles", "5000")
     assert code == 1 and "more than 5,000 cycles" in err

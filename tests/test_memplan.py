@@ -123,7 +123,7 @@ def test_in_place_element_wise_op_shares_its_input_bytes():
     adds = [i for i, n in enumerate(names) if n == "add" or n.startswith("add.")]      # b's and c's tensors
     b, c = min(adds), max(adds)
     assert c != b
-    np.testing.assert_array_equal(exe.ir.tensor_addrs[b], exe.ir.tensor_addrs[c])
+    np.testing.assert_array_equal(exe.ir.addresses(b), exe.ir.addresses(c))
     x = np.linspace(-1, 1, 64).astype(np.float32)
     with popdsl.Simulator(exe) as sim:
         out = sim.run({"x": x})
@@ -131,7 +131,7 @@ def test_in_place_element_wise_op_shares_its_input_bytes():
     np.testing.assert_allclose(out["c"], np.tanh(bb) * 3 + bb.sum(), rtol=1e-5)
     # The same program without sharing gives the same numbers from other addresses.
     naive = popdsl.compile(src, reuse=False)
-    assert not np.array_equal(naive.ir.tensor_addrs[b], naive.ir.tensor_addrs[c])
+    assert not np.array_equal(naive.ir.addresses(b), naive.ir.addresses(c))
 
 
 def test_out_of_memory_names_tile_capacity_tensors_and_help(capsys, tmp_path):

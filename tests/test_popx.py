@@ -401,7 +401,7 @@ def test_array_whose_header_lies_about_its_size_is_refused(sources, tmp_path):
 
 def test_one_array_referenced_twice_is_refused(sources, tmp_path):
     def edit(doc):
-        doc["tensors"][1]["addrs"] = doc["tensors"][0]["addrs"]
+        doc["tensors"][1]["runs"]["addrs"] = doc["tensors"][0]["runs"]["addrs"]
     code, _, err = popc("run", _tampered(sources["scale"], tmp_path, edit))
     assert code == 1 and "used twice" in err
 
@@ -497,7 +497,7 @@ def test_fuzzed_popx_files_exit_0_or_1(sources, tmp_path):
     bad = {p: r for p, r in got.items() if r[0] not in ("0", "1", "slow")}
     assert not bad, bad
     assert sum(r[0] == "1" for r in got.values()) > len(files) // 2
-    assert sum(r[0] == "slow" for r in got.values()) <= 3
+    assert sum(r[0] == "slow" for r in got.values()) <= 3, [p for p, r in got.items() if r[0] == "slow"]
 
 
 def _zip_bytes(members: dict[str, bytes]) -> bytes:

@@ -162,15 +162,21 @@ def test_matmul_workers_share_their_b_block(monkeypatch):
 
 
 def test_only_read_buffers_with_the_same_elements_on_one_tile_are_shared():
+    """Vertices needing a buffer share one only when on one tile and reading the same
+    runs of elements; written buffers are never shared."""
     from types import SimpleNamespace
     from popdsl.passes.lower import _shared_buffers
     tiles = np.array([0, 0, 0, 1, 1])
-    R = np.array([[5, 5], [5, 5], [6, 6], [5, 5], [5, 5]])
-    O = np.array([[0, 4], [0, 4], [0, 4], [0, 4], [8, 12]])
-    own, share = _shared_buffers(SimpleNamespace(direction="in"), tiles, R, O)
+    # Five vertices of two runs each: 0 and 1 read the same runs, 2 other runs, 3
+    # the same as 0 but on tile 1, 4 differs from 3 in one run's length.
+    ptr = np.array([0, 2, 4, 6, 8, 10])
+    rs = np.array([5, 20, 5, 20, 6, 20, 5, 20, 5, 20])
+    rl = np.array([4, 4, 4, 4, 4, 4, 4, 4, 4, 3])
+    rows = np.arange(5)
+    own, share = _shared_buffers(SimpleNamespace(direction="in"), tiles, ptr, rs, rl, rows)
     assert own.tolist() == [0, 2, 3, 4] and share.tolist() == [0, 0, 1, 2, 3]
     for d in ("out", "inout"):
-        own, share = _shared_buffers(SimpleNamespace(direction=d), tiles, R, O)
+        own, share = _shared_buffers(SimpleNamespace(direction=d), tiles, ptr, rs, rl, rows)
         assert own.tolist() == share.tolist() == [0, 1, 2, 3, 4]
 
 

@@ -309,28 +309,25 @@ def _region_tile(low):
     low.region_tile[0] = 4
 
 
+def _layout_of(low, name):
+    return low.layouts[_tensor_id_of(low, name)]
+
+
 def _misaligned(low):
-    low.elem_off[_tensor_id_of(low, "v")][1] += 1
+    _layout_of(low, "v").layout.run_off[-1] += 1
 
 
 def _wrong_tile(low):
-    v = _tensor_id_of(low, "v")
-    low.elem_region[v][0] = low.elem_region[v][7]
+    lay = _layout_of(low, "v").layout
+    lay.tiles[0] = (lay.tiles[0] + 1) % 4
 
 
 def _outside_region(low):
-    v = _tensor_id_of(low, "v")
-    low.elem_off[v][1] = 1 << 20
-
-
-def _shared_bytes(low):
-    v = _tensor_id_of(low, "v")
-    low.elem_off[v][1] = low.elem_off[v][0]
+    _layout_of(low, "v").layout.counts[0] += 1
 
 
 def _foreign_region(low):
-    v, w = _tensor_id_of(low, "v"), _tensor_id_of(low, "w")
-    low.region_tensor[low.elem_region[v][0]] = w
+    low.region_tensor[_layout_of(low, "v").first] = _tensor_id_of(low, "w")
 
 
 def _vertex_outside(low):
@@ -383,7 +380,7 @@ def _plan_copy_crosses(result):
 
 def _plan_tensor_addr(result):
     exe, _ = result
-    exe.tensor_addrs[0][5] = exe.target.tiles * exe.target.tile_memory
+    exe.tensor_runs[0].addrs[0] = exe.target.tiles * exe.target.tile_memory
 
 
 def _plan_shape(result):
@@ -411,22 +408,21 @@ CORRUPT_LOWERED = [
     ("lower", _region_lengths, "region arrays: differ in length"),
     ("lower", _region_size, "regions: size -8 at 0 is outside"),
     ("lower", _region_tile, "regions: tile 4 at 0 is outside [0, 4)"),
-    ("lower", _misaligned, "tensor 0 ('v'): element 1 at offset 5"),
-    ("lower", _wrong_tile, "tensor 0 ('v'): element 0 at offset 0"),
-    ("lower", _outside_region, "element 1 at offset 1048576 of region"),
-    ("lower", _shared_bytes, "tensor 0 ('v'): 1 elements share their bytes with another element"),
-    ("lower", _foreign_region, "tensor 0 ('v'): elements lie in region 0, a region of tensor 1"),
+    ("lower", _misaligned, "tensor 0 ('v'): run at offset"),
+    ("lower", _wrong_tile, "tensor 0 ('v'): regions on other tiles than its mapping's"),
+    ("lower", _outside_region, "tensor 0 ('v'): regions sized unlike its elements per tile"),
+    ("lower", _foreign_region, "tensor 0 ('v'): a region of its layout is another's"),
     ("lower", _vertex_outside, "group 0 (Scale) field 'x': vertex 1: bytes [1000, 1008) are misaligned or outside region 1 (size 8)"),
     ("lower", _vertex_region_tile, "group 0 (Scale) field 'x': vertex 1 on tile 1 points into region"),
     ("lower", _vertex_order, "group 0 (Scale): vertex 1 is on a lower tile than vertex 0"),
     ("lower", _copy_run, "program copy 0: run 0 of 1008 bytes"),
     ("lower", _program_index, "program: executes compute set 99 of 3"),
-    ("lower", _read_dtype, "read 0 ('cond'): of tensor 4 as i32 does not match the tensor"),
+    ("lower", _read_dtype, "read 0 ('flag'): of tensor 4 as i32 does not match the tensor"),
     ("codegen", _missing_native, "after codegen: codelets: vertices use ['Scale'], which have no native code"),
     ("plan", _plan_vertex_tile, "group 0 (Scale) field 'x': vertex 0: bytes"),
     ("plan", _plan_vertex_misaligned, "are not inside the data planned on tile 0 (tile memory 638976 B), or not 4-aligned"),
     ("plan", _plan_copy_crosses, "program copy 0: source run 0: bytes"),
-    ("plan", _plan_tensor_addr, "tensor 0 ('v'): element 5: bytes [2555904, 2555908)"),
+    ("plan", _plan_tensor_addr, "tensor 0 ('v'): run 0: bytes [2555904, "),
     ("plan", _plan_shape, "memory plan: planned has shape (3,), not (4,)"),
     ("plan", _plan_over_capacity, "memory plan: tile 1 holds"),
     ("plan", _plan_below_bound, "memory plan: tile 2 is planned in"),

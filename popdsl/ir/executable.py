@@ -99,6 +99,29 @@ PNode = Union[PSeq, PExecute, PCopy, PRepeat, PWhile, PIf, PPrint]
 
 
 @dataclass(eq=False)
+class TensorRuns:
+    """Where a tensor's elements live, as runs: elements [starts[k], starts[k] +
+    counts[k]) at global byte addresses from addrs[k] on, contiguous (a run lies in
+    one tile).  The runs cover the tensor's elements once, in order."""
+    starts: np.ndarray             # int64
+    counts: np.ndarray             # int64
+    addrs: np.ndarray              # int64
+
+    def addresses(self, elem_bytes: int) -> np.ndarray:
+        """The address of every element (the definition; small tensors and tests)."""
+        n = int(self.counts.sum())
+        out = np.empty(n, np.int64)
+        pos = np.repeat(self.starts, self.counts) + _ramps(self.counts)
+        out[pos] = np.repeat(self.addrs, self.counts) + _ramps(self.counts) * elem_bytes
+        return out
+
+
+def _ramps(lengths: np.ndarray) -> np.ndarray:
+    lengths = np.asarray(lengths, np.int64)
+    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+
+
+@dataclass(eq=False)
 class Read:
     """Elements read back from device memory: a label, dtype, shape and addresses."""
     label: str
@@ -157,7 +180,7 @@ class Executable:
     target: Target
     codelets: dict[str, cir.Codelet]
     tensors: list[TensorInfo]
-    tensor_addrs: list[np.ndarray]          # int64 global byte address per element
+    tensor_runs: list[TensorRuns]           # where each tensor's elements live
     init: dict[int, np.ndarray]
     compute_sets: list[ComputeSetExec]
     copies: list[CopyTable]
@@ -169,6 +192,11 @@ class Executable:
     memory: MemoryPlan
     unchecked: bool = False
     ops: list[dict] = field(default_factory=list)   # tensor ops: op, shape, source, compute set indices
+
+    def addresses(self, i: int) -> np.ndarray:
+        """The global byte address of every element of tensor `i`, in flat order
+        (O(elements): for small tensors, tests and tools)."""
+        return self.tensor_runs[i].addresses(cir.ELEM_BYTES[self.tensors[i].dtype])
 
     def tensor_index(self, name: str) -> int | None:
         for i, t in enumerate(self.tensors):

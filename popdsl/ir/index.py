@@ -16,6 +16,7 @@ Element indices fit in int64; offsets and strides are Python ints here, int64 in
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,7 +68,7 @@ class Strided:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     def bounds(self) -> tuple[int, int]:
         """Smallest and largest element index (the view must not be empty)."""
@@ -84,11 +85,15 @@ class Strided:
         return self.size == numel and self.canonical() == Strided.whole((numel,)).canonical()
 
     # ---------------------------------------------------------------- numpy-style operations
-    def __getitem__(self, key) -> "Strided":
+    def __getitem__(self, key):
         """Basic indexing: ints (negative count from the end), slices (any step),
-        None (a new axis of size 1) and Ellipsis."""
+        None (a new axis of size 1) and Ellipsis give a strided view; indexing with
+        arrays gives the element array, as numpy's would."""
         if not isinstance(key, tuple):
             key = (key,)
+        for k in key:
+            if isinstance(k, (np.ndarray, list)):
+                return self.array()[key]
         if any(k is Ellipsis for k in key):
             i = next(j for j, k in enumerate(key) if k is Ellipsis)
             used = sum(1 for k in key if k is not None and k is not Ellipsis)
@@ -142,17 +147,31 @@ class Strided:
                 raise ValueError(f"cannot broadcast {self.shape} to {shape}")
         return Strided(self.offset, shape, tuple(strides))
 
-    def reshape(self, shape) -> "Strided | None":
+    def reshape(self, *shape):
+        """The same elements in a new shape, as numpy's reshape: a strided view where
+        numpy would return a view, the element array where numpy would copy."""
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = shape[0]
+        view = self.view_reshape(shape)
+        return view if view is not None else self.array().reshape(shape)
+
+    def ravel(self) -> np.ndarray:
+        return self.array().reshape(-1)
+
+    def view_reshape(self, shape) -> "Strided | None":
         """The same elements in a new shape, if that needs no copy (numpy's rule,
         ported from its `_attempt_nocopy_reshape`); None otherwise."""
         shape = [int(n) for n in shape]
+        size = self.size
         if -1 in shape:
-            known = int(np.prod([n for n in shape if n != -1], dtype=np.int64))
-            shape[shape.index(-1)] = self.size // known if known else 0
+            known = math.prod(n for n in shape if n != -1)
+            shape[shape.index(-1)] = size // known if known else 0
         shape = tuple(shape)
-        if int(np.prod(shape, dtype=np.int64)) != self.size:
+        if math.prod(shape) != size:
             raise ValueError(f"cannot reshape {self.shape} to {shape}")
-        if self.size == 0:
+        if shape == self.shape:
+            return self
+        if size == 0:
             return Strided(self.offset, shape, contiguous_strides(shape))
         olddims = [n for n in self.shape if n != 1]
         oldstrides = [s for n, s in zip(self.shape, self.strides) if n != 1]
@@ -233,7 +252,7 @@ class Batch:
     strides (the field's shape).  What a partition rule connects a field of many
     vertices to, in O(vertices) numbers."""
     offsets: np.ndarray          # int64 (nverts,)
-    shape: tuple[int, ...]
+    field_shape: tuple[int, ...]
     strides: tuple[int, ...]
 
     @staticmethod
@@ -243,16 +262,56 @@ class Batch:
             "views of one batch share their shape and strides"
         return Batch(np.fromiter((v.offset for v in views), np.int64, len(views)), first.shape, first.strides)
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(vertices, *field shape), as a stacked index array's."""
+        return (len(self.offsets),) + self.field_shape
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self.field_shape)
+
     def __len__(self) -> int:
         return len(self.offsets)
 
     def view(self, v: int) -> Strided:
-        return Strided(int(self.offsets[v]), self.shape, self.strides)
+        return Strided(int(self.offsets[v]), self.field_shape, self.strides)
 
     def take(self, rows: np.ndarray) -> "Batch":
-        return Batch(self.offsets[rows], self.shape, self.strides)
+        return Batch(self.offsets[rows], self.field_shape, self.strides)
+
+    def __getitem__(self, v):
+        if isinstance(v, (int, np.integer)):
+            return self.view(int(v))
+        return self.array()[v]
 
     def array(self) -> np.ndarray:
-        """(nverts, *shape) element indices."""
-        one = Strided(0, self.shape, self.strides).array()
-        return self.offsets.reshape((-1,) + (1,) * len(self.shape)) + one[None]
+        """(nverts, *field shape) element indices."""
+        one = Strided(0, self.field_shape, self.strides).array()
+        return self.offsets.reshape((-1,) + (1,) * len(self.field_shape)) + one[None]
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.array()
+        return a if dtype is None else a.astype(dtype)
+
+
+# ---------------------------------------------------------------- either kind of index
+
+def as_array(index) -> np.ndarray:
+    """The element indices of a strided view, a batch or an index array."""
+    return index.array() if isinstance(index, (Strided, Batch)) else np.asarray(index)
+
+
+def broadcast_to(index, shape):
+    """numpy's broadcast_to, keeping a strided view strided."""
+    return index.broadcast_to(shape) if isinstance(index, Strided) else np.broadcast_to(index, shape)
+
+
+def stack(views: list):
+    """Per-vertex views as one connection: a Batch when all are strided alike,
+    else a stacked index array (vertices, *shape)."""
+    first = views[0]
+    if isinstance(first, Strided) and all(isinstance(v, Strided) and v.shape == first.shape
+                                          and v.strides == first.strides for v in views):
+        return Batch.stack(views)
+    return np.stack([as_array(v) for v in views])

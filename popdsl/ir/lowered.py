@@ -2,7 +2,8 @@
 
 Every tensor is split into one region per tile it is mapped to; every vertex is a row
 of its codelet's table whose field addresses are (region, byte offset) pairs; the
-element copies a compute set or the program needs are runs of bytes between regions.
+copies a compute set or the program needs are runs of bytes between regions.  All of
+it is kept as runs of elements or bytes, never as an array per element.
 Regions have sizes and tiles here; `passes.memplan` gives them offsets.
 """
 from __future__ import annotations
@@ -14,27 +15,32 @@ import numpy as np
 from popdsl.diagnostics import Span
 from popdsl.ir import executable as X
 from popdsl.ir import graph as g
+from popdsl.ir.mapping import Layout
 
 
 @dataclass(eq=False)
 class CopyElems:
     """Copies as runs of contiguous bytes: (src_region, src_off, dst_region, dst_off,
-    nbytes) arrays.  `add` takes element lists and merges neighbours into runs at
-    once, so a slab of a million elements costs a few hundred runs."""
+    nbytes) arrays.  `add_runs` merges a run into the one before it when both ends
+    continue it, so a slab copied row by row still costs a few runs."""
     parts: list[tuple[np.ndarray, ...]] = field(default_factory=list)
 
-    def add(self, es: int, sr, so, dr, do) -> None:
+    def add_runs(self, sr, so, dr, do, nbytes) -> None:
         sr = np.asarray(sr, np.int32).ravel()
         so = np.asarray(so, np.int64).ravel()
         dr = np.asarray(dr, np.int32).ravel()
         do = np.asarray(do, np.int64).ravel()
-        n = sr.size
-        if not n:
+        nb = np.asarray(nbytes, np.int64).ravel()
+        keep = nb > 0
+        sr, so, dr, do, nb = sr[keep], so[keep], dr[keep], do[keep], nb[keep]
+        if not sr.size:
             return
-        brk = (sr[1:] != sr[:-1]) | (dr[1:] != dr[:-1]) | (so[1:] != so[:-1] + es) | (do[1:] != do[:-1] + es)
-        starts = np.concatenate(([0], np.nonzero(brk)[0] + 1))
-        nbytes = np.diff(np.append(starts, n)) * es
-        self.parts.append((sr[starts], so[starts], dr[starts], do[starts], nbytes.astype(np.int64)))
+        brk = np.ones(sr.size, bool)
+        brk[1:] = (sr[1:] != sr[:-1]) | (dr[1:] != dr[:-1]) | (so[1:] != so[:-1] + nb[:-1]) \
+            | (do[1:] != do[:-1] + nb[:-1])
+        starts = np.nonzero(brk)[0]
+        total = np.add.reduceat(nb, starts)
+        self.parts.append((sr[starts], so[starts], dr[starts], do[starts], total))
 
     def merged(self) -> tuple[np.ndarray, ...]:
         if not self.parts:
@@ -44,6 +50,28 @@ class CopyElems:
 
     def nbytes(self) -> int:
         return int(sum(p[4].sum() for p in self.parts))
+
+
+@dataclass(eq=False)
+class TensorLayout:
+    """Where a tensor's elements live after lowering: its mapping laid out per tile
+    (`ir.mapping.Layout`), the tile's region being `first + layout's region index`."""
+    layout: Layout
+    first: int                  # the region of layout.tiles[0]
+    elem_bytes: int
+
+    def locate(self, elements) -> tuple[np.ndarray, np.ndarray]:
+        """(region, byte offset in it) of each element."""
+        r, off = self.layout.locate(elements)
+        return self.first + r, off * self.elem_bytes
+
+    def pieces(self, starts, lengths):
+        """Runs of elements cut where they change region: (region, byte offset,
+        length in elements, index of the run it came from, element position in that
+        run) per piece."""
+        lo, n, src, pos = self.layout.split(starts, lengths)
+        r, off = self.locate(lo)
+        return r, off, n, src, pos
 
 
 @dataclass(eq=False)
@@ -72,14 +100,14 @@ class Lowered:
     region_cs: list[int] = field(default_factory=list)        # -1: lives for the whole program
     region_label: list[tuple[str, Span]] = field(default_factory=list)
     region_tensor: list[int] = field(default_factory=list)     # -1: an exchange buffer
-    elem_region: dict[int, np.ndarray] = field(default_factory=dict)
-    elem_off: dict[int, np.ndarray] = field(default_factory=dict)
+    layouts: dict[int, TensorLayout] = field(default_factory=dict)   # every fully mapped tensor
+    mappings: dict = field(default_factory=dict)                       # tensor id -> ir.mapping.Mapping
     compute_sets: list[LoweredCS] = field(default_factory=list)
     copies: list[CopyElems] = field(default_factory=list)
     reads: list[tuple[str, str, int, np.ndarray]] = field(default_factory=list)
     program: X.PSeq = X.PSeq(())
     outputs: dict[str, int] = field(default_factory=dict)
-    tensor_region_tile: np.ndarray | None = None
+    tensor_region_tile: np.ndarray | None = None    # region -> tile, for the tensors' regions
 
     def new_region(self, tile: int, size: int, cs: int, label: str, span: Span, tensor: int = -1) -> int:
         self.region_tensor.append(tensor)

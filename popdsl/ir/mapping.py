@@ -116,6 +116,21 @@ class Mapping:
             return
         self.assign(elements, np.ones_like(elements), tiles, only_unmapped)
 
+    def split(self, starts, lengths) -> tuple[np.ndarray, ...]:
+        """Runs of elements cut where the mapping's runs end: (piece start element,
+        piece length, index of the run each piece came from, its position in that
+        run).  A piece lies on one tile (in one region, contiguous, once laid out)."""
+        starts = np.asarray(starts, np.int64).reshape(-1)
+        lengths = np.asarray(lengths, np.int64).reshape(-1)
+        first = self.run_of(starts)
+        last = self.run_of(starts + np.maximum(lengths, 1) - 1)
+        npieces = np.where(lengths > 0, last - first + 1, 0)
+        src = np.repeat(np.arange(starts.size), npieces)
+        run = np.repeat(first, npieces) + ramps(npieces)
+        lo = np.maximum(self.starts[run], np.repeat(starts, npieces))
+        hi = np.minimum(self.ends[run], np.repeat(starts + lengths, npieces))
+        return lo, hi - lo, src, lo - np.repeat(starts, npieces)
+
     # ---------------------------------------------------------------- layout
     def layout(self) -> "Layout":
         """The tensor laid out on its tiles: a tile's elements in flat order, one
@@ -174,17 +189,4 @@ class Layout:
         return self.run_region[run], self.run_off[run] + (np.asarray(elements, np.int64) - self.mapping.starts[run])
 
     def split(self, starts, lengths) -> tuple[np.ndarray, ...]:
-        """Runs of elements cut where the mapping's runs end: (piece start element,
-        piece length, index of the run each piece came from, its position in that
-        run).  A piece lies in one region, contiguous there."""
-        starts = np.asarray(starts, np.int64).reshape(-1)
-        lengths = np.asarray(lengths, np.int64).reshape(-1)
-        m = self.mapping
-        first = m.run_of(starts)
-        last = m.run_of(starts + np.maximum(lengths, 1) - 1)
-        npieces = np.where(lengths > 0, last - first + 1, 0)
-        src = np.repeat(np.arange(starts.size), npieces)
-        run = np.repeat(first, npieces) + ramps(npieces)
-        lo = np.maximum(m.starts[run], np.repeat(starts, npieces))
-        hi = np.minimum(m.ends[run], np.repeat(starts + lengths, npieces))
-        return lo, hi - lo, src, lo - np.repeat(starts, npieces)
+        return self.mapping.split(starts, lengths)

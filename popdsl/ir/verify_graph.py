@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from popdsl.ir.index import Batch, Strided
+
 from popdsl.ir import codelet as cir
 from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node
@@ -44,7 +46,19 @@ class Check:
             self(False, what, lambda: msg(k))
 
     def index(self, idx, n: int, what: str) -> None:
-        """`idx` is an integer array of positions in [0, n)."""
+        """`idx` is an integer array, a strided view or a batch of them, of positions
+        in [0, n)."""
+        if isinstance(idx, Strided):
+            if idx.size:
+                lo, hi = idx.bounds()
+                self(0 <= lo and hi < n, what, f"indices span [{lo}, {hi}], outside [0, {n})")
+            return
+        if isinstance(idx, Batch):
+            if idx.offsets.size and Strided(0, idx.field_shape, idx.strides).size:
+                a, b = Strided(0, idx.field_shape, idx.strides).bounds()
+                lo, hi = int(idx.offsets.min()) + a, int(idx.offsets.max()) + b
+                self(0 <= lo and hi < n, what, f"indices span [{lo}, {hi}], outside [0, {n})")
+            return
         self(isinstance(idx, np.ndarray) and idx.dtype.kind in "iu", what,
              lambda: f"index is {type(idx).__name__} {getattr(idx, 'dtype', '')}, not an integer array")
         if idx.size:

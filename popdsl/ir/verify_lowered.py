@@ -48,7 +48,7 @@ def verify_lowered(low: Lowered) -> None:
         k = len(low.tensor_region_tile)
         check(np.array_equal(low.tensor_region_tile, rt[:k]), "tensor_region_tile",
               "is not the tiles of the first regions")
-    check(set(low.elem_region) == set(low.elem_off) == set(range(len(graph.tensors))), "elem_region/elem_off",
+    check(set(low.layouts) == set(range(len(graph.tensors))), "layouts",
           "are not given for exactly the graph's tensors")
     for t in graph.tensors:
         _tensor_layout(check, low, t, rt, rs, rtensor)
@@ -70,46 +70,28 @@ def verify_lowered(low: Lowered) -> None:
 
 
 def _tensor_layout(check: Check, low: Lowered, t, rt, rs, rtensor) -> None:
-    """Every element in a region of this tensor on the tile `tile_of` names, at an
-    offset aligned to its size and inside the region, no two elements on one byte."""
-    what, es, n = f"tensor {t.id} ('{t.name}')", t.elem_bytes, t.numel
-    R, O = low.elem_region[t.id], low.elem_off[t.id]
-    check(isinstance(R, np.ndarray) and isinstance(O, np.ndarray) and R.shape == O.shape == (n,)
-          and R.dtype.kind == "i" and O.dtype == np.int64, what,
-          lambda: f"elem_region/elem_off are {getattr(R, 'dtype', R)}{getattr(R, 'shape', '')}/"
-          f"{getattr(O, 'dtype', O)}{getattr(O, 'shape', '')}, not integers and int64 of shape ({n},)")
-    if not n:
-        return
-    lo, hi = int(R.min()), int(R.max()) + 1
-    check(0 <= lo and hi <= len(rt), what, f"regions span [{lo}, {hi - 1}], outside [0, {len(rt)})")
-    tile_of = low.graph.tile_of[t.id]
-    shift = es.bit_length() - 1                      # element sizes are powers of two
-    tiles, cap = rt[lo:hi].astype(np.int32), rs[lo:hi] >> shift     # per region: tile, element slots
-    first = np.cumsum(cap) - cap
-    # One mark per element slot of the tensor's regions: fewer marks than
-    # elements is two elements on one byte.
-    marks = np.zeros(int(cap.sum()), bool)
-    for a in range(0, n, CHUNK):
-        # Gathers index with intp: numpy converts any other index type first, at
-        # several times the cost of the gather.
-        r, o = R[a:a + CHUNK].astype(np.intp) - lo, O[a:a + CHUNK]
-        slot = o >> shift
-        # As unsigned, a negative offset is out of range too.
-        bad = (tiles[r] != tile_of[a:a + CHUNK]) | (slot.view(np.uint64) >= cap[r].view(np.uint64))
-        if es > 1:
-            bad |= (o & (es - 1)).astype(bool)
-        check.none(bad, what, lambda k: f"element {k} at offset {O[k]} of region {R[k]} (size {rs[R[k]]}, "
-                   f"tile {rt[R[k]]}) is misaligned for {es}-byte elements, outside the region, or not on "
-                   f"tile {tile_of[k]} as tile_of says", at=a)
-        marks[first[r] + slot] = True
-    m = np.count_nonzero(marks)
-    check(m == n, what, f"{n - m} elements share their bytes with another element")
-    # The regions holding elements (a mark in their slots) are this tensor's.
-    full = np.nonzero(cap)[0]
-    used = np.zeros(hi - lo, bool)
-    used[full] = np.logical_or.reduceat(marks, first[full])
-    check.none(used & (rtensor[lo:hi] != t.id), what,
-               lambda k: f"elements lie in region {lo + k}, a region of tensor {rtensor[lo + k]}")
+    """The tensor's regions are its own, one per tile its mapping uses, sized for
+    its elements there; its runs fill each region exactly, without overlap."""
+    what, es = f"tensor {t.id} ('{t.name}')", t.elem_bytes
+    tl = low.layouts[t.id]
+    lay, m = tl.layout, tl.layout.mapping
+    check(tl.elem_bytes == es and m.numel == t.numel, what, "layout of another size or element type")
+    k = len(lay.tiles)
+    regions = np.arange(tl.first, tl.first + k)
+    check(tl.first >= 0 and tl.first + k <= len(rt), what, f"regions [{tl.first}, {tl.first + k}) outside the regions")
+    check(bool(np.all(rtensor[regions] == t.id)), what, "a region of its layout is another's")
+    check(np.array_equal(rt[regions], lay.tiles), what, "regions on other tiles than its mapping's")
+    check(np.array_equal(rs[regions], lay.counts * es), what, "regions sized unlike its elements per tile")
+    check(bool(np.all(m.tiles >= 0)) and np.array_equal(lay.tiles[lay.run_region], m.tiles), what,
+          "a run of its mapping sits in a region on another tile")
+    # Per region, the runs' offsets cover [0, count) exactly once.
+    lengths = m.lengths
+    order = np.lexsort((lay.run_off, lay.run_region))
+    reg, off, n = lay.run_region[order], lay.run_off[order], lengths[order]
+    first = np.r_[True, reg[1:] != reg[:-1]]
+    expect = np.where(first, 0, np.r_[0, off[:-1] + n[:-1]])
+    check.none(off != expect, what, lambda i: f"run at offset {off[i]} of region {reg[i]} leaves a gap or "
+               "overlaps the run before it")
 
 
 def _group(check: Check, low: Lowered, grp, rt, rs, what: str) -> None:
@@ -216,11 +198,18 @@ def verify_planned(result) -> None:
     check(len(mem.timeline) == len(mem.timeline_labels), "memory plan", "timeline and labels differ in length")
     # Data lies below the top of its tile's plan: in [tile * tm, tile * tm + planned).
     top = np.arange(nt, dtype=np.int64) * tm + mem.planned
-    check(len(exe.tensor_addrs) == len(exe.tensors), "tensors", "addresses are not given for every tensor")
-    for i, (t, a) in enumerate(zip(exe.tensors, exe.tensor_addrs)):
+    check(len(exe.tensor_runs) == len(exe.tensors), "tensors", "addresses are not given for every tensor")
+    for i, (t, r) in enumerate(zip(exe.tensors, exe.tensor_runs)):
         es, n = cir.ELEM_BYTES[t.dtype], int(np.prod(t.shape, dtype=np.int64))
-        check(a.shape == (n,), f"tensor {i} ('{t.name}')", f"addresses of shape {a.shape} for {n} elements")
-        _inside(check, a, es, None, top, tm, es, f"tensor {i} ('{t.name}')", "element")
+        what = f"tensor {i} ('{t.name}')"
+        check(r.starts.shape == r.counts.shape == r.addrs.shape, what, "run arrays differ in shape")
+        check.values(r.counts, 1, 1 << 62, what, "run length")
+        ends = r.starts + r.counts
+        check(r.starts.size == 0 or (r.starts[0] == 0 and bool((r.starts[1:] == ends[:-1]).all())), what,
+              "runs do not cover the elements once, in order")
+        covered = int(ends[-1]) if ends.size else 0
+        check(covered == n, what, f"runs cover {covered} elements of {n}")
+        _inside(check, r.addrs, r.counts * es, None, top, tm, es, what, "run")
     for i, r in enumerate(exe.reads):
         es = cir.ELEM_BYTES[r.dtype]
         _inside(check, r.addrs.ravel(), es, None, top, tm, es, f"read {i} ('{r.label}')", "element")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from popdsl.ir.index import stack
+
 GRAIN = 16                    # fewest elements worth a vertex of element-wise work
 SLAB_BYTES = 48 * 1024        # most input data one vertex of a conv or pool may take
 
@@ -36,7 +38,7 @@ def _by_shape(tasks):
     """Group task dicts by the shapes of their index arrays."""
     groups: dict[tuple, list] = {}
     for t in tasks:
-        key = tuple((k, v[1].shape) for k, v in sorted(t["conns"].items()))
+        key = tuple((k, v[1].shape, getattr(v[1], "strides", None)) for k, v in sorted(t["conns"].items()))
         groups.setdefault(key, []).append(t)
     return groups.values()
 
@@ -45,7 +47,7 @@ def emit_tasks(p, cs, codelet: str, tasks, state_keys=()) -> None:
     """Vertices of `codelet` in compute set `cs`, one per task: {"tile": t,
     "conns": {field: (tensor, index array)}, "state": {name: value}}."""
     for grp in _by_shape(tasks):
-        conns = {f: (grp[0]["conns"][f][0], np.stack([t["conns"][f][1] for t in grp]))
+        conns = {f: (grp[0]["conns"][f][0], stack([t["conns"][f][1] for t in grp]))
                  for f in grp[0]["conns"]}
         state = {k: np.asarray([t["state"][k] for t in grp]) for k in state_keys}
         p.group(cs, codelet, [t["tile"] for t in grp], conns, state)

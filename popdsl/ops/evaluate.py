@@ -17,6 +17,7 @@ import numpy as np
 
 from popdsl.ir import codelet as cir
 from popdsl.ir.codelet_eval import map_elements
+from popdsl.ir.index import as_array
 from popdsl.ir.tensor import Node
 from popdsl.ops import op
 from popdsl.ops.core import FLOATS, numpy_dtype
@@ -51,7 +52,7 @@ def _value(n: Node, args: list[np.ndarray], tensors, codelets, float64: bool) ->
     if n.op == "tensor":
         v = tensors[n.attrs[0]]
     elif n.op == "view":
-        v = np.asarray(tensors[n.attrs[0]]).reshape(-1)[n.index]
+        v = np.asarray(tensors[n.attrs[0]]).reshape(-1)[as_array(n.index)]
     elif n.op.startswith("call:"):
         c = codelets[n.op[5:]]
         shape = n.shape
@@ -95,7 +96,7 @@ def step_graph(graph, feeds: dict[str, np.ndarray], float64: bool = False):
         if isinstance(v, Node):
             out[name] = evaluate([v], tensors, graph.codelets, memo, float64)[0]
         else:
-            out[name] = tensors[v.tensor].reshape(-1)[v.index]
+            out[name] = tensors[v.tensor].reshape(-1)[as_array(v.index)]
     new = {graph.tensors[tid].name: evaluate([v], tensors, graph.codelets, memo, float64)[0]
            for tid, v in graph.updates.items()}
     return out, new

@@ -16,6 +16,7 @@ import numpy as np
 
 from popdsl.ir import graph as g
 from popdsl.ir.target import Target
+from popdsl.ir.index import broadcast_to
 from popdsl.ir.tensor import Node, broadcast_shapes
 from popdsl.ops import elementwise
 from popdsl.ops.blocks import GRAIN, blocks, ceil_div, emit_tasks, pow2_splits
@@ -119,8 +120,8 @@ def partition(p, n: Node) -> g.View:
     M, K = a.index.shape[-2:]
     N = b.index.shape[-1]
     batch = n.shape[:-2]
-    ai = np.broadcast_to(a.index, batch + (M, K))
-    bi = np.broadcast_to(b.index, batch + (K, N))
+    ai = broadcast_to(a.index, batch + (M, K))
+    bi = broadcast_to(b.index, batch + (K, N))
     nb = int(np.prod(batch, dtype=np.int64)) if batch else 1
     ai, bi = ai.reshape(nb, M, K), bi.reshape(nb, K, N)
     gm, gn, gk = grid(M, N, K, max(1, p.tiles // nb), p.g.target)

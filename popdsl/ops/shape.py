@@ -19,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from popdsl.ir import graph as g
+from popdsl.ir.index import Strided
+from popdsl.ir.index import broadcast_to as broadcast_index
 from popdsl.ir.tensor import Node
 from popdsl.ops.core import Builder, Function, OpDef, Param, shape_str
 
@@ -212,7 +214,7 @@ def _one_hot_ref(attrs, y):
 
 def partition_tensor(p, n: Node) -> g.View:
     t = p.g.tensors[n.attrs[0]]
-    return g.View(t.id, np.arange(t.numel, dtype=np.int64).reshape(t.shape), p.span)
+    return g.View(t.id, Strided.whole(t.shape), p.span)
 
 
 def partition_view(p, n: Node) -> g.View:
@@ -231,13 +233,14 @@ def partition_transpose(p, n: Node) -> g.View:
 
 def partition_broadcast(p, n: Node) -> g.View:
     v = p.value(n.args[0])
-    return g.View(v.tensor, np.broadcast_to(v.index, n.shape), v.span)
+    return g.View(v.tensor, broadcast_index(v.index, n.shape), v.span)
 
 
 def partition_index(p, n: Node) -> g.View:
     v = p.value(n.args[0])
     key = tuple(slice(*k) if isinstance(k, tuple) else k for k in n.attrs[0])
-    return g.View(v.tensor, np.asarray(v.index[key]), v.span)       # an array even for one element
+    idx = v.index[key]
+    return g.View(v.tensor, idx if isinstance(idx, Strided) else np.asarray(idx), v.span)   # an array even for one element
 
 
 def fill(p, view: g.View, value: float, dtype: str, label: str) -> None:

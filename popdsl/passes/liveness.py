@@ -51,7 +51,7 @@ def liveness(low: Lowered) -> Liveness:
     cs_regions = [_cs_regions(cs) for cs in low.compute_sets]
     copy_regions = [np.unique(np.concatenate([np.concatenate([p[0], p[2]]) for p in c.parts]))
                     if c.parts else np.zeros(0, np.int64) for c in low.copies]
-    read_regions = [np.unique(low.elem_region[t][idx.ravel()]) for _, _, t, idx in low.reads]
+    read_regions = [np.unique(low.layouts[t].locate(np.asarray(idx).reshape(-1))[0]) for _, _, t, idx in low.reads]
 
     def touch(rs: np.ndarray, label: str) -> None:
         t = len(labels)

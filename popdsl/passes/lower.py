@@ -1,12 +1,20 @@
 """Lowering: tensor graph → vertex graph with memory regions and exchange.
 
-Requires an elaborated `TensorGraph`; produces a `Lowered` graph: every tensor split
-into one region per tile it is mapped to, every vertex a row of its codelet's table
-whose field addresses are (region, byte offset) pairs, and the element copies the
-compute sets and programs need.  A field whose data is on the vertex's own tile and
-laid out as the field expects (contiguous, or rows with one stride) connects in
-place; anything else — data on another tile, or scattered — gets a buffer on the
-vertex's tile with exchange in before the compute phase and out after it.
+Requires a partitioned `TensorGraph` (every tensor a vertex or copy touches mapped);
+produces a `Lowered` graph: every tensor laid out in one region per tile it is
+mapped to (its elements there in flat order), every vertex a row of its codelet's
+table whose field addresses are (region, byte offset) pairs, and the copies the
+compute sets and programs need, as runs of bytes.  A field whose data is on the
+vertex's own tile and laid out as the field expects (contiguous, or rows with one
+stride) connects in place; anything else — data on another tile, or scattered —
+gets a buffer on the vertex's tile, with exchange in before the compute phase and
+out after it.  Vertices of one tile reading the same elements in the same order
+share one buffer, so the exchange brings those bytes to the tile once (a matmul's
+workers share their block of b).
+
+Everything runs on runs of elements: a field is the runs of tensor elements it
+connects to, cut where the tensor changes region; a slab of a convolution is a few
+runs per vertex, not an array per element.
 
 Regions are sized here; `memplan` gives them offsets.
 """
@@ -16,57 +24,85 @@ import numpy as np
 
 from popdsl.diagnostics import Diagnostics, Span
 from popdsl.ir import codelet as cir
-from popdsl.ir import graph as g
 from popdsl.ir import executable as X
-from popdsl.ir.lowered import CopyElems, Lowered, LoweredCS, LoweredGroup
+from popdsl.ir import graph as g
+from popdsl.ir.index import Batch, Strided
+from popdsl.ir.lowered import CopyElems, Lowered, LoweredCS, LoweredGroup, TensorLayout
+from popdsl.ir.mapping import Mapping, ramps
 
 
-def _tensor_regions(low: Lowered, t: g.Tensor, tile_of: np.ndarray) -> None:
-    es = t.elem_bytes
-    tiles_used, counts = np.unique(tile_of, return_counts=True)
-    first = len(low.region_tile)
-    for tile, n in zip(tiles_used.tolist(), counts.tolist()):
-        low.new_region(tile, n * es, -1, t.name, t.span, t.id)
-    low.elem_region[t.id] = (first + np.searchsorted(tiles_used, tile_of)).astype(np.int32)
-    order = np.argsort(tile_of, kind="stable")
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    local = np.empty(t.numel, np.int64)
-    group_of_sorted = np.repeat(np.arange(len(counts)), counts)
-    local[order] = np.arange(t.numel) - starts[group_of_sorted]
-    low.elem_off[t.id] = local * es
+# ---------------------------------------------------------------- runs of a connection
+
+def view_runs(index) -> tuple[np.ndarray, np.ndarray]:
+    """A view's elements in order as runs: (first element, length) per run."""
+    if isinstance(index, Strided):
+        starts, n = index.runs()
+        return starts, np.full(starts.size, n, np.int64)
+    flat = np.asarray(index, np.int64).reshape(-1)
+    if not flat.size:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    brk = np.concatenate(([0], np.nonzero(np.diff(flat) != 1)[0] + 1))
+    return flat[brk], np.diff(np.append(brk, flat.size))
 
 
-def _affine(offs: np.ndarray, es: int):
-    """Row stride (in elements) if `offs` (rank 1 or 2) is laid out row-major with
-    unit column stride, else None."""
-    if offs.ndim == 1:
-        ok = offs.size <= 1 or np.array_equal(offs, offs[0] + es * np.arange(offs.size))
-        return offs.shape[0] if ok else None
-    rows, cols = offs.shape
-    stride_b = int(offs[1, 0] - offs[0, 0]) if rows > 1 else cols * es
-    if stride_b < 0 or stride_b % es:
-        return None
-    expect = offs[0, 0] + stride_b * np.arange(rows)[:, None] + es * np.arange(cols)[None, :]
-    return stride_b // es if np.array_equal(offs, expect) else None
+def stacked_runs(conn, nv: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A group's connection of one field as runs per vertex: (ptr (nv+1), run
+    starts, run lengths), vertex v's runs at ptr[v]:ptr[v+1]."""
+    if isinstance(conn, Batch):
+        starts, n = Strided(0, conn.field_shape, conn.strides).runs()
+        per = starts.size
+        allstarts = (conn.offsets[:, None] + starts[None, :]).reshape(-1)
+        return np.arange(nv + 1, dtype=np.int64) * per, allstarts, np.full(allstarts.size, n, np.int64)
+    idx = np.asarray(conn, np.int64).reshape(nv, -1)
+    k = idx.shape[1]
+    flat = idx.reshape(-1)
+    brk = np.ones(flat.size, bool)
+    brk[1:] = np.diff(flat) != 1
+    brk[::k] = True                         # a vertex's first element starts a run
+    first = np.nonzero(brk)[0]
+    counts = np.add.reduceat(brk.astype(np.int64), np.arange(0, flat.size, k)) if nv else np.zeros(0, np.int64)
+    ptr = np.concatenate(([0], np.cumsum(counts)))
+    return ptr, flat[first], np.diff(np.append(first, flat.size))
 
+
+def list_runs(views) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`stacked_runs` for one View per vertex (graphs placed by hand)."""
+    parts = [view_runs(v.index) for v in views]
+    counts = np.array([p[0].size for p in parts], np.int64)
+    ptr = np.concatenate(([0], np.cumsum(counts)))
+    cat = (lambda k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0, np.int64))
+    return ptr, cat(0), cat(1)
+
+
+# ---------------------------------------------------------------- the pass
 
 def lower(graph: g.TensorGraph) -> Lowered:
     d = Diagnostics()
     low = Lowered(graph)
     reported: set[int] = set()
+    mappings = {t.id: _mapping(graph, t) for t in graph.tensors}
     for t in graph.tensors:
-        tile_of = graph.tile_of[t.id]
-        if (tile_of < 0).any():
+        m = mappings[t.id]
+        if not m.fully_mapped():
             continue                         # reported below, where it is used
-        _tensor_regions(low, t, tile_of)
+        lay = m.layout()
+        first = len(low.region_tile)
+        k = len(lay.tiles)
+        low.region_tile.extend(lay.tiles.tolist())
+        low.region_size.extend((lay.counts * t.elem_bytes).tolist())
+        low.region_cs.extend([-1] * k)
+        low.region_tensor.extend([t.id] * k)
+        low.region_label.extend([(t.name, t.span)] * k)
+        low.layouts[t.id] = TensorLayout(lay, first, t.elem_bytes)
     # Vertices connect only to tensor regions, all made by now.
     low.tensor_region_tile = np.asarray(low.region_tile, np.int64)
+    low.mappings = mappings
     cs_index = {name: i for i, name in enumerate(graph.compute_sets)}
     for i, cs in enumerate(graph.compute_sets.values()):
         low.compute_sets.append(_lower_cs(low, graph, cs, i, d, reported))
     for t in graph.tensors:
-        if t.id not in low.elem_region and t.id not in reported:
-            n = int((graph.tile_of[t.id] < 0).sum())
+        if t.id not in low.layouts and t.id not in reported:
+            n = mappings[t.id].unmapped_count()
             d.error(t.span, f"tensor '{t.name}' has {n} of {t.numel} elements not mapped to any tile",
                     f"add 'map {t.name} -> linear;' or map its slices to tiles")
     d.check()
@@ -74,6 +110,11 @@ def lower(graph: g.TensorGraph) -> Lowered:
     for name, v in graph.outputs:
         low.outputs[name] = _read(low, graph, name, v)
     return low
+
+
+def _mapping(graph: g.TensorGraph, t: g.Tensor) -> Mapping:
+    m = graph.tile_of[t.id]
+    return m if isinstance(m, Mapping) else Mapping.from_elements(m)
 
 
 def _read(low: Lowered, graph: g.TensorGraph, label: str, v: g.View) -> int:
@@ -87,19 +128,14 @@ def _lower_prog(low, graph, p, cs_index) -> X.PSeq:
         if isinstance(n, g.Execute):
             out.append(X.PExecute(cs_index[n.cs]))
         elif isinstance(n, g.Copy):
-            es = graph.tensors[n.src.tensor].elem_bytes
-            c = CopyElems()
-            si, di = n.src.index.ravel(), n.dst.index.ravel()
-            c.add(es, low.elem_region[n.src.tensor][si], low.elem_off[n.src.tensor][si],
-                  low.elem_region[n.dst.tensor][di], low.elem_off[n.dst.tensor][di])
-            low.copies.append(c)
+            low.copies.append(_copy(low, graph, n.src, n.dst))
             out.append(X.PCopy(len(low.copies) - 1))
         elif isinstance(n, g.Repeat):
             out.append(X.PRepeat(n.count, _lower_prog(low, graph, n.body, cs_index)))
         elif isinstance(n, g.While):
-            out.append(X.PWhile(_read(low, graph, "cond", n.cond), _lower_prog(low, graph, n.body, cs_index)))
+            out.append(X.PWhile(_read(low, graph, graph.tensors[n.cond.tensor].name, n.cond), _lower_prog(low, graph, n.body, cs_index)))
         elif isinstance(n, g.If):
-            out.append(X.PIf(_read(low, graph, "cond", n.cond), _lower_prog(low, graph, n.then, cs_index),
+            out.append(X.PIf(_read(low, graph, graph.tensors[n.cond.tensor].name, n.cond), _lower_prog(low, graph, n.then, cs_index),
                              _lower_prog(low, graph, n.orelse, cs_index)))
         elif isinstance(n, g.Print):
             out.append(X.PPrint(_read(low, graph, n.label, n.view)))
@@ -110,11 +146,35 @@ def _lower_prog(low, graph, p, cs_index) -> X.PSeq:
     return X.PSeq(tuple(out))
 
 
+def _positioned(lay: TensorLayout, starts, lengths):
+    """Pieces of runs (in order) with their position along the runs: (region,
+    byte offset, length, position of the piece's first element)."""
+    r, off, n, src, pos = lay.pieces(starts, lengths)
+    run_pos = np.concatenate(([0], np.cumsum(lengths)[:-1])) if len(lengths) else np.zeros(0, np.int64)
+    return r, off, n, run_pos[src] + pos
+
+
+def _copy(low: Lowered, graph: g.TensorGraph, src: g.View, dst: g.View) -> CopyElems:
+    """A program's copy of one view into another, element by element in order, as
+    byte runs: both views' runs cut where either changes region or run."""
+    es = graph.tensors[src.tensor].elem_bytes
+    sr, so, sn, sp = _positioned(low.layouts[src.tensor], *view_runs(src.index))
+    dr, do, dn, dp = _positioned(low.layouts[dst.tensor], *view_runs(dst.index))
+    cuts = np.union1d(sp, dp)
+    total = int(sn.sum())
+    seg_len = np.diff(np.append(cuts, total))
+    i = np.searchsorted(sp, cuts, side="right") - 1
+    j = np.searchsorted(dp, cuts, side="right") - 1
+    c = CopyElems()
+    c.add_runs(sr[i], so[i] + (cuts - sp[i]) * es, dr[j], do[j] + (cuts - dp[j]) * es, seg_len * es)
+    return c
+
+
 def _lower_cs(low: Lowered, graph: g.TensorGraph, cs: g.ComputeSet, csi: int,
               d: Diagnostics, reported: set[int]) -> LoweredCS:
     pre, post = CopyElems(), CopyElems()
     groups = []
-    written: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []   # (tensor, element, span id)
+    written: list[tuple[np.ndarray, ...]] = []         # (tensor, start, end, span id) per run
     for grp in cs.groups:
         cname = grp.codelet
         c = graph.codelets[cname]
@@ -133,22 +193,27 @@ def _lower_cs(low: Lowered, graph: g.TensorGraph, cs: g.ComputeSet, csi: int,
                     vals = vals.astype(np.float32).view(np.int32)
                 table[:, col[("state", f.name)]] = vals.astype(np.int64)
                 continue
-            views = grp.connections[f.name]
-            if isinstance(views, g.Stacked):
-                if _connect_stacked(low, graph, c, f, views, order, tiles, csi, col, table, region,
-                                    pre, post, d, reported) and f.direction in ("out", "inout"):
-                    idx = views.index.reshape(nv, -1)
-                    written.append((np.full(idx.size, views.tensor, np.int64), idx.ravel(),
-                                    np.repeat(np.asarray(grp.span_ids, np.int64), idx.shape[1])))
-                continue
-            for row, vi in enumerate(order.tolist()):
-                v = views[vi]
-                tile = int(tiles[row])
-                ok = _connect(low, graph, c, f, v, tile, csi, row, col, table, region, pre, post,
-                              d, reported)
-                if ok and f.direction in ("out", "inout"):
-                    written.append((np.full(v.index.size, v.tensor, np.int64), v.index.ravel(),
-                                    np.full(v.index.size, grp.span_ids[vi], np.int64)))
+            conn = grp.connections[f.name]
+            if isinstance(conn, g.Stacked):
+                tensor, span = conn.tensor, conn.span
+                index = conn.index.take(order) if isinstance(conn.index, Batch) else np.asarray(conn.index)[order]
+                ptr, rs, rl = stacked_runs(index, nv)
+                shape = conn.index.field_shape if isinstance(conn.index, Batch) else np.asarray(conn.index).shape[1:]
+                rows, cols = _rows_cols(np.broadcast_to(np.asarray(shape[:f.rank] if f.rank else (), np.int64),
+                                                        (nv, f.rank)), f.rank)
+                spans = None
+            else:
+                views = [conn[i] for i in order.tolist()]
+                tensor, span = views[0].tensor, views[0].span
+                ptr, rs, rl = list_runs(views)
+                shapes = np.array([v.index.shape if f.rank else () for v in views], np.int64).reshape(nv, f.rank)
+                rows, cols = _rows_cols(shapes, f.rank)
+                spans = [v.span for v in views]
+            ok = _connect(low, graph, c, f, tensor, span, spans, ptr, rs, rl, rows, cols, tiles, csi,
+                          col, table, region, pre, post, d, reported)
+            if ok and f.direction in ("out", "inout"):
+                vert = np.repeat(np.arange(nv), np.diff(ptr))
+                written.append((np.full(rs.size, tensor, np.int64), rs, rs + rl, span_ids[vert].astype(np.int64)))
         for s in c.symbols:
             table[:, col[("sym", s)]] = np.asarray(grp.syms[s], np.int64)[order]
         groups.append(LoweredGroup(cname, table, region, tiles, span_ids))
@@ -156,136 +221,159 @@ def _lower_cs(low: Lowered, graph: g.TensorGraph, cs: g.ComputeSet, csi: int,
     return LoweredCS(cs.name, cs.span, groups, pre, post)
 
 
-def _connect(low, graph, c, f, v: g.View, tile, csi, row, col, table, region, pre, post,
-             d: Diagnostics, reported) -> bool:
-    t = graph.tensors[v.tensor]
-    es = t.elem_bytes
-    if t.id not in low.elem_region:
-        idx = v.index.ravel()
-        if (graph.tile_of[t.id][idx] < 0).any():
-            d.error(v.span, f"field '{f.name}' of {c.name} is connected to elements of '{t.name}' "
-                    "that are not mapped to any tile", f"map '{t.name}' with 'map {t.name} -> ...;'")
-            reported.add(t.id)
-        return False      # the tensor's other unmapped elements are reported by `lower`
-    regs = low.elem_region[t.id][v.index]
-    offs = low.elem_off[t.id][v.index]
-    ac = col[("addr", f.name)]
-    r0 = int(regs.ravel()[0])
-    local = low.region_tile[r0] == tile and bool((regs == r0).all())
-    stride = None
-    if local:
-        stride = 1 if f.rank == 0 else _affine(offs, es)
-    if stride is not None:
-        table[row, ac] = int(offs.ravel()[0])
-        region[row, ac] = r0
-        if f.rank == 2:
-            table[row, col[("stride", f.name)]] = stride
-        return True
-    # A buffer on the vertex's tile, filled by exchange before compute and drained after.
-    n = v.index.size
-    buf = low.new_region(tile, n * es, csi, f"{c.name}.{f.name} buffer", v.span)
-    table[row, ac] = 0
-    region[row, ac] = buf
-    if f.rank == 2:
-        table[row, col[("stride", f.name)]] = v.index.shape[1]
-    boffs = np.arange(n, dtype=np.int64) * es
-    bregs = np.full(n, buf, np.int32)
-    if f.direction in ("in", "inout"):
-        pre.add(es, regs, offs, bregs, boffs)
-    if f.direction in ("out", "inout"):
-        post.add(es, bregs, boffs, regs, offs)
-    return True
+def _rows_cols(shapes: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """A field's elements as rows × columns per vertex (rank 0 and 1: one row)."""
+    nv = shapes.shape[0]
+    if rank == 2:
+        return shapes[:, 0].astype(np.int64), shapes[:, 1].astype(np.int64)
+    if rank == 1:
+        return np.ones(nv, np.int64), shapes[:, 0].astype(np.int64)
+    return np.ones(nv, np.int64), np.ones(nv, np.int64)
 
 
-def _connect_stacked(low, graph, c, f, st: g.Stacked, order, tiles, csi, col, table, region,
-                     pre, post, d: Diagnostics, reported) -> bool:
-    """`_connect` for a whole group at once: rows whose data is local and laid out
-    as the field needs connect in place, the others get buffers — all in numpy."""
-    t = graph.tensors[st.tensor]
+def _connect(low, graph, c, f, tensor: int, span: Span, spans, ptr, rs, rl, rows, cols, tiles, csi,
+             col, table, region, pre, post, d: Diagnostics, reported) -> bool:
+    """Connect field `f` of a group (vertices in tile order) to runs of `tensor`:
+    in place where the data is on the vertex's tile and laid out as the field
+    expects, through a buffer otherwise.  False when the data is not mapped
+    (reported)."""
+    t = graph.tensors[tensor]
     es = t.elem_bytes
-    nv = len(order)
-    idx = st.index[order].reshape(nv, -1)
-    if t.id not in low.elem_region:
-        if (graph.tile_of[t.id][idx] < 0).any():
-            d.error(st.span, f"field '{f.name}' of {c.name} is connected to elements of '{t.name}' "
-                    "that are not mapped to any tile")
+    nv = len(tiles)
+    lay = low.layouts.get(t.id)
+    if lay is None:
+        lo, n, src, _ = low.mappings[t.id].split(rs, rl)
+        bad = low.mappings[t.id].tile_of(lo) < 0
+        if bad.any():
+            vert = int(np.searchsorted(ptr, src[np.argmax(bad)], side="right") - 1)
+            d.error(spans[vert] if spans else span, f"field '{f.name}' of {c.name} is connected to elements of "
+                    f"'{t.name}' that are not mapped to any tile", f"map '{t.name}' with 'map {t.name} -> ...;'")
             reported.add(t.id)
-        return False
-    n = idx.shape[1]
-    R = low.elem_region[t.id][idx]
-    O = low.elem_off[t.id][idx]
-    ok = (R == R[:, :1]).all(1) & (low.tensor_region_tile[R[:, 0]] == tiles)
-    stride = np.zeros(nv, np.int64)
-    if f.rank == 1:
-        ok &= (O == O[:, :1] + es * np.arange(n)).all(1)
-    elif f.rank == 2:
-        rows, cols = st.index.shape[1], st.index.shape[2]
-        stride_b = (O[:, cols] - O[:, 0]) if rows > 1 else np.full(nv, cols * es)
-        expect = (O[:, :1] + (stride_b[:, None] * np.repeat(np.arange(rows), cols)[None, :])
-                  + es * np.tile(np.arange(cols), rows)[None, :])
-        ok &= (O == expect).all(1) & (stride_b >= 0) & (stride_b % es == 0)
-        stride = np.where(ok, stride_b // es, cols)
+        return False        # the tensor's other unmapped elements are reported by `lower`
+    r, off, ln, fp, vert = _pieces_by_vertex(lay, ptr, rs, rl)
+    first = np.searchsorted(vert, np.arange(nv))
+    base, reg0 = off[first], r[first]
+    # Row stride in bytes: from where row 1 starts (rank 2, more than one row).
+    stride_b = cols * es
+    two = (rows > 1)
+    if f.rank == 2 and two.any():
+        key = vert * (int(fp.max()) + int(cols.max()) + 2) + fp
+        want = np.arange(nv) * (int(fp.max()) + int(cols.max()) + 2) + cols
+        k = np.searchsorted(key, want, side="right") - 1
+        row1 = off[k] + (cols - fp[k]) * es
+        stride_b = np.where(two, row1 - base, stride_b)
+    cv = cols[vert]
+    row, colp = fp // cv, fp % cv
+    good = (r == reg0[vert]) & (off == base[vert] + row * stride_b[vert] + colp * es) \
+        & ((colp + ln <= cv) | (stride_b[vert] == cv * es))
+    ok = np.logical_and.reduceat(good, first) & (low.tensor_region_tile[reg0] == tiles) \
+        & (stride_b >= 0) & (stride_b % es == 0)
     ac = col[("addr", f.name)]
-    table[ok, ac] = O[ok, 0]
-    region[ok, ac] = R[ok, 0]
+    table[ok, ac] = base[ok]
+    region[ok, ac] = reg0[ok]
     if f.rank == 2:
-        table[:, col[("stride", f.name)]] = stride
+        table[:, col[("stride", f.name)]] = np.where(ok, stride_b // es, cols)
     bad = np.nonzero(~ok)[0]
-    if bad.size:
-        own, share = _shared_buffers(f, tiles[bad], R[bad], O[bad])
-        mine = bad[own]                  # rows that get a buffer of their own
-        first = len(low.region_tile)
-        low.region_tile.extend(tiles[mine].tolist())
-        low.region_size.extend([n * es] * mine.size)
-        low.region_cs.extend([csi] * mine.size)
-        low.region_tensor.extend([-1] * mine.size)
-        low.region_label.extend([(f"{c.name}.{f.name} buffer", st.span)] * mine.size)
-        bufs = np.arange(first, first + mine.size, dtype=np.int32)
-        table[bad, ac] = 0
-        region[bad, ac] = bufs[share]
-        bregs = np.repeat(bufs, n)
-        boffs = np.tile(np.arange(n, dtype=np.int64) * es, mine.size)
-        if f.direction in ("in", "inout"):
-            pre.add(es, R[mine], O[mine], bregs, boffs)
-        if f.direction in ("out", "inout"):
-            post.add(es, bregs, boffs, R[mine], O[mine])
+    if not bad.size:
+        return True
+    # Buffers on the vertices' tiles, filled by exchange before compute and drained after.
+    n = rows * cols
+    own, share = _shared_buffers(f, tiles[bad], ptr, rs, rl, bad)
+    mine = bad[own]
+    first_buf = len(low.region_tile)
+    label = (f"{c.name}.{f.name} buffer", span)
+    low.region_tile.extend(tiles[mine].tolist())
+    low.region_size.extend((n[mine] * es).tolist())
+    low.region_cs.extend([csi] * mine.size)
+    low.region_tensor.extend([-1] * mine.size)
+    low.region_label.extend([label] * mine.size)
+    bufs = np.arange(first_buf, first_buf + mine.size, dtype=np.int32)
+    table[bad, ac] = 0
+    region[bad, ac] = bufs[share]
+    # The copies of the vertices owning a buffer: their pieces, at their positions.
+    buf_of = np.full(nv, -1, np.int64)
+    buf_of[mine] = bufs
+    sel = buf_of[vert] >= 0
+    br, bo = buf_of[vert][sel], fp[sel] * es
+    if f.direction in ("in", "inout"):
+        pre.add_runs(r[sel], off[sel], br, bo, ln[sel] * es)
+    if f.direction in ("out", "inout"):
+        post.add_runs(br, bo, r[sel], off[sel], ln[sel] * es)
     return True
 
 
-def _shared_buffers(f, tiles: np.ndarray, R: np.ndarray, O: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows (vertices needing a buffer for field `f`) → (rows that own a buffer,
-    per row the index of the buffer it uses among those).  Vertices of one tile that
-    read the same elements in the same layout share one buffer, so the exchange
-    brings those bytes to the tile once (a matmul's workers share their b block).
-    Buffers that are written are never shared."""
-    rows = np.arange(len(tiles))
-    if f.direction != "in" or len(tiles) < 2 or np.unique(tiles).size == len(tiles):
-        return rows, rows
-    key = np.ascontiguousarray(np.concatenate([tiles[:, None].astype(np.int64), R.astype(np.int64), O], axis=1))
-    _, own, share = np.unique(key.view(np.dtype((np.void, key.itemsize * key.shape[1]))).ravel(),
-                              return_index=True, return_inverse=True)
-    # Buffers in row order (rows are sorted by tile), each row pointing at its own.
-    order = np.argsort(own, kind="stable")
-    rank = np.empty_like(order)
-    rank[order] = np.arange(order.size)
-    return own[order], rank[share.ravel()]
+def _pieces_by_vertex(lay: TensorLayout, ptr, rs, rl):
+    """Every run of every vertex cut where the tensor changes region: (region, byte
+    offset, length, position in the vertex's field, vertex) per piece, in vertex
+    order."""
+    r, off, n, src, pos = lay.pieces(rs, rl)
+    # Position of each run within its vertex: lengths of the vertex's runs before it.
+    csum = np.concatenate(([0], np.cumsum(rl)))
+    vert_of_run = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
+    run_pos = csum[:-1] - csum[ptr[vert_of_run]]
+    return r, off, n, run_pos[src] + pos, vert_of_run[src]
+
+
+def _shared_buffers(f, tiles: np.ndarray, ptr, rs, rl, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices needing a buffer for field `f` (`rows`, in tile order) → (indices of
+    those owning a buffer, per vertex the index of the buffer it uses among them).
+    Vertices of one tile reading the same runs share one buffer, so the exchange
+    brings those bytes once (a matmul's workers share their block of b).  Buffers
+    that are written are never shared."""
+    k = np.arange(len(rows))
+    if f.direction != "in" or len(rows) < 2 or np.unique(tiles).size == len(tiles):
+        return k, k
+    # A key per vertex from its runs: two vertices share when tile, run count and
+    # every run agree (checked exactly after grouping by a hash).
+    counts = (ptr[rows + 1] - ptr[rows]).astype(np.int64)
+    idx = np.repeat(ptr[rows], counts) + ramps(counts)
+    mix = (rs[idx] * np.int64(0x9E3779B1) + rl[idx] * np.int64(0x85EBCA77)) ^ ramps(counts)
+    h = np.add.reduceat(mix, np.concatenate(([0], np.cumsum(counts)[:-1]))) if idx.size else np.zeros(0, np.int64)
+    key = np.stack([tiles.astype(np.int64), counts, h], axis=1)
+    _, own, share = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    share = share.reshape(-1)
+    # Exact check against the owner; a hash collision gets a buffer of its own.
+    owner = own[share]
+    o_idx = np.repeat(ptr[rows[owner]], counts) + ramps(counts)
+    same = (rs[idx] == rs[o_idx]) & (rl[idx] == rl[o_idx])
+    agree = np.logical_and.reduceat(same, np.concatenate(([0], np.cumsum(counts)[:-1]))) if idx.size \
+        else np.ones(len(rows), bool)
+    owner = np.where(agree, owner, k)
+    own = np.unique(owner)
+    rank = np.searchsorted(own, owner)
+    return own, rank
 
 
 def _check_write_conflicts(graph, cs, written, d: Diagnostics) -> None:
-    if len(written) < 2:
+    if not written:
         return
     tens = np.concatenate([w[0] for w in written])
-    elem = np.concatenate([w[1] for w in written])
-    spans = np.concatenate([w[2] for w in written])
-    key = tens * (1 << 33) + elem
-    order = np.argsort(key, kind="stable")
-    k = key[order]
-    dup = np.nonzero(k[1:] == k[:-1])[0]
-    if dup.size:
-        j = int(dup[0])
-        a, b = int(spans[order[j]]), int(spans[order[j + 1]])
-        t = graph.tensors[int(tens[order[j]])]
-        d.error(graph.spans[b], f"two vertices of compute set '{cs.name}' write element "
-                f"{int(elem[order[j]])} of '{t.name}'",
-                f"the other vertex is at {graph.spans[a]}",
+    lo = np.concatenate([w[1] for w in written])
+    hi = np.concatenate([w[2] for w in written])
+    spans = np.concatenate([w[3] for w in written])
+    order = np.lexsort((lo, tens))
+    tens, lo, hi, spans = tens[order], lo[order], hi[order], spans[order]
+    # A run overlaps an earlier one of its tensor if it starts before the furthest
+    # end so far: compare with the running maximum within each tensor.
+    run_max = _segmented_max(hi, tens)
+    clash = np.nonzero((tens[1:] == tens[:-1]) & (lo[1:] < run_max[:-1]))[0]
+    if clash.size:
+        j = int(clash[0]) + 1
+        a = int(np.nonzero((tens[:j] == tens[j]) & (hi[:j] > lo[j]))[0][0])
+        t = graph.tensors[int(tens[j])]
+        d.error(graph.spans[int(spans[j])], f"two vertices of compute set '{cs.name}' write element "
+                f"{int(lo[j])} of '{t.name}'", f"the other vertex is at {graph.spans[int(spans[a])]}",
                 "vertices of one compute set run in parallel; give each its own output")
+
+
+def _segmented_max(values: np.ndarray, segment: np.ndarray) -> np.ndarray:
+    """Running maximum of `values` restarting where `segment` changes."""
+    out = values.copy()
+    if not out.size:
+        return out
+    starts = np.nonzero(np.r_[True, segment[1:] != segment[:-1]])[0]
+    # Offset each segment above all earlier ones so one global accumulate works.
+    span = int(values.max() - values.min()) + 1
+    seg_id = np.repeat(np.arange(starts.size), np.diff(np.append(starts, values.size)))
+    shifted = values - values.min() + seg_id.astype(np.int64) * span
+    return np.maximum.accumulate(shifted) - seg_id.astype(np.int64) * span + values.min()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from popdsl.diagnostics import Diagnostics, Span
+from popdsl.ir.index import as_array
 from popdsl.passes.bestfit import best_fit_many
 from popdsl.passes.liveness import Liveness, liveness
 from popdsl.ir.lowered import CopyElems, Lowered
@@ -224,7 +225,12 @@ def _finish(low: Lowered, codelets: dict, base: np.ndarray, mem: X.MemoryPlan, u
     target = graph.target
     rt = np.asarray(low.region_tile, np.int64)
     region_addr = rt * target.tile_memory + base
-    tensor_addrs = [region_addr[low.elem_region[t.id]] + low.elem_off[t.id] for t in graph.tensors]
+    tensor_runs = []
+    for t in graph.tensors:
+        tl = low.layouts[t.id]
+        m = tl.layout.mapping
+        addrs = region_addr[tl.first + tl.layout.run_region] + tl.layout.run_off * tl.elem_bytes
+        tensor_runs.append(X.TensorRuns(m.starts.copy(), m.lengths, addrs.astype(np.int64)))
     css = []
     for cs in low.compute_sets:
         groups = []
@@ -236,12 +242,15 @@ def _finish(low: Lowered, codelets: dict, base: np.ndarray, mem: X.MemoryPlan, u
         css.append(X.ComputeSetExec(cs.name, cs.span, groups, _copy_table(cs.pre, region_addr, target),
                                     _copy_table(cs.post, region_addr, target)))
     copies = [_copy_table(c, region_addr, target) for c in low.copies]
-    reads = [X.Read(label, dtype, tensor_addrs[t][idx]) for label, dtype, t, idx in low.reads]
+    reads = []
+    for label, dtype, t, idx in low.reads:
+        r, off = low.layouts[t].locate(as_array(idx))
+        reads.append(X.Read(label, dtype, region_addr[r] + off))
     tensors = [X.TensorInfo(t.name, t.dtype, t.shape, t.kind, t.span) for t in graph.tensors]
     cs_index = {cs.name: i for i, cs in enumerate(low.compute_sets)}
     ops = [{**{k: v for k, v in op.items() if k != "compute_sets"},
             "compute_sets": [cs_index[n] for n in op["compute_sets"]]} for op in graph.ops]
-    return X.Executable(graph.name, target, dict(codelets), tensors, tensor_addrs,
+    return X.Executable(graph.name, target, dict(codelets), tensors, tensor_runs,
                         dict(graph.init), css, copies, reads, low.program, dict(graph.inputs),
                         dict(low.outputs), list(graph.spans), mem, unchecked, ops)
 

@@ -27,6 +27,7 @@ from popdsl import ops, resources
 from popdsl.diagnostics import Span
 from popdsl.ir import codelet as cir
 from popdsl.ir import graph as g
+from popdsl.ir.index import Strided, as_array, broadcast_to
 from popdsl.ir.tensor import Node
 from popdsl.ops.blocks import GRAIN
 
@@ -133,7 +134,7 @@ class Partitioner:
         t = g.Tensor(len(gr.tensors), name, dtype, tuple(int(s) for s in shape), kind, self.span)
         gr.tensors.append(t)
         gr.tile_of[t.id] = np.full(t.numel, -1, dtype=np.int32)
-        return g.View(t.id, np.arange(t.numel, dtype=np.int64).reshape(t.shape), self.span)
+        return g.View(t.id, Strided.whole(t.shape), self.span)
 
     def linear(self, n: int, grain: int = GRAIN) -> np.ndarray:
         """Tiles for n elements spread evenly, at least `grain` per tile, starting
@@ -176,7 +177,7 @@ class Partitioner:
         tile_of[sel[first]] = tiles[free][first]
 
     def tiles_of(self, v: g.View) -> np.ndarray:
-        return self.g.tile_of[v.tensor][v.index]
+        return self.g.tile_of[v.tensor][as_array(v.index)]
 
     def name(self, n: Node) -> str:
         """What the tensors and compute sets made for `n` are called: its call path
@@ -312,7 +313,7 @@ class Partitioner:
         self.g.tile_of[out.tensor][:] = tile_of
         flat_leaves = []
         for v in views:
-            b = np.broadcast_to(v.index, n.shape).ravel()
+            b = as_array(broadcast_to(v.index, n.shape)).ravel()
             self.ensure_mapped(g.View(v.tensor, b, v.span), tile_of if v.shape == n.shape else None)
             flat_leaves.append((v.tensor, b))
         cs = self.new_cs(name)
@@ -324,7 +325,7 @@ class Partitioner:
             # elements at the same offsets, which the output would overwrite
             # before a vertex of the tile reads them.
             if v.shape == n.shape and t.shape == n.shape and cir.ELEM_BYTES[t.dtype] == cir.ELEM_BYTES[n.dtype] \
-                    and np.array_equal(v.index.ravel(), np.arange(t.numel)) \
+                    and np.array_equal(as_array(v.index).ravel(), np.arange(t.numel)) \
                     and np.array_equal(self.g.tile_of[v.tensor], tile_of):
                 self.g.inplace.append((out.tensor, v.tensor, cs.name))
         for size, pos, tiles in self.chunks(tile_of):

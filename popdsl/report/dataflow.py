@@ -189,16 +189,16 @@ def tensor_regions(exe: X.Executable):
     for i, t in enumerate(exe.tensors):
         if t.kind not in ALWAYS_LIVE:
             continue
-        a = np.asarray(exe.tensor_addrs[i], np.int64).ravel()
-        if not a.size:
+        r = exe.tensor_runs[i]
+        if not r.addrs.size:
             continue
-        tile = a // tm
         es = ELEM_BYTES[t.dtype]
+        tile = r.addrs // tm
         tiles, inv = np.unique(tile, return_inverse=True)
         lo = np.full(tiles.size, np.iinfo(np.int64).max)
         hi = np.zeros(tiles.size, np.int64)
-        np.minimum.at(lo, inv, a)
-        np.maximum.at(hi, inv, a + es)
+        np.minimum.at(lo, inv, r.addrs)
+        np.maximum.at(hi, inv, r.addrs + r.counts * es)
         out.append((lo, hi, np.full(tiles.size, i, np.int64), tiles))
     return _cat4(out)
 

@@ -43,8 +43,8 @@ def window_stride(exe: X.Executable) -> int:
                 ok = ok and see(addr, extent)
     for c in exe.copies:
         ok = ok and see(c.src, c.nbytes) and see(c.dst, c.nbytes)
-    for t, a in zip(exe.tensors, exe.tensor_addrs):
-        ok = ok and see(a.reshape(-1), X.cir.ELEM_BYTES[t.dtype])
+    for t, r in zip(exe.tensors, exe.tensor_runs):
+        ok = ok and see(r.addrs, r.counts * X.cir.ELEM_BYTES[t.dtype])
     for r in exe.reads:
         ok = ok and see(r.addrs.reshape(-1), X.cir.ELEM_BYTES[r.dtype])
     if not ok:

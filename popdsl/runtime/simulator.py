@@ -33,7 +33,7 @@ from popdsl.runtime.copies import (check_runs, copy_runs, element_runs, gather_r
                                    scatter_runs, split_runs)
 from popdsl.codegen.jit import NativeCodelets, aligned_zeros, request_stop
 from popdsl.runtime.specialise import group_specs
-from popdsl.diagnostics import Diagnostic
+from popdsl.diagnostics import Diagnostic, Span
 from popdsl.ir.codelet import ERR_BOUNDS, ERR_CYCLES, NUMPY_DTYPE
 from popdsl.ir.errors import VertexError
 from popdsl.ir import executable as X
@@ -133,13 +133,14 @@ class Machine:
         # are independent are split between the threads.
         self._copy_parts: dict[int, np.ndarray] = {}
         self._run_cache: dict[int, tuple] = {}
+        self._tensor_cache: dict[int, tuple] = {}
         for c in self._pre + self._post + self._copies:
             check_runs(self.mem.size, c.src, c.dst, c.nbytes)
             if (self.threads > 1 and int(c.nbytes.sum()) >= PARALLEL_MIN_BYTES
                     and independent(c.src, c.dst, c.nbytes)):
                 self._copy_parts[id(c)] = split_runs(c.nbytes, self.threads)
         for tid, values in exe.init.items():
-            self._store(exe.tensor_addrs[tid], values, exe.tensors[tid].dtype)
+            self._put(tid, values)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -158,6 +159,26 @@ class Machine:
     def host_offsets(self, addrs: np.ndarray) -> np.ndarray:
         """Where the bytes at global addresses `addrs` live in `mem`."""
         return to_host(np.asarray(addrs, np.int64), self.exe.target.tile_memory, self.stride)
+
+    def _tensor_runs(self, i: int):
+        """Tensor i's runs as host runs (offset in a flat array, host address, bytes),
+        cached: the same tensors are fed and read every step."""
+        hit = self._tensor_cache.get(i)
+        if hit is None:
+            r = self.exe.tensor_runs[i]
+            es = X.cir.ELEM_BYTES[self.exe.tensors[i].dtype]
+            hit = self._tensor_cache[i] = (r.starts * es, self.host_offsets(r.addrs), r.counts * es)
+        return hit
+
+    def _put(self, i: int, values) -> None:
+        arr = np.ascontiguousarray(np.asarray(values, dtype=NUMPY_DTYPE[self.exe.tensors[i].dtype])).reshape(-1)
+        scatter_runs(self.mem, arr, self._tensor_runs(i))
+
+    def _get(self, i: int) -> np.ndarray:
+        t = self.exe.tensors[i]
+        out = np.empty(t.shape, NUMPY_DTYPE[t.dtype])
+        gather_runs(self.mem, out, self._tensor_runs(i))
+        return out
 
     def _store(self, addrs: np.ndarray, values: np.ndarray, dtype: str) -> None:
         arr = np.ascontiguousarray(np.asarray(values, dtype=NUMPY_DTYPE[dtype])).reshape(-1)
@@ -185,12 +206,12 @@ class Machine:
         arr = np.asarray(value)
         if arr.shape != t.shape:
             raise ValueError(f"'{name}' has shape {list(t.shape)}, given {list(arr.shape)}")
-        self._store(self.exe.tensor_addrs[i], arr, t.dtype)
+        self._put(i, arr)
 
     def read(self, name: str) -> np.ndarray:
         i = self._tensor(name)
         t = self.exe.tensors[i]
-        return self._load(self.exe.tensor_addrs[i], t.dtype).reshape(t.shape).copy()
+        return self._get(i)
 
     # ---------------------------------------------------------------- running
     def run_step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -221,10 +242,15 @@ class Machine:
                 for _ in range(n.count):
                     self._run(n.body)
             elif isinstance(n, X.PWhile):
+                start, tests = self.cycles.total, 0
                 while bool(self._read(n.cond)):
                     self._run(n.body)
                     if trace is not None:
                         trace.action(n, self.cycles.total)
+                    # A test counts a cycle at least, so an empty body ends too.
+                    tests += 1
+                    if self.cycles.total - start + tests > self.max_cycles:
+                        raise DeviceError(self._endless(n, self.cycles.total - start + tests))
             elif isinstance(n, X.PIf):
                 self._run(n.then if bool(self._read(n.cond)) else n.orelse)
             elif isinstance(n, X.PPrint):
@@ -232,6 +258,15 @@ class Machine:
                 print(f"{rd.label}: {format_array(self._read(n.read))}", file=self.out)
             else:
                 raise AssertionError(f"unhandled program node {n!r}")
+
+    def _endless(self, n: X.PWhile, counted: int) -> Diagnostic:
+        label = self.exe.reads[n.cond].label
+        i = self.exe.tensor_index(label)
+        span = self.exe.tensors[i].span if i is not None else Span(self.exe.name, 0, 0, 0, 0)
+        return Diagnostic(span, f"a device while loop on '{label}' ran more than {self.max_cycles:,} cycles "
+                          f"(it had counted {counted:,})", "error",
+                          ("stopped at run time by the cycle budget (a loop that never ends?); "
+                           "raise it with --max-cycles",))
 
     def _copy(self, c: X.CopyTable, kind: str = "", index: int = -1) -> None:
         if not c:
