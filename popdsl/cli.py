@@ -705,6 +705,9 @@ def cmd_report(args) -> int:
         reports.append(("partition", partition_report(exe.ir, exe.native(), args.max_cycles)))
     if args.json:
         doc = reports[0][1].to_json() if len(reports) == 1 else {k: r.to_json() for k, r in reports}
+        if "graph_stats" not in doc:        # the memory report carries them; --partition alone too
+            from popdsl.report.graphstats import graph_stats
+            doc["graph_stats"] = graph_stats(exe.ir).to_json()
         print(json.dumps(doc, indent=2))
     else:
         print("\n\n".join(r.text() for _, r in reports))
