@@ -250,8 +250,8 @@ def build(text: str, path: str, target: Target, graph: str | None = None, unchec
         return Build(exe, native, None, "off", why=why)
     with monitor("parse") if monitor is not None else nullcontext():
         modules = load_program(text, path)
-    key = build_key(modules, target, graph, unchecked, reuse, training, budgets, text, path)
     with monitor("cache") if monitor is not None else nullcontext():
+        key = build_key(modules, target, graph, unchecked, reuse, training, budgets, text, path)
         found = _lookup(key, load, unchecked)
     if found is not None:
         return found

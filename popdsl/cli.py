@@ -325,6 +325,7 @@ def _compile(args, stop_after=None):
     from popdsl.pipeline import compile_source
     if args.file.endswith(".popx"):
         raise UserError(f"'{args.file}' is already compiled; '{args.command}' needs a .pop file")
+    _monitor(args)                          # the clock starts before the source is read
     text, target = _read_source(args.file), _target(args)
     inspect, monitor = _hooks(args)
     return compile_source(text, args.file, target, args.graph, args.unchecked, stop_after,
@@ -338,6 +339,7 @@ def _build(args, inspect=None, load: bool = True, training: bool | None = None, 
     from popdsl import cache
     if args.file.endswith(".popx"):
         raise UserError(f"'{args.file}' is already compiled; '{args.command}' needs a .pop file")
+    _monitor(args)
     text, target = _read_source(args.file), _target(args)
     inspect, monitor = _hooks(args, inspect, prefix)
     try:

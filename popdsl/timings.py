@@ -164,7 +164,7 @@ class StageMonitor:
 
     def table(self, title: str = "") -> str:
         out = [title] if title else []
-        out.append(f"  {'stage':<14}{'wall s':>9}{'peak RSS MB':>14}  ")
+        out.append(f"  {'stage':<14}{'wall s':>9}{'peak RSS MiB':>14}  ")
         for r in self.rows:
             peak = f"{'' if r.exact else '~'}{r.peak / 2**20:,.0f}"
             out.append(f"  {r.name:<14}{r.seconds:>9.2f}{peak:>14}  {r.note}".rstrip())
