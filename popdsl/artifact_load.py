@@ -24,7 +24,7 @@ import numpy as np
 
 from popdsl import datafile
 from popdsl.diagnostics import Span
-from popdsl.frontend.parser import MAX_NESTING
+from popdsl.limits import MAX_NESTING
 from popdsl.ir import codelet as cir
 from popdsl.ir import executable as X
 from popdsl.ir.target import MAX_TILE_MEMORY, MAX_TILES, MIN_TILE_MEMORY, Target

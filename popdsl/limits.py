@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Lark parses about 100 KB of source a second; a bigger file is almost always data
-# that belongs in a .npz (`popc run --load-params`), and 50 MB would take minutes.
+# A source bigger than this is almost always data that belongs in a .npz (`popc run
+# --load-params`); the parser takes about a second per 10,000 lines (bench/parse.py).
 MAX_SOURCE_BYTES = 1 << 20
+# Every later stage walks the tree recursively; past this depth Python's stack would
+# not be enough.  No program a person writes comes near it.  (Both parsers and the
+# .popx loader use it, so it lives here, below them all.)
+MAX_NESTING = 200
 
 # An .npz member that inflates more than this many times over its compressed size,
 # to more than ZIP_BOMB_BYTES, is refused before it is inflated: real arrays do not

@@ -417,7 +417,7 @@ CORRUPT_LOWERED = [
     ("lower", _vertex_order, "group 0 (Scale): vertex 1 is on a lower tile than vertex 0"),
     ("lower", _copy_run, "program copy 0: run 0 of 1008 bytes"),
     ("lower", _program_index, "program: executes compute set 99 of 3"),
-    ("lower", _read_dtype, "read 0 ('cond'): of tensor 4 as i32 does not match the tensor"),
+    ("lower", _read_dtype, "read 0 ('flag'): of tensor 4 as i32 does not match the tensor"),
     ("codegen", _missing_native, "after codegen: codelets: vertices use ['Scale'], which have no native code"),
     ("plan", _plan_vertex_tile, "group 0 (Scale) field 'x': vertex 0: bytes"),
     ("plan", _plan_vertex_misaligned, "are not inside the data planned on tile 0 (tile memory 638976 B), or not 4-aligned"),

@@ -15,7 +15,7 @@ from lark import Token, Transformer, v_args
 from popdsl import resources
 from popdsl.diagnostics import CompileError, Diagnostic, SourceMap, Span
 from popdsl.frontend import ast
-from popdsl.frontend.parser import MAX_NESTING
+from popdsl.limits import MAX_NESTING
 
 # How terminals read in a message.
 _TOKEN_TEXT = {

@@ -15,11 +15,7 @@ import os
 from popdsl.diagnostics import CompileError, Diagnostic, SourceMap, Span
 from popdsl.frontend import ast
 from popdsl.frontend.fastparse import Handover, parse_fast
-from popdsl.limits import MAX_SOURCE_BYTES
-
-# Every later stage walks the tree recursively; past this depth Python's stack would
-# not be enough.  No program a person writes comes near it.
-MAX_NESTING = 200
+from popdsl.limits import MAX_NESTING, MAX_SOURCE_BYTES
 
 
 def parse(text: str, path: str = "<string>") -> ast.Module:

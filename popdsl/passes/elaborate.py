@@ -19,6 +19,8 @@ from popdsl.diagnostics import CompileError, Diagnostic, Diagnostics, Span
 from popdsl.frontend import ast
 from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node
+from popdsl.passes.elaborate_batch import BatchMixin
+from popdsl.passes.elaborate_batch import enabled as batch_enabled
 from popdsl.passes.elaborate_poplar import INITS, PoplarMixin, kind_of
 from popdsl.passes.elaborate_tensor import TensorMixin
 from popdsl.passes.elaborate_train import TrainMixin, says_minimize
@@ -53,7 +55,7 @@ _CMP_OPS = {
 _kind = kind_of         # how a compile-time value reads in a message
 
 
-class _Elaborator(PoplarMixin, TensorMixin, TrainMixin):
+class _Elaborator(BatchMixin, PoplarMixin, TensorMixin, TrainMixin):
     Bad = _Bad
 
     def __init__(self, prog: Program, target: Target, diags: Diagnostics, training: bool | None = None,
@@ -319,6 +321,8 @@ class _Elaborator(PoplarMixin, TensorMixin, TrainMixin):
         if step == 0:
             self.d.error(s.step.span, "a loop step must not be zero")
             raise _Bad
+        if self.context == "compute" and batch_enabled() and self.batch_for(s):
+            return g.Seq(())
         out: list[g.Prog] = []
         errors = len(self.d.items)
         for i in range(start, stop, step):

@@ -38,6 +38,17 @@ def type_text(dtype: str, dims) -> str:
     return f"{dtype}[{', '.join(map(str, dims))}]" if dims else dtype
 
 
+def as_lists(grp: g.VertexGroup) -> None:
+    """A group made in one step (arrays, `Stacked` connections) as one the
+    interpreter extends vertex by vertex (lists, a View per vertex)."""
+    grp.tiles = np.asarray(grp.tiles).tolist()
+    grp.span_ids = np.asarray(grp.span_ids).tolist()
+    grp.connections = {f: [g.View(st.tensor, np.asarray(st.index[k]), st.span) for k in range(len(st.index))]
+                       for f, st in grp.connections.items()}
+    grp.state = {f: np.asarray(v).tolist() for f, v in grp.state.items()}
+    grp.syms = {s: np.asarray(v).tolist() for s, v in grp.syms.items()}
+
+
 class PoplarMixin:
     """Needs: self.d, self.graph, self.target, self.scopes, self.prog, self.cs,
     self.expr, self.int_value, self.lookup, self.bind, self.poison, self.Bad."""
@@ -301,6 +312,8 @@ class PoplarMixin:
         if not ok:
             raise self.Bad
         grp = next((x for x in self.cs.groups if x.codelet == name), None)
+        if grp is not None and not isinstance(grp.tiles, list):
+            as_lists(grp)                   # made by a batched loop (`elaborate_batch`)
         if grp is None:
             grp = g.VertexGroup(name)
             self.cs.groups.append(grp)

@@ -66,12 +66,21 @@ def stacked_runs(conn, nv: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def list_runs(views) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`stacked_runs` for one View per vertex (graphs placed by hand)."""
-    parts = [view_runs(v.index) for v in views]
-    counts = np.array([p[0].size for p in parts], np.int64)
-    ptr = np.concatenate(([0], np.cumsum(counts)))
-    cat = (lambda k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0, np.int64))
-    return ptr, cat(0), cat(1)
+    """`stacked_runs` for one View per vertex (graphs placed by hand): all views'
+    elements end to end, a run broken where elements stop being consecutive and
+    where a vertex's view starts."""
+    if not views:
+        return np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    flats = [v.index.reshape(-1) for v in views]
+    sizes = np.fromiter(map(len, flats), np.int64, len(flats))
+    flat = np.concatenate(flats).astype(np.int64, copy=False)
+    starts = np.cumsum(sizes) - sizes
+    brk = np.ones(flat.size, bool)
+    brk[1:] = np.diff(flat) != 1
+    brk[starts[sizes > 0]] = True
+    first = np.nonzero(brk)[0]
+    ptr = np.append(np.searchsorted(first, starts), first.size)
+    return ptr, flat[first], np.diff(np.append(first, flat.size))
 
 
 # ---------------------------------------------------------------- the pass
