@@ -127,7 +127,7 @@ class StageMonitor:
 
     def _watch(self) -> None:
         next_draw = self._t0 + QUIET_SECONDS
-        while not self._stop.wait(SAMPLE_SECONDS if self.sample else REDRAW_SECONDS):
+        while not self._stop.wait(max(SAMPLE_SECONDS if self.sample else REDRAW_SECONDS, 0.005)):
             if self.sample:
                 rss = current_rss()
                 if rss is not None:
