@@ -1,6 +1,7 @@
 """The public Python API (README: "Python API").
 
-Requires the pipeline, the artifact reader and the simulator; produces `compile`,
+Requires the build cache (which compiles through the pipeline), the artifact
+reader and the simulator; produces `compile`,
 `load`, `Executable` and `Simulator`, and `check_feed` (the rule a host feed's
 dtype, shape and values must meet, shared with the CLI, which applies it to a
 data file's header before reading the data).
@@ -12,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from popdsl import artifact
+from popdsl import artifact, cache as build_cache
 from popdsl.codegen.jit import NativeCodelets
 from popdsl.ir.codelet import NUMPY_DTYPE
 from popdsl.limits import MAX_CYCLES, Budgets
-from popdsl.pipeline import compile_source
 from popdsl.ir import executable as X
 from popdsl.runtime.simulator import Machine
 from popdsl.ir.target import get_target
@@ -102,11 +102,12 @@ class Executable:
 def compile(path_or_source: str | os.PathLike, target: str = "gc200", tiles: int | None = None,
             tile_memory: int | None = None, graph: str | None = None,
             unchecked: bool = False, reuse: bool = True, training: bool | None = None,
-            budgets: Budgets | None = None) -> Executable:
+            budgets: Budgets | None = None, cache: bool = True) -> Executable:
     """Compile a `.pop` file (a path) or source text.  `training=False` compiles a
     graph that says `minimize` for inference (training() false, no update); None
     lets the graph say.  `budgets`: the compile-time limits (`popdsl.limits.Budgets`).
-    Raises CompileError."""
+    `cache`: take an unchanged build from the build cache and store new ones
+    (`popdsl.cache`; README, "Cached builds").  Raises CompileError."""
     if isinstance(path_or_source, os.PathLike) or (
             isinstance(path_or_source, str) and path_or_source.endswith(".pop")
             and "\n" not in path_or_source):
@@ -114,9 +115,9 @@ def compile(path_or_source: str | os.PathLike, target: str = "gc200", tiles: int
         text = Path(path).read_text(encoding="utf-8-sig")
     else:
         path, text = "<string>", str(path_or_source)
-    exe, native = compile_source(text, path, get_target(target, tiles, tile_memory), graph, unchecked,
-                                 reuse=reuse, training=training, budgets=budgets)
-    return Executable(exe, native)
+    b = build_cache.build(text, path, get_target(target, tiles, tile_memory), graph, unchecked,
+                          reuse=reuse, training=training, budgets=budgets, cache=cache)
+    return Executable(b.exe, b.native)
 
 
 def load(path: str | os.PathLike) -> Executable:

@@ -31,7 +31,7 @@ from popdsl.diagnostics import Span
 from popdsl.ir import codelet as cir
 from popdsl.ir import executable as X
 
-__all__ = ["ArtifactError", "MAGIC", "VERSION", "load", "save"]
+__all__ = ["ArtifactError", "MAGIC", "VERSION", "dumps", "load", "save"]
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)   # the zip format's epoch: builds are reproducible
 
 
@@ -84,6 +84,17 @@ def _member(name: str) -> zipfile.ZipInfo:
 
 def save(exe: X.Executable, path: str) -> None:
     """Write `exe` to `path` (atomically).  Raises OSError."""
+    write_atomically(path, lambda f: _write(exe, f))
+
+
+def dumps(exe: X.Executable) -> bytes:
+    """The bytes `save` writes (the build cache stores them and copies them out)."""
+    buf = io.BytesIO()
+    _write(exe, buf)
+    return buf.getvalue()
+
+
+def _write(exe: X.Executable, f) -> None:
     A = _Arrays()
     doc = {
         "format": MAGIC, "version": VERSION, "name": exe.name, "target": exe.target.to_json(),
@@ -110,20 +121,19 @@ def save(exe: X.Executable, path: str) -> None:
         "ops": exe.ops,
     }
 
-    def write(f) -> None:
-        with zipfile.ZipFile(f, "w") as z:
-            z.writestr(_member("popx.json"), json.dumps(doc))
-            for i, a in enumerate(A.items):
-                buf = io.BytesIO()
-                np.lib.format.write_array(buf, a, allow_pickle=False)
-                z.writestr(_member(f"a{i}.npy"), buf.getvalue())
-    write_atomically(path, write)
+    with zipfile.ZipFile(f, "w") as z:
+        z.writestr(_member("popx.json"), json.dumps(doc))
+        for i, a in enumerate(A.items):
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, a, allow_pickle=False)
+            z.writestr(_member(f"a{i}.npy"), buf.getvalue())
 
 
 # ---------------------------------------------------------------- reading
 
-def load(path: str, unchecked: bool = False) -> X.Executable:
-    """Read and validate a `.popx`.  Raises ArtifactError with a clear message.
+def load(path, unchecked: bool = False) -> X.Executable:
+    """Read and validate a `.popx` (a path, or a binary file object: the build cache
+    loads its entries from memory).  Raises ArtifactError with a clear message.
     `unchecked`: honour the file's --unchecked (drop bounds checks), which the file
     alone cannot ask for."""
     try:

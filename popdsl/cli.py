@@ -6,6 +6,7 @@ usage; 70 an internal compiler error (a bug of ours, said as such).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -71,7 +72,12 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-vertices", type=_positive, default=d.vertices, metavar="N",
                         help=f"vertices of the graph (default {d.vertices})")
         sp.add_argument("--verify", action="store_true",
-                        help="check the compiler's invariants after every stage (slower; for bug reports)")
+                        help="check the compiler's invariants after every stage (slower; for bug reports; "
+                             "compiles without the build cache)")
+        sp.add_argument("--no-cache", action="store_true",
+                        help="compile even if the build cache holds this build, and do not store it")
+        sp.add_argument("--timings", action="store_true",
+                        help="print each compiler stage's wall time and peak memory (on stderr)")
 
     def cycles(sp):
         sp.add_argument("--max-cycles", type=_cycles_budget, default=MAX_CYCLES, metavar="N",
@@ -169,15 +175,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _COMMANDS[args.command](args)
     except CompileError as e:
+        _quiet(args)
         print(e.render(), file=sys.stderr)
         n = len(e.diagnostics)
         if n > 1:
             print(f"{n} errors", file=sys.stderr)
         return EXIT_USER
     except UserError as e:
+        _quiet(args)
         print(f"popc: error: {e}", file=sys.stderr)
         return EXIT_USER
     except UsageError as e:
+        _quiet(args)
         parser.print_usage(sys.stderr)
         print(f"popc: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -192,11 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"popc: error: {e}", file=sys.stderr)
         return EXIT_USER
     except KeyboardInterrupt:
+        _quiet(args)
         print("popc: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
     except Exception as e:            # noqa: BLE001 — the one place a bug becomes a report
+        _quiet(args)
         print(f"popc: internal compiler error: {type(e).__name__}: {e}\n"
               "This is a bug in popdsl, not in your program; please report it with the input "
               "that caused it (set POPDSL_TRACEBACK=1 for details).", file=sys.stderr)
@@ -204,6 +215,81 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
             traceback.print_exc()
         return EXIT_INTERNAL
+    finally:
+        _quiet(args)
+
+
+# ---------------------------------------------------------------- timings and progress
+
+def _monitor(args):
+    """The stage monitor of this command (made on first use): timings with
+    --timings, a progress line when stderr is a terminal; None for neither."""
+    mon = getattr(args, "_monitor", None)
+    if mon is None:
+        try:
+            tty = sys.stderr.isatty()
+        except (AttributeError, ValueError):
+            tty = False
+        if not (tty or args.timings):
+            return None
+        from popdsl.pipeline import STAGE_NAMES
+        from popdsl.timings import StageMonitor
+        mon = args._monitor = StageMonitor(progress=sys.stderr if tty else None, sample=args.timings,
+                                           label=f"popc {args.command}", order=STAGE_NAMES)
+    return mon
+
+
+def _stage(args, name: str):
+    """A context around work of the command's own (writing the output) to time."""
+    mon = _monitor(args)
+    return mon.stage(name) if mon is not None else contextlib.nullcontext()
+
+
+def _quiet(args) -> None:
+    """Stop the progress line (before anything else is printed)."""
+    mon = getattr(args, "_monitor", None)
+    if mon is not None:
+        mon.close()
+
+
+def _timings(args, build=None) -> None:
+    """Print the --timings table (stderr) once the compile's work is done.
+    `build`: the cache.Build (None: a command that always compiles)."""
+    _quiet(args)
+    if not args.timings or getattr(args, "_timed", False):
+        return
+    args._timed = True
+    mon = getattr(args, "_monitor", None)
+    if mon is None:
+        print(f"popc: --timings: nothing was compiled ('{args.file}' is a .popx)", file=sys.stderr)
+        return
+    if build is None:
+        status = f"not used ('{args.command}' always compiles)"
+    elif build.status == "hit":
+        status = "hit (no stage ran: the executable came from the cache)"
+    elif build.status == "miss":
+        status = f"miss (compiled; {build.why})"
+    else:
+        status = f"off ({build.why})"
+    print(mon.table(f"compile of {args.file}; build cache: {status}"), file=sys.stderr)
+
+
+def _hooks(args, inspect=None, prefix: str = ""):
+    """The pipeline hooks: `inspect` (if any), the stage counts the progress line
+    shows, and the monitor."""
+    mon = _monitor(args)
+    if mon is None:
+        return inspect, None
+
+    def counting(stage: str, result) -> None:
+        if stage == "elaborate":
+            mon.counts = f"{len(result.tensors):,} tensors"
+        elif stage == "partition":
+            n = sum(len(grp) for cs in result.compute_sets.values() for grp in cs.groups)
+            mon.counts = f"{n:,} vertices"
+        if inspect is not None:
+            inspect(stage, result)
+    return counting, (lambda name: mon.stage(prefix + name))
 
 
 # ---------------------------------------------------------------- helpers
@@ -234,13 +320,35 @@ def _read_source(path: str) -> str:
         raise UserError(f"cannot read '{path}': {e.strerror}") from None
 
 
-def _compile(args, stop_after=None, inspect=None):
+def _compile(args, stop_after=None):
+    """Compile (check, dump: always, without the build cache)."""
     from popdsl.pipeline import compile_source
     if args.file.endswith(".popx"):
         raise UserError(f"'{args.file}' is already compiled; '{args.command}' needs a .pop file")
-    return compile_source(_read_source(args.file), args.file, _target(args), args.graph,
-                          args.unchecked, stop_after, reuse=not args.no_reuse, verify=args.verify or None,
-                          budgets=Budgets(args.max_unroll, args.max_ops, args.max_vertices), inspect=inspect)
+    _monitor(args)                          # the clock starts before the source is read
+    text, target = _read_source(args.file), _target(args)
+    inspect, monitor = _hooks(args)
+    return compile_source(text, args.file, target, args.graph, args.unchecked, stop_after,
+                          reuse=not args.no_reuse, verify=args.verify or None,
+                          budgets=Budgets(args.max_unroll, args.max_ops, args.max_vertices),
+                          inspect=inspect, monitor=monitor)
+
+
+def _build(args, inspect=None, load: bool = True, training: bool | None = None, prefix: str = ""):
+    """Compile a .pop through the build cache (build, run, report): a `cache.Build`."""
+    from popdsl import cache
+    if args.file.endswith(".popx"):
+        raise UserError(f"'{args.file}' is already compiled; '{args.command}' needs a .pop file")
+    _monitor(args)
+    text, target = _read_source(args.file), _target(args)
+    inspect, monitor = _hooks(args, inspect, prefix)
+    try:
+        return cache.build(text, args.file, target, args.graph, args.unchecked, reuse=not args.no_reuse,
+                           training=training, budgets=Budgets(args.max_unroll, args.max_ops, args.max_vertices),
+                           cache=not args.no_cache, verify=args.verify or None, load=load,
+                           inspect=inspect, monitor=monitor)
+    except cache.CacheSettingError as e:
+        raise UserError(str(e)) from None
 
 
 def _executable(args, inspect=None):
@@ -257,8 +365,9 @@ def _executable(args, inspect=None):
             raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to a .popx: "
                              "it was compiled for its target; rebuild it from its source with the flag")
         return Executable(artifact.load(args.file, unchecked=args.unchecked))
-    exe, native = _compile(args, inspect=inspect)
-    return Executable(exe, native)
+    b = _build(args, inspect)
+    args._build = b
+    return Executable(b.exe, b.native)
 
 
 # ---------------------------------------------------------------- commands
@@ -272,21 +381,27 @@ def _output_name(flag: str, path: str | None) -> None:
 def cmd_build(args) -> int:
     _output_name("-o", args.output)
     out = args.output or str(Path(args.file).with_suffix(".popx"))
-    exe, _ = _compile(args)
+    b = _build(args, load=False)
     if os.path.exists(out) and os.path.samefile(out, args.file):
         raise UsageError(f"-o {out} would overwrite the source file")
     try:
-        artifact.save(exe, out)
+        with _stage(args, "write"):
+            if b.popx is not None:          # from the cache, or just stored there
+                write_atomically(out, lambda f: f.write(b.popx))
+            else:
+                artifact.save(b.exe, out)
     except IsADirectoryError:
         raise UserError(f"cannot write '{out}': it is a directory") from None
     except OSError as e:
         raise UserError(f"cannot write '{out}': {e.strerror}") from None
-    print(f"wrote {out}")
+    _timings(args, b)
+    print(f"wrote {out}" + (" (from the build cache)" if b.status == "hit" else ""))
     return 0
 
 
 def cmd_check(args) -> int:
     exe, _ = _compile(args)
+    _timings(args, None)
     nv = sum(len(g.tiles) for cs in exe.compute_sets for g in cs.groups)
     print(f"{args.file}: ok (graph '{exe.name}': {_count(len(exe.tensors), 'tensor')}, "
           f"{_count(nv, 'vertex', 'vertices')} in {_count(len(exe.compute_sets), 'compute set')}, "
@@ -444,6 +559,7 @@ def cmd_run(args) -> int:
     feeds = early["feeds"] if "feeds" in early else _feeds(args, _inputs(exe.ir))
     params = _params(args.load_params, exe.ir) if args.load_params else {}
     test = _eval_data(args, exe) if args.eval else None      # errors before a long run
+    _timings(args, getattr(args, "_build", None))
     sim = Simulator(exe, threads=args.threads or os.cpu_count(), max_cycles=args.max_cycles)
     recorder = None
     if args.trace:
@@ -514,9 +630,8 @@ def _eval_data(args, exe):
     npz = [e for e in args.eval if "=" not in e]
     if len(npz) > 1:
         raise UserError(f"--eval takes one .npz file (or NAME=FILE per input), given {', '.join(npz)}")
-    from popdsl.pipeline import compile_source
-    eval_exe = Executable(*compile_source(_read_source(args.file), args.file, _target(args), args.graph,
-                                          args.unchecked, reuse=not args.no_reuse, training=False))
+    b = _build(args, training=False, prefix="eval ")
+    eval_exe = Executable(b.exe, b.native)
     test = _feeds(args, _inputs(eval_exe.ir), [e for e in args.eval if "=" in e], npz[0] if npz else "", "--eval")
     try:
         training.reported(eval_exe)
@@ -580,6 +695,7 @@ def cmd_report(args) -> int:
             _output_name(flag, getattr(args, attr))
             _writable(getattr(args, attr), flag)
     exe = _executable(args)
+    _timings(args, getattr(args, "_build", None))
     if wanted:
         _pictures(args, exe.ir)
         if not (args.memory or args.partition or args.json):
@@ -591,6 +707,9 @@ def cmd_report(args) -> int:
         reports.append(("partition", partition_report(exe.ir, exe.native(), args.max_cycles)))
     if args.json:
         doc = reports[0][1].to_json() if len(reports) == 1 else {k: r.to_json() for k, r in reports}
+        if "graph_stats" not in doc:        # the memory report carries them; --partition alone too
+            from popdsl.report.graphstats import graph_stats
+            doc["graph_stats"] = graph_stats(exe.ir).to_json()
         print(json.dumps(doc, indent=2))
     else:
         print("\n\n".join(r.text() for _, r in reports))
@@ -600,6 +719,7 @@ def cmd_report(args) -> int:
 def cmd_dump(args) -> int:
     from popdsl.pipeline import dump
     result = _compile(args, args.after)
+    _timings(args, None)
     print(dump(args.after, result), end="")
     return 0
 

@@ -32,6 +32,10 @@ class SourceMap:
         cls._texts[path] = text
 
     @classmethod
+    def text(cls, path: str) -> str | None:
+        return cls._texts.get(path)
+
+    @classmethod
     def line(cls, path: str, line: int) -> str | None:
         text = cls._texts.get(path)
         if text is None or line < 1:

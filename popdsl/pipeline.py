@@ -15,6 +15,7 @@ is a bug of the compiler, never of the program: it raises AssertionError.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -158,22 +159,33 @@ def verify_by_default() -> bool:
 def compile_source(text: str, path: str, target: Target, graph: str | None = None,
                    unchecked: bool = False, stop_after: str | None = None, reuse: bool = True,
                    verify: bool | None = None, training: bool | None = None,
-                   budgets: Budgets | None = None, inspect=None):
+                   budgets: Budgets | None = None, inspect=None, monitor=None, start=None):
     """Returns (Executable, NativeCodelets), or the result of stage `stop_after`.
     `training`: False compiles a graph that minimizes for inference (training()
     false, no update), None lets the graph say.  `inspect(stage, result)`, if given,
     sees each stage's result (the CLI checks feeds against the inputs once they are
-    elaborated, before the long stages).  Raises CompileError for errors in the
-    program."""
+    elaborated, before the long stages).  `monitor(stage)`, if given, returns a
+    context manager entered around each stage (and its verifier): timings and
+    progress hook in there, without any stage knowing.  `start = (stage, result)`
+    resumes after `stage`, whose result the caller already has (the build cache
+    parses to compute its key).  Raises CompileError for errors in the program."""
     if stop_after is not None and stop_after not in STAGE_NAMES:
         raise ValueError(f"unknown stage {stop_after!r}")
     verify = verify_by_default() if verify is None else verify
     opts = Options(text, path, target, graph, unchecked, reuse, verify, training, budgets or Budgets())
-    result = None
-    for stage in STAGES:
-        result = stage.run(opts, result)
-        if verify and stage.verify is not None:
-            stage.verify(result)
+    result, stages = None, STAGES
+    if start is not None:
+        done, result = start
+        stages = STAGES[STAGE_NAMES.index(done) + 1:]
+        if inspect is not None:
+            inspect(done, result)
+        if done == stop_after:
+            return result
+    for stage in stages:
+        with monitor(stage.name) if monitor is not None else nullcontext():
+            result = stage.run(opts, result)
+            if verify and stage.verify is not None:
+                stage.verify(result)
         if inspect is not None:
             inspect(stage.name, result)
         if stage.name == stop_after:

@@ -10,7 +10,7 @@ PKG = Path(__file__).resolve().parent.parent / "popdsl"
 
 # Bottom up.  A module may import modules of its own layer and of the layers below.
 LAYERS = (
-    ("diagnostics", "resources", "limits", "atomic"),
+    ("diagnostics", "resources", "limits", "atomic", "timings"),
     ("frontend",),
     ("ir",),
     ("ops",),
@@ -20,6 +20,7 @@ LAYERS = (
     ("runtime",),
     ("report", "artifact", "artifact_load", "data", "datafile"),
     ("pipeline",),
+    ("cache",),
     ("api",),
     ("training",),
     ("cli", "__main__"),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from popdsl.ir.executable import CATEGORIES, Executable
+from popdsl.report.graphstats import graph_stats
 
 TIMELINE_WIDTH = 48
 
@@ -53,6 +54,7 @@ class MemoryReport:
             "timeline": [{"point": i, "action": lbl, "live_bytes": int(v)}
                          for i, (lbl, v) in enumerate(zip(m.timeline_labels, m.timeline.tolist()))],
             "tile_bytes": total.tolist(),
+            "graph_stats": graph_stats(self.exe).to_json(),
         }
 
     def text(self) -> str:
@@ -71,6 +73,7 @@ class MemoryReport:
         for c, v in j["categories"].items():
             out.append(f"  {c.replace('_', ' '):<26}{v['total']:>15,}{v['max']:>12,}{v['mean']:>12,.0f}")
         out.append("  busiest tiles: " + ", ".join(f"{w['tile']} ({w['planned']:,} B)" for w in j["worst_tiles"]))
+        out += ["", "  " + graph_stats(self.exe).text().replace("\n", "\n  ")]
         out += ["", "  largest tensors:"]
         for r in j["largest_tensors"]:
             out.append(f"    {r['bytes']:>12,} B  {r['kind']:<6} {r['name']} {r['dtype']}{r['shape']}  {r['source']}")
