@@ -27,11 +27,12 @@ from popdsl.diagnostics import Span
 from popdsl.limits import MAX_NESTING
 from popdsl.ir import codelet as cir
 from popdsl.ir import executable as X
+from popdsl.ir.initializers import Recipe, checksum
 from popdsl.ir.target import MAX_TILE_MEMORY, MAX_TILES, MIN_TILE_MEMORY, Target
 from popdsl.ir.verify import verify_codelet
 
 MAGIC = "popdsl-executable"
-VERSION = 3
+VERSION = 4
 MEMORY_ARRAYS = X.CATEGORIES + ("planned", "lower_bound", "naive_data", "timeline")
 # JSON levels of one codelet's IR: sema makes at most two per level of source
 # nesting (a node and a list), and the parser allows MAX_NESTING levels.  Deeper IR
@@ -44,7 +45,11 @@ MAX_MEMBERS = 1 << 20
 MAX_RANK = 8
 _I32 = (1 << 31) - 1
 _BIG = 1 << 62            # cycle and byte figures: sums of a few stay inside int64
-_REF = re.compile(r"a[0-9]{1,7}")
+_REF = re.compile(r"(a[0-9]{1,7})(:d)?")
+# Integer arrays of at least this many elements are stored as differences along their
+# first axis (`artifact._Arrays`), in the narrowest of these types that holds them.
+DELTA_MIN = 16
+DELTA_TYPES = (np.int8, np.int16, np.int32, np.int64)
 _KINDS = ("var", "input", "param", "temp")
 
 
@@ -143,25 +148,48 @@ class Loader:
                                 f"this popc reads version {VERSION}); rebuild it with 'popc build'")
         self.arrays = datafile.ZipArrays(z, refuse_bombs=False)
         self.used: set[str] = set()
+        self.widened = sum(i.file_size for i in infos if i.filename != "popx.json")
 
     def array(self, ref, dtype, ndim: int | None = None, shape=None, rows: int | None = None) -> np.ndarray:
         """Array member `ref`, refused from its header unless it has this dtype,
         rank, shape (or number of rows); each member is read at most once."""
-        if not isinstance(ref, str) or not _REF.fullmatch(ref) or ref not in self.arrays.infos:
+        m = _REF.fullmatch(ref) if isinstance(ref, str) else None
+        if m is None or m.group(1) not in self.arrays.infos:
             raise damaged(f"bad array reference {ref!r}")
+        ref, delta = m.group(1), m.group(2) is not None
         if ref in self.used:
             raise damaged(f"array {ref} is used twice")
         self.used.add(ref)
         want = np.dtype(dtype)
+        if delta and want.kind not in "iu":
+            raise damaged(f"array {ref} is delta-coded but holds {want} values")
 
         def check(h: datafile.Header) -> None:
-            if h.dtype != want or h.fortran:
-                raise damaged(f"array {ref} holds {h.dtype}, expected {want}")
+            ok = h.dtype in (np.dtype(t).newbyteorder("<") for t in DELTA_TYPES) if delta else h.dtype == want
+            if not ok or h.fortran:
+                raise damaged(f"array {ref} holds {h.dtype}, expected {'deltas of ' if delta else ''}{want}")
             if (ndim is not None and len(h.shape) != ndim) or len(h.shape) > MAX_RANK \
                     or (shape is not None and h.shape != tuple(shape)) \
-                    or (rows is not None and (not h.shape or h.shape[0] != rows)):
+                    or (rows is not None and (not h.shape or h.shape[0] != rows)) \
+                    or (delta and not h.shape):
                 raise damaged(f"array {ref} has shape {list(h.shape)}, which does not fit its use")
-        return self.arrays.array(ref, check)
+            # What the deltas widen to counts against the limit the members' sizes did.
+            self.widened += math.prod(h.shape) * max(want.itemsize, 8 if delta else 0) - h.nbytes
+            if self.widened > MAX_ARRAY_BYTES:
+                raise ArtifactError(f"arrays larger than {MAX_ARRAY_BYTES:,} bytes: more than any "
+                                    "executable popc builds; not loaded")
+        a = self.arrays.array(ref, check)
+        if not delta:
+            return a
+        # int64 sums wrap exactly as the writer's differences did: the values come back
+        # bit for bit, and a forged file gets only what its checks below allow.
+        full = np.cumsum(a, axis=0, dtype=np.int64)
+        if want != np.int64:
+            info = np.iinfo(want)
+            if full.size and (full.min() < info.min or full.max() > info.max):
+                raise damaged(f"array {ref} holds values beyond {want}")
+            full = full.astype(want)
+        return full
 
     def executable(self) -> X.Executable:
         d = _dict(self.doc, "popx.json")
@@ -186,11 +214,24 @@ class Loader:
         names = [t.name for t in tensors]
         if len(set(names)) != len(names):
             raise damaged("two tensors have one name")
-        init = {}
+        init, recipes = {}, {}
         for k, ref in _dict(d["init"], "initial values").items():
             if not re.fullmatch(r"[0-9]{1,9}", k) or int(k) >= len(tensors):
                 raise damaged(f"initial value for tensor {k!r}, which is not there")
             t = tensors[int(k)]
+            if isinstance(ref, dict):
+                # Drawn again, bit for bit (ir.initializers); its size was bounded with the tensor's.
+                try:
+                    r = Recipe.from_json(_dict(ref, "an initializer", ("recipe",))["recipe"], t.shape, t.dtype)
+                except ValueError as e:
+                    raise damaged(f"initial value of {t.name!r}: {e}") from None
+                self.widened += math.prod(t.shape) * cir.ELEM_BYTES[t.dtype]
+                if self.widened > MAX_ARRAY_BYTES:
+                    raise ArtifactError(f"arrays larger than {MAX_ARRAY_BYTES:,} bytes: more than any "
+                                        "executable popc builds; not loaded")
+                init[int(k)] = r.values()
+                recipes[int(k)] = (r, checksum(init[int(k)]))
+                continue
             # (A scalar's value was written as shape [1] by earlier versions.)
             a = self.array(ref, cir.NUMPY_DTYPE[t.dtype])
             if a.shape != t.shape and not (t.shape == () and a.shape == (1,)):
@@ -219,7 +260,8 @@ class Loader:
                    for k, v in _dict(d["outputs"], "outputs").items()}
         return X.Executable(_str(d["name"], "the graph's name"), target, codelets, tensors, runs, init, css,
                             copies, reads, program, inputs, outputs, spans, self.memory(d["memory"]),
-                            self.flag(d["unchecked"]), [self.op(op, len(css)) for op in _list(d.get("ops", []), "ops")])
+                            self.flag(d["unchecked"]), [self.op(op, len(css)) for op in _list(d.get("ops", []), "ops")],
+                            recipes)
 
     @staticmethod
     def flag(v) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -269,9 +270,19 @@ def _tampered(built: Path, tmp_path: Path, edit_doc=None, edit_arrays=None) -> P
         edit_doc(doc)
     m["popx.json"] = json.dumps(doc).encode()
     if edit_arrays:
-        arrays = {n[:-4]: np.load(io.BytesIO(b)) for n, b in m.items() if n.endswith(".npy")}
+        # Arrays are keyed by their refs in popx.json; delta-coded ones ("aN:d") are
+        # shown as their values and coded again (as int64 deltas) after the edit.
+        coded = set(re.findall(r'"(a[0-9]+):d"', m["popx.json"].decode()))
+        arrays = {}
+        for n, b in m.items():
+            if n.endswith(".npy"):
+                a = np.load(io.BytesIO(b))
+                arrays[n[:-4] + ":d" if n[:-4] in coded else n[:-4]] = \
+                    np.cumsum(a, axis=0, dtype=np.int64) if n[:-4] in coded else a
         edit_arrays(doc, arrays)
         for name, a in arrays.items():
+            if name.endswith(":d"):
+                name, a = name[:-2], np.diff(a.astype(np.int64), axis=0, prepend=np.zeros((1,) + a.shape[1:], np.int64))
             buf = io.BytesIO()
             np.save(buf, a)
             m[name + ".npy"] = buf.getvalue()

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import popdsl
 from popdsl import cli
@@ -506,3 +508,132 @@ def _zip_bytes(members: dict[str, bytes]) -> bytes:
         for n, b in members.items():
             z.writestr(n, b)
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------- delta-coded arrays
+
+def _loader_for(arrays: dict[str, np.ndarray]):
+    """A Loader over a zip holding a minimal popx.json and these members."""
+    from popdsl.artifact_load import MAGIC, VERSION, Loader
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("popx.json", json.dumps({"format": MAGIC, "version": VERSION}))
+        for name, a in arrays.items():
+            b = io.BytesIO()
+            np.save(b, a)
+            z.writestr(name + ".npy", b.getvalue())
+    return Loader(zipfile.ZipFile(buf))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(-2**63, 2**63 - 1), min_size=16, max_size=200),
+       st.sampled_from([np.int64, np.int32, np.uint8]))
+def test_integer_arrays_come_back_bit_for_bit(values, dtype):
+    from popdsl.artifact import _Arrays
+    info = np.iinfo(dtype)
+    a = np.array([min(max(v, info.min), info.max) for v in values], dtype)
+    A = _Arrays()
+    ref = A.ref(a)
+    assert ref.endswith(":d")              # long integer arrays are delta-coded
+    got = _loader_for({"a0": A.items[0]}).array(ref, dtype)
+    assert got.dtype == a.dtype and np.array_equal(got, a)
+
+
+def test_tables_are_delta_coded_along_their_rows():
+    from popdsl.artifact import _Arrays
+    t = np.arange(64, dtype=np.int64).reshape(16, 4) * 1000
+    A = _Arrays()
+    ref = A.ref(t)
+    assert A.items[0].dtype == np.int16     # steps of 4000 down the columns
+    assert np.array_equal(_loader_for({"a0": A.items[0]}).array(ref, np.int64, ndim=2), t)
+
+
+def test_forged_deltas_are_refused():
+    from popdsl.artifact_load import ArtifactError
+    big = np.full(16, 2**30, np.int64)      # sums beyond int32
+    with pytest.raises(ArtifactError, match="beyond int32"):
+        _loader_for({"a0": big}).array("a0:d", np.int32)
+    with pytest.raises(ArtifactError, match="delta-coded but holds float32"):
+        _loader_for({"a0": big}).array("a0:d", np.float32)
+    with pytest.raises(ArtifactError, match="holds float64, expected deltas of int64"):
+        _loader_for({"a0": np.zeros(16)}).array("a0:d", np.int64)
+    with pytest.raises(ArtifactError, match="bad array reference"):
+        _loader_for({"a0": big}).array("a0:x", np.int64)
+
+
+def test_deltas_that_would_widen_past_the_limit_are_refused(monkeypatch):
+    """int8 deltas become int64 values: eight times the bytes the member declares."""
+    from popdsl import artifact_load
+    from popdsl.artifact_load import ArtifactError
+    loader = _loader_for({"a0": np.zeros(1 << 16, np.int8)})
+    monkeypatch.setattr(artifact_load, "MAX_ARRAY_BYTES", 1 << 18)
+    with pytest.raises(ArtifactError, match="arrays larger than"):
+        loader.array("a0:d", np.int64)
+
+
+# ---------------------------------------------------------------- parameters as recipes
+
+def test_initializers_draw_the_same_bits_everywhere():
+    """The values a .popx's recipes stand for, pinned: a numpy that drew other bits
+    would load other weights than were built."""
+    from popdsl.ir.initializers import Recipe, checksum
+    assert checksum(Recipe("he_normal", 7, (64, 3, 7, 7), "f32").values()) == 3188237393
+    assert checksum(Recipe("glorot_uniform", 7, (300, 200), "f32").values()) == 2151325521
+    assert checksum(Recipe("he_normal", 7, (33,), "f16").values()) == 3027648035
+
+
+def test_initializers_have_their_distributions():
+    from popdsl.ir.initializers import Recipe
+    w = Recipe("he_normal", 1, (256, 128, 3, 3), "f32").values().astype(np.float64)
+    std = np.sqrt(2.0 / (128 * 9))
+    assert abs(w.mean()) < 0.01 * std and abs(w.std() / std - 1) < 0.01
+    assert np.abs(w).max() <= 2 * np.sqrt(3) * std * (1 + 1e-6)          # Irwin-Hall's bound
+    lim = np.sqrt(6.0 / (300 + 200))
+    u = Recipe("glorot_uniform", 3, (300, 200), "f32").values()
+    np.testing.assert_array_equal(u, np.random.default_rng(3).uniform(-lim, lim, (300, 200)).astype(np.float32))
+
+
+_PARAMS = """
+import "popnn";
+graph p(tiles = 4) {
+    input x: f32[2, 8];
+    output y = dense(x, 4);
+}
+"""
+
+
+def test_parameters_are_stored_as_their_recipes(tmp_path):
+    from popdsl import artifact
+    exe = popdsl.compile(_PARAMS, tiles=4)
+    path = tmp_path / "p.popx"
+    exe.save(path)
+    doc = json.loads(_members(path)["popx.json"])
+    w = next(i for i, t in enumerate(doc["tensors"]) if t["name"].endswith("dense_1.w"))
+    assert doc["init"][str(w)] == {"recipe": {"kind": "glorot_uniform", "seed": doc["init"][str(w)]["recipe"]["seed"]}}
+    back = artifact.load(path)
+    np.testing.assert_array_equal(back.init[w], exe.ir.init[w])
+    # Values that are no longer what the recipe drew are stored as values.
+    exe.ir.init[w] = exe.ir.init[w] + 1
+    exe.save(path)
+    doc = json.loads(_members(path)["popx.json"])
+    assert isinstance(doc["init"][str(w)], str)
+    np.testing.assert_array_equal(artifact.load(path).init[w], exe.ir.init[w])
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ({"kind": "lecun", "seed": 1}, "not an initializer popdsl writes"),
+    ({"kind": "he_normal", "seed": -1}, "not an initializer popdsl writes"),
+    ({"kind": "he_normal", "seed": 1.5}, "not an initializer popdsl writes"),
+    ({"kind": "he_normal"}, "not an initializer popdsl writes"),
+])
+def test_forged_recipes_are_refused(tmp_path, recipe, message):
+    exe = popdsl.compile(_PARAMS, tiles=4)
+    path = tmp_path / "p.popx"
+    exe.save(path)
+
+    def edit(doc):
+        k = next(k for k, v in doc["init"].items() if isinstance(v, dict))
+        doc["init"][k] = {"recipe": recipe}
+    bad = _tampered(path, tmp_path, edit)
+    code, _, err = popc("run", bad, "--feed", "x=" + str(tmp_path / "nothing.npy"))
+    assert code == 1 and message in err, err

@@ -192,6 +192,8 @@ class Executable:
     memory: MemoryPlan
     unchecked: bool = False
     ops: list[dict] = field(default_factory=list)   # tensor ops: op, shape, source, compute set indices
+    # tensor id → (Recipe, checksum) where `init` holds what the recipe draws (ir.initializers)
+    init_recipes: dict[int, tuple] = field(default_factory=dict)
 
     def addresses(self, i: int) -> np.ndarray:
         """The global byte address of every element of tensor `i`, in flat order

@@ -152,6 +152,8 @@ class TensorGraph:
     codelets: dict[str, cir.Codelet]
     tensors: list[Tensor] = field(default_factory=list)
     init: dict[int, np.ndarray] = field(default_factory=dict)        # tensor id → values
+    # tensor id → (the initializer that drew its values, their checksum): see ir.initializers
+    init_recipes: dict[int, tuple] = field(default_factory=dict)
     tile_of: dict[int, np.ndarray] = field(default_factory=dict)     # tensor id → int32 per element, -1 unmapped
     compute_sets: dict[str, ComputeSet] = field(default_factory=dict)
     program: Seq = Seq(())
@@ -177,7 +179,7 @@ class TensorGraph:
         """A graph a pass may extend without changing this one: new containers, new
         mapping arrays; tensors, views, compute sets already made and nodes are
         shared (no pass changes them)."""
-        return replace(self, codelets=dict(self.codelets), tensors=list(self.tensors), init=dict(self.init),
+        return replace(self, codelets=dict(self.codelets), tensors=list(self.tensors), init=dict(self.init), init_recipes=dict(self.init_recipes),
                        tile_of={k: v.copy() for k, v in self.tile_of.items()},
                        compute_sets=dict(self.compute_sets), inputs=dict(self.inputs),
                        outputs=list(self.outputs), spans=list(self.spans), params=list(self.params),

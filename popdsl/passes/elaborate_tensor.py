@@ -17,6 +17,7 @@ from popdsl.diagnostics import Span
 from popdsl.frontend import ast
 from popdsl.ir import codelet as cir
 from popdsl.ir import graph as g
+from popdsl.ir.initializers import Recipe, checksum
 from popdsl.ir.tensor import Node, NodeTable
 from popdsl import ops
 from popdsl.ops import elementwise, linalg
@@ -346,8 +347,8 @@ class TensorMixin:
         else:
             full = ".".join(self.path + [s.name])
         init_expr = getattr(s, "init", None) if kind == "param" else s.value
-        values = self.param_init(init_expr, dtype, shape, full) if init_expr is not None \
-            else np.zeros(shape, cir.NUMPY_DTYPE[dtype])
+        values, recipe = self.param_init(init_expr, dtype, shape, full) if init_expr is not None \
+            else (np.zeros(shape, cir.NUMPY_DTYPE[dtype]), None)
         gr = self.graph
         if any(t.name == full for t in gr.tensors):
             self.d.error(s.span, f"'{full}' is declared twice")
@@ -356,12 +357,14 @@ class TensorMixin:
         gr.tensors.append(t)
         gr.tile_of[t.id] = np.full(t.numel, -1, dtype=np.int32)
         gr.init[t.id] = values
+        if recipe is not None:
+            gr.init_recipes[t.id] = (recipe, checksum(values))
         if kind == "param":
             gr.params.append(t.id)
         self.bind(s.name, g.View(t.id, np.arange(t.numel, dtype=np.int64).reshape(shape), s.span), s.span)
 
-    def param_init(self, e, dtype: str, shape, full: str) -> np.ndarray:
-        npdt = np.dtype(cir.NUMPY_DTYPE[dtype])
+    def param_init(self, e, dtype: str, shape, full: str):
+        """(initial values, the Recipe that drew them or None)."""
         if isinstance(e, ast.Call) and isinstance(e.fn, ast.Name) and e.fn.id in ("glorot_uniform", "he_normal"):
             fn = e.fn.id
             seed = zlib.crc32(full.encode())
@@ -374,19 +377,12 @@ class TensorMixin:
                 else:
                     self.d.error(a.span, f"{fn}() takes only 'seed'")
                     raise self.Bad
-            if len(shape) < 2:
-                fan_in = fan_out = int(shape[0]) if shape else 1
-            elif len(shape) == 2:
-                fan_in, fan_out = shape
-            else:                                   # OIHW convolution weights
-                rf = int(np.prod(shape[2:]))
-                fan_in, fan_out = shape[1] * rf, shape[0] * rf
-            rng = np.random.default_rng(seed)
-            if fn == "glorot_uniform":
-                lim = np.sqrt(6.0 / (fan_in + fan_out))
-                return rng.uniform(-lim, lim, size=shape).astype(npdt)
-            return rng.normal(0.0, np.sqrt(2.0 / fan_in), size=shape).astype(npdt)
+            if dtype not in ("f32", "f16"):
+                self.d.error(e.span, f"{fn}() draws floating-point values; '{full}' is {dtype}")
+                raise self.Bad
+            recipe = Recipe(fn, seed, tuple(shape), dtype)
+            return recipe.values(), recipe
         if isinstance(e, ast.Call) and isinstance(e.fn, ast.Name) and e.fn.id in ("uniform", "normal") \
                 and not any(isinstance(a, ast.Kwarg) and a.name == "seed" for a in e.args):
             e = ast.Call(e.fn, e.args + (ast.Kwarg("seed", ast.IntLit(zlib.crc32(full.encode()), e.span), e.span),), e.span)
-        return self.initial_value(e, dtype, shape, full)
+        return self.initial_value(e, dtype, shape, full), None

@@ -252,7 +252,8 @@ def _finish(low: Lowered, codelets: dict, base: np.ndarray, mem: X.MemoryPlan, u
             "compute_sets": [cs_index[n] for n in op["compute_sets"]]} for op in graph.ops]
     return X.Executable(graph.name, target, dict(codelets), tensors, tensor_runs,
                         dict(graph.init), css, copies, reads, low.program, dict(graph.inputs),
-                        dict(low.outputs), list(graph.spans), mem, unchecked, ops)
+                        dict(low.outputs), list(graph.spans), mem, unchecked, ops,
+                        dict(graph.init_recipes))
 
 
 def _copy_table(c: CopyElems, region_addr: np.ndarray, target: Target) -> X.CopyTable:

@@ -1,0 +1,93 @@
+"""Random parameter initializers every host regenerates bit for bit from a seed.
+
+Requires numpy only; produces `Recipe` (an initializer, its seed and the tensor it
+fills) and `Recipe.values()`.  A model's parameters are most of its executable —
+ResNet-50's 25.5M f32 weights are 102 MB of noise that no compression shrinks — so
+a `.popx` stores a parameter drawn by a recipe as the recipe, and the loader draws
+it again.  That is only honest if the draw is the same everywhere, so the values
+come from the PCG64 bit generator's raw 64-bit stream (which numpy keeps stable
+across versions, unlike its distributions) through arithmetic IEEE 754 rounds the
+same way on every host:
+
+* `glorot_uniform`: low + (high - low) * u with u = (raw >> 11) * 2^-53 — exactly
+  what numpy's `Generator.uniform` computes, so the values are numpy's;
+* `he_normal`: (u1 + u2 + u3 + u4 - 2) * sqrt(3) * std with 32-bit uniforms, the
+  Irwin–Hall approximation of a normal with He's variance (2 / fan_in):
+  bell-shaped, mean 0, the right variance, bounded at ±3.46 σ.  No exp, log or
+  cos, whose last bits vary between math libraries.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+KINDS = ("glorot_uniform", "he_normal")
+_DTYPES = {"f32": np.float32, "f16": np.float16}
+MAX_SEED = 1 << 63
+
+
+def fans(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(fan_in, fan_out) of a weight: a vector's length, a matrix's rows and columns,
+    OIHW convolution weights' C*H*W and O*H*W."""
+    if len(shape) < 2:
+        n = int(shape[0]) if shape else 1
+        return n, n
+    if len(shape) == 2:
+        return int(shape[0]), int(shape[1])
+    rf = math.prod(shape[2:])
+    return int(shape[1]) * rf, int(shape[0]) * rf
+
+
+@dataclass(frozen=True, slots=True)
+class Recipe:
+    kind: str
+    seed: int
+    shape: tuple[int, ...]
+    dtype: str
+
+    def values(self) -> np.ndarray:
+        n = math.prod(self.shape)
+        fan_in, fan_out = fans(self.shape)
+        bits = np.random.PCG64(self.seed)
+        out = np.empty(n, _DTYPES[self.dtype])
+        if self.kind == "glorot_uniform":
+            lim = math.sqrt(6.0 / (fan_in + fan_out))
+            for i, m in _chunks(n):
+                u = (bits.random_raw(m) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+                out[i:i + m] = -lim + (2 * lim) * u
+        else:
+            scale = math.sqrt(3.0) * math.sqrt(2.0 / fan_in)
+            for i, m in _chunks(n):
+                # Four 32-bit uniforms (k + 1/2) / 2^32 per value, from two raw draws:
+                # their sum less 2 is exact in float64, so only the scaling rounds.
+                k = bits.random_raw(2 * m).view(np.uint32).reshape(m, 4).sum(axis=1, dtype=np.uint64)
+                out[i:i + m] = (k.astype(np.float64) * 2.0 ** -32 + 2.0 ** -31 - 2.0) * scale
+        return out.reshape(self.shape)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "seed": self.seed}
+
+    @staticmethod
+    def from_json(d, shape: tuple[int, ...], dtype: str) -> "Recipe":
+        """The recipe `d` (a .popx's) for a tensor of `shape` and `dtype`; ValueError
+        if it is not one this module makes."""
+        if not isinstance(d, dict) or set(d) != {"kind", "seed"} or d["kind"] not in KINDS \
+                or type(d["seed"]) is not int or not 0 <= d["seed"] < MAX_SEED or dtype not in _DTYPES \
+                or (d["kind"] == "he_normal" and fans(shape)[0] == 0):
+            raise ValueError("not an initializer popdsl writes")
+        return Recipe(d["kind"], d["seed"], tuple(shape), dtype)
+
+
+def checksum(values: np.ndarray) -> int:
+    """What `Recipe.values()` gave, as an executable keeps it: the writer stores the
+    recipe only while a tensor's initial values still have this checksum."""
+    return zlib.crc32(np.ascontiguousarray(values).view(np.uint8))
+
+
+def _chunks(n: int, step: int = 1 << 18):
+    """(start, length) of n draws in chunks: a big tensor never holds all its raw
+    draws at once, and each chunk's arithmetic stays in cache."""
+    return ((i, min(step, n - i)) for i in range(0, n, step))
