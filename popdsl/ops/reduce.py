@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from popdsl.ir import graph as g
+from popdsl.ir.index import Batch, Strided, as_array
 from popdsl.ir.tensor import Node
 from popdsl.ops import elementwise
 from popdsl.ops.blocks import blocks, emit_tasks
@@ -144,8 +145,17 @@ def sum_partials(p, partial: g.View, label: str, shape=None) -> g.View:
     # Few columns per vertex keep each vertex's K-row buffer small.
     grain = max(1, min(256, 8192 // max(K, 1)))
     for size, pos, tiles in p.chunks(p.g.tile_of[out.tensor], grain=grain, max_size=grain):
-        p.group(cs, p.prim("ReduceSumCols"), tiles,
-                {"a": (partial.tensor, np.moveaxis(cols[:, pos], 1, 0)), "y": (out.tensor, out.index[pos])})
+        first = pos[:, 0].astype(np.int64)
+        if isinstance(cols, Strided) and isinstance(out.index, Strided) \
+                and np.array_equal(pos, first[:, None] + np.arange(size)):
+            # Consecutive columns (the usual case, a linear mapping): strided per
+            # vertex, O(vertices) numbers rather than an index per element.
+            (ks, cs_), (os_,) = cols.strides, out.index.strides
+            a = Batch(cols.offset + cs_ * first, (K, size), (ks, cs_))
+            y = Batch(out.index.offset + os_ * first, (size,), (os_,))
+        else:
+            a, y = np.moveaxis(as_array(cols)[:, pos], 1, 0), as_array(out.index)[pos]
+        p.group(cs, p.prim("ReduceSumCols"), tiles, {"a": (partial.tensor, a), "y": (out.tensor, y)})
     return out
 
 

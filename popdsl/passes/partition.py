@@ -27,7 +27,7 @@ from popdsl import ops, resources
 from popdsl.diagnostics import Span
 from popdsl.ir import codelet as cir
 from popdsl.ir import graph as g
-from popdsl.ir.index import Strided, as_array, broadcast_to
+from popdsl.ir.index import Batch, Strided, as_array, broadcast_to
 from popdsl.ir.tensor import Node
 from popdsl.ops.blocks import GRAIN
 
@@ -313,7 +313,7 @@ class Partitioner:
         self.g.tile_of[out.tensor][:] = tile_of
         flat_leaves = []
         for v in views:
-            b = as_array(broadcast_to(v.index, n.shape)).ravel()
+            b = _flat(broadcast_to(v.index, n.shape))
             self.ensure_mapped(g.View(v.tensor, b, v.span), tile_of if v.shape == n.shape else None)
             flat_leaves.append((v.tensor, b))
         cs = self.new_cs(name)
@@ -325,12 +325,26 @@ class Partitioner:
             # elements at the same offsets, which the output would overwrite
             # before a vertex of the tile reads them.
             if v.shape == n.shape and t.shape == n.shape and cir.ELEM_BYTES[t.dtype] == cir.ELEM_BYTES[n.dtype] \
-                    and np.array_equal(as_array(v.index).ravel(), np.arange(t.numel)) \
+                    and (v.index.is_whole(t.numel) if isinstance(v.index, Strided)
+                         else np.array_equal(as_array(v.index).ravel(), np.arange(t.numel))) \
                     and np.array_equal(self.g.tile_of[v.tensor], tile_of):
                 self.g.inplace.append((out.tensor, v.tensor, cs.name))
+        dense: dict[int, np.ndarray] = {}
         for size, pos, tiles in self.chunks(tile_of):
-            conns = {f"a{k}": (t, b[pos]) for k, (t, b) in enumerate(flat_leaves)}
-            conns["y"] = (out.tensor, pos)
+            # A vertex's elements are usually consecutive (an output laid out by
+            # tile): then every strided operand is a Batch, O(vertices) numbers,
+            # not an index per element.
+            first = pos[:, 0]
+            runs = np.array_equal(pos, first[:, None] + np.arange(size))
+            conns = {}
+            for k, (t, b) in enumerate(flat_leaves):
+                if runs and isinstance(b, Strided):
+                    conns[f"a{k}"] = (t, Batch(b.offset + b.strides[0] * first, (size,), (b.strides[0],)))
+                else:
+                    if k not in dense:
+                        dense[k] = as_array(b)
+                    conns[f"a{k}"] = (t, dense[k][pos])
+            conns["y"] = (out.tensor, Batch(first.astype(np.int64), (size,), (1,)) if runs else pos)
             self.group(cs, name, tiles, conns)
         self.record(n, cs, flops=n.numel * _count_ops(expr, lets))
         return out
@@ -428,3 +442,13 @@ def _fused_ops(n: Node, leaves: list) -> str:
             names.append(op)
     visit(n)
     return "_".join(names[:4] + (["etc"] if len(names) > 4 else [])) or n.op
+
+
+def _flat(index):
+    """A view's elements in flat order: a 1-D strided view where there is one (not
+    for a broadcast), else the element array."""
+    if isinstance(index, Strided):
+        f = index.view_reshape((index.size,))
+        if f is not None:
+            return f
+    return as_array(index).ravel()
