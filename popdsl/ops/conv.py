@@ -111,7 +111,7 @@ def _conv_plan(p, outer: int, Og: int, Cg: int, OH: int, OW: int, kh: int, s: in
     multiply-accumulates and the bytes a tile receives, at the target's rates
     (input slab, weights, and partial sums when input channels are split) — among
     plans whose per-vertex blocks fit SLAB_BYTES."""
-    best, fallback = None, None
+    best, crowded, fallback = None, None, None
     target = p.g.target
     rate = target.exchange_bytes_per_cycle
     for go in pow2_splits(Og):
@@ -133,7 +133,12 @@ def _conv_plan(p, outer: int, Og: int, Cg: int, OH: int, OW: int, kh: int, s: in
                 # One task per tile at most: more only multiplies exchanged data.
                 if worst <= SLAB_BYTES and tasks <= p.tiles and (best is None or cost < best[0]):
                     best = (cost, (go, gr, gc))
-    return (best or fallback)[1]
+                # Unless no such plan fits (a big batch): then the cheapest that fits,
+                # never the smallest blocks regardless of their number (ResNet-50's
+                # stride-2 shortcut at batch 4 would be 29M vertices).
+                if worst <= SLAB_BYTES and (crowded is None or cost < crowded[0]):
+                    crowded = (cost, (go, gr, gc))
+    return (best or crowded or fallback)[1]
 
 
 def _pool_plan(p, N: int, C: int, OH: int, OW: int, k: int, s: int, wp: int):
