@@ -38,6 +38,11 @@ def type_text(dtype: str, dims) -> str:
     return f"{dtype}[{', '.join(map(str, dims))}]" if dims else dtype
 
 
+def field_tensors(grp: g.VertexGroup) -> tuple[int, ...]:
+    """The tensor each edge field of `grp` is connected to (a group has one per field)."""
+    return tuple(c.tensor if isinstance(c, g.Stacked) else c[0].tensor for c in grp.connections.values())
+
+
 def as_lists(grp: g.VertexGroup) -> None:
     """A group made in one step (arrays, `Stacked` connections) as one the
     interpreter extends vertex by vertex (lists, a View per vertex)."""
@@ -311,7 +316,11 @@ class PoplarMixin:
                 ok = False
         if not ok:
             raise self.Bad
-        grp = next((x for x in self.cs.groups if x.codelet == name), None)
+        # A group connects each field to one tensor (lowering places a field's
+        # elements by that tensor's layout): vertices reaching other tensors form
+        # another group of the codelet.
+        key = tuple(v.tensor for v in conns.values())
+        grp = next((x for x in self.cs.groups if x.codelet == name and field_tensors(x) == key), None)
         if grp is not None and not isinstance(grp.tiles, list):
             as_lists(grp)                   # made by a batched loop (`elaborate_batch`)
         if grp is None:
