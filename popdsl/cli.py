@@ -200,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     except HostMemoryError as e:
         print(f"popc: error: {e}", file=sys.stderr)
         return EXIT_USER
+    except MemoryError as e:          # the host, not the program: a limit the user can change
+        _quiet(args)
+        print(f"popc: error: this machine ran out of memory ({e or 'MemoryError'}); the program "
+              "may need more host memory than is available (a smaller batch, or fewer tiles, "
+              "compiles with less)", file=sys.stderr)
+        return EXIT_USER
     except KeyboardInterrupt:
         _quiet(args)
         print("popc: interrupted", file=sys.stderr)

@@ -637,3 +637,19 @@ def test_forged_recipes_are_refused(tmp_path, recipe, message):
     bad = _tampered(path, tmp_path, edit)
     code, _, err = popc("run", bad, "--feed", "x=" + str(tmp_path / "nothing.npy"))
     assert code == 1 and message in err, err
+
+
+def test_compiler_out_of_host_memory_is_a_clean_error(tmp_path, monkeypatch):
+    """A compile the host cannot hold (ResNet-50 at batch 16 under a 20 GB limit
+    ended in 'internal compiler error: MemoryError')."""
+    from popdsl.passes import lower
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 9.59 MiB")
+    monkeypatch.setattr(lower, "lower", no_memory)
+    monkeypatch.setattr("popdsl.pipeline.lower", no_memory)
+    src = tmp_path / "s.pop"
+    src.write_text(SCALE)
+    code, _, err = popc("build", src, "--no-cache", "-o", tmp_path / "s.popx")
+    assert code == 1 and "this machine ran out of memory" in err and "internal" not in err, err
+    assert not (tmp_path / "s.popx").exists()
