@@ -151,6 +151,12 @@ def _view_index(gr):
     conns[2] = g.View(conns[2].tensor, conns[2].index + 100, conns[2].span)
 
 
+def _view_other_tensor(gr):
+    conns = _group(gr, "scale", "Scale").connections["x"]
+    w = next(t.id for t in gr.tensors if t.name == "w")
+    conns[2] = g.View(w, conns[2].index, conns[2].span)
+
+
 def _unknown_codelet(gr):
     _group(gr, "rows", "RowSum").codelet = "Nope"
 
@@ -253,6 +259,7 @@ CORRUPT_GRAPHS = [
     ("elaborate", "poplar", _tile_of_dtype, "tensor 0 ('v'): tile_of is int64"),
     ("elaborate", "poplar", _tile_out_of_range, "tensor 0 ('v'): tile (or -1, unmapped) 4 at 3 is outside [-1, 4)"),
     ("elaborate", "poplar", _init_shape, "tensor 0 ('v'): initial value is float32 of shape (2, 4)"),
+    ("elaborate", "poplar", _view_other_tensor, "field 'x': vertex 2 is connected to tensor 1, vertex 0 to 0"),
     ("elaborate", "poplar", _view_index, "field 'x' vertex 2 (a view of 'v', 8 elements): indices span [104, 105]"),
     ("elaborate", "poplar", _unknown_codelet, "codelet 'Nope' is not a vertex codelet"),
     ("elaborate", "poplar", _missing_connection, "(Scale): connections are for [], the codelet's are ['x']"),

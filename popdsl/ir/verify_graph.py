@@ -207,6 +207,9 @@ def _group(check: Check, graph: g.TensorGraph, grp: g.VertexGroup, what: str) ->
             t = _view(check, graph, v, f"{fwhat} vertex {k}")
             check(t.dtype == f.dtype, fwhat, f"is {f.dtype}, connected to '{t.name}' of {t.dtype}")
             check(v.index.ndim == f.rank, fwhat, f"vertex {k}: view of shape {v.index.shape} for rank {f.rank}")
+            # Lowering places a field's elements by one tensor's layout.
+            check(v.tensor == conn[0].tensor, fwhat,
+                  lambda: f"vertex {k} is connected to tensor {v.tensor}, vertex 0 to {conn[0].tensor}")
             _field_shape(check, f, v.index.shape, syms, k, f"{fwhat} vertex {k}")
 
 
