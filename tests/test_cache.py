@@ -53,15 +53,6 @@ def compiles(monkeypatch):
     return calls
 
 
-@pytest.fixture
-def popc(capsys):
-    def run(*argv):
-        code = cli.main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        assert "Traceback" not in out + err, err
-        return code, out, err
-    return run
-
 
 def _build(text, path="<string>", tiles=None, **opts):
     return cache.build(text, path, get_target("gc200", tiles, None), **opts)

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 import popdsl
-from popdsl import cli
 from popdsl.report.dataflow import compiled_graph, cs_order
 
 mpl = pytest.importorskip("matplotlib")
@@ -32,15 +31,6 @@ MARK = np.array([0x00, 0xE5, 0xFF]) / 255
 def lstm():
     return popdsl.compile(ROOT / "examples/lstm.pop")
 
-
-@pytest.fixture
-def popc(capsys):
-    def run(*argv):
-        code = cli.main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        assert "Traceback" not in out + err, err
-        return code, out, err
-    return run
 
 
 def _rgb(path) -> np.ndarray:

@@ -12,20 +12,10 @@ import numpy as np
 import pytest
 
 import popdsl
-from popdsl import cli
 from popdsl.report.trace import TraceRecorder, check_trace
 
 ROOT = Path(__file__).resolve().parent.parent
 
-
-@pytest.fixture
-def popc(capsys):
-    def run(*argv):
-        code = cli.main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        assert "Traceback" not in out + err, err
-        return code, out, err
-    return run
 
 
 @pytest.fixture(scope="module")

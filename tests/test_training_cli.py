@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import popdsl
-from popdsl import cli, training
+from popdsl import training
 from popdsl.data import is_idx, read_idx, write_idx
 
 MLP = """import "popnn";
@@ -25,16 +25,6 @@ graph mlp(tiles = 8) {
 }
 """
 
-
-@pytest.fixture
-def popc(capsys):
-    """popc(*argv) -> (exit code, stdout, stderr), in-process; never a traceback."""
-    def run(*argv):
-        code = cli.main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        assert "Traceback" not in out + err, err
-        return code, out, err
-    return run
 
 
 @pytest.fixture
