@@ -339,3 +339,37 @@ graph g(tiles = 4) {
             graph.init[t.id] = base
             np.testing.assert_allclose(analytic[i], (vals[0] - vals[1]) / (2 * EPS), rtol=RTOL, atol=ATOL,
                                        err_msg=f"{t.name}{list(i)}")
+
+
+def test_every_batch_norm_writes_its_own_running_statistics():
+    """Twelve batch norms in a row, each a def call whose scope dies before the next
+    is made: each writes its own running mean and variance (the elaborator once
+    keyed what a name assigns by id(scope), and a new scope at a dead one's address
+    wrote the old one's var)."""
+    from popdsl.ir.target import get_target
+    from popdsl.pipeline import compile_source
+    layers = "\n".join(f"    let h{i} = batch_norm(h{i - 1});" for i in range(1, 13))
+    text = f"""import "popnn";
+graph g(tiles = 4) {{
+    input x: f32[2, 3, 4, 4];
+    let h0 = x;
+{layers}
+    let loss = mean(h12 * h12);
+    output loss;
+    minimize loss with sgd(lr = 0.1);
+}}
+"""
+    for _ in range(3):
+        graph = compile_source(text, "bn.pop", get_target(), stop_after="autodiff")
+        running = {t.id for t in graph.tensors if t.name.endswith(("running_mean", "running_var"))}
+        assert len(running) == 24
+        assert running <= set(graph.updates)
+        for tid in running:
+            leaves = {n.attrs[0] for n in _walk(graph.updates[tid]) if n.op == "tensor"}
+            assert tid in leaves, graph.tensors[tid].name
+            assert not (leaves & running - {tid}), graph.tensors[tid].name
+
+
+def _walk(root):
+    from popdsl.passes.autodiff import topological
+    return topological([root])

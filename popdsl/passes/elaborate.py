@@ -22,7 +22,7 @@ from popdsl.ir.tensor import Node
 from popdsl.passes.elaborate_batch import BatchMixin
 from popdsl.passes.elaborate_batch import enabled as batch_enabled
 from popdsl.passes.elaborate_poplar import INITS, PoplarMixin, kind_of
-from popdsl.passes.elaborate_tensor import TensorMixin
+from popdsl.passes.elaborate_tensor import Scope, TensorMixin
 from popdsl.passes.elaborate_train import TrainMixin, says_minimize
 from popdsl.ir.target import Target
 from popdsl.limits import BUDGET_FLAGS, CALL_STEPS, Budgets
@@ -65,14 +65,12 @@ class _Elaborator(BatchMixin, PoplarMixin, TensorMixin, TrainMixin):
         self.vertices = 0
         self.graph: g.TensorGraph | None = None
         self.target = target
-        self.scopes: list[dict[str, object]] = [{}]
+        self.scopes: list[Scope] = [Scope()]
         self.context = "graph"          # "graph" | "compute" | "program"
         self.cs: g.ComputeSet | None = None
         self.have_program = False
         self.unrolled = 0
         self.has_step = False
-        self.let_bound: set[tuple[int, str]] = set()
-        self.state_names: dict[tuple[int, str], int] = {}   # names of vars given new values
         self.output_spans: dict[str, Span] = {}
         self.pre_args = None
         self.init_tensor()
@@ -165,7 +163,7 @@ class _Elaborator(BatchMixin, PoplarMixin, TensorMixin, TrainMixin):
 
     # ---------------------------------------------------------------- statements
     def block(self, b: ast.Block) -> g.Seq:
-        self.scopes.append({})
+        self.scopes.append(Scope())
         out: list[g.Prog] = []
         for s in b.stmts:
             try:
@@ -195,7 +193,7 @@ class _Elaborator(BatchMixin, PoplarMixin, TensorMixin, TrainMixin):
                 raise
             for n, v in zip(names, values):
                 self.bind(n, v, s.span)
-                self.let_bound.add((id(self.scopes[-1]), n))
+                self.scopes[-1].lets.add(n)
             return None
         if isinstance(s, ast.AssignStmt) and s.op == "=" and isinstance(s.target, (ast.Name, ast.TupleLit)) \
                 and self.context != "compute":
@@ -327,7 +325,7 @@ class _Elaborator(BatchMixin, PoplarMixin, TensorMixin, TrainMixin):
         errors = len(self.d.items)
         for i in range(start, stop, step):
             self.tick(s.span, "in loops")
-            self.scopes.append({s.var: i})
+            self.scopes.append(Scope({s.var: i}))
             try:
                 out.extend(self.block(s.body).body)
             finally:
@@ -396,11 +394,10 @@ class _Elaborator(BatchMixin, PoplarMixin, TensorMixin, TrainMixin):
         for scope in reversed(self.scopes):
             if name not in scope:
                 continue
-            key = (id(scope), name)
-            if key in self.let_bound:
+            if name in scope.lets:
                 scope[name] = value
                 return
-            tensor = self.state_names.get(key)
+            tensor = scope.states.get(name)
             current = scope[name]
             if tensor is None and isinstance(current, g.View):
                 t = self.graph.tensors[current.tensor]
@@ -421,7 +418,7 @@ class _Elaborator(BatchMixin, PoplarMixin, TensorMixin, TrainMixin):
                              "'program' block", "inside it, 'copy SRC -> DST;' writes a tensor")
                 raise _Bad
             scope[name] = self.var_update(tensor, value, target)
-            self.state_names[key] = tensor
+            scope.states[name] = tensor
             return
         self.d.error(target.span, f"unknown name '{name}'", "bind it first with 'let'")
         raise _Bad

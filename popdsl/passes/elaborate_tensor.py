@@ -33,6 +33,20 @@ class _Return(Exception):
         self.value = value
 
 
+class Scope(dict):
+    """Names bound in one block, loop iteration or def call, and what assignment may
+    do to them: `lets` were bound by `let` (assigning rebinds them), `states` name
+    the var each was found to write.  Kept on the scope itself: keys by `id(scope)`
+    outlived their scope, and a later scope at the same address took over its
+    entries (a second `batch_norm` wrote the first one's running mean)."""
+    __slots__ = ("lets", "states")
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.lets: set[str] = set()
+        self.states: dict[str, int] = {}
+
+
 class TensorMixin:
     """Needs: self.d, self.graph, self.scopes, self.context, self.prog, self.expr,
     self.int_value, self.bind, self.block, self.lookup, self.Bad (exception class)."""
@@ -176,7 +190,7 @@ class TensorMixin:
             if k not in names:
                 self.d.error(sp, f"'{d.name}' has no parameter '{k}'", f"its parameters are: {', '.join(names)}")
                 raise self.Bad
-        scope: dict[str, object] = {}
+        scope = Scope()
         syms: dict[str, tuple[int, str]] = {}
         for i, p in enumerate(d.params):
             if i < len(pos):
