@@ -20,6 +20,7 @@ from popdsl.limits import MAX_CYCLES, Budgets
 from popdsl.ir import executable as X
 from popdsl.runtime.simulator import Machine
 from popdsl.ir.target import get_target
+from popdsl.passes.recompute import Policy
 
 
 class Executable:
@@ -102,12 +103,16 @@ class Executable:
 def compile(path_or_source: str | os.PathLike, target: str = "gc200", tiles: int | None = None,
             tile_memory: int | None = None, graph: str | None = None,
             unchecked: bool = False, reuse: bool = True, training: bool | None = None,
-            budgets: Budgets | None = None, cache: bool = True) -> Executable:
+            budgets: Budgets | None = None, cache: bool = True, recompute: str = "auto",
+            memory_budget: int | None = None) -> Executable:
     """Compile a `.pop` file (a path) or source text.  `training=False` compiles a
     graph that says `minimize` for inference (training() false, no update); None
     lets the graph say.  `budgets`: the compile-time limits (`popdsl.limits.Budgets`).
     `cache`: take an unchanged build from the build cache and store new ones
-    (`popdsl.cache`; README, "Cached builds").  Raises CompileError."""
+    (`popdsl.cache`; README, "Cached builds").  `recompute`: none | auto | all, how a
+    training step trades compute for the activations it keeps, `auto` fitting the
+    step in `memory_budget` bytes per tile (default: the tile's memory; README,
+    "Recomputation").  Raises CompileError."""
     if isinstance(path_or_source, os.PathLike) or (
             isinstance(path_or_source, str) and path_or_source.endswith(".pop")
             and "\n" not in path_or_source):
@@ -116,7 +121,8 @@ def compile(path_or_source: str | os.PathLike, target: str = "gc200", tiles: int
     else:
         path, text = "<string>", str(path_or_source)
     b = build_cache.build(text, path, get_target(target, tiles, tile_memory), graph, unchecked,
-                          reuse=reuse, training=training, budgets=budgets, cache=cache)
+                          reuse=reuse, training=training, budgets=budgets, cache=cache,
+                          recompute=Policy(recompute, memory_budget))
     return Executable(b.exe, b.native)
 
 

@@ -147,6 +147,7 @@ def _write(exe: X.Executable, f) -> None:
                    "timeline_labels": list(exe.memory.timeline_labels),
                    "timeline_categories": {k: A.ref(v) for k, v in exe.memory.timeline_categories.items()}},
         "ops": exe.ops,
+        "recompute": exe.recompute,
     }
 
     with zipfile.ZipFile(f, "w") as z:

@@ -32,7 +32,10 @@ from popdsl.ir.target import MAX_TILE_MEMORY, MAX_TILES, MIN_TILE_MEMORY, Target
 from popdsl.ir.verify import verify_codelet
 
 MAGIC = "popdsl-executable"
-VERSION = 4
+VERSION = 5
+PHASES = ("forward", "backward", "recompute")           # of a tensor op (passes.partition)
+RECOMPUTE_FIELDS = ("mode", "segments", "recomputed_segments", "kept_bytes", "kept_bytes_without",
+                    "recomputed_ops", "recomputed_flops")
 MEMORY_ARRAYS = X.CATEGORIES + ("planned", "lower_bound", "naive_data", "timeline")
 # JSON levels of one codelet's IR: sema makes at most two per level of source
 # nesting (a node and a list), and the parser allows MAX_NESTING levels.  Deeper IR
@@ -261,7 +264,19 @@ class Loader:
         return X.Executable(_str(d["name"], "the graph's name"), target, codelets, tensors, runs, init, css,
                             copies, reads, program, inputs, outputs, spans, self.memory(d["memory"]),
                             self.flag(d["unchecked"]), [self.op(op, len(css)) for op in _list(d.get("ops", []), "ops")],
-                            recipes)
+                            recipes, self.recompute(d.get("recompute", {})))
+
+    @staticmethod
+    def recompute(v) -> dict:
+        """A training step's recomputation summary (passes.recompute): a mode and counts."""
+        v = _dict(v, "the recomputation record")
+        if not v:
+            return {}
+        v = _dict(v, "the recomputation record", RECOMPUTE_FIELDS)
+        if v["mode"] not in ("none", "auto", "all"):
+            raise damaged("the recomputation mode is not none, auto or all")
+        return {k: v[k] if k == "mode" else _int(v[k], 0, 1 << 62, f"the recomputation record's {k}")
+                for k in RECOMPUTE_FIELDS}
 
     @staticmethod
     def flag(v) -> bool:
@@ -436,9 +451,11 @@ class Loader:
 
     @staticmethod
     def op(op, ncs: int) -> dict:
-        op = _dict(op, "an op", ("op", "name", "shape", "dtype", "node", "vertices", "tiles", "source", "flops",
-                                 "compute_sets"))
-        return {"op": _str(op["op"], "an op's operation"), "name": _str(op["name"], "an op's name"),
+        op = _dict(op, "an op", ("op", "phase", "name", "shape", "dtype", "node", "vertices", "tiles", "source",
+                                 "flops", "compute_sets"))
+        if op["phase"] not in PHASES:
+            raise damaged(f"an op's phase is not one of {', '.join(PHASES)}")
+        return {"op": _str(op["op"], "an op's operation"), "phase": op["phase"], "name": _str(op["name"], "an op's name"),
                 "shape": [_int(x, 0, _I32, "an op's dimension") for x in _list(op["shape"], "an op's shape")],
                 "dtype": _str(op["dtype"], "an op's dtype"), "node": _int(op["node"], 0, _I32, "an op's node"),
                 "vertices": _int(op["vertices"], 0, _BIG, "an op's vertex count"),

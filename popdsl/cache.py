@@ -48,6 +48,7 @@ from popdsl.diagnostics import SourceMap
 from popdsl.ir import executable as X
 from popdsl.ir.target import Target
 from popdsl.limits import Budgets
+from popdsl.passes.recompute import Policy
 from popdsl.pipeline import compile_source, verify_by_default
 from popdsl.resources import resource
 from popdsl.sema import load_program
@@ -117,7 +118,7 @@ def compiler_fingerprint() -> str:
 
 
 def build_key(modules, target: Target, graph, unchecked: bool, reuse: bool, training, budgets: Budgets,
-              root_text: str, root_path: str) -> str:
+              root_text: str, root_path: str, recompute: Policy = Policy()) -> str:
     """The key of a compile whose parse stage gave `modules`."""
     from popdsl import __version__
     sources = []
@@ -127,7 +128,7 @@ def build_key(modules, target: Target, graph, unchecked: bool, reuse: bool, trai
     doc = {"compiler": compiler_fingerprint(), "version": __version__, "sources": sources,
            "target": target.to_json(),
            "options": {"graph": graph, "unchecked": unchecked, "reuse": reuse, "training": training,
-                       "budgets": asdict(budgets)}}
+                       "budgets": asdict(budgets), "recompute": asdict(recompute)}}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -232,7 +233,7 @@ def prune(limit: int, keep: str | None = None) -> None:
 def build(text: str, path: str, target: Target, graph: str | None = None, unchecked: bool = False,
           reuse: bool = True, training: bool | None = None, budgets: Budgets | None = None, *,
           cache: bool = True, verify: bool | None = None, load: bool = True, store: bool = True,
-          inspect=None, monitor=None) -> Build:
+          inspect=None, monitor=None, recompute: Policy | None = None) -> Build:
     """Compile `text` (from `path`), or take its build from the cache.  `load`: on a
     hit, load (and validate) the executable; without it a hit gives only the
     `.popx` bytes (`popc build` copies them out).  `store`: on a miss, store the
@@ -240,10 +241,11 @@ def build(text: str, path: str, target: Target, graph: str | None = None, unchec
     hit no stage runs.  Raises CompileError; the cache itself raises nothing but
     CacheSettingError."""
     budgets = budgets or Budgets()
+    recompute = recompute or Policy()
     verify = verify_by_default() if verify is None else verify
     why = "--no-cache" if not cache else "--verify compiles every stage" if verify else \
         f"{SIZE_ENV}=0" if max_bytes() == 0 else ""
-    hooks = dict(inspect=inspect, monitor=monitor)
+    hooks = dict(inspect=inspect, monitor=monitor, recompute=recompute)
     if why:
         exe, native = compile_source(text, path, target, graph, unchecked, reuse=reuse, verify=verify,
                                      training=training, budgets=budgets, **hooks)
@@ -251,7 +253,7 @@ def build(text: str, path: str, target: Target, graph: str | None = None, unchec
     with monitor("parse") if monitor is not None else nullcontext():
         modules = load_program(text, path)
     with monitor("cache") if monitor is not None else nullcontext():
-        key = build_key(modules, target, graph, unchecked, reuse, training, budgets, text, path)
+        key = build_key(modules, target, graph, unchecked, reuse, training, budgets, text, path, recompute)
         found = _lookup(key, load, unchecked)
     if found is not None:
         return found

@@ -18,7 +18,7 @@ import numpy as np
 from popdsl import __version__, artifact, datafile
 from popdsl.atomic import write_atomically
 from popdsl.diagnostics import CompileError
-from popdsl.limits import MAX_CYCLES, MAX_CYCLES_LIMIT, MAX_SOURCE_BYTES, Budgets
+from popdsl.limits import MAX_CYCLES, MAX_CYCLES_LIMIT, MAX_SOURCE_BYTES, RECOMPUTE_MODES, Budgets
 from popdsl.runtime.simulator import DeviceError, HostMemoryError
 
 EXIT_USER, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 70
@@ -78,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="compile even if the build cache holds this build, and do not store it")
         sp.add_argument("--timings", action="store_true",
                         help="print each compiler stage's wall time and peak memory (on stderr)")
+        sp.add_argument("--recompute", choices=RECOMPUTE_MODES, default="auto",
+                        help="a training step's backward pass recomputes forward results instead of "
+                             "keeping them: none, all, or auto (default: as little as fits the tiles)")
+        sp.add_argument("--memory-budget", type=_positive, metavar="BYTES",
+                        help="bytes per tile --recompute auto fits the step in (default: the tile's memory)")
 
     def cycles(sp):
         sp.add_argument("--max-cycles", type=_cycles_budget, default=MAX_CYCLES, metavar="N",
@@ -337,7 +342,12 @@ def _compile(args, stop_after=None):
     return compile_source(text, args.file, target, args.graph, args.unchecked, stop_after,
                           reuse=not args.no_reuse, verify=args.verify or None,
                           budgets=Budgets(args.max_unroll, args.max_ops, args.max_vertices),
-                          inspect=inspect, monitor=monitor)
+                          inspect=inspect, monitor=monitor, recompute=_policy(args))
+
+
+def _policy(args):
+    from popdsl.passes.recompute import Policy
+    return Policy(args.recompute, args.memory_budget)
 
 
 def _build(args, inspect=None, load: bool = True, training: bool | None = None, prefix: str = ""):
@@ -349,12 +359,27 @@ def _build(args, inspect=None, load: bool = True, training: bool | None = None, 
     text, target = _read_source(args.file), _target(args)
     inspect, monitor = _hooks(args, inspect, prefix)
     try:
-        return cache.build(text, args.file, target, args.graph, args.unchecked, reuse=not args.no_reuse,
-                           training=training, budgets=Budgets(args.max_unroll, args.max_ops, args.max_vertices),
-                           cache=not args.no_cache, verify=args.verify or None, load=load,
-                           inspect=inspect, monitor=monitor)
+        b = cache.build(text, args.file, target, args.graph, args.unchecked, reuse=not args.no_reuse,
+                        training=training, budgets=Budgets(args.max_unroll, args.max_ops, args.max_vertices),
+                        recompute=_policy(args),
+                        cache=not args.no_cache, verify=args.verify or None, load=load,
+                        inspect=inspect, monitor=monitor)
     except cache.CacheSettingError as e:
         raise UserError(str(e)) from None
+    _recompute_note(args, b.exe)
+    return b
+
+
+def _recompute_note(args, exe) -> None:
+    """`auto` recomputed (where Poplar would stop, out of memory): say so."""
+    r = exe.recompute if exe is not None else {}
+    if r.get("mode") != "auto" or not r.get("recomputed_segments"):
+        return
+    where = f"{args.memory_budget:,} B per tile (--memory-budget)" if args.memory_budget else "its tiles"
+    print(f"popc: note: the training step does not fit {where} keeping every activation for the backward "
+          f"pass; it recomputes {r['recomputed_segments']} of the {r['segments']} segments of the forward pass "
+          f"(keeping {r['kept_bytes']:,} B of activations instead of {r['kept_bytes_without']:,} B; "
+          "--recompute none turns this off)", file=sys.stderr)
 
 
 def _executable(args, inspect=None):
@@ -367,6 +392,8 @@ def _executable(args, inspect=None):
                                       ("--graph", args.graph)) if v is not None]
         if args.target != "gc200":
             given.append("--target")
+        given += [flag for flag, v in (("--recompute", args.recompute != "auto"),
+                                       ("--memory-budget", args.memory_budget is not None)) if v]
         if given:
             raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to a .popx: "
                              "it was compiled for its target; rebuild it from its source with the flag")

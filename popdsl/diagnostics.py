@@ -93,6 +93,15 @@ class CompileError(Exception):
         return "\n".join(d.render() for d in self.diagnostics)
 
 
+class OutOfMemory(CompileError):
+    """The plan does not fit a tile: `tile` needs `need` bytes (of `capacity`).  The
+    pipeline may compile again with more recomputed before it reaches the user."""
+
+    def __init__(self, diagnostics: list[Diagnostic], tile: int, need: int, capacity: int):
+        super().__init__(diagnostics)
+        self.tile, self.need, self.capacity = tile, need, capacity
+
+
 class Diagnostics:
     """A collector passed through a stage."""
 

@@ -33,6 +33,10 @@ MAX_CYCLES = 10_000_000_000
 MAX_CYCLES_LIMIT = 1 << 60          # the largest --max-cycles (the counter is i64)
 
 
+# How a training step trades compute for activations (passes.recompute, --recompute).
+RECOMPUTE_MODES = ("none", "auto", "all")
+
+
 @dataclass(frozen=True, slots=True)
 class Budgets:
     """Compile-time budgets (elaboration runs the user's graph-building program).

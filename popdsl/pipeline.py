@@ -2,6 +2,7 @@
 
     source ─parse─▶ AST ─check─▶ codelet IR + graph AST ─elaborate─▶ tensor graph
            ─autodiff─▶ tensor graph with gradients and optimizer updates
+           ─recompute─▶ the same, its backward pass recomputing some forward results
            ─partition─▶ tensor graph with vertices ─lower─▶ vertex graph (regions, exchange)
            ─codegen─▶ native codelets ─plan─▶ Executable
 
@@ -11,18 +12,22 @@ STAGE`, what per-pass tests check) and may have a verifier that checks the invar
 its output promises; verifiers run after every stage when `verify` is on (the test
 suite turns it on with POPDSL_VERIFY=1; users with `--verify`).  A verifier that fails
 is a bug of the compiler, never of the program: it raises AssertionError.
+
+One loop goes back: a training step compiled with recomputation `auto` that does not
+fit its tiles (or the budget) is compiled again from the recompute stage with more
+of its forward pass recomputed, the least that fits (`_fit`).
 """
 from __future__ import annotations
 
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
 
 from popdsl.codegen.jit import NativeCodelets
-from popdsl.diagnostics import CompileError, Diagnostic, Span
+from popdsl.diagnostics import CompileError, Diagnostic, OutOfMemory, Span
 from popdsl.codegen.llvm import emit_module
 from popdsl.ir import codelet as cir
 from popdsl.ir import printer
@@ -30,6 +35,7 @@ from popdsl.ir.lowered import Lowered
 from popdsl.ir.target import Target
 from popdsl.ir.verify import direct_calls
 from popdsl.passes import autodiff as ad
+from popdsl.passes import recompute as rc
 from popdsl.limits import BUDGET_FLAGS, Budgets
 from popdsl.ir.verify_graph import verify_checked, verify_elaborated, verify_partitioned
 from popdsl.ir.verify_lowered import verify_generated, verify_lowered, verify_planned
@@ -52,6 +58,8 @@ class Options:
     verify: bool = False
     training: bool | None = None      # None: a graph that says 'minimize' trains
     budgets: Budgets = Budgets()
+    recompute: rc.Policy = rc.Policy()
+    level: int | None = None          # segments to recompute (None: what the policy's mode says)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -144,6 +152,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("elaborate", lambda o, prog: elaborate(prog, o.target, o.graph, o.path, o.training, o.budgets),
           printer.tensor_graph, verify_elaborated),
     Stage("autodiff", lambda o, graph: ad.autodiff(graph), printer.tensor_graph, ad.verify),
+    Stage("recompute", lambda o, graph: rc.recompute(graph, o.recompute.mode, o.level),
+          printer.tensor_graph, rc.verify),
     Stage("partition", _partition, printer.tensor_graph, verify_partitioned),
     Stage("lower", lambda o, graph: lower(graph), printer.lowered, verify_lowered),
     Stage("codegen", _codegen, _dump_codegen, verify_generated),
@@ -159,7 +169,8 @@ def verify_by_default() -> bool:
 def compile_source(text: str, path: str, target: Target, graph: str | None = None,
                    unchecked: bool = False, stop_after: str | None = None, reuse: bool = True,
                    verify: bool | None = None, training: bool | None = None,
-                   budgets: Budgets | None = None, inspect=None, monitor=None, start=None):
+                   budgets: Budgets | None = None, inspect=None, monitor=None, start=None,
+                   recompute: rc.Policy | None = None):
     """Returns (Executable, NativeCodelets), or the result of stage `stop_after`.
     `training`: False compiles a graph that minimizes for inference (training()
     false, no update), None lets the graph say.  `inspect(stage, result)`, if given,
@@ -168,11 +179,13 @@ def compile_source(text: str, path: str, target: Target, graph: str | None = Non
     context manager entered around each stage (and its verifier): timings and
     progress hook in there, without any stage knowing.  `start = (stage, result)`
     resumes after `stage`, whose result the caller already has (the build cache
-    parses to compute its key).  Raises CompileError for errors in the program."""
+    parses to compute its key).  `recompute`: the training step's recomputation
+    policy (default `auto`).  Raises CompileError for errors in the program."""
     if stop_after is not None and stop_after not in STAGE_NAMES:
         raise ValueError(f"unknown stage {stop_after!r}")
     verify = verify_by_default() if verify is None else verify
-    opts = Options(text, path, target, graph, unchecked, reuse, verify, training, budgets or Budgets())
+    opts = Options(text, path, target, graph, unchecked, reuse, verify, training, budgets or Budgets(),
+                   recompute or rc.Policy())
     result, stages = None, STAGES
     if start is not None:
         done, result = start
@@ -181,16 +194,70 @@ def compile_source(text: str, path: str, target: Target, graph: str | None = Non
             inspect(done, result)
         if done == stop_after:
             return result
+    if "recompute" in (s.name for s in stages) and opts.recompute.mode == "auto" and stop_after in (None, "plan"):
+        split = next(i for i, s in enumerate(stages) if s.name == "recompute")
+        trained, _ = _run(stages[:split], opts, result, inspect, monitor, stop_after)
+        return _fit(opts, trained, lambda o: _run(stages[split:], o, trained, inspect, monitor, stop_after)[0])
+    return _run(stages, opts, result, inspect, monitor, stop_after)[0]
+
+
+def _run(stages, opts: Options, result, inspect, monitor, stop_after):
+    """Run `stages` from `result`: (the last result, whether `stop_after` stopped it)."""
     for stage in stages:
         with monitor(stage.name) if monitor is not None else nullcontext():
             result = stage.run(opts, result)
-            if verify and stage.verify is not None:
+            if opts.verify and stage.verify is not None:
                 stage.verify(result)
         if inspect is not None:
             inspect(stage.name, result)
         if stage.name == stop_after:
-            break
-    return result
+            return result, True
+    return result, False
+
+
+def _fit(opts: Options, graph, compile_from_recompute):
+    """Recomputation `auto`: the step as it is if it fits its tiles (and the policy's
+    budget), else the least number of recomputed segments that makes it fit (found by
+    bisection, each try a compile from the recompute stage).  Out of memory even with
+    every segment recomputed is the error of that last try, saying so."""
+    budget = opts.recompute.budget or opts.target.tile_memory
+    seg = rc.segments(graph)
+    count = seg.count if seg is not None else 0
+
+    def attempt(level: int):
+        try:
+            res = compile_from_recompute(replace(opts, level=level))
+        except OutOfMemory as e:
+            return None, e
+        exe = res[0]
+        return (res if int(exe.memory.total.max()) <= budget else None), res
+
+    best, why = attempt(0)
+    if best is not None or count == 0:
+        return best if best is not None else _too_big(why)
+    best, why = attempt(count)
+    if best is None:
+        if isinstance(why, OutOfMemory):
+            d = why.diagnostics[0]
+            raise OutOfMemory([replace(d, notes=d.notes + (
+                f"this is with every one of the {count} segments of the forward pass recomputed "
+                "(--recompute all); the step needs a smaller batch or more tiles",))], why.tile, why.need, why.capacity)
+        return why                       # fits the tiles, not the budget: the closest there is
+    lo, hi = 0, count
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        got, _ = attempt(mid)
+        if got is not None:
+            best, hi = got, mid
+        else:
+            lo = mid
+    return best
+
+
+def _too_big(why):
+    if isinstance(why, OutOfMemory):
+        raise why
+    return why                           # over the budget but within the tiles, nothing to recompute
 
 
 def dump(stage: str, result) -> str:

@@ -9,10 +9,10 @@ the folder names the stage.
 Header (`//` comment lines before any code):
 
 `// dump-after: STAGE`
-    required: parse, check, elaborate, autodiff, partition, lower, codegen or plan.
+    required: parse, check, elaborate, autodiff, recompute, partition, lower, codegen or plan.
 `// args: FLAGS`
     target flags, split like a shell would: --target, --tiles, --tile-memory,
-    --graph, --unchecked, --no-reuse (as for `popc dump`).
+    --graph, --unchecked, --no-reuse, --recompute (as for `popc dump`).
 
 Check lines, anywhere in the file (a `//` comment, alone or after code):
 
@@ -53,6 +53,7 @@ from pathlib import Path
 import pytest
 
 from popdsl.ir.target import get_target
+from popdsl.passes.recompute import Policy
 from popdsl.pipeline import STAGE_NAMES, compile_source, dump
 
 FILETESTS = Path(__file__).resolve().parent / "filetests"
@@ -223,6 +224,7 @@ def _target_args(args: list[str]) -> argparse.Namespace:
     p.add_argument("--graph")
     p.add_argument("--unchecked", action="store_true")
     p.add_argument("--no-reuse", action="store_true")
+    p.add_argument("--recompute", default="auto")
     try:
         return p.parse_args(args)
     except (argparse.ArgumentError, SystemExit) as e:
@@ -233,7 +235,7 @@ def compile_and_dump(ft: Filetest, text: str) -> str:
     a = _target_args(ft.args)
     target = get_target(a.target, a.tiles, a.tile_memory)
     result = compile_source(text, str(ft.path), target, a.graph, a.unchecked, stop_after=ft.stage,
-                            reuse=not a.no_reuse, verify=True)
+                            reuse=not a.no_reuse, verify=True, recompute=Policy(a.recompute))
     return dump(ft.stage, result)
 
 

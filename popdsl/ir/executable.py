@@ -194,6 +194,8 @@ class Executable:
     ops: list[dict] = field(default_factory=list)   # tensor ops: op, shape, source, compute set indices
     # tensor id → (Recipe, checksum) where `init` holds what the recipe draws (ir.initializers)
     init_recipes: dict[int, tuple] = field(default_factory=dict)
+    # A training step's recomputation (passes.recompute): mode, segments, bytes kept
+    recompute: dict = field(default_factory=dict)
 
     def addresses(self, i: int) -> np.ndarray:
         """The global byte address of every element of tensor `i`, in flat order

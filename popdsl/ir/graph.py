@@ -170,6 +170,14 @@ class TensorGraph:
     updates: dict[int, object] = field(default_factory=dict)
     # `minimize`, until the autodiff pass turns it into updates
     minimize: Minimize | None = None
+    # Nodes with ids from here on are the backward pass `minimize` made (autodiff);
+    # None for a graph that does not train.  Recomputation and the reports use it.
+    backward_from: int | None = None
+    # What recomputation did (passes.recompute): node id of each forward result the
+    # backward pass recomputes -> its segment; the summary the reports print.
+    recomputed: dict[int, int] = field(default_factory=dict)
+    needs: dict[int, int] = field(default_factory=dict)     # node id -> latest recomputed segment it reads
+    recompute: dict = field(default_factory=dict)
 
     def span_id(self, span: Span) -> int:
         self.spans.append(span)
@@ -183,4 +191,6 @@ class TensorGraph:
                        tile_of={k: v.copy() for k, v in self.tile_of.items()},
                        compute_sets=dict(self.compute_sets), inputs=dict(self.inputs),
                        outputs=list(self.outputs), spans=list(self.spans), params=list(self.params),
-                       ops=list(self.ops), inplace=list(self.inplace), updates=dict(self.updates))
+                       ops=list(self.ops), inplace=list(self.inplace), updates=dict(self.updates),
+                       recomputed=dict(self.recomputed), needs=dict(self.needs),
+                       recompute=dict(self.recompute))

@@ -293,13 +293,19 @@ def tensor_graph(graph) -> str:
         out.append(f"  output {name} = {f'%{v.id}' if isinstance(v, Node) else _view(graph, v)}")
     for tid, v in graph.updates.items():
         out.append(f"  update {graph.tensors[tid].name} = %{v.id}")
+    r = graph.recompute
+    if r:
+        out.append(f"  recompute {r['mode']}: {r['recomputed_segments']} of {r['segments']} segments, "
+                   f"{r['recomputed_ops']} ops; activations kept {r['kept_bytes']:,} B "
+                   f"(without recomputation {r['kept_bytes_without']:,} B)")
     if m is not None:
         out.append(f"  minimize %{m.loss.id} with {m.optimizer}({', '.join(f'{k} = {v:g}' for k, v in m.hyper)})")
     # What partition records: the compute sets of each tensor op, and the outputs
     # that may take over an operand's memory where it dies.
     for op in graph.ops:
         out.append(f"  op %{op['node']} {op['op']} {op['dtype']}{op['shape']}: {', '.join(op['compute_sets'])}"
-                   f" ({_n(op['vertices'], 'vertex', 'vertices')} on {_n(op['tiles'], 'tile')})")
+                   f" ({_n(op['vertices'], 'vertex', 'vertices')} on {_n(op['tiles'], 'tile')})"
+                   + (f" {op['phase']}" if op.get("phase", "forward") != "forward" else ""))
     for out_t, in_t, cs in graph.inplace:
         out.append(f"  in place: {graph.tensors[out_t].name} may take {graph.tensors[in_t].name}'s memory in {cs}")
     used = sorted({grp.codelet for cs in graph.compute_sets.values() for grp in cs.groups})
@@ -331,7 +337,9 @@ def _node_lines(graph, roots) -> list[str]:
         else:
             attrs = f" {list(n.attrs)}" if n.attrs else ""
             what = f"{n.op}({', '.join(f'%{a.id}' for a in n.args)}){attrs}"
-        lines.append(f"    %{n.id} = {what} : {n.dtype}{list(n.shape)}")
+        again = graph.recomputed.get(n.id)
+        lines.append(f"    %{n.id} = {what} : {n.dtype}{list(n.shape)}"
+                     + (f"  recomputed (segment {again})" if again is not None else ""))
     return lines
 
 

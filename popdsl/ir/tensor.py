@@ -51,10 +51,14 @@ class NodeTable:
         self.sites: dict[int, str] = {}
         self.site: str | None = None
 
-    def make(self, op: str, args=(), attrs=(), shape=(), dtype="f32", index=None) -> Node:
+    def make(self, op: str, args=(), attrs=(), shape=(), dtype="f32", index=None, salt=None) -> Node:
+        """`salt` tells apart nodes that compute the same thing on purpose (a
+        recomputation of a forward result is not the forward result)."""
         key = None
         if index is None:
             key = (op, tuple(a.id for a in args), attrs, tuple(shape), dtype)
+            if salt is not None:
+                key += (salt,)
             hit = self._by_key.get(key)
             if hit is not None:
                 return hit

@@ -168,6 +168,7 @@ class _Pass:
         gr, b = self.g, self.b
         loss = self.rebuild(m.loss)
         params = [gr.tensors[tid] for tid in gr.params if gr.tensors[tid].dtype in FLOATS]
+        gr.backward_from = len(gr.nodes.nodes)
         got = gradients(b, loss, {t.id: (t.shape, t.dtype) for t in params}, lambda n: self.no_rule(n, "minimize", m.span))
         if not got and not self.d.items:
             self.d.error(m.span, "minimize: the loss depends on no parameter, so there is nothing to train",
@@ -184,15 +185,25 @@ class _Pass:
                 t = self.new_var(f"{opt.name}.{c}", "f32", (), m.span)
                 counters[c] = elementwise.apply(b, "add", [self.leaf(t), b.const(1.0, "f32")], None)
                 gr.updates[t.id] = counters[c]
+            made = []
             for t in params:
                 if t.id not in got:
                     continue               # as PyTorch skips a parameter without a gradient
                 state = {s: self.leaf(self.new_var(f"{t.name}.{s}", t.dtype, t.shape, t.span))
                          for s in opt.slots(h)}
                 new_p, new_state = opt.update(b, h, self.leaf(t), got[t.id], state, counters)
-                gr.updates[t.id] = elementwise.cast(b, t.dtype, new_p)
-                for s, v in new_state.items():
-                    gr.updates[state[s].attrs[0]] = elementwise.cast(b, t.dtype, v)
+                made.append((t, [(t.id, elementwise.cast(b, t.dtype, new_p))] +
+                             [(state[s].attrs[0], elementwise.cast(b, t.dtype, v)) for s, v in new_state.items()]))
+            # Updates run in this order: the last layer's first, so each layer's
+            # weight gradient is made as soon as the gradient coming down reaches
+            # it, and what it reads (its activations, that gradient) dies then, not
+            # at the end of the backward pass.
+            first_read: dict[int, int] = {}
+            for i, n in enumerate(topological([loss])):
+                if n.op in LEAVES:
+                    first_read.setdefault(n.attrs[0], i)
+            for t, writes in sorted(made, key=lambda m: -first_read.get(m[0].id, -1)):
+                gr.updates.update(writes)
         finally:
             b.t.span, b.t.site = saved, None
 

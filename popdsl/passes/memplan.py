@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from popdsl.diagnostics import Diagnostics, Span
+from popdsl.diagnostics import Diagnostic, OutOfMemory, Span
 from popdsl.ir.index import as_array
 from popdsl.passes.bestfit import best_fit_many
 from popdsl.passes.liveness import Liveness, liveness
@@ -253,7 +253,7 @@ def _finish(low: Lowered, codelets: dict, base: np.ndarray, mem: X.MemoryPlan, u
     return X.Executable(graph.name, target, dict(codelets), tensors, tensor_runs,
                         dict(graph.init), css, copies, reads, low.program, dict(graph.inputs),
                         dict(low.outputs), list(graph.spans), mem, unchecked, ops,
-                        dict(graph.init_recipes))
+                        dict(graph.init_recipes), dict(graph.recompute))
 
 
 def _copy_table(c: CopyElems, region_addr: np.ndarray, target: Target) -> X.CopyTable:
@@ -281,8 +281,8 @@ def _check_capacity(low: Lowered, mem: X.MemoryPlan, target: Target) -> None:
     notes.append("what would help: spread the largest tensors over more tiles (map ... -> linear), "
                  "connect vertices to data on their own tile to avoid exchange buffers, a smaller "
                  "batch, or a target with more memory per tile")
-    d = Diagnostics()
     span = low.region_label[big[0]][1] if big.size else Span("<graph>", 0, 0, 0, 0)
-    d.error(span, f"out of memory: tile {worst} needs {int(total[worst]):,} B but has "
-            f"{target.tile_memory:,} B ({len(over)} tile{'s' if len(over) > 1 else ''} over capacity)", *notes)
-    d.check()
+    raise OutOfMemory([Diagnostic(span, f"out of memory: tile {worst} needs {int(total[worst]):,} B but has "
+                                  f"{target.tile_memory:,} B ({len(over)} tile{'s' if len(over) > 1 else ''} "
+                                  "over capacity)", "error", tuple(notes))],
+                      worst, int(total[worst]), target.tile_memory)

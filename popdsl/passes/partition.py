@@ -271,6 +271,8 @@ class Partitioner:
     def value(self, n: Node) -> g.View:
         v = self.mat.get(n.id)
         if v is None:
+            if self.g.needs:
+                self.operands_first(n)
             # What a rule makes after computing its operands still points at its own
             # source line, not at the operand's.
             saved = self.span
@@ -279,6 +281,27 @@ class Partitioner:
             finally:
                 self.span = saved
         return v
+
+    def operands_first(self, n: Node) -> None:
+        """With recomputation (passes.recompute): n's materialised operands, those
+        needing later recomputed segments (or none) first, so each segment is
+        recomputed when the backward pass reaches it, not when some rule happens to
+        ask for its operand first."""
+        leaves: list[Node] = []
+        stack = list(reversed(n.args))
+        fused = ops.is_elementwise(n.op)
+        while stack:
+            a = stack.pop()
+            if a.op == "const" or a.id in self.mat:
+                continue
+            if fused and ops.is_elementwise(a.op) and self.consumers.get(a.id, 0) <= 1:
+                stack.extend(reversed(a.args))     # fused into n's codelet: its operands are n's
+            else:
+                leaves.append(a)
+        needs = self.g.needs
+        if any(a.id in needs for a in leaves):
+            for a in sorted(leaves, key=lambda a: -needs.get(a.id, 1 << 30)):
+                self.value(a)
 
     def compute(self, n: Node) -> g.View:
         # Tensors and vertices made for this node point at the source that made it.
@@ -388,7 +411,10 @@ class Partitioner:
         if flops is None:
             rule = ops.op(n.op).flops
             flops = rule(n) if rule is not None else n.numel
-        self.g.ops.append({"node": n.id, "op": n.op, "shape": list(n.shape), "dtype": n.dtype,
+        wm = self.g.backward_from
+        phase = ("recompute" if n.id in self.g.recomputed else
+                 "backward" if wm is not None and n.id >= wm else "forward")
+        self.g.ops.append({"node": n.id, "op": n.op, "phase": phase, "shape": list(n.shape), "dtype": n.dtype,
                            "compute_sets": [cs.name for cs in css], "vertices": verts, "tiles": len(tiles),
                            "flops": int(flops), "name": self.name(n),
                            "source": str(span) if span is not None and span.line else ""})

@@ -55,7 +55,27 @@ class MemoryReport:
                          for i, (lbl, v) in enumerate(zip(m.timeline_labels, m.timeline.tolist()))],
             "tile_bytes": total.tolist(),
             "graph_stats": graph_stats(self.exe).to_json(),
+            **({"training": self.training()} if self.exe.recompute else {}),
         }
+
+    def training(self) -> dict:
+        """What a training step keeps for its backward pass and what recomputation
+        did (passes.recompute): the tensor-level bytes the backward pass reads from
+        the forward pass, with and without recomputation, and the live data where
+        the backward pass begins (as planned, all tiles)."""
+        r = self.exe.recompute
+        ops = self.exe.ops
+        flops = {p: sum(o["flops"] for o in ops if o["phase"] == p) for p in ("forward", "backward", "recompute")}
+        backward = {self.exe.compute_sets[i].name for o in ops if o["phase"] != "forward" for i in o["compute_sets"]}
+        m = self.exe.memory
+        labels = m.timeline_labels
+        start = next((i for i, lbl in enumerate(labels) if lbl.startswith("execute ") and lbl[8:] in backward), None)
+        live = m.timeline_categories.get("not_always_live", m.timeline)
+        return {"recompute": r["mode"], "segments": r["segments"], "recomputed_segments": r["recomputed_segments"],
+                "activations_kept_bytes": r["kept_bytes"], "activations_kept_bytes_without_recompute": r["kept_bytes_without"],
+                "recomputed_ops": r["recomputed_ops"], "flops": flops,
+                "live_at_backward_start": int(live[max(start - 1, 0)]) if start is not None and live.size else 0,
+                "live_peak": int(live.max()) if live.size else 0}
 
     def text(self) -> str:
         j = self.to_json()
@@ -74,6 +94,16 @@ class MemoryReport:
             out.append(f"  {c.replace('_', ' '):<26}{v['total']:>15,}{v['max']:>12,}{v['mean']:>12,.0f}")
         out.append("  busiest tiles: " + ", ".join(f"{w['tile']} ({w['planned']:,} B)" for w in j["worst_tiles"]))
         out += ["", "  " + graph_stats(self.exe).text().replace("\n", "\n  ")]
+        if "training" in j:
+            tr = j["training"]
+            f = tr["flops"]
+            out += ["", f"  training step: activations kept for the backward pass {tr['activations_kept_bytes']:,} B "
+                    f"({tr['activations_kept_bytes_without_recompute']:,} B without recomputation)",
+                    f"    recomputation {tr['recompute']}: {tr['recomputed_segments']} of {tr['segments']} segments of "
+                    f"the forward pass, {tr['recomputed_ops']} ops, {f['recompute']:,} FLOPs "
+                    f"({100 * f['recompute'] / max(f['forward'], 1):.0f}% of the forward pass's {f['forward']:,})",
+                    f"    not-always-live data (all tiles): {tr['live_at_backward_start']:,} B where the backward pass "
+                    f"begins, {tr['live_peak']:,} B at the peak"]
         out += ["", "  largest tensors:"]
         for r in j["largest_tensors"]:
             out.append(f"    {r['bytes']:>12,} B  {r['kind']:<6} {r['name']} {r['dtype']}{r['shape']}  {r['source']}")

@@ -1,0 +1,268 @@
+"""Recomputation: trade compute for the activations a training step keeps.
+
+Requires the autodiff stage's graph (`backward_from` marks where `minimize`'s
+backward pass begins; a graph that does not train passes through unchanged).
+Produces the same graph where the backward pass reads, instead of some forward
+results, copies of them computed again just before it needs them, so the forward
+results die at their last forward use instead of living until the backward pass.
+
+How (PopART's "Standard" recomputation, Chen et al.'s √n checkpoints):
+- The forward ops, in the order partitioning will run them, are cut into
+  segments (about √ of the results the backward pass reads), each holding about an
+  equal share of the bytes the backward pass reads, each cut where the fewest
+  bytes cross near its share's end: what crosses a cut (the frontier) is kept,
+  the checkpoints.
+- Recomputing a segment: every result of it the backward pass reads is made again
+  from the checkpoints at its start (nodes made with a salt, so interning does not
+  hand back the forward node), and the backward nodes are rebuilt to read those.
+- `level` segments are recomputed, those that keep the most bytes first; `all` is
+  every segment.  The pipeline's `auto` policy searches for the least level whose
+  plan fits (pipeline.compile_source).
+
+When: `graph.recomputed` maps each recomputed node to its segment; the partitioner
+evaluates, of a node's operands, those that need later segments (or none) first, so
+a segment is recomputed after the backward pass of the segments above it and dies
+before the next is recomputed.  `graph.recompute` is the summary the reports print.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from popdsl import ops
+from popdsl.ir import codelet as cir
+from popdsl.ir import graph as g
+from popdsl.ir.tensor import Node
+from popdsl.limits import RECOMPUTE_MODES
+from popdsl.passes.autodiff import topological
+
+MODES = RECOMPUTE_MODES
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """`mode`: none | auto | all.  `budget`: bytes per tile `auto` must fit the step
+    in (None: the tile's memory)."""
+    mode: str = "auto"
+    budget: int | None = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"recomputation is one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.budget is not None and self.budget <= 0:
+            raise ValueError("a memory budget is a positive number of bytes per tile")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Segments:
+    """The forward pass cut for recomputation."""
+    forward: list[Node]                  # forward results, in the order they run
+    saved: set[int]                      # ids of those the backward pass reads
+    cuts: list[int]                      # positions in `forward` after which a cut falls
+    segment: np.ndarray                  # segment of each forward position
+    checkpoints: set[int]                # ids kept across a cut
+    kept_bytes: np.ndarray               # per segment: bytes of saved results recomputing it frees
+
+    @property
+    def count(self) -> int:
+        return len(self.cuts) + 1
+
+    def by_saving(self) -> list[int]:
+        """Segments in the order recomputation takes them: most bytes freed first."""
+        return sorted(range(self.count), key=lambda s: (-int(self.kept_bytes[s]), s))
+
+
+def _nbytes(n: Node) -> int:
+    return n.numel * cir.ELEM_BYTES.get(n.dtype, 4)
+
+
+def _holds_data(n: Node) -> bool:
+    """A result partitioning materialises (not a leaf, constant or view of another)."""
+    return n.op != "const" and ops.op(n.op).kind not in ("leaf", "view")
+
+
+def _is_result(n: Node) -> bool:
+    return n.op != "const" and ops.op(n.op).kind != "leaf"
+
+
+def _roots(graph: g.TensorGraph) -> list[Node]:
+    return [v for _, v in graph.outputs if isinstance(v, Node)] + list(graph.updates.values())
+
+
+def segments(graph: g.TensorGraph) -> Segments | None:
+    """The forward pass of a training graph cut into about √(results kept) segments;
+    None when the graph does not train or keeps nothing for its backward pass."""
+    wm = graph.backward_from
+    if wm is None:
+        return None
+    order = topological(_roots(graph))
+    forward = [n for n in order if n.id < wm and _is_result(n)]
+    pos = {n.id: i for i, n in enumerate(forward)}
+    saved = {a.id for n in order if n.id >= wm for a in n.args if a.id in pos}
+    if not saved:
+        return None
+    nf = len(forward)
+    # A result lives (in the forward pass) until its last forward reader; a view's
+    # readers keep what it views alive.
+    last = np.arange(nf)
+    for i in range(nf - 1, -1, -1):
+        n = forward[i]
+        until = int(last[i]) if ops.op(n.op).kind == "view" else i
+        for a in n.args:
+            j = pos.get(a.id)
+            if j is not None and until > last[j]:
+                last[j] = until
+    size = np.array([_nbytes(n) if _holds_data(n) else 0 for n in forward], np.int64)
+    # frontier[i]: bytes made at or before i and read after i (what a cut after i keeps).
+    delta = np.zeros(nf + 1, np.int64)
+    np.add.at(delta, np.arange(nf), size)
+    np.add.at(delta, last, -size)
+    frontier = np.cumsum(delta)[:nf]
+    # √n segments (Chen et al.), each about an equal share of the bytes the backward
+    # pass reads; each cut where the fewest bytes cross within its share's window.
+    held = np.array([n.id in saved for n in forward]) & (size > 0)
+    k = max(1, round(math.sqrt(int(held.sum()))))
+    reads = np.cumsum(np.where(held, size, 0))
+    total = int(reads[-1])
+    cuts: list[int] = []
+    for j in range(1, k):
+        lo, hi = total * (2 * j - 1) // (2 * k), total * (2 * j + 1) // (2 * k)
+        window = np.nonzero((reads >= lo) & (reads <= hi))[0]
+        window = window[(window > (cuts[-1] if cuts else -1)) & (window < nf - 1)]
+        if window.size:
+            # the latest of equal frontiers: what the segment before it reads stays whole
+            best = window[frontier[window] == frontier[window].min()]
+            cuts.append(int(best[-1]))
+    segment = np.searchsorted(np.asarray(cuts, np.int64), np.arange(nf), side="left")
+    checkpoints = {forward[i].id for c in cuts for i in range(c + 1) if last[i] > c}
+    kept = np.zeros(len(cuts) + 1, np.int64)
+    for i, n in enumerate(forward):
+        if n.id in saved and n.id not in checkpoints:
+            kept[segment[i]] += size[i]
+    return Segments(forward, saved, cuts, segment, checkpoints, kept)
+
+
+def kept_bytes(graph: g.TensorGraph) -> int:
+    """Bytes of the forward results the backward pass (recomputations included)
+    reads: what a training step keeps from its forward pass for its backward pass
+    (a view keeps what it views)."""
+    wm = graph.backward_from
+    kept: dict[int, Node] = {}
+    for n in topological(_roots(graph)):
+        if n.id < wm:
+            continue
+        for a in n.args:
+            while a.id < wm and ops.op(a.op).kind == "view":
+                a = a.args[0]
+            if a.id < wm and _holds_data(a):
+                kept[a.id] = a
+    return int(sum(_nbytes(a) for a in kept.values()))
+
+
+def recompute(graph: g.TensorGraph, mode: str, level: int | None = None) -> g.TensorGraph:
+    """A new graph whose backward pass recomputes `level` segments (`all`: every one;
+    `none`, or `auto` without a level: none)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown recomputation mode {mode!r}")
+    seg = segments(graph)
+    if seg is None:
+        return graph
+    if level is None:
+        level = seg.count if mode == "all" else 0
+    out = graph.copy()
+    kept_before = kept_bytes(graph)
+    chosen = set(seg.by_saving()[:level])
+    out.recompute = {"mode": mode, "segments": seg.count, "recomputed_segments": len(chosen),
+                     "kept_bytes_without": kept_before}
+    if not chosen:
+        out.recompute.update(kept_bytes=kept_before, recomputed_ops=0, recomputed_flops=0)
+        return out
+    out.nodes = graph.nodes.copy()
+    t = out.nodes
+    pos = {n.id: i for i, n in enumerate(seg.forward)}
+    redo = {n.id for i, n in enumerate(seg.forward)
+            if int(seg.segment[i]) in chosen and n.id not in seg.checkpoints}
+    clones: dict[int, Node] = {}
+    wm = graph.backward_from
+    saved_span, saved_site = t.span, t.site
+
+    def clone(n: Node) -> Node:
+        """n made again from its segment's checkpoints (iteratively: segments are long)."""
+        stack = [n]
+        while stack:
+            m = stack[-1]
+            if m.id in clones:
+                stack.pop()
+                continue
+            todo = [a for a in m.args if a.id in redo and a.id not in clones]
+            if todo:
+                stack.extend(todo)
+                continue
+            stack.pop()
+            s = int(seg.segment[pos[m.id]])
+            t.span, t.site = graph.nodes.spans.get(m.id), graph.nodes.sites.get(m.id, m.op) + ".recompute"
+            c = t.make(m.op, tuple(clones.get(a.id, a) for a in m.args), m.attrs, m.shape, m.dtype,
+                       index=m.index, salt=("recompute", s))
+            clones[m.id] = c
+            out.recomputed[c.id] = s
+        return clones[n.id]
+
+    new: dict[int, Node] = {}
+    try:
+        for n in topological(_roots(graph)):
+            if n.id < wm:
+                continue
+            args = tuple(clone(a) if a.id in redo else new.get(a.id, a) for a in n.args)
+            if all(x is a for x, a in zip(args, n.args)):
+                continue
+            t.span, t.site = graph.nodes.spans.get(n.id), graph.nodes.sites.get(n.id)
+            new[n.id] = t.make(n.op, args, n.attrs, n.shape, n.dtype, index=n.index)
+    finally:
+        t.span, t.site = saved_span, saved_site
+    out.outputs = [(name, new.get(v.id, v) if isinstance(v, Node) else v) for name, v in graph.outputs]
+    out.updates = {tid: new.get(v.id, v) for tid, v in graph.updates.items()}
+    recomputed = [n for n in seg.forward if n.id in clones]
+    flops = 0
+    for n in recomputed:
+        rule = ops.op(n.op).flops
+        flops += rule(n) if rule is not None else (n.numel if _holds_data(n) else 0)
+    out.recompute.update(kept_bytes=kept_bytes(out), recomputed_ops=len(recomputed), recomputed_flops=int(flops))
+    _order(out)
+    return out
+
+
+def _order(graph: g.TensorGraph) -> None:
+    """graph.needs: for every node that depends on a recomputed one, the latest
+    segment it needs.  The partitioner runs operands needing later segments (or none)
+    first: the backward pass reaches late segments first, so what needs them (the
+    gradient coming down) is made before an early segment is recomputed."""
+    need = graph.needs = dict(graph.recomputed)
+    for n in topological(_roots(graph)):
+        if n.id in need:
+            continue
+        got = [need[a.id] for a in n.args if a.id in need]
+        if got:
+            need[n.id] = max(got)
+
+
+def verify(graph: g.TensorGraph) -> None:
+    """What the stage promises: a recomputed node reads only recomputed nodes of its
+    own segment and forward nodes (checkpoints, leaves); it is never a forward node
+    itself; the summary is whole."""
+    if not graph.recomputed:
+        return
+    wm = graph.backward_from
+    for n in topological(_roots(graph)):
+        s = graph.recomputed.get(n.id)
+        if s is None:
+            continue
+        assert n.id >= wm, f"node {n.id} is both forward and recomputed"
+        for a in n.args:
+            assert a.id < wm or graph.recomputed.get(a.id) == s, \
+                f"recomputed node {n.id} (segment {s}) reads node {a.id} of the backward pass or another segment"
+    assert set(graph.recompute) >= {"mode", "segments", "recomputed_segments", "kept_bytes", "kept_bytes_without"}
+
+
+__all__ = ["MODES", "Policy", "Segments", "recompute", "segments", "verify"]

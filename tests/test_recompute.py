@@ -1,0 +1,216 @@
+"""Recomputation (popdsl/passes/recompute.py; README "Recomputation"): a training
+step's backward pass computes forward results again instead of keeping them.  The
+numbers stay the same; the bytes kept for the backward pass and the live data go
+down; `auto` recomputes the least that fits; every way to get it wrong is a
+diagnostic."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from popdsl import api
+from popdsl.diagnostics import CompileError, OutOfMemory
+from popdsl.ir.target import get_target
+from popdsl.limits import Budgets
+from popdsl.passes import recompute as rc
+from popdsl.passes.recompute import Policy
+from popdsl import pipeline
+from popdsl.report.memory import memory_report
+
+from test_cli import _tampered
+
+# Six conv + batch-norm + relu layers: activations big, weights small (the regime of
+# ResNet's early layers, where recomputation pays).
+LAYERS = "\n".join(f"    let h{i} = relu(conv_bn(h{i - 1}, 8, 3, 1, 1));" for i in range(1, 7))
+CNN = f"""import "popnn";
+graph deep(tiles = 16) {{
+    input x: f32[4, 8, 12, 12];
+    input labels: i32[4];
+    let h0 = x;
+{LAYERS}
+    let p = avg_pool2d(h6, 12);
+    let logits = dense(reshape(p, [4, 8]), 10);
+    let loss = mean(cross_entropy(logits, labels));
+    output loss;
+    minimize loss with sgd(lr = 0.05, momentum = 0.9);
+}}
+"""
+
+
+def compile_cnn(mode: str, budget: int | None = None, tile_memory: int | None = None):
+    return pipeline.compile_source(CNN, "deep.pop", get_target("gc200", None, tile_memory),
+                                   recompute=Policy(mode, budget))
+
+
+@pytest.fixture(scope="module")
+def built():
+    return {m: compile_cnn(m) for m in ("none", "all")}
+
+
+def feeds(seed=0):
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((4, 8, 12, 12)).astype(np.float32),
+            "labels": rng.integers(0, 10, 4).astype(np.int32)}
+
+
+def train(exe, native, steps=3):
+    sim = api.Simulator(api.Executable(exe, native), threads=2)
+    losses = [float(sim.run(feeds(s))["loss"]) for s in range(steps)]
+    params = {t.name: sim.read(t.name) for t in exe.tensors if t.kind in ("param", "var")}
+    return losses, params
+
+
+def test_recomputing_gives_the_same_training_step(built):
+    ref_losses, ref_params = train(*built["none"])
+    losses, params = train(*built["all"])
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert params.keys() == ref_params.keys() and len(params) > 12
+    for name in ref_params:
+        np.testing.assert_allclose(params[name], ref_params[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_recomputing_every_segment_keeps_far_fewer_bytes(built):
+    none, every = (memory_report(built[m][0]).to_json()["training"] for m in ("none", "all"))
+    assert none["recomputed_segments"] == 0 and none["flops"]["recompute"] == 0
+    assert none["activations_kept_bytes"] == none["activations_kept_bytes_without_recompute"]
+    assert every["recomputed_segments"] == every["segments"] > 1
+    assert every["activations_kept_bytes_without_recompute"] == none["activations_kept_bytes"]
+    # Tensor level and as planned: what crosses into the backward pass, and the peak.
+    assert every["activations_kept_bytes"] * 3 < none["activations_kept_bytes"]
+    assert every["live_at_backward_start"] * 3 < none["live_at_backward_start"]
+    assert every["live_peak"] < 0.7 * none["live_peak"]
+    # ... paid for in compute: at most one forward pass again.
+    assert 0 < every["flops"]["recompute"] <= every["flops"]["forward"]
+    assert every["flops"]["backward"] == none["flops"]["backward"]
+    phases = {o["phase"] for o in built["all"][0].ops}
+    assert phases == {"forward", "backward", "recompute"}
+
+
+def test_auto_recomputes_nothing_when_the_step_fits(built):
+    exe, _ = compile_cnn("auto")
+    assert exe.recompute["recomputed_segments"] == 0
+    assert np.array_equal(exe.memory.total, built["none"][0].memory.total)
+
+
+def test_auto_recomputes_the_least_that_fits_the_budget(built):
+    lo, hi = (int(built[m][0].memory.total.max()) for m in ("all", "none"))
+    assert lo < hi
+    budget = (lo + hi) // 2
+    exe, _ = compile_cnn("auto", budget)
+    level = exe.recompute["recomputed_segments"]
+    assert 0 < level <= exe.recompute["segments"]
+    assert exe.memory.total.max() <= budget
+    # One segment fewer does not fit.
+    opts = pipeline.Options(CNN, "deep.pop", get_target(), recompute=Policy("auto", budget))
+    graph = pipeline.compile_source(CNN, "deep.pop", get_target(), stop_after="autodiff")
+    split = pipeline.STAGE_NAMES.index("recompute")
+    fewer, _ = pipeline._run(pipeline.STAGES[split:], replace(opts, level=level - 1), graph, None, None, None)[0]
+    assert fewer.memory.total.max() > budget
+
+
+def test_auto_out_of_memory_even_recomputing_everything_says_so():
+    with pytest.raises(OutOfMemory) as e:
+        compile_cnn("auto", tile_memory=40_000)
+    assert "every one of the" in str(e.value) and "recomputed" in str(e.value)
+    # `none` stops at the first plan, as Poplar would.
+    with pytest.raises(OutOfMemory) as e:
+        compile_cnn("none", tile_memory=40_000)
+    assert "every one of the" not in str(e.value)
+
+
+def test_a_graph_that_does_not_train_is_left_alone():
+    text = (Path(__file__).parents[1] / "examples" / "mlp.pop").read_text()
+    plain = pipeline.compile_source(text, "mlp.pop", get_target(), recompute=Policy("none"))[0]
+    every = pipeline.compile_source(text, "mlp.pop", get_target(), recompute=Policy("all"))[0]
+    assert every.recompute == {} and "training" not in memory_report(every).to_json()
+    assert np.array_equal(plain.memory.total, every.memory.total)
+
+
+def test_segments_cut_where_the_frontier_is_complete():
+    """Every forward node a recomputed node reads from an earlier segment is a
+    checkpoint (the stage's verifier checks the same on the rewritten graph)."""
+    graph = pipeline.compile_source(CNN, "deep.pop", get_target(), stop_after="autodiff")
+    seg = rc.segments(graph)
+    pos = {n.id: i for i, n in enumerate(seg.forward)}
+    for i, n in enumerate(seg.forward):
+        for a in n.args:
+            j = pos.get(a.id)
+            if j is not None and seg.segment[j] != seg.segment[i]:
+                assert seg.segment[j] < seg.segment[i]
+                assert a.id in seg.checkpoints, (a.op, n.op)
+
+
+def test_verifier_catches_a_recomputed_node_reading_another_segment():
+    graph = pipeline.compile_source(CNN, "deep.pop", get_target(), stop_after="recompute",
+                                    recompute=Policy("all"))
+    rc.verify(graph)
+    # As a broken pass would leave it: a recomputed node filed under a segment its
+    # recomputed operands are not in.
+    reader = next(n for n in graph.nodes.nodes if n.id in graph.recomputed
+                  and any(a.id in graph.recomputed for a in n.args))
+    bad = graph.copy()
+    bad.recomputed[reader.id] += 100
+    with pytest.raises(AssertionError, match="reads node"):
+        rc.verify(bad)
+
+
+def test_popx_keeps_the_recomputation_record(tmp_path, popc):
+    src = tmp_path / "deep.pop"
+    src.write_text(CNN)
+    lo, hi = (int(compile_cnn(m)[0].memory.total.max()) for m in ("all", "none"))
+    code, _, err = popc("build", src, "--memory-budget", (lo + hi) // 2, "--no-cache", "-o", tmp_path / "d.popx")
+    assert code == 0, err
+    assert "popc: note: the training step does not fit" in err and "--recompute none" in err
+    code, out, err = popc("report", tmp_path / "d.popx", "--json")
+    assert code == 0, err
+    tr = json.loads(out)["training"]
+    assert tr["recompute"] == "auto" and 0 < tr["recomputed_segments"] <= tr["segments"]
+    code, out, _ = popc("report", tmp_path / "d.popx")
+    assert "training step: activations kept for the backward pass" in out
+    # A forged record or phase is refused, not believed.
+    for edit in (lambda d: d["recompute"].update(mode="some"),
+                 lambda d: d["recompute"].update(kept_bytes=-1),
+                 lambda d: d["recompute"].pop("segments"),
+                 lambda d: d["ops"][0].update(phase="sideways")):
+        bad = _tampered(tmp_path / "d.popx", tmp_path, edit)
+        code, _, err = popc("report", bad)
+        assert code == 1 and "damaged" in err, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--recompute", "some"], "invalid choice"),
+    (["--memory-budget", "0"], "--memory-budget"),
+    (["--memory-budget", "lots"], "--memory-budget"),
+])
+def test_bad_recompute_flags_are_usage_errors(args, message, popc):
+    code, _, err = popc("check", Path(__file__).parents[1] / "examples" / "digits.pop", *args)
+    assert code == 2 and message in err
+
+
+def test_recompute_flag_on_a_popx_is_refused(tmp_path, popc):
+    src = Path(__file__).parents[1] / "examples" / "matvec.pop"
+    assert popc("build", src, "-o", tmp_path / "m.popx")[0] == 0
+    code, _, err = popc("report", tmp_path / "m.popx", "--recompute", "all")
+    assert code == 2 and "--recompute does not apply to a .popx" in err
+
+
+def test_the_budget_goes_into_the_build_cache_key():
+    from popdsl import cache
+    from popdsl.sema import load_program
+    mods = load_program(CNN, "deep.pop")
+    keys = {cache.build_key(mods, get_target(), None, False, True, None, Budgets(), CNN, "deep.pop", p)
+            for p in (Policy(), Policy("none"), Policy("all"), Policy("auto", 100_000))}
+    assert len(keys) == 4
+
+
+def test_policy_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError):
+        Policy("sometimes")
+    with pytest.raises(ValueError):
+        Policy("auto", 0)
+    with pytest.raises(CompileError):
+        api.compile(CNN, tile_memory=40_000, recompute="all", cache=False)
