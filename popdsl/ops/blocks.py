@@ -4,12 +4,21 @@ Requires numpy and the tensor graph IR; produces block ranges, power-of-two spli
 candidates, and `emit_tasks`, which turns a list of per-vertex tasks into vertex
 groups (one group per distinct set of field shapes, stacked index arrays, never an
 object per vertex).
+
+The convolution and pooling rules have many tasks (a ResNet-50 forward pass about
+50,000): they build them all at once instead, with no Python work per task.  Their
+tasks are the cells of nested loops (`task_grid`) over images, groups and blocks;
+the blocks of one axis have at most two sizes, so the tasks fall into a few classes
+of equal field shapes (`shape_classes`), one vertex group each.  `stacked` gives a
+field's connections for a class (what `stack` of the per-task slices would), and
+`map_first` maps a tensor the tasks read as per-task `ensure_mapped` calls in task
+order would (the first task to want an element keeps it).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from popdsl.ir.index import stack
+from popdsl.ir.index import Batch, Strided, as_array, stack
 
 GRAIN = 16                    # fewest elements worth a vertex of element-wise work
 SLAB_BYTES = 48 * 1024        # most input data one vertex of a conv or pool may take
@@ -51,3 +60,126 @@ def emit_tasks(p, cs, codelet: str, tasks, state_keys=()) -> None:
                  for f in grp[0]["conns"]}
         state = {k: np.asarray([t["state"][k] for t in grp]) for k in state_keys}
         p.group(cs, codelet, [t["tile"] for t in grp], conns, state)
+
+
+# ---------------------------------------------------------------- all tasks at once
+
+def task_grid(*counts: int) -> list[np.ndarray]:
+    """The cells of nested loops `for i0 in range(counts[0]): for i1 in ...`, in loop
+    order (the last loop innermost): each loop's index per task."""
+    return [a.reshape(-1) for a in np.indices(counts, dtype=np.int64)]
+
+
+def bounds(bl: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """The starts and stops of block ranges, as arrays indexed by block."""
+    a = np.asarray(bl, np.int64).reshape(-1, 2)
+    return a[:, 0], a[:, 1]
+
+
+def block_of(bl: list[tuple[int, int]]) -> np.ndarray:
+    """For each position 0..n covered by consecutive block ranges, its block."""
+    starts, stops = bounds(bl)
+    return np.repeat(np.arange(len(bl), dtype=np.int64), stops - starts)
+
+
+def shape_classes(*sizes: np.ndarray) -> list[np.ndarray]:
+    """The tasks with equal block sizes (one size per task for each blocked loop), as
+    sorted task indices per class, the classes in the order of their first task:
+    what grouping the tasks by their fields' shapes gives when the sizes are in
+    those shapes."""
+    code = np.zeros(len(sizes[0]), np.int64)
+    for s in sizes:
+        values, which = np.unique(s, return_inverse=True)
+        code = code * len(values) + which.reshape(-1)
+    _, first, which = np.unique(code, return_index=True, return_inverse=True)
+    which = which.reshape(-1)
+    order = np.argsort(which, kind="stable")
+    cuts = np.cumsum(np.bincount(which))[:-1]
+    per_class = np.split(order, cuts)
+    return [per_class[c] for c in np.argsort(first)]
+
+
+def stacked(index, keys: tuple, shape: tuple):
+    """`stack([index[key(v)].reshape(shape) for v in tasks])` for all tasks at once.
+
+    keys: one per leading axis of `index`: an int array (an integer index per
+    task), a (starts, stops) pair of int arrays (a slice per task, all of one
+    length) or `slice(None)`; at least one is per task.  The result is what the
+    per-task slices give, representation included: a Batch where each task's
+    view is strided (the first task's slice gives the shape and strides, the
+    others only move its offset), else the stacked element array."""
+    nv = len(next(k[0] if isinstance(k, tuple) else k for k in keys if not isinstance(k, slice)))
+    pos = index if isinstance(index, Strided) else Strided.whole(np.shape(index))
+    first = tuple(k if isinstance(k, slice) else slice(int(k[0][0]), int(k[1][0])) if isinstance(k, tuple)
+                  else int(k[0]) for k in keys)
+    one = pos[first]
+    offsets = np.full(nv, one.offset, np.int64)
+    for k, s in zip(keys, pos.strides):
+        if isinstance(k, tuple):
+            assert np.all(k[1] - k[0] == k[1][0] - k[0][0]), "the slices of one class have one length"
+            k = k[0]
+        if not isinstance(k, slice) and s:
+            offsets += (k - k[0]) * s
+    view = one.view_reshape(shape) if isinstance(index, Strided) else None
+    if view is not None:
+        return Batch(offsets, view.shape, view.strides)
+    out = Batch(offsets, one.shape, one.strides).array()
+    if not isinstance(index, Strided):
+        out = np.asarray(index).reshape(-1)[out]
+    return out.reshape((nv,) + tuple(shape))
+
+
+def _one_to_one(index) -> bool:
+    """A strided view whose positions all select different elements (sufficient:
+    each axis steps over everything the smaller ones reach)."""
+    if not isinstance(index, Strided):
+        return False
+    reach = 0
+    for n, s in sorted(((n, abs(s)) for n, s in zip(index.shape, index.strides) if n > 1), key=lambda a: a[1]):
+        if s <= reach:
+            return False
+        reach += (n - 1) * s
+    return True
+
+
+def map_whole(p, tensor: int, shape: tuple, tiles: np.ndarray) -> None:
+    """Map every element of `tensor` (one the rule made, its elements in the order of
+    a `shape` array) to `tiles`, broadcast to `shape`."""
+    dst = p.g.tile_of[tensor]
+    assert dst.flags.c_contiguous       # so its reshape is a view: the tiles land in the mapping
+    dst.reshape(shape)[...] = tiles
+
+
+def map_first(p, view, tiles: np.ndarray, task: np.ndarray) -> None:
+    """Map the still-unmapped elements of `view` (a g.View) as `p.ensure_mapped` of
+    each task's block in task order would: `tiles` and `task` (broadcastable to the
+    view's shape) give, for each position, the tile and the index of the first task
+    whose block holds it (blocks are boxes of positions, each a task's in row-major
+    order); an element several positions select keeps the first task's tile."""
+    tile_of = p.g.tile_of[view.tensor]
+    shape = view.index.shape
+    tiles = np.broadcast_to(tiles, shape).reshape(-1)
+    if isinstance(view.index, Strided) and view.index.is_whole(tile_of.size):
+        free = tile_of < 0                      # the whole tensor in order (weights, usually)
+        tile_of[free] = tiles[free]
+        return
+    flat = as_array(view.index).reshape(-1)
+    free = tile_of[flat] < 0
+    if not free.any():
+        return
+    if _one_to_one(view.index):
+        tile_of[flat[free]] = tiles[free]
+        return
+    order = np.argsort(np.broadcast_to(task, shape).reshape(-1), kind="stable")
+    flat, tiles, free = flat[order], tiles[order], free[order]
+    sel = flat[free]
+    _, first = np.unique(sel, return_index=True)
+    tile_of[sel[first]] = tiles[free][first]
+
+
+def emit_classes(p, cs, codelet: str, tiles: np.ndarray, classes, conns, state: dict) -> None:
+    """One vertex group of `codelet` per class of tasks (task indices, in order):
+    tiles[task], `conns(rows)` = {field: (tensor, stacked index)} and the same
+    `state` for every vertex."""
+    for rows in classes:
+        p.group(cs, codelet, tiles[rows], conns(rows), {k: np.full(len(rows), v) for k, v in state.items()})

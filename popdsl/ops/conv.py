@@ -17,7 +17,8 @@ import numpy as np
 
 from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node
-from popdsl.ops.blocks import SLAB_BYTES, blocks, ceil_div, emit_tasks, pow2_splits
+from popdsl.ops.blocks import (SLAB_BYTES, block_of, blocks, bounds, ceil_div, emit_classes, map_first,
+                               map_whole, pow2_splits, shape_classes, stacked, task_grid)
 from popdsl.ops import elementwise
 from popdsl.ops.core import FLOATS, Builder, Function, OpDef, Param, float_result, shape_str
 from popdsl.ops import conv_grad
@@ -181,30 +182,38 @@ def partition_conv(p, n: Node) -> g.View:
     else:
         acc = p.new_tensor(label, "f32", (N, O, OH, OW))
         target = acc.index[None]
-    ntasks = N * groups * len(ob_) * len(rb_) * len(cb_)
-    tiles = p.spread(ntasks)
-    tasks = []
-    t = 0
-    for nn in range(N):
-        for gi in range(groups):
-            for (o0, o1) in ob_:
-                for (r0, r1) in rb_:
-                    for ci, (c0, c1) in enumerate(cb_):
-                        tile = int(tiles[t])
-                        t += 1
-                        oo0, oo1 = gi * Og + o0, gi * Og + o1
-                        xin0, xin1 = r0 * stride, (r1 - 1) * stride + KH
-                        xs = x.index[nn, gi * Cg + c0: gi * Cg + c1, xin0:xin1, :]
-                        ws = w.index[oo0:oo1, c0:c1, :, :]
-                        ys = target[ci, nn, oo0:oo1, r0:r1, :]
-                        p.g.tile_of[acc.tensor][ys.ravel()] = tile
-                        p.ensure_mapped(g.View(w.tensor, ws, w.span), np.int32(tile))
-                        tasks.append({"tile": tile, "state": {"kh": KH, "kw": KW, "s": stride, "wp": Wp, "ow": OW},
-                                      "conns": {"x": (x.tensor, xs.reshape(c1 - c0, -1)),
-                                                "w": (w.tensor, ws.reshape(o1 - o0, -1)),
-                                                "y": (acc.tensor, ys.reshape(o1 - o0, -1))}})
+    # The tasks: images, groups, output-channel, row and input-channel blocks (the
+    # last innermost), all at once: per task its blocks' bounds.
+    nob, nrb, ncb = len(ob_), len(rb_), len(cb_)
+    tiles = p.spread(N * groups * nob * nrb * ncb)
+    nn, gi, oi, ri, ci = task_grid(N, groups, nob, nrb, ncb)
+    (ob0, ob1), (rb0, rb1), (cb0, cb1) = bounds(ob_), bounds(rb_), bounds(cb_)
+    o0, o1 = gi * Og + ob0[oi], gi * Og + ob1[oi]
+    r0, r1 = rb0[ri], rb1[ri]
+    c0, c1 = cb0[ci], cb1[ci]
+    # Each output element is one task's: the tile of (image, its output channel's
+    # group and block, its row's block, partial sum).  acc is new, laid out as `target`.
+    og, oo = np.divmod(np.arange(O), Og)
+    o_task = (og * nob + block_of(ob_)[oo]) * nrb
+    task = ((np.arange(N)[:, None, None] * (groups * nob * nrb) + o_task[:, None] + block_of(rb_)) * ncb
+            + np.arange(ncb)[:, None, None, None])
+    map_whole(p, acc.tensor, task.shape + (OW,), tiles[task][..., None])
+    # A weight block goes where its first task runs (first image, first row block).
+    wtask = (o_task[:, None] * ncb + block_of(cb_))[:, :, None, None]
+    map_first(p, w, tiles[wtask], wtask)
+
+    def conns(v):
+        """Tasks v (one class): x[image, channels, input rows, :], w[outputs, channels,
+        :, :] and target[partial, image, outputs, rows, :], each (block, -1)."""
+        ob, cb = int(o1[v[0]] - o0[v[0]]), int(c1[v[0]] - c0[v[0]])
+        xc, xr = (gi[v] * Cg + c0[v], gi[v] * Cg + c1[v]), (r0[v] * stride, (r1[v] - 1) * stride + KH)
+        oc = (o0[v], o1[v])
+        return {"x": (x.tensor, stacked(x.index, (nn[v], xc, xr, slice(None)), (cb, -1))),
+                "w": (w.tensor, stacked(w.index, (oc, (c0[v], c1[v]), slice(None), slice(None)), (ob, -1))),
+                "y": (acc.tensor, stacked(target, (ci[v], nn[v], oc, (r0[v], r1[v]), slice(None)), (ob, -1)))}
     cs = p.new_cs(label)
-    emit_tasks(p, cs, p.prim("Conv2dBlock"), tasks, ("kh", "kw", "s", "wp", "ow"))
+    emit_classes(p, cs, p.prim("Conv2dBlock"), tiles, shape_classes(o1 - o0, r1 - r0, c1 - c0), conns,
+                 {"kh": KH, "kw": KW, "s": stride, "wp": Wp, "ow": OW})
     return add_partials(p, n, cs, acc, len(cb_) > 1, label)
 
 
@@ -223,23 +232,26 @@ def partition_pool(p, n: Node) -> g.View:
     go, gr = _pool_plan(p, N, C, OH, OW, k, stride, Wp)
     cbs, rbs = blocks(C, go), blocks(OH, gr)
     out = p.new_tensor(label, "f32", n.shape)
-    ntasks = N * len(cbs) * len(rbs)
-    tiles = p.spread(ntasks)
-    tasks = []
-    t = 0
-    for nn in range(N):
-        for (c0, c1) in cbs:
-            for (r0, r1) in rbs:
-                tile = int(tiles[t])
-                t += 1
-                xs = x.index[nn, c0:c1, r0 * stride:(r1 - 1) * stride + k, :]
-                ys = out.index[nn, c0:c1, r0:r1, :]
-                p.g.tile_of[out.tensor][ys.ravel()] = tile
-                tasks.append({"tile": tile, "state": {"k": k, "s": stride, "wp": Wp, "ow": OW},
-                              "conns": {"x": (x.tensor, xs.reshape(c1 - c0, -1)),
-                                        "y": (out.tensor, ys.reshape(c1 - c0, -1))}})
+    # The tasks: images, channel blocks, row blocks (the last innermost), all at once.
+    ncb, nrb = len(cbs), len(rbs)
+    tiles = p.spread(N * ncb * nrb)
+    nn, ci, ri = task_grid(N, ncb, nrb)
+    (cb0, cb1), (rb0, rb1) = bounds(cbs), bounds(rbs)
+    c0, c1, r0, r1 = cb0[ci], cb1[ci], rb0[ri], rb1[ri]
+    # Each output element is one task's (out is new and whole).
+    task = (np.arange(N)[:, None, None] * ncb + block_of(cbs)[:, None]) * nrb + block_of(rbs)
+    map_whole(p, out.tensor, task.shape + (OW,), tiles[task][..., None])
+
+    def conns(v):
+        """Tasks v (one class): x[image, channels, input rows, :] and out[image,
+        channels, rows, :], each (channels, -1)."""
+        cb = int(c1[v[0]] - c0[v[0]])
+        return {"x": (x.tensor, stacked(x.index, (nn[v], (c0[v], c1[v]), (r0[v] * stride, (r1[v] - 1) * stride + k),
+                                                  slice(None)), (cb, -1))),
+                "y": (out.tensor, stacked(out.index, (nn[v], (c0[v], c1[v]), (r0[v], r1[v]), slice(None)), (cb, -1)))}
     cs = p.new_cs(label)
-    emit_tasks(p, cs, p.prim("MaxPoolBlock" if kind == "max" else "AvgPoolBlock"), tasks, ("k", "s", "wp", "ow"))
+    emit_classes(p, cs, p.prim("MaxPoolBlock" if kind == "max" else "AvgPoolBlock"), tiles,
+                 shape_classes(c1 - c0, r1 - r0), conns, {"k": k, "s": stride, "wp": Wp, "ow": OW})
     p.record(n, cs)
     return out
 

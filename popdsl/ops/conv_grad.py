@@ -23,7 +23,8 @@ import numpy as np
 
 from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node
-from popdsl.ops.blocks import SLAB_BYTES, blocks, ceil_div, emit_tasks, pow2_splits
+from popdsl.ops.blocks import (SLAB_BYTES, block_of, blocks, bounds, ceil_div, emit_classes, map_first,
+                               map_whole, pow2_splits, shape_classes, stacked, task_grid)
 from popdsl.ops.core import Builder, OpDef
 from popdsl.ops.reduce import sum_partials
 from popdsl.ops.shape import padded
@@ -174,25 +175,35 @@ def partition_conv_grad_x(p, n: Node) -> g.View:
     shape = (N, C, Hp, Wp)
     acc = p.new_tensor(label + ".partial" if len(obs) > 1 else label, "f32", ((len(obs),) if len(obs) > 1 else ()) + shape)
     target = acc.index.reshape((len(obs),) + shape)
-    tiles = p.spread(N * groups * len(cbs) * len(obs))
-    tasks, t = [], 0
-    for nn in range(N):
-        for gi in range(groups):
-            for (c0, c1) in cbs:
-                for oi, (o0, o1) in enumerate(obs):
-                    tile = int(tiles[t])
-                    t += 1
-                    oo0, oo1 = gi * Og + o0, gi * Og + o1
-                    ws = w.index[oo0:oo1, c0:c1]
-                    ds = target[oi, nn, gi * Cg + c0:gi * Cg + c1]
-                    p.g.tile_of[acc.tensor][ds.ravel()] = tile
-                    p.ensure_mapped(g.View(w.tensor, ws, w.span), np.int32(tile))
-                    tasks.append({"tile": tile, "state": {"kh": KH, "kw": KW, "s": stride, "wp": Wp, "ow": OW},
-                                  "conns": {"g": (gv.tensor, gv.index[nn, oo0:oo1].reshape(o1 - o0, -1)),
-                                            "w": (w.tensor, ws.reshape(o1 - o0, -1)),
-                                            "dx": (acc.tensor, ds.reshape(c1 - c0, -1))}})
+    # The tasks: images, groups, input-channel blocks, output-channel blocks (the
+    # last innermost), all at once.
+    ncb, nob = len(cbs), len(obs)
+    tiles = p.spread(N * groups * ncb * nob)
+    nn, gi, ci, oi = task_grid(N, groups, ncb, nob)
+    (cb0, cb1), (ob0, ob1) = bounds(cbs), bounds(obs)
+    c0, c1 = cb0[ci], cb1[ci]
+    o0, o1 = gi * Og + ob0[oi], gi * Og + ob1[oi]
+    # Each element of the result is one task's: (partial sum, image, its channel's
+    # group and block).  acc is new, laid out as `target`.
+    cg, cc = np.divmod(np.arange(C), Cg)
+    c_task = (cg * ncb + block_of(cbs)[cc]) * nob
+    task = np.arange(N)[:, None] * (groups * ncb * nob) + c_task + np.arange(nob)[:, None, None]
+    map_whole(p, acc.tensor, task.shape + (Hp, Wp), tiles[task][..., None, None])
+    # A weight block goes where its first task (first image) runs.
+    og, oo = np.divmod(np.arange(O), Og)
+    wtask = ((og * ncb)[:, None] + block_of(cbs)) * nob + block_of(obs)[oo][:, None]
+    map_first(p, w, tiles[wtask][:, :, None, None], wtask[:, :, None, None])
+
+    def conns(v):
+        """Tasks v (one class): g[image, outputs], w[outputs, channels] and
+        target[partial, image, channels]."""
+        ob, cb = int(o1[v[0]] - o0[v[0]]), int(c1[v[0]] - c0[v[0]])
+        return {"g": (gv.tensor, stacked(gv.index, (nn[v], (o0[v], o1[v])), (ob, -1))),
+                "w": (w.tensor, stacked(w.index, ((o0[v], o1[v]), (c0[v], c1[v])), (ob, -1))),
+                "dx": (acc.tensor, stacked(target, (oi[v], nn[v], (gi[v] * Cg + c0[v], gi[v] * Cg + c1[v])), (cb, -1)))}
     cs = p.new_cs(label)
-    emit_tasks(p, cs, p.prim("Conv2dGradX"), tasks, ("kh", "kw", "s", "wp", "ow"))
+    emit_classes(p, cs, p.prim("Conv2dGradX"), tiles, shape_classes(c1 - c0, o1 - o0), conns,
+                 {"kh": KH, "kw": KW, "s": stride, "wp": Wp, "ow": OW})
     return _crop(p, _result(p, n, cs, acc, len(obs) > 1, label, shape), n.shape, padding)
 
 
@@ -218,23 +229,34 @@ def partition_conv_grad_w(p, n: Node) -> g.View:
     acc = p.new_tensor(label + ".partial" if len(nbs) > 1 else label, "f32",
                        ((len(nbs),) if len(nbs) > 1 else ()) + shape)
     target = acc.index.reshape((len(nbs),) + shape)
-    tiles = p.spread(groups * len(nbs) * len(obs) * len(cbs))
-    tasks, t = [], 0
-    for gi in range(groups):
-        for ni, (n0, n1) in enumerate(nbs):
-            for (o0, o1) in obs:
-                for (c0, c1) in cbs:
-                    tile = int(tiles[t])
-                    t += 1
-                    oo0, oo1, cc0, cc1 = gi * Og + o0, gi * Og + o1, gi * Cg + c0, gi * Cg + c1
-                    ds = target[ni, oo0:oo1, c0:c1]
-                    p.g.tile_of[acc.tensor][ds.ravel()] = tile
-                    tasks.append({"tile": tile, "state": {"kh": KH, "kw": KW, "s": stride, "wp": Wp, "ow": OW},
-                                  "conns": {"x": (x.tensor, x.index[n0:n1, cc0:cc1].reshape((n1 - n0) * (c1 - c0), -1)),
-                                            "g": (gv.tensor, gv.index[n0:n1, oo0:oo1].reshape((n1 - n0) * (o1 - o0), -1)),
-                                            "dw": (acc.tensor, ds.reshape(o1 - o0, -1))}})
+    # The tasks: groups, image blocks, output-channel blocks, input-channel blocks
+    # (the last innermost), all at once.
+    nnb, nob, ncb = len(nbs), len(obs), len(cbs)
+    tiles = p.spread(groups * nnb * nob * ncb)
+    gi, ni, oi, ci = task_grid(groups, nnb, nob, ncb)
+    (nb0, nb1), (ob0, ob1), (cb0, cb1) = bounds(nbs), bounds(obs), bounds(cbs)
+    n0, n1 = nb0[ni], nb1[ni]
+    o0, o1 = gi * Og + ob0[oi], gi * Og + ob1[oi]
+    c0, c1 = cb0[ci], cb1[ci]
+    # Each element of the result is one task's: (partial sum, its output channel's
+    # group and block, its input channel's block).  acc is new, laid out as `target`.
+    og, oo = np.divmod(np.arange(O), Og)
+    task = ((og * nnb + np.arange(nnb)[:, None]) * nob + block_of(obs)[oo]) * ncb
+    task = task[..., None] + block_of(cbs)
+    map_whole(p, acc.tensor, task.shape + (KH, KW), tiles[task][..., None, None])
+
+    def conns(v):
+        """Tasks v (one class): x[images, channels], g[images, outputs] and
+        target[partial, outputs, channels]."""
+        nb, ob = int(n1[v[0]] - n0[v[0]]), int(o1[v[0]] - o0[v[0]])
+        cb = int(c1[v[0]] - c0[v[0]])
+        images, oc = (n0[v], n1[v]), (o0[v], o1[v])
+        return {"x": (x.tensor, stacked(x.index, (images, (gi[v] * Cg + c0[v], gi[v] * Cg + c1[v])), (nb * cb, -1))),
+                "g": (gv.tensor, stacked(gv.index, (images, oc), (nb * ob, -1))),
+                "dw": (acc.tensor, stacked(target, (ni[v], oc, (c0[v], c1[v])), (ob, -1)))}
     cs = p.new_cs(label)
-    emit_tasks(p, cs, p.prim("Conv2dGradW"), tasks, ("kh", "kw", "s", "wp", "ow"))
+    emit_classes(p, cs, p.prim("Conv2dGradW"), tiles, shape_classes(n1 - n0, o1 - o0, c1 - c0), conns,
+                 {"kh": KH, "kw": KW, "s": stride, "wp": Wp, "ow": OW})
     out = _result(p, n, cs, acc, len(nbs) > 1, label, shape)
     return g.View(out.tensor, out.index.reshape(shape), out.span)
 
@@ -256,22 +278,26 @@ def _partition_pool_grad(p, n: Node, x: g.View | None, gv: g.View, k: int, strid
                         lambda cb: cb * OH * OW * k * k)
     out = p.new_tensor(label, "f32", (N, C, Hp, Wp))
     cbs = blocks(C, gc)
-    tiles = p.spread(N * len(cbs))
-    tasks, t = [], 0
-    for nn in range(N):
-        for (c0, c1) in cbs:
-            tile = int(tiles[t])
-            t += 1
-            ds = out.index[nn, c0:c1]
-            p.g.tile_of[out.tensor][ds.ravel()] = tile
-            conns = {"g": (gv.tensor, gv.index[nn, c0:c1].reshape(c1 - c0, -1)),
-                     "dx": (out.tensor, ds.reshape(c1 - c0, -1))}
-            if x is not None:
-                conns["x"] = (x.tensor, x.index[nn, c0:c1].reshape(c1 - c0, -1))
-            tasks.append({"tile": tile, "state": {"k": k, "s": stride, "wp": Wp, "ow": OW}, "conns": conns})
+    # The tasks: images, channel blocks (the last innermost), all at once; each
+    # element of the result is one task's (out is new and whole).
+    ncb = len(cbs)
+    tiles = p.spread(N * ncb)
+    nn, ci = task_grid(N, ncb)
+    cb0, cb1 = bounds(cbs)
+    c0, c1 = cb0[ci], cb1[ci]
+    task = np.arange(N)[:, None] * ncb + block_of(cbs)
+    map_whole(p, out.tensor, task.shape + (Hp, Wp), tiles[task][..., None, None])
+
+    def conns(v):
+        """Tasks v (one class): g, dx (and x) [image, channels]."""
+        key, cb = (nn[v], (c0[v], c1[v])), int(c1[v[0]] - c0[v[0]])
+        c = {"g": (gv.tensor, stacked(gv.index, key, (cb, -1))), "dx": (out.tensor, stacked(out.index, key, (cb, -1)))}
+        if x is not None:
+            c["x"] = (x.tensor, stacked(x.index, key, (cb, -1)))
+        return c
     cs = p.new_cs(label)
-    emit_tasks(p, cs, p.prim("MaxPoolGradBlock" if x is not None else "AvgPoolGradBlock"), tasks,
-               ("k", "s", "wp", "ow"))
+    emit_classes(p, cs, p.prim("MaxPoolGradBlock" if x is not None else "AvgPoolGradBlock"), tiles,
+                 shape_classes(c1 - c0), conns, {"k": k, "s": stride, "wp": Wp, "ow": OW})
     p.record(n, cs)
     return _crop(p, out, n.shape, padding)
 

@@ -1,0 +1,233 @@
+"""The convolution and pooling rules build all their tasks at once (`ops.blocks`:
+`stacked`, `shape_classes`, `map_first`); each helper is checked here against the
+per-task definition it replaces (hypothesis over random shapes, views and blocks),
+and `conv2d`'s rule against the per-task loop it replaced, vertex for vertex."""
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from popdsl import ops
+from popdsl.ir import graph as g
+from popdsl.ir.index import Batch, Strided, stack
+from popdsl.ir.target import get_target
+from popdsl.ops.blocks import blocks, emit_tasks, map_first, shape_classes, stacked, task_grid
+from popdsl.passes.partition import Partitioner, partition
+from popdsl.pipeline import compile_source
+
+SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+@st.composite
+def bases(draw):
+    """An index to slice: a strided view (whole, transposed, sliced, broadcast) or an
+    element array (in order, shuffled, or selecting elements more than once)."""
+    shape = tuple(draw(st.lists(st.integers(1, 5), min_size=2, max_size=4)))
+    s = Strided.whole(shape)
+    kind = draw(st.sampled_from(["whole", "transpose", "slice", "broadcast", "array", "shuffled", "repeats"]))
+    if kind == "transpose":
+        s = s.transpose(draw(st.permutations(range(len(shape)))))
+    elif kind == "slice":
+        s = Strided.whole((shape[0] + 2,) + shape[1:])[1:shape[0] + 1]
+    elif kind == "broadcast":
+        s = Strided.whole((1,) + shape[1:]).broadcast_to(shape)
+    if kind == "array":
+        return s.array()
+    rng = np.random.default_rng(draw(st.integers(0, 99)))
+    if kind == "shuffled":
+        return rng.permutation(int(np.prod(shape))).reshape(shape)
+    if kind == "repeats":               # elements several positions select
+        return rng.integers(0, max(1, int(np.prod(shape)) // 3), shape)
+    return s
+
+
+@SETTINGS
+@given(bases(), st.data())
+def test_stacked_equals_stacking_each_tasks_slice(index, data):
+    """Per axis an integer, a slice of one length, or the whole axis; per task its
+    own positions; then a reshape: the same connection, representation included."""
+    nv = data.draw(st.integers(1, 5))
+    keys, per_task = [], [[] for _ in range(nv)]
+    naxes = data.draw(st.integers(1, len(index.shape)))
+    for n in index.shape[:naxes]:
+        kind = data.draw(st.sampled_from(["int", "slice", "all"]))
+        if kind == "int":
+            k = np.asarray(data.draw(st.lists(st.integers(0, n - 1), min_size=nv, max_size=nv)), np.int64)
+            keys.append(k)
+            for v in range(nv):
+                per_task[v].append(int(k[v]))
+        elif kind == "slice":
+            size = data.draw(st.integers(1, n))
+            lo = np.asarray(data.draw(st.lists(st.integers(0, n - size), min_size=nv, max_size=nv)), np.int64)
+            keys.append((lo, lo + size))
+            for v in range(nv):
+                per_task[v].append(slice(int(lo[v]), int(lo[v]) + size))
+        else:
+            keys.append(slice(None))
+            for v in range(nv):
+                per_task[v].append(slice(None))
+    if all(isinstance(k, slice) for k in keys):
+        keys[0] = np.zeros(nv, np.int64)
+        for v in range(nv):
+            per_task[v][0] = 0
+    one = index[tuple(per_task[0])]
+    lead = one.shape[0] if len(one.shape) else 1
+    shape = data.draw(st.sampled_from([(-1,), (lead, -1), tuple(one.shape) or (1,)]))
+    want = stack([index[tuple(k)].reshape(shape) for k in per_task])
+    got = stacked(index, tuple(keys), shape)
+    assert type(got) is type(want)
+    if isinstance(want, Batch):
+        np.testing.assert_array_equal(got.offsets, want.offsets)
+        assert (got.field_shape, got.strides) == (want.field_shape, want.strides)
+    else:
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+
+
+@SETTINGS
+@given(st.lists(st.lists(st.integers(1, 3), min_size=1, max_size=3), min_size=1, max_size=40).filter(
+    lambda rows: len({len(r) for r in rows}) == 1))
+def test_shape_classes_group_tasks_by_sizes_in_first_task_order(rows):
+    want: dict[tuple, list[int]] = {}
+    for t, r in enumerate(rows):
+        want.setdefault(tuple(r), []).append(t)
+    sizes = [np.asarray(col, np.int64) for col in zip(*rows)]
+    assert [c.tolist() for c in shape_classes(*sizes)] == list(want.values())
+
+
+@SETTINGS
+@given(bases(), st.data())
+def test_map_first_maps_as_each_tasks_ensure_mapped_in_task_order(index, data):
+    """Tasks over boxes of a view's positions (blocks of its first two axes, tasks
+    in a random loop order, each box wanted by several tasks), some elements mapped
+    beforehand: the same tile per element as `ensure_mapped` task by task."""
+    numel = int(np.max(np.asarray(index))) + 1
+    rng = np.random.default_rng(data.draw(st.integers(0, 999)))
+    before = np.where(rng.random(numel) < data.draw(st.sampled_from([0.0, 0.3])), rng.integers(0, 9, numel), -1)
+    n0, n1 = index.shape[0], index.shape[1]
+    b0, b1 = blocks(n0, data.draw(st.integers(1, n0))), blocks(n1, data.draw(st.integers(1, n1)))
+    reps = data.draw(st.integers(1, 3))
+    # Loops: repeats (the images a block serves), the two block axes, in a random order.
+    order = data.draw(st.permutations([0, 1, 2]))
+    counts = [reps, len(b0), len(b1)]
+    grid = task_grid(*[counts[a] for a in order])
+    loop = {a: grid[i] for i, a in enumerate(order)}
+    tiles = rng.integers(0, 50, len(grid[0])).astype(np.int32)
+
+    view = g.View(0, index, None)
+    want = SimpleNamespace(g=SimpleNamespace(tile_of={0: before.astype(np.int32)}))
+    for t in range(len(tiles)):
+        (lo0, hi0), (lo1, hi1) = b0[loop[1][t]], b1[loop[2][t]]
+        Partitioner.ensure_mapped(want, g.View(0, index[lo0:hi0, lo1:hi1], None), np.int32(tiles[t]))
+
+    # The first task of each box, for each position.
+    first = np.full((len(b0), len(b1)), len(tiles))
+    np.minimum.at(first, (loop[1], loop[2]), np.arange(len(tiles)))
+    pos0 = np.repeat(np.arange(len(b0)), [hi - lo for lo, hi in b0])
+    pos1 = np.repeat(np.arange(len(b1)), [hi - lo for lo, hi in b1])
+    task = first[pos0[:, None], pos1[None, :]].reshape((n0, n1) + (1,) * (len(index.shape) - 2))
+    got = SimpleNamespace(g=SimpleNamespace(tile_of={0: before.astype(np.int32)}))
+    map_first(got, view, tiles[task], task)
+    np.testing.assert_array_equal(got.g.tile_of[0], want.g.tile_of[0])
+
+
+# ---------------------------------------------------------------- conv2d against its per-task loop
+
+def _conv_per_task(p, n):
+    """conv2d's partition rule as it was: a Python loop over the tasks, a dict each
+    (the definition the vectorised rule must equal, vertex for vertex)."""
+    from popdsl.ops.conv import _conv_plan
+    from popdsl.ops.reduce import add_partials
+    from popdsl.ops.shape import padded
+    stride, padding, groups = n.attrs
+    x, w = p.value(n.args[0]), p.value(n.args[1])
+    N = x.index.shape[0]
+    O, Cg, KH, KW = w.index.shape
+    _, _, OH, OW = n.shape
+    label = p.name(n)
+    if padding:
+        x = padded(p, x, ((0, 0), (0, 0), (padding, padding), (padding, padding)), 0.0, "f32", label + ".pad")
+    else:
+        p.ensure_mapped(x)
+    Wp = x.index.shape[3]
+    Og = O // groups
+    go, gr, gc = _conv_plan(p, N * groups, Og, Cg, OH, OW, KH, stride, Wp, KH * KW)
+    ob_, rb_, cb_ = blocks(Og, go), blocks(OH, gr), blocks(Cg, gc)
+    if len(cb_) > 1:
+        acc = p.new_tensor(label + ".partial", "f32", (len(cb_), N, O, OH, OW))
+        target = acc.index
+    else:
+        acc = p.new_tensor(label, "f32", (N, O, OH, OW))
+        target = acc.index[None]
+    tiles = p.spread(N * groups * len(ob_) * len(rb_) * len(cb_))
+    tasks, t = [], 0
+    for nn in range(N):
+        for gi in range(groups):
+            for (o0, o1) in ob_:
+                for (r0, r1) in rb_:
+                    for ci, (c0, c1) in enumerate(cb_):
+                        tile = int(tiles[t])
+                        t += 1
+                        oo0, oo1 = gi * Og + o0, gi * Og + o1
+                        xs = x.index[nn, gi * Cg + c0: gi * Cg + c1, r0 * stride:(r1 - 1) * stride + KH, :]
+                        ws = w.index[oo0:oo1, c0:c1, :, :]
+                        ys = target[ci, nn, oo0:oo1, r0:r1, :]
+                        p.g.tile_of[acc.tensor][ys.ravel()] = tile
+                        p.ensure_mapped(g.View(w.tensor, ws, w.span), np.int32(tile))
+                        tasks.append({"tile": tile, "state": {"kh": KH, "kw": KW, "s": stride, "wp": Wp, "ow": OW},
+                                      "conns": {"x": (x.tensor, xs.reshape(c1 - c0, -1)),
+                                                "w": (w.tensor, ws.reshape(o1 - o0, -1)),
+                                                "y": (acc.tensor, ys.reshape(o1 - o0, -1))}})
+    cs = p.new_cs(label)
+    emit_tasks(p, cs, p.prim("Conv2dBlock"), tasks, ("kh", "kw", "s", "wp", "ow"))
+    return add_partials(p, n, cs, acc, len(cb_) > 1, label)
+
+
+def _same_partition(a: g.TensorGraph, b: g.TensorGraph) -> None:
+    assert list(a.compute_sets) == list(b.compute_sets)
+    for name in a.compute_sets:
+        ga, gb = a.compute_sets[name].groups, b.compute_sets[name].groups
+        assert [x.codelet for x in ga] == [x.codelet for x in gb], name
+        for x, y in zip(ga, gb):
+            np.testing.assert_array_equal(x.tiles, y.tiles)
+            assert list(x.connections) == list(y.connections)
+            for f in x.connections:
+                cx, cy = x.connections[f], y.connections[f]
+                assert cx.tensor == cy.tensor and type(cx.index) is type(cy.index), (name, f)
+                if isinstance(cx.index, Batch):
+                    np.testing.assert_array_equal(cx.index.offsets, cy.index.offsets)
+                    assert (cx.index.field_shape, cx.index.strides) == (cy.index.field_shape, cy.index.strides)
+                else:
+                    np.testing.assert_array_equal(cx.index, cy.index)
+            assert {k: v.tolist() for k, v in x.state.items()} == {k: v.tolist() for k, v in y.state.items()}
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    for t in a.tensors:
+        np.testing.assert_array_equal(a.tile_of[t.id], b.tile_of[t.id])
+
+
+@pytest.mark.parametrize("tiles", [1, 5, 1472])
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(n=st.integers(1, 3), cg=st.integers(1, 40), og=st.integers(1, 40), groups=st.integers(1, 3),
+       hw=st.integers(4, 24), k=st.integers(1, 4), stride=st.integers(1, 3), padding=st.integers(0, 2),
+       view=st.sampled_from(["x", "transpose(x, [0, 1, 3, 2])"]))
+def test_conv2d_rule_equals_its_per_task_loop(monkeypatch, tiles, n, cg, og, groups, hw, k, stride, padding, view):
+    """Same vertices in the same groups and order, same connections (a transposed
+    input without padding connects element arrays), same tile mappings."""
+    c, o = cg * groups, og * groups
+    src = f"""graph g(tiles = {tiles}) {{
+    input xin: f32[{n}, {c}, {hw}, {hw}];
+    param w: f32[{o}, {cg}, {k}, {k}] = normal(0.0, 1.0);
+    let x = xin * 2.0;
+    output y = conv2d({view}, w, stride = {stride}, padding = {padding}, groups = {groups});
+}}
+"""
+    graph = compile_source(src, "<string>", get_target("gc200", tiles=tiles), stop_after="autodiff")
+    got = partition(graph)
+    with monkeypatch.context() as m:
+        m.setitem(ops.OPS, "conv2d", dataclasses.replace(ops.op("conv2d"), partition=_conv_per_task))
+        want = partition(graph)
+    _same_partition(got, want)
