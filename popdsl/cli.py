@@ -300,7 +300,7 @@ def _hooks(args, inspect=None, prefix: str = ""):
             mon.counts = f"{n:,} vertices"
         if inspect is not None:
             inspect(stage, result)
-    return counting, (lambda name: mon.stage(prefix + name))
+    return counting, (lambda name, note="": mon.stage(prefix + name, note))
 
 
 # ---------------------------------------------------------------- helpers
@@ -380,6 +380,11 @@ def _recompute_note(args, exe) -> None:
           f"pass; it recomputes {r['recomputed_segments']} of the {r['segments']} segments of the forward pass "
           f"(keeping {r['kept_bytes']:,} B of activations instead of {r['kept_bytes_without']:,} B; "
           "--recompute none turns this off)", file=sys.stderr)
+    need = int(exe.memory.total.max())
+    if args.memory_budget and need > args.memory_budget:
+        print(f"popc: note: even recomputing every segment, the busiest tile needs {need:,} B: over the "
+              f"--memory-budget of {args.memory_budget:,} B (it fits the tiles, so the build goes on)",
+              file=sys.stderr)
 
 
 def _executable(args, inspect=None):

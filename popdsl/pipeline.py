@@ -175,7 +175,7 @@ def compile_source(text: str, path: str, target: Target, graph: str | None = Non
     `training`: False compiles a graph that minimizes for inference (training()
     false, no update), None lets the graph say.  `inspect(stage, result)`, if given,
     sees each stage's result (the CLI checks feeds against the inputs once they are
-    elaborated, before the long stages).  `monitor(stage)`, if given, returns a
+    elaborated, before the long stages).  `monitor(stage[, note])`, if given, returns a
     context manager entered around each stage (and its verifier): timings and
     progress hook in there, without any stage knowing.  `start = (stage, result)`
     resumes after `stage`, whose result the caller already has (the build cache
@@ -197,14 +197,16 @@ def compile_source(text: str, path: str, target: Target, graph: str | None = Non
     if "recompute" in (s.name for s in stages) and opts.recompute.mode == "auto" and stop_after in (None, "plan"):
         split = next(i for i, s in enumerate(stages) if s.name == "recompute")
         trained, _ = _run(stages[:split], opts, result, inspect, monitor, stop_after)
-        return _fit(opts, trained, lambda o: _run(stages[split:], o, trained, inspect, monitor, stop_after)[0])
+        return _fit(opts, trained, lambda o, note: _run(stages[split:], o, trained, inspect, monitor, stop_after,
+                                                         note)[0])
     return _run(stages, opts, result, inspect, monitor, stop_after)[0]
 
 
-def _run(stages, opts: Options, result, inspect, monitor, stop_after):
-    """Run `stages` from `result`: (the last result, whether `stop_after` stopped it)."""
+def _run(stages, opts: Options, result, inspect, monitor, stop_after, note: str = ""):
+    """Run `stages` from `result`: (the last result, whether `stop_after` stopped it).
+    `note` says which try of recomputation `auto` this is, to the monitor."""
     for stage in stages:
-        with monitor(stage.name) if monitor is not None else nullcontext():
+        with (monitor(stage.name, note) if note else monitor(stage.name)) if monitor is not None else nullcontext():
             result = stage.run(opts, result)
             if opts.verify and stage.verify is not None:
                 stage.verify(result)
@@ -215,49 +217,45 @@ def _run(stages, opts: Options, result, inspect, monitor, stop_after):
     return result, False
 
 
-def _fit(opts: Options, graph, compile_from_recompute):
+def _fit(opts: Options, graph, compile_at):
     """Recomputation `auto`: the step as it is if it fits its tiles (and the policy's
     budget), else the least number of recomputed segments that makes it fit (found by
-    bisection, each try a compile from the recompute stage).  Out of memory even with
-    every segment recomputed is the error of that last try, saying so."""
+    bisection, each try `compile_at(options, note)` from the recompute stage).  Out
+    of memory even with every segment recomputed is the error of that try, saying
+    so; fitting the tiles but not the budget, the closest there is."""
     budget = opts.recompute.budget or opts.target.tile_memory
     seg = rc.segments(graph)
     count = seg.count if seg is not None else 0
 
     def attempt(level: int):
+        """(the compile's result, or its OutOfMemory; whether it fits the budget)"""
+        note = f"auto: {level} of {count} segments recomputed" if count else ""
         try:
-            res = compile_from_recompute(replace(opts, level=level))
+            res = compile_at(replace(opts, level=level), note)
         except OutOfMemory as e:
-            return None, e
-        exe = res[0]
-        return (res if int(exe.memory.total.max()) <= budget else None), res
+            return e, False
+        return res, int(res[0].memory.total.max()) <= budget
 
-    best, why = attempt(0)
-    if best is not None or count == 0:
-        return best if best is not None else _too_big(why)
-    best, why = attempt(count)
-    if best is None:
-        if isinstance(why, OutOfMemory):
-            d = why.diagnostics[0]
+    got, fits = attempt(0)
+    if not fits and count:
+        got, fits = attempt(count)
+        if fits:
+            lo, hi = 0, count
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                res, ok = attempt(mid)
+                if ok:
+                    got, hi = res, mid
+                else:
+                    lo = mid
+        elif isinstance(got, OutOfMemory):
+            d = got.diagnostics[0]
             raise OutOfMemory([replace(d, notes=d.notes + (
                 f"this is with every one of the {count} segments of the forward pass recomputed "
-                "(--recompute all); the step needs a smaller batch or more tiles",))], why.tile, why.need, why.capacity)
-        return why                       # fits the tiles, not the budget: the closest there is
-    lo, hi = 0, count
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        got, _ = attempt(mid)
-        if got is not None:
-            best, hi = got, mid
-        else:
-            lo = mid
-    return best
-
-
-def _too_big(why):
-    if isinstance(why, OutOfMemory):
-        raise why
-    return why                           # over the budget but within the tiles, nothing to recompute
+                "(--recompute all); the step needs a smaller batch or more tiles",))], got.tile, got.need, got.capacity)
+    if isinstance(got, OutOfMemory):
+        raise got
+    return got
 
 
 def dump(stage: str, result) -> str:

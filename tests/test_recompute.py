@@ -158,10 +158,10 @@ def test_verifier_catches_a_recomputed_node_reading_another_segment():
         rc.verify(bad)
 
 
-def test_popx_keeps_the_recomputation_record(tmp_path, popc):
+def test_popx_keeps_the_recomputation_record(built, tmp_path, popc):
     src = tmp_path / "deep.pop"
     src.write_text(CNN)
-    lo, hi = (int(compile_cnn(m)[0].memory.total.max()) for m in ("all", "none"))
+    lo, hi = (int(built[m][0].memory.total.max()) for m in ("all", "none"))
     code, _, err = popc("build", src, "--memory-budget", (lo + hi) // 2, "--no-cache", "-o", tmp_path / "d.popx")
     assert code == 0, err
     assert "popc: note: the training step does not fit" in err and "--recompute none" in err
@@ -179,6 +179,14 @@ def test_popx_keeps_the_recomputation_record(tmp_path, popc):
         bad = _tampered(tmp_path / "d.popx", tmp_path, edit)
         code, _, err = popc("report", bad)
         assert code == 1 and "damaged" in err, err
+
+
+def test_a_budget_nothing_meets_is_said(popc, tmp_path):
+    code, _, err = popc("build", Path(__file__).parents[1] / "examples" / "digits.pop", "--memory-budget", 1000,
+                        "--no-cache", "-o", tmp_path / "d.popx")
+    assert code == 0, err
+    assert "recomputes 3 of the 3 segments" in err
+    assert "even recomputing every segment, the busiest tile needs" in err and "over the --memory-budget" in err
 
 
 @pytest.mark.parametrize("args, message", [

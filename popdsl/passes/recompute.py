@@ -63,7 +63,7 @@ class Segments:
     cuts: list[int]                      # positions in `forward` after which a cut falls
     segment: np.ndarray                  # segment of each forward position
     checkpoints: set[int]                # ids kept across a cut
-    kept_bytes: np.ndarray               # per segment: bytes of saved results recomputing it frees
+    frees: np.ndarray                    # per segment: bytes of saved results recomputing it frees
 
     @property
     def count(self) -> int:
@@ -71,7 +71,7 @@ class Segments:
 
     def by_saving(self) -> list[int]:
         """Segments in the order recomputation takes them: most bytes freed first."""
-        return sorted(range(self.count), key=lambda s: (-int(self.kept_bytes[s]), s))
+        return sorted(range(self.count), key=lambda s: (-int(self.frees[s]), s))
 
 
 def _nbytes(n: Node) -> int:
@@ -164,8 +164,6 @@ def kept_bytes(graph: g.TensorGraph) -> int:
 def recompute(graph: g.TensorGraph, mode: str, level: int | None = None) -> g.TensorGraph:
     """A new graph whose backward pass recomputes `level` segments (`all`: every one;
     `none`, or `auto` without a level: none)."""
-    if mode not in MODES:
-        raise ValueError(f"unknown recomputation mode {mode!r}")
     seg = segments(graph)
     if seg is None:
         return graph
