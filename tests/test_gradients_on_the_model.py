@@ -130,3 +130,22 @@ def test_views_of_params_and_broadcasts(tiles):
 """
     x = np.random.default_rng(3).standard_normal((2, 3, 4, 4)).astype(np.float32)
     against_reference(src, {"x": x}, tiles, rtol=2e-4)
+
+
+@pytest.mark.parametrize("tiles", [7, 64])
+def test_conv2d_weight_gradient_split_over_rows(tiles):
+    """One image whose padded channel (122 x 122 floats, 59.5 KB) is more than a
+    vertex may take: the weight gradient sums over blocks of output rows, each a
+    partial sum (ResNet-50's stem at batch 1 needs this)."""
+    src = f"""graph g(tiles = {tiles}) {{
+    input xin: f32[1, 2, 120, 120];
+    input r: f32[1, 4, 120, 120];
+    param w: f32[4, 2, 3, 3] = normal(0.0, 1.0);
+    let gw = grad(sum(conv2d(xin, w, stride = 1, padding = 1) * r), w);
+    output gw;
+}}
+"""
+    parted = compile_source(src, "<string>", get_target("gc200", tiles=tiles), stop_after="partition")
+    assert any(t.name.endswith("conv2d.grad.partial") for t in parted.tensors), [t.name for t in parted.tensors]
+    feeds = {"xin": distinct((1, 2, 120, 120), 1), "r": distinct((1, 4, 120, 120), 2)}
+    against_reference(src, feeds, tiles, rtol=1e-3, atol=1e-3)

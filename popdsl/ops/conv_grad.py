@@ -23,8 +23,8 @@ import numpy as np
 
 from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node
-from popdsl.ops.blocks import (SLAB_BYTES, block_of, blocks, bounds, ceil_div, emit_classes, map_first,
-                               map_whole, pow2_splits, shape_classes, stacked, task_grid)
+from popdsl.ops.blocks import (SLAB_BYTES, TILE_BUFFER_BYTES, block_of, blocks, bounds, ceil_div, emit_classes,
+                               map_first, map_whole, pow2_splits, shape_classes, stacked, task_grid)
 from popdsl.ops.core import Builder, OpDef
 from popdsl.ops.reduce import sum_partials
 from popdsl.ops.shape import padded
@@ -111,32 +111,39 @@ def _avg_pool_grad_ref(attrs, g):
 
 # ---------------------------------------------------------------- plans and partition rules
 
-def _split_plan(p, outer: int, sizes, moved, macs, partial_dim: int | None = None, partial_bytes: int = 0):
+def _split_plan(p, outer: int, sizes, moved, macs, partial_dims: tuple[int, ...] = (), partial_bytes: int = 0):
     """Power-of-two splits of the dimensions `sizes` for `outer` independent jobs: the
     least estimated cycles of the busiest tile — its vertices' `macs(*block)`
     multiply-accumulates at the target's rate, a tile's workers busy only when it
     has as many vertices as workers (a lone vertex runs at a sixth of the tile's
     issue rate), the bytes its vertices receive (`moved(*block)` = (bytes received,
-    largest field)) at the exchange rate, and, when dimension `partial_dim` is
+    largest field, bytes produced)) at the exchange rate, and, when dimensions `partial_dims` are
     split, `partial_bytes` of partial sums per split exchanged and added — among
-    plans of at most one vertex per worker whose fields fit SLAB_BYTES; else the
-    plan with the smallest largest field."""
+    plans of at most one vertex per worker whose fields fit SLAB_BYTES and whose
+    vertices receive and produce at most TILE_BUFFER_BYTES on a tile (six vertices
+    of 48 KB fields each filled ResNet-50's tiles with exchange buffers and partial
+    sums); else among the
+    first two conditions; else the plan with the smallest largest field."""
     target = p.g.target
     rate, workers = target.exchange_bytes_per_cycle, target.workers
-    best, fallback = None, None
+    best, crowded, fallback = None, None, None
     for splits in itertools.product(*(pow2_splits(n) for n in sizes)):
         block = [ceil_div(n, k) for n, k in zip(sizes, splits)]
         tasks = outer * int(np.prod(splits))
         per_tile = ceil_div(tasks, p.tiles)
-        received, worst = moved(*block)
+        received, worst, produced = moved(*block)
         cost = macs(*block) * max(workers, per_tile) / workers / target.macs_per_cycle + per_tile * received / rate
-        if partial_dim is not None and splits[partial_dim] > 1:
-            cost += splits[partial_dim] * partial_bytes / p.tiles / rate * 2
+        parts = int(np.prod([splits[d] for d in partial_dims]))
+        if parts > 1:
+            cost += parts * partial_bytes / p.tiles / rate * 2
         if fallback is None or worst < fallback[0]:
             fallback = (worst, splits)
-        if worst <= SLAB_BYTES and tasks <= p.tiles * workers and (best is None or cost < best[0]):
-            best = (cost, splits)
-    return (best or fallback)[1]
+        if worst <= SLAB_BYTES and tasks <= p.tiles * workers:
+            if crowded is None or cost < crowded[0]:
+                crowded = (cost, splits)
+            if per_tile * (received + produced) <= TILE_BUFFER_BYTES and (best is None or cost < best[0]):
+                best = (cost, splits)
+    return (best or crowded or fallback)[1]
 
 
 def _crop(p, out: g.View, shape, padding: int) -> g.View:
@@ -169,8 +176,9 @@ def partition_conv_grad_x(p, n: Node) -> g.View:
     kk = KH * KW
     label = p.name(n)
     gc, go = _split_plan(p, N * groups, (Cg, Og),
-                         lambda cb, ob: (ob * OH * OW * 4 + ob * cb * kk * 4, max(cb * Hp * Wp, ob * OH * OW) * 4),
-                         lambda cb, ob: cb * ob * kk * OH * OW, partial_dim=1, partial_bytes=N * C * Hp * Wp * 4)
+                         lambda cb, ob: (ob * OH * OW * 4 + ob * cb * kk * 4, max(cb * Hp * Wp, ob * OH * OW) * 4,
+                                         cb * Hp * Wp * 4),
+                         lambda cb, ob: cb * ob * kk * OH * OW, partial_dims=(1,), partial_bytes=N * C * Hp * Wp * 4)
     cbs, obs = blocks(Cg, gc), blocks(Og, go)
     shape = (N, C, Hp, Wp)
     acc = p.new_tensor(label + ".partial" if len(obs) > 1 else label, "f32", ((len(obs),) if len(obs) > 1 else ()) + shape)
@@ -219,45 +227,57 @@ def partition_conv_grad_w(p, n: Node) -> g.View:
     N, C, Hp, Wp = x.index.shape
     _, O, OH, OW = gv.index.shape
     Cg, Og, kk = C // groups, O // groups, KH * KW
-    gn, go, gc = _split_plan(p, groups, (N, Og, Cg),
-                             lambda nb, ob, cb: ((nb * cb * Hp * Wp + nb * ob * OH * OW) * 4,
-                                                 max(nb * cb * Hp * Wp, nb * ob * OH * OW, ob * cb * kk) * 4),
-                             lambda nb, ob, cb: nb * ob * cb * kk * OH * OW, partial_dim=0,
-                             partial_bytes=O * Cg * kk * 4)
-    nbs, obs, cbs = blocks(N, gn), blocks(Og, go), blocks(Cg, gc)
+
+    def rows_in(rb: int) -> int:                 # input rows a block of rb output rows reads
+        return (rb - 1) * stride + KH
+
+    # Images and output rows are both summed over: a split of either gives partial
+    # sums (rows: a stem's 230x230 input is too big for one vertex at batch 1).
+    gn, gr, go, gc = _split_plan(p, groups, (N, OH, Og, Cg),
+                                 lambda nb, rb, ob, cb: ((nb * cb * rows_in(rb) * Wp + nb * ob * rb * OW) * 4,
+                                                         max(nb * cb * rows_in(rb) * Wp, nb * ob * rb * OW,
+                                                             ob * cb * kk) * 4, ob * cb * kk * 4),
+                                 lambda nb, rb, ob, cb: nb * ob * cb * kk * rb * OW, partial_dims=(0, 1),
+                                 partial_bytes=O * Cg * kk * 4)
+    nbs, rbs, obs, cbs = blocks(N, gn), blocks(OH, gr), blocks(Og, go), blocks(Cg, gc)
+    nnb, nrb, nob, ncb = len(nbs), len(rbs), len(obs), len(cbs)
+    nparts = nnb * nrb
     shape = n.shape
-    acc = p.new_tensor(label + ".partial" if len(nbs) > 1 else label, "f32",
-                       ((len(nbs),) if len(nbs) > 1 else ()) + shape)
-    target = acc.index.reshape((len(nbs),) + shape)
-    # The tasks: groups, image blocks, output-channel blocks, input-channel blocks
-    # (the last innermost), all at once.
-    nnb, nob, ncb = len(nbs), len(obs), len(cbs)
-    tiles = p.spread(groups * nnb * nob * ncb)
-    gi, ni, oi, ci = task_grid(groups, nnb, nob, ncb)
-    (nb0, nb1), (ob0, ob1), (cb0, cb1) = bounds(nbs), bounds(obs), bounds(cbs)
+    acc = p.new_tensor(label + ".partial" if nparts > 1 else label, "f32",
+                       ((nparts,) if nparts > 1 else ()) + shape)
+    target = acc.index.reshape((nparts,) + shape)
+    # The tasks: groups, image blocks, row blocks, output-channel blocks,
+    # input-channel blocks (the last innermost), all at once.
+    tiles = p.spread(groups * nparts * nob * ncb)
+    gi, ni, ri, oi, ci = task_grid(groups, nnb, nrb, nob, ncb)
+    (nb0, nb1), (rb0, rb1), (ob0, ob1), (cb0, cb1) = bounds(nbs), bounds(rbs), bounds(obs), bounds(cbs)
     n0, n1 = nb0[ni], nb1[ni]
+    r0, r1 = rb0[ri], rb1[ri]
     o0, o1 = gi * Og + ob0[oi], gi * Og + ob1[oi]
     c0, c1 = cb0[ci], cb1[ci]
+    part = ni * nrb + ri
     # Each element of the result is one task's: (partial sum, its output channel's
     # group and block, its input channel's block).  acc is new, laid out as `target`.
     og, oo = np.divmod(np.arange(O), Og)
-    task = ((og * nnb + np.arange(nnb)[:, None]) * nob + block_of(obs)[oo]) * ncb
+    task = ((og * nparts + np.arange(nparts)[:, None]) * nob + block_of(obs)[oo]) * ncb
     task = task[..., None] + block_of(cbs)
     map_whole(p, acc.tensor, task.shape + (KH, KW), tiles[task][..., None, None])
 
     def conns(v):
-        """Tasks v (one class): x[images, channels], g[images, outputs] and
-        target[partial, outputs, channels]."""
+        """Tasks v (one class): x[images, channels, input rows], g[images, outputs,
+        rows] and target[partial, outputs, channels]."""
         nb, ob = int(n1[v[0]] - n0[v[0]]), int(o1[v[0]] - o0[v[0]])
         cb = int(c1[v[0]] - c0[v[0]])
         images, oc = (n0[v], n1[v]), (o0[v], o1[v])
-        return {"x": (x.tensor, stacked(x.index, (images, (gi[v] * Cg + c0[v], gi[v] * Cg + c1[v])), (nb * cb, -1))),
-                "g": (gv.tensor, stacked(gv.index, (images, oc), (nb * ob, -1))),
-                "dw": (acc.tensor, stacked(target, (ni[v], oc, (c0[v], c1[v])), (ob, -1)))}
+        xrows = (r0[v] * stride, (r1[v] - 1) * stride + KH)
+        return {"x": (x.tensor, stacked(x.index, (images, (gi[v] * Cg + c0[v], gi[v] * Cg + c1[v]), xrows),
+                                        (nb * cb, -1))),
+                "g": (gv.tensor, stacked(gv.index, (images, oc, (r0[v], r1[v])), (nb * ob, -1))),
+                "dw": (acc.tensor, stacked(target, (part[v], oc, (c0[v], c1[v])), (ob, -1)))}
     cs = p.new_cs(label)
-    emit_classes(p, cs, p.prim("Conv2dGradW"), tiles, shape_classes(n1 - n0, o1 - o0, c1 - c0), conns,
+    emit_classes(p, cs, p.prim("Conv2dGradW"), tiles, shape_classes(n1 - n0, r1 - r0, o1 - o0, c1 - c0), conns,
                  {"kh": KH, "kw": KW, "s": stride, "wp": Wp, "ow": OW})
-    out = _result(p, n, cs, acc, len(nbs) > 1, label, shape)
+    out = _result(p, n, cs, acc, nparts > 1, label, shape)
     return g.View(out.tensor, out.index.reshape(shape), out.span)
 
 
@@ -274,7 +294,8 @@ def _partition_pool_grad(p, n: Node, x: g.View | None, gv: g.View, k: int, strid
             p.ensure_mapped(x)
     p.ensure_mapped(gv)
     OH, OW = gv.index.shape[2:]
-    (gc,) = _split_plan(p, N, (C,), lambda cb: ((cb * Hp * Wp * (x is not None) + cb * OH * OW) * 4, cb * Hp * Wp * 4),
+    (gc,) = _split_plan(p, N, (C,), lambda cb: ((cb * Hp * Wp * (x is not None) + cb * OH * OW) * 4, cb * Hp * Wp * 4,
+                                                cb * Hp * Wp * 4),
                         lambda cb: cb * OH * OW * k * k)
     out = p.new_tensor(label, "f32", (N, C, Hp, Wp))
     cbs = blocks(C, gc)
