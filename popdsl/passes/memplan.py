@@ -45,17 +45,19 @@ def _peak(sizes, starts, ends, points: int) -> int:
     return int(np.cumsum(live).max()) if len(sizes) else 0
 
 
+def _packed(sizes: np.ndarray, aligns: np.ndarray) -> tuple[np.ndarray, int]:
+    """Every allocation its own bytes, one after another: (offsets, top).  Most-aligned
+    first: every size is a multiple of its alignment, so no padding."""
+    order = np.argsort(-aligns, kind="stable")
+    off = np.empty(len(sizes), np.int64)
+    off[order] = np.cumsum(sizes[order]) - sizes[order]
+    return off, int(sizes.sum())
+
+
 def _plan_tiles(problems: list[tuple[np.ndarray, ...]], reuse: bool, lower_bounds: list[int]) -> list:
     """(offsets, top) per (sizes, aligns, starts, ends) problem."""
     if not reuse:
-        out = []
-        for sizes, aligns, _, _ in problems:
-            # Most-aligned first: every size is a multiple of its alignment, so no padding.
-            order = np.argsort(-aligns, kind="stable")
-            off = np.empty(len(sizes), np.int64)
-            off[order] = np.cumsum(sizes[order]) - sizes[order]
-            out.append((off, int(sizes.sum())))
-        return out
+        return [_packed(sizes, aligns) for sizes, aligns, _, _ in problems]
     by_size = [np.lexsort((s, -(e - s), -sz)) for sz, _, s, e in problems]
     out = best_fit_many([(*p, o) for p, o in zip(problems, by_size)])
     # Problems not yet at their lower bound try the second order.
@@ -64,6 +66,12 @@ def _plan_tiles(problems: list[tuple[np.ndarray, ...]], reuse: bool, lower_bound
     for k, b in zip(again, best_fit_many([(*problems[k], o) for k, o in zip(again, by_life)])):
         if b[1] < out[k][1]:
             out[k] = b
+    # Greedy best fit can lose to no sharing at all (alignment gaps around small
+    # allocations, found by hypothesis: 2,096 B against 2,056 B): never plan worse.
+    for k in again:
+        sizes, aligns = problems[k][:2]
+        if int(sizes.sum()) < out[k][1]:
+            out[k] = _packed(sizes, aligns)
     return out
 
 
