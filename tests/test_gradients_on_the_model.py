@@ -149,3 +149,27 @@ def test_conv2d_weight_gradient_split_over_rows(tiles):
     assert any(t.name.endswith("conv2d.grad.partial") for t in parted.tensors), [t.name for t in parted.tensors]
     feeds = {"xin": distinct((1, 2, 120, 120), 1), "r": distinct((1, 4, 120, 120), 2)}
     against_reference(src, feeds, tiles, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("tiles", [7, 64])
+@pytest.mark.parametrize("k, stride, padding", [(3, 1, 1), (3, 2, 1), (1, 2, 0), (7, 2, 3)])
+def test_conv2d_input_gradient_split_over_rows(tiles, k, stride, padding):
+    """An input gradient whose padded image is more than a vertex may hold: blocks of
+    padded rows, each gathering the output rows whose windows reach it (Conv2dGradXRows),
+    strided and padded alike."""
+    hw = 120
+    oh = (hw + 2 * padding - k) // stride + 1
+    src = f"""graph g(tiles = {tiles}) {{
+    input xin: f32[1, 2, {hw}, {hw}];
+    input r: f32[1, 3, {oh}, {oh}];
+    param x: f32[1, 2, {hw}, {hw}] = zeros();
+    param w: f32[3, 2, {k}, {k}] = normal(0.0, 1.0);
+    let gx = grad(sum(conv2d(x + xin, w, stride = {stride}, padding = {padding}) * r), x);
+    output gx;
+}}
+"""
+    parted = compile_source(src, "<string>", get_target("gc200", tiles=tiles), stop_after="partition")
+    used = {grp.codelet for cs in parted.compute_sets.values() for grp in cs.groups}
+    assert "Conv2dGradXRows" in used
+    feeds = {"xin": distinct((1, 2, hw, hw), 1), "r": distinct((1, 3, oh, oh), 2)}
+    against_reference(src, feeds, tiles, rtol=1e-3, atol=1e-3)

@@ -184,7 +184,8 @@ def map_first(p, view, tiles: np.ndarray, task: np.ndarray) -> None:
 
 def emit_classes(p, cs, codelet: str, tiles: np.ndarray, classes, conns, state: dict) -> None:
     """One vertex group of `codelet` per class of tasks (task indices, in order):
-    tiles[task], `conns(rows)` = {field: (tensor, stacked index)} and the same
-    `state` for every vertex."""
+    tiles[task], `conns(rows)` = {field: (tensor, stacked index)} and `state`: a
+    value for every vertex, or an array of one per task."""
     for rows in classes:
-        p.group(cs, codelet, tiles[rows], conns(rows), {k: np.full(len(rows), v) for k, v in state.items()})
+        p.group(cs, codelet, tiles[rows], conns(rows),
+                {k: v[rows] if isinstance(v, np.ndarray) else np.full(len(rows), v) for k, v in state.items()})

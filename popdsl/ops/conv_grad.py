@@ -175,43 +175,66 @@ def partition_conv_grad_x(p, n: Node) -> g.View:
     C, Hp, Wp, Og = Cg * groups, H + 2 * padding, W + 2 * padding, O // groups
     kk = KH * KW
     label = p.name(n)
-    gc, go = _split_plan(p, N * groups, (Cg, Og),
-                         lambda cb, ob: (ob * OH * OW * 4 + ob * cb * kk * 4, max(cb * Hp * Wp, ob * OH * OW) * 4,
-                                         cb * Hp * Wp * 4),
-                         lambda cb, ob: cb * ob * kk * OH * OW, partial_dims=(1,), partial_bytes=N * C * Hp * Wp * 4)
-    cbs, obs = blocks(Cg, gc), blocks(Og, go)
+
+    def g_rows(rb: int) -> int:                  # output rows whose windows reach rb padded rows
+        return min(OH, (rb + KH - 2) // stride + 1)
+
+    # Padded rows split too (each block gathers the output rows whose windows reach
+    # it): a whole 56x56 image's channels per vertex filled ResNet-50's tiles.
+    gr, gc, go = _split_plan(p, N * groups, (Hp, Cg, Og),
+                             lambda rb, cb, ob: (ob * g_rows(rb) * OW * 4 + ob * cb * kk * 4,
+                                                 max(cb * rb * Wp, ob * g_rows(rb) * OW) * 4, cb * rb * Wp * 4),
+                             lambda rb, cb, ob: cb * ob * kk * g_rows(rb) * OW, partial_dims=(2,),
+                             partial_bytes=N * C * Hp * Wp * 4)
+    rbs, cbs, obs = blocks(Hp, gr), blocks(Cg, gc), blocks(Og, go)
     shape = (N, C, Hp, Wp)
     acc = p.new_tensor(label + ".partial" if len(obs) > 1 else label, "f32", ((len(obs),) if len(obs) > 1 else ()) + shape)
     target = acc.index.reshape((len(obs),) + shape)
-    # The tasks: images, groups, input-channel blocks, output-channel blocks (the
-    # last innermost), all at once.
-    ncb, nob = len(cbs), len(obs)
-    tiles = p.spread(N * groups * ncb * nob)
-    nn, gi, ci, oi = task_grid(N, groups, ncb, nob)
-    (cb0, cb1), (ob0, ob1) = bounds(cbs), bounds(obs)
+    # The tasks: images, groups, input-channel blocks, row blocks, output-channel
+    # blocks (the last innermost), all at once.
+    ncb, nrb, nob = len(cbs), len(rbs), len(obs)
+    tiles = p.spread(N * groups * ncb * nrb * nob)
+    nn, gi, ci, ri, oi = task_grid(N, groups, ncb, nrb, nob)
+    (cb0, cb1), (rb0, rb1), (ob0, ob1) = bounds(cbs), bounds(rbs), bounds(obs)
     c0, c1 = cb0[ci], cb1[ci]
+    y0, y1 = rb0[ri], rb1[ri]
     o0, o1 = gi * Og + ob0[oi], gi * Og + ob1[oi]
+    # A row block's output rows: those whose windows reach it (widened to one row
+    # where none does: rows outside the block are skipped by the codelet).
+    first = np.maximum(0, -(-(y0 - KH + 1) // stride))
+    last = np.minimum(OH, (y1 - 1) // stride + 1)
+    first = np.minimum(first, OH - 1)
+    last = np.maximum(last, first + 1)
     # Each element of the result is one task's: (partial sum, image, its channel's
-    # group and block).  acc is new, laid out as `target`.
+    # group and block, its row's block).  acc is new, laid out as `target`.
     cg, cc = np.divmod(np.arange(C), Cg)
-    c_task = (cg * ncb + block_of(cbs)[cc]) * nob
-    task = np.arange(N)[:, None] * (groups * ncb * nob) + c_task + np.arange(nob)[:, None, None]
-    map_whole(p, acc.tensor, task.shape + (Hp, Wp), tiles[task][..., None, None])
-    # A weight block goes where its first task (first image) runs.
+    cpart = cg * ncb + block_of(cbs)[cc]
+    task = (((np.arange(N)[:, None, None] * (groups * ncb) + cpart[:, None]) * nrb + block_of(rbs)) * nob
+            + np.arange(nob)[:, None, None, None])
+    map_whole(p, acc.tensor, task.shape + (Wp,), tiles[task][..., None])
+    # A weight block goes where its first task (first image, first rows) runs.
     og, oo = np.divmod(np.arange(O), Og)
-    wtask = ((og * ncb)[:, None] + block_of(cbs)) * nob + block_of(obs)[oo][:, None]
+    wtask = ((og * ncb)[:, None] + block_of(cbs)) * nrb * nob + block_of(obs)[oo][:, None]
     map_first(p, w, tiles[wtask][:, :, None, None], wtask[:, :, None, None])
 
     def conns(v):
-        """Tasks v (one class): g[image, outputs], w[outputs, channels] and
-        target[partial, image, channels]."""
+        """Tasks v (one class): g[image, outputs, (rows)], w[outputs, channels] and
+        target[partial, image, channels, (rows)]."""
         ob, cb = int(o1[v[0]] - o0[v[0]]), int(c1[v[0]] - c0[v[0]])
-        return {"g": (gv.tensor, stacked(gv.index, (nn[v], (o0[v], o1[v])), (ob, -1))),
+        chans = (gi[v] * Cg + c0[v], gi[v] * Cg + c1[v])
+        rows = () if nrb == 1 else ((first[v], last[v]),)
+        dx_rows = () if nrb == 1 else ((y0[v], y1[v]),)
+        return {"g": (gv.tensor, stacked(gv.index, (nn[v], (o0[v], o1[v])) + rows, (ob, -1))),
                 "w": (w.tensor, stacked(w.index, ((o0[v], o1[v]), (c0[v], c1[v])), (ob, -1))),
-                "dx": (acc.tensor, stacked(target, (oi[v], nn[v], (gi[v] * Cg + c0[v], gi[v] * Cg + c1[v])), (cb, -1)))}
+                "dx": (acc.tensor, stacked(target, (oi[v], nn[v], chans) + dx_rows, (cb, -1)))}
     cs = p.new_cs(label)
-    emit_classes(p, cs, p.prim("Conv2dGradX"), tiles, shape_classes(c1 - c0, o1 - o0), conns,
-                 {"kh": KH, "kw": KW, "s": stride, "wp": Wp, "ow": OW})
+    state = {"kh": KH, "kw": KW, "s": stride, "wp": Wp, "ow": OW}
+    if nrb == 1:
+        emit_classes(p, cs, p.prim("Conv2dGradX"), tiles, shape_classes(c1 - c0, o1 - o0), conns, state)
+    else:
+        emit_classes(p, cs, p.prim("Conv2dGradXRows"), tiles,
+                     shape_classes(c1 - c0, o1 - o0, y1 - y0, last - first), conns,
+                     {**state, "off": y0 - first * stride})
     return _crop(p, _result(p, n, cs, acc, len(obs) > 1, label, shape), n.shape, padding)
 
 
@@ -339,7 +362,7 @@ def op_defs() -> list[OpDef]:
     return [
         OpDef("conv2d_grad_x", "compute", "the gradient of conv2d with respect to its input",
               ref=_conv_grad_x_ref, partition=partition_conv_grad_x,
-              codelets=("Conv2dGradX", "ReduceSumCols"), cost=_split_plan,
+              codelets=("Conv2dGradX", "Conv2dGradXRows", "ReduceSumCols"), cost=_split_plan,
               flops=lambda n: 2 * n.args[0].numel * int(np.prod(n.args[1].shape[1:]))),
         OpDef("conv2d_grad_w", "compute", "the gradient of conv2d with respect to its weights",
               ref=_conv_grad_w_ref, partition=partition_conv_grad_w,
