@@ -104,7 +104,7 @@ def compile(path_or_source: str | os.PathLike, target: str = "gc200", tiles: int
             tile_memory: int | None = None, graph: str | None = None,
             unchecked: bool = False, reuse: bool = True, training: bool | None = None,
             budgets: Budgets | None = None, cache: bool = True, recompute: str = "auto",
-            memory_budget: int | None = None) -> Executable:
+            memory_budget: int | None = None, outline: bool = True) -> Executable:
     """Compile a `.pop` file (a path) or source text.  `training=False` compiles a
     graph that says `minimize` for inference (training() false, no update); None
     lets the graph say.  `budgets`: the compile-time limits (`popdsl.limits.Budgets`).
@@ -112,7 +112,9 @@ def compile(path_or_source: str | os.PathLike, target: str = "gc200", tiles: int
     (`popdsl.cache`; README, "Cached builds").  `recompute`: none | auto | all, how a
     training step trades compute for the activations it keeps, `auto` fitting the
     step in `memory_budget` bytes per tile (default: the tile's memory; README,
-    "Recomputation").  Raises CompileError."""
+    "Recomputation").  `outline`: repeated parts of the program (def calls, loop
+    iterations, statements alike) built once and called (README, "Built once,
+    called many times").  Raises CompileError."""
     if isinstance(path_or_source, os.PathLike) or (
             isinstance(path_or_source, str) and path_or_source.endswith(".pop")
             and "\n" not in path_or_source):
@@ -122,7 +124,7 @@ def compile(path_or_source: str | os.PathLike, target: str = "gc200", tiles: int
         path, text = "<string>", str(path_or_source)
     b = build_cache.build(text, path, get_target(target, tiles, tile_memory), graph, unchecked,
                           reuse=reuse, training=training, budgets=budgets, cache=cache,
-                          recompute=Policy(recompute, memory_budget))
+                          recompute=Policy(recompute, memory_budget), outline=outline)
     return Executable(b.exe, b.native)
 
 

@@ -148,6 +148,7 @@ def _write(exe: X.Executable, f) -> None:
                    "timeline_categories": {k: A.ref(v) for k, v in exe.memory.timeline_categories.items()}},
         "ops": exe.ops,
         "recompute": exe.recompute,
+        "functions": exe.functions,
     }
 
     with zipfile.ZipFile(f, "w") as z:

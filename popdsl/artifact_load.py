@@ -32,10 +32,12 @@ from popdsl.ir.target import MAX_TILE_MEMORY, MAX_TILES, MIN_TILE_MEMORY, Target
 from popdsl.ir.verify import verify_codelet
 
 MAGIC = "popdsl-executable"
-VERSION = 5
+VERSION = 6
 PHASES = ("forward", "backward", "recompute")           # of a tensor op (passes.partition)
 RECOMPUTE_FIELDS = ("mode", "segments", "recomputed_segments", "kept_bytes", "kept_bytes_without",
                     "recomputed_ops", "recomputed_flops")
+FUNCTION_FIELDS = ("name", "kind", "calls", "instances", "compute_sets", "copy_in_bytes", "copy_out_bytes",
+                   "shared_inputs", "ops", "tensors")
 MEMORY_ARRAYS = X.CATEGORIES + ("planned", "lower_bound", "naive_data", "timeline")
 # JSON levels of one codelet's IR: sema makes at most two per level of source
 # nesting (a node and a list), and the parser allows MAX_NESTING levels.  Deeper IR
@@ -264,7 +266,8 @@ class Loader:
         return X.Executable(_str(d["name"], "the graph's name"), target, codelets, tensors, runs, init, css,
                             copies, reads, program, inputs, outputs, spans, self.memory(d["memory"]),
                             self.flag(d["unchecked"]), [self.op(op, len(css)) for op in _list(d.get("ops", []), "ops")],
-                            recipes, self.recompute(d.get("recompute", {})))
+                            recipes, self.recompute(d.get("recompute", {})),
+                            [self.function(f, len(css), len(tensors)) for f in _list(d.get("functions", []), "functions")])
 
     @staticmethod
     def recompute(v) -> dict:
@@ -277,6 +280,22 @@ class Loader:
             raise damaged("the recomputation mode is not none, auto or all")
         return {k: v[k] if k == "mode" else _int(v[k], 0, 1 << 62, f"the recomputation record's {k}")
                 for k in RECOMPUTE_FIELDS}
+
+    @staticmethod
+    def function(f, ncs: int, ntensors: int) -> dict:
+        """A function built once and called (passes.outline)."""
+        f = _dict(f, "a function", FUNCTION_FIELDS)
+        t0, t1 = (_int(x, 0, ntensors, "a function's tensors") for x in _list(f["tensors"], "a function's tensors"))
+        if t0 > t1:
+            raise damaged("a function's tensors are not a range")
+        return {"name": _str(f["name"], "a function's name"), "kind": _str(f["kind"], "a function's kind"),
+                "calls": _int(f["calls"], 2, _BIG, "a function's calls"),
+                "instances": [_str(x, "a function's instance") for x in _list(f["instances"], "a function's instances")],
+                "compute_sets": [_index(i, ncs, "a function's compute set")
+                                 for i in _list(f["compute_sets"], "a function's compute sets")],
+                **{k: _int(f[k], 0, 1 << 62, f"a function's {k}")
+                   for k in ("copy_in_bytes", "copy_out_bytes", "shared_inputs", "ops")},
+                "tensors": [t0, t1]}
 
     @staticmethod
     def flag(v) -> bool:
@@ -452,7 +471,7 @@ class Loader:
     @staticmethod
     def op(op, ncs: int) -> dict:
         op = _dict(op, "an op", ("op", "phase", "name", "shape", "dtype", "node", "vertices", "tiles", "source",
-                                 "flops", "compute_sets"))
+                                 "flops", "compute_sets", "function", "calls"))
         if op["phase"] not in PHASES:
             raise damaged(f"an op's phase is not one of {', '.join(PHASES)}")
         return {"op": _str(op["op"], "an op's operation"), "phase": op["phase"], "name": _str(op["name"], "an op's name"),
@@ -462,6 +481,8 @@ class Loader:
                 "tiles": _int(op["tiles"], 0, MAX_TILES, "an op's tile count"),
                 "source": _str(op["source"], "an op's source"),
                 "flops": _int(op["flops"], 0, 1 << 62, "an op's FLOPs"),
+                "function": _str(op["function"], "an op's function"),
+                "calls": _int(op["calls"], 1, _BIG, "an op's calls"),
                 "compute_sets": [_index(i, ncs, "an op's compute set")
                                  for i in _list(op["compute_sets"], "an op's compute sets")]}
 

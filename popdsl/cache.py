@@ -118,7 +118,7 @@ def compiler_fingerprint() -> str:
 
 
 def build_key(modules, target: Target, graph, unchecked: bool, reuse: bool, training, budgets: Budgets,
-              root_text: str, root_path: str, recompute: Policy = Policy()) -> str:
+              root_text: str, root_path: str, recompute: Policy = Policy(), outline: bool = True) -> str:
     """The key of a compile whose parse stage gave `modules`."""
     from popdsl import __version__
     sources = []
@@ -128,7 +128,8 @@ def build_key(modules, target: Target, graph, unchecked: bool, reuse: bool, trai
     doc = {"compiler": compiler_fingerprint(), "version": __version__, "sources": sources,
            "target": target.to_json(),
            "options": {"graph": graph, "unchecked": unchecked, "reuse": reuse, "training": training,
-                       "budgets": asdict(budgets), "recompute": asdict(recompute)}}
+                       "budgets": asdict(budgets), "recompute": asdict(recompute),
+                       "outline": outline}}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -233,7 +234,7 @@ def prune(limit: int, keep: str | None = None) -> None:
 def build(text: str, path: str, target: Target, graph: str | None = None, unchecked: bool = False,
           reuse: bool = True, training: bool | None = None, budgets: Budgets | None = None, *,
           cache: bool = True, verify: bool | None = None, load: bool = True, store: bool = True,
-          inspect=None, monitor=None, recompute: Policy | None = None) -> Build:
+          inspect=None, monitor=None, recompute: Policy | None = None, outline: bool = True) -> Build:
     """Compile `text` (from `path`), or take its build from the cache.  `load`: on a
     hit, load (and validate) the executable; without it a hit gives only the
     `.popx` bytes (`popc build` copies them out).  `store`: on a miss, store the
@@ -245,7 +246,7 @@ def build(text: str, path: str, target: Target, graph: str | None = None, unchec
     verify = verify_by_default() if verify is None else verify
     why = "--no-cache" if not cache else "--verify compiles every stage" if verify else \
         f"{SIZE_ENV}=0" if max_bytes() == 0 else ""
-    hooks = dict(inspect=inspect, monitor=monitor, recompute=recompute)
+    hooks = dict(inspect=inspect, monitor=monitor, recompute=recompute, outline=outline)
     if why:
         exe, native = compile_source(text, path, target, graph, unchecked, reuse=reuse, verify=verify,
                                      training=training, budgets=budgets, **hooks)
@@ -253,7 +254,7 @@ def build(text: str, path: str, target: Target, graph: str | None = None, unchec
     with monitor("parse") if monitor is not None else nullcontext():
         modules = load_program(text, path)
     with monitor("cache") if monitor is not None else nullcontext():
-        key = build_key(modules, target, graph, unchecked, reuse, training, budgets, text, path, recompute)
+        key = build_key(modules, target, graph, unchecked, reuse, training, budgets, text, path, recompute, outline)
         found = _lookup(key, load, unchecked)
     if found is not None:
         return found

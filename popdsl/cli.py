@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
                              "keeping them: none, all, or auto (default: as little as fits the tiles)")
         sp.add_argument("--memory-budget", type=_positive, metavar="BYTES",
                         help="bytes per tile --recompute auto fits the step in (default: the tile's memory)")
+        sp.add_argument("--no-outline", action="store_true",
+                        help="build every repeated part of the program again instead of once, called "
+                             "(the same results; for comparing)")
 
     def cycles(sp):
         sp.add_argument("--max-cycles", type=_cycles_budget, default=MAX_CYCLES, metavar="N",
@@ -140,6 +143,9 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--memory", action="store_true", help="memory per tile and category (default)")
     rp.add_argument("--partition", action="store_true",
                     help="per tensor op: tiles used, cycles per tile (max, mean), exchange bytes")
+    rp.add_argument("--reuse", action="store_true",
+                    help="functions built once and called: bytes saved, copies added (compiles the "
+                         "program a second time, with --no-outline, to compare)")
     rp.add_argument("--json", action="store_true", help="machine-readable output")
     rp.add_argument("--graph-picture", metavar="G.png",
                     help="draw the compiled graph (needs the viz extra: pip install 'popdsl[viz]')")
@@ -342,7 +348,7 @@ def _compile(args, stop_after=None):
     return compile_source(text, args.file, target, args.graph, args.unchecked, stop_after,
                           reuse=not args.no_reuse, verify=args.verify or None,
                           budgets=Budgets(args.max_unroll, args.max_ops, args.max_vertices),
-                          inspect=inspect, monitor=monitor, recompute=_policy(args))
+                          inspect=inspect, monitor=monitor, recompute=_policy(args), outline=not args.no_outline)
 
 
 def _policy(args):
@@ -361,7 +367,7 @@ def _build(args, inspect=None, load: bool = True, training: bool | None = None, 
     try:
         b = cache.build(text, args.file, target, args.graph, args.unchecked, reuse=not args.no_reuse,
                         training=training, budgets=Budgets(args.max_unroll, args.max_ops, args.max_vertices),
-                        recompute=_policy(args),
+                        recompute=_policy(args), outline=not args.no_outline,
                         cache=not args.no_cache, verify=args.verify or None, load=load,
                         inspect=inspect, monitor=monitor)
     except cache.CacheSettingError as e:
@@ -398,7 +404,9 @@ def _executable(args, inspect=None):
         if args.target != "gc200":
             given.append("--target")
         given += [flag for flag, v in (("--recompute", args.recompute != "auto"),
-                                       ("--memory-budget", args.memory_budget is not None)) if v]
+                                       ("--memory-budget", args.memory_budget is not None),
+                                       ("--no-outline", args.no_outline),
+                                       ("--reuse", getattr(args, "reuse", False))) if v]
         if given:
             raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to a .popx: "
                              "it was compiled for its target; rebuild it from its source with the flag")
@@ -732,14 +740,22 @@ def cmd_report(args) -> int:
         for attr, flag in wanted:
             _output_name(flag, getattr(args, attr))
             _writable(getattr(args, attr), flag)
+    if args.reuse and args.no_outline:
+        raise UsageError("--reuse compares the build with outlining against one without; drop --no-outline")
     exe = _executable(args)
+    # --reuse: the same program compiled again without outlining, to compare.
+    plain = _build(argparse.Namespace(**{**vars(args), "no_outline": True}), prefix="without outlining: ") \
+        if args.reuse else None
     _timings(args, getattr(args, "_build", None))
     if wanted:
         _pictures(args, exe.ir)
-        if not (args.memory or args.partition or args.json):
+        if not (args.memory or args.partition or args.json or args.reuse):
             return 0
     reports = []
-    if args.memory or not args.partition:
+    if plain is not None:
+        from popdsl.report.reuse import reuse_report
+        reports.append(("reuse", reuse_report(exe.ir, plain.exe)))
+    if args.memory or not (args.partition or args.reuse):
         reports.append(("memory", memory_report(exe.ir)))
     if args.partition:
         reports.append(("partition", partition_report(exe.ir, exe.native(), args.max_cycles)))

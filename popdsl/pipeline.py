@@ -3,6 +3,7 @@
     source ─parse─▶ AST ─check─▶ codelet IR + graph AST ─elaborate─▶ tensor graph
            ─autodiff─▶ tensor graph with gradients and optimizer updates
            ─recompute─▶ the same, its backward pass recomputing some forward results
+           ─outline─▶ the same, its repeated parts grouped into functions
            ─partition─▶ tensor graph with vertices ─lower─▶ vertex graph (regions, exchange)
            ─codegen─▶ native codelets ─plan─▶ Executable
 
@@ -35,6 +36,7 @@ from popdsl.ir.lowered import Lowered
 from popdsl.ir.target import Target
 from popdsl.ir.verify import direct_calls
 from popdsl.passes import autodiff as ad
+from popdsl.passes import outline as ol
 from popdsl.passes import recompute as rc
 from popdsl.limits import BUDGET_FLAGS, Budgets
 from popdsl.ir.verify_graph import verify_checked, verify_elaborated, verify_partitioned
@@ -60,6 +62,7 @@ class Options:
     budgets: Budgets = Budgets()
     recompute: rc.Policy = rc.Policy()
     level: int | None = None          # segments to recompute (None: what the policy's mode says)
+    outline: bool = True              # repeated parts built once and called (passes.outline)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -154,6 +157,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("autodiff", lambda o, graph: ad.autodiff(graph), printer.tensor_graph, ad.verify),
     Stage("recompute", lambda o, graph: rc.recompute(graph, o.recompute.mode, o.level),
           printer.tensor_graph, rc.verify),
+    Stage("outline", lambda o, graph: ol.outline(graph, o.outline), ol.dump, ol.verify),
     Stage("partition", _partition, printer.tensor_graph, verify_partitioned),
     Stage("lower", lambda o, graph: lower(graph), printer.lowered, verify_lowered),
     Stage("codegen", _codegen, _dump_codegen, verify_generated),
@@ -170,7 +174,7 @@ def compile_source(text: str, path: str, target: Target, graph: str | None = Non
                    unchecked: bool = False, stop_after: str | None = None, reuse: bool = True,
                    verify: bool | None = None, training: bool | None = None,
                    budgets: Budgets | None = None, inspect=None, monitor=None, start=None,
-                   recompute: rc.Policy | None = None):
+                   recompute: rc.Policy | None = None, outline: bool = True):
     """Returns (Executable, NativeCodelets), or the result of stage `stop_after`.
     `training`: False compiles a graph that minimizes for inference (training()
     false, no update), None lets the graph say.  `inspect(stage, result)`, if given,
@@ -180,12 +184,13 @@ def compile_source(text: str, path: str, target: Target, graph: str | None = Non
     progress hook in there, without any stage knowing.  `start = (stage, result)`
     resumes after `stage`, whose result the caller already has (the build cache
     parses to compute its key).  `recompute`: the training step's recomputation
-    policy (default `auto`).  Raises CompileError for errors in the program."""
+    policy (default `auto`).  `outline`: repeated parts of the tensor program built
+    once and called (passes.outline).  Raises CompileError for errors in the program."""
     if stop_after is not None and stop_after not in STAGE_NAMES:
         raise ValueError(f"unknown stage {stop_after!r}")
     verify = verify_by_default() if verify is None else verify
     opts = Options(text, path, target, graph, unchecked, reuse, verify, training, budgets or Budgets(),
-                   recompute or rc.Policy())
+                   recompute or rc.Policy(), outline=outline)
     result, stages = None, STAGES
     if start is not None:
         done, result = start

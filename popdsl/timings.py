@@ -164,11 +164,12 @@ class StageMonitor:
 
     def table(self, title: str = "") -> str:
         out = [title] if title else []
-        out.append(f"  {'stage':<14}{'wall s':>9}{'peak RSS MiB':>14}  ")
+        w = max([14] + [len(r.name) + 1 for r in self.rows])
+        out.append(f"  {'stage':<{w}}{'wall s':>9}{'peak RSS MiB':>14}  ")
         for r in self.rows:
             peak = f"{'' if r.exact else '~'}{r.peak / 2**20:,.0f}"
-            out.append(f"  {r.name:<14}{r.seconds:>9.2f}{peak:>14}  {r.note}".rstrip())
-        out.append(f"  {'total':<14}{self.total_seconds():>9.2f}{max_rss() / 2**20:>14,.0f}  "
+            out.append(f"  {r.name:<{w}}{r.seconds:>9.2f}{peak:>14}  {r.note}".rstrip())
+        out.append(f"  {'total':<{w}}{self.total_seconds():>9.2f}{max_rss() / 2**20:>14,.0f}  "
                    "(process peak)")
         out.append("  wall s: the stage's own time (its verifier's too, with --verify); total: "
                    "from the start of the compile, reading the source included")

@@ -413,7 +413,7 @@ def test_progress_on_a_terminal(tmp_path, monkeypatch, capsys):
     src.write_text(SCALE)
     assert cli.main(["build", str(src), "--no-cache"]) == 0
     text = term.getvalue()
-    assert "popc build: lower (7/9)" in text and "vertices" in text
+    assert "popc build: lower (8/10)" in text and "vertices" in text
     assert text.endswith("\r\x1b[K")                          # the line is cleared before the output
     assert capsys.readouterr().out.startswith("wrote ")
 

@@ -9,10 +9,10 @@ the folder names the stage.
 Header (`//` comment lines before any code):
 
 `// dump-after: STAGE`
-    required: parse, check, elaborate, autodiff, recompute, partition, lower, codegen or plan.
+    required: parse, check, elaborate, autodiff, recompute, outline, partition, lower, codegen or plan.
 `// args: FLAGS`
     target flags, split like a shell would: --target, --tiles, --tile-memory,
-    --graph, --unchecked, --no-reuse, --recompute (as for `popc dump`).
+    --graph, --unchecked, --no-reuse, --recompute, --no-outline (as for `popc dump`).
 
 Check lines, anywhere in the file (a `//` comment, alone or after code):
 
@@ -225,6 +225,7 @@ def _target_args(args: list[str]) -> argparse.Namespace:
     p.add_argument("--unchecked", action="store_true")
     p.add_argument("--no-reuse", action="store_true")
     p.add_argument("--recompute", default="auto")
+    p.add_argument("--no-outline", action="store_true")
     try:
         return p.parse_args(args)
     except (argparse.ArgumentError, SystemExit) as e:
@@ -235,7 +236,8 @@ def compile_and_dump(ft: Filetest, text: str) -> str:
     a = _target_args(ft.args)
     target = get_target(a.target, a.tiles, a.tile_memory)
     result = compile_source(text, str(ft.path), target, a.graph, a.unchecked, stop_after=ft.stage,
-                            reuse=not a.no_reuse, verify=True, recompute=Policy(a.recompute))
+                            reuse=not a.no_reuse, verify=True, recompute=Policy(a.recompute),
+                            outline=not a.no_outline)
     return dump(ft.stage, result)
 
 

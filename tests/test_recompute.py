@@ -42,7 +42,10 @@ graph deep(tiles = 16) {{
 
 
 def compile_cnn(mode: str, budget: int | None = None, tile_memory: int | None = None):
-    return pipeline.compile_source(CNN, "deep.pop", get_target("gc200", None, tile_memory),
+    # Recomputation's own effect: without outlining, whose calls change what a
+    # tile holds as vertex state (the six layers alike are one function;
+    # recomputed, most are inline again), tests/test_outline.py.
+    return pipeline.compile_source(CNN, "deep.pop", get_target("gc200", None, tile_memory), outline=False,
                                    recompute=Policy(mode, budget))
 
 
@@ -162,7 +165,8 @@ def test_popx_keeps_the_recomputation_record(built, tmp_path, popc):
     src = tmp_path / "deep.pop"
     src.write_text(CNN)
     lo, hi = (int(built[m][0].memory.total.max()) for m in ("all", "none"))
-    code, _, err = popc("build", src, "--memory-budget", (lo + hi) // 2, "--no-cache", "-o", tmp_path / "d.popx")
+    code, _, err = popc("build", src, "--memory-budget", (lo + hi) // 2, "--no-cache", "--no-outline",
+                        "-o", tmp_path / "d.popx")
     assert code == 0, err
     assert "popc: note: the training step does not fit" in err and "--recompute none" in err
     code, out, err = popc("report", tmp_path / "d.popx", "--json")

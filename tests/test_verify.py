@@ -22,7 +22,7 @@ from popdsl.ir import verify_lowered as VL
 from popdsl.ir.target import get_target
 from popdsl.ir.tensor import Node
 from popdsl.ir.verify_graph import verify_checked, verify_elaborated, verify_partitioned
-from popdsl.passes import autodiff, recompute
+from popdsl.passes import autodiff, outline, recompute
 from popdsl.pipeline import compile_source
 
 POPLAR = """
@@ -88,7 +88,7 @@ graph net(tiles = 4) {
 PROGRAMS = {"poplar": POPLAR, "tensor": TENSOR}
 # The recompute stage's corruption test is in test_recompute.py (it needs a training step).
 VERIFIERS = {"check": verify_checked, "elaborate": verify_elaborated, "autodiff": autodiff.verify,
-             "recompute": recompute.verify, "partition": verify_partitioned,
+             "recompute": recompute.verify, "outline": outline.verify, "partition": verify_partitioned,
              "lower": VL.verify_lowered, "codegen": VL.verify_generated, "plan": VL.verify_planned}
 
 

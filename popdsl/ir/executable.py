@@ -196,6 +196,9 @@ class Executable:
     init_recipes: dict[int, tuple] = field(default_factory=dict)
     # A training step's recomputation (passes.recompute): mode, segments, bytes kept
     recompute: dict = field(default_factory=dict)
+    # Repeated parts built once and called (passes.outline): per function its name,
+    # kind, calls, instances, compute set indices, bytes copied in and out per call
+    functions: list[dict] = field(default_factory=list)
 
     def addresses(self, i: int) -> np.ndarray:
         """The global byte address of every element of tensor `i`, in flat order

@@ -178,6 +178,11 @@ class TensorGraph:
     recomputed: dict[int, int] = field(default_factory=dict)
     needs: dict[int, int] = field(default_factory=dict)     # node id -> latest recomputed segment it reads
     recompute: dict = field(default_factory=dict)
+    # Repeated parts built once (passes.outline): its Functions, which partitioning
+    # builds once and calls; then what partitioning made of them, for the reports
+    # (name, kind, calls, instances, compute sets, bytes copied per call).
+    functions: list = field(default_factory=list)
+    function_summary: list[dict] = field(default_factory=list)
 
     def span_id(self, span: Span) -> int:
         self.spans.append(span)
@@ -193,4 +198,5 @@ class TensorGraph:
                        outputs=list(self.outputs), spans=list(self.spans), params=list(self.params),
                        ops=list(self.ops), inplace=list(self.inplace), updates=dict(self.updates),
                        recomputed=dict(self.recomputed), needs=dict(self.needs),
-                       recompute=dict(self.recompute))
+                       recompute=dict(self.recompute), functions=list(self.functions),
+                       function_summary=list(self.function_summary))

@@ -50,6 +50,19 @@ class NodeTable:
         # node id → what made it, by call path: "stage_2.bottleneck_1.conv_bn_1.conv_1.conv2d"
         self.sites: dict[int, str] = {}
         self.site: str | None = None
+        # What the source made as a unit, for outlining (passes.outline): (label, kind,
+        # first node id, end node id) per def call ("stage_2.bottleneck_1", the def's
+        # name), loop iteration ("loop") and statement ("statement"); the nodes the
+        # unit made are those with ids in [first, end) (an operation it repeats from
+        # before is the earlier node, interned).
+        self.regions: list[tuple[str, str, int, int]] = []
+        # (forward node id, node ids): the nodes the backward pass made differentiating
+        # that node (passes.autodiff; passes.recompute renumbers what it rebuilds),
+        # for outlining the backward pass of a repeated part alike.
+        self.backward_of: list[tuple[int, tuple[int, ...]]] = []
+        # A forward node recomputed in the backward pass: the clone's id -> the
+        # original's (passes.recompute), so a recomputed part calls its function again.
+        self.clone_of: dict[int, int] = {}
 
     def make(self, op: str, args=(), attrs=(), shape=(), dtype="f32", index=None, salt=None) -> Node:
         """`salt` tells apart nodes that compute the same thing on purpose (a
@@ -77,7 +90,8 @@ class NodeTable:
         so far are shared: nodes never change)."""
         t = NodeTable()
         t._by_key, t.nodes, t.spans, t.span = dict(self._by_key), list(self.nodes), dict(self.spans), self.span
-        t.sites, t.site = dict(self.sites), self.site
+        t.sites, t.site, t.regions = dict(self.sites), self.site, list(self.regions)
+        t.backward_of, t.clone_of = list(self.backward_of), dict(self.clone_of)
         return t
 
 

@@ -20,7 +20,7 @@ from popdsl.ir.tensor import Node
 from popdsl.ops.blocks import (SLAB_BYTES, block_of, blocks, bounds, ceil_div, emit_classes, map_first,
                                map_whole, pow2_splits, shape_classes, stacked, task_grid)
 from popdsl.ops import elementwise
-from popdsl.ops.core import FLOATS, Builder, Function, OpDef, Param, float_result, shape_str
+from popdsl.ops.core import FLOATS, HIGH_VALUE, Builder, Function, OpDef, Param, float_result, shape_str
 from popdsl.ops import conv_grad
 from popdsl.ops.reduce import add_partials
 from popdsl.ops.shape import padded
@@ -261,7 +261,8 @@ def partition_pool(p, n: Node) -> g.View:
 def op_defs() -> list[OpDef]:
     return [OpDef("conv2d", "compute", "2-D convolution, NCHW input, OIHW weights", ref=_conv_ref,
                   partition=partition_conv, codelets=("Conv2dBlock", "ReduceSumCols", "Fill"), cost=_conv_plan,
-                  flops=lambda n: 2 * n.numel * int(np.prod(n.args[1].shape[1:])), grad=_g_conv),
+                  flops=lambda n: 2 * n.numel * int(np.prod(n.args[1].shape[1:])), grad=_g_conv,
+                  value=HIGH_VALUE),
             OpDef("pool", "compute", "max or average pooling over square windows", ref=_pool_ref,
                   partition=partition_pool, codelets=("MaxPoolBlock", "AvgPoolBlock", "Fill"), cost=_pool_plan,
                   flops=lambda n: n.numel * n.attrs[1] ** 2, grad=_g_pool)]

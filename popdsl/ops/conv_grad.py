@@ -25,7 +25,7 @@ from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node
 from popdsl.ops.blocks import (SLAB_BYTES, TILE_BUFFER_BYTES, block_of, blocks, bounds, ceil_div, emit_classes,
                                map_first, map_whole, pow2_splits, shape_classes, stacked, task_grid)
-from popdsl.ops.core import Builder, OpDef
+from popdsl.ops.core import HIGH_VALUE, Builder, OpDef
 from popdsl.ops.reduce import sum_partials
 from popdsl.ops.shape import padded
 
@@ -363,11 +363,11 @@ def op_defs() -> list[OpDef]:
         OpDef("conv2d_grad_x", "compute", "the gradient of conv2d with respect to its input",
               ref=_conv_grad_x_ref, partition=partition_conv_grad_x,
               codelets=("Conv2dGradX", "Conv2dGradXRows", "ReduceSumCols"), cost=_split_plan,
-              flops=lambda n: 2 * n.args[0].numel * int(np.prod(n.args[1].shape[1:]))),
+              flops=lambda n: 2 * n.args[0].numel * int(np.prod(n.args[1].shape[1:])), value=HIGH_VALUE),
         OpDef("conv2d_grad_w", "compute", "the gradient of conv2d with respect to its weights",
               ref=_conv_grad_w_ref, partition=partition_conv_grad_w,
               codelets=("Conv2dGradW", "ReduceSumCols", "Fill"), cost=_split_plan,
-              flops=lambda n: 2 * n.args[1].numel * int(np.prod(n.shape[1:]))),
+              flops=lambda n: 2 * n.args[1].numel * int(np.prod(n.shape[1:])), value=HIGH_VALUE),
         OpDef("max_pool_grad", "compute", "max pooling's gradient: to the first maximum of each window",
               ref=_max_pool_grad_ref, partition=partition_max_pool_grad,
               codelets=("MaxPoolGradBlock", "Fill"), cost=_split_plan,

@@ -45,6 +45,10 @@ def float_result(*dtypes: str) -> str:
     return "f16" if floats and all(d == "f16" for d in floats) else "f32"
 
 
+# PopART's subgraph values (popart Op::getHighSubgraphValue / getLowSubgraphValue).
+HIGH_VALUE, LOW_VALUE = 1000.0, 0.1
+
+
 @dataclass(frozen=True, slots=True)
 class OpDef:
     """One operation of the tensor-program IR.
@@ -66,7 +70,10 @@ class OpDef:
     integer operands (indices, labels) and conditions never are.  A grad of None:
     the op has no rule, and differentiating through it is an error at its call
     site.
-    reuse_key: filled by the reuse capability (None today).
+    value: what building it once and calling it is worth, for outlining
+    (passes.outline): PopART's subgraph values, 1000 for a convolution or a
+    matrix product (many vertices, much code and exchange), 0.1 for anything
+    else (a relu); a repeated part is outlined when its ops add up to 1.
     explain: messages for runtime errors of its codelets (a label out of range)."""
     name: str
     kind: str                          # "leaf" | "view" | "elementwise" | "compute"
@@ -77,7 +84,7 @@ class OpDef:
     codelets: tuple[str, ...] = ()
     cost: Callable | None = None
     grad: Callable | None = None
-    reuse_key: Callable | None = None
+    value: float = LOW_VALUE
     # Floating-point operations of one node (multiply-adds count two), for reports;
     # None: one per element of the result.
     flops: Callable | None = None

@@ -20,7 +20,7 @@ from popdsl.ir.index import broadcast_to
 from popdsl.ir.tensor import Node, broadcast_shapes
 from popdsl.ops import elementwise
 from popdsl.ops.blocks import GRAIN, blocks, ceil_div, emit_tasks, pow2_splits
-from popdsl.ops.core import FLOATS, Builder, Function, OpDef, Param, float_result, shape_str
+from popdsl.ops.core import FLOATS, HIGH_VALUE, Builder, Function, OpDef, Param, float_result, shape_str
 from popdsl.ops.reduce import add_partials
 from popdsl.ops.shape import transpose
 
@@ -165,7 +165,7 @@ def partition(p, n: Node) -> g.View:
 def op_defs() -> list[OpDef]:
     return [OpDef("matmul", "compute", "batched matrix product of the last two axes", ref=_ref,
                   partition=partition, codelets=("MatMul",), cost=cost,
-                  flops=lambda n: 2 * n.numel * n.args[0].shape[-1], grad=_grad)]
+                  flops=lambda n: 2 * n.numel * n.args[0].shape[-1], grad=_grad, value=HIGH_VALUE)]
 
 
 def functions() -> list[Function]:

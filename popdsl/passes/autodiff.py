@@ -84,29 +84,40 @@ def gradients(b: Builder, loss: Node, wrt: dict[int, tuple], no_rule) -> dict[in
             # and are named after it.
             b.t.span = spans.get(n.id, saved)
             b.t.site = b.t.sites.get(n.id, n.op) + ".grad"
-            if n.op in LEAVES:
-                shape, dtype = wrt[n.attrs[0]]
-                part = gn if n.op == "tensor" else place(b, gn, n.index, shape, dtype)
-                part = elementwise.cast(b, dtype, part)
-                prev = out.get(n.attrs[0])
-                out[n.attrs[0]] = part if prev is None else elementwise.apply(b, "add", [prev, part], None)
-                continue
-            rule = op(n.op).grad
-            if rule is None:
-                no_rule(n)
-                continue
-            for i, a in enumerate(n.args):
-                if a.id not in live:
-                    continue
-                part = rule(b, n, gn, i)
-                if part is None:
-                    continue
-                part = elementwise.cast(b, a.dtype, unbroadcast(b, part, a.shape))
-                prev = grads.get(a.id)
-                grads[a.id] = part if prev is None else elementwise.apply(b, "add", [prev, part], None)
+            first = len(b.t.nodes)
+            _backward(b, n, gn, live, grads, out, wrt, no_rule)
+            if len(b.t.nodes) > first:
+                # Which forward node the new nodes differentiate: outlining makes the
+                # backward pass of a repeated part one function too.
+                b.t.backward_of.append((n.id, tuple(range(first, len(b.t.nodes)))))
     finally:
         b.t.span, b.t.site = saved, None
     return out
+
+
+def _backward(b: Builder, n: Node, gn: Node, live: set[int], grads: dict, out: dict, wrt, no_rule) -> None:
+    """Node n's part of the backward pass, given gn, the gradient with respect to n:
+    its operands' gradients added to `grads` (a leaf's to `out`)."""
+    if n.op in LEAVES:
+        shape, dtype = wrt[n.attrs[0]]
+        part = gn if n.op == "tensor" else place(b, gn, n.index, shape, dtype)
+        part = elementwise.cast(b, dtype, part)
+        prev = out.get(n.attrs[0])
+        out[n.attrs[0]] = part if prev is None else elementwise.apply(b, "add", [prev, part], None)
+        return
+    rule = op(n.op).grad
+    if rule is None:
+        no_rule(n)
+        return
+    for i, a in enumerate(n.args):
+        if a.id not in live:
+            continue
+        part = rule(b, n, gn, i)
+        if part is None:
+            continue
+        part = elementwise.cast(b, a.dtype, unbroadcast(b, part, a.shape))
+        prev = grads.get(a.id)
+        grads[a.id] = part if prev is None else elementwise.apply(b, "add", [prev, part], None)
 
 
 class _Pass:

@@ -183,6 +183,19 @@ class _Elaborator(BatchMixin, PoplarMixin, TensorMixin, TrainMixin):
             raise _Bad
 
     def stmt(self, s):
+        if self.context in ("graph", "def") and isinstance(s, (ast.LetStmt, ast.AssignStmt)):
+            # A statement of the tensor program is a unit outlining may find repeated
+            # (a model written layer by layer, without defs).
+            first = len(self.nodes.nodes)
+            try:
+                return self.stmt_(s)
+            finally:
+                if len(self.nodes.nodes) > first:
+                    self.nodes.regions.append((".".join(self.path + [f"line {s.span.line}"]), "statement",
+                                               first, len(self.nodes.nodes)))
+        return self.stmt_(s)
+
+    def stmt_(self, s):
         if isinstance(s, ast.LetStmt):
             names = s.name if isinstance(s.name, tuple) else (s.name,)
             try:
@@ -326,10 +339,14 @@ class _Elaborator(BatchMixin, PoplarMixin, TensorMixin, TrainMixin):
         for i in range(start, stop, step):
             self.tick(s.span, "in loops")
             self.scopes.append(Scope({s.var: i}))
+            first = len(self.nodes.nodes)
             try:
                 out.extend(self.block(s.body).body)
             finally:
                 self.scopes.pop()
+                if self.context in ("graph", "def") and len(self.nodes.nodes) > first:
+                    self.nodes.regions.append((".".join(self.path + [f"line {s.span.line}", f"{s.var}={i}"]),
+                                               "loop", first, len(self.nodes.nodes)))
             if len(self.d.items) > errors:
                 # The next iterations would repeat the mistake with other numbers.
                 raise _Bad

@@ -216,11 +216,14 @@ class TensorMixin:
         self.def_names.append(d.name)
         result = None
         errors = len(self.d.items)
+        first = len(self.nodes.nodes)
+        label = ".".join(self.path)
         try:
             self.block(d.body)
         except _Return as r:
             result = r.value
         finally:
+            self.nodes.regions.append((label, d.name, first, len(self.nodes.nodes)))
             self.path.pop()
             self.def_names.pop()
             self.scopes, self.context = saved

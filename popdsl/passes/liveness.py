@@ -10,6 +10,12 @@ inside it dies before the loop's end if it was live at the loop's start.
 
 Always live: variables, inputs and parameters (the host and later steps see them).
 Results read as outputs live until the end of the step.
+
+A function's regions (passes.outline: the tensors its build made, the exchange
+buffers of its compute sets) hold nothing from one call to the next: each call
+copies its parameters in and its results out.  They are live during each call
+only: `calls` gives the interval of every call, `call_end` the end of the first
+(memplan plans a function's regions once, as a frame, from its first call).
 """
 from __future__ import annotations
 
@@ -31,6 +37,33 @@ class Liveness:
     labels: list[str]          # what happens at each point
     always: np.ndarray         # bool per region: live for the whole program
     cs_points: dict[int, list[int]]   # compute set index -> the points where it executes
+    function: np.ndarray = None       # int64 per region: the function it belongs to, or -1
+    call_end: np.ndarray = None       # int64 per region: the end of its first call's use (else end)
+    # Per call of a function region: (region, start, end)
+    calls: tuple[np.ndarray, np.ndarray, np.ndarray] = None
+
+    def intervals(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(region, start, end) of every interval a region is live in: one per
+        region, one per call for a function's regions."""
+        one = np.nonzero(self.function < 0)[0]
+        r, s, e = self.calls
+        return (np.concatenate([one, r]), np.concatenate([self.start[one], s]),
+                np.concatenate([self.end[one], e]))
+
+
+def region_functions(low: Lowered) -> np.ndarray:
+    """The function (index into graph.function_summary) each region belongs to, or -1."""
+    n = len(low.region_tile)
+    out = np.full(n, -1, np.int64)
+    tensor = np.asarray(low.region_tensor, np.int64)
+    rcs = np.asarray(low.region_cs, np.int64)
+    cs_index = {cs.name: i for i, cs in enumerate(low.compute_sets)}
+    for k, f in enumerate(low.graph.function_summary):
+        t0, t1 = f["tensors"]
+        out[(tensor >= t0) & (tensor < t1)] = k
+        css = np.asarray([cs_index[c] for c in f["compute_sets"]], np.int64)
+        out[(tensor < 0) & np.isin(rcs, css)] = k
+    return out
 
 
 def _cs_regions(cs) -> np.ndarray:
@@ -93,11 +126,10 @@ def liveness(low: Lowered) -> Liveness:
           if low.outputs else np.zeros(0, np.int64), "outputs read by the host")
     start = np.full(n, np.iinfo(np.int64).max)
     end = np.full(n, -1, np.int64)
-    if regions:
-        r = np.concatenate(regions)
-        t = np.concatenate(times)
-        np.minimum.at(start, r, t)
-        np.maximum.at(end, r, t)
+    r = np.concatenate(regions) if regions else np.zeros(0, np.int64)
+    t = np.concatenate(times) if regions else np.zeros(0, np.int64)
+    np.minimum.at(start, r, t)
+    np.maximum.at(end, r, t)
     untouched = end < 0
     start[untouched], end[untouched] = 0, 0
     # Loops, innermost first (they were appended when they closed).
@@ -113,4 +145,36 @@ def liveness(low: Lowered) -> Liveness:
     always[is_tensor] = [kinds[i] in ALWAYS_LIVE_KINDS for i in tensor[is_tensor].tolist()]
     start[always] = 0
     end[always] = end_point
-    return Liveness(start, end, end_point + 1, labels, always, cs_points)
+    function = region_functions(low)
+    call_end = end.copy()
+    calls = _calls(low, function, r, t, cs_points)
+    touched = np.zeros(n, bool)
+    touched[calls[0]] = True
+    function[(function >= 0) & ~touched] = -1      # never used: an ordinary region
+    first = np.unique(calls[0], return_index=True)[1]
+    call_end[calls[0][first]] = calls[2][first]
+    return Liveness(start, end, end_point + 1, labels, always, cs_points, function, call_end, calls)
+
+
+def _calls(low: Lowered, function: np.ndarray, r: np.ndarray, t: np.ndarray, cs_points):
+    """(region, start, end) per call of each function region, from its touches:
+    every call touches a function's region at the same points of the body, so a
+    region touched k times by c calls is touched k / c times in each."""
+    sel = function[r] >= 0
+    rr, tt = r[sel], t[sel]
+    if not rr.size:
+        z = np.zeros(0, np.int64)
+        return z, z, z
+    o = np.lexsort((tt, rr))
+    rr, tt = rr[o], tt[o]
+    regs, first, counts = np.unique(rr, return_index=True, return_counts=True)
+    cs_index = {cs.name: i for i, cs in enumerate(low.compute_sets)}
+    per_fn = np.asarray([len(cs_points.get(cs_index[f["compute_sets"][0]], ())) for f in low.graph.function_summary],
+                        np.int64)
+    ncalls = per_fn[function[regs]]
+    m = counts // ncalls
+    assert (m * ncalls == counts).all() and (m > 0).all(), "a function's region touched unevenly by its calls"
+    rep = np.repeat(np.arange(regs.size), ncalls)
+    k = np.arange(rep.size) - np.repeat(np.cumsum(ncalls) - ncalls, ncalls)
+    at = first[rep] + k * m[rep]
+    return regs[rep], tt[at], tt[at + m[rep] - 1]

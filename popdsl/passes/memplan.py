@@ -90,12 +90,31 @@ def plan(low: Lowered, codelets: dict, code_sizes: dict[str, int], unchecked: bo
     alias = _in_place(low, live) if reuse else {}
     plan_rs = rs.copy()
     plan_rs[list(alias)] = 0              # planned through the region they take over
+    cat_rs = -(-plan_rs // al) * al
+    exact_rs = plan_rs.copy()
+    # A function's regions are planned once, as a frame per tile (their intervals
+    # those of the first call), the frame an allocation live from the first call
+    # to the last; its regions take no bytes of their own below.
+    fr = np.nonzero(live.function >= 0)[0]
+    frames = _frames(rt, cat_rs, al, live, fr, reuse)
+    plan_rs[fr] = 0
+    nf = len(frames[0])
+    n_low = n
+    if nf:
+        rt = np.concatenate([rt, frames[0]])
+        plan_rs = np.concatenate([plan_rs, frames[1]])
+        al = np.concatenate([al, np.full(nf, 64, np.int64)])
+        live_start, live_end = np.concatenate([live.start, frames[2]]), np.concatenate([live.end, frames[3]])
+        rs = np.concatenate([rs, np.zeros(nf, np.int64)])
+        n += nf
+    else:
+        live_start, live_end = live.start, live.end
     # Regions of one tile with one lifetime form one allocation: sizes rounded to
     # their alignment and the 64-aligned ones first, so running sums stay aligned.
     rs, full_rs = plan_rs, rs
     rounded = -(-rs // al) * al
-    key = np.lexsort((np.arange(n), -al, live.end, live.start, rt))
-    ks = rt[key], live.start[key], live.end[key]
+    key = np.lexsort((np.arange(n), -al, live_end, live_start, rt))
+    ks = rt[key], live_start[key], live_end[key]
     new = np.ones(n, bool)
     if n:
         new[1:] = (ks[0][1:] != ks[0][:-1]) | (ks[1][1:] != ks[1][:-1]) | (ks[2][1:] != ks[2][:-1])
@@ -115,7 +134,14 @@ def plan(low: Lowered, codelets: dict, code_sizes: dict[str, int], unchecked: bo
     full = np.bincount(alloc_of_sorted, weights=(-(-full_rs // al) * al)[key], minlength=nalloc).astype(np.int64)
     full = -(-full // alloc_align) * alloc_align
     first = key[new]
-    alloc_tile, alloc_start, alloc_end = rt[first], live.start[first], live.end[first]
+    alloc_tile, alloc_start, alloc_end = rt[first], live_start[first], live_end[first]
+    # The lower bound counts a function's regions in each call, not its frame.
+    if nf:
+        ri, b_start, b_end = live.intervals()
+        b_tile, b_size = rt[ri], cat_rs[ri]
+        o = np.argsort(b_tile, kind="stable")
+        b_tile, b_size, b_start, b_end = b_tile[o], b_size[o], b_start[o], b_end[o]
+        b_bounds = np.searchsorted(b_tile, np.arange(ntiles + 1))
     alloc_base = np.zeros(nalloc, np.int64)
     planned = np.zeros(ntiles, np.int64)
     bound = np.zeros(ntiles, np.int64)
@@ -126,7 +152,11 @@ def plan(low: Lowered, codelets: dict, code_sizes: dict[str, int], unchecked: bo
     for tile in np.unique(alloc_tile).tolist():
         a, b = bounds[tile], bounds[tile + 1]
         sz, ag, s, e = alloc_size[a:b], alloc_align[a:b], alloc_start[a:b], alloc_end[a:b]
-        bound[tile] = _peak(sz, s, e, live.points)
+        if nf:
+            c, d = b_bounds[tile], b_bounds[tile + 1]
+            bound[tile] = _peak(b_size[c:d], b_start[c:d], b_end[c:d], live.points)
+        else:
+            bound[tile] = _peak(sz, s, e, live.points)
         sig = np.concatenate([sz, ag, s, e]).tobytes()
         k = problem_of.get(sig)
         if k is None:
@@ -142,25 +172,74 @@ def plan(low: Lowered, codelets: dict, code_sizes: dict[str, int], unchecked: bo
     region_alloc = np.empty(n, np.int64)
     region_alloc[key] = alloc_of_sorted
     base = alloc_base[region_alloc] + inner if n else np.zeros(0, np.int64)
+    if nf:
+        base[fr] = base[n_low + frames[5]] + frames[4]
+        base = base[:n_low]
+        rt, al, full_rs, n = rt[:n_low], al[:n_low], full_rs[:n_low], n_low
     for out_r, in_r in alias.items():
         base[out_r] = base[in_r]
     if verify:
-        verify_plan(rt, base, rs, live)
+        verify_plan(rt, base, exact_rs, live)
     # Categories count regions as allocated (rounded to their alignment), so that
     # naive >= lower bound <= planned compare like with like.
     naive = np.bincount(alloc_tile, weights=full, minlength=ntiles).astype(np.int64) if nalloc \
         else np.zeros(ntiles, np.int64)
-    mem = _categories(low, live, -(-full_rs // al) * al, -(-rs // al) * al, rt, planned, bound, naive,
+    mem = _categories(low, live, -(-full_rs // al) * al, cat_rs, rt, planned, bound, naive,
                       code_sizes, ntiles)
     _check_capacity(low, mem, target)
     return _finish(low, codelets, base, mem, unchecked)
 
 
 def verify_plan(tiles: np.ndarray, base: np.ndarray, sizes: np.ndarray, live: Liveness) -> None:
-    """No two regions live at the same time share a byte of one tile.  A region
-    that took over another's bytes in place has size 0 here (its owner's interval
-    covers it).  A failure is a compiler bug (AssertionError)."""
-    verify_no_overlap(tiles, base, sizes, live.start, live.end)
+    """No two regions live at the same time share a byte of one tile (a function's
+    regions: in any of its calls).  A region that took over another's bytes in
+    place has size 0 here (its owner's interval covers it).  A failure is a
+    compiler bug (AssertionError)."""
+    r, s, e = live.intervals()
+    verify_no_overlap(tiles[r], base[r], sizes[r], s, e)
+
+
+def _frames(rt, sizes, al, live: Liveness, fr: np.ndarray, reuse: bool):
+    """Plan each function's regions on each tile once, from its first call:
+    (frame tile, frame size, frame start, frame end, offset of each region of `fr`
+    in its frame, the frame of each region of `fr`).  Tiles laid out alike are
+    planned once."""
+    z = np.zeros(0, np.int64)
+    if not fr.size:
+        return z, z, z, z, z, z
+    fn, tile = live.function[fr], rt[fr]
+    o = np.lexsort((fr, fn, tile))
+    r = fr[o]
+    brk = np.ones(r.size, bool)
+    brk[1:] = (tile[o][1:] != tile[o][:-1]) | (fn[o][1:] != fn[o][:-1])
+    starts = np.nonzero(brk)[0]
+    ends = np.append(starts[1:], r.size)
+    problems, bounds, which, seen = [], [], [], {}
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        g = r[a:b]
+        p = (sizes[g], al[g], live.start[g], live.call_end[g])
+        sig = np.concatenate(p).tobytes()
+        k = seen.get(sig)
+        if k is None:
+            k = seen[sig] = len(problems)
+            problems.append(p)
+            bounds.append(_peak(p[0], p[2], p[3], live.points))
+        which.append(k)
+    solved = _plan_tiles(problems, reuse, bounds)
+    offset = np.empty(fr.size, np.int64)
+    frame_of = np.empty(fr.size, np.int64)
+    pos = np.empty(fr.size, np.int64)
+    pos[o] = np.arange(fr.size)
+    inner = np.empty(r.size, np.int64)
+    for j, (a, b) in enumerate(zip(starts.tolist(), ends.tolist())):
+        inner[a:b] = solved[which[j]][0]
+    offset[:] = inner[pos]
+    frame_of[:] = np.repeat(np.arange(starts.size), ends - starts)[pos]
+    top = np.asarray([solved[k][1] for k in which], np.int64)
+    top = -(-top // 64) * 64
+    f_start = np.minimum.reduceat(live.start[r], starts)
+    f_end = np.maximum.reduceat(live.end[r], starts)
+    return tile[o][starts], top, f_start, f_end, offset, frame_of
 
 
 def _in_place(low: Lowered, live: Liveness) -> dict[int, int]:
@@ -214,11 +293,15 @@ def _categories(low, live: Liveness, rs, plan_rs, rt, planned, bound, naive, cod
             on[grp.tiles] = True
     for cname, on in on_tiles.items():
         code += on * int(code_sizes.get(cname, 0))
-    # Live bytes at each program point, over all tiles, by category.
+    # Live bytes at each program point, over all tiles, by category (a function's
+    # regions in each of its calls).
+    ri, starts, ends = live.intervals()
+
     def timeline(mask):
+        m = mask[ri]
         t = np.zeros(live.points + 1, np.int64)
-        np.add.at(t, live.start[mask], plan_rs[mask])
-        np.add.at(t, live.end[mask] + 1, -plan_rs[mask])
+        np.add.at(t, starts[m], plan_rs[ri[m]])
+        np.add.at(t, ends[m] + 1, -plan_rs[ri[m]])
         return np.cumsum(t)[:-1]
     by_category = {"always_live": timeline(live.always), "not_always_live": timeline(~live.always & ~is_buf),
                    "exchange_buffers": timeline(is_buf)}
@@ -261,7 +344,8 @@ def _finish(low: Lowered, codelets: dict, base: np.ndarray, mem: X.MemoryPlan, u
     return X.Executable(graph.name, target, dict(codelets), tensors, tensor_runs,
                         dict(graph.init), css, copies, reads, low.program, dict(graph.inputs),
                         dict(low.outputs), list(graph.spans), mem, unchecked, ops,
-                        dict(graph.init_recipes), dict(graph.recompute))
+                        dict(graph.init_recipes), dict(graph.recompute),
+                        [{**f, "compute_sets": [cs_index[n] for n in f["compute_sets"]]} for f in graph.function_summary])
 
 
 def _copy_table(c: CopyElems, region_addr: np.ndarray, target: Target) -> X.CopyTable:

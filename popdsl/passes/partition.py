@@ -52,7 +52,16 @@ class Partitioner:
         self.span = Span("<tensor program>", 0, 0, 0, 0)
         self.rotor = 0
         self.names: dict[str, int] = {}
-        self.node_names: dict[int, str] = {}
+        self.node_names: dict = {}          # node id (or (function, node id)) -> name
+        # Functions (passes.outline): the instance each output node is made by, and
+        # each function once built; `building` is the function being built, whose
+        # body sees its own parameters, never the caller's values.
+        self.call_of: dict[int, tuple[int, int]] = {
+            o.id: (fi, ii) for fi, f in enumerate(graph.functions)
+            for ii, inst in enumerate(f.instances) for o in inst.outputs}
+        self.built: dict[int, tuple] = {}
+        self.frames: dict[str, tuple[int, int]] = {}    # function -> the tensor ids its build made
+        self.building: str | None = None
 
     # ---------------------------------------------------------------- driver
     def run(self) -> g.TensorGraph:
@@ -71,6 +80,7 @@ class Partitioner:
             self.write_var(tid, src)
         self.g.outputs = outs
         self.g.updates = {}
+        self.g.function_summary = [self.summary(fi) for fi in sorted(self.built)]
         step = g.Seq(tuple(self.seq))
         self.g.program = self.replace_steps(self.g.program, step)
         # Whatever elaboration let through unmapped (parameters and inputs of the
@@ -183,14 +193,17 @@ class Partitioner:
         """What the tensors and compute sets made for `n` are called: its call path
         and the function that made it (`stage_2.bottleneck_1.conv_bn_1.conv_1.conv2d`),
         numbered when one place makes several (`softmax_1.sub`, `softmax_1.sub.2`)."""
-        given = self.node_names.get(n.id)
+        key = n.id if self.building is None else (self.building, n.id)
+        given = self.node_names.get(key)
         if given is not None:
             return given
         site = self.g.nodes.sites.get(n.id) if self.g.nodes is not None else None
         base = site or f"%{n.id}.{n.op.replace(':', '_')}"
+        if self.building is not None:       # a function's own tensors: `block:block_1.conv_bn_1.conv2d`
+            base = f"{self.building}:{base}"
         k = self.names.get(base, 0) + 1
         self.names[base] = k
-        given = self.node_names[n.id] = base if k == 1 else f"{base}.{k}"
+        given = self.node_names[key] = base if k == 1 else f"{base}.{k}"
         return given
 
     def new_cs(self, label: str) -> g.ComputeSet:
@@ -270,6 +283,9 @@ class Partitioner:
     # ---------------------------------------------------------------- values
     def value(self, n: Node) -> g.View:
         v = self.mat.get(n.id)
+        if v is None and self.building is None and n.id in self.call_of:
+            self.call(*self.call_of[n.id])
+            return self.mat[n.id]
         if v is None:
             if self.g.needs:
                 self.operands_first(n)
@@ -294,7 +310,7 @@ class Partitioner:
             a = stack.pop()
             if a.op == "const" or a.id in self.mat:
                 continue
-            if fused and ops.is_elementwise(a.op) and self.consumers.get(a.id, 0) <= 1:
+            if fused and ops.is_elementwise(a.op) and self.consumers.get(a.id, 0) <= 1 and not self.called(a):
                 stack.extend(reversed(a.args))     # fused into n's codelet: its operands are n's
             else:
                 leaves.append(a)
@@ -310,6 +326,77 @@ class Partitioner:
         if entry.kind == "elementwise" or n.op == "const":
             return self.elementwise(n)
         return entry.partition(self, n)
+
+    # ---------------------------------------------------------------- functions
+    def called(self, n: Node) -> bool:
+        """n is what a function call makes (so never fused into its user's codelet)."""
+        return self.building is None and n.id in self.call_of
+
+    def call(self, fi: int, ii: int) -> None:
+        """Instance ii of function fi, as Poplar's `Call`: its inputs copied into the
+        function's parameters (those every call shares are bound once, no copy), its
+        compute sets run, its outputs copied out into tensors of the caller (the
+        next call overwrites the function's own)."""
+        f = self.g.functions[fi]
+        inst = f.instances[ii]
+        args = [self.value(a) for a in inst.inputs]
+        if fi not in self.built:
+            self.built[fi] = self.build(f, inst, args)
+        params, results, body = self.built[fi]
+        span = self.g.nodes.spans.get(inst.body[0], self.span)
+        for a, p, shared in zip(args, params, f.shared):
+            if not shared:
+                # A weight nobody placed yet spreads evenly: placed where the function
+                # reads it, every call's weights would pile up on the same tiles.
+                self.ensure_mapped(a)
+                self.seq.append(g.Copy(a, p, span))
+        self.seq.extend(body)
+        saved = self.span
+        for o, r in zip(inst.outputs, results):
+            self.span = self.g.nodes.spans.get(o.id, span)     # the result points at its own source
+            out = self.new_tensor(self.name(o), o.dtype, o.shape)
+            self.g.tile_of[out.tensor][:] = self.tiles_of(r).ravel()
+            self.seq.append(g.Copy(r, out, span))
+            self.mat[o.id] = out
+        self.span = saved
+
+    def build(self, f, inst, args: list[g.View]) -> tuple:
+        """Partition f's body once, from instance `inst`: (parameters, results, the
+        body's program).  Its ops are recorded once, with the number of calls."""
+        saved = self.mat, self.seq, self.span
+        self.mat, self.seq, self.building = {}, [], f.name
+        nops, t0 = len(self.g.ops), len(self.g.tensors)
+        try:
+            self.span = self.g.nodes.spans.get(inst.body[0], self.span)    # parameters: where the part begins
+            params = []
+            for k, (a, v, shared) in enumerate(zip(inst.inputs, args, f.shared)):
+                p = v if shared else self.new_tensor(f"{f.name}.in{k}", a.dtype, a.shape)
+                self.mat[a.id] = p
+                params.append(p)
+            results = [self.value(o) for o in inst.outputs]
+            for p in params:                  # what the body never placed spreads evenly
+                self.ensure_mapped(p)
+            body = tuple(self.seq)
+        finally:
+            self.mat, self.seq, self.span = saved
+            self.building = None
+        for op in self.g.ops[nops:]:
+            op["function"], op["calls"] = f.name, len(f.instances)
+        self.frames[f.name] = (t0, len(self.g.tensors))
+        return params, results, body
+
+    def summary(self, fi: int) -> dict:
+        """What the reports and the memory plan know of function fi: `tensors`, the
+        range of tensor ids its build made (its frame: live during each call only)."""
+        f = self.g.functions[fi]
+        params, results, body = self.built[fi]
+        nbytes = lambda v: int(v.index.size) * self.g.tensors[v.tensor].elem_bytes  # noqa: E731
+        return {"name": f.name, "kind": f.kind, "calls": len(f.instances),
+                "instances": [i.label for i in f.instances],
+                "compute_sets": [p.cs for p in body if isinstance(p, g.Execute)],
+                "copy_in_bytes": sum(nbytes(p) for p, sh in zip(params, f.shared) if not sh),
+                "copy_out_bytes": sum(nbytes(r) for r in results),
+                "shared_inputs": sum(f.shared), "ops": f.ops, "tensors": list(self.frames[f.name])}
 
     # ---------------------------------------------------------------- element-wise
     def elementwise(self, n: Node) -> g.View:
@@ -378,7 +465,8 @@ class Partitioner:
         into a local (a `let` in `lets`) rather than once per use."""
         if n.op == "const":
             return cir.Const(n.attrs[0], n.dtype)
-        if not top and (not ops.is_elementwise(n.op) or self.consumers.get(n.id, 0) > 1 or n.id in self.mat):
+        if not top and (not ops.is_elementwise(n.op) or self.consumers.get(n.id, 0) > 1 or n.id in self.mat
+                        or self.called(n)):
             if n not in leaves:
                 leaves.append(n)
             k = leaves.index(n)
@@ -416,7 +504,7 @@ class Partitioner:
                  "backward" if wm is not None and n.id >= wm else "forward")
         self.g.ops.append({"node": n.id, "op": n.op, "phase": phase, "shape": list(n.shape), "dtype": n.dtype,
                            "compute_sets": [cs.name for cs in css], "vertices": verts, "tiles": len(tiles),
-                           "flops": int(flops), "name": self.name(n),
+                           "flops": int(flops), "name": self.name(n), "function": "", "calls": 1,
                            "source": str(span) if span is not None and span.line else ""})
 
 

@@ -204,6 +204,7 @@ def recompute(graph: g.TensorGraph, mode: str, level: int | None = None) -> g.Te
             c = t.make(m.op, tuple(clones.get(a.id, a) for a in m.args), m.attrs, m.shape, m.dtype,
                        index=m.index, salt=("recompute", s))
             clones[m.id] = c
+            t.clone_of[c.id] = m.id
             out.recomputed[c.id] = s
         return clones[n.id]
 
@@ -219,6 +220,7 @@ def recompute(graph: g.TensorGraph, mode: str, level: int | None = None) -> g.Te
             new[n.id] = t.make(n.op, args, n.attrs, n.shape, n.dtype, index=n.index)
     finally:
         t.span, t.site = saved_span, saved_site
+    t.backward_of = [(fid, tuple(new[i].id if i in new else i for i in ids)) for fid, ids in t.backward_of]
     out.outputs = [(name, new.get(v.id, v) if isinstance(v, Node) else v) for name, v in graph.outputs]
     out.updates = {tid: new.get(v.id, v) for tid, v in graph.updates.items()}
     recomputed = [n for n in seg.forward if n.id in clones]

@@ -65,7 +65,7 @@ class MemoryReport:
         the backward pass begins (as planned, all tiles)."""
         r = self.exe.recompute
         ops = self.exe.ops
-        flops = {p: sum(o["flops"] for o in ops if o["phase"] == p) for p in ("forward", "backward", "recompute")}
+        flops = {p: sum(o["flops"] * o["calls"] for o in ops if o["phase"] == p) for p in ("forward", "backward", "recompute")}
         backward = {self.exe.compute_sets[i].name for o in ops if o["phase"] != "forward" for i in o["compute_sets"]}
         m = self.exe.memory
         labels = m.timeline_labels
