@@ -37,7 +37,7 @@ PHASES = ("forward", "backward", "recompute")           # of a tensor op (passes
 RECOMPUTE_FIELDS = ("mode", "segments", "recomputed_segments", "kept_bytes", "kept_bytes_without",
                     "recomputed_ops", "recomputed_flops")
 FUNCTION_FIELDS = ("name", "kind", "calls", "instances", "compute_sets", "copy_in_bytes", "copy_out_bytes",
-                   "shared_inputs", "ops", "tensors")
+                   "shared_inputs", "ops", "tensors", "recompute_calls")
 MEMORY_ARRAYS = X.CATEGORIES + ("planned", "lower_bound", "naive_data", "timeline")
 # JSON levels of one codelet's IR: sema makes at most two per level of source
 # nesting (a node and a list), and the parser allows MAX_NESTING levels.  Deeper IR
@@ -294,7 +294,7 @@ class Loader:
                 "compute_sets": [_index(i, ncs, "a function's compute set")
                                  for i in _list(f["compute_sets"], "a function's compute sets")],
                 **{k: _int(f[k], 0, 1 << 62, f"a function's {k}")
-                   for k in ("copy_in_bytes", "copy_out_bytes", "shared_inputs", "ops")},
+                   for k in ("copy_in_bytes", "copy_out_bytes", "shared_inputs", "ops", "recompute_calls")},
                 "tensors": [t0, t1]}
 
     @staticmethod

@@ -238,21 +238,28 @@ def _fit(opts: Options, graph, compile_at):
         try:
             res = compile_at(replace(opts, level=level), note)
         except OutOfMemory as e:
-            return e, False
+            return e.with_traceback(None), False     # its frames hold the whole plan
         return res, int(res[0].memory.total.max()) <= budget
 
     got, fits = attempt(0)
     if not fits and count:
+        # One try's result at a time: each is a whole compile's memory (a ResNet-50
+        # training step's is several GB); the best level is compiled again if a
+        # later try displaced it.
+        got = None
         got, fits = attempt(count)
         if fits:
             lo, hi = 0, count
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                res, ok = attempt(mid)
+                got = None
+                got, ok = attempt(mid)
                 if ok:
-                    got, hi = res, mid
+                    hi = mid
                 else:
-                    lo = mid
+                    lo, got = mid, None
+            if got is None:
+                got, fits = attempt(hi)
         elif isinstance(got, OutOfMemory):
             d = got.diagnostics[0]
             raise OutOfMemory([replace(d, notes=d.notes + (

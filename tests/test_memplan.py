@@ -93,9 +93,9 @@ def test_chain_reuses_memory_and_reaches_the_lower_bound(capsys, tmp_path):
         + ["output out = t7;"]
     p = tmp_path / "chain.pop"
     p.write_text(source(16, 64, lines, 4))
-    # Without outlining: the layers alike would be calls of one function, whose
-    # frame is reserved between its calls (tests/test_outline.py).
-    assert main(["report", str(p), "--json", "--no-outline"]) == 0
+    # The layers alike are calls of one function: its regions are live in each
+    # call only, and the plan still reaches the bound.
+    assert main(["report", str(p), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     tot = doc["totals"]
     # The data (without vertex state and code, which sharing cannot change) is
@@ -188,6 +188,47 @@ def test_native_best_fit_places_exactly_as_the_numpy_definition(problems, by_lif
             for j in range(i):
                 if s[i] <= e[j] and s[j] <= e[i] and sz[i] and sz[j]:
                     assert off[i] + sz[i] <= off[j] or off[j] + sz[j] <= off[i]
+
+
+_LIVES = st.lists(st.tuples(st.integers(0, 30), st.integers(0, 3)), min_size=1, max_size=3)
+
+
+@settings(max_examples=100, deadline=None)
+@given(problems=st.lists(st.lists(st.tuples(st.integers(0, 300), st.sampled_from([8, 64]), _LIVES), max_size=20),
+                         min_size=1, max_size=4))
+def test_best_fit_with_allocations_live_in_several_intervals(problems):
+    """A function's regions are live once per call: an allocation conflicts with
+    another only where one of its intervals meets one of the other's, and the
+    native placement is the numpy definition's."""
+    from popdsl.passes.bestfit import Lives, best_fit, best_fit_many
+    args = []
+    for allocs in problems:
+        sz = np.array([-(-a[0] // a[1]) * a[1] for a in allocs], np.int64)
+        ag = np.array([a[1] for a in allocs], np.int64)
+        ivs = [sorted((s0, s0 + d) for s0, d in a[2]) for a in allocs]
+        lives = Lives(np.concatenate(([0], np.cumsum([len(v) for v in ivs]))).astype(np.int64),
+                      np.array([x for v in ivs for x, _ in v], np.int64),
+                      np.array([y for v in ivs for _, y in v], np.int64))
+        s = np.array([min(x for x, _ in v) for v in ivs], np.int64)
+        e = np.array([max(y for _, y in v) for v in ivs], np.int64)
+        args.append((sz, ag, s, e, np.lexsort((s, -(e - s), -sz)), lives))
+    for (off, top), p in zip(best_fit_many(args), args):
+        want_off, want_top = best_fit(*p)
+        np.testing.assert_array_equal(off, want_off)
+        assert top == want_top
+        sz, lives = p[0], p[5]
+        for i in range(len(sz)):
+            for j in range(i):
+                a, b = slice(lives.ptr[i], lives.ptr[i + 1]), slice(lives.ptr[j], lives.ptr[j + 1])
+                meet = any(x <= v and u <= y for x, y in zip(lives.istart[a], lives.iend[a])
+                           for u, v in zip(lives.istart[b], lives.iend[b]))
+                if meet and sz[i] and sz[j]:
+                    assert off[i] + sz[i] <= off[j] or off[j] + sz[j] <= off[i]
+    # Two allocations live in alternate calls share their bytes.
+    two = (np.array([64, 64], np.int64), np.array([64, 64], np.int64), np.array([0, 1], np.int64),
+           np.array([4, 5], np.int64), np.array([0, 1]), Lives(np.array([0, 2, 4]), np.array([0, 4, 1, 5]),
+                                                               np.array([0, 4, 1, 5])))
+    assert best_fit_many([two])[0][1] == best_fit(*two)[1] == 64
 
 
 def test_best_fit_many_falls_back_for_sizes_beyond_i32():

@@ -15,6 +15,7 @@ from popdsl.ir.target import get_target
 from popdsl.passes import outline as ol
 from popdsl.passes.liveness import liveness
 from popdsl.passes.recompute import Policy
+from popdsl.report.memory import memory_report
 from popdsl import pipeline
 
 from test_cli import _tampered, popc  # noqa: F401  (a fixture)
@@ -103,8 +104,9 @@ def test_a_function_holds_its_vertices_once(blocks):
 
 
 def test_a_functions_regions_are_live_during_each_call_only(blocks):
-    """The frame is planned from the first call; the lower bound counts every
-    region once per call; a function's temporaries never outlive a call."""
+    """A function's regions hold nothing between calls: an interval per call,
+    what lives between calls may take their bytes, and the plan still reaches
+    the lower bound (which counts every region once per call)."""
     a, b = blocks
     low = pipeline.compile_source(BLOCKS, "t.pop", get_target(), stop_after="lower")
     live = liveness(low)
@@ -118,9 +120,9 @@ def test_a_functions_regions_are_live_during_each_call_only(blocks):
     assert (s[o][1:][same] > e[o][:-1][same]).all()          # calls in order, never overlapping
     assert (live.call_end[fr] < live.end[fr]).all()
     m, mb = a.ir.memory, b.ir.memory
-    assert (m.planned >= m.lower_bound).all()
+    assert (m.planned == m.lower_bound).all() and (mb.planned == mb.lower_bound).all()
     # What the calls cost in data: their parameters' and results' copies.
-    assert m.planned.sum() <= 1.25 * mb.planned.sum()
+    assert mb.planned.sum() < m.planned.sum() <= 1.1 * mb.planned.sum()
 
 
 @pytest.mark.parametrize("recompute", ["none", "all"])
@@ -133,6 +135,14 @@ def test_training_is_the_same_with_and_without_functions(recompute):
         # layer's: nothing needs the gradient of x).
         assert names == ["statement", "statement.grad"]
         assert [f["calls"] for f in a.ir.functions] == [4, 3]
+    else:
+        # A recomputed part alike is a call of its forward function, in the
+        # backward pass; the report counts its FLOPs as recomputed.
+        assert any(f["recompute_calls"] for f in a.ir.functions)
+        fa, fb = (memory_report(e.ir).to_json()["training"]["flops"] for e in (a, b))
+        assert fa["forward"] == fb["forward"] and fa["recompute"] == fb["recompute"] > 0
+        # (element-wise work fuses a little differently across a call's boundary)
+        assert fa["backward"] == pytest.approx(fb["backward"], rel=1e-3)
     sa, sb = api.Simulator(a, threads=2), api.Simulator(b, threads=2)
     for step in range(3):
         x = feeds(a, step)

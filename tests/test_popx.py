@@ -26,7 +26,7 @@ from test_golden import golden_files, parse_golden
 
 ROOT = Path(__file__).resolve().parent.parent
 # Compiled by their own tests: seconds and gigabytes each.
-BIG = ("resnet50.pop", "alexnet_train.pop")
+BIG = ("resnet50.pop", "resnet50_train.pop", "alexnet_train.pop")
 EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.pop") if p.name not in BIG)
 RUNNING_GOLDEN = [g for g in map(parse_golden, golden_files())
                   if g.command == "run" and not g.errors and not g.file_errors]

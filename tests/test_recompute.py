@@ -108,7 +108,7 @@ def test_auto_recomputes_the_least_that_fits_the_budget(built):
     assert 0 < level <= exe.recompute["segments"]
     assert exe.memory.total.max() <= budget
     # One segment fewer does not fit.
-    opts = pipeline.Options(CNN, "deep.pop", get_target(), recompute=Policy("auto", budget))
+    opts = pipeline.Options(CNN, "deep.pop", get_target(), recompute=Policy("auto", budget), outline=False)
     graph = pipeline.compile_source(CNN, "deep.pop", get_target(), stop_after="autodiff")
     split = pipeline.STAGE_NAMES.index("recompute")
     fewer, _ = pipeline._run(pipeline.STAGES[split:], replace(opts, level=level - 1), graph, None, None, None)[0]

@@ -2,7 +2,10 @@
 
 Requires allocations per problem (sizes, alignments, live intervals [start, end]
 and the order to place them in); produces each allocation's offset and the
-problem's top.  Used by `memplan`, one problem per distinct tile layout.
+problem's top.  Used by `memplan`, one problem per distinct tile layout.  An
+allocation may be live in several intervals (a function's region, in each call):
+then [start, end] spans them and `lives` lists them (`Lives`); two allocations
+conflict when an interval of one overlaps an interval of the other.
 
 `best_fit` (numpy) is the definition.  `best_fit_many` runs the same algorithm as
 a popdsl codelet — BestFit below, one vertex per problem, JIT-compiled and cached
@@ -15,6 +18,7 @@ their results are equal (tests/test_memplan.py checks it on random problems).
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,27 +27,44 @@ import numpy as np
 # is off[j] - align_up(cursor).  `byoff` lists the placed allocations by offset
 # (equal offsets by index, as numpy's stable sort has them).
 SOURCE = """
-codelet BestFit(in size: i32[n], in align: i32[n], in start: i32[n], in end: i32[n],
-                in order: i32[n], out off: i32[n], inout byoff: i32[n], out top: i32) {
+codelet BestFit(in size: i32[n], in align: i32[n], in start: i32[n], in end: i32[n], in ptr: i32[p],
+                in istart: i32[m], in iend: i32[m], in order: i32[n], out off: i32[n], inout byoff: i32[n],
+                out top: i32) {
     var placed = 0;
     var peak = 0;
     for q in 0..n {
         let i = order[q];
         let s = size[i];
         let a = align[i];
+        let many = ptr[i + 1] - ptr[i] > 1;
         var cursor = 0;
         var best = -1;
         var bestgap = 0;
         for r in 0..placed {
             let j = byoff[r];
             if start[j] <= end[i] && end[j] >= start[i] {
-                let at = (cursor + a - 1) / a * a;
-                let gap = off[j] - at;
-                if gap >= s && (best < 0 || gap < bestgap) {
-                    best = at;
-                    bestgap = gap;
+                var hit = true;
+                if many || ptr[j + 1] - ptr[j] > 1 {
+                    hit = false;
+                    var x = ptr[i];
+                    while !hit && x < ptr[i + 1] {
+                        var y = ptr[j];
+                        while !hit && y < ptr[j + 1] {
+                            hit = istart[y] <= iend[x] && iend[y] >= istart[x];
+                            y += 1;
+                        }
+                        x += 1;
+                    }
                 }
-                cursor = max(cursor, off[j] + size[j]);
+                if hit {
+                    let at = (cursor + a - 1) / a * a;
+                    let gap = off[j] - at;
+                    if gap >= s && (best < 0 || gap < bestgap) {
+                        best = at;
+                        bestgap = gap;
+                    }
+                    cursor = max(cursor, off[j] + size[j]);
+                }
             }
         }
         var at = best;
@@ -61,22 +82,40 @@ codelet BestFit(in size: i32[n], in align: i32[n], in start: i32[n], in end: i32
     top = peak;
 }
 """
-_FIELDS = ("size", "align", "start", "end", "order", "off", "byoff")
+_FIELDS = ("size", "align", "start", "end", "ptr", "istart", "iend", "order", "off", "byoff")
 # i32 arithmetic in the codelet: problems whose bytes could reach 2**31 use numpy.
 _LIMIT = 1 << 30
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Lives:
+    """The intervals each allocation is live in: allocation k's are
+    [istart[x], iend[x]] for x in ptr[k]:ptr[k + 1]."""
+    ptr: np.ndarray
+    istart: np.ndarray
+    iend: np.ndarray
+
+    @staticmethod
+    def one(starts: np.ndarray, ends: np.ndarray) -> "Lives":
+        return Lives(np.arange(len(starts) + 1, dtype=np.int64), np.asarray(starts, np.int64),
+                     np.asarray(ends, np.int64))
+
+
 def best_fit(sizes: np.ndarray, aligns: np.ndarray, starts: np.ndarray, ends: np.ndarray,
-             order: np.ndarray) -> tuple[np.ndarray, int]:
+             order: np.ndarray, lives: Lives | None = None) -> tuple[np.ndarray, int]:
     """Offsets for allocations placed in `order`, each into the smallest gap among
-    the already placed allocations whose lifetimes overlap it (or on top)."""
+    the already placed allocations whose lifetimes overlap it (or on top).
+    `lives`: the intervals of allocations live in several (None: [start, end])."""
     n = len(sizes)
     off = np.zeros(n, np.int64)
     placed = np.zeros(n, bool)
     top = 0
+    many = np.diff(lives.ptr) > 1 if lives is not None else np.zeros(n, bool)
     for i in order.tolist():
         size, a = int(sizes[i]), int(aligns[i])
         idx = np.nonzero(placed & (starts <= ends[i]) & (ends >= starts[i]))[0]
+        if idx.size and (many[i] or many[idx].any()):
+            idx = np.asarray([j for j in idx.tolist() if _meet(lives, i, j)], np.int64)
         at = 0
         if idx.size:
             lo = off[idx]
@@ -97,6 +136,13 @@ def best_fit(sizes: np.ndarray, aligns: np.ndarray, starts: np.ndarray, ends: np
     return off, top
 
 
+def _meet(lives: Lives, i: int, j: int) -> bool:
+    """Whether an interval of allocation i overlaps one of allocation j."""
+    a, b = slice(lives.ptr[i], lives.ptr[i + 1]), slice(lives.ptr[j], lives.ptr[j + 1])
+    si, ei, sj, ej = lives.istart[a], lives.iend[a], lives.istart[b], lives.iend[b]
+    return bool(((sj[None, :] <= ei[:, None]) & (ej[None, :] >= si[:, None])).any())
+
+
 @functools.cache
 def _native():
     from popdsl.codegen.jit import NativeCodelets
@@ -104,44 +150,49 @@ def _native():
     return NativeCodelets(compile_codelets(SOURCE, "<bestfit>"))
 
 
-def best_fit_many(problems: list[tuple[np.ndarray, ...]]) -> list[tuple[np.ndarray, int]]:
-    """`best_fit` of every (sizes, aligns, starts, ends, order) problem."""
+def best_fit_many(problems: list[tuple]) -> list[tuple[np.ndarray, int]]:
+    """`best_fit` of every (sizes, aligns, starts, ends, order[, lives]) problem."""
     from popdsl.codegen.jit import aligned_zeros
     from popdsl.ir.errors import VertexError
     out: list = [None] * len(problems)
-    native = []
-    for k, (sz, ag, s, e, order) in enumerate(problems):
+    native, args = [], []
+    for k, p in enumerate(problems):
+        sz, ag, s, e, order = p[:5]
+        lives = p[5] if len(p) > 5 and p[5] is not None else Lives.one(s, e)
         if len(sz) == 0:
             out[k] = (np.zeros(0, np.int64), 0)
         elif int(sz.sum()) + int(ag.max()) * len(sz) >= _LIMIT or max(int(s.max()), int(e.max())) >= _LIMIT:
-            out[k] = best_fit(sz, ag, s, e, order)
+            out[k] = best_fit(sz, ag, s, e, order, lives)
         else:
             native.append(k)
+            args.append((sz, ag, s, e, lives.ptr, lives.istart, lives.iend, order))
     if not native:
         return out
-    # One i32 array per field, problems end to end; each vertex's fields point at
-    # its slices (byte addresses into one aligned buffer).
-    ns = np.array([len(problems[k][0]) for k in native], np.int64)
-    first = np.concatenate(([0], np.cumsum(ns)[:-1]))
-    total = int(ns.sum())
-    seg = -(-total * 4 // 64) * 64                    # bytes per field array
-    mem = aligned_zeros(seg * len(_FIELDS) + 8 * len(native) + 64)
-    words = mem[:seg * len(_FIELDS)].view(np.int32).reshape(len(_FIELDS), -1)
-    for f in range(5):                                # the inputs: size .. order
-        words[f, :total] = np.concatenate([problems[k][f] for k in native])
-    top_at = seg * len(_FIELDS) + 8 * np.arange(len(native))
-    table = np.empty((len(native), len(_FIELDS) + 2), np.int64)
+    # One i32 array per field, problems end to end (each field's arrays 64-byte
+    # aligned); each vertex's fields point at its slices (byte addresses into one
+    # aligned buffer).
+    lengths = np.array([[len(a[0])] * 4 + [len(a[4]), len(a[5]), len(a[6]), len(a[0]), len(a[0]), len(a[0])]
+                        for a in args], np.int64)                       # (problems, fields)
+    firsts = np.cumsum(lengths, axis=0) - lengths
+    seg = -(-lengths.sum(axis=0) * 4 // 64) * 64                          # bytes per field
+    base = np.concatenate(([0], np.cumsum(seg)))
+    mem = aligned_zeros(int(base[-1]) + 8 * len(native) + 64)
+    for f in range(8):                                # the inputs: size .. order
+        words = mem[base[f]:base[f] + seg[f]].view(np.int32)
+        words[:int(lengths[:, f].sum())] = np.concatenate([a[f if f < 7 else 7] for a in args])
+    top_at = int(base[-1]) + 8 * np.arange(len(native))
+    table = np.empty((len(native), len(_FIELDS) + 4), np.int64)
     for f in range(len(_FIELDS)):
-        table[:, f] = f * seg + first * 4
+        table[:, f] = base[f] + firsts[:, f] * 4
     table[:, len(_FIELDS)] = top_at
-    table[:, len(_FIELDS) + 1] = ns
+    table[:, len(_FIELDS) + 1:] = lengths[:, [0, 4, 5]]                  # symbols n, p, m
     cycles = np.zeros(len(native), np.int64)
     try:
         _native().run("BestFit", mem, table, 0, len(native), cycles)
     except VertexError as e:          # the codelet is ours: a failure is a compiler bug
         raise AssertionError(f"BestFit failed: {e}") from None
-    offs = words[5, :total].astype(np.int64)
+    offs = mem[base[8]:base[8] + seg[8]].view(np.int32).astype(np.int64)
     tops = mem.view(np.int32)[top_at // 4]
     for j, k in enumerate(native):
-        out[k] = (offs[first[j]:first[j] + ns[j]], int(tops[j]))
+        out[k] = (offs[firsts[j, 8]:firsts[j, 8] + lengths[j, 8]], int(tops[j]))
     return out

@@ -15,7 +15,7 @@ A function's regions (passes.outline: the tensors its build made, the exchange
 buffers of its compute sets) hold nothing from one call to the next: each call
 copies its parameters in and its results out.  They are live during each call
 only: `calls` gives the interval of every call, `call_end` the end of the first
-(memplan plans a function's regions once, as a frame, from its first call).
+(the same in every call, relative to its start: memplan's lifetime key).
 """
 from __future__ import annotations
 

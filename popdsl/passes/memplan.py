@@ -5,8 +5,10 @@ executable with global byte addresses (tile × tile memory + offset) in every ta
 copy and read, and the per-tile memory plan.
 
 Per tile, regions (a tensor's part on the tile, or a vertex's exchange buffer) get
-live intervals from `liveness`; regions with the same interval are packed together
-into one allocation; allocations get offsets by greedy-by-size best fit
+live intervals from `liveness` (a function's regions, one per call: they hold
+nothing between calls, so anything live only between them may share their bytes);
+regions with the same intervals are packed together into one allocation;
+allocations get offsets by greedy-by-size best fit
 (`passes.bestfit`: largest first, each into the smallest gap left by the
 allocations whose lifetimes overlap it), tried in two orders — by size and by
 length of life — keeping the better (TFLite's arena planner; XLA's heap simulator
@@ -24,7 +26,7 @@ import numpy as np
 
 from popdsl.diagnostics import Diagnostic, OutOfMemory, Span
 from popdsl.ir.index import as_array
-from popdsl.passes.bestfit import best_fit_many
+from popdsl.passes.bestfit import Lives, best_fit_many
 from popdsl.passes.liveness import Liveness, liveness
 from popdsl.ir.lowered import CopyElems, Lowered
 from popdsl.ir import executable as X
@@ -54,16 +56,17 @@ def _packed(sizes: np.ndarray, aligns: np.ndarray) -> tuple[np.ndarray, int]:
     return off, int(sizes.sum())
 
 
-def _plan_tiles(problems: list[tuple[np.ndarray, ...]], reuse: bool, lower_bounds: list[int]) -> list:
-    """(offsets, top) per (sizes, aligns, starts, ends) problem."""
+def _plan_tiles(problems: list[tuple], reuse: bool, lower_bounds: list[int]) -> list:
+    """(offsets, top) per (sizes, aligns, starts, ends, lives) problem (`starts`,
+    `ends`: the span of each allocation's intervals, which order the placement)."""
     if not reuse:
-        return [_packed(sizes, aligns) for sizes, aligns, _, _ in problems]
-    by_size = [np.lexsort((s, -(e - s), -sz)) for sz, _, s, e in problems]
-    out = best_fit_many([(*p, o) for p, o in zip(problems, by_size)])
+        return [_packed(p[0], p[1]) for p in problems]
+    by_size = [np.lexsort((s, -(e - s), -sz)) for sz, _, s, e, _ in problems]
+    out = best_fit_many([(*p[:4], o, p[4]) for p, o in zip(problems, by_size)])
     # Problems not yet at their lower bound try the second order.
     again = [k for k, (a, bound) in enumerate(zip(out, lower_bounds)) if a[1] != bound]
-    by_life = [np.lexsort((s, -sz, -(e - s))) for sz, _, s, e in (problems[k] for k in again)]
-    for k, b in zip(again, best_fit_many([(*problems[k], o) for k, o in zip(again, by_life)])):
+    by_life = [np.lexsort((s, -sz, -(e - s))) for sz, _, s, e, _ in (problems[k] for k in again)]
+    for k, b in zip(again, best_fit_many([(*problems[k][:4], o, problems[k][4]) for k, o in zip(again, by_life)])):
         if b[1] < out[k][1]:
             out[k] = b
     # Greedy best fit can lose to no sharing at all (alignment gaps around small
@@ -92,32 +95,19 @@ def plan(low: Lowered, codelets: dict, code_sizes: dict[str, int], unchecked: bo
     plan_rs[list(alias)] = 0              # planned through the region they take over
     cat_rs = -(-plan_rs // al) * al
     exact_rs = plan_rs.copy()
-    # A function's regions are planned once, as a frame per tile (their intervals
-    # those of the first call), the frame an allocation live from the first call
-    # to the last; its regions take no bytes of their own below.
-    fr = np.nonzero(live.function >= 0)[0]
-    frames = _frames(rt, cat_rs, al, live, fr, reuse)
-    plan_rs[fr] = 0
-    nf = len(frames[0])
-    n_low = n
-    if nf:
-        rt = np.concatenate([rt, frames[0]])
-        plan_rs = np.concatenate([plan_rs, frames[1]])
-        al = np.concatenate([al, np.full(nf, 64, np.int64)])
-        live_start, live_end = np.concatenate([live.start, frames[2]]), np.concatenate([live.end, frames[3]])
-        rs = np.concatenate([rs, np.zeros(nf, np.int64)])
-        n += nf
-    else:
-        live_start, live_end = live.start, live.end
+    # A function's region is live in each call (liveness): its lifetime is the
+    # function's and its first call's interval, the same in every call.
+    fn = live.function
+    life_end = np.where(fn >= 0, live.call_end, live.end)
     # Regions of one tile with one lifetime form one allocation: sizes rounded to
     # their alignment and the 64-aligned ones first, so running sums stay aligned.
     rs, full_rs = plan_rs, rs
     rounded = -(-rs // al) * al
-    key = np.lexsort((np.arange(n), -al, live_end, live_start, rt))
-    ks = rt[key], live_start[key], live_end[key]
+    key = np.lexsort((np.arange(n), -al, life_end, live.start, fn, rt))
+    ks = rt[key], fn[key], live.start[key], life_end[key]
     new = np.ones(n, bool)
     if n:
-        new[1:] = (ks[0][1:] != ks[0][:-1]) | (ks[1][1:] != ks[1][:-1]) | (ks[2][1:] != ks[2][:-1])
+        new[1:] = np.logical_or.reduce([k[1:] != k[:-1] for k in ks])
     alloc_of_sorted = np.cumsum(new) - 1
     nalloc = int(alloc_of_sorted[-1]) + 1 if n else 0
     csum = np.cumsum(rounded[key])
@@ -134,14 +124,8 @@ def plan(low: Lowered, codelets: dict, code_sizes: dict[str, int], unchecked: bo
     full = np.bincount(alloc_of_sorted, weights=(-(-full_rs // al) * al)[key], minlength=nalloc).astype(np.int64)
     full = -(-full // alloc_align) * alloc_align
     first = key[new]
-    alloc_tile, alloc_start, alloc_end = rt[first], live_start[first], live_end[first]
-    # The lower bound counts a function's regions in each call, not its frame.
-    if nf:
-        ri, b_start, b_end = live.intervals()
-        b_tile, b_size = rt[ri], cat_rs[ri]
-        o = np.argsort(b_tile, kind="stable")
-        b_tile, b_size, b_start, b_end = b_tile[o], b_size[o], b_start[o], b_end[o]
-        b_bounds = np.searchsorted(b_tile, np.arange(ntiles + 1))
+    alloc_tile, alloc_start, alloc_end = rt[first], live.start[first], live.end[first]
+    ptr, istart, iend = _lives(live, first, alloc_start, alloc_end)
     alloc_base = np.zeros(nalloc, np.int64)
     planned = np.zeros(ntiles, np.int64)
     bound = np.zeros(ntiles, np.int64)
@@ -149,19 +133,18 @@ def plan(low: Lowered, codelets: dict, code_sizes: dict[str, int], unchecked: bo
     # Tiles laid out alike are planned once.
     problems, problem_bound, problem_of = [], [], {}
     which = {}
+    per_interval = np.repeat(alloc_size, np.diff(ptr))
     for tile in np.unique(alloc_tile).tolist():
         a, b = bounds[tile], bounds[tile + 1]
         sz, ag, s, e = alloc_size[a:b], alloc_align[a:b], alloc_start[a:b], alloc_end[a:b]
-        if nf:
-            c, d = b_bounds[tile], b_bounds[tile + 1]
-            bound[tile] = _peak(b_size[c:d], b_start[c:d], b_end[c:d], live.points)
-        else:
-            bound[tile] = _peak(sz, s, e, live.points)
-        sig = np.concatenate([sz, ag, s, e]).tobytes()
+        c, d = ptr[a], ptr[b]
+        lives = Lives(ptr[a:b + 1] - c, istart[c:d], iend[c:d])
+        bound[tile] = _peak(per_interval[c:d], lives.istart, lives.iend, live.points)
+        sig = np.concatenate([sz, ag, s, e, lives.ptr, lives.istart, lives.iend]).tobytes()
         k = problem_of.get(sig)
         if k is None:
             k = problem_of[sig] = len(problems)
-            problems.append((sz, ag, s, e))
+            problems.append((sz, ag, s, e, lives))
             problem_bound.append(int(bound[tile]))
         which[tile] = k
     solved = _plan_tiles(problems, reuse, problem_bound)
@@ -172,10 +155,6 @@ def plan(low: Lowered, codelets: dict, code_sizes: dict[str, int], unchecked: bo
     region_alloc = np.empty(n, np.int64)
     region_alloc[key] = alloc_of_sorted
     base = alloc_base[region_alloc] + inner if n else np.zeros(0, np.int64)
-    if nf:
-        base[fr] = base[n_low + frames[5]] + frames[4]
-        base = base[:n_low]
-        rt, al, full_rs, n = rt[:n_low], al[:n_low], full_rs[:n_low], n_low
     for out_r, in_r in alias.items():
         base[out_r] = base[in_r]
     if verify:
@@ -199,47 +178,22 @@ def verify_plan(tiles: np.ndarray, base: np.ndarray, sizes: np.ndarray, live: Li
     verify_no_overlap(tiles[r], base[r], sizes[r], s, e)
 
 
-def _frames(rt, sizes, al, live: Liveness, fr: np.ndarray, reuse: bool):
-    """Plan each function's regions on each tile once, from its first call:
-    (frame tile, frame size, frame start, frame end, offset of each region of `fr`
-    in its frame, the frame of each region of `fr`).  Tiles laid out alike are
-    planned once."""
-    z = np.zeros(0, np.int64)
-    if not fr.size:
-        return z, z, z, z, z, z
-    fn, tile = live.function[fr], rt[fr]
-    o = np.lexsort((fr, fn, tile))
-    r = fr[o]
-    brk = np.ones(r.size, bool)
-    brk[1:] = (tile[o][1:] != tile[o][:-1]) | (fn[o][1:] != fn[o][:-1])
-    starts = np.nonzero(brk)[0]
-    ends = np.append(starts[1:], r.size)
-    problems, bounds, which, seen = [], [], [], {}
-    for a, b in zip(starts.tolist(), ends.tolist()):
-        g = r[a:b]
-        p = (sizes[g], al[g], live.start[g], live.call_end[g])
-        sig = np.concatenate(p).tobytes()
-        k = seen.get(sig)
-        if k is None:
-            k = seen[sig] = len(problems)
-            problems.append(p)
-            bounds.append(_peak(p[0], p[2], p[3], live.points))
-        which.append(k)
-    solved = _plan_tiles(problems, reuse, bounds)
-    offset = np.empty(fr.size, np.int64)
-    frame_of = np.empty(fr.size, np.int64)
-    pos = np.empty(fr.size, np.int64)
-    pos[o] = np.arange(fr.size)
-    inner = np.empty(r.size, np.int64)
-    for j, (a, b) in enumerate(zip(starts.tolist(), ends.tolist())):
-        inner[a:b] = solved[which[j]][0]
-    offset[:] = inner[pos]
-    frame_of[:] = np.repeat(np.arange(starts.size), ends - starts)[pos]
-    top = np.asarray([solved[k][1] for k in which], np.int64)
-    top = -(-top // 64) * 64
-    f_start = np.minimum.reduceat(live.start[r], starts)
-    f_end = np.maximum.reduceat(live.end[r], starts)
-    return tile[o][starts], top, f_start, f_end, offset, frame_of
+def _lives(live: Liveness, first: np.ndarray, starts: np.ndarray, ends: np.ndarray):
+    """The intervals each allocation is live in, as `bestfit.Lives` arrays (ptr,
+    istart, iend): its calls for a function's allocation (those of its first
+    region, `first`; the others' are the same), else [start, end]."""
+    cr, cs, ce = live.calls
+    ccount = np.bincount(cr, minlength=len(live.start))
+    cptr = np.concatenate(([0], np.cumsum(ccount)))
+    many = live.function[first] >= 0
+    nint = np.where(many, ccount[first], 1)
+    ptr = np.concatenate(([0], np.cumsum(nint)))
+    owner = np.repeat(np.arange(len(first)), nint)
+    k = np.arange(int(ptr[-1])) - ptr[owner]
+    src = np.where(many[owner], cptr[first[owner]] + k, 0)
+    if not cs.size:
+        return ptr, starts[owner], ends[owner]
+    return ptr, np.where(many[owner], cs[src], starts[owner]), np.where(many[owner], ce[src], ends[owner])
 
 
 def _in_place(low: Lowered, live: Liveness) -> dict[int, int]:

@@ -60,7 +60,7 @@ class Partitioner:
             o.id: (fi, ii) for fi, f in enumerate(graph.functions)
             for ii, inst in enumerate(f.instances) for o in inst.outputs}
         self.built: dict[int, tuple] = {}
-        self.frames: dict[str, tuple[int, int]] = {}    # function -> the tensor ids its build made
+        self.own: dict[str, tuple[int, int]] = {}       # function -> the tensor ids its build made
         self.building: str | None = None
 
     # ---------------------------------------------------------------- driver
@@ -382,12 +382,12 @@ class Partitioner:
             self.building = None
         for op in self.g.ops[nops:]:
             op["function"], op["calls"] = f.name, len(f.instances)
-        self.frames[f.name] = (t0, len(self.g.tensors))
+        self.own[f.name] = (t0, len(self.g.tensors))
         return params, results, body
 
     def summary(self, fi: int) -> dict:
         """What the reports and the memory plan know of function fi: `tensors`, the
-        range of tensor ids its build made (its frame: live during each call only)."""
+        range of tensor ids its build made (live during each call only)."""
         f = self.g.functions[fi]
         params, results, body = self.built[fi]
         nbytes = lambda v: int(v.index.size) * self.g.tensors[v.tensor].elem_bytes  # noqa: E731
@@ -396,7 +396,8 @@ class Partitioner:
                 "compute_sets": [p.cs for p in body if isinstance(p, g.Execute)],
                 "copy_in_bytes": sum(nbytes(p) for p, sh in zip(params, f.shared) if not sh),
                 "copy_out_bytes": sum(nbytes(r) for r in results),
-                "shared_inputs": sum(f.shared), "ops": f.ops, "tensors": list(self.frames[f.name])}
+                "shared_inputs": sum(f.shared), "ops": f.ops, "tensors": list(self.own[f.name]),
+                "recompute_calls": sum(i.label.endswith(".recompute") for i in f.instances)}
 
     # ---------------------------------------------------------------- element-wise
     def elementwise(self, n: Node) -> g.View:

@@ -65,7 +65,14 @@ class MemoryReport:
         the backward pass begins (as planned, all tiles)."""
         r = self.exe.recompute
         ops = self.exe.ops
-        flops = {p: sum(o["flops"] * o["calls"] for o in ops if o["phase"] == p) for p in ("forward", "backward", "recompute")}
+        # An op of a function runs once per call; a forward function's calls in the
+        # backward pass recompute.
+        again = {f["name"]: f["recompute_calls"] for f in self.exe.functions}
+        flops = dict.fromkeys(("forward", "backward", "recompute"), 0)
+        for o in ops:
+            k = again.get(o["function"], 0)
+            flops[o["phase"]] += o["flops"] * (o["calls"] - k)
+            flops["recompute"] += o["flops"] * k
         backward = {self.exe.compute_sets[i].name for o in ops if o["phase"] != "forward" for i in o["compute_sets"]}
         m = self.exe.memory
         labels = m.timeline_labels
