@@ -30,7 +30,6 @@ from popdsl.atomic import write_atomically
 from popdsl.diagnostics import Span
 from popdsl.ir import codelet as cir
 from popdsl.ir import executable as X
-from popdsl.ir.initializers import checksum
 
 __all__ = ["ArtifactError", "MAGIC", "VERSION", "dumps", "load", "save"]
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)   # the zip format's epoch: builds are reproducible
@@ -89,13 +88,13 @@ def _copy_json(c: X.CopyTable, A: _Arrays):
             "exchange_bytes": c.exchange_bytes, "local_bytes": c.local_bytes}
 
 
-def _init_json(exe: X.Executable, k: int, values: np.ndarray, A: _Arrays):
-    """A tensor's initial values: the recipe that drew them while they are still what
-    it drew (the loader draws them again), else the values."""
-    r = exe.init_recipes.get(k)
-    if r is not None and checksum(values) == r[1]:
-        return {"recipe": r[0].to_json()}
-    return A.ref(values)
+def _init_json(exe: X.Executable, k: int, A: _Arrays):
+    """A tensor's initial values: the recipe that draws them (the loader keeps it, and
+    they are drawn again when read), else the values."""
+    r = exe.init.recipe(k)
+    if r is not None:
+        return {"recipe": r.to_json()}
+    return A.ref(exe.init[k])
 
 
 def _span_json(s: Span):
@@ -132,7 +131,7 @@ def _write(exe: X.Executable, f) -> None:
                      "span": _span_json(t.span),
                      "runs": {"starts": A.ref(r.starts), "counts": A.ref(r.counts), "addrs": A.ref(r.addrs)}}
                     for t, r in zip(exe.tensors, exe.tensor_runs)],
-        "init": {str(k): _init_json(exe, k, v, A) for k, v in sorted(exe.init.items())},
+        "init": {str(k): _init_json(exe, k, A) for k in sorted(exe.init)},
         "compute_sets": [{"name": cs.name, "span": _span_json(cs.span),
                           "groups": [{"codelet": g.codelet, "table": A.ref(g.table), "tiles": A.ref(g.tiles),
                                       "span_ids": A.ref(g.span_ids)} for g in cs.groups],

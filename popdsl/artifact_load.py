@@ -27,7 +27,7 @@ from popdsl.diagnostics import Span
 from popdsl.limits import MAX_NESTING
 from popdsl.ir import codelet as cir
 from popdsl.ir import executable as X
-from popdsl.ir.initializers import Recipe, checksum
+from popdsl.ir.initializers import InitialValues, Recipe
 from popdsl.ir.target import MAX_TILE_MEMORY, MAX_TILES, MIN_TILE_MEMORY, Target
 from popdsl.ir.verify import verify_codelet
 
@@ -219,7 +219,7 @@ class Loader:
         names = [t.name for t in tensors]
         if len(set(names)) != len(names):
             raise damaged("two tensors have one name")
-        init, recipes = {}, {}
+        init = InitialValues()
         for k, ref in _dict(d["init"], "initial values").items():
             if not re.fullmatch(r"[0-9]{1,9}", k) or int(k) >= len(tensors):
                 raise damaged(f"initial value for tensor {k!r}, which is not there")
@@ -234,8 +234,7 @@ class Loader:
                 if self.widened > MAX_ARRAY_BYTES:
                     raise ArtifactError(f"arrays larger than {MAX_ARRAY_BYTES:,} bytes: more than any "
                                         "executable popc builds; not loaded")
-                init[int(k)] = r.values()
-                recipes[int(k)] = (r, checksum(init[int(k)]))
+                init[int(k)] = r
                 continue
             # (A scalar's value was written as shape [1] by earlier versions.)
             a = self.array(ref, cir.NUMPY_DTYPE[t.dtype])
@@ -266,7 +265,7 @@ class Loader:
         return X.Executable(_str(d["name"], "the graph's name"), target, codelets, tensors, runs, init, css,
                             copies, reads, program, inputs, outputs, spans, self.memory(d["memory"]),
                             self.flag(d["unchecked"]), [self.op(op, len(css)) for op in _list(d.get("ops", []), "ops")],
-                            recipes, self.recompute(d.get("recompute", {})),
+                            self.recompute(d.get("recompute", {})),
                             [self.function(f, len(css), len(tensors)) for f in _list(d.get("functions", []), "functions")])
 
     @staticmethod

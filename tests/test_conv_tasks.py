@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from popdsl import ops
 from popdsl.ir import graph as g
-from popdsl.ir.index import Batch, Strided, stack
+from popdsl.ir.index import Batch, Strided, as_array, stack
+from popdsl.ir.mapping import Mapping
 from popdsl.ir.target import get_target
 from popdsl.ops.blocks import blocks, emit_tasks, map_first, shape_classes, stacked, task_grid
 from popdsl.passes.partition import Partitioner, partition
@@ -119,7 +120,7 @@ def test_map_first_maps_as_each_tasks_ensure_mapped_in_task_order(index, data):
     tiles = rng.integers(0, 50, len(grid[0])).astype(np.int32)
 
     view = g.View(0, index, None)
-    want = SimpleNamespace(g=SimpleNamespace(tile_of={0: before.astype(np.int32)}))
+    want = SimpleNamespace(g=SimpleNamespace(mappings={0: Mapping.from_elements(before)}))
     for t in range(len(tiles)):
         (lo0, hi0), (lo1, hi1) = b0[loop[1][t]], b1[loop[2][t]]
         Partitioner.ensure_mapped(want, g.View(0, index[lo0:hi0, lo1:hi1], None), np.int32(tiles[t]))
@@ -130,9 +131,10 @@ def test_map_first_maps_as_each_tasks_ensure_mapped_in_task_order(index, data):
     pos0 = np.repeat(np.arange(len(b0)), [hi - lo for lo, hi in b0])
     pos1 = np.repeat(np.arange(len(b1)), [hi - lo for lo, hi in b1])
     task = first[pos0[:, None], pos1[None, :]].reshape((n0, n1) + (1,) * (len(index.shape) - 2))
-    got = SimpleNamespace(g=SimpleNamespace(tile_of={0: before.astype(np.int32)}))
+    got = SimpleNamespace(g=SimpleNamespace(mappings={0: Mapping.from_elements(before)}),
+                          set_tiles=lambda t, tiles: got.g.mappings.__setitem__(t, Mapping.from_elements(tiles)))
     map_first(got, view, tiles[task], task)
-    np.testing.assert_array_equal(got.g.tile_of[0], want.g.tile_of[0])
+    np.testing.assert_array_equal(got.g.mappings[0].elements(), want.g.mappings[0].elements())
 
 
 # ---------------------------------------------------------------- conv2d against its per-task loop
@@ -176,7 +178,7 @@ def _conv_per_task(p, n):
                         xs = x.index[nn, gi * Cg + c0: gi * Cg + c1, r0 * stride:(r1 - 1) * stride + KH, :]
                         ws = w.index[oo0:oo1, c0:c1, :, :]
                         ys = target[ci, nn, oo0:oo1, r0:r1, :]
-                        p.g.tile_of[acc.tensor][ys.ravel()] = tile
+                        p.g.mappings[acc.tensor].assign_elements(as_array(ys).ravel(), tile)
                         p.ensure_mapped(g.View(w.tensor, ws, w.span), np.int32(tile))
                         tasks.append({"tile": tile, "state": {"kh": KH, "kw": KW, "s": stride, "wp": Wp, "ow": OW},
                                       "conns": {"x": (x.tensor, xs.reshape(c1 - c0, -1)),
@@ -206,7 +208,7 @@ def _same_partition(a: g.TensorGraph, b: g.TensorGraph) -> None:
             assert {k: v.tolist() for k, v in x.state.items()} == {k: v.tolist() for k, v in y.state.items()}
     assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
     for t in a.tensors:
-        np.testing.assert_array_equal(a.tile_of[t.id], b.tile_of[t.id])
+        np.testing.assert_array_equal(a.mappings[t.id].elements(), b.mappings[t.id].elements())
 
 
 @pytest.mark.parametrize("tiles", [1, 5, 1472])

@@ -2,10 +2,12 @@
 for the same operations (hypothesis over random shapes and operations)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from popdsl.ir.index import Batch, Strided
+from popdsl.ir.index import Batch, Strided, affine_rows
 
 SHAPES = st.lists(st.integers(1, 5), min_size=1, max_size=4).map(tuple)
 
@@ -167,3 +169,62 @@ def test_layout_places_each_tiles_elements_in_flat_order(tile_of, data):
     for a, k in zip(lo, n):                   # each piece sits in one region, contiguous
         r, o = lay.locate(np.arange(a, a + k))
         assert (r == r[0]).all() and np.array_equal(o, o[0] + np.arange(k))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 40), st.data())
+def test_assign_elements_equals_element_by_element_assignment(numel, data):
+    """Elements in any order, repeated or not, become runs; a repeated element takes
+    its later tile (the first, when only_unmapped, which also leaves mapped ones)."""
+    m = Mapping.from_elements(np.array(data.draw(st.lists(st.integers(-1, 3), min_size=numel, max_size=numel))))
+    ref = m.elements().copy()
+    k = data.draw(st.integers(0, 3 * numel))
+    elements = np.array(data.draw(st.lists(st.integers(0, numel - 1), min_size=k, max_size=k)), np.int64)
+    tiles = np.array(data.draw(st.lists(st.integers(0, 3), min_size=k, max_size=k)), np.int32)
+    only_unmapped = data.draw(st.booleans())
+    m.assign_elements(elements, tiles, only_unmapped)
+    for e, t in zip(elements, tiles):
+        if not only_unmapped or ref[e] == -1:
+            ref[e] = t
+    np.testing.assert_array_equal(m.elements(), ref)
+    assert (m.tiles[1:] != m.tiles[:-1]).all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 30), st.data())
+def test_tiles_at_and_same(numel, data):
+    tiles = np.array(data.draw(st.lists(st.integers(-1, 3), min_size=numel, max_size=numel)), np.int32)
+    m = Mapping.from_elements(tiles)
+    np.testing.assert_array_equal(m.tiles_at(Strided.whole((numel,))), tiles)
+    idx = np.array(data.draw(st.lists(st.integers(0, numel - 1), min_size=1, max_size=10)))
+    np.testing.assert_array_equal(m.tiles_at(idx), tiles[idx])
+    other = tiles.copy()
+    other[data.draw(st.integers(0, numel - 1))] = data.draw(st.integers(-1, 3))
+    assert m.same(Mapping.from_elements(other)) == np.array_equal(tiles, other)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_affine_rows_finds_the_strided_vertices(data):
+    """Rows it calls strided equal offset + the shared strides' view; the offset is
+    the row's first element."""
+    nv = data.draw(st.integers(1, 6))
+    shape = tuple(data.draw(st.lists(st.integers(1, 4), min_size=0, max_size=2)))
+    common = tuple(data.draw(st.sampled_from([0, 1, 3])) for _ in shape)
+    strided = [data.draw(st.booleans()) for _ in range(nv)]
+    rows = []
+    for v in range(nv):
+        if strided[v]:
+            rows.append(Strided(data.draw(st.integers(0, 50)), shape, common).array())
+        else:
+            rows.append(np.array(data.draw(st.lists(st.integers(0, 50), min_size=math.prod(shape),
+                                                    max_size=math.prod(shape)))).reshape(shape))
+    index = np.stack(rows).astype(np.int64)
+    strides, ok = affine_rows(index)
+    assert ok.shape == (nv,)
+    for v in np.nonzero(ok)[0]:
+        np.testing.assert_array_equal(Strided(int(index[v].flat[0]), shape, strides).array(), index[v])
+    if not shape:
+        assert ok.all()
+    elif strided[0]:                        # the first vertex's strides are a candidate
+        assert ok[np.array(strided)].all()

@@ -614,11 +614,18 @@ def test_parameters_are_stored_as_their_recipes(tmp_path):
     assert doc["init"][str(w)] == {"recipe": {"kind": "glorot_uniform", "seed": doc["init"][str(w)]["recipe"]["seed"]}}
     back = artifact.load(path)
     np.testing.assert_array_equal(back.init[w], exe.ir.init[w])
+    # Held as the recipe, compiled and loaded alike: drawn when read, never kept.
+    for init in (exe.ir.init, back.init):
+        r = init.recipe(w)
+        assert r is not None and init.spec(w) == ((8, 4), np.dtype(np.float32))
+        np.testing.assert_array_equal(init[w], r.values())
+        assert init[w] is not init[w]
     # Values that are no longer what the recipe drew are stored as values.
     exe.ir.init[w] = exe.ir.init[w] + 1
     exe.save(path)
     doc = json.loads(_members(path)["popx.json"])
     assert isinstance(doc["init"][str(w)], str)
+    assert exe.ir.init.recipe(w) is None
     np.testing.assert_array_equal(artifact.load(path).init[w], exe.ir.init[w])
 
 

@@ -18,6 +18,7 @@ from popdsl.cli import main
 from popdsl.ir import codelet as cir
 from popdsl.ir import executable as X
 from popdsl.ir import graph as g
+from popdsl.ir.mapping import Mapping
 from popdsl.ir import verify_lowered as VL
 from popdsl.ir.target import get_target
 from popdsl.ir.tensor import Node
@@ -135,12 +136,24 @@ def _tensor_id(gr):
     gr.tensors[1] = dataclasses.replace(gr.tensors[1], id=7)
 
 
-def _tile_of_dtype(gr):
-    gr.tile_of[0] = gr.tile_of[0].astype(np.int64)
+def _mapping_dtype(gr):
+    gr.mappings[0].tiles = gr.mappings[0].tiles.astype(np.int64)
+
+
+def _mapping_runs(gr):
+    m = gr.mappings[0]
+    m.starts, m.tiles = np.array([0, 6, 3], np.int64), np.array([0, 1, 2], np.int32)
+
+
+def _mapping_uncoalesced(gr):
+    m = gr.mappings[0]
+    m.starts, m.tiles = np.array([0, 3], np.int64), np.array([2, 2], np.int32)
 
 
 def _tile_out_of_range(gr):
-    gr.tile_of[0][3] = 4
+    m = gr.mappings[0]
+    m.tiles = m.tiles.copy()
+    m.tiles[-1] = 4
 
 
 def _init_shape(gr):
@@ -221,7 +234,9 @@ def _step_left(gr):
 
 
 def _unmapped(gr):
-    gr.tile_of[len(gr.tensors) - 1][0] = -1
+    m = gr.mappings[len(gr.tensors) - 1]
+    m.tiles = m.tiles.copy()
+    m.tiles[0] = -1
 
 
 def _output_node(gr):
@@ -246,7 +261,9 @@ def _op_record(gr):
 
 def _inplace_mapping(gr):
     out, _, _ = gr.inplace[0]
-    gr.tile_of[out][0] = (gr.tile_of[out][0] + 1) % 4
+    e = gr.mappings[out].elements()
+    e[0] = (e[0] + 1) % 4
+    gr.mappings[out] = Mapping.from_elements(e)
 
 
 def _inplace_tensor(gr):
@@ -257,7 +274,9 @@ CORRUPT_GRAPHS = [
     ("check", "poplar", _misfile, "after check: codelet 'Other': is filed under another name"),
     ("check", "poplar", _store_to_in_field, "after check: codelet 'RowSum': codelet 'RowSum': invalid IR"),
     ("elaborate", "poplar", _tensor_id, "tensor 1 ('w'): has id 7 at position 1"),
-    ("elaborate", "poplar", _tile_of_dtype, "tensor 0 ('v'): tile_of is int64"),
+    ("elaborate", "poplar", _mapping_dtype, "tensor 0 ('v'): mapping runs are int64(4,) starts and int64(4,) tiles"),
+    ("elaborate", "poplar", _mapping_runs, "tensor 0 ('v'): mapping runs start at [0, 6, 3]: not ascending from 0"),
+    ("elaborate", "poplar", _mapping_uncoalesced, "tensor 0 ('v'): mapping has neighbouring runs on one tile"),
     ("elaborate", "poplar", _tile_out_of_range, "tensor 0 ('v'): tile (or -1, unmapped) 4 at 3 is outside [-1, 4)"),
     ("elaborate", "poplar", _init_shape, "tensor 0 ('v'): initial value is float32 of shape (2, 4)"),
     ("elaborate", "poplar", _view_other_tensor, "field 'x': vertex 2 is connected to tensor 1, vertex 0 to 0"),
@@ -282,7 +301,7 @@ CORRUPT_GRAPHS = [
     ("partition", "tensor", _stacked_sym, "says ["),
     ("partition", "tensor", _stacked_tensor, "which does not exist"),
     ("partition", "tensor", _op_record, "op record of %0 (relu): names unknown compute set 'nope'"),
-    ("partition", "tensor", _inplace_mapping, "are mapped differently (1 elements, first element 0"),
+    ("partition", "tensor", _inplace_mapping, "are mapped differently (runs [0:"),
     ("partition", "tensor", _inplace_tensor, "names a tensor or compute set that does not exist"),
 ]
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from popdsl.diagnostics import Span
 from popdsl.ir import codelet as cir
+from popdsl.ir.initializers import InitialValues
 from popdsl.ir.target import Target
 
 
@@ -181,7 +182,7 @@ class Executable:
     codelets: dict[str, cir.Codelet]
     tensors: list[TensorInfo]
     tensor_runs: list[TensorRuns]           # where each tensor's elements live
-    init: dict[int, np.ndarray]
+    init: InitialValues                     # tensor id → initial values (drawn ones as recipes)
     compute_sets: list[ComputeSetExec]
     copies: list[CopyTable]
     reads: list[Read]
@@ -192,8 +193,6 @@ class Executable:
     memory: MemoryPlan
     unchecked: bool = False
     ops: list[dict] = field(default_factory=list)   # tensor ops: op, shape, source, compute set indices
-    # tensor id → (Recipe, checksum) where `init` holds what the recipe draws (ir.initializers)
-    init_recipes: dict[int, tuple] = field(default_factory=dict)
     # A training step's recomputation (passes.recompute): mode, segments, bytes kept
     recompute: dict = field(default_factory=dict)
     # Repeated parts built once and called (passes.outline): per function its name,

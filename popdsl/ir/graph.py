@@ -14,6 +14,8 @@ import numpy as np
 
 from popdsl.diagnostics import Span
 from popdsl.ir import codelet as cir
+from popdsl.ir.initializers import InitialValues
+from popdsl.ir.mapping import Mapping
 from popdsl.ir.target import Target
 
 
@@ -151,10 +153,9 @@ class TensorGraph:
     target: Target
     codelets: dict[str, cir.Codelet]
     tensors: list[Tensor] = field(default_factory=list)
-    init: dict[int, np.ndarray] = field(default_factory=dict)        # tensor id → values
-    # tensor id → (the initializer that drew its values, their checksum): see ir.initializers
-    init_recipes: dict[int, tuple] = field(default_factory=dict)
-    tile_of: dict[int, np.ndarray] = field(default_factory=dict)     # tensor id → int32 per element, -1 unmapped
+    # tensor id → initial values; drawn ones held as their recipe (ir.initializers)
+    init: InitialValues = field(default_factory=InitialValues)
+    mappings: dict[int, Mapping] = field(default_factory=dict)      # tensor id → its tiles, as runs of elements
     compute_sets: dict[str, ComputeSet] = field(default_factory=dict)
     program: Seq = Seq(())
     inputs: dict[str, int] = field(default_factory=dict)
@@ -192,8 +193,8 @@ class TensorGraph:
         """A graph a pass may extend without changing this one: new containers, new
         mapping arrays; tensors, views, compute sets already made and nodes are
         shared (no pass changes them)."""
-        return replace(self, codelets=dict(self.codelets), tensors=list(self.tensors), init=dict(self.init), init_recipes=dict(self.init_recipes),
-                       tile_of={k: v.copy() for k, v in self.tile_of.items()},
+        return replace(self, codelets=dict(self.codelets), tensors=list(self.tensors), init=self.init.copy(),
+                       mappings={k: v.copy() for k, v in self.mappings.items()},
                        compute_sets=dict(self.compute_sets), inputs=dict(self.inputs),
                        outputs=list(self.outputs), spans=list(self.spans), params=list(self.params),
                        ops=list(self.ops), inplace=list(self.inplace), updates=dict(self.updates),

@@ -295,6 +295,35 @@ class Batch:
         return a if dtype is None else a.astype(dtype)
 
 
+def affine_rows(index: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
+    """For a stacked index array (vertices, *field shape): strides shared by as many
+    vertices as possible, and which vertices' views are strided with them (offset
+    `index[v].flat[0]`).  Candidates: the first vertex's strides and, for vectors,
+    0 (one element broadcast) and 1 (consecutive) — what a rule's dense
+    connections usually are per vertex, even where the whole field is not."""
+    a = np.asarray(index, np.int64)
+    nv, shape = a.shape[0], a.shape[1:]
+    if not shape:
+        return (), np.ones(nv, bool)            # one element: always a view
+    if not nv or 0 in shape:
+        return (0,) * len(shape), np.zeros(nv, bool)
+    base = a.reshape(nv, -1)[:, :1].reshape((nv,) + (1,) * len(shape))
+    firsts = []
+    for axis, n in enumerate(shape):
+        unit = (0,) + tuple(1 if k == axis else 0 for k in range(len(shape)))
+        firsts.append(int(a[unit] - a[(0,) * (1 + len(shape))]) if n > 1 else 0)
+    candidates = [tuple(firsts)]
+    if len(shape) == 1:
+        candidates += [c for c in ((0,), (1,)) if c != candidates[0]]
+    best, best_ok = candidates[0], None
+    for c in candidates:
+        one = Strided(0, shape, tuple(s if n > 1 else 0 for s, n in zip(c, shape))).array()
+        ok = (a == base + one[None]).reshape(nv, -1).all(axis=1)
+        if best_ok is None or ok.sum() > best_ok.sum():
+            best, best_ok = tuple(s if n > 1 else 0 for s, n in zip(c, shape)), ok
+    return best, best_ok
+
+
 # ---------------------------------------------------------------- either kind of index
 
 def as_array(index) -> np.ndarray:

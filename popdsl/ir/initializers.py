@@ -1,7 +1,8 @@
 """Random parameter initializers every host regenerates bit for bit from a seed.
 
 Requires numpy only; produces `Recipe` (an initializer, its seed and the tensor it
-fills) and `Recipe.values()`.  A model's parameters are most of its executable —
+fills), `Recipe.values()`, and `InitialValues`, the tensor id → initial values map
+graphs and executables hold, where a drawn tensor stays its recipe until it is read.  A model's parameters are most of its executable —
 ResNet-50's 25.5M f32 weights are 102 MB of noise that no compression shrinks — so
 a `.popx` stores a parameter drawn by a recipe as the recipe, and the loader draws
 it again.  That is only honest if the draw is the same everywhere, so the values
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,9 +84,58 @@ class Recipe:
 
 
 def checksum(values: np.ndarray) -> int:
-    """What `Recipe.values()` gave, as an executable keeps it: the writer stores the
-    recipe only while a tensor's initial values still have this checksum."""
+    """CRC-32 of a tensor's bytes: what the tests pin `Recipe.values()` to, so a change
+    to the draw (which would change every .popx's parameters) cannot go unnoticed."""
     return zlib.crc32(np.ascontiguousarray(values).view(np.uint8))
+
+
+class InitialValues(MutableMapping):
+    """Tensor id → initial values (an array of the tensor's shape and dtype).
+
+    A value may be stored as the `Recipe` that draws it: it is drawn each time it is
+    read, not when the graph is built.  ResNet-50's 25.5M drawn weights are 102 MB
+    that no compile stage reads — only the simulator, the reference evaluator and a
+    `.popx` writer (which stores the recipe) need them.  Storing an array in place
+    of a recipe (new parameters, a test's edit) drops the recipe: what is written is
+    always what would be read."""
+    __slots__ = ("_d",)
+
+    def __init__(self, items=()):
+        self._d = dict(items)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        v = self._d[k]
+        return v.values() if isinstance(v, Recipe) else v
+
+    def __setitem__(self, k: int, v) -> None:
+        self._d[k] = v
+
+    def __delitem__(self, k: int) -> None:
+        del self._d[k]
+
+    def __iter__(self):
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def recipe(self, k: int) -> Recipe | None:
+        """The recipe tensor k's values are drawn by, or None where they are an array."""
+        v = self._d.get(k)
+        return v if isinstance(v, Recipe) else None
+
+    def spec(self, k: int) -> tuple[tuple[int, ...], np.dtype]:
+        """(shape, dtype) of tensor k's values, without drawing them."""
+        v = self._d[k]
+        if isinstance(v, Recipe):
+            return v.shape, np.dtype(_DTYPES[v.dtype])
+        return getattr(v, "shape", None), getattr(v, "dtype", type(v).__name__)
+
+    def copy(self) -> "InitialValues":
+        return InitialValues(self._d)
+
+    def __repr__(self) -> str:
+        return f"InitialValues({len(self._d)} tensors, {sum(isinstance(v, Recipe) for v in self._d.values())} drawn)"
 
 
 def _chunks(n: int, step: int = 1 << 18):

@@ -1,7 +1,7 @@
 """Tile mappings as runs of elements, as Poplar keeps them: which tile holds each
 element of a tensor, without an array the size of the tensor.
 
-Requires numpy only; produces `Mapping`: a tensor's flat elements cut into runs
+Requires numpy and `ir.index` (views); produces `Mapping`: a tensor's flat elements cut into runs
 `[starts[i], starts[i+1])` (the last run ends at `numel`), each on `tiles[i]` (-1:
 not mapped yet), adjacent runs on one tile merged.  Assigning tiles to runs of
 elements, asking which tile holds given elements and laying the tensor out in
@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from popdsl.ir.index import Strided, as_array
 
 UNMAPPED = -1
 
@@ -109,12 +111,39 @@ class Mapping:
         self.starts, self.tiles = _coalesce(cuts, result)
 
     def assign_elements(self, elements, tiles, only_unmapped: bool = False) -> None:
-        """Per-element form of `assign` (elements in any order; small sets)."""
+        """Per-element form of `assign`: elements in any order, an element given twice
+        takes the later tile (the first, when only_unmapped).  Consecutive elements
+        on one tile become one run before they are assigned."""
         elements = np.asarray(elements, np.int64).reshape(-1)
         tiles = np.broadcast_to(np.asarray(tiles, np.int32), elements.shape).reshape(-1)
         if not elements.size:
             return
-        self.assign(elements, np.ones_like(elements), tiles, only_unmapped)
+        order = np.argsort(elements, kind="stable")
+        e, t = elements[order], tiles[order]
+        dup = e[1:] == e[:-1]
+        if dup.any():
+            keep = np.ones(e.size, bool)
+            if only_unmapped:
+                keep[1:] = ~dup
+            else:
+                keep[:-1] = ~dup
+            e, t = e[keep], t[keep]
+        brk = np.ones(e.size, bool)
+        brk[1:] = (e[1:] != e[:-1] + 1) | (t[1:] != t[:-1])
+        first = np.nonzero(brk)[0]
+        self.assign(e[first], np.diff(np.append(first, e.size)), t[first], only_unmapped)
+
+    def tiles_at(self, index) -> np.ndarray:
+        """The tile of each element of a view's index (a Strided, a Batch or an
+        array), in the index's shape."""
+        if isinstance(index, Strided) and index.is_whole(self.numel):
+            return self.elements().reshape(index.shape)
+        return self.tile_of(as_array(index))
+
+    def same(self, other: "Mapping") -> bool:
+        """Every element on the same tile (both are kept coalesced)."""
+        return self.numel == other.numel and np.array_equal(self.starts, other.starts) \
+            and np.array_equal(self.tiles, other.tiles)
 
     def split(self, starts, lengths) -> tuple[np.ndarray, ...]:
         """Runs of elements cut where the mapping's runs end: (piece start element,

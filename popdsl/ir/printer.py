@@ -8,6 +8,7 @@ import numpy as np
 
 from popdsl.diagnostics import Span
 from popdsl.ir import codelet as cir
+from popdsl.ir.mapping import Mapping
 
 
 
@@ -182,21 +183,21 @@ def _scalar(v, dtype: str) -> str:
     return repr(float(v)) if dtype in ("f32", "f16") else str(int(v))
 
 
-def _tiles_summary(tile_of: np.ndarray) -> str:
+def _tiles_summary(m: Mapping) -> str:
     """Elements per tile, and the mapping as runs of elements when it has few."""
-    if (tile_of < 0).all():
+    if m.numel == 0 or m.unmapped_count() == m.numel:
         return "unmapped"
-    tiles, counts = np.unique(tile_of[tile_of >= 0], return_counts=True)
+    on = m.tiles >= 0
+    tiles, inverse = np.unique(m.tiles[on], return_inverse=True)
+    counts = np.bincount(inverse, weights=m.lengths[on]).astype(np.int64)
     s = ", ".join(f"{t}:{c}" for t, c in zip(tiles[:8].tolist(), counts[:8].tolist()))
     more = f", ... ({len(tiles)} tiles)" if len(tiles) > 8 else ""
-    un = int((tile_of < 0).sum())
+    un = m.unmapped_count()
     s += more + (f", {un} unmapped" if un else "")
-    brk = np.nonzero(tile_of[1:] != tile_of[:-1])[0] + 1
-    if len(brk) + 1 > _MAX_RUNS:
-        return s + f"  ({len(brk) + 1} runs)"
-    starts = np.concatenate(([0], brk)).tolist()
-    ends = np.append(brk, tile_of.size).tolist()
-    runs = " ".join(f"[{a}:{b}]->{'none' if tile_of[a] < 0 else int(tile_of[a])}" for a, b in zip(starts, ends))
+    if len(m.starts) > _MAX_RUNS:
+        return s + f"  ({len(m.starts)} runs)"
+    runs = " ".join(f"[{a}:{b}]->{'none' if t < 0 else t}"
+                    for a, b, t in zip(m.starts.tolist(), m.ends.tolist(), m.tiles.tolist()))
     return s + "  layout " + runs
 
 
@@ -266,7 +267,7 @@ def tensor_graph(graph) -> str:
     out = [f"graph {graph.name} on {graph.target.name} ({graph.target.tiles} tiles)"]
     for t in graph.tensors:
         init = " init" if t.id in graph.init else ""
-        out.append(f"  {t.kind} {t.name}: {t.dtype}{list(t.shape)}{init}  tiles {_tiles_summary(graph.tile_of[t.id])}")
+        out.append(f"  {t.kind} {t.name}: {t.dtype}{list(t.shape)}{init}  tiles {_tiles_summary(graph.mappings[t.id])}")
     for cs in graph.compute_sets.values():
         out.append(f"  compute {cs.name}:")
         for grp in cs.groups:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from popdsl.ir.index import Batch, Strided
+from popdsl.ir.mapping import Mapping
 
 from popdsl.ir import codelet as cir
 from popdsl.ir import graph as g
@@ -130,6 +131,27 @@ def _verify_tensor_graph(graph: g.TensorGraph, partitioned: bool) -> None:
         _records(check, graph)
 
 
+def _mapping(check: Check, m, t: g.Tensor, what: str, ntiles: int, partitioned: bool) -> None:
+    """A Mapping of t's elements: runs from 0, ascending, inside the tensor, each on a
+    tile (or unmapped, before partitioning), neighbours on different tiles."""
+    check(isinstance(m, Mapping) and m.numel == t.numel, what,
+          lambda: f"mapping is {type(m).__name__} of {getattr(m, 'numel', '?')} elements, not a Mapping of {t.numel}")
+    s, tl = m.starts, m.tiles
+    check(isinstance(s, np.ndarray) and s.dtype == np.int64 and isinstance(tl, np.ndarray) and tl.dtype == np.int32
+          and s.shape == tl.shape and s.ndim == 1 and s.size >= 1, what,
+          lambda: f"mapping runs are {getattr(s, 'dtype', '?')}{getattr(s, 'shape', '')} starts and "
+          f"{getattr(tl, 'dtype', '?')}{getattr(tl, 'shape', '')} tiles, not int64 and int32 of one length >= 1")
+    check(s[0] == 0 and bool(np.all(s[1:] > s[:-1])) and (t.numel == 0 or s[-1] < t.numel), what,
+          lambda: f"mapping runs start at {s[:8].tolist()}: not ascending from 0 inside {t.numel} elements")
+    check(not np.any(tl[1:] == tl[:-1]), what, "mapping has neighbouring runs on one tile (not coalesced)")
+    check.values(tl, 0 if partitioned else -1, ntiles, what, "tile" if partitioned else "tile (or -1, unmapped)")
+
+
+def _runs(m: Mapping) -> str:
+    return " ".join(f"[{a}:{b}]->{t}" for a, b, t in zip(m.starts[:4].tolist(), m.ends[:4].tolist(),
+                                                         m.tiles[:4].tolist())) + (" ..." if len(m.starts) > 4 else "")
+
+
 def _tensors(check: Check, graph: g.TensorGraph, partitioned: bool) -> None:
     n, ntiles = len(graph.tensors), graph.target.tiles
     for i, t in enumerate(graph.tensors):
@@ -138,20 +160,15 @@ def _tensors(check: Check, graph: g.TensorGraph, partitioned: bool) -> None:
         check(t.dtype in cir.ELEM_BYTES, what, f"has unknown dtype {t.dtype!r}")
         check(all(isinstance(s, int) and s >= 0 for s in t.shape), what, f"has shape {t.shape}")
         check(t.kind in KINDS, what, f"has unknown kind {t.kind!r}")
-        tile_of = graph.tile_of.get(i)
-        check(isinstance(tile_of, np.ndarray) and tile_of.dtype == np.int32 and tile_of.shape == (t.numel,),
-              what, f"tile_of is {getattr(tile_of, 'dtype', type(tile_of).__name__)} of shape "
-              f"{getattr(tile_of, 'shape', None)}, not int32 of shape ({t.numel},)")
-        check.values(tile_of, 0 if partitioned else -1, ntiles, what,
-                     "tile" if partitioned else "tile (or -1, unmapped)")
-        init = graph.init.get(i)
-        if init is not None:
+        _mapping(check, graph.mappings.get(i), t, what, ntiles, partitioned)
+        if i in graph.init:
+            # Drawn values are checked by their recipe's shape and dtype, not drawn here.
             want = np.dtype(cir.NUMPY_DTYPE[t.dtype])
-            check(isinstance(init, np.ndarray) and init.shape == t.shape and init.dtype == want, what,
-                  f"initial value is {getattr(init, 'dtype', type(init).__name__)} of shape "
-                  f"{getattr(init, 'shape', None)}, not {want} of shape {t.shape}")
-    check(set(graph.tile_of) == set(range(n)), "tile_of",
-          lambda: f"keys {sorted(set(graph.tile_of) ^ set(range(n)))[:8]} are not exactly the tensors' ids")
+            shape, dtype = graph.init.spec(i)
+            check(shape == t.shape and dtype == want, what,
+                  f"initial value is {dtype} of shape {shape}, not {want} of shape {t.shape}")
+    check(set(graph.mappings) == set(range(n)), "mappings",
+          lambda: f"keys {sorted(set(graph.mappings) ^ set(range(n)))[:8]} are not exactly the tensors' ids")
     check(set(graph.init) <= set(range(n)), "init", "holds values for tensors that do not exist")
     for name, tid in graph.inputs.items():
         check(0 <= tid < n and graph.tensors[tid].kind == "input", f"input '{name}'",
@@ -279,7 +296,6 @@ def _records(check: Check, graph: g.TensorGraph) -> None:
               f"'{a.name}' {a.dtype}{list(a.shape)} cannot take the bytes of '{b.name}' {b.dtype}{list(b.shape)}")
         # Lowering lays a tensor's elements out per tile in index order, so equal
         # mappings are what makes the output's element k land on the input's.
-        diff = np.nonzero(graph.tile_of[out] != graph.tile_of[inp])[0]
-        check(not diff.size, what, lambda: f"'{a.name}' and '{b.name}' are mapped differently ({diff.size} elements, "
-              f"first element {diff[0] if diff.size else ''}: tile {graph.tile_of[out][diff[:1]]} "
-              f"vs {graph.tile_of[inp][diff[:1]]})")
+        mo, mi = graph.mappings[out], graph.mappings[inp]
+        check(mo.same(mi), what, lambda: f"'{a.name}' and '{b.name}' are mapped differently (runs "
+              f"{_runs(mo)} vs {_runs(mi)})")

@@ -150,9 +150,7 @@ def _one_to_one(index) -> bool:
 def map_whole(p, tensor: int, shape: tuple, tiles: np.ndarray) -> None:
     """Map every element of `tensor` (one the rule made, its elements in the order of
     a `shape` array) to `tiles`, broadcast to `shape`."""
-    dst = p.g.tile_of[tensor]
-    assert dst.flags.c_contiguous       # so its reshape is a view: the tiles land in the mapping
-    dst.reshape(shape)[...] = tiles
+    p.set_tiles(tensor, np.broadcast_to(tiles, shape))
 
 
 def map_first(p, view, tiles: np.ndarray, task: np.ndarray) -> None:
@@ -161,25 +159,26 @@ def map_first(p, view, tiles: np.ndarray, task: np.ndarray) -> None:
     view's shape) give, for each position, the tile and the index of the first task
     whose block holds it (blocks are boxes of positions, each a task's in row-major
     order); an element several positions select keeps the first task's tile."""
-    tile_of = p.g.tile_of[view.tensor]
+    m = p.g.mappings[view.tensor]
+    if m.fully_mapped():
+        return
     shape = view.index.shape
     tiles = np.broadcast_to(tiles, shape).reshape(-1)
-    if isinstance(view.index, Strided) and view.index.is_whole(tile_of.size):
-        free = tile_of < 0                      # the whole tensor in order (weights, usually)
-        tile_of[free] = tiles[free]
+    if isinstance(view.index, Strided) and view.index.is_whole(m.numel):
+        have = m.elements()                     # the whole tensor in order (weights, usually)
+        p.set_tiles(view.tensor, np.where(have < 0, tiles, have))
         return
     flat = as_array(view.index).reshape(-1)
-    free = tile_of[flat] < 0
+    free = m.tile_of(flat) < 0
     if not free.any():
         return
     if _one_to_one(view.index):
-        tile_of[flat[free]] = tiles[free]
+        m.assign_elements(flat[free], tiles[free])
         return
+    # An element several tasks' blocks hold keeps the first task's tile.
     order = np.argsort(np.broadcast_to(task, shape).reshape(-1), kind="stable")
     flat, tiles, free = flat[order], tiles[order], free[order]
-    sel = flat[free]
-    _, first = np.unique(sel, return_index=True)
-    tile_of[sel[first]] = tiles[free][first]
+    m.assign_elements(flat[free], tiles[free], only_unmapped=True)
 
 
 def emit_classes(p, cs, codelet: str, tiles: np.ndarray, classes, conns, state: dict) -> None:

@@ -63,10 +63,10 @@ def partition_gather(p, n: Node) -> g.View:
     out = p.new_tensor(p.name(n), n.dtype, (m, d))
     p.ensure_mapped(x)
     p.ensure_mapped(idx)
-    p.g.tile_of[out.tensor][:] = np.repeat(p.linear(m, grain=1), d)
+    row_tiles = p.linear(m, grain=1)
+    p.set_tiles(out.tensor, np.repeat(row_tiles, d))
     cs = p.new_cs(p.name(n))
     codelet = p.prim(GATHER[n.dtype])
-    row_tiles = p.g.tile_of[out.tensor][out.index[:, 0]]
     for size, pos, tiles in p.chunks(row_tiles, grain=1):
         p.group(cs, codelet, tiles, {"x": (x.tensor, np.broadcast_to(rows, (len(tiles),) + rows.shape)),
                                      "idx": (idx.tensor, flat_idx[pos]),

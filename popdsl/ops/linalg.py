@@ -16,7 +16,7 @@ import numpy as np
 
 from popdsl.ir import graph as g
 from popdsl.ir.target import Target
-from popdsl.ir.index import broadcast_to
+from popdsl.ir.index import as_array, broadcast_to
 from popdsl.ir.tensor import Node, broadcast_shapes
 from popdsl.ops import elementwise
 from popdsl.ops.blocks import GRAIN, blocks, ceil_div, emit_tasks, pow2_splits
@@ -137,7 +137,10 @@ def partition(p, n: Node) -> g.View:
     ntasks = nb * len(rb) * len(cb) * len(kb)
     tiles = p.spread(ntasks)
     cs = p.new_cs(label)
-    tasks = []
+    # What each task reads is mapped to its tile unless an earlier task's block (or
+    # an earlier op) placed it: collected, then mapped at once (one update of each
+    # tensor's runs, not one per task).
+    tasks, placed, want = [], [], []
     t = 0
     for bt in range(nb):
         for (r0, r1) in rb:
@@ -146,16 +149,19 @@ def partition(p, n: Node) -> g.View:
                     tile = int(tiles[t])
                     t += 1
                     bv = bi[bt, k0:k1, c0:c1]
-                    p.ensure_mapped(g.View(b.tensor, bv, b.span), np.int32(tile))
+                    want.append((b.tensor, as_array(bv).ravel(), tile))
                     # The tile's block is shared by its workers, a band of rows each;
                     # they read one copy of the b block (lower shares the buffer).
                     for (s0, s1) in _worker_rows(r0, r1, p.workers):
                         av = ai[bt, s0:s1, k0:k1]
                         cv = target[kk, bt, s0:s1, c0:c1]
-                        p.g.tile_of[acc.tensor][cv.ravel()] = tile
-                        p.ensure_mapped(g.View(a.tensor, av, a.span), np.int32(tile))
+                        placed.append((as_array(cv).ravel(), tile))
+                        want.append((a.tensor, as_array(av).ravel(), tile))
                         tasks.append({"tile": tile, "conns": {"a": (a.tensor, av), "b": (b.tensor, bv),
                                                               "c": (acc.tensor, cv)}})
+    for tensor in {a.tensor, b.tensor}:           # (one tensor when a is b: x @ x.T)
+        p.map_first_come(tensor, [(e, tile) for tt, e, tile in want if tt == tensor])
+    p.map_first_come(acc.tensor, placed)
     emit_tasks(p, cs, p.prim("MatMul"), tasks)
     return add_partials(p, n, cs, acc, len(kb) > 1, label)
 

@@ -108,14 +108,15 @@ def reduce_rows(p, kind: str, src: g.View, dtype: str, out_dtype: str, label: st
         bl = blocks(K, parts)
         partial = p.new_tensor(f"{label}.partial", out_dtype, (R, len(bl)))
         cs = p.new_cs(label + ".partial")
-        tasks = []
+        tasks, placed = [], []
         for r in range(R):
             for j, (lo, hi) in enumerate(bl):
                 idx = rows[r, lo:hi][None, :]
-                tile = int(p.g.tile_of[src.tensor][idx[0, 0]])
-                p.g.tile_of[partial.tensor][partial.index[r, j]] = tile
+                tile = int(p.g.mappings[src.tensor].tile_of(as_array(idx[0, 0])))
+                placed.append((int(as_array(partial.index[r, j])), tile))
                 tasks.append({"tile": tile, "conns": {"a": (src.tensor, idx),
                                                       "y": (partial.tensor, partial.index[r, j:j + 1])}})
+        p.g.mappings[partial.tensor].assign_elements(*np.array(placed, np.int64).T)
         emit_tasks(p, cs, codelet, tasks)
         src, rows = partial, partial.index
         R, K = rows.shape
@@ -123,9 +124,10 @@ def reduce_rows(p, kind: str, src: g.View, dtype: str, out_dtype: str, label: st
     out = p.new_tensor(label, out_dtype, shape or (R,))
     out = g.View(out.tensor, out.index.reshape(R), out.span)
     # Each row is reduced where its first element lives.
-    p.g.tile_of[out.tensor][:] = p.g.tile_of[src.tensor][rows[:, 0]]
+    row_tiles = p.g.mappings[src.tensor].tiles_at(rows[:, 0])
+    p.set_tiles(out.tensor, row_tiles)
     cs = p.new_cs(label)
-    for size, pos, tiles in p.chunks(p.g.tile_of[out.tensor], grain=1):
+    for size, pos, tiles in p.chunks(row_tiles, grain=1):
         p.group(cs, codelet, tiles, {"a": (src.tensor, rows[pos]), "y": (out.tensor, out.index[pos])})
     return out
 
@@ -140,11 +142,12 @@ def sum_partials(p, partial: g.View, label: str, shape=None) -> g.View:
     R = cols.shape[1]
     out = p.new_tensor(label, "f32", shape or (R,))
     out = g.View(out.tensor, out.index.reshape(R), out.span)
-    p.g.tile_of[out.tensor][:] = p.linear(R)
+    col_tiles = p.linear(R)
+    p.set_tiles(out.tensor, col_tiles)
     cs = p.new_cs(label)
     # Few columns per vertex keep each vertex's K-row buffer small.
     grain = max(1, min(256, 8192 // max(K, 1)))
-    for size, pos, tiles in p.chunks(p.g.tile_of[out.tensor], grain=grain, max_size=grain):
+    for size, pos, tiles in p.chunks(col_tiles, grain=grain, max_size=grain):
         first = pos[:, 0].astype(np.int64)
         if isinstance(cols, Strided) and isinstance(out.index, Strided) \
                 and np.array_equal(pos, first[:, None] + np.arange(size)):

@@ -16,10 +16,12 @@ part.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from popdsl.ir import graph as g
-from popdsl.ir.index import Strided
+from popdsl.ir.index import Strided, as_array
 from popdsl.ir.index import broadcast_to as broadcast_index
 from popdsl.ir.tensor import Node
 from popdsl.ops.core import Builder, Function, OpDef, Param, shape_str
@@ -246,9 +248,8 @@ def partition_index(p, n: Node) -> g.View:
 def fill(p, view: g.View, value: float, dtype: str, label: str) -> None:
     cs = p.new_cs(label + ".fill")
     codelet = p.prim(FILL[dtype])
-    tile_of = p.g.tile_of[view.tensor]
-    flat = view.index.ravel()
-    for size, pos, tiles in p.chunks(tile_of[flat]):
+    flat = as_array(view.index).ravel()
+    for size, pos, tiles in p.chunks(p.g.mappings[view.tensor].tile_of(flat)):
         p.group(cs, codelet, tiles, {"y": (view.tensor, flat[pos])}, {"v": value})
 
 
@@ -258,8 +259,8 @@ def padded(p, x: g.View, pads, value: float, dtype: str, label: str) -> g.View:
     out = p.new_tensor(label, dtype, shape)
     p.ensure_mapped(x)
     inner = out.index[tuple(slice(a, a + n) for n, (a, _) in zip(x.index.shape, pads))]
-    tile_of = p.g.tile_of[out.tensor]
-    tile_of[inner.ravel()] = p.g.tile_of[x.tensor][x.index.ravel()]
+    tile_of = np.full(math.prod(shape), -1, np.int32)
+    tile_of[as_array(inner).ravel()] = p.tiles_of(x).ravel()
     # A border element goes with its nearest interior element.
     if (tile_of < 0).any():
         coords = np.indices(shape).reshape(len(shape), -1)
@@ -267,6 +268,7 @@ def padded(p, x: g.View, pads, value: float, dtype: str, label: str) -> g.View:
         nearest = np.ravel_multi_index(clipped, shape)
         missing = tile_of < 0
         tile_of[missing] = tile_of[nearest[missing]]
+    p.set_tiles(out.tensor, tile_of)
     border = np.setdiff1d(out.index.ravel(), inner.ravel(), assume_unique=True)
     if border.size:
         fill(p, g.View(out.tensor, border, out.span), value, dtype, label)
@@ -287,11 +289,13 @@ def partition_place(p, n: Node) -> g.View:
     out = p.new_tensor(label, n.dtype, n.shape)
     p.ensure_mapped(v)
     dst = out.index.reshape(-1)[n.index]
-    tile_of = p.g.tile_of[out.tensor]
-    tile_of[dst.ravel()] = p.tiles_of(v).ravel()
+    tile_of = np.full(math.prod(n.shape), -1, np.int32)
+    tile_of[as_array(dst).ravel()] = p.tiles_of(v).ravel()
     rest = np.flatnonzero(tile_of < 0)
     if rest.size:
         tile_of[rest] = p.linear(rest.size)
+    p.set_tiles(out.tensor, tile_of)
+    if rest.size:
         fill(p, g.View(out.tensor, rest, out.span), 0.0, n.dtype, label)
     p.seq.append(g.Copy(v, g.View(out.tensor, dst, out.span), p.span))
     return g.View(out.tensor, out.index, out.span)
@@ -300,15 +304,17 @@ def partition_place(p, n: Node) -> g.View:
 def partition_concat(p, n: Node) -> g.View:
     axis = n.attrs[0]
     out = p.new_tensor(p.name(n), n.dtype, n.shape)
+    tile_of = np.full(math.prod(n.shape), -1, np.int32)
     at = 0
     for a in n.args:
         v = p.value(a)
         p.ensure_mapped(v)
         k = v.index.shape[axis]
         dst = out.index[(slice(None),) * axis + (slice(at, at + k),)]
-        p.g.tile_of[out.tensor][dst.ravel()] = p.g.tile_of[v.tensor][v.index.ravel()]
+        tile_of[as_array(dst).ravel()] = p.tiles_of(v).ravel()
         p.seq.append(g.Copy(v, g.View(out.tensor, dst, out.span), p.span))
         at += k
+    p.set_tiles(out.tensor, tile_of)
     return out
 
 
@@ -318,9 +324,10 @@ def partition_one_hot(p, n: Node) -> g.View:
     flat = y.index.reshape(-1)
     out = p.new_tensor(p.name(n), "f32", (flat.size, depth))
     p.ensure_mapped(y)
-    p.g.tile_of[out.tensor][:] = np.repeat(p.g.tile_of[y.tensor][flat], depth)
+    label_tiles = p.g.mappings[y.tensor].tile_of(as_array(flat))
+    p.set_tiles(out.tensor, np.repeat(label_tiles, depth))
     cs = p.new_cs(p.name(n))
-    for size, pos, tiles in p.chunks(p.g.tile_of[y.tensor][flat], grain=1):
+    for size, pos, tiles in p.chunks(label_tiles, grain=1):
         p.group(cs, p.prim("OneHot"), tiles, {"labels": (y.tensor, flat[pos]), "y": (out.tensor, out.index[pos])})
     p.record(n, cs)
     return g.View(out.tensor, out.index.reshape(n.shape), out.span)

@@ -27,6 +27,7 @@ import numpy as np
 
 from popdsl.diagnostics import Diagnostics, Span
 from popdsl.ir import graph as g
+from popdsl.ir.mapping import Mapping
 from popdsl.ir.tensor import Node
 from popdsl.ops import OPTIMIZERS, elementwise, op
 from popdsl.ops.core import FLOATS, Builder
@@ -227,7 +228,7 @@ class _Pass:
             self.d.error(span, f"the optimizer's state '{name}' has the name of another tensor")
         t = g.Tensor(len(gr.tensors), name, dtype, tuple(shape), "var", span)
         gr.tensors.append(t)
-        gr.tile_of[t.id] = np.full(t.numel, -1, dtype=np.int32)
+        gr.mappings[t.id] = Mapping.unmapped(t.numel)
         gr.init[t.id] = np.zeros(shape, np.float16 if dtype == "f16" else np.float32)
         return t
 

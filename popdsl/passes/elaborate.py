@@ -75,6 +75,10 @@ class _Elaborator(BatchMixin, PoplarMixin, TensorMixin, TrainMixin):
         self.pre_args = None
         self.init_tensor()
         self.bad_map: set[int] = set()  # tensors a failed 'map' was meant for
+        # 'map' statements not yet applied, per tensor: (elements, tiles) in program
+        # order.  Applied together (check_mapping), a loop of maps costs one update
+        # of each tensor's runs, not one per statement.
+        self.pending_maps: dict[int, list] = {}
         self.training_option = training    # None: training when the graph says 'minimize'
         self.training = False
 

@@ -16,6 +16,8 @@ from popdsl.diagnostics import Span
 from popdsl.frontend import ast
 from popdsl.ir import codelet as cir
 from popdsl.ir import graph as g
+from popdsl.ir.index import as_array
+from popdsl.ir.mapping import Mapping
 from popdsl.ir.tensor import Node
 
 INITS = {"zeros", "ones", "full", "uniform", "normal", "arange"}
@@ -100,7 +102,7 @@ class PoplarMixin:
         t = g.Tensor(len(gr.tensors), s.name, dtype, shape, kind, s.span)
         self.bind(s.name, g.View(t.id, np.arange(t.numel, dtype=np.int64).reshape(shape), s.span), s.span)
         gr.tensors.append(t)
-        gr.tile_of[t.id] = np.full(t.numel, -1, dtype=np.int32)
+        gr.mappings[t.id] = Mapping.unmapped(t.numel)
         if init is not None:
             gr.init[t.id] = init
         if kind == "input":
@@ -224,7 +226,16 @@ class PoplarMixin:
                 self.bad_map.add(v.tensor)
                 raise
             dest = np.int32(tile)
-        self.graph.tile_of[v.tensor][flat] = dest
+        self.pending_maps.setdefault(v.tensor, []).append((as_array(flat), dest))
+
+    def apply_maps(self) -> None:
+        """The 'map' statements so far, a later one winning where two map an element."""
+        for tid, maps in self.pending_maps.items():
+            elements = np.concatenate([np.asarray(e, np.int64).reshape(-1) for e, _ in maps])
+            tiles = np.concatenate([np.broadcast_to(np.asarray(t, np.int32), np.shape(e)).reshape(-1)
+                                    for e, t in maps])
+            self.graph.mappings[tid].assign_elements(elements, tiles)
+        self.pending_maps = {}
 
     def check_mapping(self) -> None:
         """Every element of every tensor is on a tile.  A vertex connected to
@@ -232,11 +243,12 @@ class PoplarMixin:
         tensor where it is declared (not when a 'map' of it already failed).  An
         input no vertex reads and no `map` touched is spread by the partitioner: the
         host writes it, only copies, prints and tensor ops read it."""
-        tile_of = self.graph.tile_of
+        self.apply_maps()
+        mappings = self.graph.mappings
         # Tensors of the tensor program are mapped by the partitioner.
         unmapped = {t.id for t in self.graph.tensors
                     if t.id not in self.bad_map and t.id not in self.op_tensors and t.kind != "param"
-                    and (tile_of[t.id] < 0).any()}
+                    and not mappings[t.id].fully_mapped()}
         if not unmapped:
             return
         at_vertex: set[int] = set()
@@ -244,7 +256,7 @@ class PoplarMixin:
             for grp in cs.groups:
                 for fname, views in grp.connections.items():
                     for v in ([views] if isinstance(views, g.Stacked) else views):
-                        if v.tensor in unmapped and (tile_of[v.tensor][v.index] < 0).any():
+                        if v.tensor in unmapped and (mappings[v.tensor].tiles_at(v.index) < 0).any():
                             t = self.graph.tensors[v.tensor]
                             self.d.error(v.span, f"field '{fname}' of {grp.codelet} is connected to "
                                          f"elements of '{t.name}' that are not mapped to any tile",
@@ -252,8 +264,8 @@ class PoplarMixin:
                             at_vertex.add(v.tensor)
         for t in self.graph.tensors:
             if t.id in unmapped and t.id not in at_vertex \
-                    and not (t.kind == "input" and (tile_of[t.id] < 0).all()):
-                n = int((tile_of[t.id] < 0).sum())
+                    and not (t.kind == "input" and mappings[t.id].unmapped_count() == t.numel):
+                n = mappings[t.id].unmapped_count()
                 self.d.error(t.span, f"tensor '{t.name}' has {n} of {t.numel} elements "
                              "not mapped to any tile", f"add 'map {t.name} -> linear;' or map its "
                              "slices to tiles")

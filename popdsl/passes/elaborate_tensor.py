@@ -17,7 +17,8 @@ from popdsl.diagnostics import Span
 from popdsl.frontend import ast
 from popdsl.ir import codelet as cir
 from popdsl.ir import graph as g
-from popdsl.ir.initializers import Recipe, checksum
+from popdsl.ir.initializers import Recipe
+from popdsl.ir.mapping import Mapping
 from popdsl.ir.tensor import Node, NodeTable
 from popdsl import ops
 from popdsl.ops import elementwise, linalg
@@ -364,24 +365,22 @@ class TensorMixin:
         else:
             full = ".".join(self.path + [s.name])
         init_expr = getattr(s, "init", None) if kind == "param" else s.value
-        values, recipe = self.param_init(init_expr, dtype, shape, full) if init_expr is not None \
-            else (np.zeros(shape, cir.NUMPY_DTYPE[dtype]), None)
+        values = self.param_init(init_expr, dtype, shape, full) if init_expr is not None \
+            else np.zeros(shape, cir.NUMPY_DTYPE[dtype])
         gr = self.graph
         if any(t.name == full for t in gr.tensors):
             self.d.error(s.span, f"'{full}' is declared twice")
             raise self.Bad
         t = g.Tensor(len(gr.tensors), full, dtype, shape, kind, s.span)
         gr.tensors.append(t)
-        gr.tile_of[t.id] = np.full(t.numel, -1, dtype=np.int32)
+        gr.mappings[t.id] = Mapping.unmapped(t.numel)
         gr.init[t.id] = values
-        if recipe is not None:
-            gr.init_recipes[t.id] = (recipe, checksum(values))
         if kind == "param":
             gr.params.append(t.id)
         self.bind(s.name, g.View(t.id, np.arange(t.numel, dtype=np.int64).reshape(shape), s.span), s.span)
 
     def param_init(self, e, dtype: str, shape, full: str):
-        """(initial values, the Recipe that drew them or None)."""
+        """The initial values: an array, or the Recipe that draws them (drawn only when read)."""
         if isinstance(e, ast.Call) and isinstance(e.fn, ast.Name) and e.fn.id in ("glorot_uniform", "he_normal"):
             fn = e.fn.id
             seed = zlib.crc32(full.encode())
@@ -397,9 +396,8 @@ class TensorMixin:
             if dtype not in ("f32", "f16"):
                 self.d.error(e.span, f"{fn}() draws floating-point values; '{full}' is {dtype}")
                 raise self.Bad
-            recipe = Recipe(fn, seed, tuple(shape), dtype)
-            return recipe.values(), recipe
+            return Recipe(fn, seed, tuple(shape), dtype)
         if isinstance(e, ast.Call) and isinstance(e.fn, ast.Name) and e.fn.id in ("uniform", "normal") \
                 and not any(isinstance(a, ast.Kwarg) and a.name == "seed" for a in e.args):
             e = ast.Call(e.fn, e.args + (ast.Kwarg("seed", ast.IntLit(zlib.crc32(full.encode()), e.span), e.span),), e.span)
-        return self.initial_value(e, dtype, shape, full), None
+        return self.initial_value(e, dtype, shape, full)

@@ -122,8 +122,7 @@ def lower(graph: g.TensorGraph) -> Lowered:
 
 
 def _mapping(graph: g.TensorGraph, t: g.Tensor) -> Mapping:
-    m = graph.tile_of[t.id]
-    return m if isinstance(m, Mapping) else Mapping.from_elements(m)
+    return graph.mappings[t.id]
 
 
 def _read(low: Lowered, graph: g.TensorGraph, label: str, v: g.View) -> int:

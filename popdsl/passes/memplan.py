@@ -297,9 +297,9 @@ def _finish(low: Lowered, codelets: dict, base: np.ndarray, mem: X.MemoryPlan, u
             "compute_sets": [cs_index[n] for n in op["compute_sets"]]} for op in graph.ops]
     functions = [{**f, "compute_sets": [cs_index[n] for n in f["compute_sets"]]} for f in graph.function_summary]
     return X.Executable(graph.name, target, dict(codelets), tensors, tensor_runs,
-                        dict(graph.init), css, copies, reads, low.program, dict(graph.inputs),
+                        graph.init.copy(), css, copies, reads, low.program, dict(graph.inputs),
                         dict(low.outputs), list(graph.spans), mem, unchecked, ops,
-                        dict(graph.init_recipes), dict(graph.recompute), functions)
+                        dict(graph.recompute), functions)
 
 
 def _copy_table(c: CopyElems, region_addr: np.ndarray, target: Target) -> X.CopyTable:

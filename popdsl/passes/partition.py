@@ -27,10 +27,22 @@ from popdsl import ops, resources
 from popdsl.diagnostics import Span
 from popdsl.ir import codelet as cir
 from popdsl.ir import graph as g
-from popdsl.ir.index import Batch, Strided, as_array, broadcast_to
+from popdsl.ir.index import Batch, Strided, affine_rows, as_array, broadcast_to
+from popdsl.ir.mapping import Mapping
 from popdsl.ir.tensor import Node
 from popdsl.ops.blocks import GRAIN
 
+
+
+def _take(index, rows: np.ndarray):
+    return index.take(rows) if isinstance(index, Batch) else np.asarray(index)[rows]
+
+
+def _rows(state: dict | None, rows: np.ndarray, nv: int) -> dict | None:
+    """Per-vertex state values of the vertices `rows` (scalars stay scalars)."""
+    if not state:
+        return state
+    return {f: (np.asarray(v)[rows] if np.ndim(v) and np.shape(v)[0] == nv else v) for f, v in state.items()}
 
 
 @functools.cache
@@ -86,17 +98,17 @@ class Partitioner:
         # Whatever elaboration let through unmapped (parameters and inputs of the
         # tensor program that no op placed) spreads evenly.
         for t in self.g.tensors:
-            tile_of = self.g.tile_of[t.id]
-            free = tile_of < 0
-            if free.any():
-                tile_of[free] = self.linear(t.numel)[free]
+            m = self.g.mappings[t.id]
+            if not m.fully_mapped():
+                lin = self.linear_mapping(t.numel)
+                m.assign(lin.starts, lin.lengths, lin.tiles, only_unmapped=True)
         return self.g
 
     def kept(self, v: g.View) -> g.View:
         """A copy of v's elements in a new tensor, made now."""
         self.ensure_mapped(v)
         out = self.new_tensor(self.g.tensors[v.tensor].name + ".before", self.g.tensors[v.tensor].dtype, v.index.shape)
-        self.g.tile_of[out.tensor][:] = self.tiles_of(v).ravel()
+        self.set_tiles(out.tensor, self.tiles_of(v))
         self.seq.append(g.Copy(v, out, self.span))
         return out
 
@@ -143,7 +155,7 @@ class Partitioner:
         gr = self.g
         t = g.Tensor(len(gr.tensors), name, dtype, tuple(int(s) for s in shape), kind, self.span)
         gr.tensors.append(t)
-        gr.tile_of[t.id] = np.full(t.numel, -1, dtype=np.int32)
+        gr.mappings[t.id] = Mapping.unmapped(t.numel)
         return g.View(t.id, Strided.whole(t.shape), self.span)
 
     def linear(self, n: int, grain: int = GRAIN) -> np.ndarray:
@@ -152,6 +164,13 @@ class Partitioner:
         on tile 0)."""
         used = max(1, min(self.tiles, -(-n // grain)))
         return ((self.rotate(used) + np.arange(n, dtype=np.int64) * used // max(n, 1)) % self.tiles).astype(np.int32)
+
+    def linear_mapping(self, n: int, grain: int = GRAIN) -> Mapping:
+        """`linear(n)` as runs: tile k of the `used` takes elements from ceil(k n / used)."""
+        used = max(1, min(self.tiles, -(-n // grain)))
+        k = np.arange(used, dtype=np.int64)
+        tiles = ((self.rotate(used) + k) % self.tiles).astype(np.int32)
+        return Mapping(n, -(-k * n // used), tiles)
 
     def rotate(self, used: int) -> int:
         start = self.rotor
@@ -169,25 +188,39 @@ class Partitioner:
 
     def ensure_mapped(self, v: g.View, tiles: np.ndarray | None = None) -> None:
         """Map v's still-unmapped elements: to `tiles` (same shape as v) or linearly."""
-        tile_of = self.g.tile_of[v.tensor]
-        flat = v.index.ravel()
-        free = tile_of[flat] < 0
+        m = self.g.mappings[v.tensor]
+        if m.fully_mapped():
+            return
+        if tiles is None and m.unmapped_count() == m.numel and v.index.size == m.numel:
+            self.g.mappings[v.tensor] = self.linear_mapping(m.numel)
+            return
+        flat = as_array(v.index).ravel()
+        free = m.tile_of(flat) < 0
         if not free.any():
             return
-        if tiles is None:
-            t = self.g.tensors[v.tensor]
-            if (tile_of < 0).all() and flat.size == t.numel:
-                tile_of[:] = self.linear(t.numel)
-                return
-            tiles = self.linear(flat.size).reshape(v.index.shape)
-        tiles = np.broadcast_to(tiles, v.index.shape).ravel()
+        tiles = self.linear(flat.size) if tiles is None else np.broadcast_to(tiles, v.index.shape).ravel()
         # An element two blocks want keeps the first block's tile.
-        sel = flat[free]
-        _, first = np.unique(sel, return_index=True)
-        tile_of[sel[first]] = tiles[free][first]
+        m.assign_elements(flat[free], tiles[free], only_unmapped=True)
+
+    def map_first_come(self, tensor: int, pieces: list) -> None:
+        """`ensure_mapped(view, tile)` for each (element array, tile) of `pieces` in
+        order, as one update: an element keeps its tile if it has one, else takes
+        the first piece's that holds it."""
+        m = self.g.mappings[tensor]
+        if not pieces or m.fully_mapped():
+            return
+        elements = np.concatenate([e for e, _ in pieces])
+        tiles = np.concatenate([np.full(e.size, t, np.int32) for e, t in pieces])
+        free = m.tile_of(elements) < 0
+        m.assign_elements(elements[free], tiles[free], only_unmapped=True)
 
     def tiles_of(self, v: g.View) -> np.ndarray:
-        return self.g.tile_of[v.tensor][as_array(v.index)]
+        """The tile of each element of v (an array of v's shape)."""
+        return self.g.mappings[v.tensor].tiles_at(v.index)
+
+    def set_tiles(self, tensor: int, tiles) -> None:
+        """Map a new tensor: `tiles` gives the tile of each element, in flat order."""
+        self.g.mappings[tensor] = Mapping.from_elements(np.asarray(tiles).reshape(-1))
 
     def name(self, n: Node) -> str:
         """What the tensors and compute sets made for `n` are called: its call path
@@ -228,8 +261,32 @@ class Partitioner:
 
     def group(self, cs: g.ComputeSet, codelet: str, tiles, conns: dict, state: dict | None = None,
               syms: dict | None = None) -> None:
-        """Add a group of vertices: conns[field] = (tensor, index (nv, *shape))."""
+        """Add a group of vertices: conns[field] = (tensor, index (nv, *shape)).  Index
+        arrays are kept as Batches (O(vertices) numbers) for the vertices whose views
+        are strided alike; the others, if any, form a second group."""
         tiles = np.asarray(tiles, np.int32)
+        nv = len(tiles)
+        if not nv:
+            return
+        dense = {f: idx for f, (t, idx) in conns.items() if not isinstance(idx, (Batch, Strided))}
+        if dense:
+            fit, strides = np.ones(nv, bool), {}
+            for f, idx in dense.items():
+                strides[f], ok = affine_rows(idx)
+                fit &= ok
+            if fit.any():
+                rows, rest = np.nonzero(fit)[0], np.nonzero(~fit)[0]
+                if rest.size:
+                    self._group(cs, codelet, tiles[rest], {f: (t, _take(idx, rest)) for f, (t, idx) in conns.items()},
+                                _rows(state, rest, nv))
+                    tiles, state = tiles[rows], _rows(state, rows, nv)
+                    conns = {f: (t, _take(idx, rows)) for f, (t, idx) in conns.items()}
+                conns = {f: (t, Batch(np.asarray(idx, np.int64).reshape(len(tiles), -1)[:, 0].copy(),
+                                      tuple(np.shape(idx)[1:]), strides[f]) if f in dense else idx)
+                         for f, (t, idx) in conns.items()}
+        self._group(cs, codelet, tiles, conns, state)
+
+    def _group(self, cs: g.ComputeSet, codelet: str, tiles, conns: dict, state: dict | None = None) -> None:
         nv = len(tiles)
         if not nv:
             return
@@ -355,7 +412,7 @@ class Partitioner:
         for o, r in zip(inst.outputs, results):
             self.span = self.g.nodes.spans.get(o.id, span)     # the result points at its own source
             out = self.new_tensor(self.name(o), o.dtype, o.shape)
-            self.g.tile_of[out.tensor][:] = self.tiles_of(r).ravel()
+            self.set_tiles(out.tensor, self.tiles_of(r))
             self.seq.append(g.Copy(r, out, span))
             self.mat[o.id] = out
         self.span = saved
@@ -421,7 +478,7 @@ class Partitioner:
             tile_of = self.tiles_of(align).ravel()
         else:
             tile_of = self.linear(out.index.size)
-        self.g.tile_of[out.tensor][:] = tile_of
+        self.set_tiles(out.tensor, tile_of)
         flat_leaves = []
         for v in views:
             b = _flat(broadcast_to(v.index, n.shape))
@@ -438,7 +495,7 @@ class Partitioner:
             if v.shape == n.shape and t.shape == n.shape and cir.ELEM_BYTES[t.dtype] == cir.ELEM_BYTES[n.dtype] \
                     and (v.index.is_whole(t.numel) if isinstance(v.index, Strided)
                          else np.array_equal(as_array(v.index).ravel(), np.arange(t.numel))) \
-                    and np.array_equal(self.g.tile_of[v.tensor], tile_of):
+                    and self.g.mappings[v.tensor].same(self.g.mappings[out.tensor]):
                 self.g.inplace.append((out.tensor, v.tensor, cs.name))
         dense: dict[int, np.ndarray] = {}
         for size, pos, tiles in self.chunks(tile_of):
