@@ -14,6 +14,10 @@ its output promises; verifiers run after every stage when `verify` is on (the te
 suite turns it on with POPDSL_VERIFY=1; users with `--verify`).  A verifier that fails
 is a bug of the compiler, never of the program: it raises AssertionError.
 
+Native code compiles on a second core: lowering starts LLVM on the codelets the
+vertices use (and the memory planner's) in the background, and codegen and plan take
+what it made (`codegen.jit.compile_ahead`).
+
 One loop goes back: a training step compiled with recomputation `auto` that does not
 fit its tiles (or the budget) is compiled again from the recompute stage with more
 of its forward pass recomputed, the least that fits (`_fit`).
@@ -27,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from popdsl.codegen.jit import NativeCodelets
+from popdsl.codegen.jit import NativeCodelets, compile_ahead
 from popdsl.diagnostics import CompileError, Diagnostic, OutOfMemory, Span
 from popdsl.codegen.llvm import emit_module
 from popdsl.ir import codelet as cir
@@ -36,6 +40,7 @@ from popdsl.ir.lowered import Lowered
 from popdsl.ir.target import Target
 from popdsl.ir.verify import direct_calls
 from popdsl.passes import autodiff as ad
+from popdsl.passes import bestfit
 from popdsl.passes import outline as ol
 from popdsl.passes import recompute as rc
 from popdsl.limits import BUDGET_FLAGS, Budgets
@@ -94,6 +99,16 @@ def _partition(opts: Options, graph):
             f"{opts.budgets.vertices:,}, the compile-time budget", "error",
             (f"raise the budget with {BUDGET_FLAGS['vertices']} N",))])
     return out
+
+
+def _lower(opts: Options, graph):
+    # Which codelets the vertices run is known now: their native code (and the memory
+    # planner's) compiles on a second core while lowering runs in this one; codegen
+    # then waits for it, if at all.
+    compile_ahead(list(used_codelets(graph.codelets, (grp.codelet for cs in graph.compute_sets.values()
+                                                      for grp in cs.groups)).values()), opts.unchecked)
+    bestfit.compile_ahead()
+    return lower(graph)
 
 
 def _codegen(opts: Options, low: Lowered) -> Generated:
@@ -159,7 +174,7 @@ STAGES: tuple[Stage, ...] = (
           printer.tensor_graph, rc.verify),
     Stage("outline", lambda o, graph: ol.outline(graph, o.outline), ol.dump, ol.verify),
     Stage("partition", _partition, printer.tensor_graph, verify_partitioned),
-    Stage("lower", lambda o, graph: lower(graph), printer.lowered, verify_lowered),
+    Stage("lower", _lower, printer.lowered, verify_lowered),
     Stage("codegen", _codegen, _dump_codegen, verify_generated),
     Stage("plan", _plan, _dump_plan, verify_planned),
 )

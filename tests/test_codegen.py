@@ -473,6 +473,51 @@ def test_cache_hit_skips_compile_and_survives_corruption(monkeypatch, tmp_path):
     np.testing.assert_array_equal(vs.get(vs.mem, 0, "c"), [2, 2, 2])
 
 
+def test_compile_ahead_is_taken_by_the_next_compile_of_the_same_codelets(monkeypatch, tmp_path):
+    """A compile started ahead (on the background thread) is what NativeCodelets gets:
+    LLVM runs once, and the object lands in the cache.  A cached object starts none."""
+    monkeypatch.setenv("POPDSL_CACHE_DIR", str(tmp_path))
+    cs = list(pop(FUSED).values())
+    calls = []
+    real = jit._compile_object
+    monkeypatch.setattr(jit, "_compile_object", lambda text: calls.append(1) or real(text))
+    jit.compile_ahead(cs)
+    assert len(jit._AHEAD) == 1
+    nc = NativeCodelets(cs)
+    assert not nc.from_cache and len(calls) == 1 and not jit._AHEAD
+    assert len(list(tmp_path.glob("*.o"))) == 1
+    jit.compile_ahead(cs)                    # cached: nothing to do
+    assert not jit._AHEAD and len(calls) == 1
+    vs = Vertices(cs[0], [{"a": np.ones(3, np.float32), "b": np.ones(3, np.float32),
+                           "c": np.zeros(3, np.float32), "n": 3}])
+    nc.run("Fused", vs.mem, vs.table, 0, 1, np.zeros(1, np.int64))
+    np.testing.assert_array_equal(vs.get(vs.mem, 0, "c"), [2, 2, 2])
+
+
+def test_compile_ahead_that_fails_is_compiled_again_where_it_is_needed(monkeypatch, tmp_path):
+    """The background compile swallows nothing for good: the caller compiles again
+    and sees the error itself (here the first compile fails, the second works)."""
+    monkeypatch.setenv("POPDSL_CACHE_DIR", str(tmp_path))
+    cs = list(pop(FUSED).values())
+    calls = []
+    real = jit._compile_object
+
+    def flaky(text):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("LLVM failed")
+        return real(text)
+    monkeypatch.setattr(jit, "_compile_object", flaky)
+    jit.compile_ahead(cs)
+    nc = NativeCodelets(cs)
+    assert len(calls) == 2 and not nc.from_cache and not jit._AHEAD
+    monkeypatch.setattr(jit, "_compile_object", lambda text: (_ for _ in ()).throw(RuntimeError("LLVM failed")))
+    monkeypatch.setenv("POPDSL_CACHE_DIR", str(tmp_path / "other"))
+    jit.compile_ahead(cs)
+    with pytest.raises(RuntimeError, match="LLVM failed"):
+        NativeCodelets(cs)
+
+
 def test_run_rejects_bad_arguments():
     cs = list(pop(FUSED).values())
     nc = NativeCodelets(cs)

@@ -10,7 +10,9 @@ module pass manager per run (reusing one aborts the process).  Object code is ca
 under $POPDSL_CACHE_DIR (default ~/.cache/popdsl) by sha256 of IR text, triple, host
 CPU name and features, llvmlite version and `CODEGEN_VERSION`; files are written
 atomically (temp file + rename) and carry a checksum, so a damaged one is recompiled.
-The object is loaded with `ExecutionEngine.add_object_file`.
+The object is loaded with `ExecutionEngine.add_object_file`.  `compile_ahead`
+starts a compile on a background thread (one at a time, all LLVM calls under one
+lock), which a later `object_code` for the same text waits for instead of compiling.
 
 Running: one ctypes call per (codelet, row range).  ctypes releases the GIL during
 the call, so callers may run disjoint row ranges on threads.  Every call passes the
@@ -36,6 +38,7 @@ import os
 import tempfile
 import threading
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -101,11 +104,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("POPDSL_CACHE_DIR") or Path.home() / ".cache" / "popdsl")
 
 
+_HOST: tuple[str, ...] | None = None
+
+
+def _host() -> tuple[str, ...]:
+    """What object code depends on besides its IR: asked of LLVM once, under the lock,
+    so keys can be computed while a compile runs on another thread."""
+    global _HOST
+    if _HOST is None:
+        with _LOCK:
+            tm = _target_machine()
+            _HOST = (tm.triple, llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten())
+    return _HOST
+
+
 def cache_key(ir_text: str) -> str:
-    tm = _target_machine()
     h = hashlib.sha256()
-    for part in (CODEGEN_VERSION, ir_text, tm.triple, llvm.get_host_cpu_name(),
-                 llvm.get_host_cpu_features().flatten(), llvmlite.__version__):
+    for part in (CODEGEN_VERSION, ir_text, *_host(), llvmlite.__version__):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
@@ -162,15 +177,57 @@ def object_code(codelets: Sequence[ir.Codelet], unchecked: bool = False,
                 contract: bool = True, specs: Sequence[tuple[str, tuple]] = (),
                 generic: bool = True) -> tuple[bytes, bool]:
     """(object code, came from cache) for `codelets` (see `emit_module`)."""
+    # llvmlite.ir is plain Python: text and key need no lock (a compile ahead may hold it).
+    text = str(emit_module(codelets, unchecked, contract=contract, specs=specs, generic=generic))
+    key = cache_key(text)
+    ahead = _AHEAD.pop(key, None)
+    if ahead is not None:
+        # Waited for outside the lock, which the compile holds.
+        obj = ahead.result()
+        if obj:
+            return obj, False
     with _LOCK:
-        text = str(emit_module(codelets, unchecked, contract=contract, specs=specs, generic=generic))
-        path = cache_dir() / f"{cache_key(text)}.o"
+        path = cache_dir() / f"{key}.o"
         obj = _read_cache(path)
         if obj is not None:
             return obj, True
         obj = _compile_object(text)
         _write_cache(path, obj)
         return obj, False
+
+
+# Object code being compiled ahead (`compile_ahead`), by cache key.
+_AHEAD: dict[str, Future] = {}
+_POOL: ThreadPoolExecutor | None = None
+
+
+def compile_ahead(codelets: Sequence[ir.Codelet], unchecked: bool = False) -> None:
+    """Start compiling, on a background thread, the object code a later
+    `object_code(codelets, unchecked)` (a `NativeCodelets`) will ask for, unless the
+    cache holds it.  LLVM's work runs in ctypes calls, which release the GIL: it
+    overlaps whatever the caller does next (the compiler lowers the vertex graph
+    meanwhile) on a second core.  Only a speed-up: if nobody asks, the object is
+    just cached; if the compile fails, `object_code` compiles again and raises."""
+    global _POOL
+    text = str(emit_module(codelets, unchecked))
+    key = cache_key(text)
+    path = cache_dir() / f"{key}.o"
+    if key in _AHEAD or path.exists():
+        return
+    if _POOL is None:
+        # Not a daemon: an interpreter exiting mid-compile waits for LLVM to finish.
+        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="popdsl-llvm")
+    _AHEAD[key] = _POOL.submit(_compile_and_cache, text, path)
+
+
+def _compile_and_cache(text: str, path: Path) -> bytes | None:
+    try:
+        with _LOCK:
+            obj = _compile_object(text)
+            _write_cache(path, obj)
+            return obj
+    except Exception:           # noqa: BLE001 - compiled again, in the caller's thread, which reports it
+        return None
 
 
 _ERR = ctypes.c_int64 * ERR_SLOTS
@@ -239,8 +296,8 @@ class NativeCodelets:
         self.unchecked, self.contract = unchecked, contract
         specs = tuple(sorted(set(specs)))
         obj, self.from_cache = object_code(codelets, unchecked, contract, specs, generic)
-        self._sections = _section_sizes(obj)
         with _LOCK:
+            self._sections = _section_sizes(obj)
             _target_machine()
             # The engine takes ownership of its target machine (and frees it with
             # itself), so each engine gets its own, never the shared compile one.

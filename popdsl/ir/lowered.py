@@ -69,8 +69,11 @@ class TensorLayout:
         """Runs of elements cut where they change region: (region, byte offset,
         length in elements, index of the run it came from, element position in that
         run) per piece."""
-        lo, n, src, pos = self.layout.split(starts, lengths)
-        r, off = self.locate(lo)
+        lay = self.layout
+        lo, n, src, pos, run = lay.mapping.split_runs(starts, lengths)
+        # The run each piece lies in gives its region and offset (no second search).
+        r = self.first + lay.run_region[run]
+        off = (lay.run_off[run] + (lo - lay.mapping.starts[run])) * self.elem_bytes
         return r, off, n, src, pos
 
 

@@ -149,16 +149,23 @@ class Mapping:
         """Runs of elements cut where the mapping's runs end: (piece start element,
         piece length, index of the run each piece came from, its position in that
         run).  A piece lies on one tile (in one region, contiguous, once laid out)."""
+        return self.split_runs(starts, lengths)[:4]
+
+    def split_runs(self, starts, lengths) -> tuple[np.ndarray, ...]:
+        """`split`, and the mapping's run each piece lies in."""
         starts = np.asarray(starts, np.int64).reshape(-1)
         lengths = np.asarray(lengths, np.int64).reshape(-1)
         first = self.run_of(starts)
         last = self.run_of(starts + np.maximum(lengths, 1) - 1)
+        if (last == first).all() and (lengths > 0).all():
+            # Every run inside one of the mapping's (the usual case): no cuts.
+            return starts, lengths, np.arange(starts.size), np.zeros(starts.size, np.int64), first
         npieces = np.where(lengths > 0, last - first + 1, 0)
         src = np.repeat(np.arange(starts.size), npieces)
         run = np.repeat(first, npieces) + ramps(npieces)
         lo = np.maximum(self.starts[run], np.repeat(starts, npieces))
         hi = np.minimum(self.ends[run], np.repeat(starts + lengths, npieces))
-        return lo, hi - lo, src, lo - np.repeat(starts, npieces)
+        return lo, hi - lo, src, lo - np.repeat(starts, npieces), run
 
     # ---------------------------------------------------------------- layout
     def layout(self) -> "Layout":

@@ -144,10 +144,23 @@ def _meet(lives: Lives, i: int, j: int) -> bool:
 
 
 @functools.cache
+def _codelets():
+    from popdsl.sema import compile_codelets
+    return compile_codelets(SOURCE, "<bestfit>")
+
+
+@functools.cache
 def _native():
     from popdsl.codegen.jit import NativeCodelets
-    from popdsl.sema import compile_codelets
-    return NativeCodelets(compile_codelets(SOURCE, "<bestfit>"))
+    return NativeCodelets(_codelets())
+
+
+def compile_ahead() -> None:
+    """Start compiling the BestFit codelet's native code in the background
+    (`codegen.jit.compile_ahead`), for a plan still to come."""
+    from popdsl.codegen.jit import compile_ahead as ahead
+    if _native.cache_info().currsize == 0:
+        ahead(_codelets())
 
 
 def best_fit_many(problems: list[tuple]) -> list[tuple[np.ndarray, int]]:

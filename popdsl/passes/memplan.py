@@ -204,30 +204,28 @@ def _in_place(low: Lowered, live: Liveness) -> dict[int, int]:
     output's and the output region is left out of planning (size 0, same base)."""
     graph = low.graph
     cs_index = {cs.name: i for i, cs in enumerate(low.compute_sets)}
-    regions_of: dict[int, dict[int, int]] = {}
-    tensor = np.asarray(low.region_tensor, np.int64)
-    tiles = np.asarray(low.region_tile, np.int64)
-    for r in np.nonzero(tensor >= 0)[0].tolist():
-        regions_of.setdefault(int(tensor[r]), {})[int(tiles[r])] = r
     outputs = {low.reads[i][2] for i in low.outputs.values()}
-    alias: dict[int, int] = {}
-    taken: set[int] = set()
+    size = np.asarray(low.region_size, np.int64)
+    alias = np.full(size.size, -1, np.int64)       # region -> the region whose bytes it takes
+    taken = np.zeros(size.size, bool)
     for out_t, in_t, cs in graph.inplace:
         times = live.cs_points.get(cs_index[cs], [])
-        if len(times) != 1 or graph.tensors[in_t].kind != "temp" or in_t in outputs:
+        li, lo = low.layouts.get(in_t), low.layouts.get(out_t)
+        if len(times) != 1 or graph.tensors[in_t].kind != "temp" or in_t in outputs or li is None or lo is None:
             continue
         t = times[0]
-        for tile, r_in in regions_of.get(in_t, {}).items():
-            r_out = regions_of.get(out_t, {}).get(tile)
-            if r_out is None or r_in in taken or r_out in alias or low.region_size[r_out] != low.region_size[r_in]:
-                continue
-            if live.end[r_in] != t or live.start[r_out] != t:
-                continue
-            taken.add(r_in)
-            root = alias.get(r_in, r_in)          # chains share the first region's bytes
-            alias[r_out] = root
-            live.end[root] = max(live.end[root], live.end[r_out])
-    return alias
+        # A tensor's regions are consecutive, one per tile of its layout (ascending).
+        _, i_in, i_out = np.intersect1d(li.layout.tiles, lo.layout.tiles, assume_unique=True, return_indices=True)
+        r_in, r_out = li.first + i_in, lo.first + i_out
+        ok = ~taken[r_in] & (alias[r_out] < 0) & (size[r_out] == size[r_in]) \
+            & (live.end[r_in] == t) & (live.start[r_out] == t)
+        r_in, r_out = r_in[ok], r_out[ok]
+        taken[r_in] = True
+        root = np.where(alias[r_in] >= 0, alias[r_in], r_in)     # chains share the first region's bytes
+        alias[r_out] = root
+        live.end[root] = np.maximum(live.end[root], live.end[r_out])
+    out = np.nonzero(alias >= 0)[0]
+    return dict(zip(out.tolist(), alias[out].tolist()))
 
 
 def _categories(low, live: Liveness, rs, plan_rs, rt, planned, bound, naive, code_sizes,
