@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import example, given, settings, strategies as st
 
 import popdsl
 from popdsl import ops
@@ -308,3 +309,30 @@ def test_memory_reuse_keeps_bool_outputs_on_several_tiles():
         np.testing.assert_array_equal(out["p"], np.pad(b, ((1, 0), (0, 1))))
         np.testing.assert_array_equal(out["q"], np.concatenate([b, b]))
         np.testing.assert_array_equal(out["o"], x + 1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 2), st.integers(1, 5), st.integers(1, 4), st.integers(1, 9), st.integers(1, 3))
+@example(1, 3, 4, 6, 1)
+def test_per_channel_operands_read_as_scalars_or_vectors_match_numpy(n, c, h, w, tiles):
+    """x * s + b with s, b per channel: vertices inside one channel read s and b as
+    scalar fields (a codelet of their own), vertices spanning channels as vectors;
+    every element must still be numpy's."""
+    src = f"""
+graph g(tiles = {tiles}) {{
+    input x: f32[{n}, {c}, {h}, {w}];
+    input s: f32[{c}, 1, 1];
+    input b: f32[{c}, 1, 1];
+    output y = x * s + b;
+}}
+"""
+    exe = popdsl.compile(src, cache=False)
+    x, s, b = sample("f32", (n, c, h, w), 1), sample("f32", (c, 1, 1), 2), sample("f32", (c, 1, 1), 3)
+    with popdsl.Simulator(exe) as sim:
+        got = sim.run({"x": x, "s": s, "b": b})["y"]
+    # (the host contracts a * b + c into one fused multiply-add: one rounding, not two)
+    np.testing.assert_allclose(got, x * s + b, rtol=1e-6, atol=1e-6)
+    names = {grp.codelet for cs in exe.ir.compute_sets for grp in cs.groups}
+    assert names and all(k.startswith("fused_mul_add_") for k in names)
+    if (n, c, h, w, tiles) == (1, 3, 4, 6, 1):          # vertices of 18 over channels of 24
+        assert {k.endswith("_s1_2") for k in names} == {True, False}

@@ -17,6 +17,7 @@ outputs.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from dataclasses import replace
@@ -467,8 +468,8 @@ class Partitioner:
                         (*lets, cir.Store("y", (i,), expr, False))),)
         proto = cir.Codelet("ew", fields + (cir.Field("y", "out", n.dtype, ("n",)),), ("n",), None, body)
         digest = hashlib.sha1(repr(proto).encode()).hexdigest()[:8]
-        name = self.add_codelet(cir.Codelet(f"fused_{_fused_ops(n, leaves)}_{digest}", proto.fields, proto.symbols,
-                                            None, body))
+        base = cir.Codelet(f"fused_{_fused_ops(n, leaves)}_{digest}", proto.fields, proto.symbols, None, body)
+        name = self.add_codelet(base)
         out = self.new_tensor(self.name(n), n.dtype, n.shape)
         views = [self.value(leaf) for leaf in leaves]
         # Aligned with the first full-size operand: each tile computes its own data.
@@ -498,6 +499,7 @@ class Partitioner:
                     and self.g.mappings[v.tensor].same(self.g.mappings[out.tensor]):
                 self.g.inplace.append((out.tensor, v.tensor, cs.name))
         dense: dict[int, np.ndarray] = {}
+        variants: dict[tuple, str] = {(): name}
         for size, pos, tiles in self.chunks(tile_of):
             # A vertex's elements are usually consecutive (an output laid out by
             # tile): then every strided operand is a Batch, O(vertices) numbers,
@@ -505,15 +507,31 @@ class Partitioner:
             first = pos[:, 0]
             runs = np.array_equal(pos, first[:, None] + np.arange(size))
             conns = {}
+            one = np.zeros((len(tiles), len(leaves)), bool)    # the vertex reads one element of the leaf
             for k, (t, b) in enumerate(flat_leaves):
                 if runs and isinstance(b, Strided):
                     conns[f"a{k}"] = (t, Batch(b.offset + b.strides[0] * first, (size,), (b.strides[0],)))
+                    one[:, k] = b.strides[0] == 0 and size > 1
                 else:
                     if k not in dense:
                         dense[k] = as_array(b)
-                    conns[f"a{k}"] = (t, dense[k][pos])
+                    idx = dense[k][pos]
+                    conns[f"a{k}"] = (t, idx)
+                    one[:, k] = (idx == idx[:, :1]).all(axis=1) & (size > 1)
             conns["y"] = (out.tensor, Batch(first.astype(np.int64), (size,), (1,)) if runs else pos)
-            self.group(cs, name, tiles, conns)
+            # A leaf that is one element for a vertex (a per-channel scale broadcast
+            # over the channel's pixels) is a scalar field of that vertex's codelet:
+            # one element fetched, not `size` copies of it.
+            kinds, which = np.unique(one, axis=0, return_inverse=True)
+            for j, kind in enumerate(kinds):
+                rows = np.nonzero(which.reshape(-1) == j)[0]
+                scalars = tuple(np.nonzero(kind)[0].tolist())
+                if scalars not in variants:
+                    variants[scalars] = self.add_codelet(_with_scalar_leaves(base, scalars))
+                sel = conns if len(kinds) == 1 else {f: (t, _take(idx, rows)) for f, (t, idx) in conns.items()}
+                sel = {f: (t, _first_elements(idx) if f in {f"a{k}" for k in scalars} else idx)
+                       for f, (t, idx) in sel.items()}
+                self.group(cs, variants[scalars], tiles[rows], sel)
         self.record(n, cs, flops=n.numel * _count_ops(expr, lets))
         return out
 
@@ -614,6 +632,34 @@ def _fused_ops(n: Node, leaves: list) -> str:
             names.append(op)
     visit(n)
     return "_".join(names[:4] + (["etc"] if len(names) > 4 else [])) or n.op
+
+
+def _first_elements(index) -> np.ndarray:
+    """Each vertex's first element of a stacked index (vertices, n): what a scalar
+    field connects to."""
+    if isinstance(index, Batch):
+        return index.offsets.copy()
+    return np.asarray(index)[:, 0].copy()
+
+
+def _with_scalar_leaves(c: cir.Codelet, scalars: tuple[int, ...]) -> cir.Codelet:
+    """A fused codelet whose leaves `scalars` (a0, a1, ...) are scalar fields: each
+    read of `aK[i]` becomes a read of `aK`.  Named after the codelet and the leaves."""
+    if not scalars:
+        return c
+    names = {f"a{k}" for k in scalars}
+
+    def rewrite(x):
+        if isinstance(x, cir.Load) and x.field in names:
+            return dataclasses.replace(x, index=())
+        if isinstance(x, tuple):
+            return tuple(rewrite(y) for y in x)
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            changes = {f.name: rewrite(getattr(x, f.name)) for f in dataclasses.fields(x)}
+            return dataclasses.replace(x, **changes) if any(changes[k] is not getattr(x, k) for k in changes) else x
+        return x
+    fields = tuple(dataclasses.replace(f, dims=()) if f.name in names else f for f in c.fields)
+    return cir.Codelet(f"{c.name}_s{'_'.join(str(k) for k in scalars)}", fields, c.symbols, c.ret, rewrite(c.body))
 
 
 def _flat(index):
