@@ -331,6 +331,11 @@ def as_array(index) -> np.ndarray:
     return index.array() if isinstance(index, (Strided, Batch)) else np.asarray(index)
 
 
+def take_rows(index, rows: np.ndarray):
+    """The vertices `rows` of a stacked connection (a Batch or an index array)."""
+    return index.take(rows) if isinstance(index, Batch) else np.asarray(index)[rows]
+
+
 def broadcast_to(index, shape):
     """numpy's broadcast_to, keeping a strided view strided."""
     return index.broadcast_to(shape) if isinstance(index, Strided) else np.broadcast_to(index, shape)

@@ -2,10 +2,10 @@
 
 Requires numpy only; produces `Recipe` (an initializer, its seed and the tensor it
 fills), `Recipe.values()`, and `InitialValues`, the tensor id → initial values map
-graphs and executables hold, where a drawn tensor stays its recipe until it is read.  A model's parameters are most of its executable —
-ResNet-50's 25.5M f32 weights are 102 MB of noise that no compression shrinks — so
-a `.popx` stores a parameter drawn by a recipe as the recipe, and the loader draws
-it again.  That is only honest if the draw is the same everywhere, so the values
+graphs and executables hold, where a drawn tensor stays its recipe until it is
+read.  A model's parameters are most of its executable — ResNet-50's 25.5M f32
+weights are 102 MB of noise that no compression shrinks — so a `.popx` stores a
+parameter drawn by a recipe as the recipe, and the loader draws it again.  That is only honest if the draw is the same everywhere, so the values
 come from the PCG64 bit generator's raw 64-bit stream (which numpy keeps stable
 across versions, unlike its distributions) through arithmetic IEEE 754 rounds the
 same way on every host:

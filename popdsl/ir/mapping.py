@@ -1,9 +1,9 @@
 """Tile mappings as runs of elements, as Poplar keeps them: which tile holds each
 element of a tensor, without an array the size of the tensor.
 
-Requires numpy and `ir.index` (views); produces `Mapping`: a tensor's flat elements cut into runs
-`[starts[i], starts[i+1])` (the last run ends at `numel`), each on `tiles[i]` (-1:
-not mapped yet), adjacent runs on one tile merged.  Assigning tiles to runs of
+Requires numpy and `ir.index` (views); produces `Mapping`: a tensor's flat elements
+cut into runs `[starts[i], starts[i+1])` (the last run ends at `numel`), each on
+`tiles[i]` (-1: not mapped yet), adjacent runs on one tile merged.  Assigning tiles to runs of
 elements, asking which tile holds given elements and laying the tensor out in
 per-tile regions (a tile's elements in flat order, one region per tile) all cost
 O(runs), never O(elements).

@@ -10,16 +10,16 @@ outputs.
 - Every operation follows its partition rule in the operation table (`popdsl.ops`):
   shape operations (reshape, transpose, index, broadcast) are views, no copy;
   reductions, matmul, convolutions, pooling, padding... place vertices.
-- Chains of element-wise work fuse into one generated codelet (each op's `emit`
-  gives its codelet IR); its output is mapped like its first full-size operand (so
-  no exchange) or spread evenly.
+- Chains of element-wise work fuse into one generated codelet (`passes.fuse`; each
+  op's `emit` gives its codelet IR); its output is mapped like its first full-size
+  operand (so no exchange) or spread evenly.
+- A vertex group's index arrays are kept as Batches for the vertices whose views
+  are strided alike; tile mappings are runs (`ir.mapping`).
 - Tensors still unmapped at the end (parameters nobody mapped) spread linearly.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import hashlib
 from dataclasses import replace
 
 import numpy as np
@@ -28,15 +28,12 @@ from popdsl import ops, resources
 from popdsl.diagnostics import Span
 from popdsl.ir import codelet as cir
 from popdsl.ir import graph as g
-from popdsl.ir.index import Batch, Strided, affine_rows, as_array, broadcast_to
+from popdsl.ir.index import Batch, Strided, affine_rows, as_array, take_rows
 from popdsl.ir.mapping import Mapping
 from popdsl.ir.tensor import Node
 from popdsl.ops.blocks import GRAIN
+from popdsl.passes.fuse import partition_fused
 
-
-
-def _take(index, rows: np.ndarray):
-    return index.take(rows) if isinstance(index, Batch) else np.asarray(index)[rows]
 
 
 def _rows(state: dict | None, rows: np.ndarray, nv: int) -> dict | None:
@@ -278,10 +275,10 @@ class Partitioner:
             if fit.any():
                 rows, rest = np.nonzero(fit)[0], np.nonzero(~fit)[0]
                 if rest.size:
-                    self._group(cs, codelet, tiles[rest], {f: (t, _take(idx, rest)) for f, (t, idx) in conns.items()},
+                    self._group(cs, codelet, tiles[rest], {f: (t, take_rows(idx, rest)) for f, (t, idx) in conns.items()},
                                 _rows(state, rest, nv))
                     tiles, state = tiles[rows], _rows(state, rows, nv)
-                    conns = {f: (t, _take(idx, rows)) for f, (t, idx) in conns.items()}
+                    conns = {f: (t, take_rows(idx, rows)) for f, (t, idx) in conns.items()}
                 conns = {f: (t, Batch(np.asarray(idx, np.int64).reshape(len(tiles), -1)[:, 0].copy(),
                                       tuple(np.shape(idx)[1:]), strides[f]) if f in dense else idx)
                          for f, (t, idx) in conns.items()}
@@ -382,7 +379,7 @@ class Partitioner:
         self.span = self.g.nodes.spans.get(n.id, self.span) if self.g.nodes is not None else self.span
         entry = ops.op(n.op)
         if entry.kind == "elementwise" or n.op == "const":
-            return self.elementwise(n)
+            return partition_fused(self, n)
         return entry.partition(self, n)
 
     # ---------------------------------------------------------------- functions
@@ -457,112 +454,6 @@ class Partitioner:
                 "shared_inputs": sum(f.shared), "ops": f.ops, "tensors": list(self.own[f.name]),
                 "recompute_calls": sum(i.label.endswith(".recompute") for i in f.instances)}
 
-    # ---------------------------------------------------------------- element-wise
-    def elementwise(self, n: Node) -> g.View:
-        leaves: list[Node] = []
-        lets: list[cir.Declare] = []
-        expr = self.fuse(n, leaves, lets, top=True)
-        fields = tuple(cir.Field(f"a{i}", "in", leaf.dtype, ("n",)) for i, leaf in enumerate(leaves))
-        i = cir.Local("i", "i32")
-        body = (cir.For("i", cir.Const(0, "i32"), cir.Sym("n"), 1,
-                        (*lets, cir.Store("y", (i,), expr, False))),)
-        proto = cir.Codelet("ew", fields + (cir.Field("y", "out", n.dtype, ("n",)),), ("n",), None, body)
-        digest = hashlib.sha1(repr(proto).encode()).hexdigest()[:8]
-        base = cir.Codelet(f"fused_{_fused_ops(n, leaves)}_{digest}", proto.fields, proto.symbols, None, body)
-        name = self.add_codelet(base)
-        out = self.new_tensor(self.name(n), n.dtype, n.shape)
-        views = [self.value(leaf) for leaf in leaves]
-        # Aligned with the first full-size operand: each tile computes its own data.
-        align = next((v for v in views if v.shape == n.shape), None)
-        if align is not None:
-            self.ensure_mapped(align)
-            tile_of = self.tiles_of(align).ravel()
-        else:
-            tile_of = self.linear(out.index.size)
-        self.set_tiles(out.tensor, tile_of)
-        flat_leaves = []
-        for v in views:
-            b = _flat(broadcast_to(v.index, n.shape))
-            self.ensure_mapped(g.View(v.tensor, b, v.span), tile_of if v.shape == n.shape else None)
-            flat_leaves.append((v.tensor, b))
-        cs = self.new_cs(name)
-        for v, leaf in zip(views, leaves):
-            t = self.g.tensors[v.tensor]
-            # Same layout element by element: the output may overwrite this operand
-            # where it dies (the planner decides).  Equal mappings too: an operand
-            # mapped unlike the output (not the one it is aligned with) has other
-            # elements at the same offsets, which the output would overwrite
-            # before a vertex of the tile reads them.
-            if v.shape == n.shape and t.shape == n.shape and cir.ELEM_BYTES[t.dtype] == cir.ELEM_BYTES[n.dtype] \
-                    and (v.index.is_whole(t.numel) if isinstance(v.index, Strided)
-                         else np.array_equal(as_array(v.index).ravel(), np.arange(t.numel))) \
-                    and self.g.mappings[v.tensor].same(self.g.mappings[out.tensor]):
-                self.g.inplace.append((out.tensor, v.tensor, cs.name))
-        dense: dict[int, np.ndarray] = {}
-        variants: dict[tuple, str] = {(): name}
-        for size, pos, tiles in self.chunks(tile_of):
-            # A vertex's elements are usually consecutive (an output laid out by
-            # tile): then every strided operand is a Batch, O(vertices) numbers,
-            # not an index per element.
-            first = pos[:, 0]
-            runs = np.array_equal(pos, first[:, None] + np.arange(size))
-            conns = {}
-            one = np.zeros((len(tiles), len(leaves)), bool)    # the vertex reads one element of the leaf
-            for k, (t, b) in enumerate(flat_leaves):
-                if runs and isinstance(b, Strided):
-                    conns[f"a{k}"] = (t, Batch(b.offset + b.strides[0] * first, (size,), (b.strides[0],)))
-                    one[:, k] = b.strides[0] == 0 and size > 1
-                else:
-                    if k not in dense:
-                        dense[k] = as_array(b)
-                    idx = dense[k][pos]
-                    conns[f"a{k}"] = (t, idx)
-                    one[:, k] = (idx == idx[:, :1]).all(axis=1) & (size > 1)
-            conns["y"] = (out.tensor, Batch(first.astype(np.int64), (size,), (1,)) if runs else pos)
-            # A leaf that is one element for a vertex (a per-channel scale broadcast
-            # over the channel's pixels) is a scalar field of that vertex's codelet:
-            # one element fetched, not `size` copies of it.
-            kinds, which = np.unique(one, axis=0, return_inverse=True)
-            for j, kind in enumerate(kinds):
-                rows = np.nonzero(which.reshape(-1) == j)[0]
-                scalars = tuple(np.nonzero(kind)[0].tolist())
-                if scalars not in variants:
-                    variants[scalars] = self.add_codelet(_with_scalar_leaves(base, scalars))
-                sel = conns if len(kinds) == 1 else {f: (t, _take(idx, rows)) for f, (t, idx) in conns.items()}
-                sel = {f: (t, _first_elements(idx) if f in {f"a{k}" for k in scalars} else idx)
-                       for f, (t, idx) in sel.items()}
-                self.group(cs, variants[scalars], tiles[rows], sel)
-        self.record(n, cs, flops=n.numel * _count_ops(expr, lets))
-        return out
-
-    def fuse(self, n: Node, leaves: list, lets: list, top: bool = False) -> cir.Expr:
-        """Codelet IR for n, inlining single-use element-wise operands.  An operand
-        an op's `emit` uses more than once (`square`, `leaky_relu`) is computed once
-        into a local (a `let` in `lets`) rather than once per use."""
-        if n.op == "const":
-            return cir.Const(n.attrs[0], n.dtype)
-        if not top and (not ops.is_elementwise(n.op) or self.consumers.get(n.id, 0) > 1 or n.id in self.mat
-                        or self.called(n)):
-            if n not in leaves:
-                leaves.append(n)
-            k = leaves.index(n)
-            return cir.Load(f"a{k}", (cir.Local("i", "i32"),), cir.compute_type(n.dtype), False)
-        args = [self.fuse(a, leaves, lets) for a in n.args]
-        ty = cir.compute_type(n.dtype)
-        if n.op.startswith("call:"):
-            return cir.CallScalar(n.op[5:], tuple(args), ty)
-        emit = ops.op(n.op).emit
-        expr = emit(args, ty, n.attrs)
-        reused = [k for k, a in enumerate(args)
-                  if not isinstance(a, (cir.Load, cir.Const, cir.Local)) and _uses(expr, a) > 1]
-        if not reused:
-            return expr
-        for k in reused:
-            name = f"t{len(lets)}"
-            lets.append(cir.Declare(name, args[k].ty, args[k]))
-            args[k] = cir.Local(name, args[k].ty)
-        return emit(args, ty, n.attrs)
-
     # ---------------------------------------------------------------- statistics
     def record(self, n: Node, *css: g.ComputeSet, flops: int | None = None) -> None:
         """What the reports say of an op: its compute sets, vertices, tiles, FLOPs."""
@@ -587,86 +478,3 @@ class Partitioner:
 def partition(graph: g.TensorGraph) -> g.TensorGraph:
     """A new graph; `graph` is left as it was."""
     return Partitioner(graph.copy()).run()
-
-
-def _uses(expr, sub) -> int:
-    """How many times the object `sub` occurs in the codelet IR tree `expr`."""
-    if expr is sub:
-        return 1
-    if isinstance(expr, tuple):
-        return sum(_uses(x, sub) for x in expr)
-    if hasattr(expr, "__dataclass_fields__"):
-        return sum(_uses(getattr(expr, f), sub) for f in expr.__dataclass_fields__)
-    return 0
-
-
-def _count_ops(expr, lets) -> int:
-    """Arithmetic operations in a fused kernel's element (loads, constants and
-    locals are not operations)."""
-    n = 0
-    stack = [expr] + [d.init for d in lets]
-    while stack:
-        e = stack.pop()
-        if isinstance(e, (cir.Unary, cir.Binary, cir.Select, cir.Intrinsic, cir.CallScalar)):
-            n += 1
-        if isinstance(e, tuple):
-            stack.extend(e)
-        elif hasattr(e, "__dataclass_fields__"):
-            stack.extend(getattr(e, f) for f in e.__dataclass_fields__)
-    return max(n, 1)
-
-
-def _fused_ops(n: Node, leaves: list) -> str:
-    """The operations a fused kernel computes, for its name: `mul_add_relu` (at most
-    four, then `etc`)."""
-    names: list[str] = []
-    stop = {leaf.id for leaf in leaves}
-
-    def visit(m: Node) -> None:
-        if m.id in stop or m.op == "const":
-            return
-        for a in m.args:
-            visit(a)
-        op = m.op[5:] if m.op.startswith("call:") else m.op.removeprefix("cast_")
-        if op not in names:
-            names.append(op)
-    visit(n)
-    return "_".join(names[:4] + (["etc"] if len(names) > 4 else [])) or n.op
-
-
-def _first_elements(index) -> np.ndarray:
-    """Each vertex's first element of a stacked index (vertices, n): what a scalar
-    field connects to."""
-    if isinstance(index, Batch):
-        return index.offsets.copy()
-    return np.asarray(index)[:, 0].copy()
-
-
-def _with_scalar_leaves(c: cir.Codelet, scalars: tuple[int, ...]) -> cir.Codelet:
-    """A fused codelet whose leaves `scalars` (a0, a1, ...) are scalar fields: each
-    read of `aK[i]` becomes a read of `aK`.  Named after the codelet and the leaves."""
-    if not scalars:
-        return c
-    names = {f"a{k}" for k in scalars}
-
-    def rewrite(x):
-        if isinstance(x, cir.Load) and x.field in names:
-            return dataclasses.replace(x, index=())
-        if isinstance(x, tuple):
-            return tuple(rewrite(y) for y in x)
-        if dataclasses.is_dataclass(x) and not isinstance(x, type):
-            changes = {f.name: rewrite(getattr(x, f.name)) for f in dataclasses.fields(x)}
-            return dataclasses.replace(x, **changes) if any(changes[k] is not getattr(x, k) for k in changes) else x
-        return x
-    fields = tuple(dataclasses.replace(f, dims=()) if f.name in names else f for f in c.fields)
-    return cir.Codelet(f"{c.name}_s{'_'.join(str(k) for k in scalars)}", fields, c.symbols, c.ret, rewrite(c.body))
-
-
-def _flat(index):
-    """A view's elements in flat order: a 1-D strided view where there is one (not
-    for a broadcast), else the element array."""
-    if isinstance(index, Strided):
-        f = index.view_reshape((index.size,))
-        if f is not None:
-            return f
-    return as_array(index).ravel()

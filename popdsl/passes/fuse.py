@@ -1,0 +1,220 @@
+"""Element-wise fusion: a chain of element-wise operations partitioned as ONE
+generated codelet and one compute set.
+
+Requires a `passes.partition.Partitioner` (`p`: values, mapping, vertex groups, the
+op records) and the operation table's `emit` rules; produces, for the node ending a
+chain, its output tensor — mapped like its first full-size operand (so no exchange)
+or spread evenly — and the vertices that compute it:
+
+- single-use element-wise operands are inlined into the vertex loop, constants
+  become literals, an operand an op uses twice is computed once into a local;
+- the codelet is named after what it computes and a digest of its IR
+  (`fused_mul_add_relu_31298822`), so equal chains share one codelet;
+- a leaf that is one element for a vertex (a per-channel scale broadcast over the
+  channel's pixels, where the vertex lies in one channel) is a scalar field of a
+  variant of the codelet (`..._s1_2`): the exchange brings one element, not one per
+  element of the vertex.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+
+from popdsl import ops
+from popdsl.ir import codelet as cir
+from popdsl.ir import graph as g
+from popdsl.ir.index import Batch, Strided, as_array, broadcast_to, take_rows
+from popdsl.ir.tensor import Node
+
+
+def partition_fused(p, n: Node) -> g.View:
+    """A chain of element-wise operations ending at n: one generated codelet, one
+    compute set, its output mapped like its first full-size operand."""
+    leaves: list[Node] = []
+    lets: list[cir.Declare] = []
+    expr = fuse(p, n, leaves, lets, top=True)
+    fields = tuple(cir.Field(f"a{i}", "in", leaf.dtype, ("n",)) for i, leaf in enumerate(leaves))
+    i = cir.Local("i", "i32")
+    body = (cir.For("i", cir.Const(0, "i32"), cir.Sym("n"), 1,
+                    (*lets, cir.Store("y", (i,), expr, False))),)
+    proto = cir.Codelet("ew", fields + (cir.Field("y", "out", n.dtype, ("n",)),), ("n",), None, body)
+    digest = hashlib.sha1(repr(proto).encode()).hexdigest()[:8]
+    base = cir.Codelet(f"fused_{_fused_ops(n, leaves)}_{digest}", proto.fields, proto.symbols, None, body)
+    name = p.add_codelet(base)
+    out = p.new_tensor(p.name(n), n.dtype, n.shape)
+    views = [p.value(leaf) for leaf in leaves]
+    # Aligned with the first full-size operand: each tile computes its own data.
+    align = next((v for v in views if v.shape == n.shape), None)
+    if align is not None:
+        p.ensure_mapped(align)
+        tile_of = p.tiles_of(align).ravel()
+    else:
+        tile_of = p.linear(out.index.size)
+    p.set_tiles(out.tensor, tile_of)
+    flat_leaves = []
+    for v in views:
+        b = _flat(broadcast_to(v.index, n.shape))
+        p.ensure_mapped(g.View(v.tensor, b, v.span), tile_of if v.shape == n.shape else None)
+        flat_leaves.append((v.tensor, b))
+    cs = p.new_cs(name)
+    for v, leaf in zip(views, leaves):
+        t = p.g.tensors[v.tensor]
+        # Same layout element by element: the output may overwrite this operand
+        # where it dies (the planner decides).  Equal mappings too: an operand
+        # mapped unlike the output (not the one it is aligned with) has other
+        # elements at the same offsets, which the output would overwrite
+        # before a vertex of the tile reads them.
+        if v.shape == n.shape and t.shape == n.shape and cir.ELEM_BYTES[t.dtype] == cir.ELEM_BYTES[n.dtype] \
+                and (v.index.is_whole(t.numel) if isinstance(v.index, Strided)
+                     else np.array_equal(as_array(v.index).ravel(), np.arange(t.numel))) \
+                and p.g.mappings[v.tensor].same(p.g.mappings[out.tensor]):
+            p.g.inplace.append((out.tensor, v.tensor, cs.name))
+    dense: dict[int, np.ndarray] = {}
+    variants: dict[tuple, str] = {(): name}
+    for size, pos, tiles in p.chunks(tile_of):
+        # A vertex's elements are usually consecutive (an output laid out by
+        # tile): then every strided operand is a Batch, O(vertices) numbers,
+        # not an index per element.
+        first = pos[:, 0]
+        runs = np.array_equal(pos, first[:, None] + np.arange(size))
+        conns = {}
+        one = np.zeros((len(tiles), len(leaves)), bool)    # the vertex reads one element of the leaf
+        for k, (t, b) in enumerate(flat_leaves):
+            if runs and isinstance(b, Strided):
+                conns[f"a{k}"] = (t, Batch(b.offset + b.strides[0] * first, (size,), (b.strides[0],)))
+                one[:, k] = b.strides[0] == 0 and size > 1
+            else:
+                if k not in dense:
+                    dense[k] = as_array(b)
+                idx = dense[k][pos]
+                conns[f"a{k}"] = (t, idx)
+                one[:, k] = (idx == idx[:, :1]).all(axis=1) & (size > 1)
+        conns["y"] = (out.tensor, Batch(first.astype(np.int64), (size,), (1,)) if runs else pos)
+        # A leaf that is one element for a vertex (a per-channel scale broadcast
+        # over the channel's pixels) is a scalar field of that vertex's codelet:
+        # one element fetched, not `size` copies of it.
+        kinds, which = np.unique(one, axis=0, return_inverse=True)
+        for j, kind in enumerate(kinds):
+            rows = np.nonzero(which.reshape(-1) == j)[0]
+            scalars = tuple(np.nonzero(kind)[0].tolist())
+            if scalars not in variants:
+                variants[scalars] = p.add_codelet(_with_scalar_leaves(base, scalars))
+            sel = conns if len(kinds) == 1 else {f: (t, take_rows(idx, rows)) for f, (t, idx) in conns.items()}
+            sel = {f: (t, _first_elements(idx) if f in {f"a{k}" for k in scalars} else idx)
+                   for f, (t, idx) in sel.items()}
+            p.group(cs, variants[scalars], tiles[rows], sel)
+    p.record(n, cs, flops=n.numel * _count_ops(expr, lets))
+    return out
+
+def fuse(p, n: Node, leaves: list, lets: list, top: bool = False) -> cir.Expr:
+    """Codelet IR for n, inlining single-use element-wise operands.  An operand
+    an op's `emit` uses more than once (`square`, `leaky_relu`) is computed once
+    into a local (a `let` in `lets`) rather than once per use."""
+    if n.op == "const":
+        return cir.Const(n.attrs[0], n.dtype)
+    if not top and (not ops.is_elementwise(n.op) or p.consumers.get(n.id, 0) > 1 or n.id in p.mat
+                    or p.called(n)):
+        if n not in leaves:
+            leaves.append(n)
+        k = leaves.index(n)
+        return cir.Load(f"a{k}", (cir.Local("i", "i32"),), cir.compute_type(n.dtype), False)
+    args = [fuse(p, a, leaves, lets) for a in n.args]
+    ty = cir.compute_type(n.dtype)
+    if n.op.startswith("call:"):
+        return cir.CallScalar(n.op[5:], tuple(args), ty)
+    emit = ops.op(n.op).emit
+    expr = emit(args, ty, n.attrs)
+    reused = [k for k, a in enumerate(args)
+              if not isinstance(a, (cir.Load, cir.Const, cir.Local)) and _uses(expr, a) > 1]
+    if not reused:
+        return expr
+    for k in reused:
+        name = f"t{len(lets)}"
+        lets.append(cir.Declare(name, args[k].ty, args[k]))
+        args[k] = cir.Local(name, args[k].ty)
+    return emit(args, ty, n.attrs)
+
+
+def _uses(expr, sub) -> int:
+    """How many times the object `sub` occurs in the codelet IR tree `expr`."""
+    if expr is sub:
+        return 1
+    if isinstance(expr, tuple):
+        return sum(_uses(x, sub) for x in expr)
+    if hasattr(expr, "__dataclass_fields__"):
+        return sum(_uses(getattr(expr, f), sub) for f in expr.__dataclass_fields__)
+    return 0
+
+
+def _count_ops(expr, lets) -> int:
+    """Arithmetic operations in a fused kernel's element (loads, constants and
+    locals are not operations)."""
+    n = 0
+    stack = [expr] + [d.init for d in lets]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, (cir.Unary, cir.Binary, cir.Select, cir.Intrinsic, cir.CallScalar)):
+            n += 1
+        if isinstance(e, tuple):
+            stack.extend(e)
+        elif hasattr(e, "__dataclass_fields__"):
+            stack.extend(getattr(e, f) for f in e.__dataclass_fields__)
+    return max(n, 1)
+
+
+def _fused_ops(n: Node, leaves: list) -> str:
+    """The operations a fused kernel computes, for its name: `mul_add_relu` (at most
+    four, then `etc`)."""
+    names: list[str] = []
+    stop = {leaf.id for leaf in leaves}
+
+    def visit(m: Node) -> None:
+        if m.id in stop or m.op == "const":
+            return
+        for a in m.args:
+            visit(a)
+        op = m.op[5:] if m.op.startswith("call:") else m.op.removeprefix("cast_")
+        if op not in names:
+            names.append(op)
+    visit(n)
+    return "_".join(names[:4] + (["etc"] if len(names) > 4 else [])) or n.op
+
+
+def _first_elements(index) -> np.ndarray:
+    """Each vertex's first element of a stacked index (vertices, n): what a scalar
+    field connects to."""
+    if isinstance(index, Batch):
+        return index.offsets.copy()
+    return np.asarray(index)[:, 0].copy()
+
+
+def _with_scalar_leaves(c: cir.Codelet, scalars: tuple[int, ...]) -> cir.Codelet:
+    """A fused codelet whose leaves `scalars` (a0, a1, ...) are scalar fields: each
+    read of `aK[i]` becomes a read of `aK`.  Named after the codelet and the leaves."""
+    if not scalars:
+        return c
+    names = {f"a{k}" for k in scalars}
+
+    def rewrite(x):
+        if isinstance(x, cir.Load) and x.field in names:
+            return dataclasses.replace(x, index=())
+        if isinstance(x, tuple):
+            return tuple(rewrite(y) for y in x)
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            changes = {f.name: rewrite(getattr(x, f.name)) for f in dataclasses.fields(x)}
+            return dataclasses.replace(x, **changes) if any(changes[k] is not getattr(x, k) for k in changes) else x
+        return x
+    fields = tuple(dataclasses.replace(f, dims=()) if f.name in names else f for f in c.fields)
+    return cir.Codelet(f"{c.name}_s{'_'.join(str(k) for k in scalars)}", fields, c.symbols, c.ret, rewrite(c.body))
+
+
+def _flat(index):
+    """A view's elements in flat order: a 1-D strided view where there is one (not
+    for a broadcast), else the element array."""
+    if isinstance(index, Strided):
+        f = index.view_reshape((index.size,))
+        if f is not None:
+            return f
+    return as_array(index).ravel()
