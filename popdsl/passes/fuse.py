@@ -108,6 +108,7 @@ def partition_fused(p, n: Node) -> g.View:
     p.record(n, cs, flops=n.numel * _count_ops(expr, lets))
     return out
 
+
 def fuse(p, n: Node, leaves: list, lets: list, top: bool = False) -> cir.Expr:
     """Codelet IR for n, inlining single-use element-wise operands.  An operand
     an op's `emit` uses more than once (`square`, `leaky_relu`) is computed once
