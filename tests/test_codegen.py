@@ -453,6 +453,14 @@ def test_random_expressions_bit_exact(ei, ef, eb, xi, seed):
 
 # ---------------------------------------------------------------- cache
 
+def _fused_adds_ones(nc, cs) -> None:
+    """FUSED's vertex on ones: c = a * b + a = 2 (the native code runs and is right)."""
+    vs = Vertices(cs[0], [{"a": np.ones(3, np.float32), "b": np.ones(3, np.float32),
+                           "c": np.zeros(3, np.float32), "n": 3}])
+    nc.run("Fused", vs.mem, vs.table, 0, 1, np.zeros(1, np.int64))
+    np.testing.assert_array_equal(vs.get(vs.mem, 0, "c"), [2, 2, 2])
+
+
 def test_cache_hit_skips_compile_and_survives_corruption(monkeypatch, tmp_path):
     monkeypatch.setenv("POPDSL_CACHE_DIR", str(tmp_path))
     cs = list(pop(FUSED).values())
@@ -467,10 +475,7 @@ def test_cache_hit_skips_compile_and_survives_corruption(monkeypatch, tmp_path):
     files[0].write_bytes(files[0].read_bytes()[:100] + b"garbage")
     nc = NativeCodelets(cs)
     assert not nc.from_cache and len(calls) == 2
-    vs = Vertices(cs[0], [{"a": np.ones(3, np.float32), "b": np.ones(3, np.float32),
-                           "c": np.zeros(3, np.float32), "n": 3}])
-    nc.run("Fused", vs.mem, vs.table, 0, 1, np.zeros(1, np.int64))
-    np.testing.assert_array_equal(vs.get(vs.mem, 0, "c"), [2, 2, 2])
+    _fused_adds_ones(nc, cs)
 
 
 def test_compile_ahead_is_taken_by_the_next_compile_of_the_same_codelets(monkeypatch, tmp_path):
@@ -488,10 +493,7 @@ def test_compile_ahead_is_taken_by_the_next_compile_of_the_same_codelets(monkeyp
     assert len(list(tmp_path.glob("*.o"))) == 1
     jit.compile_ahead(cs)                    # cached: nothing to do
     assert not jit._AHEAD and len(calls) == 1
-    vs = Vertices(cs[0], [{"a": np.ones(3, np.float32), "b": np.ones(3, np.float32),
-                           "c": np.zeros(3, np.float32), "n": 3}])
-    nc.run("Fused", vs.mem, vs.table, 0, 1, np.zeros(1, np.int64))
-    np.testing.assert_array_equal(vs.get(vs.mem, 0, "c"), [2, 2, 2])
+    _fused_adds_ones(nc, cs)
 
 
 def test_compile_ahead_that_fails_is_compiled_again_where_it_is_needed(monkeypatch, tmp_path):
