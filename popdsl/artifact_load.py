@@ -543,6 +543,8 @@ def reprove_checks(c: cir.Codelet) -> cir.Codelet:
                            else bounds) for f in dc_fields(node)}
         if isinstance(node, (cir.Load, cir.Store)):
             new["checked"] = not proven(node.field, new["index"], bounds)
+        elif isinstance(node, cir.Amp):
+            new["checked"] = True           # its corners are never proven: always checked
         return replace(node, **new)
 
     return replace(c, body=rec(c.body, {}))

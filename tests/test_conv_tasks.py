@@ -9,10 +9,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from popdsl import ops
 from popdsl.ir import graph as g
+from popdsl.ir.cost import AMP_ROWS
 from popdsl.ir.index import Batch, Strided, as_array, stack
 from popdsl.ir.mapping import Mapping
 from popdsl.ir.target import get_target
@@ -140,8 +141,9 @@ def test_map_first_maps_as_each_tasks_ensure_mapped_in_task_order(index, data):
 # ---------------------------------------------------------------- conv2d against its per-task loop
 
 def _conv_per_task(p, n):
-    """conv2d's partition rule as it was: a Python loop over the tasks, a dict each
-    (the definition the vectorised rule must equal, vertex for vertex)."""
+    """conv2d's partition rule as a Python loop over the tasks and their workers'
+    vertices, a dict each (the definition the vectorised rule must equal, vertex
+    for vertex)."""
     from popdsl.ops.conv import _conv_plan
     from popdsl.ops.reduce import add_partials
     from popdsl.ops.shape import padded
@@ -175,15 +177,24 @@ def _conv_per_task(p, n):
                         tile = int(tiles[t])
                         t += 1
                         oo0, oo1 = gi * Og + o0, gi * Og + o1
-                        xs = x.index[nn, gi * Cg + c0: gi * Cg + c1, r0 * stride:(r1 - 1) * stride + KH, :]
-                        ws = w.index[oo0:oo1, c0:c1, :, :]
-                        ys = target[ci, nn, oo0:oo1, r0:r1, :]
-                        p.g.mappings[acc.tensor].assign_elements(as_array(ys).ravel(), tile)
-                        p.ensure_mapped(g.View(w.tensor, ws, w.span), np.int32(tile))
-                        tasks.append({"tile": tile, "state": {"kh": KH, "kw": KW, "s": stride, "wp": Wp, "ow": OW},
-                                      "conns": {"x": (x.tensor, xs.reshape(c1 - c0, -1)),
-                                                "w": (w.tensor, ws.reshape(o1 - o0, -1)),
-                                                "y": (acc.tensor, ys.reshape(o1 - o0, -1))}})
+                        p.g.mappings[acc.tensor].assign_elements(as_array(target[ci, nn, oo0:oo1, r0:r1, :]).ravel(), tile)
+                        p.ensure_mapped(g.View(w.tensor, w.index[oo0:oo1, c0:c1, :, :], w.span), np.int32(tile))
+                        # The task's workers: bands of rows, then of output channels
+                        # (whole AMP passes) when rows are fewer than workers.
+                        rows, chans = r1 - r0, oo1 - oo0
+                        wr = min(p.workers, rows)
+                        wm = max(1, min(p.workers // wr, -(-chans // AMP_ROWS["f32"])))
+                        for km in range(wm):
+                            for kr in range(wr):
+                                s0, s1 = r0 + rows * kr // wr, r0 + rows * (kr + 1) // wr
+                                q0, q1 = oo0 + chans * km // wm, oo0 + chans * (km + 1) // wm
+                                xs = x.index[nn, gi * Cg + c0: gi * Cg + c1, s0 * stride:(s1 - 1) * stride + KH, :]
+                                ws = w.index[q0:q1, c0:c1, :, :]
+                                ys = target[ci, nn, q0:q1, s0:s1, :]
+                                tasks.append({"tile": tile, "state": {"kh": KH, "kw": KW, "s": stride, "wp": Wp, "ow": OW},
+                                              "conns": {"x": (x.tensor, xs.reshape(c1 - c0, -1)),
+                                                        "w": (w.tensor, ws.reshape(q1 - q0, -1)),
+                                                        "y": (acc.tensor, ys.reshape(q1 - q0, -1))}})
     cs = p.new_cs(label)
     emit_tasks(p, cs, p.prim("Conv2dBlock"), tasks, ("kh", "kw", "s", "wp", "ow"))
     return add_partials(p, n, cs, acc, len(cb_) > 1, label)
@@ -220,6 +231,7 @@ def test_conv2d_rule_equals_its_per_task_loop(monkeypatch, tiles, n, cg, og, gro
     """Same vertices in the same groups and order, same connections (a transposed
     input without padding connects element arrays), same tile mappings."""
     c, o = cg * groups, og * groups
+    assume(4 * n * c * hw * hw * 4 <= tiles * get_target("gc200").tile_memory)   # x and 2x fit the target
     src = f"""graph g(tiles = {tiles}) {{
     input xin: f32[{n}, {c}, {hw}, {hw}];
     param w: f32[{o}, {cg}, {k}, {k}] = normal(0.0, 1.0);

@@ -239,6 +239,8 @@ class _Emitter:
             self.b.position_at_end(join)
         elif isinstance(s, ir.For):
             self.for_loop(s)
+        elif isinstance(s, ir.Amp):
+            self.amp(s)
         elif isinstance(s, ir.While):
             head, body, done = self.block("while"), self.block("wbody"), self.block("wend")
             self.br(head)
@@ -314,6 +316,81 @@ class _Emitter:
         self.b.position_at_end(done)
         if check == "exit":
             self.check_point(big)
+
+    def amp(self, s: ir.Amp):
+        """`ir.codelet.Amp`, in the reference evaluator's order: charge, check point,
+        corners, then for p, for r, for q: c[p, q] += a[p, r] * b[r, q] (each c[p, q]
+        still sums r ascending; c is f32, so accumulating in memory rounds as a
+        register would, and the q loop vectorises where bstep is 1)."""
+        b = self.b
+        at = [(name, [b.sext(self.expr(i), I64) for i in index]) for name, index in s.operands()]
+        m, k, n, astep, bstep = (b.sext(self.expr(x), I64) for x in (s.m, s.k, s.n, s.astep, s.bstep))
+        positive = [b.icmp_signed(">", v, _c64(0)) for v in (m, k, n)]
+        work, done = self.block("amp"), self.block("ampdone")
+        self.cbr(b.and_(b.and_(positive[0], positive[1]), positive[2]), work, done)
+        b.position_at_end(work)
+        dtype = self.field_decl[s.a].dtype
+        if self.is_vertex:
+            self.flush()
+            charge = cost.amp_cycles(m, k, n, dtype, ops=_Builder(b))
+            b.store(b.add(b.load(self.cyc, typ=I64), charge), self.cyc)
+            self.check_point()
+        b = self.b
+        (c, (ci, cj)), (a, (ai, aj)), (bn, (bi, bj)) = at
+        one = _c64(1)
+        if not self.unchecked:
+            last = lambda x0, count, step: b.add(x0, b.mul(b.sub(count, one), step))   # noqa: E731
+            corners = ((c, ci, last(ci, m, one), cj, last(cj, n, one)),
+                       (a, ai, last(ai, m, one), aj, last(aj, k, astep)),
+                       (bn, bi, last(bi, k, one), bj, last(bj, n, bstep)))
+            for name, r0, r1, c0, c1 in corners:
+                dims = self.fields[name][3]
+                for axis, v in ((0, r0), (1, c0), (0, r1), (1, c1)):
+                    size = self.b.sext(self.dim(dims[axis]), I64)
+                    ok = self.block("ampin")
+                    bad = self.fail_with(ir.ERR_BOUNDS, self.field_index[name], axis, v, size)
+                    self.cbr(self.b.icmp_unsigned("<", v, size), ok, bad)
+                    self.b.position_at_end(ok)
+
+        def ptr(name, row, col):
+            _, base, stride, _ = self.fields[name]
+            dt = self.field_decl[name].dtype
+            off = self.b.add(self.b.mul(row, stride), col)
+            return self.b.gep(base, [off], inbounds=True, source_etype=STORAGE[dt]), dt
+
+        def load(name, row, col):
+            p, dt = ptr(name, row, col)
+            return self.from_storage(self.b.load(p, typ=STORAGE[dt]), dt)
+
+        def body_p(p):
+            def body_r(r):
+                av = load(a, self.b.add(ai, p), self.b.add(aj, self.b.mul(r, astep)))
+
+                def body_q(q):
+                    cp, _ = ptr(c, self.b.add(ci, p), self.b.add(cj, q))
+                    bv = load(bn, self.b.add(bi, r), self.b.add(bj, self.b.mul(q, bstep)))
+                    acc = self.b.load(cp, typ=F32)
+                    self.b.store(self.b.fadd(acc, self.b.fmul(av, bv, flags=self.flags), flags=self.flags), cp)
+                self.counted(n, body_q)
+            self.counted(k, body_r)
+        self.counted(m, body_p)
+        self.br(done)
+        self.b.position_at_end(done)
+
+    def counted(self, trips, body):
+        """for i in 0..trips (i64): body(i)."""
+        count = self.ab.alloca(I64, name="amp.i")
+        self.b.store(_c64(0), count)
+        head, loop, done = self.block("ampfor"), self.block("ampbody"), self.block("ampend")
+        self.br(head)
+        self.b.position_at_end(head)
+        i = self.b.load(count, typ=I64)
+        self.cbr(self.b.icmp_signed("<", i, trips), loop, done)
+        self.b.position_at_end(loop)
+        body(i)
+        self.b.store(self.b.add(self.b.load(count, typ=I64), _c64(1), flags=["nuw", "nsw"]), count)
+        self.br(head)
+        self.b.position_at_end(done)
 
     # ------------------------------------------------------------ memory
     def dim(self, d):
@@ -465,6 +542,25 @@ class _Emitter:
             fn = _intrinsic(self.mod, llname, lty, [lty] * len(args) + [x.type for x in extra])
             args = list(args) + list(extra)
         return self.b.call(fn, args)
+
+
+class _Builder:
+    """`cost.amp_cycles`'s integer arithmetic, emitted as i64 instructions."""
+
+    def __init__(self, b: ll.IRBuilder):
+        self.b = b
+
+    def const(self, v):
+        return _c64(v)
+
+    def add(self, x, y):
+        return self.b.add(x, y)
+
+    def mul(self, x, y):
+        return self.b.mul(x, y)
+
+    def ceil_div(self, x, d: int):
+        return self.b.sdiv(self.b.add(x, _c64(d - 1)), _c64(d))
 
 
 # Arguments some LLVM intrinsics take besides the operands.

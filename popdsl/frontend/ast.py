@@ -205,6 +205,13 @@ class ComputeStmt:
 
 
 @dataclass(frozen=True, slots=True)
+class CallStmt:
+    """A call as a statement, `amp(...);` (codelets' statement intrinsics)."""
+    call: Call
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
 class VertexStmt:
     call: Call
     tile: Expr

@@ -279,6 +279,8 @@ def parse_fast(text: str, path: str, max_nesting: int) -> ast.Module:
         if op == "on" and T[i + 1] == "tile":
             i += 2
             return end(d, s, new.VertexStmt, target, expr(1))
+        if op == ";":               # call_stmt: any postfix (sema names the useless ones)
+            return end(d, s, new.CallStmt, target)
         raise Handover
 
     def let_stmt(d: int):

@@ -348,6 +348,10 @@ class _ToAst(Transformer):
     def compute_stmt(self, meta, c):
         return ast.ComputeStmt(str(c[0]), c[1], self.sp(meta))
 
+    def call_stmt(self, meta, c):
+        c = _meaningful(c)
+        return ast.CallStmt(c[0], self.sp(meta))
+
     def vertex_stmt(self, meta, c):
         c = _meaningful(c)
         return ast.VertexStmt(c[0], c[1], self.sp(meta))

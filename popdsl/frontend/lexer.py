@@ -135,7 +135,7 @@ new = SimpleNamespace(Span=_constructor(Span), **{
     name: _constructor(getattr(ast, name)) for name in (
         "Name", "IntLit", "FloatLit", "BoolLit", "StringLit", "ListLit", "TupleLit", "Neg", "Not",
         "Binary", "Kwarg", "Call", "Slice", "IndexExpr", "TypeRef", "Block", "LetStmt", "VarStmt",
-        "AssignStmt", "ForStmt", "WhileStmt", "IfStmt", "BreakStmt", "ContinueStmt", "ReturnStmt",
+        "AssignStmt", "CallStmt", "ForStmt", "WhileStmt", "IfStmt", "BreakStmt", "ContinueStmt", "ReturnStmt",
         "MapStmt", "ComputeStmt", "VertexStmt", "ProgramStmt", "InputStmt", "OutputStmt",
         "ParamStmt", "MinimizeStmt", "ExecuteStmt", "CopyStmt", "RepeatStmt", "PrintStmt",
         "StepStmt", "Param", "Codelet", "Graph", "DefDecl", "ImportDecl", "Module")})

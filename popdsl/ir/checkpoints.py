@@ -19,7 +19,9 @@ Ctrl-C has been pressed.  The check points:
   the first; an iteration ended by `continue` counts, one ended by `break` does not
   reach the check);
 * any other `for`: when it ends (normally or by `break`), if it makes at least
-  `BIG_TRIPS` trips.
+  `BIG_TRIPS` trips;
+* every `amp` that does work, right after its cycles are charged (before it
+  computes), so an amp over budget stops before it starts.
 
 So there is no check inside a loop without inner loops, and none at all in a
 nest of short loops: with the sizes of a specialised driver folded in, every check

@@ -209,6 +209,37 @@ class If:
 
 
 @dataclass(frozen=True, slots=True)
+class Amp:
+    """The accumulating matrix product, an IPU tile's AMP unit (`amp(...)` in codelets):
+
+        c[ci + p, cj + q] += sum over r < k of a[ai + p, aj + r*astep] * b[bi + r, bj + q*bstep]
+
+    for p < m, q < n; `c`, `a`, `b` are rank-2 fields, `*_at` their (row, column)
+    origins.  Per (p, q) the sum runs in f32 from the old c, r ascending (f16 operands
+    are widened: their products are exact in f32), and is stored once.  Nothing
+    happens (and nothing is checked) unless m, k and n are all positive; then the
+    first and last element each operand touches is checked on each axis.  Its cycles
+    depend on m, k, n (`ir.cost.amp_cycles`): charged after its operands are
+    evaluated, then a check point (`ir.checkpoints`)."""
+    c: str
+    c_at: tuple[Expr, Expr]
+    a: str
+    a_at: tuple[Expr, Expr]
+    b: str
+    b_at: tuple[Expr, Expr]
+    m: Expr
+    k: Expr
+    n: Expr
+    astep: Expr
+    bstep: Expr
+    checked: bool = True
+
+    def operands(self):
+        """(field, origin) of c, a and b."""
+        return ((self.c, self.c_at), (self.a, self.a_at), (self.b, self.b_at))
+
+
+@dataclass(frozen=True, slots=True)
 class Break:
     pass
 
@@ -223,7 +254,7 @@ class Return:
     value: Expr | None
 
 
-Stmt = Union[Declare, Assign, Store, For, While, If, Break, Continue, Return]
+Stmt = Union[Declare, Assign, Store, Amp, For, While, If, Break, Continue, Return]
 
 
 # ---------------------------------------------------------------- vertex table
@@ -267,7 +298,7 @@ ERR_INTERRUPT = 4       # Ctrl-C seen at a check point (native code only)
 
 _NODES = {cls.__name__: cls for cls in (
     Field, Codelet, Const, Local, Sym, Load, Len, Unary, Binary, Select, Cast,
-    Intrinsic, CallScalar, Declare, Assign, Store, For, While, If, Break, Continue, Return)}
+    Intrinsic, CallScalar, Declare, Assign, Store, Amp, For, While, If, Break, Continue, Return)}
 
 
 def to_json(node):

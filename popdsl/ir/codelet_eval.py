@@ -22,7 +22,8 @@ Semantics (the code generator must agree):
   `cost.LOOP_ITER` per for-iteration, `cost.while_test_cost` per while test; calls of
   scalar codelets are charged statically by `cost.expr_cost` only.  A vertex `for`
   with a straight-line body is charged trips x (LOOP_ITER + its statements) when it
-  starts, as native code does.
+  starts, as native code does.  An `amp` is charged `cost.amp_cycles` after its
+  operands are evaluated, then checks its corners (in 64 bits, never wrapping).
 * a vertex whose counter exceeds `max_cycles` at a check point (`ir.checkpoints`)
   stops with ERR_CYCLES (index = its count, size = the budget).
 """
@@ -118,6 +119,8 @@ class _Vertex:
             self.write(off, dtype, self.expr(s.value))
         elif isinstance(s, ir.If):
             self.block(s.then if self.expr(s.cond) else s.orelse)
+        elif isinstance(s, ir.Amp):
+            self.amp(s)
         elif isinstance(s, ir.For):
             self.for_loop(s)
         elif isinstance(s, ir.While):
@@ -168,7 +171,40 @@ class _Vertex:
         if where == "exit" and big:
             self.check()
 
+    def amp(self, s: ir.Amp):
+        at = [(name, [self.expr(i) for i in index]) for name, index in s.operands()]
+        m, k, n, astep, bstep = (self.expr(x) for x in (s.m, s.k, s.n, s.astep, s.bstep))
+        if m <= 0 or k <= 0 or n <= 0:
+            return
+        dtype = self.decl[s.a].dtype
+        self.charge(cost.amp_cycles(m, k, n, dtype))
+        self.check()
+        (c, (ci, cj)), (a, (ai, aj)), (b, (bi, bj)) = at
+        # The first and last element of each operand, row and column.
+        corners = ((c, ci, ci + m - 1, cj, cj + n - 1), (a, ai, ai + m - 1, aj, aj + (k - 1) * astep),
+                   (b, bi, bi + k - 1, bj, bj + (n - 1) * bstep))
+        for name, r0, r1, c0, c1 in corners:
+            dims = self.decl[name].dims
+            for axis, v in ((0, r0), (1, c0), (0, r1), (1, c1)):
+                size = self.dim(dims[axis])
+                if not 0 <= v < size:
+                    raise VertexError(ir.ERR_BOUNDS, self.row, name, axis, v, size)
+        for p in range(m):
+            for q in range(n):
+                off, cty = self.element(c, ci + p, cj + q)
+                acc = self.read(off, cty)
+                for r in range(k):
+                    x = self.read(*self.element(a, ai + p, aj + r * astep))
+                    y = self.read(*self.element(b, bi + r, bj + q * bstep))
+                    acc = _F32(acc + _F32(x * y))
+                self.write(off, cty, acc)
+
     # ------------------------------------------------------------ memory
+    def element(self, name, row, col):
+        """Address and storage type of element (row, col) of a rank-2 field, unchecked."""
+        _, addr, stride, _, dtype = self.fields[name]
+        return addr + (row * stride + col) * ir.ELEM_BYTES[dtype], dtype
+
     def dim(self, d):
         return d if isinstance(d, int) else self.syms[d]
 

@@ -17,7 +17,11 @@ Per vertex (an estimate of an IPU worker, not a measurement, and it says so):
   the cost of its straight-line work;
 * an `if` costs its condition + `BRANCH`; a `while` costs condition + `BRANCH` at every
   test; a `for` costs its bounds + `LOOP_SETUP` once and `LOOP_ITER` per iteration;
-* every vertex costs `VERTEX_OVERHEAD` (worker launch, reading the vertex state).
+* every vertex costs `VERTEX_OVERHEAD` (worker launch, reading the vertex state);
+* an `amp` (the accumulating matrix product, `ir.codelet.Amp`) costs its operands'
+  indices when it starts and then `amp_cycles(m, k, n)`, which depends on its sizes:
+  the AMP holds an `AMP_ROWS` x `AMP_COLS` block of `a` (one *pass*), loads it, and
+  streams the n columns of `b` through it at `AMP_ELEMENT` cycles each.
 
 Counting rule shared by both consumers: a statement's `stmt_cost` is charged when the
 statement starts executing; loop costs as described above.  Operands of `&&`/`||` and
@@ -30,8 +34,9 @@ Per tile and phase:
   cycles and a full tile issues one instruction a cycle.  A tile's compute time is
   max(workers × longest vertex, sum of its vertices) — perfect packing.
 - Exchange moves `exchange_bytes_per_cycle` bytes per cycle into and out of each tile;
-  an exchange phase lasts as long as its busiest tile.  On-tile rearrangement copies
-  are charged at the same rate.
+  an exchange phase lasts as long as its busiest tile.  What a tile sends to several
+  tiles it sends once (the exchange broadcasts; see `copy_cycles`).  On-tile
+  rearrangement copies are charged at the same rate.
 - Every compute or exchange phase ends with a sync of `sync_cycles`.
 """
 from __future__ import annotations
@@ -50,6 +55,23 @@ BRANCH = 1
 LOOP_SETUP = 2
 LOOP_ITER = 1
 CALL = 4
+
+# The AMP unit of a GC200 tile, per operand type of `a` and `b` (f16 accumulates in
+# f32).  A pass multiplies one held block of a (AMP_ROWS x AMP_COLS) by the columns
+# of b, AMP_ELEMENT worker cycles a column: with six workers that is 8*8/4 = 16 f32
+# or 16*16/4 = 64 f16 multiply-accumulates per tile cycle, the GC200's peak.  The
+# constants are PopLibs' cycle estimates of its AMP convolution vertices
+# (graphcore/poplibs lib/poplin/PerformanceEstimation.hpp, ConvPartialnx1): a worker
+# spends 35 + 4 (n - 3) = 23 + 4 n cycles on a partition of n field elements, and
+# the supervisor loads the block for all six workers in (its bytes / 8) + 15 cycles,
+# which a vertex here is charged a sixth of.
+AMP_ROWS = {"f32": 8, "f16": 16}
+AMP_COLS = {"f32": 8, "f16": 16}
+AMP_ELEMENT = 4
+AMP_PASS = 23
+AMP_LOAD_BYTES = 8        # bytes of the held block loaded per cycle (a 64-bit load)
+AMP_LOAD_EXTRA = 15
+AMP_SHARED_BY = 6         # workers that share one load of the held block
 
 
 def expr_cost(e, scalars: Mapping[str, ir.Codelet] = {}) -> int:
@@ -91,9 +113,42 @@ def stmt_cost(s, scalars: Mapping[str, ir.Codelet] = {}) -> int:
         return LOOP_SETUP + expr_cost(s.start, scalars) + expr_cost(s.stop, scalars)
     if isinstance(s, ir.Return):
         return expr_cost(s.value, scalars) if s.value is not None else 0
+    if isinstance(s, ir.Amp):
+        return sum(expr_cost(x, scalars) for x in (*s.c_at, *s.a_at, *s.b_at, s.m, s.k, s.n, s.astep, s.bstep))
     if isinstance(s, (ir.While, ir.Break, ir.Continue)):
         return 0
     raise TypeError(f"not a statement: {s!r}")
+
+
+class _Ints:
+    """Integer arithmetic for `amp_cycles` on Python ints (the code generator passes
+    an LLVM builder's equivalent, so the formula is written once)."""
+    @staticmethod
+    def const(v):
+        return v
+
+    @staticmethod
+    def add(a, b):
+        return a + b
+
+    @staticmethod
+    def mul(a, b):
+        return a * b
+
+    @staticmethod
+    def ceil_div(a, d: int):
+        return -(-a // d)
+
+
+def amp_cycles(m, k, n, dtype: str, ops=_Ints):
+    """Worker cycles of `amp` with sizes m, k, n (all positive; an amp with a size
+    <= 0 does nothing and costs nothing beyond its operands) and operand type `dtype`
+    of a and b: passes x (AMP_PASS + a share of loading the held block + AMP_ELEMENT
+    per column)."""
+    rows, cols = AMP_ROWS[dtype], AMP_COLS[dtype]
+    load = -(-(rows * cols * ir.ELEM_BYTES[dtype] // AMP_LOAD_BYTES + AMP_LOAD_EXTRA) // AMP_SHARED_BY)
+    passes = ops.mul(ops.ceil_div(m, rows), ops.ceil_div(k, cols))
+    return ops.mul(passes, ops.add(ops.const(AMP_PASS + load), ops.mul(n, ops.const(AMP_ELEMENT))))
 
 
 def while_test_cost(s: ir.While, scalars: Mapping[str, ir.Codelet] = {}) -> int:
@@ -111,6 +166,8 @@ def _block_static(body, scalars) -> int:
             total += while_test_cost(s, scalars) + _block_static(s.body, scalars)
         elif isinstance(s, ir.If):
             total += max(_block_static(s.then, scalars), _block_static(s.orelse, scalars))
+        elif isinstance(s, ir.Amp):
+            raise TypeError("amp in a scalar codelet")   # sema allows it in vertex codelets only
     return total
 
 
@@ -130,7 +187,7 @@ def _static_cached(c: ir.Codelet, scalar_items: tuple) -> int:
 ASSUMPTIONS = (
     "vertex cycles: static instruction cost per executed codelet statement (estimated)",
     "tile compute: max(workers x longest vertex, sum of vertex cycles) (perfect packing on {workers} workers)",
-    "exchange: {exchange_bytes_per_cycle} B/cycle in and out of each tile; busiest tile sets the phase",
+    "exchange: {exchange_bytes_per_cycle} B/cycle in and out of each tile, a byte sent to several tiles sent once; busiest tile sets the phase",
     "sync: {sync_cycles} cycles per compute or exchange phase (assumed)",
     "clock: {clock_ghz:.2f} GHz",
 )
@@ -142,20 +199,39 @@ def assumptions(target: Target) -> list[str]:
 
 
 def copy_cycles(src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, target: Target) -> tuple[int, int, int]:
-    """(cycles, bytes crossing tiles, on-tile bytes) of runs of copies."""
+    """(cycles, bytes crossing tiles, on-tile bytes) of runs of copies.
+
+    A tile sends on its own exchange wires, with no destination: any number of
+    tiles may listen at once (Graphcore's exchange, US patent application
+    2019/0121777: a packet "having no destination identifier", received by tiles
+    that switch their input to the sender's wires).  So a tile's send time counts
+    each byte it sends once however many tiles receive it, while each receiver
+    counts all it receives."""
     if not src.size:
         return 0, 0, 0
     tm = target.tile_memory
     st, dt = src // tm, dst // tm
     cross = st != dt
-    sent = np.bincount(st[cross], weights=nbytes[cross], minlength=target.tiles)
     recv = np.bincount(dt[cross], weights=nbytes[cross], minlength=target.tiles)
     local = np.bincount(dt[~cross], weights=nbytes[~cross], minlength=target.tiles)
+    sent = np.bincount(st[cross], weights=_union_bytes(src[cross], nbytes[cross]), minlength=target.tiles)
     xbytes = int(nbytes[cross].sum())
     lbytes = int(nbytes[~cross].sum())
     busiest = int(np.max(np.maximum(np.maximum(sent, recv), local)))
     cycles = -(-busiest // target.exchange_bytes_per_cycle) + target.sync_cycles
     return cycles, xbytes, lbytes
+
+
+def _union_bytes(start: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+    """Per run, the bytes of it no earlier run (in address order) covers: summed,
+    the size of the union of the runs [start, start + nbytes)."""
+    order = np.argsort(start, kind="stable")
+    s, e = start[order].astype(np.int64), (start[order] + nbytes[order]).astype(np.int64)
+    covered = np.maximum.accumulate(np.concatenate(([np.iinfo(np.int64).min], e[:-1])))
+    new = np.clip(e - np.maximum(s, covered), 0, None)
+    out = np.empty_like(new)
+    out[order] = new
+    return out
 
 
 def compute_cycles(tiles: np.ndarray, vertex_cycles: np.ndarray, target: Target,

@@ -114,6 +114,8 @@ class _Checker:
             self.indices(f, s.index, scope)
             self.expect(s.value, ir.compute_type(f.dtype), scope)
             self.flag(s.checked)
+        elif isinstance(s, ir.Amp):
+            self.amp(s, scope)
         elif isinstance(s, ir.If):
             self.expect(s.cond, "bool", scope)
             self.block(s.then, scope)
@@ -148,6 +150,24 @@ class _Checker:
                 self.expect(s.value, ir.compute_type(self.c.ret), scope)
         else:
             self.fail(f"not a statement: {s!r}")
+
+    def amp(self, s: ir.Amp, scope: dict):
+        if self.c.ret is not None:
+            self.fail("amp in a scalar codelet")
+        c, a, b = (self.field(name) for name in (s.c, s.a, s.b))
+        if c.direction not in ("out", "inout") or c.dtype != "f32":
+            self.fail(f"amp accumulates into an f32 out/inout field, not {c.direction} {c.dtype} {c.name!r}")
+        if a.dtype != b.dtype or a.dtype not in ("f32", "f16"):
+            self.fail(f"amp multiplies two f32 or two f16 fields, not {a.dtype} and {b.dtype}")
+        if c.name in (a.name, b.name):
+            self.fail(f"amp reads the field {c.name!r} it accumulates into")
+        for f, (_, at) in zip((c, a, b), s.operands()):
+            if f.rank != 2:
+                self.fail(f"amp operand {f.name!r} has rank {f.rank}, not 2")
+            self.indices(f, at, scope)
+        for x in (s.m, s.k, s.n, s.astep, s.bstep):
+            self.expect(x, "i32", scope)
+        self.flag(s.checked)
 
     # ------------------------------------------------------------ expressions
     def flag(self, v):

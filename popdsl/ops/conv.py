@@ -17,8 +17,10 @@ import numpy as np
 
 from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node
+from popdsl.ir.cost import AMP_ROWS, LOOP_ITER, LOOP_SETUP, VERTEX_OVERHEAD, amp_cycles
+from popdsl.ir.intrinsics import DIV, OP
 from popdsl.ops.blocks import (SLAB_BYTES, block_of, blocks, bounds, ceil_div, emit_classes, map_first,
-                               map_whole, pow2_splits, shape_classes, stacked, task_grid)
+                               map_whole, pow2_splits, shape_classes, stacked, task_grid, worker_bands)
 from popdsl.ops import elementwise
 from popdsl.ops.core import FLOATS, HIGH_VALUE, Builder, Function, OpDef, Param, float_result, shape_str
 from popdsl.ops import conv_grad
@@ -105,13 +107,39 @@ def _g_pool(b: Builder, n: Node, g: Node, i: int) -> Node:
 
 # ---------------------------------------------------------------- plans
 
+def conv_vertex_cycles(ob: int, cb: int, rb: int, ow: int, kh: int, kw: int) -> int:
+    """The cycles `ir.cost` charges a Conv2dBlock vertex (stdlib/prims.pop) of ob
+    output channels, cb input channels, rb output rows of width ow and a kh x kw
+    kernel: zeroing y, then one amp per output row and kernel position, loop and
+    index arithmetic included (tests/test_amp.py keeps the two equal)."""
+    zero = LOOP_SETUP + ob * (LOOP_ITER + LOOP_SETUP + rb * ow * (OP + LOOP_ITER))
+    per_amp = LOOP_ITER + _AMP_OPERANDS + amp_cycles(ob, cb, ow, "f32")
+    per_ky = LOOP_ITER + _ROW_LETS + LOOP_SETUP + kw * per_amp
+    loops = LOOP_SETUP + rb * (LOOP_ITER + 2 * OP + LOOP_SETUP + OP + kh * per_ky)
+    return VERTEX_OVERHEAD + _LETS + zero + loops
+
+
+_LETS = DIV + 4 * OP          # let oh = ys / ow; let kk = kh * kw
+_ROW_LETS = 8 * OP            # let wrow = ky * kw; let xrow = (oy * s + ky) * wp; the loop's kw
+_AMP_OPERANDS = 4 * OP        # wrow + kx, xrow + kx, and the state ow and s
+
+
+def conv_tile_cycles(ob: int, cb: int, rb: int, ow: int, kh: int, kw: int, workers: int) -> int:
+    """A tile's compute cycles for one convolution task split over its workers as
+    `blocks.worker_bands` splits it (each worker's vertex issues every `workers` cycles)."""
+    wr = min(rb, workers)
+    wm = max(1, min(workers // wr, ceil_div(ob, AMP_ROWS["f32"])))
+    return workers * conv_vertex_cycles(ceil_div(ob, wm), cb, ceil_div(rb, wr), ow, kh, kw)
+
+
 def _conv_plan(p, outer: int, Og: int, Cg: int, OH: int, OW: int, kh: int, s: int, wp: int, kk: int):
     """(output-channel, output-row, input-channel) splits of a convolution.
 
-    Searches power-of-two splits for the least estimated time per tile —
-    multiply-accumulates and the bytes a tile receives, at the target's rates
-    (input slab, weights, and partial sums when input channels are split) — among
-    plans whose per-vertex blocks fit SLAB_BYTES."""
+    Searches power-of-two splits for the least estimated time per tile — the
+    cycles the cycle model charges its vertices (`conv_tile_cycles`) and the bytes
+    a tile receives at the target's exchange rate (input slab, weights, and partial
+    sums when input channels are split) — among plans whose per-vertex blocks fit
+    SLAB_BYTES."""
     best, crowded, fallback = None, None, None
     target = p.g.target
     rate = target.exchange_bytes_per_cycle
@@ -123,9 +151,8 @@ def _conv_plan(p, outer: int, Og: int, Cg: int, OH: int, OW: int, kh: int, s: in
                 slab, wblk, yblk = cb * rin * wp * 4, ob * cb * kk * 4, ob * rb * OW * 4
                 tasks = outer * go * gr * gc
                 per_tile = ceil_div(tasks, p.tiles)
-                macs = ob * rb * OW * cb * kk
                 moved = slab + wblk
-                cost = per_tile * (macs / target.macs_per_cycle + moved / rate)
+                cost = per_tile * (conv_tile_cycles(ob, cb, rb, OW, kh, kk // kh, target.workers) + moved / rate)
                 if gc > 1:      # partial sums: gc copies of the output, exchanged and added
                     cost += outer * Og * OH * OW * gc * 4 / p.tiles / rate * 2
                 worst = max(slab, wblk, yblk)
@@ -201,6 +228,10 @@ def partition_conv(p, n: Node) -> g.View:
     # A weight block goes where its first task runs (first image, first row block).
     wtask = (o_task[:, None] * ncb + block_of(cb_))[:, :, None, None]
     map_first(p, w, tiles[wtask], wtask)
+    # A task's block is shared by its tile's workers: a vertex per band of output
+    # rows (and of output channels, when rows are fewer than workers).
+    t, r0, r1, o0, o1 = worker_bands(r0, r1, o0, o1, p.workers, AMP_ROWS["f32"])
+    nn, gi, ci, c0, c1, tiles = nn[t], gi[t], ci[t], c0[t], c1[t], tiles[t]
 
     def conns(v):
         """Tasks v (one class): x[image, channels, input rows, :], w[outputs, channels,

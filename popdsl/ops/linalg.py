@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from popdsl.ir import graph as g
+from popdsl.ir.cost import AMP_ROWS, LOOP_ITER, LOOP_SETUP, VERTEX_OVERHEAD, amp_cycles
+from popdsl.ir.intrinsics import OP
 from popdsl.ir.target import Target
 from popdsl.ir.index import as_array, broadcast_to
 from popdsl.ir.tensor import Node, broadcast_shapes
@@ -69,13 +71,21 @@ def _ref(attrs, a, b):
 
 # ---------------------------------------------------------------- cost and plan
 
+def vertex_cycles(m: int, k: int, p: int) -> int:
+    """The cycles `ir.cost` charges a MatMul vertex (stdlib/prims.pop) of an m × k by
+    k × p block: zeroing c, then one amp (tests/test_amp.py keeps them equal)."""
+    zero = LOOP_SETUP + m * (LOOP_ITER + LOOP_SETUP + p * (OP + LOOP_ITER))
+    return VERTEX_OVERHEAD + zero + amp_cycles(m, k, p, "f32")
+
+
 def cost(target: Target, bm: int, bn: int, bk: int, gk: int, M: int, N: int, reducers: int) -> float:
     """Estimated cycles of the busiest tile for blocks of bm × bk by bk × bn with the
-    reduction split gk ways: its multiply-accumulates at the target's rate, the a
-    and b blocks it receives, and for a split reduction the partial sums exchanged
-    and added on `reducers` tiles."""
+    reduction split gk ways: the cycles the model charges its workers' vertices (a
+    band of rows each, `_worker_rows`), the a and b blocks it receives, and for a
+    split reduction the partial sums exchanged and added on `reducers` tiles."""
     rate = target.exchange_bytes_per_cycle
-    c = bm * bn * bk / target.macs_per_cycle + (bm * bk + bk * bn) * F32_BYTES / rate
+    band = max(s1 - s0 for s0, s1 in _worker_rows(0, bm, target.workers))
+    c = target.workers * vertex_cycles(band, bk, bn) + (bm * bk + bk * bn) * F32_BYTES / rate
     if gk > 1:
         c += 2 * gk * M * N * F32_BYTES / reducers / rate
     return c
@@ -106,11 +116,10 @@ def grid(M: int, N: int, K: int, budget: int, target: Target) -> tuple[int, int,
 
 def _worker_rows(r0: int, r1: int, workers: int) -> list[tuple[int, int]]:
     """Rows r0..r1 of a tile's matmul block as bands for up to `workers` vertices:
-    whole multiples of four rows (the MatMul codelet takes rows four at a time)
-    but the last."""
-    n = r1 - r0
-    parts = max(1, min(workers, -(-n // 4)))
-    size = -(-ceil_div(n, parts) // 4) * 4
+    whole AMP passes (AMP_ROWS["f32"] rows) but the last."""
+    n, rows = r1 - r0, AMP_ROWS["f32"]
+    parts = max(1, min(workers, -(-n // rows)))
+    size = -(-ceil_div(n, parts) // rows) * rows
     return [(i, min(r1, i + size)) for i in range(r0, r1, size)]
 
 

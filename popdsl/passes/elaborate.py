@@ -326,6 +326,8 @@ class _Elaborator(BatchMixin, PoplarMixin, TensorMixin, TrainMixin):
         word = type(s).__name__.removesuffix("Stmt").lower()
         hint = ("graph values are immutable; bind a new name with 'let'",) \
             if isinstance(s, ast.AssignStmt) else ()
+        if isinstance(s, ast.CallStmt):
+            hint = ("a vertex needs 'on tile T' (inside 'compute'); a def's result needs 'let NAME = ...'",)
         self.d.error(s.span, f"'{word}' is not allowed in a graph", *hint)
         raise _Bad
 

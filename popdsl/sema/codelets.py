@@ -171,6 +171,8 @@ class _Checker:
                 self.d.error(s.span, f"'{word}' outside a loop")
                 raise _Bad
             return [ir.Break() if word == "break" else ir.Continue()]
+        if isinstance(s, ast.CallStmt):
+            return [self.call_stmt(s)]
         if isinstance(s, ast.ReturnStmt):
             if self.ret is None:
                 if s.value is not None:
@@ -187,6 +189,60 @@ class _Checker:
         self.d.error(s.span, f"'{word}' is not allowed inside a codelet",
                      "codelets hold scalar code; graph statements belong in a graph")
         raise _Bad
+
+    def call_stmt(self, s: ast.CallStmt) -> ir.Amp:
+        e = s.call
+        if not isinstance(e, ast.Call) or not isinstance(e.fn, ast.Name):
+            self.d.error(s.span, "this expression does nothing on its own",
+                         "assign it ('x = ...;', 'y[i] = ...;') or bind it with 'let'")
+            raise _Bad
+        name = e.fn.id
+        if name != "amp":
+            known = name in INTRINSICS or name in CASTS or name in self.scalars \
+                or name in ("select", "len")
+            self.d.error(s.span, f"'{name}(...)' returns a value that nothing uses" if known
+                         else f"unknown statement '{name}(...)'",
+                         "the only call that stands alone in a codelet is amp(...)")
+            raise _Bad
+        if self.ret is not None:
+            self.d.error(s.span, "amp writes a field: it belongs in a vertex codelet, not a scalar one")
+            raise _Bad
+        return self.amp(e)
+
+    def amp(self, e: ast.Call) -> ir.Amp:
+        """amp(c[i, j], a[i, k], b[k, j], m, k, n[, astep, bstep]): see `ir.codelet.Amp`."""
+        usage = "amp(c[i, j], a[i, k], b[k, j], m, k, n) or amp(..., m, k, n, astep, bstep)"
+        if any(isinstance(x, ast.Kwarg) for x in e.args) or len(e.args) not in (6, 8):
+            self.d.error(e.span, f"amp takes 6 or 8 arguments, given {len(e.args)}", usage)
+            raise _Bad
+        operands = []
+        for role, x in zip("cab", e.args[:3]):
+            f = self.fields.get(x.base.id) if isinstance(x, ast.IndexExpr) and isinstance(x.base, ast.Name) else None
+            if f is None or f.rank != 2 or len(x.index) != 2 or any(isinstance(i, ast.Slice) for i in x.index):
+                self.d.error(x.span, f"amp's '{role}' is an element of a 2-D field, such as {role}[0, 0]: "
+                             "where the block starts", usage)
+                raise _Bad
+            operands.append((f, tuple(self.coerce(self.expr(i, "i32"), "i32", i) for i in x.index), x))
+        (c, c_at, cx), (a, a_at, ax), (b, b_at, bx) = operands
+        if c.direction not in ("out", "inout"):
+            self.d.error(cx.span, f"amp accumulates into '{c.name}', an '{c.direction}' field",
+                         "declare it 'inout' (amp adds to what it holds)")
+            raise _Bad
+        if c.dtype != "f32":
+            self.d.error(cx.span, f"amp accumulates in f32; '{c.name}' is {c.dtype}")
+            raise _Bad
+        if a.dtype != b.dtype or a.dtype not in ("f32", "f16"):
+            self.d.error(e.span, f"amp multiplies two f32 or two f16 fields, not {a.dtype} '{a.name}' "
+                         f"and {b.dtype} '{b.name}'")
+            raise _Bad
+        if c.name in (a.name, b.name):
+            self.d.error(e.span, f"amp reads '{c.name}' while it accumulates into it",
+                         "give the result its own field")
+            raise _Bad
+        sizes = [self.coerce(self.expr(x, "i32"), "i32", x) for x in e.args[3:]]
+        if len(sizes) == 3:
+            sizes += [ir.Const(1, "i32"), ir.Const(1, "i32")]
+        return ir.Amp(c.name, c_at, a.name, a_at, b.name, b_at, *sizes, checked=True)
 
     def for_stmt(self, s: ast.ForStmt) -> ir.For:
         start = self.coerce(self.expr(s.start, "i32"), "i32", s.start)

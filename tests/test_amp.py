@@ -1,0 +1,171 @@
+"""The accumulating matrix product, `amp(...)` in codelets (`ir.codelet.Amp`): native
+code against the reference evaluator (bit for bit without FMA contraction) and both
+against numpy, on random blocks, origins, steps and operand types; its bounds checks,
+its cycle charge (`ir.cost.amp_cycles`) and its budget check point; and the stdlib's
+AMP vertices costed by the partitioner exactly as the model charges them."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
+
+from popdsl.ir import codelet_eval as ev
+from popdsl.ir import cost
+from popdsl.ir.codelet import ERR_BOUNDS, ERR_CYCLES
+from popdsl.ops import linalg
+from popdsl.ops.conv import conv_vertex_cycles
+from tests.test_codegen import PRIMS, Vertices, _cache, assert_same, both, pop  # noqa: F401 - _cache is a fixture
+
+AMP = """
+codelet Amp{T}(in a: {T}[ra, ca], in b: {T}[rb, cb], inout c: f32[rc, cc],
+               ci: i32, cj: i32, ai: i32, aj: i32, bi: i32, bj: i32,
+               mm: i32, kk: i32, nn: i32, sa: i32, sb: i32) {{
+    amp(c[ci, cj], a[ai, aj], b[bi, bj], mm, kk, nn, sa, sb);
+}}
+"""
+CODELETS = {t: pop(AMP.format(T=t))[f"Amp{t}"] for t in ("f32", "f16")}
+
+
+def expected(r):
+    """What amp leaves in c, from numpy (float64 sums of the f32 products)."""
+    c = r["c"].astype(np.float64)
+    p, q, k = np.arange(r["mm"]), np.arange(r["nn"]), np.arange(r["kk"])
+    a = r["a"].astype(np.float64)[np.ix_(r["ai"] + p, r["aj"] + k * r["sa"])]
+    b = r["b"].astype(np.float64)[np.ix_(r["bi"] + k, r["bj"] + q * r["sb"])]
+    c[np.ix_(r["ci"] + p, r["cj"] + q)] += a @ b
+    return c
+
+
+def row(rng, t, m, k, n, sa, sb, pad):
+    """A vertex whose operands hold the block at random origins inside bigger fields."""
+    o = rng.integers(0, pad + 1, 6)
+    t = {"f32": np.float32, "f16": np.float16}[t]
+    a = rng.standard_normal((o[2] + m + pad, o[3] + (k - 1) * sa + 1 + pad)).astype(t)
+    b = rng.standard_normal((o[4] + k + pad, o[5] + (n - 1) * sb + 1 + pad)).astype(t)
+    c = rng.standard_normal((o[0] + m + pad, o[1] + n + pad)).astype(np.float32)
+    return {"a": a, "b": b, "c": c, "ra": a.shape[0], "ca": a.shape[1], "rb": b.shape[0], "cb": b.shape[1],
+            "rc": c.shape[0], "cc": c.shape[1], "ci": o[0], "cj": o[1], "ai": o[2], "aj": o[3],
+            "bi": o[4], "bj": o[5], "mm": m, "kk": k, "nn": n, "sa": sa, "sb": sb}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(t=st.sampled_from(["f32", "f16"]), m=st.integers(1, 19), k=st.integers(1, 19), n=st.integers(1, 21),
+       sa=st.integers(1, 3), sb=st.integers(1, 3), pad=st.integers(0, 3), vertices=st.integers(1, 3),
+       seed=st.integers(0, 2**16))
+def test_amp_matches_reference_bit_for_bit_and_numpy(t, m, k, n, sa, sb, pad, vertices, seed):
+    rng = np.random.default_rng(seed)
+    rows = [row(rng, t, m, k, n, sa, sb, pad) for _ in range(vertices)]
+    vs = Vertices(CODELETS[t], rows)
+    mj, mr, cj, cr, ej, er = both([CODELETS[t]], f"Amp{t}", vs, contract=False)
+    assert ej is None and er is None
+    np.testing.assert_array_equal(mj, mr)
+    np.testing.assert_array_equal(cj, cr)
+    for v, r in enumerate(rows):
+        np.testing.assert_allclose(vs.get(mj, v, "c"), expected(r), rtol=1e-4, atol=1e-4 * k)
+        operands = cost.stmt_cost(CODELETS[t].body[0])          # the 11 state loads
+        assert cj[v] == cost.VERTEX_OVERHEAD + operands + cost.amp_cycles(m, k, n, t)
+    # With FMA contraction (how the simulator runs it) the results agree closely.
+    assert_same(vs, *both([CODELETS[t]], f"Amp{t}", vs), rtol=1e-4)
+
+
+def test_amp_cycles_follow_the_gc200_amp():
+    # A pass of an 8 x 8 f32 block: PopLibs' 23 cycles of set-up, a sixth of the
+    # supervisor's load of the block (256 B at 8 B a cycle, + 15), then 4 cycles a column.
+    assert cost.amp_cycles(8, 8, 100, "f32") == 23 + -(-(32 + 15) // 6) + 400
+    assert cost.amp_cycles(9, 8, 100, "f32") == 2 * cost.amp_cycles(8, 8, 100, "f32")
+    assert cost.amp_cycles(8, 17, 100, "f32") == 3 * cost.amp_cycles(8, 8, 100, "f32")
+    assert cost.amp_cycles(16, 16, 100, "f16") == 23 + -(-(64 + 15) // 6) + 400
+    # On six workers, long streams reach the GC200's peak: 16 f32 or 64 f16 MACs a cycle.
+    for dtype, peak in (("f32", 16), ("f16", 64)):
+        m = k = 64
+        n = 100_000
+        tile_cycles = cost.amp_cycles(m, k, n, dtype)        # six such vertices, one per worker
+        assert 6 * m * k * n / (6 * tile_cycles) == pytest.approx(peak, rel=0.01)
+
+
+@pytest.mark.parametrize("sizes", [(0, 3, 3), (3, 0, 3), (3, 3, 0), (-1, 3, 3)])
+def test_amp_with_a_size_below_one_does_nothing_and_checks_nothing(sizes):
+    rng = np.random.default_rng(0)
+    r = row(rng, "f32", 2, 2, 2, 1, 1, 0)
+    r.update(mm=sizes[0], kk=sizes[1], nn=sizes[2], ci=99, aj=-5)      # origins outside, unused
+    vs = Vertices(CODELETS["f32"], [r])
+    mj, mr, cj, cr, ej, er = both([CODELETS["f32"]], "Ampf32", vs)
+    assert ej is None and er is None
+    np.testing.assert_array_equal(vs.get(mj, 0, "c"), r["c"])
+    assert cj[0] == cr[0] == cost.VERTEX_OVERHEAD + cost.stmt_cost(CODELETS["f32"].body[0])
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"ci": 1}, ("c", 0, 3, 3)),             # last row of c: 1 + 3 - 1 = 3, c has 3 rows
+    ({"cj": -1}, ("c", 1, -1, 4)),           # first column of c
+    ({"sa": 2}, ("a", 1, 4, 3)),             # a's last column: (3 - 1) * 2
+    ({"bj": 2, "sb": 1}, ("b", 1, 5, 4)),    # b's last column: 2 + 4 - 1
+    ({"bi": 1}, ("b", 0, 3, 3)),
+])
+def test_amp_checks_the_corners_of_every_operand(change, key):
+    rng = np.random.default_rng(1)
+    r = row(rng, "f32", 3, 3, 4, 1, 1, 0)
+    r.update(change)
+    vs = Vertices(CODELETS["f32"], [r])
+    mj, mr, cj, cr, ej, er = both([CODELETS["f32"]], "Ampf32", vs)
+    assert ej.key() == er.key() == (ERR_BOUNDS, 0, *key)
+    np.testing.assert_array_equal(vs.get(mj, 0, "c"), r["c"])          # nothing written
+
+
+def test_amp_over_the_cycle_budget_stops_before_it_computes():
+    rng = np.random.default_rng(2)
+    r = row(rng, "f32", 16, 16, 16, 1, 1, 0)
+    vs = Vertices(CODELETS["f32"], [r])
+    budget = cost.VERTEX_OVERHEAD + cost.stmt_cost(CODELETS["f32"].body[0]) + cost.amp_cycles(16, 16, 16, "f32") - 1
+    mj, mr, cj, cr, ej, er = both([CODELETS["f32"]], "Ampf32", vs, max_cycles=budget)
+    assert ej.key() == er.key()
+    assert ej.key()[0] == ERR_CYCLES
+    np.testing.assert_array_equal(vs.get(mj, 0, "c"), r["c"])
+
+
+def test_amp_in_a_loop_builds_a_matmul_of_row_blocks():
+    # Blocks of 8 rows, as a vertex feeding an 8-row AMP would issue them.
+    cs = pop("""
+codelet Blocked(in a: f32[m, k], in b: f32[k, n], out c: f32[m, n]) {
+    for i in 0..m { for j in 0..n { c[i, j] = 0.0; } }
+    for i in 0..m step 8 {
+        amp(c[i, 0], a[i, 0], b[0, 0], min(8, m - i), k, n);
+    }
+}""")
+    rng = np.random.default_rng(3)
+    rows = [{"a": rng.standard_normal((m, 5)).astype(np.float32), "b": rng.standard_normal((5, 6)).astype(np.float32),
+             "c": np.full((m, 6), np.nan, np.float32), "m": m, "k": 5, "n": 6} for m in (1, 8, 13)]
+    vs = Vertices(cs["Blocked"], rows)
+    mj, mr, cj, cr, ej, er = both(list(cs.values()), "Blocked", vs)
+    assert_same(vs, mj, mr, cj, cr, ej, er, rtol=1e-5)
+    for v, r in enumerate(rows):
+        np.testing.assert_allclose(vs.get(mj, v, "c"), r["a"] @ r["b"], rtol=1e-5, atol=1e-5)
+
+
+
+# ---------------------------------------------------------------- the partitioner's costs
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(o=st.integers(1, 20), c=st.integers(1, 20), rb=st.integers(1, 4), ow=st.integers(1, 9),
+       kh=st.integers(1, 3), kw=st.integers(1, 3), s=st.integers(1, 2))
+def test_the_partitioner_costs_a_conv_vertex_as_the_model_charges_it(o, c, rb, ow, kh, kw, s):
+    wp = (ow - 1) * s + kw
+    rin = (rb - 1) * s + kh
+    r = {"x": np.ones((c, rin * wp), np.float32), "w": np.ones((o, c * kh * kw), np.float32),
+         "y": np.zeros((o, rb * ow), np.float32), "kh": kh, "kw": kw, "s": s, "wp": wp, "ow": ow,
+         "c": c, "xs": rin * wp, "o": o, "ckk": c * kh * kw, "ys": rb * ow}
+    vs = Vertices(PRIMS["Conv2dBlock"], [r])
+    cyc = np.zeros(1, np.int64)
+    ev.run_vertices(PRIMS["Conv2dBlock"], vs.mem.copy(), vs.table, 0, 1, cyc, {})
+    assert cyc[0] == conv_vertex_cycles(o, c, rb, ow, kh, kw)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=st.integers(1, 20), k=st.integers(1, 20), p=st.integers(1, 20))
+def test_the_partitioner_costs_a_matmul_vertex_as_the_model_charges_it(m, k, p):
+    r = {"a": np.ones((m, k), np.float32), "b": np.ones((k, p), np.float32), "c": np.zeros((m, p), np.float32),
+         "m": m, "k": k, "p": p}
+    vs = Vertices(PRIMS["MatMul"], [r])
+    cyc = np.zeros(1, np.int64)
+    ev.run_vertices(PRIMS["MatMul"], vs.mem.copy(), vs.table, 0, 1, cyc, {})
+    assert cyc[0] == linalg.vertex_cycles(m, k, p)
