@@ -694,7 +694,7 @@ def _save_npz(path: str, arrays: dict) -> None:
 
 
 def _cycles_text(exe, c) -> str:
-    from popdsl.ir.cost import assumptions
+    from popdsl.ir.cost import assumptions, constants
     t = exe.target
     lines = [f"cycles (estimated, {t.name}, {t.tiles} tiles, {c.steps} step{'s' if c.steps != 1 else ''}): "
              f"{c.total:,} = compute {c.compute:,} + exchange {c.exchange:,} + sync {c.sync:,}",
@@ -704,6 +704,9 @@ def _cycles_text(exe, c) -> str:
         lines.append(f"  compute set {name}: {cyc:,} compute cycles")
     lines.append("  assumptions:")
     lines.extend(f"    - {a}" for a in assumptions(t))
+    lines.append("  constants (name = value: what; source):")
+    lines.extend(f"    - {name} = {value:,}: {what}; {source}" if isinstance(value, int)
+                 else f"    - {name} = {value}: {what}; {source}" for name, value, what, source in constants(t))
     return "\n".join(lines)
 
 

@@ -203,6 +203,19 @@ def test_build_then_run_popx(popc, built):
     assert out.splitlines() == SCALE_OUT
 
 
+def test_cycles_print_every_constant_of_the_model_with_its_source(popc, built):
+    from popdsl.ir.cost import constants
+    from popdsl.ir.target import get_target
+    code, out, err = popc("run", built, "--cycles")
+    assert code == 0, err
+    listed = out[out.index("constants (name = value: what; source):"):].splitlines()[1:]
+    table = constants(get_target("gc200"))
+    assert len(listed) == len(table) >= 15
+    for line, (name, _value, _what, source) in zip(listed, table):
+        assert line.startswith(f"    - {name} = ") and line.endswith(source)
+        assert source and ("assumed" in source or any(w in source for w in ("poplibs", "Jia", "Graphcore", "Poplar")))
+
+
 def test_failed_build_writes_nothing(popc, src, tmp_path):
     p = src(BAD, "bad.pop")
     before = set(tmp_path.iterdir())

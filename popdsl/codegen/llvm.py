@@ -289,7 +289,7 @@ class _Emitter:
         upfront = check == "entry"
         big = self.b.icmp_signed(">=", trips, _c64(BIG_TRIPS))
         if upfront:
-            per_iter = cost.LOOP_ITER + sum(cost.stmt_cost(x, self.scalars) for x in s.body)
+            per_iter = cost.rpt_iteration(s.body, self.scalars)
             total = self.b.mul(trips, _c64(per_iter))
             self.b.store(self.b.add(self.b.load(self.cyc, typ=I64), total), self.cyc)
             self.check_point(big)

@@ -21,8 +21,8 @@ Semantics (the code generator must agree):
 * cycles: `cost.VERTEX_OVERHEAD` per vertex, `cost.stmt_cost` at each statement start,
   `cost.LOOP_ITER` per for-iteration, `cost.while_test_cost` per while test; calls of
   scalar codelets are charged statically by `cost.expr_cost` only.  A vertex `for`
-  with a straight-line body is charged trips x (LOOP_ITER + its statements) when it
-  starts, as native code does.  An `amp` is charged `cost.amp_cycles` after its
+  with a straight-line body (a hardware loop) is charged trips x `cost.rpt_iteration`
+  when it starts, as native code does.  An `amp` is charged `cost.amp_cycles` after its
   operands are evaluated, then checks its corners (in 64 bits, never wrapping).
 * a vertex whose counter exceeds `max_cycles` at a check point (`ir.checkpoints`)
   stops with ERR_CYCLES (index = its count, size = the budget).
@@ -150,7 +150,7 @@ class _Vertex:
         trips = range(start, stop, s.step)
         big = len(trips) >= BIG_TRIPS
         if where == "entry":
-            self.charge(len(trips) * (cost.LOOP_ITER + sum(cost.stmt_cost(x, self.scalars) for x in s.body)))
+            self.charge(len(trips) * cost.rpt_iteration(s.body, self.scalars))
             if big:
                 self.check()
         quiet, self.quiet = self.quiet, self.quiet or where == "entry"

@@ -16,7 +16,10 @@ Per vertex (an estimate of an IPU worker, not a measurement, and it says so):
   counted once each, loops as one iteration) — calls are usually inlined, so this is
   the cost of its straight-line work;
 * an `if` costs its condition + `BRANCH`; a `while` costs condition + `BRANCH` at every
-  test; a `for` costs its bounds + `LOOP_SETUP` once and `LOOP_ITER` per iteration;
+  test; a `for` costs its bounds + `LOOP_SETUP` once and `LOOP_ITER` per iteration
+  (decrement and branch, the IPU's `brnzdec`), except that in a vertex a `for` whose
+  body is straight-line code is a zero-overhead hardware loop (the IPU's `rpt`):
+  `RPT_ITER` (0) per iteration;
 * every vertex costs `VERTEX_OVERHEAD` (worker launch, reading the vertex state);
 * an `amp` (the accumulating matrix product, `ir.codelet.Amp`) costs its operands'
   indices when it starts and then `amp_cycles(m, k, n)`, which depends on its sizes:
@@ -54,6 +57,7 @@ VERTEX_OVERHEAD = 10
 BRANCH = 1
 LOOP_SETUP = 2
 LOOP_ITER = 1
+RPT_ITER = 0
 CALL = 4
 
 # The AMP unit of a GC200 tile, per operand type of `a` and `b` (f16 accumulates in
@@ -151,6 +155,12 @@ def amp_cycles(m, k, n, dtype: str, ops=_Ints):
     return ops.mul(passes, ops.add(ops.const(AMP_PASS + load), ops.mul(n, ops.const(AMP_ELEMENT))))
 
 
+def rpt_iteration(body, scalars: Mapping[str, ir.Codelet] = {}) -> int:
+    """Cycles of one iteration of a vertex `for` whose body is straight-line code
+    (`ir.checkpoints.straight`), a hardware loop: its statements, RPT_ITER."""
+    return RPT_ITER + sum(stmt_cost(x, scalars) for x in body)
+
+
 def while_test_cost(s: ir.While, scalars: Mapping[str, ir.Codelet] = {}) -> int:
     """Cycles charged at every evaluation of a while condition."""
     return BRANCH + expr_cost(s.cond, scalars)
@@ -182,12 +192,59 @@ def _static_cached(c: ir.Codelet, scalar_items: tuple) -> int:
     return _block_static(c.body, dict(scalar_items))
 
 
+# ---------------------------------------------------------------- the constants and their sources
+
+JIA = "Jia et al. 2019, Dissecting the Graphcore IPU Architecture via Microbenchmarking (arXiv:1912.03413)"
+POPLIBS_CONV = "graphcore/poplibs lib/poplin/PerformanceEstimation.hpp"
+ASSUMED = "assumed (no published figure)"
+
+
+def constants(target: Target) -> list[tuple[str, object, str, str]]:
+    """Every constant of the cycle model: (name, value, what it is, its source)."""
+    from popdsl.ir.intrinsics import DIV, OP, SQRT, TRANSCENDENTAL
+    return [
+        ("workers", target.workers, "worker contexts per tile, each issuing every `workers` cycles",
+         f"{JIA}: six hardware threads, round-robin"),
+        ("clock", f"{target.clock_hz / 1e9:.2f} GHz", "tile clock", "Graphcore datasheets (GC200 1.33 GHz, GC2 1.6 GHz)"),
+        ("OP", OP, "a load, store, ALU or FP instruction of a worker", f"{JIA}: one instruction per thread turn"),
+        ("DIV", DIV, "a division or remainder (no divider: a sequence)", ASSUMED),
+        ("SQRT", SQRT, "a square root", ASSUMED),
+        ("TRANSCENDENTAL", TRANSCENDENTAL, "exp, log, tanh, sin, cos, pow, erf (software sequences)", ASSUMED),
+        ("VERTEX_OVERHEAD", VERTEX_OVERHEAD, "starting a vertex on a worker, reading its state",
+         f"{ASSUMED}; PopLibs charges 16 per worker in ConvPartial1x1Out ({POPLIBS_CONV})"),
+        ("BRANCH", BRANCH, "a conditional branch", ASSUMED),
+        ("LOOP_SETUP", LOOP_SETUP, "entering a counted loop", ASSUMED),
+        ("LOOP_ITER", LOOP_ITER, "one iteration of a loop with branches or loops inside (brnzdec: "
+         "decrement and branch)", "graphcore/poplibs lib/popops/codelets/asm/Zero.S (brnzdec closes its loop)"),
+        ("RPT_ITER", RPT_ITER, "one iteration of a loop over straight-line code, a hardware loop (rpt)",
+         "graphcore/poplibs lib/popops/codelets/asm/Zero.S: rpt over one st64step stores 8 bytes a cycle"),
+        ("CALL", CALL, "calling a scalar codelet that was not inlined", ASSUMED),
+        ("AMP_ROWS x AMP_COLS", f"f32 {AMP_ROWS['f32']}x{AMP_COLS['f32']}, f16 {AMP_ROWS['f16']}x{AMP_COLS['f16']}",
+         "block of a an amp pass holds (16 f32 / 64 f16 MACs per tile cycle at 4 cycles a column; "
+         "GC200's AMP on every target)",
+         "GC200 peaks, 62.5 TFLOPS f32 and 250 TFLOPS f16 (Graphcore datasheet) over 1472 tiles at 1.33 GHz"),
+        ("AMP_ELEMENT", AMP_ELEMENT, "worker cycles per column of b in an amp pass",
+         f"{POPLIBS_CONV}: ConvPartialnx1, 4 cycles per field element"),
+        ("AMP_PASS", AMP_PASS, "worker cycles to start an amp pass",
+         f"{POPLIBS_CONV}: ConvPartialnx1, 35 + 4 (n - 3) per worker partition"),
+        ("AMP load", f"(block bytes / {AMP_LOAD_BYTES} + {AMP_LOAD_EXTRA}) / {AMP_SHARED_BY}",
+         "a vertex's share of the supervisor loading the held block for six workers",
+         f"{POPLIBS_CONV}: numLoads + 15 supervisor cycles per pass"),
+        ("exchange_bytes_per_cycle", target.exchange_bytes_per_cycle, "bytes into and out of a tile per cycle",
+         "Poplar IPUModel exchangeBytesPerCycle"),
+        ("exchange broadcast", "a byte sent once", "what one tile sends to several tiles",
+         "Graphcore US patent application 2019/0121777: packets carry no destination; receivers switch to the sender"),
+        ("sync_cycles", target.sync_cycles, "one BSP sync, after every compute and exchange phase", ASSUMED),
+    ]
+
+
 # ---------------------------------------------------------------- tiles and phases
 
 ASSUMPTIONS = (
-    "vertex cycles: static instruction cost per executed codelet statement (estimated)",
+    "vertex cycles: static instruction cost per executed codelet statement, amp by its sizes (estimated)",
     "tile compute: max(workers x longest vertex, sum of vertex cycles) (perfect packing on {workers} workers)",
-    "exchange: {exchange_bytes_per_cycle} B/cycle in and out of each tile, a byte sent to several tiles sent once; busiest tile sets the phase",
+    "exchange: {exchange_bytes_per_cycle} B/cycle in and out of each tile, a byte sent to several tiles sent once; "
+    "busiest tile sets the phase",
     "sync: {sync_cycles} cycles per compute or exchange phase (assumed)",
     "clock: {clock_ghz:.2f} GHz",
 )

@@ -17,7 +17,7 @@ import numpy as np
 
 from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node
-from popdsl.ir.cost import AMP_ROWS, LOOP_ITER, LOOP_SETUP, VERTEX_OVERHEAD, amp_cycles
+from popdsl.ir.cost import AMP_ROWS, LOOP_ITER, LOOP_SETUP, RPT_ITER, VERTEX_OVERHEAD, amp_cycles
 from popdsl.ir.intrinsics import DIV, OP
 from popdsl.ops.blocks import (SLAB_BYTES, block_of, blocks, bounds, ceil_div, emit_classes, map_first,
                                map_whole, pow2_splits, shape_classes, stacked, task_grid, worker_bands)
@@ -112,7 +112,7 @@ def conv_vertex_cycles(ob: int, cb: int, rb: int, ow: int, kh: int, kw: int) -> 
     output channels, cb input channels, rb output rows of width ow and a kh x kw
     kernel: zeroing y, then one amp per output row and kernel position, loop and
     index arithmetic included (tests/test_amp.py keeps the two equal)."""
-    zero = LOOP_SETUP + ob * (LOOP_ITER + LOOP_SETUP + rb * ow * (OP + LOOP_ITER))
+    zero = LOOP_SETUP + ob * (LOOP_ITER + LOOP_SETUP + rb * ow * (OP + RPT_ITER))
     per_amp = LOOP_ITER + _AMP_OPERANDS + amp_cycles(ob, cb, ow, "f32")
     per_ky = LOOP_ITER + _ROW_LETS + LOOP_SETUP + kw * per_amp
     loops = LOOP_SETUP + rb * (LOOP_ITER + 2 * OP + LOOP_SETUP + OP + kh * per_ky)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from popdsl.ir import graph as g
-from popdsl.ir.cost import AMP_ROWS, LOOP_ITER, LOOP_SETUP, VERTEX_OVERHEAD, amp_cycles
+from popdsl.ir.cost import AMP_ROWS, LOOP_ITER, LOOP_SETUP, RPT_ITER, VERTEX_OVERHEAD, amp_cycles
 from popdsl.ir.intrinsics import OP
 from popdsl.ir.target import Target
 from popdsl.ir.index import as_array, broadcast_to
@@ -74,7 +74,7 @@ def _ref(attrs, a, b):
 def vertex_cycles(m: int, k: int, p: int) -> int:
     """The cycles `ir.cost` charges a MatMul vertex (stdlib/prims.pop) of an m × k by
     k × p block: zeroing c, then one amp (tests/test_amp.py keeps them equal)."""
-    zero = LOOP_SETUP + m * (LOOP_ITER + LOOP_SETUP + p * (OP + LOOP_ITER))
+    zero = LOOP_SETUP + m * (LOOP_ITER + LOOP_SETUP + p * (OP + RPT_ITER))
     return VERTEX_OVERHEAD + zero + amp_cycles(m, k, p, "f32")
 
 
