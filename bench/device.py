@@ -10,10 +10,11 @@ TFLOPS f32).
 
 The PopLibs column re-derives, for the busiest tile's task of the plan the partitioner
 chose, the estimate of PopLibs' AMP convolution vertex doing that work
-(graphcore/poplibs lib/poplin/PerformanceEstimation.hpp: the supervisor vertex
-ConvPartialnx1, with its separate zeroing, getZeroSupervisorVertexCycleEstimate), for
-fp32 on the GC200's AMP: 8 output channels a pass (numConvUnits), 8 input channels a
-group, 32 cycles to load a pass's weights.  Our figure is the same task's compute
+(graphcore/poplibs lib/poplin/PerformanceEstimation.hpp: the supervisor vertices
+ConvPartial1x1Out for 1x1 kernels, which zeroes as it goes, and ConvPartialnx1 with
+its separate zeroing, getZeroSupervisorVertexCycleEstimate), for fp32 on the GC200's
+AMP: 8 output channels a pass (numConvUnits), 8 input channels a group, 32 cycles to
+load a pass's weights.  Our figure is the same task's compute
 cycles as the model charges them (`ops.conv.conv_tile_cycles`, which
 tests/test_amp.py holds equal to the simulated count).
 """
@@ -82,9 +83,12 @@ def matmul_row(m: int, k: int, n: int) -> str:
             f"{flops / 1e12:>7.2f}  {flops / PEAK_FLOPS:>6.1%}")
 
 
-def _worker_partitions(rows: int, width: int, workers: int) -> list[list[int]]:
+def _worker_partitions(rows: int, width: int, workers: int, contiguous: bool = False) -> list[list[int]]:
     """PopLibs' split of an output field of `rows` rows of `width` elements over the
-    workers: near-equal runs of elements, each broken where a row ends."""
+    workers: near-equal runs of elements, each broken where a row ends unless the
+    rows are contiguous in input and output (a 1x1 kernel of stride 1)."""
+    if contiguous:
+        rows, width = 1, rows * width
     total = rows * width
     out = []
     for w in range(min(workers, total)):
@@ -118,6 +122,26 @@ def poplibs_nx1(ob: int, cb: int, rows: int, ow: int, kh: int, kw: int, workers:
     return conv + zero
 
 
+def poplibs_1x1(ob: int, cb: int, rows: int, ow: int, stride: int, workers: int = 6) -> int:
+    """PopLibs' estimate for ConvPartial1x1Out doing one tile's 1x1 task (fp32, GC200
+    AMP as above): per worker 16 + per run of n elements 40 + (n - 3) * 4, the first
+    input-channel group zeroing its outputs as it goes (+ 2 + 4 n)."""
+    units, in_group, loads = 8, 8, 32
+    out_groups, in_groups = ceil_div(ob, units), ceil_div(cb, in_group)
+    split = _worker_partitions(rows, ow, workers, contiguous=stride == 1)
+
+    def inner(zeroing: bool) -> int:
+        def run(n: int) -> int:
+            if n == 0:
+                return 15
+            return 40 + (2 + 4 * n) * zeroing + max(0, n - 3) * 4
+        worker = [16 + sum(run(n) for n in parts) for parts in split]
+        busiest, idlest = max(worker) * workers, (min(worker) * workers if len(worker) == workers else 0)
+        return max(busiest, idlest + 14)
+    return 55 + (13 + (in_groups - 1) * (13 + out_groups * (11 + 6 + loads + inner(False)))
+                 + (13 + out_groups * (11 + 6 + loads + inner(True))))
+
+
 def conv_row(name, c, o, h, k, s, pad, count) -> tuple[str, int]:
     oh = (h + 2 * pad - k) // s + 1
     src = (f"graph conv(tiles = {TARGET.tiles}) {{ input x: f32[1, {c}, {h}, {h}]; "
@@ -133,7 +157,7 @@ def conv_row(name, c, o, h, k, s, pad, count) -> tuple[str, int]:
     go, gr, gc = _conv_plan(p, 1, o, c, oh, oh, k, s, wp, k * k)
     ob, rb, cb = ceil_div(o, go), ceil_div(oh, gr), ceil_div(c, gc)
     ours = conv_tile_cycles(ob, cb, rb, oh, k, k, TARGET.workers)
-    theirs = poplibs_nx1(ob, cb, rb, oh, k, k)
+    theirs = poplibs_1x1(ob, cb, rb, oh, s) if k == 1 else poplibs_nx1(ob, cb, rb, oh, k, k)
     line = (f"  {name:<22} x{count}  {total:>9,}  {compute:>9,}  {exchange:>8,}  {flops / 1e12:>6.2f}  "
             f"{flops / PEAK_FLOPS:>6.1%}  {ob:>3}x{cb:<4}x{rb:>2}x{oh:<3}  {ours:>7,}  {theirs:>7,}  {ours / theirs:>5.2f}")
     return line, total * count
@@ -151,7 +175,7 @@ def main() -> None:
     for m, k, n in MATMULS:
         print(matmul_row(m, k, n), flush=True)
     print("\nResNet-50 convolutions (batch 1, f32): one step of each alone; the busiest tile's task\n"
-          "(out x in channels x rows x width) costed by popdsl and by PopLibs' ConvPartialnx1 estimate")
+          "(out x in channels x rows x width) costed by popdsl and by PopLibs' estimate (ConvPartial1x1Out or nx1)")
     print("  convolution            n      total    compute  exchange  TFLOPS  of peak  task               "
           "popdsl  PopLibs  ratio")
     convs = RESNET50_CONVS[:3] if args.quick else RESNET50_CONVS

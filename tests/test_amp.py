@@ -147,17 +147,24 @@ codelet Blocked(in a: f32[m, k], in b: f32[k, n], out c: f32[m, n]) {
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(o=st.integers(1, 20), c=st.integers(1, 20), rb=st.integers(1, 4), ow=st.integers(1, 9),
-       kh=st.integers(1, 3), kw=st.integers(1, 3), s=st.integers(1, 2))
-def test_the_partitioner_costs_a_conv_vertex_as_the_model_charges_it(o, c, rb, ow, kh, kw, s):
-    wp = (ow - 1) * s + kw
+       kh=st.integers(1, 3), kw=st.integers(1, 3), s=st.integers(1, 2), ox=st.integers(0, 3))
+def test_the_partitioner_costs_a_conv_vertex_as_the_model_charges_it(o, c, rb, ow, kh, kw, s, ox):
+    wp = (ox + ow - 1) * s + kw
     rin = (rb - 1) * s + kh
-    r = {"x": np.ones((c, rin * wp), np.float32), "w": np.ones((o, c * kh * kw), np.float32),
-         "y": np.zeros((o, rb * ow), np.float32), "kh": kh, "kw": kw, "s": s, "wp": wp, "ow": ow,
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((c, rin, wp)).astype(np.float32)
+    w = rng.standard_normal((o, c, kh, kw)).astype(np.float32)
+    r = {"x": x.reshape(c, -1), "w": w.reshape(o, -1), "y": np.full((o, rb * ow), np.nan, np.float32),
+         "kh": kh, "kw": kw, "s": s, "wp": wp, "ow": ow, "ox": ox,
          "c": c, "xs": rin * wp, "o": o, "ckk": c * kh * kw, "ys": rb * ow}
     vs = Vertices(PRIMS["Conv2dBlock"], [r])
-    cyc = np.zeros(1, np.int64)
-    ev.run_vertices(PRIMS["Conv2dBlock"], vs.mem.copy(), vs.table, 0, 1, cyc, {})
+    mem, cyc = vs.mem.copy(), np.zeros(1, np.int64)
+    ev.run_vertices(PRIMS["Conv2dBlock"], mem, vs.table, 0, 1, cyc, {})
     assert cyc[0] == conv_vertex_cycles(o, c, rb, ow, kh, kw)
+    # And it computes the convolution's output columns ox..ox+ow of its rows.
+    win = np.lib.stride_tricks.sliding_window_view(x.astype(np.float64), (kh, kw), axis=(1, 2))[:, ::s, ::s]
+    want = np.einsum("cyxij,ocij->oyx", win, w.astype(np.float64))[:, :rb, ox:ox + ow].reshape(o, -1)
+    np.testing.assert_allclose(vs.get(mem, 0, "y"), want, rtol=1e-4, atol=1e-4 * c * kh * kw)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

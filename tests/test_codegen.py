@@ -643,11 +643,11 @@ def test_specialised_conv_state_and_errors_match_generic():
     rng = np.random.default_rng(3)
     rows = [{"x": rng.standard_normal((2, 5 * 5)).astype(np.float32),
              "w": rng.standard_normal((3, 2 * 3 * 3)).astype(np.float32),
-             "y": np.zeros((3, 2 * 2), np.float32), "kh": 3, "kw": 3, "s": 2, "wp": 5, "ow": 2,
+             "y": np.zeros((3, 2 * 2), np.float32), "kh": 3, "kw": 3, "s": 2, "wp": 5, "ow": 2, "ox": 0,
              "c": 2, "xs": 25, "o": 3, "ckk": 18, "ys": 4} for _ in range(4)]
     vs = Vertices(c, rows)
     consts, [(mg, cg, eg), (ms, cs_, es)] = _run_spec_and_generic([c], "Conv2dBlock", vs)
-    assert {table_layout(c)[col].name for col, _ in consts} >= {"kh", "kw", "s", "wp", "ow"}
+    assert {table_layout(c)[col].name for col, _ in consts} >= {"kh", "kw", "s", "wp", "ow", "ox"}
     assert eg is None and es is None
     np.testing.assert_array_equal(ms, mg)
     np.testing.assert_array_equal(cs_, cg)

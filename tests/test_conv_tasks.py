@@ -13,7 +13,6 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from popdsl import ops
 from popdsl.ir import graph as g
-from popdsl.ir.cost import AMP_ROWS
 from popdsl.ir.index import Batch, Strided, as_array, stack
 from popdsl.ir.mapping import Mapping
 from popdsl.ir.target import get_target
@@ -179,24 +178,25 @@ def _conv_per_task(p, n):
                         oo0, oo1 = gi * Og + o0, gi * Og + o1
                         p.g.mappings[acc.tensor].assign_elements(as_array(target[ci, nn, oo0:oo1, r0:r1, :]).ravel(), tile)
                         p.ensure_mapped(g.View(w.tensor, w.index[oo0:oo1, c0:c1, :, :], w.span), np.int32(tile))
-                        # The task's workers: bands of rows, then of output channels
-                        # (whole AMP passes) when rows are fewer than workers.
-                        rows, chans = r1 - r0, oo1 - oo0
-                        wr = min(p.workers, rows)
-                        wm = max(1, min(p.workers // wr, -(-chans // AMP_ROWS["f32"])))
-                        for km in range(wm):
-                            for kr in range(wr):
-                                s0, s1 = r0 + rows * kr // wr, r0 + rows * (kr + 1) // wr
-                                q0, q1 = oo0 + chans * km // wm, oo0 + chans * (km + 1) // wm
+                        # The task's workers: bands of rows, or when rows are
+                        # fewer than workers, each row in bands of columns.
+                        rows = r1 - r0
+                        bands = min(OW, -(-p.workers // rows)) if rows < p.workers else 1
+                        parts = min(rows, p.workers)
+                        for kr in range(parts):
+                            for kc in range(bands):
+                                s0, s1 = r0 + rows * kr // parts, r0 + rows * (kr + 1) // parts
+                                a0, a1 = OW * kc // bands, OW * (kc + 1) // bands
                                 xs = x.index[nn, gi * Cg + c0: gi * Cg + c1, s0 * stride:(s1 - 1) * stride + KH, :]
-                                ws = w.index[q0:q1, c0:c1, :, :]
-                                ys = target[ci, nn, q0:q1, s0:s1, :]
-                                tasks.append({"tile": tile, "state": {"kh": KH, "kw": KW, "s": stride, "wp": Wp, "ow": OW},
+                                ws = w.index[oo0:oo1, c0:c1, :, :]
+                                ys = target[ci, nn, oo0:oo1, s0:s1, a0:a1]
+                                tasks.append({"tile": tile, "state": {"kh": KH, "kw": KW, "s": stride, "wp": Wp,
+                                                                      "ow": a1 - a0, "ox": a0},
                                               "conns": {"x": (x.tensor, xs.reshape(c1 - c0, -1)),
-                                                        "w": (w.tensor, ws.reshape(q1 - q0, -1)),
-                                                        "y": (acc.tensor, ys.reshape(q1 - q0, -1))}})
+                                                        "w": (w.tensor, ws.reshape(o1 - o0, -1)),
+                                                        "y": (acc.tensor, ys.reshape(o1 - o0, -1))}})
     cs = p.new_cs(label)
-    emit_tasks(p, cs, p.prim("Conv2dBlock"), tasks, ("kh", "kw", "s", "wp", "ow"))
+    emit_tasks(p, cs, p.prim("Conv2dBlock"), tasks, ("kh", "kw", "s", "wp", "ow", "ox"))
     return add_partials(p, n, cs, acc, len(cb_) > 1, label)
 
 

@@ -90,9 +90,12 @@ def test_repeated_def_calls_are_one_function_with_the_same_results(blocks):
     x = feeds(a)
     ya, yb = sa.run(x)["y"], sb.run(x)["y"]
     assert np.array_equal(ya, yb) and np.abs(ya).sum() > 0
-    # Each call runs the same compute sets; the calls' copies cost a little time.
+    # Each call runs the same compute sets, for the same cycles; what calls add is
+    # their copies, an exchange phase and a sync each (on these small blocks 15 % of
+    # the time the AMP leaves).
     assert len(a.ir.compute_sets) * 4 == len(b.ir.compute_sets)
-    assert sb.cycles.total <= sa.cycles.total <= 1.05 * sb.cycles.total
+    assert sa.cycles.compute == sb.cycles.compute
+    assert sb.cycles.total <= sa.cycles.total <= 1.2 * sb.cycles.total
 
 
 def test_a_function_holds_its_vertices_once(blocks):

@@ -138,12 +138,12 @@ def test_matmul_workers_share_their_b_block(monkeypatch):
     one exchanged copy of the b block, so the exchange is what one vertex per tile
     would need while the tile's estimated compute time drops."""
     from popdsl.ops import linalg
-    src = """graph g(tiles = 8) {
-    input a: f32[32, 48];
+    src = """graph g(tiles = 4) {
+    input a: f32[64, 48];
     input b: f32[48, 32];
     output y = a @ b;
 }"""
-    a, b = rnd((32, 48), 3), rnd((48, 32), 4)
+    a, b = rnd((64, 48), 3), rnd((48, 32), 4)
 
     def measure():
         exe = popdsl.compile(src)
@@ -155,7 +155,9 @@ def test_matmul_workers_share_their_b_block(monkeypatch):
     monkeypatch.setattr(linalg, "_worker_rows", lambda r0, r1, w: [(r0, r1)])
     y1, single = measure()
     np.testing.assert_allclose(y, a.astype(np.float64) @ b, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(y, y1)
+    # The same sums in the same order; a driver specialised to other sizes may fuse
+    # other multiply-adds (FMA contraction), so equal within f32 rounding.
+    np.testing.assert_allclose(y, y1, rtol=1e-6, atol=1e-6)
     assert split["vertices"] > single["vertices"]
     assert split["exchange_bytes"] == single["exchange_bytes"]
     assert split["max_cycles"] < 0.6 * single["max_cycles"]
@@ -180,12 +182,13 @@ def test_only_read_buffers_with_the_same_elements_on_one_tile_are_shared():
         assert own.tolist() == share.tolist() == [0, 1, 2, 3, 4]
 
 
-def test_worker_rows_are_bands_of_four():
+def test_worker_rows_are_bands_of_whole_amp_passes():
     from popdsl.ops.linalg import _worker_rows
-    assert _worker_rows(0, 16, 6) == [(0, 4), (4, 8), (8, 12), (12, 16)]
-    assert _worker_rows(8, 13, 6) == [(8, 12), (12, 13)]
+    assert _worker_rows(0, 16, 6) == [(0, 8), (8, 16)]
+    assert _worker_rows(8, 21, 6) == [(8, 16), (16, 21)]
     assert _worker_rows(0, 3, 6) == [(0, 3)]
-    assert _worker_rows(0, 64, 6) == [(0, 12), (12, 24), (24, 36), (36, 48), (48, 60), (60, 64)]
+    assert _worker_rows(0, 64, 6) == [(0, 16), (16, 32), (32, 48), (48, 64)]
+    assert _worker_rows(0, 100, 6) == [(0, 24), (24, 48), (48, 72), (72, 96), (96, 100)]
     assert _worker_rows(0, 64, 1) == [(0, 64)]
 
 

@@ -256,7 +256,19 @@ def assumptions(target: Target) -> list[str]:
 
 
 def copy_cycles(src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, target: Target) -> tuple[int, int, int]:
-    """(cycles, bytes crossing tiles, on-tile bytes) of runs of copies.
+    """(cycles, bytes crossing tiles, on-tile bytes) of runs of copies: the busiest
+    tile's bytes (`tile_bytes`) at the exchange rate, and a sync."""
+    if not src.size:
+        return 0, 0, 0
+    cross = src // target.tile_memory != dst // target.tile_memory
+    busiest = int(np.max(tile_bytes(src, dst, nbytes, target)))
+    cycles = -(-busiest // target.exchange_bytes_per_cycle) + target.sync_cycles
+    return cycles, int(nbytes[cross].sum()), int(nbytes[~cross].sum())
+
+
+def tile_bytes(src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, target: Target) -> np.ndarray:
+    """Per tile, the bytes that set its time in an exchange: the most of what it
+    sends, receives and moves on the tile.
 
     A tile sends on its own exchange wires, with no destination: any number of
     tiles may listen at once (Graphcore's exchange, US patent application
@@ -264,19 +276,13 @@ def copy_cycles(src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, target: Ta
     that switch their input to the sender's wires).  So a tile's send time counts
     each byte it sends once however many tiles receive it, while each receiver
     counts all it receives."""
-    if not src.size:
-        return 0, 0, 0
     tm = target.tile_memory
     st, dt = src // tm, dst // tm
     cross = st != dt
     recv = np.bincount(dt[cross], weights=nbytes[cross], minlength=target.tiles)
     local = np.bincount(dt[~cross], weights=nbytes[~cross], minlength=target.tiles)
     sent = np.bincount(st[cross], weights=_union_bytes(src[cross], nbytes[cross]), minlength=target.tiles)
-    xbytes = int(nbytes[cross].sum())
-    lbytes = int(nbytes[~cross].sum())
-    busiest = int(np.max(np.maximum(np.maximum(sent, recv), local)))
-    cycles = -(-busiest // target.exchange_bytes_per_cycle) + target.sync_cycles
-    return cycles, xbytes, lbytes
+    return np.maximum(np.maximum(sent, recv), local).astype(np.int64)
 
 
 def _union_bytes(start: np.ndarray, nbytes: np.ndarray) -> np.ndarray:

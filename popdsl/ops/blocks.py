@@ -75,22 +75,23 @@ def task_grid(*counts: int) -> list[np.ndarray]:
     return [a.reshape(-1) for a in np.indices(counts, dtype=np.int64)]
 
 
-def worker_bands(n0: np.ndarray, n1: np.ndarray, m0: np.ndarray, m1: np.ndarray, workers: int,
-                 grain: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Split each task's block of rows n0..n1 (output rows) by channels m0..m1 over
-    up to `workers` vertices on its tile: bands of rows, and when there are fewer
-    rows than workers, bands of channels `grain` (an AMP pass) at a time as well.
-    Returns (task, n0, n1, m0, m1) per vertex, a task's vertices consecutive."""
-    rows, chans = n1 - n0, m1 - m0
-    wr = np.clip(rows, 1, workers)
-    wm = np.clip(np.minimum(workers // wr, -(-chans // grain)), 1, None)
-    count = wr * wm
-    task = np.repeat(np.arange(len(n0), dtype=np.int64), count)
+def worker_bands(r0: np.ndarray, r1: np.ndarray, width: int, workers: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Split each task's output rows r0..r1 (each `width` wide) over up to `workers`
+    vertices on its tile: bands of whole rows, or, when a task has fewer rows than
+    workers, each row in bands of columns.  Returns (task, r0, r1, c0, c1) per
+    vertex, a task's vertices consecutive, rows then columns."""
+    rows = r1 - r0
+    wr = np.minimum(rows, workers)
+    wc = np.where(rows < workers, np.minimum(width, -(-workers // np.maximum(rows, 1))), 1)
+    count = wr * wc
+    task = np.repeat(np.arange(len(r0), dtype=np.int64), count)
     k = np.arange(len(task), dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)
-    kr, km = k % wr[task], k // wr[task]
-    r, c = rows[task], chans[task]
-    return (task, n0[task] + r * kr // wr[task], n0[task] + r * (kr + 1) // wr[task],
-            m0[task] + c * km // wm[task], m0[task] + c * (km + 1) // wm[task])
+    kr, kc = k // wc[task], k % wc[task]
+    n, bands = rows[task], wc[task]
+    parts = wr[task]
+    return (task, r0[task] + n * kr // parts, r0[task] + n * (kr + 1) // parts,
+            width * kc // bands, width * (kc + 1) // bands)
 
 
 def bounds(bl: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:

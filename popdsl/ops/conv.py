@@ -17,7 +17,7 @@ import numpy as np
 
 from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node
-from popdsl.ir.cost import AMP_ROWS, LOOP_ITER, LOOP_SETUP, RPT_ITER, VERTEX_OVERHEAD, amp_cycles
+from popdsl.ir.cost import LOOP_ITER, LOOP_SETUP, RPT_ITER, VERTEX_OVERHEAD, amp_cycles
 from popdsl.ir.intrinsics import DIV, OP
 from popdsl.ops.blocks import (SLAB_BYTES, block_of, blocks, bounds, ceil_div, emit_classes, map_first,
                                map_whole, pow2_splits, shape_classes, stacked, task_grid, worker_bands)
@@ -120,16 +120,19 @@ def conv_vertex_cycles(ob: int, cb: int, rb: int, ow: int, kh: int, kw: int) -> 
 
 
 _LETS = DIV + 4 * OP          # let oh = ys / ow; let kk = kh * kw
-_ROW_LETS = 8 * OP            # let wrow = ky * kw; let xrow = (oy * s + ky) * wp; the loop's kw
+_ROW_LETS = 12 * OP           # let wrow = ky * kw; let xrow = (oy * s + ky) * wp + ox * s; the loop's kw
 _AMP_OPERANDS = 4 * OP        # wrow + kx, xrow + kx, and the state ow and s
 
 
 def conv_tile_cycles(ob: int, cb: int, rb: int, ow: int, kh: int, kw: int, workers: int) -> int:
     """A tile's compute cycles for one convolution task split over its workers as
-    `blocks.worker_bands` splits it (each worker's vertex issues every `workers` cycles)."""
-    wr = min(rb, workers)
-    wm = max(1, min(workers // wr, ceil_div(ob, AMP_ROWS["f32"])))
-    return workers * conv_vertex_cycles(ceil_div(ob, wm), cb, ceil_div(rb, wr), ow, kh, kw)
+    `blocks.worker_bands` splits it: rows, or columns when rows are fewer (each
+    worker's vertex issues every `workers` cycles)."""
+    if rb >= workers:
+        return workers * conv_vertex_cycles(ob, cb, ceil_div(rb, workers), ow, kh, kw)
+    bands = min(ow, ceil_div(workers, rb))
+    cycles = [conv_vertex_cycles(ob, cb, 1, ow * (k + 1) // bands - ow * k // bands, kh, kw) for k in range(bands)]
+    return max(workers * max(cycles), rb * sum(cycles))
 
 
 def _conv_plan(p, outer: int, Og: int, Cg: int, OH: int, OW: int, kh: int, s: int, wp: int, kk: int):
@@ -229,22 +232,23 @@ def partition_conv(p, n: Node) -> g.View:
     wtask = (o_task[:, None] * ncb + block_of(cb_))[:, :, None, None]
     map_first(p, w, tiles[wtask], wtask)
     # A task's block is shared by its tile's workers: a vertex per band of output
-    # rows (and of output channels, when rows are fewer than workers).
-    t, r0, r1, o0, o1 = worker_bands(r0, r1, o0, o1, p.workers, AMP_ROWS["f32"])
-    nn, gi, ci, c0, c1, tiles = nn[t], gi[t], ci[t], c0[t], c1[t], tiles[t]
+    # rows, or of output columns when rows are fewer than workers.
+    t, r0, r1, x0, x1 = worker_bands(r0, r1, OW, p.workers)
+    nn, gi, ci, c0, c1, o0, o1, tiles = nn[t], gi[t], ci[t], c0[t], c1[t], o0[t], o1[t], tiles[t]
 
     def conns(v):
-        """Tasks v (one class): x[image, channels, input rows, :], w[outputs, channels,
-        :, :] and target[partial, image, outputs, rows, :], each (block, -1)."""
+        """Vertices v (one class): x[image, channels, input rows, :], w[outputs,
+        channels, :, :] and target[partial, image, outputs, rows, columns], each
+        (block, -1)."""
         ob, cb = int(o1[v[0]] - o0[v[0]]), int(c1[v[0]] - c0[v[0]])
         xc, xr = (gi[v] * Cg + c0[v], gi[v] * Cg + c1[v]), (r0[v] * stride, (r1[v] - 1) * stride + KH)
         oc = (o0[v], o1[v])
         return {"x": (x.tensor, stacked(x.index, (nn[v], xc, xr, slice(None)), (cb, -1))),
                 "w": (w.tensor, stacked(w.index, (oc, (c0[v], c1[v]), slice(None), slice(None)), (ob, -1))),
-                "y": (acc.tensor, stacked(target, (ci[v], nn[v], oc, (r0[v], r1[v]), slice(None)), (ob, -1)))}
+                "y": (acc.tensor, stacked(target, (ci[v], nn[v], oc, (r0[v], r1[v]), (x0[v], x1[v])), (ob, -1)))}
     cs = p.new_cs(label)
-    emit_classes(p, cs, p.prim("Conv2dBlock"), tiles, shape_classes(o1 - o0, r1 - r0, c1 - c0), conns,
-                 {"kh": KH, "kw": KW, "s": stride, "wp": Wp, "ow": OW})
+    emit_classes(p, cs, p.prim("Conv2dBlock"), tiles, shape_classes(o1 - o0, r1 - r0, c1 - c0, x1 - x0), conns,
+                 {"kh": KH, "kw": KW, "s": stride, "wp": Wp, "ow": x1 - x0, "ox": x0})
     return add_partials(p, n, cs, acc, len(cb_) > 1, label)
 
 

@@ -12,6 +12,8 @@ are summed by the autodiff pass).
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from popdsl.ir import graph as g
@@ -71,47 +73,64 @@ def _ref(attrs, a, b):
 
 # ---------------------------------------------------------------- cost and plan
 
-def vertex_cycles(m: int, k: int, p: int) -> int:
+def vertex_cycles(m, k, p):
     """The cycles `ir.cost` charges a MatMul vertex (stdlib/prims.pop) of an m × k by
-    k × p block: zeroing c, then one amp (tests/test_amp.py keeps them equal)."""
+    k × p block: zeroing c, then one amp (tests/test_amp.py keeps them equal).  Ints
+    or numpy arrays of them."""
     zero = LOOP_SETUP + m * (LOOP_ITER + LOOP_SETUP + p * (OP + RPT_ITER))
     return VERTEX_OVERHEAD + zero + amp_cycles(m, k, p, "f32")
 
 
-def cost(target: Target, bm: int, bn: int, bk: int, gk: int, M: int, N: int, reducers: int) -> float:
+# ReduceSumCols (stdlib/prims.pop) per column of k partials: a load and a store, then
+# two loads, an add and a store per further partial.
+def _reduce_cycles(k):
+    return 2 * OP + (k - 1) * 4 * OP
+
+
+def cost(target: Target, bm, bn, bk, gk, M: int, N: int, reducers: int):
     """Estimated cycles of the busiest tile for blocks of bm × bk by bk × bn with the
     reduction split gk ways: the cycles the model charges its workers' vertices (a
     band of rows each, `_worker_rows`), the a and b blocks it receives, and for a
-    split reduction the partial sums exchanged and added on `reducers` tiles."""
+    split reduction the partial sums exchanged and added on `reducers` tiles (at
+    the cycles ReduceSumCols is charged).  Ints or numpy arrays of them."""
     rate = target.exchange_bytes_per_cycle
-    band = max(s1 - s0 for s0, s1 in _worker_rows(0, bm, target.workers))
+    rows = AMP_ROWS["f32"]
+    parts = np.minimum(target.workers, -(-bm // rows))
+    band = np.minimum(-(-(-(-bm // parts)) // rows) * rows, bm)
     c = target.workers * vertex_cycles(band, bk, bn) + (bm * bk + bk * bn) * F32_BYTES / rate
-    if gk > 1:
-        c += 2 * gk * M * N * F32_BYTES / reducers / rate
-    return c
+    per_reducer = M * N / reducers
+    return c + np.where(gk > 1, 2 * gk * per_reducer * F32_BYTES / rate + per_reducer * _reduce_cycles(gk), 0)
 
 
+def _splits(n: int) -> np.ndarray:
+    """The splits of an axis of n a plan search tries: every count up to 32, then
+    powers of two and three times powers of two, and n."""
+    out = set(range(1, min(n, 32) + 1)) | set(pow2_splits(n)) | {n}
+    k = 48
+    while k <= n:
+        out.add(k)
+        k *= 2
+    return np.array(sorted(out), np.int64)
+
+
+@lru_cache(maxsize=256)
 def grid(M: int, N: int, K: int, budget: int, target: Target) -> tuple[int, int, int]:
-    """(row, column, reduction) splits of one matmul over `budget` tiles: the
-    power-of-two splits of least `cost` among blocks at least 16 columns wide where
+    """(row, column, reduction) splits of one matmul over `budget` tiles: those of
+    least `cost` (all at once, as arrays) among blocks at least 16 columns wide where
     the output allows (a vertex's inner loop runs over the columns).  Partial sums
     are reduced on as many tiles as `sum_partials` would spread the M × N outputs
     over (at least GRAIN outputs each, so a small output is reduced on few tiles)."""
-    best = None
-    min_bn = min(16, N)
+    gm, gn, gk = np.meshgrid(_splits(M), _splits(N), _splits(K), indexing="ij")
+    gm, gn, gk = gm.ravel(), gn.ravel(), gk.ravel()
+    bn = -(-N // gn)
+    ok = (gm * gn * gk <= budget) & (bn >= min(16, N))
+    if not ok.any():
+        return (1, 1, 1)
+    gm, gn, gk, bn = gm[ok], gn[ok], gk[ok], bn[ok]
     reducers = max(1, min(budget, ceil_div(M * N, GRAIN)))
-    for gm in pow2_splits(M):
-        for gn in pow2_splits(N):
-            bn = ceil_div(N, gn)
-            if bn < min_bn:
-                continue
-            for gk in pow2_splits(K):
-                if gm * gn * gk > budget:
-                    continue
-                c = cost(target, ceil_div(M, gm), bn, ceil_div(K, gk), gk, M, N, reducers)
-                if best is None or c < best[0]:
-                    best = (c, (gm, gn, gk))
-    return best[1] if best else (1, 1, 1)
+    c = cost(target, -(-M // gm), bn, -(-K // gk), gk, M, N, reducers)
+    best = int(np.argmin(c))            # the first of equal costs: fewest splits, rows first
+    return int(gm[best]), int(gn[best]), int(gk[best])
 
 
 def _worker_rows(r0: int, r1: int, workers: int) -> list[tuple[int, int]]:

@@ -145,9 +145,9 @@ def sum_partials(p, partial: g.View, label: str, shape=None) -> g.View:
     col_tiles = p.linear(R)
     p.set_tiles(out.tensor, col_tiles)
     cs = p.new_cs(label)
-    # Few columns per vertex keep each vertex's K-row buffer small.
-    grain = max(1, min(256, 8192 // max(K, 1)))
-    for size, pos, tiles in p.chunks(col_tiles, grain=grain, max_size=grain):
+    # Every worker of a tile gets columns; few columns per vertex keep each
+    # vertex's K-row buffer small.
+    for size, pos, tiles in p.chunks(col_tiles, max_size=max(1, min(256, 8192 // max(K, 1)))):
         first = pos[:, 0].astype(np.int64)
         if isinstance(cols, Strided) and isinstance(out.index, Strided) \
                 and np.array_equal(pos, first[:, None] + np.arange(size)):

@@ -183,6 +183,7 @@ def _lower_cs(low: Lowered, graph: g.TensorGraph, cs: g.ComputeSet, csi: int,
     pre, post = CopyElems(), CopyElems()
     groups = []
     written: list[tuple[np.ndarray, ...]] = []         # (tensor, start, end, span id) per run
+    shared: dict[int, _Registry] = {}                  # tensor -> buffers read from it
     for grp in cs.groups:
         cname = grp.codelet
         c = graph.codelets[cname]
@@ -217,8 +218,9 @@ def _lower_cs(low: Lowered, graph: g.TensorGraph, cs: g.ComputeSet, csi: int,
                 shapes = np.array([v.index.shape if f.rank else () for v in views], np.int64).reshape(nv, f.rank)
                 rows, cols = _rows_cols(shapes, f.rank)
                 spans = [v.span for v in views]
+            registry = shared.setdefault(tensor, _Registry()) if f.direction == "in" else None
             ok = _connect(low, graph, c, f, tensor, span, spans, ptr, rs, rl, rows, cols, tiles, csi,
-                          col, table, region, pre, post, d, reported)
+                          col, table, region, pre, post, d, reported, registry)
             if ok and f.direction in ("out", "inout"):
                 vert = np.repeat(np.arange(nv), np.diff(ptr))
                 written.append((np.full(rs.size, tensor, np.int64), rs, rs + rl, span_ids[vert].astype(np.int64)))
@@ -240,11 +242,12 @@ def _rows_cols(shapes: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _connect(low, graph, c, f, tensor: int, span: Span, spans, ptr, rs, rl, rows, cols, tiles, csi,
-             col, table, region, pre, post, d: Diagnostics, reported) -> bool:
+             col, table, region, pre, post, d: Diagnostics, reported, registry: "_Registry | None") -> bool:
     """Connect field `f` of a group (vertices in tile order) to runs of `tensor`:
     in place where the data is on the vertex's tile and laid out as the field
-    expects, through a buffer otherwise.  False when the data is not mapped
-    (reported)."""
+    expects, through a buffer otherwise (one the compute set's `registry` of
+    buffers read from `tensor` may already hold).  False when the data is not
+    mapped (reported)."""
     t = graph.tensors[tensor]
     es = t.elem_bytes
     nv = len(tiles)
@@ -287,7 +290,12 @@ def _connect(low, graph, c, f, tensor: int, span: Span, spans, ptr, rs, rl, rows
     # Buffers on the vertices' tiles, filled by exchange before compute and drained after.
     n = rows * cols
     own, share = _shared_buffers(f, tiles[bad], ptr, rs, rl, bad)
-    mine = bad[own]
+    owners = bad[own]
+    # A buffer an earlier group of this compute set fills with the same runs serves
+    # these vertices too (the bands of a tile's block in two shape classes).
+    reuse = registry.find(tiles[owners], ptr, rs, rl, owners) if registry is not None \
+        else np.full(owners.size, -1, np.int64)
+    mine = owners[reuse < 0]
     first_buf = len(low.region_tile)
     label = (f"{c.name}.{f.name} buffer", span)
     low.region_tile.extend(tiles[mine].tolist())
@@ -295,12 +303,16 @@ def _connect(low, graph, c, f, tensor: int, span: Span, spans, ptr, rs, rl, rows
     low.region_cs.extend([csi] * mine.size)
     low.region_tensor.extend([-1] * mine.size)
     low.region_label.extend([label] * mine.size)
-    bufs = np.arange(first_buf, first_buf + mine.size, dtype=np.int32)
+    bufs = reuse.copy()
+    bufs[reuse < 0] = np.arange(first_buf, first_buf + mine.size)
+    if registry is not None and mine.size:
+        registry.add(tiles[mine], ptr, rs, rl, mine, bufs[reuse < 0])
+    bufs = bufs.astype(np.int32)
     table[bad, ac] = 0
     region[bad, ac] = bufs[share]
-    # The copies of the vertices owning a buffer: their pieces, at their positions.
+    # The copies of the vertices owning a new buffer: their pieces, at their positions.
     buf_of = np.full(nv, -1, np.int64)
-    buf_of[mine] = bufs
+    buf_of[mine] = bufs[reuse < 0]
     sel = buf_of[vert] >= 0
     br, bo = buf_of[vert][sel], fp[sel] * es
     if f.direction in ("in", "inout"):
@@ -322,6 +334,27 @@ def _pieces_by_vertex(lay: TensorLayout, ptr, rs, rl):
     return r, off, n, run_pos[src] + pos, vert_of_run[src]
 
 
+def _run_keys(tiles: np.ndarray, ptr, rs, rl, rows: np.ndarray):
+    """Per vertex of `rows`: a key (tile, run count, hash of its runs) and where its
+    runs are (`idx` into rs/rl, `starts` of each vertex's runs in idx)."""
+    counts = (ptr[rows + 1] - ptr[rows]).astype(np.int64)
+    idx = np.repeat(ptr[rows], counts) + ramps(counts)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    mix = (rs[idx] * np.int64(0x9E3779B1) + rl[idx] * np.int64(0x85EBCA77)) ^ ramps(counts)
+    h = np.add.reduceat(mix, starts) if idx.size else np.zeros(len(rows), np.int64)
+    h = np.where(counts > 0, h, 0)
+    return np.stack([tiles.astype(np.int64), counts, h], axis=1), idx, starts
+
+
+def _same_runs(rs_a, rl_a, idx_a, rs_b, rl_b, idx_b, starts) -> np.ndarray:
+    """Per vertex (runs of equal counts, at idx_a and idx_b): are all runs equal?"""
+    if not idx_a.size:
+        return np.ones(len(starts), bool)
+    same = (rs_a[idx_a] == rs_b[idx_b]) & (rl_a[idx_a] == rl_b[idx_b])
+    empty = np.diff(np.append(starts, idx_a.size)) == 0
+    return np.logical_and.reduceat(same, np.minimum(starts, idx_a.size - 1)) | empty
+
+
 def _shared_buffers(f, tiles: np.ndarray, ptr, rs, rl, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Vertices needing a buffer for field `f` (`rows`, in tile order) → (indices of
     those owning a buffer, per vertex the index of the buffer it uses among them).
@@ -331,25 +364,62 @@ def _shared_buffers(f, tiles: np.ndarray, ptr, rs, rl, rows: np.ndarray) -> tupl
     k = np.arange(len(rows))
     if f.direction != "in" or len(rows) < 2 or np.unique(tiles).size == len(tiles):
         return k, k
-    # A key per vertex from its runs: two vertices share when tile, run count and
-    # every run agree (checked exactly after grouping by a hash).
-    counts = (ptr[rows + 1] - ptr[rows]).astype(np.int64)
-    idx = np.repeat(ptr[rows], counts) + ramps(counts)
-    mix = (rs[idx] * np.int64(0x9E3779B1) + rl[idx] * np.int64(0x85EBCA77)) ^ ramps(counts)
-    h = np.add.reduceat(mix, np.concatenate(([0], np.cumsum(counts)[:-1]))) if idx.size else np.zeros(0, np.int64)
-    key = np.stack([tiles.astype(np.int64), counts, h], axis=1)
+    # Two vertices share when tile, run count and every run agree (checked exactly
+    # after grouping by a hash).
+    key, idx, starts = _run_keys(tiles, ptr, rs, rl, rows)
+    counts = key[:, 1]
     _, own, share = np.unique(key, axis=0, return_index=True, return_inverse=True)
     share = share.reshape(-1)
     # Exact check against the owner; a hash collision gets a buffer of its own.
     owner = own[share]
     o_idx = np.repeat(ptr[rows[owner]], counts) + ramps(counts)
-    same = (rs[idx] == rs[o_idx]) & (rl[idx] == rl[o_idx])
-    agree = np.logical_and.reduceat(same, np.concatenate(([0], np.cumsum(counts)[:-1]))) if idx.size \
-        else np.ones(len(rows), bool)
+    agree = _same_runs(rs, rl, idx, rs, rl, o_idx, starts)
     owner = np.where(agree, owner, k)
     own = np.unique(owner)
     rank = np.searchsorted(own, owner)
     return own, rank
+
+
+class _Registry:
+    """The buffers of one compute set that vertices read one tensor through, across
+    its groups: a later group's vertex reading exactly the runs of a registered
+    buffer on its tile reads that buffer (the exchange brings the bytes once)."""
+
+    def __init__(self):
+        self.keys = np.zeros((0, 3), np.int64)
+        self.bufs = np.zeros(0, np.int64)
+        self.rs = np.zeros(0, np.int64)
+        self.rl = np.zeros(0, np.int64)
+        self.first = np.zeros(0, np.int64)        # each buffer's runs start here in rs/rl
+
+    def find(self, tiles, ptr, rs, rl, rows) -> np.ndarray:
+        """Per vertex of `rows`: a registered buffer holding exactly its runs, or -1."""
+        if not len(self.bufs) or not len(rows):
+            return np.full(len(rows), -1, np.int64)
+        key, idx, starts = _run_keys(tiles, ptr, rs, rl, rows)
+        _, inv = np.unique(np.concatenate([self.keys, key]), axis=0, return_inverse=True)
+        inv = inv.reshape(-1)
+        known = np.full(int(inv.max()) + 1, -1, np.int64)
+        known[inv[:len(self.bufs)][::-1]] = np.arange(len(self.bufs))[::-1]
+        hit = known[inv[len(self.bufs):]]
+        found = np.nonzero(hit >= 0)[0]
+        if found.size:
+            counts = key[found, 1]
+            mine = np.repeat(ptr[rows[found]], counts) + ramps(counts)
+            theirs = np.repeat(self.first[hit[found]], counts) + ramps(counts)
+            agree = _same_runs(rs, rl, mine, self.rs, self.rl, theirs,
+                               np.concatenate(([0], np.cumsum(counts)[:-1])))
+            hit[found[~agree]] = -1
+        return np.where(hit >= 0, self.bufs[np.maximum(hit, 0)], -1)
+
+    def add(self, tiles, ptr, rs, rl, rows, bufs) -> None:
+        key, idx, _ = _run_keys(tiles, ptr, rs, rl, rows)
+        counts = key[:, 1]
+        self.first = np.concatenate([self.first, len(self.rs) + np.concatenate(([0], np.cumsum(counts)[:-1]))])
+        self.rs = np.concatenate([self.rs, rs[idx]])
+        self.rl = np.concatenate([self.rl, rl[idx]])
+        self.keys = np.concatenate([self.keys, key])
+        self.bufs = np.concatenate([self.bufs, np.asarray(bufs, np.int64)])
 
 
 def _check_write_conflicts(graph, cs, written, d: Diagnostics) -> None:

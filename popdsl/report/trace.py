@@ -31,7 +31,7 @@ import numpy as np
 
 from popdsl.atomic import write_atomically
 from popdsl.ir import executable as X
-from popdsl.ir.cost import assumptions
+from popdsl.ir.cost import assumptions, tile_bytes
 
 PER_TILE_MAX = 64
 GROUPS = 16
@@ -75,19 +75,14 @@ class TraceRecorder:
         return self.exe.copies[index]
 
     def exchange_per_tile(self, kind: str, index: int) -> np.ndarray:
-        """Cycles each tile's part of a copy takes (its busiest of bytes sent,
-        received and moved on the tile, at the exchange rate)."""
+        """Cycles each tile's part of a copy takes (`ir.cost.tile_bytes`: its busiest
+        of bytes sent, received and moved on the tile, at the exchange rate)."""
         key = (kind, index)
         hit = self._exchange.get(key)
         if hit is None:
             c, t = self._table(kind, index), self.exe.target
-            st, dt = c.src // t.tile_memory, c.dst // t.tile_memory
-            cross = st != dt
-            w = c.nbytes.astype(np.float64)
-            busiest = np.maximum(np.maximum(np.bincount(st[cross], w[cross], t.tiles),
-                                            np.bincount(dt[cross], w[cross], t.tiles)),
-                                 np.bincount(dt[~cross], w[~cross], t.tiles))
-            hit = self._exchange[key] = -(-busiest.astype(np.int64) // t.exchange_bytes_per_cycle)
+            busiest = tile_bytes(c.src, c.dst, c.nbytes, t) if c.src.size else np.zeros(t.tiles, np.int64)
+            hit = self._exchange[key] = -(-busiest // t.exchange_bytes_per_cycle)
         return hit
 
     def events(self) -> list[dict]:
