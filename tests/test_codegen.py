@@ -463,6 +463,7 @@ def _fused_adds_ones(nc, cs) -> None:
 
 def test_cache_hit_skips_compile_and_survives_corruption(monkeypatch, tmp_path):
     monkeypatch.setenv("POPDSL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(jit, "_AHEAD", {})        # compiles earlier tests started and nobody took
     cs = list(pop(FUSED).values())
     calls = []
     real = jit._compile_object
@@ -482,6 +483,7 @@ def test_compile_ahead_is_taken_by_the_next_compile_of_the_same_codelets(monkeyp
     """A compile started ahead (on the background thread) is what NativeCodelets gets:
     LLVM runs once, and the object lands in the cache.  A cached object starts none."""
     monkeypatch.setenv("POPDSL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(jit, "_AHEAD", {})        # compiles earlier tests started and nobody took
     cs = list(pop(FUSED).values())
     calls = []
     real = jit._compile_object
@@ -500,6 +502,7 @@ def test_compile_ahead_that_fails_is_compiled_again_where_it_is_needed(monkeypat
     """The background compile swallows nothing for good: the caller compiles again
     and sees the error itself (here the first compile fails, the second works)."""
     monkeypatch.setenv("POPDSL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(jit, "_AHEAD", {})
     cs = list(pop(FUSED).values())
     calls = []
     real = jit._compile_object

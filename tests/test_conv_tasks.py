@@ -179,9 +179,9 @@ def _conv_per_task(p, n):
                         p.g.mappings[acc.tensor].assign_elements(as_array(target[ci, nn, oo0:oo1, r0:r1, :]).ravel(), tile)
                         p.ensure_mapped(g.View(w.tensor, w.index[oo0:oo1, c0:c1, :, :], w.span), np.int32(tile))
                         # The task's workers: bands of rows, or when rows are
-                        # fewer than workers, each row in bands of columns.
+                        # fewer than workers, each row in bands of 8 columns or more.
                         rows = r1 - r0
-                        bands = min(OW, -(-p.workers // rows)) if rows < p.workers else 1
+                        bands = max(1, min(OW // 8, -(-p.workers // rows))) if rows < p.workers else 1
                         parts = min(rows, p.workers)
                         for kr in range(parts):
                             for kc in range(bands):

@@ -54,8 +54,9 @@ from popdsl.ir.verify import verify_codelet
 
 I1, I8, I32, I64 = ll.IntType(1), ll.IntType(8), ll.IntType(32), ll.IntType(64)
 F32, F16, PTR = ll.FloatType(), ll.HalfType(), ll.PointerType()
-COMPUTE = {"f32": F32, "i32": I32, "bool": I1}
-STORAGE = {"f32": F32, "f16": F16, "i32": I32, "bool": I8}
+V2F32, V4F16 = ll.VectorType(F32, 2), ll.VectorType(F16, 4)
+COMPUTE = {"f32": F32, "i32": I32, "bool": I1, "f32x2": V2F32, "f16x4": V4F16}
+STORAGE = {"f32": F32, "f16": F16, "i32": I32, "bool": I8, "f32x2": V2F32, "f16x4": V4F16}
 FLAGS = ("contract",)
 ERR_SLOTS = 8          # i64s of the control block `err` (see the module docstring)
 
@@ -69,6 +70,9 @@ def _c32(v: int) -> ll.Constant:
 
 
 def const(value, ty: str) -> ll.Constant:
+    if ty in ir.VECTORS:
+        assert value == 0, "vector constants are splats of scalars"
+        return ll.Constant(COMPUTE[ty], None)
     if ty == "f32":
         with np.errstate(over="ignore"):
             return ll.Constant(F32, float(np.float32(value)))
@@ -227,7 +231,7 @@ class _Emitter:
             self.b.store(v, self.var(s.name, s.value.ty))
         elif isinstance(s, ir.Store):
             ptr, dtype = self.element_ptr(s.field, s.index, s.checked)
-            self.b.store(self.to_storage(self.expr(s.value), dtype), ptr)
+            self.store_field(self.expr(s.value), ptr, dtype)
         elif isinstance(s, ir.If):
             cond = self.expr(s.cond)
             then, orelse, join = self.block("then"), self.block("else"), self.block("endif")
@@ -419,10 +423,25 @@ class _Emitter:
                 self.b.position_at_end(ok)
         if not idx:
             return ptr, dtype
-        off = self.b.sext(idx[0], I64)
-        if len(idx) == 2:
-            off = self.b.add(self.b.mul(off, stride), self.b.sext(idx[1], I64))
-        return self.b.gep(ptr, [off], inbounds=True, source_etype=STORAGE[dtype]), dtype
+        # In elements of the lane type: the row stride counts them, a column is
+        # `lanes` of them (a vector field's element is its lanes, contiguous).
+        lanes = ir.lanes(dtype)
+        col = self.b.sext(idx[-1], I64)
+        if lanes > 1:
+            col = self.b.mul(col, _c64(lanes))
+        off = self.b.add(self.b.mul(self.b.sext(idx[0], I64), stride), col) if len(idx) == 2 else col
+        return self.b.gep(ptr, [off], inbounds=True, source_etype=STORAGE[ir.lane_type(dtype)]), dtype
+
+    def load_field(self, ptr, dtype):
+        if dtype in ir.VECTORS:         # aligned to its lanes only
+            return self.b.load(ptr, typ=STORAGE[dtype], align=ir.ELEM_BYTES[ir.lane_type(dtype)])
+        return self.from_storage(self.b.load(ptr, typ=STORAGE[dtype]), dtype)
+
+    def store_field(self, value, ptr, dtype):
+        if dtype in ir.VECTORS:
+            self.b.store(value, ptr, align=ir.ELEM_BYTES[ir.lane_type(dtype)])
+        else:
+            self.b.store(self.to_storage(value, dtype), ptr)
 
     def to_storage(self, v, dtype):
         if dtype == "f16":
@@ -454,12 +473,21 @@ class _Emitter:
             if f[0] == "value":
                 return f[1]
             ptr, dtype = self.element_ptr(e.field, e.index, e.checked)
-            return self.from_storage(self.b.load(ptr, typ=STORAGE[dtype]), dtype)
+            return self.load_field(ptr, dtype)
         if isinstance(e, ir.Unary):
             x = self.expr(e.x)
             if e.op == "not":
                 return b.xor(x, ll.Constant(I1, 1))
-            return b.fneg(x, flags=self.flags) if e.ty == "f32" else b.sub(_c32(0), x)
+            return b.fneg(x, flags=self.flags) if e.ty != "i32" else b.sub(_c32(0), x)
+        if isinstance(e, (ir.Splat, ir.Vector)):
+            xs = [self.expr(e.x)] * ir.lanes(e.ty) if isinstance(e, ir.Splat) else [self.expr(x) for x in e.xs]
+            v = ll.Constant(COMPUTE[e.ty], None)
+            for i, x in enumerate(xs):
+                v = self.b.insert_element(v, self.b.fptrunc(x, F16) if e.ty == "f16x4" else x, _c32(i))
+            return v
+        if isinstance(e, ir.Lane):
+            x = self.b.extract_element(self.expr(e.x), _c32(e.index))
+            return self.b.fpext(x, F32) if e.x.ty == "f16x4" else x
         if isinstance(e, ir.Binary):
             return self.binary(e)
         if isinstance(e, ir.Select):
@@ -505,7 +533,7 @@ class _Emitter:
             if t == "f32":
                 return b.fcmp_unordered(op, x, y) if op == "!=" else b.fcmp_ordered(op, x, y)
             return b.icmp_signed(op, x, y)
-        if t == "f32":
+        if t == "f32" or t in ir.VECTORS:
             fn = {"+": b.fadd, "-": b.fsub, "*": b.fmul, "/": b.fdiv, "%": b.frem}[op]
             return fn(x, y, flags=self.flags)
         if op in ("+", "-", "*"):

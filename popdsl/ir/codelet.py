@@ -6,9 +6,12 @@ and the `.popx` writer.  Every expression carries its scalar type, every name is
 resolved, compound assignments are already expanded, so consumers never look back
 at source text.
 
-Types are the strings of `SCALARS`.  Integers are 32-bit in the language; `f16` is a
-storage type only (loaded and stored as half, computed in f32), so expressions never
-have type `f16`.
+Types are the strings of `SCALARS` and `VECTORS`.  Integers are 32-bit in the
+language; `f16` is a storage type only (loaded and stored as half, computed in f32),
+so expressions never have type `f16`.  The vectors are the IPU's 64-bit ones: `f32x2`
+(two f32 lanes) and `f16x4` (four f16 lanes, each operation rounded to f16).  A vector
+field's last axis counts vectors: it connects to a tensor of its lane type whose last
+axis holds `lanes` times as many elements.
 
 The *vertex table* contract between this IR, the code generator and the simulator
 lives in `table_layout` below: one int64 row per vertex.
@@ -19,7 +22,9 @@ from dataclasses import dataclass, fields as dc_fields, is_dataclass
 from typing import Union
 
 SCALARS = ("f32", "f16", "i32", "bool")
-ELEM_BYTES = {"f32": 4, "f16": 2, "i32": 4, "bool": 1}
+VECTORS = {"f32x2": ("f32", 2), "f16x4": ("f16", 4)}      # vector type -> (lane type, lanes)
+FIELD_TYPES = SCALARS + tuple(VECTORS)
+ELEM_BYTES = {"f32": 4, "f16": 2, "i32": 4, "bool": 1, "f32x2": 8, "f16x4": 8}
 NUMPY_DTYPE = {"f32": "float32", "f16": "float16", "i32": "int32", "bool": "bool"}
 DIRECTIONS = ("in", "out", "inout", "state")
 
@@ -27,6 +32,16 @@ DIRECTIONS = ("in", "out", "inout", "state")
 def compute_type(dtype: str) -> str:
     """The type an element of storage type `dtype` has once loaded."""
     return "f32" if dtype == "f16" else dtype
+
+
+def lanes(dtype: str) -> int:
+    """Elements of the lane type in one element of `dtype` (1 for a scalar)."""
+    return VECTORS[dtype][1] if dtype in VECTORS else 1
+
+
+def lane_type(dtype: str) -> str:
+    """The tensor element type a field of `dtype` connects to."""
+    return VECTORS[dtype][0] if dtype in VECTORS else dtype
 
 
 # ---------------------------------------------------------------- declarations
@@ -46,6 +61,11 @@ class Field:
     @property
     def rank(self) -> int:
         return len(self.dims)
+
+    @property
+    def lanes(self) -> int:
+        """Tensor elements per field element (2 or 4 for a vector field)."""
+        return lanes(self.dtype)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +168,28 @@ class Intrinsic:
 
 
 @dataclass(frozen=True, slots=True)
+class Splat:
+    """A vector (`ty`) with every lane x (an f32; rounded to f16 for f16x4)."""
+    x: "Expr"
+    ty: str
+
+
+@dataclass(frozen=True, slots=True)
+class Vector:
+    """A vector (`ty`) of the lanes xs (f32s; rounded to f16 for f16x4): f32x2(a, b)."""
+    xs: tuple["Expr", ...]
+    ty: str
+
+
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """Lane `index` (a constant) of vector x, as an f32 (f16 lanes widen exactly)."""
+    x: "Expr"
+    index: int
+    ty: str = "f32"
+
+
+@dataclass(frozen=True, slots=True)
 class CallScalar:
     """A call of a scalar codelet (by name) from another codelet."""
     name: str
@@ -155,7 +197,8 @@ class CallScalar:
     ty: str
 
 
-Expr = Union[Const, Local, Sym, Load, Len, Unary, Binary, Select, Cast, Intrinsic, CallScalar]
+Expr = Union[Const, Local, Sym, Load, Len, Unary, Binary, Select, Cast, Intrinsic, Splat, Vector, Lane,
+             CallScalar]
 
 # ---------------------------------------------------------------- statements
 
@@ -298,7 +341,7 @@ ERR_INTERRUPT = 4       # Ctrl-C seen at a check point (native code only)
 
 _NODES = {cls.__name__: cls for cls in (
     Field, Codelet, Const, Local, Sym, Load, Len, Unary, Binary, Select, Cast,
-    Intrinsic, CallScalar, Declare, Assign, Store, Amp, For, While, If, Break, Continue, Return)}
+    Intrinsic, Splat, Vector, Lane, CallScalar, Declare, Assign, Store, Amp, For, While, If, Break, Continue, Return)}
 
 
 def to_json(node):

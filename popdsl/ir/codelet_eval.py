@@ -9,7 +9,9 @@ design, obvious by design.
 Semantics (the code generator must agree):
 * f32 values are `np.float32` and every op rounds to f32 (the JIT may additionally
   contract a*b+c into an FMA, so compare floats with a tolerance); f16 is loaded and
-  stored as half, computed as f32; bool is 1 byte, nonzero loads as true.
+  stored as half, computed as f32; bool is 1 byte, nonzero loads as true.  A vector
+  is a numpy array of its lanes (float32 for f32x2, float16 for f16x4, every op
+  rounded to the lane type); a vector field's element is its lanes, contiguous.
 * i32 arithmetic wraps; `/` and `%` truncate toward zero; divisor 0 raises
   ERR_DIV_ZERO; INT_MIN / -1 == INT_MIN, INT_MIN % -1 == 0.
 * casts: f32→i32 saturates, NaN → 0; x→bool is x != 0 (NaN → true).
@@ -65,7 +67,14 @@ def f32_to_i32(x) -> int:
 
 
 def _zero(ty):
+    if ty in ir.VECTORS:
+        return _vector(ty, [0.0] * ir.lanes(ty))
     return {"f32": _F32(0.0), "i32": 0, "bool": False}[ty]
+
+
+def _vector(ty: str, lanes) -> np.ndarray:
+    """A vector value: an array of its lane type (f32 lanes rounded to f16 for f16x4)."""
+    return np.asarray(lanes, np.float32).astype(ir.NUMPY_DTYPE[ir.VECTORS[ty][0]])
 
 
 class _Return(Exception):
@@ -215,14 +224,17 @@ class _Vertex:
             size = self.dim(d)
             if not (v & 0xFFFFFFFF) < (size & 0xFFFFFFFF):   # one unsigned compare, as native
                 raise VertexError(ir.ERR_BOUNDS, self.row, name, axis, v, size)
-        elem = 0
+        # The row stride counts tensor elements (a vector's lanes), a column one field element.
+        off = 0
         if len(idx) == 1:
-            elem = idx[0]
+            off = idx[0] * ir.ELEM_BYTES[dtype]
         elif len(idx) == 2:
-            elem = idx[0] * stride + idx[1]
-        return addr + elem * ir.ELEM_BYTES[dtype], dtype
+            off = idx[0] * stride * ir.ELEM_BYTES[ir.lane_type(dtype)] + idx[1] * ir.ELEM_BYTES[dtype]
+        return addr + off, dtype
 
     def read(self, off, dtype):
+        if dtype in ir.VECTORS:
+            return self.mem[off:off + ir.ELEM_BYTES[dtype]].view(_DT[ir.lane_type(dtype)]).copy()
         raw = self.mem[off:off + ir.ELEM_BYTES[dtype]].view(_DT[dtype])[0]
         if dtype == "bool":
             return bool(raw)
@@ -231,6 +243,9 @@ class _Vertex:
         return _F32(raw)
 
     def write(self, off, dtype, v):
+        if dtype in ir.VECTORS:
+            self.mem[off:off + ir.ELEM_BYTES[dtype]].view(_DT[ir.lane_type(dtype)])[:] = v
+            return
         self.mem[off:off + ir.ELEM_BYTES[dtype]].view(_DT[dtype])[0] = \
             (1 if v else 0) if dtype == "bool" else v
 
@@ -253,7 +268,13 @@ class _Vertex:
             x = self.expr(e.x)
             if e.op == "not":
                 return not x
-            return -x if e.ty == "f32" else wrap32(-x)
+            return -x if e.ty == "f32" or e.ty in ir.VECTORS else wrap32(-x)
+        if isinstance(e, ir.Splat):
+            return _vector(e.ty, [self.expr(e.x)] * ir.lanes(e.ty))
+        if isinstance(e, ir.Vector):
+            return _vector(e.ty, [self.expr(x) for x in e.xs])
+        if isinstance(e, ir.Lane):
+            return _F32(self.expr(e.x)[e.index])
         if isinstance(e, ir.Binary):
             return self.binary(e)
         if isinstance(e, ir.Select):
@@ -280,6 +301,8 @@ class _Vertex:
         a, b = self.expr(e.a), self.expr(e.b)
         if op in _CMP:
             return bool(_CMP[op](a, b))
+        if e.ty in ir.VECTORS:             # lane by lane, in the lane type (numpy rounds f16 per op)
+            return {"+": np.add, "-": np.subtract, "*": np.multiply, "/": np.divide}[op](a, b)
         if e.ty == "f32":
             if op == "%":
                 return _F32(np.fmod(a, b))

@@ -9,7 +9,9 @@ the memory planner (exchange cycles of its copy tables) and the simulator.
 Per vertex (an estimate of an IPU worker, not a measurement, and it says so):
 
 * every load, store, arithmetic op, comparison, logic op, select and cast costs `OP`
-  (1 cycle); constants, locals, sizes and `len` are free (registers);
+  (1 cycle), on a scalar or a 64-bit vector alike (f32x2 and f16x4 loads, stores and
+  arithmetic are single IPU instructions); constants, locals, sizes, `len` and a
+  vector's lane are free (registers); building a vector costs `OP` per lane but one;
 * division and remainder cost `DIV`; an intrinsic costs what its entry in
   `ir.intrinsics` says (cheap ones `OP`, transcendental ones many cycles);
 * a call of a scalar codelet costs `CALL` plus the callee's static cost (its statements
@@ -82,6 +84,12 @@ def expr_cost(e, scalars: Mapping[str, ir.Codelet] = {}) -> int:
     """Cycles to evaluate expression `e` once."""
     if isinstance(e, (ir.Const, ir.Local, ir.Sym, ir.Len)):
         return 0
+    if isinstance(e, ir.Lane):                # half of a register pair
+        return expr_cost(e.x, scalars)
+    if isinstance(e, ir.Splat):
+        return OP + expr_cost(e.x, scalars)
+    if isinstance(e, ir.Vector):
+        return OP * (len(e.xs) - 1) + sum(expr_cost(x, scalars) for x in e.xs)
     if isinstance(e, ir.Load):
         return OP + sum(expr_cost(i, scalars) for i in e.index)
     if isinstance(e, ir.Unary):

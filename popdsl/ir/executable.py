@@ -229,8 +229,9 @@ def field_extents(c: cir.Codelet, table: np.ndarray):
         elif f.rank == 1:
             extent = np.broadcast_to(dims[0] * es, addr.shape)
         else:
-            stride = table[:, col[("stride", f.name)]]
-            extent = np.where((dims[0] > 0) & (dims[1] > 0), ((dims[0] - 1) * stride + dims[1]) * es, 0)
+            # The stride counts elements of the lane type (a vector's lanes).
+            stride = table[:, col[("stride", f.name)]] * cir.ELEM_BYTES[cir.lane_type(f.dtype)]
+            extent = np.where((dims[0] > 0) & (dims[1] > 0), (dims[0] - 1) * stride + dims[1] * es, 0)
             extent = np.broadcast_to(extent, addr.shape)
         out.append((f, addr, extent.astype(np.int64)))
     return out

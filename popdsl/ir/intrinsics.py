@@ -56,6 +56,20 @@ class Intrinsic:
         return ty in self.types
 
 
+_VEC = ("f32x2", "f16x4")
+_LLVM_VEC = {"f32x2": "v2f32", "f16x4": "v4f16"}
+
+
+def _lanewise(entry: Intrinsic) -> Intrinsic:
+    """`entry` on the vector types too, lane by lane (LLVM's vector forms)."""
+    llvm = dict(entry.llvm)
+    for v in _VEC:
+        llvm[v] = entry.llvm["f32"].replace(".f32", "." + _LLVM_VEC[v])
+    return Intrinsic(entry.name, entry.arity, entry.types + _VEC, entry.cost, entry.doc + "; lane by lane on vectors",
+                     ref=entry.ref, expand=entry.expand, llvm=llvm, libm=entry.libm, links=entry.links,
+                     lowering=entry.lowering)
+
+
 def _f32(name: str, cost: int, doc: str, ref, arity: int = 1, links: tuple[str, ...] = ()) -> Intrinsic:
     """An f32 intrinsic emitted as the LLVM intrinsic of the same name."""
     return Intrinsic(name, arity, ("f32",), cost, doc, ref=ref, llvm={"f32": f"llvm.{name}.f32"}, links=links)
@@ -85,7 +99,7 @@ def _one(ty: str) -> ir.Const:
 _TABLE = (
     _f32("exp", TRANSCENDENTAL, "e to the power x", np.exp, links=("expf", "exp2f")),
     _f32("log", TRANSCENDENTAL, "natural logarithm", np.log, links=("logf", "log2f", "log10f")),
-    _f32("sqrt", SQRT, "square root", np.sqrt, links=("sqrtf",)),
+    _lanewise(_f32("sqrt", SQRT, "square root", np.sqrt, links=("sqrtf",))),
     Intrinsic("rsqrt", 1, ("f32",), SQRT + DIV, "1 / sqrt(x)",
               expand=lambda x: ir.Binary("/", _one("f32"), ir.Intrinsic("sqrt", (x,), "f32"), "f32")),
     _f32("tanh", TRANSCENDENTAL, "hyperbolic tangent", np.tanh, links=("tanhf",)),
@@ -98,20 +112,22 @@ _TABLE = (
     _f32("floor", OP, "largest integer <= x", np.floor, links=("floorf",)),
     _f32("ceil", OP, "smallest integer >= x", np.ceil, links=("ceilf",)),
     _f32("pow", TRANSCENDENTAL, "x to the power y", np.power, arity=2, links=("powf",)),
-    Intrinsic("fma", 3, ("f32",), OP, "x * y + z rounded once",
-              ref=lambda a, b, c: np.float64(a) * np.float64(b) + np.float64(c),
-              llvm={"f32": "llvm.fma.f32"}, links=("fmaf",)),
+    _lanewise(Intrinsic("fma", 3, ("f32",), OP, "x * y + z rounded once",
+                        ref=lambda a, b, c: np.float64(a) * np.float64(b) + np.float64(c),
+                        llvm={"f32": "llvm.fma.f32"}, links=("fmaf", "__truncdfhf2"))),
     Intrinsic("f16", 1, ("f32",), OP, "x rounded to the nearest half (what an f16 store keeps); f16(x) in codelets",
               ref=lambda x: np.float16(x), lowering="round_f16", links=("__truncsfhf2", "__extendhfsf2")),
-    Intrinsic("abs", 1, ("f32", "i32"), OP, "absolute value (i32: wraps at -2^31)",
-              ref=lambda x: np.abs(x) if isinstance(x, np.floating) else abs(x),
-              llvm={"f32": "llvm.fabs.f32", "i32": "llvm.abs.i32"}),
-    Intrinsic("min", 2, ("f32", "i32"), OP, "the smaller of x and y (f32: NaN if either is, as numpy's "
-              "minimum; -0 below +0)", ref=lambda a, b: _ieee_min(a, b) if isinstance(a, np.floating) else min(a, b),
-              llvm={"f32": "llvm.minimum.f32", "i32": "llvm.smin.i32"}, links=("fminf",)),
-    Intrinsic("max", 2, ("f32", "i32"), OP, "the larger of x and y (f32: NaN if either is, as numpy's "
-              "maximum; +0 above -0)", ref=lambda a, b: _ieee_max(a, b) if isinstance(a, np.floating) else max(a, b),
-              llvm={"f32": "llvm.maximum.f32", "i32": "llvm.smax.i32"}, links=("fmaxf",)),
+    _lanewise(Intrinsic("abs", 1, ("f32", "i32"), OP, "absolute value (i32: wraps at -2^31)",
+                        ref=lambda x: np.abs(x) if isinstance(x, np.floating) else abs(x),
+                        llvm={"f32": "llvm.fabs.f32", "i32": "llvm.abs.i32"})),
+    _lanewise(Intrinsic("min", 2, ("f32", "i32"), OP, "the smaller of x and y (f32: NaN if either is, as "
+                        "numpy's minimum; -0 below +0)",
+                        ref=lambda a, b: _ieee_min(a, b) if isinstance(a, np.floating) else min(a, b),
+                        llvm={"f32": "llvm.minimum.f32", "i32": "llvm.smin.i32"}, links=("fminf",))),
+    _lanewise(Intrinsic("max", 2, ("f32", "i32"), OP, "the larger of x and y (f32: NaN if either is, as "
+                        "numpy's maximum; +0 above -0)",
+                        ref=lambda a, b: _ieee_max(a, b) if isinstance(a, np.floating) else max(a, b),
+                        llvm={"f32": "llvm.maximum.f32", "i32": "llvm.smax.i32"}, links=("fmaxf",))),
 )
 
 INTRINSICS: dict[str, Intrinsic] = {e.name: e for e in _TABLE}
@@ -119,8 +135,16 @@ INTRINSICS: dict[str, Intrinsic] = {e.name: e for e in _TABLE}
 
 def reference(name: str, args: list, ty: str):
     """The value of intrinsic `name` at `args` (compute-type values), as the
-    reference evaluator defines it; expansions are evaluated by the caller."""
+    reference evaluator defines it; expansions are evaluated by the caller.  On a
+    vector, lane by lane."""
     e = INTRINSICS[name]
+    if ty in ir.VECTORS:
+        lane, n = ir.VECTORS[ty]
+        with np.errstate(all="ignore"):
+            out = [e.ref(*[np.float32(a[i]) for a in args]) for i in range(n)]
+        # Each lane's value rounded once to the lane type, from the precision `ref`
+        # computes in: what LLVM's promotion of half vectors does (fma through f64).
+        return np.array([np.asarray(v).astype(ir.NUMPY_DTYPE[lane]) for v in out])
     with np.errstate(all="ignore"):
         v = e.ref(*args)
     if ty == "f32":

@@ -110,6 +110,12 @@ def expr(e) -> str:
         return f"{e.ty}({expr(e.x)})"
     if isinstance(e, (cir.Intrinsic, cir.CallScalar)):
         return f"{e.name}({', '.join(expr(a) for a in e.args)})"
+    if isinstance(e, cir.Splat):
+        return f"{e.ty}({expr(e.x)})"
+    if isinstance(e, cir.Vector):
+        return f"{e.ty}({', '.join(expr(x) for x in e.xs)})"
+    if isinstance(e, cir.Lane):
+        return f"{expr(e.x)}[{e.index}]"
     raise AssertionError(e)
 
 

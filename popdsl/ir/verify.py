@@ -16,7 +16,7 @@ from typing import Mapping
 from popdsl.ir import codelet as ir
 from popdsl.ir.intrinsics import INTRINSICS
 
-_EXPR_TYPES = ("f32", "i32", "bool")
+_EXPR_TYPES = ("f32", "i32", "bool") + tuple(ir.VECTORS)
 _ARITH = ("+", "-", "*", "/", "%")
 _CMP = ("==", "!=", "<", "<=", ">", ">=")
 _I32_MIN, _I32_MAX = -(1 << 31), (1 << 31) - 1
@@ -55,8 +55,10 @@ class _Checker:
                 self.fail(f"bad field {f!r}")
             if f.name in self.fields:
                 self.fail(f"duplicate field {f.name!r}")
-            if f.direction not in ir.DIRECTIONS or f.dtype not in ir.SCALARS:
+            if f.direction not in ir.DIRECTIONS or f.dtype not in ir.FIELD_TYPES:
                 self.fail(f"field {f.name!r}: bad direction or type")
+            if f.dtype in ir.VECTORS and (f.direction == "state" or not f.dims or c.ret is not None):
+                self.fail(f"vector field {f.name!r} must be an array edge of a vertex codelet")
             if not isinstance(f.dims, tuple) or len(f.dims) > 2:
                 self.fail(f"field {f.name!r}: rank must be 0, 1 or 2")
             for d in f.dims:
@@ -225,7 +227,7 @@ class _Checker:
         elif isinstance(e, ir.Unary):
             x = self.expr(e.x, scope)
             if e.op == "not" and not (x == ty == "bool") or \
-                    e.op == "neg" and not (x == ty and ty in ("f32", "i32")) or \
+                    e.op == "neg" and not (x == ty and ty in ("f32", "i32") + tuple(ir.VECTORS)) or \
                     e.op not in ("not", "neg"):
                 self.fail(f"bad unary {e.op!r} on {x}")
         elif isinstance(e, ir.Binary):
@@ -233,10 +235,10 @@ class _Checker:
             if a != b:
                 self.fail(f"operands of {e.op!r} differ: {a} and {b}")
             if e.op in _ARITH:
-                if a == "bool" or ty != a:
+                if a == "bool" or ty != a or (a in ir.VECTORS and e.op == "%"):
                     self.fail(f"bad arithmetic {e.op!r} on {a} giving {ty}")
             elif e.op in _CMP:
-                if ty != "bool" or (a == "bool" and e.op not in ("==", "!=")):
+                if ty != "bool" or (a == "bool" and e.op not in ("==", "!=")) or a in ir.VECTORS:
                     self.fail(f"bad comparison {e.op!r} on {a}")
             elif e.op in ("&&", "||"):
                 if a != "bool" or ty != "bool":
@@ -248,7 +250,22 @@ class _Checker:
             self.expect(e.a, ty, scope)
             self.expect(e.b, ty, scope)
         elif isinstance(e, ir.Cast):
-            self.expr(e.x, scope)
+            if ty in ir.VECTORS or self.expr(e.x, scope) in ir.VECTORS:
+                self.fail(f"a cast to or from a vector: {e!r}")
+        elif isinstance(e, ir.Splat):
+            if ty not in ir.VECTORS:
+                self.fail(f"splat to {ty}")
+            self.expect(e.x, "f32", scope)
+        elif isinstance(e, ir.Vector):
+            if ty not in ir.VECTORS or not isinstance(e.xs, tuple) or len(e.xs) != ir.lanes(ty):
+                self.fail(f"bad vector {e!r}")
+            for x in e.xs:
+                self.expect(x, "f32", scope)
+        elif isinstance(e, ir.Lane):
+            x = self.expr(e.x, scope)
+            if x not in ir.VECTORS or ty != "f32" or isinstance(e.index, bool) or not isinstance(e.index, int) \
+                    or not 0 <= e.index < ir.lanes(x):
+                self.fail(f"bad lane {e!r}")
         elif isinstance(e, ir.Intrinsic):
             entry = INTRINSICS.get(e.name) if isinstance(e.name, str) else None
             if entry is None:

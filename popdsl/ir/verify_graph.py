@@ -215,14 +215,14 @@ def _group(check: Check, graph: g.TensorGraph, grp: g.VertexGroup, what: str) ->
             check(conn.index.ndim == 1 + f.rank and conn.index.shape[0] == nv, fwhat,
                   f"stacked index of shape {conn.index.shape} for {nv} vertices of rank {f.rank}")
             _field_shape(check, f, conn.index.shape[1:], syms, slice(None), fwhat)
-            check(t.dtype == f.dtype, fwhat, f"is {f.dtype}, connected to '{t.name}' of {t.dtype}")
+            check(t.dtype == cir.lane_type(f.dtype), fwhat, f"is {f.dtype}, connected to '{t.name}' of {t.dtype}")
             continue
         check(isinstance(conn, list) and len(conn) == nv, fwhat,
               lambda: f"has {type(conn).__name__} {len(conn) if isinstance(conn, list) else ''} connections "
               f"for {nv} vertices")
         for k, v in enumerate(conn):
             t = _view(check, graph, v, f"{fwhat} vertex {k}")
-            check(t.dtype == f.dtype, fwhat, f"is {f.dtype}, connected to '{t.name}' of {t.dtype}")
+            check(t.dtype == cir.lane_type(f.dtype), fwhat, f"is {f.dtype}, connected to '{t.name}' of {t.dtype}")
             check(v.index.ndim == f.rank, fwhat, f"vertex {k}: view of shape {v.index.shape} for rank {f.rank}")
             # Lowering places a field's elements by one tensor's layout.
             check(v.tensor == conn[0].tensor, fwhat,
@@ -231,6 +231,9 @@ def _group(check: Check, graph: g.TensorGraph, grp: g.VertexGroup, what: str) ->
 
 
 def _field_shape(check: Check, f: cir.Field, shape, syms, rows, what: str) -> None:
+    if f.lanes > 1 and len(shape):
+        check(shape[-1] % f.lanes == 0, what, f"last axis of {shape[-1]} elements is not whole {f.dtype} vectors")
+        shape = tuple(shape[:-1]) + (shape[-1] // f.lanes,)
     for axis, (d, n) in enumerate(zip(f.dims, shape)):
         if isinstance(d, str):
             check(np.all(syms[d][rows] == n), what, lambda: f"axis {axis} has size {n}, symbol '{d}' says "

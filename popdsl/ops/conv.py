@@ -119,6 +119,7 @@ def conv_vertex_cycles(ob: int, cb: int, rb: int, ow: int, kh: int, kw: int) -> 
     return VERTEX_OVERHEAD + _LETS + zero + loops
 
 
+MIN_BAND = 8                  # columns of a worker's band: at 4 cycles each, about one AMP pass's set-up
 _LETS = DIV + 4 * OP          # let oh = ys / ow; let kk = kh * kw
 _ROW_LETS = 12 * OP           # let wrow = ky * kw; let xrow = (oy * s + ky) * wp + ox * s; the loop's kw
 _AMP_OPERANDS = 4 * OP        # wrow + kx, xrow + kx, and the state ow and s
@@ -130,7 +131,7 @@ def conv_tile_cycles(ob: int, cb: int, rb: int, ow: int, kh: int, kw: int, worke
     worker's vertex issues every `workers` cycles)."""
     if rb >= workers:
         return workers * conv_vertex_cycles(ob, cb, ceil_div(rb, workers), ow, kh, kw)
-    bands = min(ow, ceil_div(workers, rb))
+    bands = max(1, min(ow // MIN_BAND, ceil_div(workers, rb)))
     cycles = [conv_vertex_cycles(ob, cb, 1, ow * (k + 1) // bands - ow * k // bands, kh, kw) for k in range(bands)]
     return max(workers * max(cycles), rb * sum(cycles))
 
@@ -233,7 +234,7 @@ def partition_conv(p, n: Node) -> g.View:
     map_first(p, w, tiles[wtask], wtask)
     # A task's block is shared by its tile's workers: a vertex per band of output
     # rows, or of output columns when rows are fewer than workers.
-    t, r0, r1, x0, x1 = worker_bands(r0, r1, OW, p.workers)
+    t, r0, r1, x0, x1 = worker_bands(r0, r1, OW, p.workers, MIN_BAND)
     nn, gi, ci, c0, c1, o0, o1, tiles = nn[t], gi[t], ci[t], c0[t], c1[t], o0[t], o1[t], tiles[t]
 
     def conns(v):
@@ -295,7 +296,7 @@ def partition_pool(p, n: Node) -> g.View:
 
 def op_defs() -> list[OpDef]:
     return [OpDef("conv2d", "compute", "2-D convolution, NCHW input, OIHW weights", ref=_conv_ref,
-                  partition=partition_conv, codelets=("Conv2dBlock", "ReduceSumCols", "Fill"), cost=_conv_plan,
+                  partition=partition_conv, codelets=("Conv2dBlock", "ReduceSumCols", "ReduceSumCols2", "Fill"), cost=_conv_plan,
                   flops=lambda n: 2 * n.numel * int(np.prod(n.args[1].shape[1:])), grad=_g_conv,
                   value=HIGH_VALUE),
             OpDef("pool", "compute", "max or average pooling over square windows", ref=_pool_ref,

@@ -362,11 +362,11 @@ def op_defs() -> list[OpDef]:
     return [
         OpDef("conv2d_grad_x", "compute", "the gradient of conv2d with respect to its input",
               ref=_conv_grad_x_ref, partition=partition_conv_grad_x,
-              codelets=("Conv2dGradX", "Conv2dGradXRows", "ReduceSumCols"), cost=_split_plan,
+              codelets=("Conv2dGradX", "Conv2dGradXRows", "ReduceSumCols", "ReduceSumCols2"), cost=_split_plan,
               flops=lambda n: 2 * n.args[0].numel * int(np.prod(n.args[1].shape[1:])), value=HIGH_VALUE),
         OpDef("conv2d_grad_w", "compute", "the gradient of conv2d with respect to its weights",
               ref=_conv_grad_w_ref, partition=partition_conv_grad_w,
-              codelets=("Conv2dGradW", "ReduceSumCols", "Fill"), cost=_split_plan,
+              codelets=("Conv2dGradW", "ReduceSumCols", "ReduceSumCols2", "Fill"), cost=_split_plan,
               flops=lambda n: 2 * n.args[1].numel * int(np.prod(n.shape[1:])), value=HIGH_VALUE),
         OpDef("max_pool_grad", "compute", "max pooling's gradient: to the first maximum of each window",
               ref=_max_pool_grad_ref, partition=partition_max_pool_grad,

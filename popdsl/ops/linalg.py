@@ -81,10 +81,10 @@ def vertex_cycles(m, k, p):
     return VERTEX_OVERHEAD + zero + amp_cycles(m, k, p, "f32")
 
 
-# ReduceSumCols (stdlib/prims.pop) per column of k partials: a load and a store, then
-# two loads, an add and a store per further partial.
+# ReduceSumCols2 (stdlib/prims.pop) per column of k partials, two columns at a time:
+# its loop, a load, k - 1 loads and adds (a hardware loop) and a store per pair.
 def _reduce_cycles(k):
-    return 2 * OP + (k - 1) * 4 * OP
+    return (LOOP_ITER + 2 * OP + LOOP_SETUP + (k - 1) * 2 * OP + OP) / 2
 
 
 def cost(target: Target, bm, bn, bk, gk, M: int, N: int, reducers: int):

@@ -132,6 +132,9 @@ def reduce_rows(p, kind: str, src: g.View, dtype: str, out_dtype: str, label: st
     return out
 
 
+REDUCE_GRAIN = 64                 # fewest columns worth a vertex of their own
+
+
 def sum_partials(p, partial: g.View, label: str, shape=None) -> g.View:
     """Add up the leading axis of a [K, ...] partial-sum view into a new tensor.
     The result is spread over all tiles, each reducing its columns from K
@@ -142,23 +145,37 @@ def sum_partials(p, partial: g.View, label: str, shape=None) -> g.View:
     R = cols.shape[1]
     out = p.new_tensor(label, "f32", shape or (R,))
     out = g.View(out.tensor, out.index.reshape(R), out.span)
-    col_tiles = p.linear(R)
+    # Columns go to tiles and vertices in pairs where they can, so the vertices can
+    # add two at a time (ReduceSumCols2).
+    unit = 2 if R % 2 == 0 else 1
+    unit_tiles = p.linear(R // unit)
+    col_tiles = np.repeat(unit_tiles, unit)
     p.set_tiles(out.tensor, col_tiles)
     cs = p.new_cs(label)
-    # Every worker of a tile gets columns; few columns per vertex keep each
-    # vertex's K-row buffer small.
-    for size, pos, tiles in p.chunks(col_tiles, max_size=max(1, min(256, 8192 // max(K, 1)))):
+    # A tile's workers share its columns, at least REDUCE_GRAIN each (a vertex per
+    # few columns would cost more vertices than it saves cycles); few columns per
+    # vertex keep each vertex's K-row buffer small.
+    for units, upos, tiles in p.chunks(unit_tiles, grain=REDUCE_GRAIN // unit,
+                                       max_size=max(1, min(256, 8192 // max(K, 1)) // unit)):
+        size = units * unit
+        pos = (unit * upos[:, :, None] + np.arange(unit)).reshape(len(upos), size)
         first = pos[:, 0].astype(np.int64)
+        codelet = "ReduceSumCols"
         if isinstance(cols, Strided) and isinstance(out.index, Strided) \
                 and np.array_equal(pos, first[:, None] + np.arange(size)):
             # Consecutive columns (the usual case, a linear mapping): strided per
             # vertex, O(vertices) numbers rather than an index per element.
             (ks, cs_), (os_,) = cols.strides, out.index.strides
-            a = Batch(cols.offset + cs_ * first, (K, size), (ks, cs_))
-            y = Batch(out.index.offset + os_ * first, (size,), (os_,))
+            a_off, y_off = cols.offset + cs_ * first, out.index.offset + os_ * first
+            a = Batch(a_off, (K, size), (ks, cs_))
+            y = Batch(y_off, (size,), (os_,))
+            # Two columns at a time where every vertex's rows start on whole pairs.
+            if size % 2 == 0 and cs_ == 1 and os_ == 1 and ks % 2 == 0 and not (a_off % 2).any() \
+                    and not (y_off % 2).any():
+                codelet = "ReduceSumCols2"
         else:
             a, y = np.moveaxis(as_array(cols)[:, pos], 1, 0), as_array(out.index)[pos]
-        p.group(cs, p.prim("ReduceSumCols"), tiles, {"a": (partial.tensor, a), "y": (out.tensor, y)})
+        p.group(cs, p.prim(codelet), tiles, {"a": (partial.tensor, a), "y": (out.tensor, y)})
     return out
 
 
@@ -193,7 +210,7 @@ def add_partials(p, n: Node, cs, acc: g.View, split: bool, label: str) -> g.View
 
 def op_defs() -> list[OpDef]:
     return [OpDef("reduce", "compute", "sum, max, min or argmax over axes", ref=_ref, partition=partition,
-                  codelets=tuple(CODELETS.values()) + ("ReduceSumCols",),
+                  codelets=tuple(CODELETS.values()) + ("ReduceSumCols", "ReduceSumCols2"),
                   flops=lambda n: n.args[0].numel, grad=_g_reduce)]
 
 

@@ -297,9 +297,13 @@ class BatchMixin:
             if n * v.index.size > MAX_FIELD_ELEMENTS:
                 raise NoBatch
             v = BView(v.tensor, np.broadcast_to(v.index, (n,) + v.index.shape).copy())
-        if not isinstance(v, BView) or self.graph.tensors[v.tensor].dtype != f.dtype:
+        if not isinstance(v, BView) or self.graph.tensors[v.tensor].dtype != cir.lane_type(f.dtype):
             raise NoBatch
         shape = v.index.shape[1:]
+        if f.lanes > 1:
+            if len(shape) != f.rank or shape[-1] % f.lanes:
+                raise NoBatch                 # the interpreter says what is wrong
+            shape = tuple(shape[:-1]) + (shape[-1] // f.lanes,)
         if f.rank == 0 and math.prod(shape) == 1:
             return g.Stacked(v.tensor, v.index.reshape(n), span)
         if len(shape) != f.rank:

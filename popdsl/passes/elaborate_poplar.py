@@ -368,11 +368,19 @@ class PoplarMixin:
                          f"connect a tensor, not a {what}")
             raise self.Bad
         t = self.graph.tensors[v.tensor]
-        if t.dtype != f.dtype:
+        if t.dtype != cir.lane_type(f.dtype):
             self.d.error(a.value.span, f"field '{f.name}' of {cname} is {type_text(f.dtype, f.dims)} "
                          f"but '{t.name}' is {t.dtype}")
             raise self.Bad
         shape = v.shape
+        if f.lanes > 1 and len(shape) == f.rank:
+            # A vector field's last axis counts vectors of `lanes` elements.
+            if shape[-1] % f.lanes:
+                self.d.error(a.value.span, f"field '{f.name}' of {cname} is {type_text(f.dtype, f.dims)}: the last "
+                             f"axis of what it connects to must hold a multiple of {f.lanes} elements; "
+                             f"connected to shape {list(shape)}")
+                raise self.Bad
+            shape = tuple(shape[:-1]) + (shape[-1] // f.lanes,)
         if f.rank == 0 and v.index.size == 1:
             return g.View(v.tensor, v.index.reshape(()), a.value.span)
         if len(shape) != f.rank:

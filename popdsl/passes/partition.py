@@ -302,9 +302,12 @@ class Partitioner:
             tensor, index = conns[f.name]
             # A partition rule connecting a field to data of another type would make
             # the codelet read the bytes wrongly: a bug of ours, never the user's.
-            assert self.g.tensors[tensor].dtype == f.dtype, \
+            assert self.g.tensors[tensor].dtype == cir.lane_type(f.dtype), \
                 f"{codelet}.{f.name} is {f.dtype} but is connected to {self.g.tensors[tensor].dtype} data"
             shape = index.shape[1:]
+            if f.lanes > 1:                   # a vector field's last axis counts vectors
+                assert shape[-1] % f.lanes == 0, f"{codelet}.{f.name}: {shape[-1]} elements are not whole vectors"
+                shape = tuple(shape[:-1]) + (shape[-1] // f.lanes,)
             for d, n in zip(f.dims, shape):
                 if isinstance(d, str):
                     found.setdefault(d, np.full(nv, n, np.int64))

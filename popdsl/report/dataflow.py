@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from popdsl.ir import executable as X
-from popdsl.ir.codelet import ELEM_BYTES, table_layout
+from popdsl.ir.codelet import ELEM_BYTES, lane_type, table_layout
 
 ALWAYS_LIVE = ("var", "input", "param")
 
@@ -159,7 +159,7 @@ def _field_runs(exe: X.Executable, cs: X.ComputeSetExec, vbase: int):
             connected += int(np.count_nonzero(on))
             if f.rank == 2:
                 es = ELEM_BYTES[f.dtype]
-                stride = grp.table[:, layout.index(("stride", f.name))] * es
+                stride = grp.table[:, layout.index(("stride", f.name))] * ELEM_BYTES[lane_type(f.dtype)]
                 rows, cols = (np.broadcast_to(syms[d] if isinstance(d, str) else np.int64(d), (n,)) for d in f.dims)
                 r, v = _expand(np.zeros(n, np.int64), np.where(on, rows, 0).astype(np.int64))
                 a = addr[v] + r * stride[v]

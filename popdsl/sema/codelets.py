@@ -52,6 +52,9 @@ class _Checker:
         scalar = n.ret is not None
         if scalar:
             self.ret = self.scalar_type(n.ret)
+            if self.ret in ir.VECTORS:
+                self.d.error(n.ret.span, "a scalar codelet returns a scalar", "write vectors to an 'out' field")
+                self.ret = "f32"
         out = []
         for p in n.params:
             if p.name in self.fields:
@@ -73,6 +76,9 @@ class _Checker:
                     self.d.error(p.type.span, f"dimension of '{p.name}' must be positive, not {dim}")
                 elif isinstance(dim, str) and dim not in self.symbols:
                     self.symbols.append(dim)
+            if dtype in ir.VECTORS and (scalar or p.direction is None or not dims):
+                self.d.error(p.type.span, f"'{p.name}': a {dtype} field is an array edge of a vertex codelet",
+                             f"declare it 'in {p.name}: {dtype}[n]' (n vectors of what it connects to)")
             direction = p.direction or ("in" if scalar else "state")
             f = ir.Field(p.name, direction, dtype, tuple(dims))
             self.fields[p.name] = f
@@ -83,8 +89,9 @@ class _Checker:
         return tuple(out)
 
     def scalar_type(self, t: ast.TypeRef) -> str:
-        if t.name not in ir.SCALARS:
-            self.d.error(t.span, f"unknown type '{t.name}'", "types are f32, f16, i32 and bool")
+        if t.name not in ir.FIELD_TYPES:
+            self.d.error(t.span, f"unknown type '{t.name}'", "types are f32, f16, i32, bool and the vectors f32x2 "
+                         "and f16x4")
             return "f32"
         return t.name
 
@@ -129,7 +136,7 @@ class _Checker:
                 raise _Bad
             want = self.scalar_type(s.type) if s.type is not None else None
             if s.type is not None and s.type.dims:
-                self.d.error(s.type.span, "codelet locals are scalars")
+                self.d.error(s.type.span, "codelet locals are scalars (or the vectors f32x2 and f16x4)")
             if want == "f16":
                 want = "f32"
             if s.value is None:
@@ -349,11 +356,20 @@ class _Checker:
             self.d.error(e.span, f"unknown name '{e.id}'")
             raise _Bad
         if isinstance(e, ast.IndexExpr):
-            if not isinstance(e.base, ast.Name) or e.base.id not in self.fields:
+            if isinstance(e.base, ast.Name) and e.base.id in self.fields and self.lookup(e.base.id) is None:
+                return self.load(self.fields[e.base.id], e.index, e.span)
+            known = not isinstance(e.base, ast.Name) or self.lookup(e.base.id) is not None
+            x = self.expr(e.base) if known else None
+            if x is None or x.ty not in ir.VECTORS:
                 what = e.base.id if isinstance(e.base, ast.Name) else "this expression"
                 self.d.error(e.base.span, f"'{what}' is not a field and cannot be indexed")
                 raise _Bad
-            return self.load(self.fields[e.base.id], e.index, e.span)
+            n = ir.lanes(x.ty)
+            k = const_int(e.index[0]) if len(e.index) == 1 and not isinstance(e.index[0], ast.Slice) else None
+            if k is None or not 0 <= k < n:
+                self.d.error(e.span, f"a lane of {x.ty} is a constant from 0 to {n - 1}")
+                raise _Bad
+            return ir.Lane(x, k)
         if isinstance(e, ast.Neg):
             if isinstance(e.x, ast.IntLit):
                 return self.expr(ast.IntLit(-e.x.value, e.span), hint) if e.x.value <= 2**31 \
@@ -410,6 +426,9 @@ class _Checker:
             if a.ty == "bool" and op not in ("==", "!="):
                 self.d.error(e.span, f"'{op}' is not defined on bool")
                 raise _Bad
+            if a.ty in ir.VECTORS:
+                self.d.error(e.span, f"'{op}' is not defined on {a.ty}", "compare lanes: v[0] < w[0]")
+                raise _Bad
             return ir.Binary(op, a, b, "bool")
         if op == "@":
             self.d.error(e.span, "'@' (matrix product) is a graph operation, not codelet code")
@@ -418,8 +437,15 @@ class _Checker:
         return self.arith(op, a, b, e.span, e.b, e)
 
     def arith(self, op, a: ir.Expr, b: ir.Expr, span: Span, b_node, node) -> ir.Expr:
-        if isinstance(b, ir.Const) and b.ty == "i32" and a.ty == "f32":
+        if isinstance(b, ir.Const) and b.ty == "i32" and a.ty in ("f32",) + tuple(ir.VECTORS):
             b = ir.Const(float(b.value), "f32")
+        if isinstance(a, ir.Const) and a.ty == "i32" and b.ty in ir.VECTORS:
+            a = ir.Const(float(a.value), "f32")
+        # A scalar operand of vector arithmetic applies to every lane.
+        if a.ty in ir.VECTORS and b.ty == "f32":
+            b = ir.Splat(b, a.ty)
+        elif b.ty in ir.VECTORS and a.ty == "f32":
+            a = ir.Splat(a, b.ty)
         if a.ty != b.ty:
             self.d.error(span, f"type mismatch: {a.ty} {op} {b.ty}",
                          "convert explicitly, e.g. f32(i)")
@@ -447,9 +473,19 @@ class _Checker:
                 self.d.error(e.span, f"'{name}' takes {n} argument{'s' if n != 1 else ''}, "
                              f"given {len(args)}")
                 raise _Bad
+        if name in ir.VECTORS:
+            n = ir.lanes(name)
+            if len(args) not in (1, n):
+                self.d.error(e.span, f"{name}(x) repeats one f32; {name}(...) takes 1 or {n} values, given {len(args)}")
+                raise _Bad
+            xs = tuple(self.coerce(self.expr(a, "f32"), "f32", a) for a in args)
+            return ir.Splat(xs[0], name) if len(xs) == 1 else ir.Vector(xs, name)
         if name in CASTS:
             arity(1)
             x = self.expr(args[0], None)
+            if x.ty in ir.VECTORS:
+                self.d.error(e.span, f"{name}(...) of a {x.ty}: take a lane, x[0]")
+                raise _Bad
             if name == "f16":       # computed in f32: the value an f16 store would keep
                 return ir.Intrinsic("f16", (x if x.ty == "f32" else ir.Cast(x, "f32"),), "f32")
             return x if x.ty == name else ir.Cast(x, name)
@@ -476,7 +512,17 @@ class _Checker:
         intr = INTRINSICS.get(name)
         if intr is not None:
             arity(intr.arity)
-            if intr.types == ("f32",):
+            if any(t in ir.VECTORS for t in intr.types):
+                xs = [self.expr(a, hint) for a in args]
+                vec = next((x.ty for x in xs if x.ty in ir.VECTORS), None)
+                if vec is not None:      # a scalar next to a vector applies to every lane
+                    xs = [ir.Splat(ir.Const(float(x.value), "f32"), vec) if isinstance(x, ir.Const) and x.ty == "i32"
+                          else ir.Splat(x, vec) if x.ty == "f32" else x for x in xs]
+                    if any(x.ty != vec for x in xs):
+                        self.d.error(e.span, f"{name}: arguments have types {', '.join(x.ty for x in xs)}")
+                        raise _Bad
+                    return ir.Intrinsic(name, tuple(xs), vec)
+            if tuple(t for t in intr.types if t not in ir.VECTORS) == ("f32",):
                 xs = tuple(self.coerce(self.expr(a, "f32"), "f32", a) for a in args)
                 return ir.Intrinsic(name, xs, "f32")
             # Several operand types: the operands agree (an integer literal takes the
