@@ -159,7 +159,8 @@ def conv_row(name, c, o, h, k, s, pad, count) -> tuple[str, int]:
     ours = conv_tile_cycles(ob, cb, rb, oh, k, k, TARGET.workers)
     theirs = poplibs_1x1(ob, cb, rb, oh, s) if k == 1 else poplibs_nx1(ob, cb, rb, oh, k, k)
     line = (f"  {name:<22} x{count}  {total:>9,}  {compute:>9,}  {exchange:>8,}  {flops / 1e12:>6.2f}  "
-            f"{flops / PEAK_FLOPS:>6.1%}  {ob:>3}x{cb:<4}x{rb:>2}x{oh:<3}  {ours:>7,}  {theirs:>7,}  {ours / theirs:>5.2f}")
+            f"{flops / PEAK_FLOPS:>6.1%}  {ob:>3}x{cb:<4}x{rb:>2}x{oh:<3}  {ours:>7,}  {theirs:>7,}  "
+            f"{ours / theirs:>5.2f}")
     return line, total * count
 
 

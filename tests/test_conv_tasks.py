@@ -176,7 +176,8 @@ def _conv_per_task(p, n):
                         tile = int(tiles[t])
                         t += 1
                         oo0, oo1 = gi * Og + o0, gi * Og + o1
-                        p.g.mappings[acc.tensor].assign_elements(as_array(target[ci, nn, oo0:oo1, r0:r1, :]).ravel(), tile)
+                        ys = target[ci, nn, oo0:oo1, r0:r1, :]
+                        p.g.mappings[acc.tensor].assign_elements(as_array(ys).ravel(), tile)
                         p.ensure_mapped(g.View(w.tensor, w.index[oo0:oo1, c0:c1, :, :], w.span), np.int32(tile))
                         # The task's workers: bands of rows, or when rows are
                         # fewer than workers, each row in bands of 8 columns or more.

@@ -213,7 +213,8 @@ def constants(target: Target) -> list[tuple[str, object, str, str]]:
     return [
         ("workers", target.workers, "worker contexts per tile, each issuing every `workers` cycles",
          f"{JIA}: six hardware threads, round-robin"),
-        ("clock", f"{target.clock_hz / 1e9:.2f} GHz", "tile clock", "Graphcore datasheets (GC200 1.33 GHz, GC2 1.6 GHz)"),
+        ("clock", f"{target.clock_hz / 1e9:.2f} GHz", "tile clock",
+         "Graphcore datasheets (GC200 1.33 GHz, GC2 1.6 GHz)"),
         ("OP", OP, "a load, store, ALU or FP instruction of a worker", f"{JIA}: one instruction per thread turn"),
         ("DIV", DIV, "a division or remainder (no divider: a sequence)", ASSUMED),
         ("SQRT", SQRT, "a square root", ASSUMED),

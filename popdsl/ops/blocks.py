@@ -79,13 +79,14 @@ def worker_bands(r0: np.ndarray, r1: np.ndarray, width: int, workers: int, min_b
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Split each task's output rows r0..r1 (each `width` wide) over up to `workers`
     vertices on its tile: bands of whole rows, or, when a task has fewer rows than
-    workers, each row in bands of at least `min_band` columns.  Returns (task, r0, r1, c0, c1) per
-    vertex, a task's vertices consecutive, rows then columns."""
+    workers, each row in bands of at least `min_band` columns.  Returns (task, r0,
+    r1, c0, c1) per vertex, a task's vertices consecutive, rows then columns."""
     rows = r1 - r0
     wr = np.minimum(rows, workers)
     # Column bands at least `min_band` wide: a narrower one costs more in overhead
     # than its worker gives.
-    wc = np.where(rows < workers, np.clip(np.minimum(width // min_band, -(-workers // np.maximum(rows, 1))), 1, None), 1)
+    bands = np.minimum(width // min_band, -(-workers // np.maximum(rows, 1)))
+    wc = np.where(rows < workers, np.maximum(bands, 1), 1)
     count = wr * wc
     task = np.repeat(np.arange(len(r0), dtype=np.int64), count)
     k = np.arange(len(task), dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)

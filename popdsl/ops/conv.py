@@ -296,7 +296,8 @@ def partition_pool(p, n: Node) -> g.View:
 
 def op_defs() -> list[OpDef]:
     return [OpDef("conv2d", "compute", "2-D convolution, NCHW input, OIHW weights", ref=_conv_ref,
-                  partition=partition_conv, codelets=("Conv2dBlock", "ReduceSumCols", "ReduceSumCols2", "Fill"), cost=_conv_plan,
+                  partition=partition_conv, codelets=("Conv2dBlock", "ReduceSumCols", "ReduceSumCols2", "Fill"),
+                  cost=_conv_plan,
                   flops=lambda n: 2 * n.numel * int(np.prod(n.args[1].shape[1:])), grad=_g_conv,
                   value=HIGH_VALUE),
             OpDef("pool", "compute", "max or average pooling over square windows", ref=_pool_ref,
