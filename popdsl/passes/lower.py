@@ -335,15 +335,17 @@ def _pieces_by_vertex(lay: TensorLayout, ptr, rs, rl):
 
 
 def _run_keys(tiles: np.ndarray, ptr, rs, rl, rows: np.ndarray):
-    """Per vertex of `rows`: a key (tile, run count, hash of its runs) and where its
-    runs are (`idx` into rs/rl, `starts` of each vertex's runs in idx)."""
+    """Per vertex of `rows`: a key hashing its tile, run count and runs (equal runs
+    on one tile give equal keys; callers check a match exactly), its run count, and
+    where its runs are (`idx` into rs/rl, `starts` of each vertex's runs in idx)."""
     counts = (ptr[rows + 1] - ptr[rows]).astype(np.int64)
     idx = np.repeat(ptr[rows], counts) + ramps(counts)
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
     mix = (rs[idx] * np.int64(0x9E3779B1) + rl[idx] * np.int64(0x85EBCA77)) ^ ramps(counts)
-    h = np.add.reduceat(mix, starts) if idx.size else np.zeros(len(rows), np.int64)
+    h = np.add.reduceat(mix, np.minimum(starts, max(idx.size - 1, 0))) if idx.size else np.zeros(len(rows), np.int64)
     h = np.where(counts > 0, h, 0)
-    return np.stack([tiles.astype(np.int64), counts, h], axis=1), idx, starts
+    key = h * np.int64(0x5851F42D) + counts * np.int64(0x14057B7E) + tiles.astype(np.int64) * np.int64(0x2545F491)
+    return key, counts, idx, starts
 
 
 def _same_runs(rs_a, rl_a, idx_a, rs_b, rl_b, idx_b, starts) -> np.ndarray:
@@ -366,14 +368,15 @@ def _shared_buffers(f, tiles: np.ndarray, ptr, rs, rl, rows: np.ndarray) -> tupl
         return k, k
     # Two vertices share when tile, run count and every run agree (checked exactly
     # after grouping by a hash).
-    key, idx, starts = _run_keys(tiles, ptr, rs, rl, rows)
-    counts = key[:, 1]
-    _, own, share = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    key, counts, idx, starts = _run_keys(tiles, ptr, rs, rl, rows)
+    _, own, share = np.unique(key, return_index=True, return_inverse=True)
     share = share.reshape(-1)
     # Exact check against the owner; a hash collision gets a buffer of its own.
     owner = own[share]
-    o_idx = np.repeat(ptr[rows[owner]], counts) + ramps(counts)
-    agree = _same_runs(rs, rl, idx, rs, rl, o_idx, starts)
+    agree = (tiles == tiles[owner]) & (counts == counts[owner])
+    o_idx = np.repeat(ptr[rows[owner]], np.where(agree, counts, 0)) + ramps(np.where(agree, counts, 0))
+    mine = np.repeat(ptr[rows], np.where(agree, counts, 0)) + ramps(np.where(agree, counts, 0))
+    agree &= _same_runs(rs, rl, mine, rs, rl, o_idx, np.concatenate(([0], np.cumsum(np.where(agree, counts, 0))[:-1])))
     owner = np.where(agree, owner, k)
     own = np.unique(owner)
     rank = np.searchsorted(own, owner)
@@ -386,40 +389,45 @@ class _Registry:
     buffer on its tile reads that buffer (the exchange brings the bytes once)."""
 
     def __init__(self):
-        self.keys = np.zeros((0, 3), np.int64)
+        self.keys = np.zeros(0, np.int64)          # sorted
+        self.order = np.zeros(0, np.int64)         # registered index of each sorted key
+        self.tiles = np.zeros(0, np.int64)
+        self.counts = np.zeros(0, np.int64)
         self.bufs = np.zeros(0, np.int64)
         self.rs = np.zeros(0, np.int64)
         self.rl = np.zeros(0, np.int64)
-        self.first = np.zeros(0, np.int64)        # each buffer's runs start here in rs/rl
+        self.first = np.zeros(0, np.int64)         # each buffer's runs start here in rs/rl
 
     def find(self, tiles, ptr, rs, rl, rows) -> np.ndarray:
         """Per vertex of `rows`: a registered buffer holding exactly its runs, or -1."""
         if not len(self.bufs) or not len(rows):
             return np.full(len(rows), -1, np.int64)
-        key, idx, starts = _run_keys(tiles, ptr, rs, rl, rows)
-        _, inv = np.unique(np.concatenate([self.keys, key]), axis=0, return_inverse=True)
-        inv = inv.reshape(-1)
-        known = np.full(int(inv.max()) + 1, -1, np.int64)
-        known[inv[:len(self.bufs)][::-1]] = np.arange(len(self.bufs))[::-1]
-        hit = known[inv[len(self.bufs):]]
-        found = np.nonzero(hit >= 0)[0]
+        key, counts, _, _ = _run_keys(tiles, ptr, rs, rl, rows)
+        at = np.minimum(np.searchsorted(self.keys, key), len(self.keys) - 1)
+        hit = np.where(self.keys[at] == key, self.order[at], -1)
+        ok = (hit >= 0)
+        ok[ok] = (self.tiles[hit[ok]] == tiles[ok]) & (self.counts[hit[ok]] == counts[ok])
+        found = np.nonzero(ok)[0]
         if found.size:
-            counts = key[found, 1]
-            mine = np.repeat(ptr[rows[found]], counts) + ramps(counts)
-            theirs = np.repeat(self.first[hit[found]], counts) + ramps(counts)
-            agree = _same_runs(rs, rl, mine, self.rs, self.rl, theirs,
-                               np.concatenate(([0], np.cumsum(counts)[:-1])))
-            hit[found[~agree]] = -1
-        return np.where(hit >= 0, self.bufs[np.maximum(hit, 0)], -1)
+            c = counts[found]
+            mine = np.repeat(ptr[rows[found]], c) + ramps(c)
+            theirs = np.repeat(self.first[hit[found]], c) + ramps(c)
+            ok[found] = _same_runs(rs, rl, mine, self.rs, self.rl, theirs, np.concatenate(([0], np.cumsum(c)[:-1])))
+        return np.where(ok, self.bufs[np.maximum(hit, 0)], -1)
 
     def add(self, tiles, ptr, rs, rl, rows, bufs) -> None:
-        key, idx, _ = _run_keys(tiles, ptr, rs, rl, rows)
-        counts = key[:, 1]
+        key, counts, idx, _ = _run_keys(tiles, ptr, rs, rl, rows)
+        n0 = len(self.bufs)
         self.first = np.concatenate([self.first, len(self.rs) + np.concatenate(([0], np.cumsum(counts)[:-1]))])
         self.rs = np.concatenate([self.rs, rs[idx]])
         self.rl = np.concatenate([self.rl, rl[idx]])
-        self.keys = np.concatenate([self.keys, key])
+        self.tiles = np.concatenate([self.tiles, tiles.astype(np.int64)])
+        self.counts = np.concatenate([self.counts, counts])
         self.bufs = np.concatenate([self.bufs, np.asarray(bufs, np.int64)])
+        keys = np.concatenate([self.keys, key])
+        order = np.concatenate([self.order, n0 + np.arange(len(key))])
+        s = np.argsort(keys, kind="stable")
+        self.keys, self.order = keys[s], order[s]
 
 
 def _check_write_conflicts(graph, cs, written, d: Diagnostics) -> None:
