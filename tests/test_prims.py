@@ -133,17 +133,18 @@ def test_matmul(tiles, m, k, n, batch):
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6 * k)
 
 
-def test_matmul_workers_share_their_b_block(monkeypatch):
-    """A tile's matmul block is split into bands of rows for its workers; they read
-    one exchanged copy of the b block, so the exchange is what one vertex per tile
-    would need while the tile's estimated compute time drops."""
+def test_matmul_workers_share_their_a_block(monkeypatch):
+    """A tile's matmul block is split into bands of columns for its workers; they
+    read one exchanged copy of the a block (the AMP's held block is the same for
+    all), so the exchange is what one vertex per tile would need while the tile's
+    estimated compute time drops."""
     from popdsl.ops import linalg
     src = """graph g(tiles = 4) {
-    input a: f32[64, 48];
-    input b: f32[48, 32];
+    input a: f32[16, 48];
+    input b: f32[48, 128];
     output y = a @ b;
 }"""
-    a, b = rnd((64, 48), 3), rnd((48, 32), 4)
+    a, b = rnd((16, 48), 3), rnd((48, 128), 4)
 
     def measure():
         exe = popdsl.compile(src)
@@ -152,7 +153,7 @@ def test_matmul_workers_share_their_b_block(monkeypatch):
         rows = {r["op"]: r for r in exe.partition_report().rows}
         return y, rows["matmul"]
     y, split = measure()
-    monkeypatch.setattr(linalg, "_worker_rows", lambda r0, r1, w: [(r0, r1)])
+    monkeypatch.setattr(linalg, "_worker_cols", lambda c0, c1, w: [(c0, c1)])
     y1, single = measure()
     np.testing.assert_allclose(y, a.astype(np.float64) @ b, rtol=1e-5, atol=1e-5)
     # The same sums in the same order; a driver specialised to other sizes may fuse
@@ -182,14 +183,13 @@ def test_only_read_buffers_with_the_same_elements_on_one_tile_are_shared():
         assert own.tolist() == share.tolist() == [0, 1, 2, 3, 4]
 
 
-def test_worker_rows_are_bands_of_whole_amp_passes():
-    from popdsl.ops.linalg import _worker_rows
-    assert _worker_rows(0, 16, 6) == [(0, 8), (8, 16)]
-    assert _worker_rows(8, 21, 6) == [(8, 16), (16, 21)]
-    assert _worker_rows(0, 3, 6) == [(0, 3)]
-    assert _worker_rows(0, 64, 6) == [(0, 16), (16, 32), (32, 48), (48, 64)]
-    assert _worker_rows(0, 100, 6) == [(0, 24), (24, 48), (48, 72), (72, 96), (96, 100)]
-    assert _worker_rows(0, 64, 1) == [(0, 64)]
+def test_worker_cols_are_bands_of_at_least_eight_columns():
+    from popdsl.ops.linalg import _worker_cols
+    assert _worker_cols(0, 16, 6) == [(0, 8), (8, 16)]
+    assert _worker_cols(8, 21, 6) == [(8, 21)]
+    assert _worker_cols(0, 3, 6) == [(0, 3)]
+    assert _worker_cols(0, 64, 6) == [(0, 10), (10, 21), (21, 32), (32, 42), (42, 53), (53, 64)]
+    assert _worker_cols(0, 64, 1) == [(0, 64)]
 
 
 def test_matmul_vector_forms():

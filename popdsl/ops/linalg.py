@@ -4,7 +4,8 @@ Requires `ops.core`, `ops.blocks` and `ops.reduce`; produces the `matmul` operat
 and its partition rule: output blocks on a grid of tiles (rows × columns × the
 reduction dimension), the grid chosen by `cost` (estimated cycles of the busiest
 tile, with the target's rates); a tile's block is split over its workers in bands
-of rows that share one exchanged copy of the b block; a split reduction leaves
+of columns that share one exchanged copy of the a block (and the AMP's held block
+of it: a tile has one AMP); a split reduction leaves
 partial sums that `reduce.sum_partials` adds up on the tiles.
 
 Gradient: g @ bᵀ for a and aᵀ @ g for b (batch axes an operand was broadcast along
@@ -17,7 +18,7 @@ from functools import lru_cache
 import numpy as np
 
 from popdsl.ir import graph as g
-from popdsl.ir.cost import AMP_ROWS, LOOP_ITER, LOOP_SETUP, RPT_ITER, VERTEX_OVERHEAD, amp_cycles
+from popdsl.ir.cost import LOOP_ITER, LOOP_SETUP, RPT_ITER, VERTEX_OVERHEAD, amp_cycles
 from popdsl.ir.intrinsics import OP
 from popdsl.ir.target import Target
 from popdsl.ir.index import as_array, broadcast_to
@@ -90,14 +91,13 @@ def _reduce_cycles(k):
 def cost(target: Target, bm, bn, bk, gk, M: int, N: int, reducers: int):
     """Estimated cycles of the busiest tile for blocks of bm × bk by bk × bn with the
     reduction split gk ways: the cycles the model charges its workers' vertices (a
-    band of rows each, `_worker_rows`), the a and b blocks it receives, and for a
+    band of columns each, `_worker_cols`), the a and b blocks it receives, and for a
     split reduction the partial sums exchanged and added on `reducers` tiles (at
     the cycles ReduceSumCols is charged).  Ints or numpy arrays of them."""
     rate = target.exchange_bytes_per_cycle
-    rows = AMP_ROWS["f32"]
-    parts = np.minimum(target.workers, -(-bm // rows))
-    band = np.minimum(-(-(-(-bm // parts)) // rows) * rows, bm)
-    c = target.workers * vertex_cycles(band, bk, bn) + (bm * bk + bk * bn) * F32_BYTES / rate
+    parts = np.clip(bn // MIN_COLS, 1, target.workers)
+    band = -(-bn // parts)                       # the widest band of `_worker_cols`
+    c = target.workers * vertex_cycles(bm, bk, band) + (bm * bk + bk * bn) * F32_BYTES / rate
     per_reducer = M * N / reducers
     return c + np.where(gk > 1, 2 * gk * per_reducer * F32_BYTES / rate + per_reducer * _reduce_cycles(gk), 0)
 
@@ -133,14 +133,16 @@ def grid(M: int, N: int, K: int, budget: int, target: Target) -> tuple[int, int,
     return int(gm[best]), int(gn[best]), int(gk[best])
 
 
-def _worker_rows(r0: int, r1: int, workers: int) -> list[tuple[int, int]]:
-    """Rows r0..r1 of a tile's matmul block as bands for up to `workers` vertices:
-    whole AMP passes (AMP_ROWS["f32"] rows) but the last."""
-    n, rows = r1 - r0, AMP_ROWS["f32"]
-    parts = max(1, min(workers, -(-n // rows)))
-    size = -(-ceil_div(n, parts) // rows) * rows
-    return [(i, min(r1, i + size)) for i in range(r0, r1, size)]
+def _worker_cols(c0: int, c1: int, workers: int) -> list[tuple[int, int]]:
+    """Columns c0..c1 of a tile's matmul block as bands for up to `workers` vertices,
+    at least MIN_COLS wide (a narrower band spends more on each AMP pass's set-up than
+    it streams)."""
+    n = c1 - c0
+    parts = max(1, min(workers, n // MIN_COLS))
+    return [(c0 + n * i // parts, c0 + n * (i + 1) // parts) for i in range(parts)]
 
+
+MIN_COLS = 8
 
 
 def partition(p, n: Node) -> g.View:
@@ -176,15 +178,17 @@ def partition(p, n: Node) -> g.View:
                 for kk, (k0, k1) in enumerate(kb):
                     tile = int(tiles[t])
                     t += 1
-                    bv = bi[bt, k0:k1, c0:c1]
-                    want.append((b.tensor, as_array(bv).ravel(), tile))
-                    # The tile's block is shared by its workers, a band of rows each;
-                    # they read one copy of the b block (lower shares the buffer).
-                    for (s0, s1) in _worker_rows(r0, r1, p.workers):
-                        av = ai[bt, s0:s1, k0:k1]
-                        cv = target[kk, bt, s0:s1, c0:c1]
+                    av = ai[bt, r0:r1, k0:k1]
+                    want.append((a.tensor, as_array(av).ravel(), tile))
+                    # The tile's block is shared by its workers, a band of columns
+                    # each: the tile has one AMP, whose held block of a all its
+                    # workers use at once, and they read one copy of the a block
+                    # (lower shares the buffer).
+                    for (s0, s1) in _worker_cols(c0, c1, p.workers):
+                        bv = bi[bt, k0:k1, s0:s1]
+                        cv = target[kk, bt, r0:r1, s0:s1]
                         placed.append((as_array(cv).ravel(), tile))
-                        want.append((a.tensor, as_array(av).ravel(), tile))
+                        want.append((b.tensor, as_array(bv).ravel(), tile))
                         tasks.append({"tile": tile, "conns": {"a": (a.tensor, av), "b": (b.tensor, bv),
                                                               "c": (acc.tensor, cv)}})
     for tensor in {a.tensor, b.tensor}:           # (one tensor when a is b: x @ x.T)
