@@ -288,6 +288,12 @@ class _Checker:
             return ir.Assign(v.ir_name, value)
         if isinstance(t, ast.Name):
             field, index = t.id, ()
+        elif isinstance(t, ast.IndexExpr) and isinstance(t.base, ast.Name) and self.lookup(t.base.id) is not None:
+            v = self.lookup(t.base.id)
+            self.d.error(t.span, f"cannot assign to a lane of '{t.base.id}'" if v.ty in ir.VECTORS
+                         else f"'{t.base.id}' is a {v.ty}, not a field: it cannot be indexed",
+                         *([f"build a new vector: {t.base.id} = {v.ty}(...)"] if v.ty in ir.VECTORS else []))
+            raise _Bad
         elif isinstance(t, ast.IndexExpr) and isinstance(t.base, ast.Name):
             field, index = t.base.id, t.index
         else:
