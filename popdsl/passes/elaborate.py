@@ -328,6 +328,9 @@ class _Elaborator(BatchMixin, PoplarMixin, TensorMixin, TrainMixin):
             if isinstance(s, ast.AssignStmt) else ()
         if isinstance(s, ast.CallStmt):
             hint = ("a vertex needs 'on tile T' (inside 'compute'); a def's result needs 'let NAME = ...'",)
+            if not isinstance(s.call, ast.Call):
+                self.d.error(s.span, "this expression does nothing on its own", "bind it with 'let NAME = ...'")
+                raise _Bad
         self.d.error(s.span, f"'{word}' is not allowed in a graph", *hint)
         raise _Bad
 
