@@ -73,7 +73,11 @@ class TensorMixin:
         if isinstance(v, bool):
             return self.builder.const(v, "bool")
         if isinstance(v, int):
-            return self.builder.const(v, "f32" if like is not None and like.dtype in ("f32", "f16") else "i32")
+            ty = "f32" if like is not None and like.dtype in ("f32", "f16") else "i32"
+            if ty == "i32" and not -2**31 <= v < 2**31:
+                self.d.error(span, f"integer {v} does not fit in i32", "i32 holds -2147483648 to 2147483647")
+                raise self.Bad
+            return self.builder.const(v, ty)
         if isinstance(v, float):
             return self.builder.const(v, "f32")
         self.d.error(span, f"expected a tensor or a number, found {type(v).__name__}")
