@@ -110,10 +110,12 @@ class BatchMixin:
                              for e in (s.start, s.stop, s.step))
         if step == 0:
             raise NoBatch
-        values = np.arange(start, stop, step, dtype=np.int64)
-        m = values.size
-        if outer.n * m > MAX_ITERATIONS:
+        # Count before building: a bound beyond int64 is legal (the loop is then empty
+        # or over budget) but numpy cannot hold it, nor len() count it.
+        m = max(0, -((start - stop) // step))
+        if outer.n * m > MAX_ITERATIONS or not -2**62 < start < 2**62:
             raise NoBatch
+        values = np.arange(start, stop, step, dtype=np.int64)
         # Iteration order: an outer loop's variable varies slowest.
         env = {k: (np.repeat(v, m, axis=0) if isinstance(v, np.ndarray) else
                    BView(v.tensor, np.repeat(v.index, m, axis=0)) if isinstance(v, BView) else v)
