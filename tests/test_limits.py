@@ -221,8 +221,11 @@ def test_ctrl_c_stops_a_running_codelet(tmp_path, threads):
     within seconds with exit 130."""
     popx = tmp_path / "spin.popx"
     assert popc("build", _spin(tmp_path, "spin"), "-o", popx)[0] == 0
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "popdsl", "run", str(popx), "--threads", threads,
-                             "--max-cycles", str(1 << 60)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    # -X faulthandler: if the run does not stop, SIGABRT makes it print every thread's
+    # stack, which the failure shows (it once timed out on a loaded machine).
+    proc = subprocess.Popen([sys.executable, "-u", "-X", "faulthandler", "-m", "popdsl", "run", str(popx),
+                             "--threads", threads, "--max-cycles", str(1 << 60)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True)
     try:
         assert proc.stdout.readline().startswith("v: ")        # the program reached the spinning vertex
@@ -230,7 +233,11 @@ def test_ctrl_c_stops_a_running_codelet(tmp_path, threads):
         assert proc.poll() is None
         proc.send_signal(signal.SIGINT)
         t = time.perf_counter()
-        code = proc.wait(timeout=30)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            pytest.fail("SIGINT did not stop the run in 30 s; its threads:\n" + proc.communicate(timeout=30)[1])
         assert time.perf_counter() - t < 10
     finally:
         proc.kill()
