@@ -17,6 +17,10 @@ AMP: 8 output channels a pass (numConvUnits), 8 input channels a group, 32 cycle
 load a pass's weights.  Our figure is the same task's compute
 cycles as the model charges them (`ops.conv.conv_tile_cycles`, which
 tests/test_amp.py holds equal to the simulated count).
+
+Each matrix product also gets the model's floor (`matmul_floor`): the fewest cycles
+any split over the tiles could reach under the same constants, leaving out every
+overhead a real plan pays.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from types import SimpleNamespace
 import numpy as np
 
 import popdsl
+from popdsl.ir.cost import AMP_COLS, AMP_ELEMENT, AMP_PASS, AMP_ROWS
 from popdsl.ir.target import get_target
 from popdsl.ops.blocks import ceil_div
 from popdsl.ops.conv import _conv_plan, conv_tile_cycles
@@ -79,8 +84,36 @@ def matmul_row(m: int, k: int, n: int) -> str:
     total, compute, exchange = simulate(src, {"a": rng.standard_normal((m, k), np.float32),
                                               "b": rng.standard_normal((k, n), np.float32)})
     flops = 2 * m * k * n / (total / TARGET.clock_hz)
+    floor = matmul_floor(m, k, n)
     return (f"  {m:>5} x {k:>5} x {n:>5}  {total:>10,}  {compute:>10,}  {exchange:>9,}  "
-            f"{flops / 1e12:>7.2f}  {flops / PEAK_FLOPS:>6.1%}")
+            f"{flops / 1e12:>7.2f}  {flops / PEAK_FLOPS:>6.1%}  {floor:>10,.0f}  "
+            f"{2 * m * k * n / (floor / TARGET.clock_hz) / PEAK_FLOPS:>6.1%}")
+
+
+def matmul_floor(m: int, k: int, n: int) -> float:
+    """A lower bound of the model's cycles for an m x k by k x n f32 product: the best,
+    over real-valued tile blocks mt x kt by kt x nt (mt kt nt = m k n / tiles), of
+    - the AMP passes, (mt/8)(kt/8) of them, each AMP_PASS + AMP_ELEMENT nt/6 worker
+      cycles on each of the six workers (no vertex overhead, no loading the held block);
+    - the exchange, at the model's bytes per cycle: the a and b blocks but for the one
+      tile's share of them that could hold it already (n/nt tiles need each a block,
+      m/mt each b block), and (s-1)/s of the partial block when k is split s = k/kt ways;
+    - adding the partials, one instruction per element and partial (ReduceSumCols2);
+    - four syncs (exchange, compute, exchange, compute).
+    It leaves out zeroing c, vertex overheads, loading the AMP and whole-number block
+    shapes, so no plan reaches it."""
+    workers, rate = TARGET.workers, TARGET.exchange_bytes_per_cycle
+    rows, cols = AMP_ROWS["f32"], AMP_COLS["f32"]
+    mt = np.geomspace(1, m, 400)[:, None]
+    nt = np.geomspace(1, n, 400)[None, :]
+    kt = m * k * n / TARGET.tiles / (mt * nt)
+    ok = (kt >= 1) & (kt <= k)
+    split = k / kt
+    amp = workers * (mt / rows) * (kt / cols) * (AMP_PASS + AMP_ELEMENT * nt / workers)
+    partials = mt * nt * (split - 1) / split
+    exchange = (mt * kt * (1 - nt / n) + kt * nt * (1 - mt / m) + partials) * 4 / rate
+    total = amp + exchange + partials + 4 * TARGET.sync_cycles
+    return float(np.min(np.where(ok, total, np.inf)))
 
 
 def _worker_partitions(rows: int, width: int, workers: int, contiguous: bool = False) -> list[list[int]]:
@@ -172,7 +205,7 @@ def main() -> None:
     print(f"GC200 model: {TARGET.tiles} tiles at {TARGET.clock_hz / 1e9:.2f} GHz; "
           f"f32 peak {PEAK_FLOPS / 1e12:.1f} TFLOPS (16 MACs per tile cycle)")
     print("\nmatrix products (a @ b, f32): estimated cycles of one step")
-    print("      M       K       N       total     compute   exchange  TFLOPS  of peak")
+    print("      M       K       N       total     compute   exchange  TFLOPS  of peak  model floor  of peak")
     for m, k, n in MATMULS:
         print(matmul_row(m, k, n), flush=True)
     print("\nResNet-50 convolutions (batch 1, f32): one step of each alone; the busiest tile's task\n"

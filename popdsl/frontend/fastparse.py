@@ -436,7 +436,6 @@ def parse_fast(text: str, path: str, max_nesting: int) -> ast.Module:
 
     def params() -> tuple:
         """"(" [param ("," param)*] ")" of a codelet or def."""
-        nonlocal i
         expect("(")
         out = () if T[i] == ")" else tuple(commas(param))
         expect(")")

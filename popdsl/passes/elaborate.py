@@ -134,7 +134,7 @@ class _Elaborator(BatchMixin, PoplarMixin, TensorMixin, TrainMixin):
                     and np.array_equal(v.index.ravel(), np.arange(t.numel))
                 if not whole:
                     self.d.error(self.output_spans.get(name, t.span), f"output '{name}' has the name of "
-                                 f"{t.kind} '{name}' ({t.span})", f"name the output otherwise: 'output EXPR as NAME;'")
+                                 f"{t.kind} '{name}' ({t.span})", "name the output otherwise: 'output EXPR as NAME;'")
 
     # ---------------------------------------------------------------- budgets
     def over_budget(self, span: Span, which: str, what: str) -> None:

@@ -209,9 +209,7 @@ class Machine:
         self._put(i, arr)
 
     def read(self, name: str) -> np.ndarray:
-        i = self._tensor(name)
-        t = self.exe.tensors[i]
-        return self._get(i)
+        return self._get(self._tensor(name))
 
     # ---------------------------------------------------------------- running
     def run_step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -239,7 +239,9 @@ class _Checker:
             self.d.error(cx.span, f"amp accumulates in f32; '{c.name}' is {c.dtype}")
             raise _Bad
         if a.dtype != b.dtype or a.dtype not in ("f32", "f16"):
-            self.d.error(e.span, f"amp multiplies two f32 or two f16 fields, not {a.dtype} '{a.name}' "
+            # Point at the operand that breaks the rule: a's type, or b's next to it.
+            self.d.error((ax if a.dtype not in ("f32", "f16") else bx).span,
+                         f"amp multiplies two f32 or two f16 fields, not {a.dtype} '{a.name}' "
                          f"and {b.dtype} '{b.name}'")
             raise _Bad
         if c.name in (a.name, b.name):
