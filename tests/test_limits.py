@@ -221,12 +221,16 @@ def test_ctrl_c_stops_a_running_codelet(tmp_path, threads):
     within seconds with exit 130."""
     popx = tmp_path / "spin.popx"
     assert popc("build", _spin(tmp_path, "spin"), "-o", popx)[0] == 0
+    # SIG_DFL in the child: a shell without job control starts background commands
+    # with SIGINT ignored, the child inherits that, and Python then installs no
+    # handler (popc rightly ignores Ctrl-C there; the test would time out).
     # -X faulthandler: if the run does not stop, SIGABRT makes it print every thread's
-    # stack, which the failure shows (it once timed out on a loaded machine).
+    # stack, which the failure shows.
     proc = subprocess.Popen([sys.executable, "-u", "-X", "faulthandler", "-m", "popdsl", "run", str(popx),
                              "--threads", threads, "--max-cycles", str(1 << 60)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True)
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stdout.readline().startswith("v: ")        # the program reached the spinning vertex
         time.sleep(0.5)
