@@ -34,5 +34,7 @@ def test_tile_bytes_count_each_sent_byte_once(copies, repeat):
         (recv if s != d else local)[d] += n
     want = np.maximum(np.maximum(sent, recv), local)
     np.testing.assert_array_equal(cost.tile_bytes(src, dst, nb, T), want)
-    cycles, _, _ = cost.copy_cycles(src, dst, nb, T)
+    cycles, moved, on_tile = cost.copy_cycles(src, dst, nb, T)
     assert cycles == -(-int(want.max()) // T.exchange_bytes_per_cycle) + T.sync_cycles
+    assert moved == sum(n for s, _, d, _, n in copies if s != d)
+    assert on_tile == sum(n for s, _, d, _, n in copies if s == d)

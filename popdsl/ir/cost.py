@@ -269,10 +269,11 @@ def copy_cycles(src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, target: Ta
     tile's bytes (`tile_bytes`) at the exchange rate, and a sync."""
     if not src.size:
         return 0, 0, 0
-    cross = src // target.tile_memory != dst // target.tile_memory
-    busiest = int(np.max(tile_bytes(src, dst, nbytes, target)))
+    per_tile, cross = _tile_bytes(src, dst, nbytes, target)
+    busiest = int(np.max(per_tile))
     cycles = -(-busiest // target.exchange_bytes_per_cycle) + target.sync_cycles
-    return cycles, int(nbytes[cross].sum()), int(nbytes[~cross].sum())
+    moved = int(nbytes[cross].sum())
+    return cycles, moved, int(nbytes.sum()) - moved
 
 
 def tile_bytes(src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, target: Target) -> np.ndarray:
@@ -285,33 +286,40 @@ def tile_bytes(src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, target: Tar
     that switch their input to the sender's wires).  So a tile's send time counts
     each byte it sends once however many tiles receive it, while each receiver
     counts all it receives."""
-    tm = target.tile_memory
+    return _tile_bytes(src, dst, nbytes, target)[0]
+
+
+def _tile_bytes(src, dst, nbytes, target: Target) -> tuple[np.ndarray, np.ndarray]:
+    """`tile_bytes`, and which runs cross tiles."""
+    tm, T = target.tile_memory, target.tiles
     st, dt = src // tm, dst // tm
     cross = st != dt
-    recv = np.bincount(dt[cross], weights=nbytes[cross], minlength=target.tiles)
-    local = np.bincount(dt[~cross], weights=nbytes[~cross], minlength=target.tiles)
-    sent = np.bincount(st[cross], weights=nbytes[cross], minlength=target.tiles)
+    # Received (first T) and moved on the tile (last T) in one pass.
+    into = np.bincount(dt + T * ~cross, weights=nbytes, minlength=2 * T)
+    recv, local = into[:T], into[T:]
+    sent = np.bincount(st, weights=np.where(cross, nbytes, 0), minlength=T)
     # Counting each byte once can only lower what a tile sends: worth computing
     # only on tiles where sending, counted in full, is the most.
-    other = np.maximum(recv, local)
-    over = sent > other
+    over = sent > np.maximum(recv, local)
     if over.any():
         mine = cross & over[st]
         sent[over] = 0
-        sent += np.bincount(st[mine], weights=_union_bytes(src[mine], nbytes[mine]), minlength=target.tiles)
-    return np.maximum(np.maximum(sent, recv), local).astype(np.int64)
+        sent += np.bincount(st[mine], weights=_union_bytes(src[mine], nbytes[mine]), minlength=T)
+    return np.maximum(np.maximum(sent, recv), local).astype(np.int64), cross
 
 
 def _union_bytes(start: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
     """Per run, the bytes of it no earlier run (in address order) covers: summed,
     the size of the union of the runs [start, start + nbytes)."""
-    order = np.argsort(start, kind="stable")
-    s, e = start[order].astype(np.int64), (start[order] + nbytes[order]).astype(np.int64)
-    covered = np.maximum.accumulate(np.concatenate(([np.iinfo(np.int64).min], e[:-1])))
-    new = np.clip(e - np.maximum(s, covered), 0, None)
-    out = np.empty_like(new)
-    out[order] = new
-    return out
+    start, nbytes = start.astype(np.int64), nbytes.astype(np.int64)
+    if start.size > 1 and not bool(np.all(start[1:] >= start[:-1])):
+        order = np.argsort(start, kind="stable")
+        out = np.empty(start.size, np.int64)
+        out[order] = _union_bytes(start[order], nbytes[order])
+        return out
+    end = start + nbytes
+    covered = np.maximum.accumulate(np.concatenate(([np.iinfo(np.int64).min], end[:-1])))
+    return np.clip(end - np.maximum(start, covered), 0, None)
 
 
 def compute_cycles(tiles: np.ndarray, vertex_cycles: np.ndarray, target: Target,

@@ -66,12 +66,22 @@ def region_functions(low: Lowered) -> np.ndarray:
     return out
 
 
-def _cs_regions(cs) -> np.ndarray:
+def _cs_regions(cs, n: int) -> np.ndarray:
+    """The regions (of `n`) a compute set's vertices and copies touch, sorted."""
     parts = [grp.region[grp.region >= 0] for grp in cs.groups]
     for c in (cs.pre, cs.post):
         for p in c.parts:
             parts += [p[0], p[2]]
-    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+    return _distinct(parts, n)
+
+
+def _distinct(parts: list, n: int) -> np.ndarray:
+    """Sorted distinct values of arrays of ids below `n`: a mask, not a sort (the
+    sort of every run's region was most of liveness on ResNet-50)."""
+    seen = np.zeros(n, bool)
+    for p in parts:
+        seen[p] = True
+    return np.flatnonzero(seen)
 
 
 def liveness(low: Lowered) -> Liveness:
@@ -81,9 +91,8 @@ def liveness(low: Lowered) -> Liveness:
     labels: list[str] = []
     loops: list[tuple[int, int]] = []
     cs_points: dict[int, list[int]] = {}
-    cs_regions = [_cs_regions(cs) for cs in low.compute_sets]
-    copy_regions = [np.unique(np.concatenate([np.concatenate([p[0], p[2]]) for p in c.parts]))
-                    if c.parts else np.zeros(0, np.int64) for c in low.copies]
+    cs_regions = [_cs_regions(cs, n) for cs in low.compute_sets]
+    copy_regions = [_distinct([q for p in c.parts for q in (p[0], p[2])], n) for c in low.copies]
     read_regions = [np.unique(low.layouts[t].locate(np.asarray(idx).reshape(-1))[0]) for _, _, t, idx in low.reads]
 
     def touch(rs: np.ndarray, label: str) -> None:

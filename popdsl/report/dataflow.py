@@ -246,6 +246,17 @@ def _unique_counts(x: np.ndarray, w: np.ndarray | None = None) -> tuple[np.ndarr
     return x[first], np.add.reduceat(w, first) if x.size else np.zeros(0, np.int64)
 
 
+def _counts_of_runs(x: np.ndarray, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`_unique_counts` of keys that come in long runs of equal values (a cell after
+    cell of the same writer): the runs are summed first, so the sort sees one key a
+    run instead of one a cell."""
+    if x.size:
+        first = np.flatnonzero(np.concatenate(([True], x[1:] != x[:-1])))
+        w = np.add.reduceat(np.ones(x.size, np.int64) if w is None else w, first)
+        x = x[first]
+    return _unique_counts(x, w)
+
+
 def _merge(a: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Intervals [a, e) merged where they touch or overlap."""
     if not a.size:
@@ -361,10 +372,10 @@ def compiled_graph(exe: X.Executable, max_nodes: int = 40_000, group_tiles: int 
         idx, which = _expand(np.searchsorted(bnd, a), np.searchsorted(bnd, e))
         owner[idx] = who[which] if np.ndim(who) else who
 
-    def link(w, r):
+    def link(w, r, weight=None):
         keep = (w >= 0) & (r >= 0) & (w != r)
         if keep.any():
-            edges.append(_unique_counts(w[keep] * nn + r[keep]))
+            edges.append(_counts_of_runs(w[keep] * nn + r[keep], None if weight is None else weight[keep]))
 
     def copy(c: X.CopyTable):
         if not c.src.size:
@@ -378,12 +389,39 @@ def compiled_graph(exe: X.Executable, max_nodes: int = 40_000, group_tiles: int 
         the destination tile."""
         if not c.src.size:
             return
-        idx, which = cells(c.src, c.src + c.nbytes)
         # The compute set's groups: keys[lo:hi]; a dense table from tile group to node.
         lo, hi = np.searchsorted(keys, [i * ntiles, (i + 1) * ntiles])
         table = np.full(ntiles // g + 1, -1, np.int64)
         table[keys[lo:hi] - i * ntiles] = np.arange(lo, hi)
-        link(owner[idx], table[(c.dst[which] // tm) // g])
+        # An exchange sends the same bytes to many tiles: follow each distinct source
+        # run once (its writers and their cells), then join with the groups reading
+        # it, weighted by how often (cell by cell, ResNet-50's ran to 489M cells and
+        # 42 s; 23 s so).
+        reader = table[(c.dst // tm) // g]
+        on = reader >= 0
+        if not on.any():
+            paint(*buffers[i], -2)
+            return
+        src, n, reader = c.src[on].astype(np.int64), c.nbytes[on], reader[on]
+        span = int(n.max()) + 1
+        key = src * span + n
+        if np.unique(key[:65536]).size > min(key.size, 65536) // 2:
+            # Mostly distinct runs (a transpose's element copies): sorting them to
+            # find the repeats would cost more than it saves.
+            idx, which = cells(src, src + n)
+            link(owner[idx], reader[which])
+        else:
+            runs_, inv = np.unique(key, return_inverse=True)
+            pairs, times = _unique_counts(inv.ravel() * nn + reader)
+            idx, which = cells(runs_ // span, runs_ // span + runs_ % span)
+            ow, cnt = _counts_of_runs(which * (nn + 2) + owner[idx] + 2)
+            o_run, o_who = ow // (nn + 2), ow % (nn + 2) - 2
+            # Join on the source run: every reader of run u with every writer of u.
+            o_first = np.searchsorted(o_run, np.arange(runs_.size))
+            o_last = np.searchsorted(o_run, np.arange(runs_.size), "right")
+            p_run = pairs // nn
+            k, which = _expand(o_first[p_run], o_last[p_run])
+            link(o_who[k], (pairs % nn)[which], cnt[k] * times[which])
         a, e = buffers[i]
         paint(a, e, -2)
 

@@ -35,6 +35,7 @@ from popdsl.report.pictures import Picture, new_figure, require, save
 BACKGROUND = (0.02, 0.02, 0.05)
 MAX_SAMPLES = 12_000_000
 SECTION_VERTICES = 700
+SECTION_TILES = 256           # tiles a section's vertices are followed on (`section_tiles`)
 
 
 def layer_of_nodes(g: CompiledGraph, cs_layer: np.ndarray) -> np.ndarray:
@@ -180,15 +181,36 @@ def neighbourhood(sg: CompiledGraph, own: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([order, data[:max(size // 4, 0)]])
 
 
-def _draw_section(fig, box, exe: Executable, section, labels, cs_layer, regions, seed: int):
+def section_tiles(g: CompiledGraph, css: np.ndarray, tiles: int) -> np.ndarray:
+    """The tiles a section is drawn from (a bool mask): those of the grouped graph
+    `g`'s nodes met breadth first from the busiest node of compute sets `css`, until
+    about `tiles` tiles.  Following every vertex of a layer over the whole chip only
+    to draw SECTION_VERTICES of them cost minutes on AlexNet's training graph; the
+    neighbourhood drawn lies on few tiles anyway."""
+    ntiles = g.exe.target.tiles
+    mask = np.zeros(ntiles, bool)
+    own = np.isin(g.node_cs, css)
+    if not own.any():
+        return mask
+    span = max(g.group_tiles, 1)
+    for n in neighbourhood(g, own, max(tiles // span, 1)):
+        if not g.is_data[n]:
+            mask[g.node_tile[n]:g.node_tile[n] + span] = True
+    return mask
+
+
+def _draw_section(fig, box, exe: Executable, section, labels, cs_layer, regions, seed: int,
+                  grouped: CompiledGraph):
     """One enlarged section, drawn as vectors: a neighbourhood of SECTION_VERTICES
-    nodes in the layer, vertices coloured by compute set, edges in their reader's
-    colour, always-live data grey."""
+    nodes in the layer, on the tiles `section_tiles` picks from the `grouped` graph,
+    vertices coloured by compute set, edges in their reader's colour, always-live
+    data grey."""
     from matplotlib import colormaps
     from matplotlib.collections import LineCollection
     from matplotlib.lines import Line2D
     lay, css = section
-    full = compiled_graph(exe, group_tiles=0, compute_sets=css.tolist(), regions=regions)
+    on = section_tiles(grouped, css[cs_layer[css] == lay], SECTION_TILES)
+    full = compiled_graph(exe, group_tiles=0, compute_sets=css.tolist(), regions=regions, tiles=on)
     own = np.isin(full.node_cs, np.nonzero(cs_layer == lay)[0])
     pick = neighbourhood(full, own, SECTION_VERTICES)
     sg = subgraph(full, pick)
@@ -211,7 +233,8 @@ def _draw_section(fig, box, exe: Executable, section, labels, cs_layer, regions,
     tiles = np.unique(sg.node_tile[~sg.is_data]) if sg.nodes else np.zeros(0, np.int64)
     nv = int((~sg.is_data).sum())
     ax.set_title(f"enlarged: {_short(labels[lay], 44)}\n{nv:,} of its and its feeders' {full.vertices:,} "
-                 f"vertices, on {tiles.size} tiles; {sg.src.size:,} edges", color="#dddddd", fontsize=9)
+                 f"vertices on {int(on.sum())} tiles, on {tiles.size} tiles; {sg.src.size:,} edges",
+                 color="#dddddd", fontsize=9)
     handles = []
     for k, c in enumerate(css.tolist()):
         cs = exe.compute_sets[c]
@@ -276,7 +299,7 @@ def draw_graph(exe: Executable, path: str, max_nodes: int = 40_000, sections: in
     for k, sec in enumerate(secs):
         h = (side - 0.2) / len(secs)
         box = ((side + 0.45) / W, (0.85 + side - (k + 1) * h + 0.15) / H, side * 0.43 / W, (h - 0.75) / H)
-        _draw_section(fig, box, exe, sec, labels, cs_layer, regions, seed)
+        _draw_section(fig, box, exe, sec, labels, cs_layer, regions, seed, g)
     t_sections = time.perf_counter() - t1
     timing = (f"graph {t_graph:.1f} s, layout {t_layout:.1f} s, pixels {t_pixels:.1f} s, "
               f"sections {t_sections:.1f} s")
