@@ -93,8 +93,9 @@ def matmul_row(m: int, k: int, n: int) -> str:
 def matmul_floor(m: int, k: int, n: int) -> float:
     """A lower bound of the model's cycles for an m x k by k x n f32 product: the best,
     over real-valued tile blocks mt x kt by kt x nt (mt kt nt = m k n / tiles), of
-    - the AMP passes, (mt/8)(kt/8) of them, each AMP_PASS + AMP_ELEMENT nt/6 worker
-      cycles on each of the six workers (no vertex overhead, no loading the held block);
+    - the AMP passes, max(mt/8, 1) max(kt/8, 1) of them, each AMP_PASS + AMP_ELEMENT nt/6
+      worker cycles on each of the six workers (no vertex overhead, no loading the held
+      block);
     - the exchange, at the model's bytes per cycle: the a and b blocks but for the one
       tile's share of them that could hold it already (n/nt tiles need each a block,
       m/mt each b block), and (s-1)/s of the partial block when k is split s = k/kt ways;
@@ -109,7 +110,9 @@ def matmul_floor(m: int, k: int, n: int) -> float:
     kt = m * k * n / TARGET.tiles / (mt * nt)
     ok = (kt >= 1) & (kt <= k)
     split = k / kt
-    amp = workers * (mt / rows) * (kt / cols) * (AMP_PASS + AMP_ELEMENT * nt / workers)
+    # A pass holds up to rows x cols of a: at least one, however thin the block.
+    passes = np.maximum(mt / rows, 1) * np.maximum(kt / cols, 1)
+    amp = workers * passes * (AMP_PASS + AMP_ELEMENT * nt / workers)
     partials = mt * nt * (split - 1) / split
     exchange = (mt * kt * (1 - nt / n) + kt * nt * (1 - mt / m) + partials) * 4 / rate
     total = amp + exchange + partials + 4 * TARGET.sync_cycles
