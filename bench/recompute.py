@@ -6,8 +6,9 @@ twelve 3x3 conv + batch norm + relu layers (16 channels, 32x32, batch 8; generat
 below) on 64 tiles with `--recompute none` (the reference) and `all`, and with
 `auto` under a budget halfway between the two plans' busiest tiles.  Prints, for
 each: activations kept for the backward pass (tensor level), the not-always-live
-peak and the data lower bound over all tiles, the busiest tile as planned, and the
-FLOPs recomputed — each as a ratio to `none` measured in the same run.
+peak and the data lower bound over all tiles, the busiest tile as planned, the
+FLOPs recomputed, and the step's estimated compute cycles from one simulated step
+(`popc report --partition`) — each as a ratio to `none` measured in the same run.
 
 Run: `python bench/recompute.py [--layers N] [--tiles N]`.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from popdsl.api import Executable
 from popdsl.ir.target import get_target
 from popdsl.passes.recompute import Policy
 from popdsl.pipeline import compile_source
@@ -41,13 +43,16 @@ graph deepcnn(tiles = {tiles}) {{
 
 def measure(text: str, policy: Policy) -> dict:
     t = time.perf_counter()
-    exe, _ = compile_source(text, "deepcnn.pop", get_target(), recompute=policy)
+    exe, native = compile_source(text, "deepcnn.pop", get_target(), recompute=policy)
+    s = time.perf_counter() - t
     j = memory_report(exe).to_json()
+    part = Executable(exe, native).partition_report()
     tr = j["training"]
     return {"kept": tr["activations_kept_bytes"], "peak": tr["live_peak"],
             "bound": j["totals"]["data"]["lower_bound"], "busiest": j["max_tile"]["planned"],
             "flops": tr["flops"]["recompute"], "forward": tr["flops"]["forward"],
-            "segments": f"{tr['recomputed_segments']} of {tr['segments']}", "s": time.perf_counter() - t}
+            "segments": f"{tr['recomputed_segments']} of {tr['segments']}", "s": s,
+            "cycles": part.step_cycles, "recompute_cycles": part.phases["recompute"]}
 
 
 def main() -> None:
@@ -62,12 +67,14 @@ def main() -> None:
     ref = rows["none"]
     print(f"recomputation: {a.layers} conv+bn+relu layers, batch 8, {a.tiles} tiles; ratios to 'none' (same run)")
     print(f"  {'':<26}{'segments':>10}{'kept B':>14}{'peak B':>14}{'bound B':>14}{'busiest B':>12}"
-          f"{'recomputed FLOPs':>26}{'compile s':>11}")
+          f"{'recomputed FLOPs':>26}{'step cycles':>13}{'recomputing':>13}{'compile s':>11}")
     for name, r in rows.items():
         print(f"  {name:<26}{r['segments']:>10}{r['kept']:>14,}{r['peak']:>14,}{r['bound']:>14,}{r['busiest']:>12,}"
-              f"{r['flops']:>18,} ({r['flops'] / r['forward']:4.0%})" f"{r['s']:>11.1f}")
+              f"{r['flops']:>18,} ({r['flops'] / r['forward']:4.0%})" f"{r['cycles']:>13,}"
+              f"{r['recompute_cycles']:>13,}{r['s']:>11.1f}")
         print(f"  {'  ratio to none':<26}{'':>10}{r['kept'] / ref['kept']:>14.2f}{r['peak'] / ref['peak']:>14.2f}"
-              f"{r['bound'] / ref['bound']:>14.2f}{r['busiest'] / ref['busiest']:>12.2f}")
+              f"{r['bound'] / ref['bound']:>14.2f}{r['busiest'] / ref['busiest']:>12.2f}{'':>26}"
+              f"{r['cycles'] / ref['cycles']:>13.2f}")
 
 
 if __name__ == "__main__":

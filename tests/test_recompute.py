@@ -93,6 +93,23 @@ def test_recomputing_every_segment_keeps_far_fewer_bytes(built):
     assert phases == {"forward", "backward", "recompute"}
 
 
+def test_partition_report_gives_the_step_cycles_with_and_without_recomputation(built):
+    """One simulated step each: the phases add up to the step; recomputing costs
+    compute cycles of the forward pass again (at most one forward pass's worth), and
+    the step without it is close to the plain step's."""
+    none, every = (api.Executable(*built[m]).partition_report() for m in ("none", "all"))
+    for r in (none, every):
+        j = r.to_json()
+        assert sum(j["step_compute_cycles_by_phase"].values()) == j["step_compute_cycles"]
+        assert j["step_compute_cycles_without_recompute"] == j["step_compute_cycles"] - r.phases["recompute"]
+        assert "training step, compute cycles by phase: forward" in r.text()
+    assert none.phases["recompute"] == 0
+    assert 0 < every.phases["recompute"] <= every.phases["forward"]
+    assert every.phases["backward"] == none.phases["backward"]
+    without = every.step_cycles - every.phases["recompute"]
+    assert abs(without - none.step_cycles) <= 0.05 * none.step_cycles
+
+
 def test_auto_recomputes_nothing_when_the_step_fits(built):
     exe, _ = compile_cnn("auto")
     assert exe.recompute["recomputed_segments"] == 0

@@ -7,6 +7,12 @@ how many of each tile's workers it keeps busy (a tile has six; one vertex per ti
 leaves five idle), and the bytes its exchange moves.  Cycles come from running one
 step on the IPU model (inputs zero): a vertex's cycles are counted by its own native
 code.
+
+For a training step, the step's compute cycles by phase (forward, backward,
+recomputation of the forward pass) and so the step without its recomputation: a
+compute set counts for the phase of the op that made it; one of a function called
+both to compute and to recompute counts for each in proportion to its calls (every
+call runs the same vertices).
 """
 from __future__ import annotations
 
@@ -25,11 +31,20 @@ class PartitionReport:
     exe: Executable
     rows: list[dict]
     step_cycles: int
+    phases: dict[str, int]          # step compute cycles by the phase of the op
 
     def to_json(self) -> dict:
-        return {"graph": self.exe.name, "tiles": self.exe.target.tiles, "ops": self.rows,
-                "step_compute_cycles": self.step_cycles,
-                "assumption": "cycles measured by one simulated step with zero inputs"}
+        out = {"graph": self.exe.name, "tiles": self.exe.target.tiles, "ops": self.rows,
+               "step_compute_cycles": self.step_cycles,
+               "assumption": "cycles measured by one simulated step with zero inputs"}
+        if self.training:
+            out["step_compute_cycles_by_phase"] = dict(self.phases)
+            out["step_compute_cycles_without_recompute"] = self.step_cycles - self.phases["recompute"]
+        return out
+
+    @property
+    def training(self) -> bool:
+        return any(op["phase"] != "forward" for op in self.exe.ops)
 
     def text(self) -> str:
         t = self.exe.target
@@ -44,6 +59,11 @@ class PartitionReport:
                        f"{r['exchange_bytes']:>12,}  {r['source']}")
         if not self.rows:
             out.append("  (no tensor operations: this graph places its vertices itself)")
+        if self.training:
+            ph, without = self.phases, self.step_cycles - self.phases["recompute"]
+            out.append(f"  training step, compute cycles by phase: forward {ph['forward']:,}, backward "
+                       f"{ph['backward']:,}, recomputation {ph['recompute']:,}; without recomputation "
+                       f"{without:,} (recomputing adds {100 * ph['recompute'] / max(without, 1):.1f}%)")
         return "\n".join(out)
 
 
@@ -62,9 +82,25 @@ def partition_report(exe: Executable, native, max_cycles: int = MAX_CYCLES) -> P
         machine.run_step(zeros)
         step = max(1, machine.cycles.compute)
         rows = [_row(exe, machine, op, step) for op in exe.ops]
-        return PartitionReport(exe, rows, machine.cycles.compute)
+        return PartitionReport(exe, rows, machine.cycles.compute, _phases(exe, machine.cycles.per_compute_set))
     finally:
         machine.close()
+
+
+def _phases(exe: Executable, per_cs: dict[str, int]) -> dict[str, int]:
+    """The step's compute cycles by phase (see the module's note); compute sets no
+    op made (a graph's own vertices) count for the forward pass."""
+    out = dict.fromkeys(("forward", "backward", "recompute"), 0)
+    again = {f["name"]: f["recompute_calls"] for f in exe.functions}
+    left = dict(per_cs)
+    for op in exe.ops:
+        cycles = sum(left.pop(exe.compute_sets[i].name, 0) for i in op["compute_sets"])
+        k, calls = again.get(op["function"], 0), max(op["calls"], 1)
+        redo = cycles * k // calls
+        out[op["phase"]] += cycles - redo
+        out["recompute"] += redo
+    out["forward"] += sum(left.values())
+    return out
 
 
 def _row(exe: Executable, machine, op: dict, step: int) -> dict:
