@@ -192,6 +192,38 @@ def test_worker_cols_are_bands_of_at_least_eight_columns():
     assert _worker_cols(0, 64, 1) == [(0, 64)]
 
 
+@SETTINGS
+@given(m=st.integers(1, 6), k=st.integers(1, 90), n=st.integers(1, 120))
+def test_matmul_with_a_transposed_operand(m, k, n):
+    """x @ wᵀ (a dense layer's input gradient) and vᵀ @ xᵀ: computed as the product
+    of the operands as stored, (w xᵀ)ᵀ and (x v)ᵀ, when fewer elements then reach
+    the tiles one at a time; the same values, and never more copy runs."""
+    from popdsl.ops import linalg
+    x, w, v = rnd((m, k), 5), rnd((n, k), 6), rnd((k, n), 7)
+    src = f"""graph g(tiles = 16) {{
+    input x: f32[{m}, {k}];
+    input w: f32[{n}, {k}];
+    input v: f32[{k}, {n}];
+    output y = x @ transpose(w);
+    output z = transpose(v) @ transpose(x);
+}}"""
+
+    def runs():
+        exe = popdsl.compile(src, cache=False)
+        with popdsl.Simulator(exe) as sim:
+            out = sim.run({"x": x, "w": w, "v": v})
+        np.testing.assert_allclose(out["y"], x.astype(np.float64) @ w.T, rtol=1e-5, atol=1e-6 * k)
+        np.testing.assert_allclose(out["z"], (x.astype(np.float64) @ v).T, rtol=1e-5, atol=1e-6 * k)
+        return sum(int(cs.pre.src.size) for cs in exe.ir.compute_sets)
+    chosen = runs()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(linalg, "_scattered", lambda index: 0)       # never transposed
+        direct = runs()
+    assert chosen <= direct, (chosen, direct)
+    if n * k >= 64 * m:
+        assert chosen < direct
+
+
 def test_matmul_vector_forms():
     a, v = rnd((5, 7), 1), rnd((7,), 2)
     y1, y2 = run("    output y1 = a @ v;\n    output y2 = v @ transpose(a, [1, 0]);",

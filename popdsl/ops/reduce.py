@@ -193,17 +193,18 @@ def partition(p, n: Node) -> g.View:
     return g.View(out.tensor, out.index.reshape(n.shape), out.span)
 
 
-def add_partials(p, n: Node, cs, acc: g.View, split: bool, label: str) -> g.View:
-    """The result of a matmul or conv: its accumulator, or the sum of its partials
-    when the reduction was split."""
+def add_partials(p, n: Node, cs, acc: g.View, split: bool, label: str, shape=None) -> g.View:
+    """The result of a matmul or conv, of `shape` (n's by default): its accumulator,
+    or the sum of its partials when the reduction was split."""
+    shape = n.shape if shape is None else shape
     css = [cs]
     out = acc
     if split:
         before = len(p.seq)
-        out = sum_partials(p, acc, label, n.shape)
+        out = sum_partials(p, acc, label, shape)
         css += [p.g.compute_sets[e.cs] for e in p.seq[before:]]
     p.record(n, *css)
-    return g.View(out.tensor, out.index.reshape(n.shape), out.span)
+    return g.View(out.tensor, out.index.reshape(shape), out.span)
 
 
 # ---------------------------------------------------------------- the table's entries
