@@ -232,8 +232,8 @@ def _draw_section(fig, box, exe: Executable, section, labels, cs_layer, regions,
         s.set_edgecolor("#666666")
     tiles = np.unique(sg.node_tile[~sg.is_data]) if sg.nodes else np.zeros(0, np.int64)
     nv = int((~sg.is_data).sum())
-    ax.set_title(f"enlarged: {_short(labels[lay], 44)}\n{nv:,} of its and its feeders' {full.vertices:,} "
-                 f"vertices on {int(on.sum())} tiles, on {tiles.size} tiles; {sg.src.size:,} edges",
+    ax.set_title(f"enlarged: {_short(labels[lay], 44)}\n{nv:,} of the {full.vertices:,} vertices of it and "
+                 f"its feeders on {int(on.sum())} nearby tiles (drawn: {tiles.size} tiles); {sg.src.size:,} edges",
                  color="#dddddd", fontsize=9)
     handles = []
     for k, c in enumerate(css.tolist()):
