@@ -32,7 +32,7 @@ from popdsl.ir.target import MAX_TILE_MEMORY, MAX_TILES, MIN_TILE_MEMORY, Target
 from popdsl.ir.verify import verify_codelet
 
 MAGIC = "popdsl-executable"
-VERSION = 6
+VERSION = 7
 PHASES = ("forward", "backward", "recompute")           # of a tensor op (passes.partition)
 RECOMPUTE_FIELDS = ("mode", "segments", "recomputed_segments", "kept_bytes", "kept_bytes_without",
                     "recomputed_ops", "recomputed_flops")

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from popdsl.ir import codelet_eval as ev
 from popdsl.ir import cost
 from popdsl.ir.codelet import ERR_BOUNDS, ERR_CYCLES
-from popdsl.ops import linalg
+from popdsl.ops import conv_grad, linalg
 from popdsl.ops.conv import conv_vertex_cycles
 from tests.test_codegen import PRIMS, Vertices, _cache, assert_same, both, pop  # noqa: F401 - _cache is a fixture
 
@@ -24,28 +24,49 @@ codelet Amp{T}(in a: {T}[ra, ca], in b: {T}[rb, cb], inout c: f32[rc, cc],
 }}
 """
 CODELETS = {t: pop(AMP.format(T=t))[f"Amp{t}"] for t in ("f32", "f16")}
+# Every form: amp, amp_at (a read transposed), amp_bt (b read transposed), with a
+# column step for c.
+FORMS = """
+codelet {NAME}{T}(in a: {T}[ra, ca], in b: {T}[rb, cb], inout c: f32[rc, cc],
+               ci: i32, cj: i32, ai: i32, aj: i32, bi: i32, bj: i32,
+               mm: i32, kk: i32, nn: i32, sa: i32, sb: i32, sc: i32) {{
+    {NAME}(c[ci, cj], a[ai, aj], b[bi, bj], mm, kk, nn, sa, sb, sc);
+}}
+"""
+FORM_CODELETS = {(f, t): pop(FORMS.format(NAME=f, T=t))[f"{f}{t}"]
+                 for f in ("amp", "amp_at", "amp_bt") for t in ("f32", "f16")}
 
 
-def expected(r):
+def expected(r, form="amp"):
     """What amp leaves in c, from numpy (float64 sums of the f32 products)."""
     c = r["c"].astype(np.float64)
     p, q, k = np.arange(r["mm"]), np.arange(r["nn"]), np.arange(r["kk"])
-    a = r["a"].astype(np.float64)[np.ix_(r["ai"] + p, r["aj"] + k * r["sa"])]
-    b = r["b"].astype(np.float64)[np.ix_(r["bi"] + k, r["bj"] + q * r["sb"])]
-    c[np.ix_(r["ci"] + p, r["cj"] + q)] += a @ b
+    a, b = r["a"].astype(np.float64), r["b"].astype(np.float64)
+    if form == "amp_at":
+        a = a[np.ix_(r["ai"] + k, r["aj"] + p * r["sa"])].T
+    else:
+        a = a[np.ix_(r["ai"] + p, r["aj"] + k * r["sa"])]
+    if form == "amp_bt":
+        b = b[np.ix_(r["bi"] + q, r["bj"] + k * r["sb"])].T
+    else:
+        b = b[np.ix_(r["bi"] + k, r["bj"] + q * r["sb"])]
+    # np.add.at: a column step of 0 adds a row's columns into one element.
+    np.add.at(c, np.ix_(r["ci"] + p, r["cj"] + q * r.get("sc", 1)), a @ b)
     return c
 
 
-def row(rng, t, m, k, n, sa, sb, pad):
+def row(rng, t, m, k, n, sa, sb, pad, form="amp", sc=1):
     """A vertex whose operands hold the block at random origins inside bigger fields."""
     o = rng.integers(0, pad + 1, 6)
     t = {"f32": np.float32, "f16": np.float16}[t]
-    a = rng.standard_normal((o[2] + m + pad, o[3] + (k - 1) * sa + 1 + pad)).astype(t)
-    b = rng.standard_normal((o[4] + k + pad, o[5] + (n - 1) * sb + 1 + pad)).astype(t)
-    c = rng.standard_normal((o[0] + m + pad, o[1] + n + pad)).astype(np.float32)
+    a_rows, a_cols = (k, m) if form == "amp_at" else (m, k)
+    b_rows, b_cols = (n, k) if form == "amp_bt" else (k, n)
+    a = rng.standard_normal((o[2] + a_rows + pad, o[3] + (a_cols - 1) * sa + 1 + pad)).astype(t)
+    b = rng.standard_normal((o[4] + b_rows + pad, o[5] + (b_cols - 1) * sb + 1 + pad)).astype(t)
+    c = rng.standard_normal((o[0] + m + pad, o[1] + (n - 1) * sc + 1 + pad)).astype(np.float32)
     return {"a": a, "b": b, "c": c, "ra": a.shape[0], "ca": a.shape[1], "rb": b.shape[0], "cb": b.shape[1],
             "rc": c.shape[0], "cc": c.shape[1], "ci": o[0], "cj": o[1], "ai": o[2], "aj": o[3],
-            "bi": o[4], "bj": o[5], "mm": m, "kk": k, "nn": n, "sa": sa, "sb": sb}
+            "bi": o[4], "bj": o[5], "mm": m, "kk": k, "nn": n, "sa": sa, "sb": sb, "sc": sc}
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -66,6 +87,45 @@ def test_amp_matches_reference_bit_for_bit_and_numpy(t, m, k, n, sa, sb, pad, ve
         assert cj[v] == cost.VERTEX_OVERHEAD + operands + cost.amp_cycles(m, k, n, t)
     # With FMA contraction (how the simulator runs it) the results agree closely.
     assert_same(vs, *both([CODELETS[t]], f"Amp{t}", vs), rtol=1e-4)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(form=st.sampled_from(["amp", "amp_at", "amp_bt"]), t=st.sampled_from(["f32", "f16"]),
+       m=st.integers(1, 13), k=st.integers(1, 13), n=st.integers(1, 13), sa=st.integers(1, 3),
+       sb=st.integers(1, 3), sc=st.integers(0, 3), pad=st.integers(0, 2), vertices=st.integers(1, 2),
+       seed=st.integers(0, 2**16))
+def test_transposed_forms_and_column_steps_match_reference_and_numpy(form, t, m, k, n, sa, sb, sc, pad,
+                                                                     vertices, seed):
+    rng = np.random.default_rng(seed)
+    rows = [row(rng, t, m, k, n, sa, sb, pad, form, sc) for _ in range(vertices)]
+    c = FORM_CODELETS[form, t]
+    vs = Vertices(c, rows)
+    mj, mr, cj, cr, ej, er = both([c], c.name, vs, contract=False)
+    assert ej is None and er is None
+    np.testing.assert_array_equal(mj, mr)
+    np.testing.assert_array_equal(cj, cr)
+    for v, r in enumerate(rows):
+        np.testing.assert_allclose(vs.get(mj, v, "c"), expected(r, form), rtol=1e-4, atol=1e-4 * k * n)
+        assert cj[v] == cost.VERTEX_OVERHEAD + cost.stmt_cost(c.body[0]) + cost.amp_cycles(m, k, n, t)
+
+
+@pytest.mark.parametrize("form, change, key", [
+    # m, k, n = 3, 4, 5; each field just holds its block.
+    ("amp_at", {"sa": 2}, ("a", 1, 4, 3)),     # a's last column: (m - 1) * 2; a has m columns
+    ("amp_at", {"ai": 1}, ("a", 0, 4, 4)),     # a's last row: 1 + k - 1; a has k rows
+    ("amp_bt", {"sb": 2}, ("b", 1, 6, 4)),     # b's last column: (k - 1) * 2; b has k columns
+    ("amp_bt", {"bi": 1}, ("b", 0, 5, 5)),     # b's last row: 1 + n - 1; b has n rows
+    ("amp", {"sc": 2}, ("c", 1, 8, 5)),        # c's last column: (n - 1) * 2; c has n columns
+])
+def test_transposed_forms_check_the_corners_they_read(form, change, key):
+    rng = np.random.default_rng(1)
+    r = row(rng, "f32", 3, 4, 5, 1, 1, 0, form)
+    r.update(change)
+    c = FORM_CODELETS[form, "f32"]
+    vs = Vertices(c, [r])
+    mj, mr, cj, cr, ej, er = both([c], c.name, vs)
+    assert ej.key() == er.key() == (ERR_BOUNDS, 0, *key)
+    np.testing.assert_array_equal(vs.get(mj, 0, "c"), r["c"])          # nothing written
 
 
 def test_amp_cycles_follow_the_gc200_amp():
@@ -176,3 +236,39 @@ def test_the_partitioner_costs_a_matmul_vertex_as_the_model_charges_it(m, k, p):
     cyc = np.zeros(1, np.int64)
     ev.run_vertices(PRIMS["MatMul"], vs.mem.copy(), vs.table, 0, 1, cyc, {})
     assert cyc[0] == linalg.vertex_cycles(m, k, p)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(o=st.integers(1, 12), c=st.integers(1, 12), nb=st.integers(1, 2), oh=st.integers(1, 4),
+       ow=st.integers(1, 7), kh=st.integers(1, 3), kw=st.integers(1, 3), s=st.integers(1, 2))
+def test_the_backward_conv_vertices_compute_their_gradients_as_costed(o, c, nb, oh, ow, kh, kw, s):
+    """Conv2dGradX (amp_at) and Conv2dGradW (amp_bt) against numpy, their cycles as
+    `conv_grad.grad_x_vertex_cycles` / `grad_w_vertex_cycles` say."""
+    wp, hp = (ow - 1) * s + kw, (oh - 1) * s + kh
+    rng = np.random.default_rng(o * 1000 + c)
+    x = rng.standard_normal((nb, c, hp, wp)).astype(np.float32)
+    w = rng.standard_normal((o, c, kh, kw)).astype(np.float32)
+    gr = rng.standard_normal((nb, o, oh, ow)).astype(np.float32)
+    # The gradients in float64: every window's products, added where they came from.
+    dx = np.zeros((c, hp, wp))
+    dw = np.zeros((o, c, kh, kw))
+    for ky in range(kh):
+        for kx in range(kw):
+            win = x[:, :, ky:ky + (oh - 1) * s + 1:s, kx:kx + (ow - 1) * s + 1:s].astype(np.float64)
+            dx[:, ky:ky + (oh - 1) * s + 1:s, kx:kx + (ow - 1) * s + 1:s] += np.einsum(
+                "oc,oyx->cyx", w[:, :, ky, kx].astype(np.float64), gr[0].astype(np.float64))
+            dw[:, :, ky, kx] = np.einsum("noyx,ncyx->oc", gr.astype(np.float64), win)
+    rx = {"g": gr[0].reshape(o, -1), "w": w.reshape(o, -1), "dx": np.full((c, hp * wp), np.nan, np.float32),
+          "kh": kh, "kw": kw, "s": s, "wp": wp, "ow": ow,
+          "o": o, "ys": oh * ow, "ckk": c * kh * kw, "c": c, "xs": hp * wp}
+    rw = {"x": x.reshape(nb * c, -1), "g": gr.reshape(nb * o, -1), "dw": np.full((o, c * kh * kw), np.nan, np.float32),
+          "kh": kh, "kw": kw, "s": s, "wp": wp, "ow": ow,
+          "r": nb * c, "xs": hp * wp, "q": nb * o, "ys": oh * ow, "o": o, "ckk": c * kh * kw}
+    for name, r, field, want, cycles in (
+            ("Conv2dGradX", rx, "dx", dx.reshape(c, -1), conv_grad.grad_x_vertex_cycles(o, c, oh, ow, kh, kw, s)),
+            ("Conv2dGradW", rw, "dw", dw.reshape(o, -1), conv_grad.grad_w_vertex_cycles(o, c, nb, oh, ow, kh, kw, s))):
+        vs = Vertices(PRIMS[name], [r])
+        mem, cyc = vs.mem.copy(), np.zeros(1, np.int64)
+        ev.run_vertices(PRIMS[name], mem, vs.table, 0, 1, cyc, {})
+        assert cyc[0] == cycles, name
+        np.testing.assert_allclose(vs.get(mem, 0, field), want, rtol=1e-4, atol=1e-4 * o * c * kh * kw * nb, err_msg=name)

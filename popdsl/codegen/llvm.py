@@ -323,12 +323,12 @@ class _Emitter:
 
     def amp(self, s: ir.Amp):
         """`ir.codelet.Amp`, in the reference evaluator's order: charge, check point,
-        corners, then for blocks of rows p, for r, for q: c[p, q] += a[p, r] * b[r, q]
-        (each c[p, q] still sums r ascending; c is f32, so accumulating in memory
-        rounds as a register would, and the q loop vectorises where bstep is 1)."""
+        corners, then for blocks of rows p, for r, for q: c[p, q] += A[p, r] * B[r, q]
+        in memory (rows never share an element, so blocking them keeps each row's
+        order; the q loop vectorises where b's and c's steps are 1)."""
         b = self.b
         at = [(name, [b.sext(self.expr(i), I64) for i in index]) for name, index in s.operands()]
-        m, k, n, astep, bstep = (b.sext(self.expr(x), I64) for x in (s.m, s.k, s.n, s.astep, s.bstep))
+        m, k, n, astep, bstep, cstep = (b.sext(self.expr(x), I64) for x in s.sizes())
         positive = [b.icmp_signed(">", v, _c64(0)) for v in (m, k, n)]
         work, done = self.block("amp"), self.block("ampdone")
         self.cbr(b.and_(b.and_(positive[0], positive[1]), positive[2]), work, done)
@@ -344,10 +344,7 @@ class _Emitter:
         one = _c64(1)
         if not self.unchecked:
             last = lambda x0, count, step: b.add(x0, b.mul(b.sub(count, one), step))   # noqa: E731
-            corners = ((c, ci, last(ci, m, one), cj, last(cj, n, one)),
-                       (a, ai, last(ai, m, one), aj, last(aj, k, astep)),
-                       (bn, bi, last(bi, k, one), bj, last(bj, n, bstep)))
-            for name, r0, r1, c0, c1 in corners:
+            for name, r0, r1, c0, c1 in s.corners(at, m, k, n, astep, bstep, cstep, last, one):
                 dims = self.fields[name][3]
                 for axis, v in ((0, r0), (1, c0), (0, r1), (1, c1)):
                     size = self.b.sext(self.dim(dims[axis]), I64)
@@ -366,27 +363,42 @@ class _Emitter:
             p, dt = ptr(name, row, col)
             return self.from_storage(self.b.load(p, typ=STORAGE[dt]), dt)
 
+        def a_at(p, r):
+            if s.a_transposed:
+                return self.b.add(ai, r), self.b.add(aj, self.b.mul(p, astep))
+            return self.b.add(ai, p), self.b.add(aj, self.b.mul(r, astep))
+
+        def b_at(r, q):
+            if s.b_transposed:
+                return self.b.add(bi, q), self.b.add(bj, self.b.mul(r, bstep))
+            return self.b.add(bi, r), self.b.add(bj, self.b.mul(q, bstep))
+
         def rows(p, count):
             """Rows p..p+count of c: per r, `count` values of a, then the q loop
             updating `count` rows (each c[p, q] still sums r ascending)."""
             def body_r(r):
-                acol = self.b.add(aj, self.b.mul(r, astep))
-                avs = [load(a, self.b.add(ai, self.b.add(p, _c64(i))), acol) for i in range(count)]
+                avs = [load(a, *a_at(self.b.add(p, _c64(i)), r)) for i in range(count)]
 
                 def body_q(q):
-                    bv = load(bn, self.b.add(bi, r), self.b.add(bj, self.b.mul(q, bstep)))
+                    bv = load(bn, *b_at(r, q))
+                    ccol = self.b.add(cj, self.b.mul(q, cstep))
                     for i, av in enumerate(avs):
-                        cp, _ = ptr(c, self.b.add(ci, self.b.add(p, _c64(i))), self.b.add(cj, q))
+                        cp, _ = ptr(c, self.b.add(ci, self.b.add(p, _c64(i))), ccol)
                         acc = self.b.load(cp, typ=F32)
                         self.b.store(self.b.fadd(acc, self.b.fmul(av, bv, flags=self.flags), flags=self.flags), cp)
                 self.counted(n, body_q)
             self.counted(k, body_r)
 
         # Four rows at a time share each load of b (as the stdlib's MatMul once did
-        # by hand), then the remaining rows one by one.
-        blocks = self.b.sdiv(m, _c64(4))
-        self.counted(blocks, lambda i: rows(self.b.mul(i, _c64(4)), 4))
-        self.counted(self.b.srem(m, _c64(4)), lambda i: rows(self.b.add(self.b.mul(blocks, _c64(4)), i), 1))
+        # by hand), then the remaining rows one by one.  The transposed forms go row
+        # by row: half the code, which counts on the tiles (their loads are strided
+        # anyway).
+        if s.a_transposed or s.b_transposed:
+            self.counted(m, lambda i: rows(i, 1))
+        else:
+            blocks = self.b.sdiv(m, _c64(4))
+            self.counted(blocks, lambda i: rows(self.b.mul(i, _c64(4)), 4))
+            self.counted(self.b.srem(m, _c64(4)), lambda i: rows(self.b.add(self.b.mul(blocks, _c64(4)), i), 1))
         self.br(done)
         self.b.position_at_end(done)
 

@@ -255,15 +255,19 @@ class If:
 class Amp:
     """The accumulating matrix product, an IPU tile's AMP unit (`amp(...)` in codelets):
 
-        c[ci + p, cj + q] += sum over r < k of a[ai + p, aj + r*astep] * b[bi + r, bj + q*bstep]
+        c[ci + p, cj + q*cstep] += sum over r < k of A[p, r] * B[r, q]
 
-    for p < m, q < n; `c`, `a`, `b` are rank-2 fields, `*_at` their (row, column)
-    origins.  Per (p, q) the sum runs in f32 from the old c, r ascending (f16 operands
-    are widened: their products are exact in f32), and is stored once.  Nothing
-    happens (and nothing is checked) unless m, k and n are all positive; then the
-    first and last element each operand touches is checked on each axis.  Its cycles
-    depend on m, k, n (`ir.cost.amp_cycles`): charged after its operands are
-    evaluated, then a check point (`ir.checkpoints`)."""
+    for p < m, q < n, where A[p, r] = a[ai + p, aj + r*astep] and B[r, q] =
+    b[bi + r, bj + q*bstep] -- or, read transposed (`amp_at` / `amp_bt`),
+    A[p, r] = a[ai + r, aj + p*astep] and B[r, q] = b[bi + q, bj + r*bstep]: a step
+    is always along its field's columns.  `c`, `a`, `b` are rank-2 fields, `*_at`
+    their (row, column) origins.  Each c[p, q] adds its k products in f32 from the
+    old c, r ascending (f16 operands are widened: their products are exact in f32),
+    in memory: for p, for r, for q (so a `cstep` of 0 adds a row's products into one
+    element in that order).  Nothing happens (and nothing is checked) unless m, k and
+    n are all positive; then the first and last element each operand touches is
+    checked on each axis.  Its cycles depend on m, k, n (`ir.cost.amp_cycles`):
+    charged after its operands are evaluated, then a check point (`ir.checkpoints`)."""
     c: str
     c_at: tuple[Expr, Expr]
     a: str
@@ -275,11 +279,35 @@ class Amp:
     n: Expr
     astep: Expr
     bstep: Expr
+    cstep: Expr
     checked: bool = True
+    a_transposed: bool = False
+    b_transposed: bool = False
 
     def operands(self):
         """(field, origin) of c, a and b."""
         return ((self.c, self.c_at), (self.a, self.a_at), (self.b, self.b_at))
+
+    def sizes(self):
+        """m, k, n and the column steps of a, b and c."""
+        return (self.m, self.k, self.n, self.astep, self.bstep, self.cstep)
+
+    @property
+    def intrinsic(self) -> str:
+        """Its name in codelets."""
+        return "amp_at" if self.a_transposed else "amp_bt" if self.b_transposed else "amp"
+
+    def corners(self, at, m, k, n, astep, bstep, cstep, last, one):
+        """(field, first row, last row, first column, last column) each operand
+        touches: `at` its origins' values, in c, a, b order; `last(x0, count, step)`
+        the last of `count` values from x0; `one` the value 1 (ints in the
+        evaluator, LLVM values in the code generator)."""
+        (c, (ci, cj)), (a, (ai, aj)), (b, (bi, bj)) = at
+        a_rows, a_cols = (k, m) if self.a_transposed else (m, k)
+        b_rows, b_cols = (n, k) if self.b_transposed else (k, n)
+        return ((c, ci, last(ci, m, one), cj, last(cj, n, cstep)),
+                (a, ai, last(ai, a_rows, one), aj, last(aj, a_cols, astep)),
+                (b, bi, last(bi, b_rows, one), bj, last(bj, b_cols, bstep)))
 
 
 @dataclass(frozen=True, slots=True)

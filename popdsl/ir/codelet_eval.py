@@ -182,31 +182,29 @@ class _Vertex:
 
     def amp(self, s: ir.Amp):
         at = [(name, [self.expr(i) for i in index]) for name, index in s.operands()]
-        m, k, n, astep, bstep = (self.expr(x) for x in (s.m, s.k, s.n, s.astep, s.bstep))
+        m, k, n, astep, bstep, cstep = (self.expr(x) for x in s.sizes())
         if m <= 0 or k <= 0 or n <= 0:
             return
         dtype = self.decl[s.a].dtype
         self.charge(cost.amp_cycles(m, k, n, dtype))
         self.check()
-        (c, (ci, cj)), (a, (ai, aj)), (b, (bi, bj)) = at
-        # The first and last element of each operand, row and column.
-        corners = ((c, ci, ci + m - 1, cj, cj + n - 1), (a, ai, ai + m - 1, aj, aj + (k - 1) * astep),
-                   (b, bi, bi + k - 1, bj, bj + (n - 1) * bstep))
-        for name, r0, r1, c0, c1 in corners:
+        for name, r0, r1, c0, c1 in s.corners(at, m, k, n, astep, bstep, cstep,
+                                              lambda x0, count, step: x0 + (count - 1) * step, 1):
             dims = self.decl[name].dims
             for axis, v in ((0, r0), (1, c0), (0, r1), (1, c1)):
                 size = self.dim(dims[axis])
                 if not 0 <= v < size:
                     raise VertexError(ir.ERR_BOUNDS, self.row, name, axis, v, size)
+        (c, (ci, cj)), (a, (ai, aj)), (b, (bi, bj)) = at
+        a_at = (lambda p, r: (ai + r, aj + p * astep)) if s.a_transposed else (lambda p, r: (ai + p, aj + r * astep))
+        b_at = (lambda r, q: (bi + q, bj + r * bstep)) if s.b_transposed else (lambda r, q: (bi + r, bj + q * bstep))
         for p in range(m):
-            for q in range(n):
-                off, cty = self.element(c, ci + p, cj + q)
-                acc = self.read(off, cty)
-                for r in range(k):
-                    x = self.read(*self.element(a, ai + p, aj + r * astep))
-                    y = self.read(*self.element(b, bi + r, bj + q * bstep))
-                    acc = _F32(acc + _F32(x * y))
-                self.write(off, cty, acc)
+            for r in range(k):
+                x = self.read(*self.element(a, *a_at(p, r)))
+                for q in range(n):
+                    off, cty = self.element(c, ci + p, cj + q * cstep)
+                    y = self.read(*self.element(b, *b_at(r, q)))
+                    self.write(off, cty, _F32(self.read(off, cty) + _F32(x * y)))
 
     # ------------------------------------------------------------ memory
     def element(self, name, row, col):

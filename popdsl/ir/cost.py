@@ -26,7 +26,11 @@ Per vertex (an estimate of an IPU worker, not a measurement, and it says so):
 * an `amp` (the accumulating matrix product, `ir.codelet.Amp`) costs its operands'
   indices when it starts and then `amp_cycles(m, k, n)`, which depends on its sizes:
   the AMP holds an `AMP_ROWS` x `AMP_COLS` block of `a` (one *pass*), loads it, and
-  streams the n columns of `b` through it at `AMP_ELEMENT` cycles each.
+  streams the n columns of `b` through it at `AMP_ELEMENT` cycles each.  `amp_at` and
+  `amp_bt` (a or b read transposed) and column steps cost the same: the held block is
+  charged as 64-bit loads and the streamed columns at `AMP_ELEMENT` whatever their
+  layout -- optimistic where a layout would need narrower loads, as a forward
+  convolution's held block (its columns kh*kw apart) already is.
 
 Counting rule shared by both consumers: a statement's `stmt_cost` is charged when the
 statement starts executing; loop costs as described above.  Operands of `&&`/`||` and
@@ -126,7 +130,7 @@ def stmt_cost(s, scalars: Mapping[str, ir.Codelet] = {}) -> int:
     if isinstance(s, ir.Return):
         return expr_cost(s.value, scalars) if s.value is not None else 0
     if isinstance(s, ir.Amp):
-        return sum(expr_cost(x, scalars) for x in (*s.c_at, *s.a_at, *s.b_at, s.m, s.k, s.n, s.astep, s.bstep))
+        return sum(expr_cost(x, scalars) for x in (*s.c_at, *s.a_at, *s.b_at, *s.sizes()))
     if isinstance(s, (ir.While, ir.Break, ir.Continue)):
         return 0
     raise TypeError(f"not a statement: {s!r}")

@@ -132,8 +132,8 @@ def stmts(body, indent: int) -> list[str]:
             out.append(f"{pad}{s.field}{idx}{'' if s.checked or not s.index else '!'} = {expr(s.value)}")
         elif isinstance(s, cir.Amp):
             at = [f"{name}[{expr(i)}, {expr(j)}]" for name, (i, j) in s.operands()]
-            sizes = ", ".join(expr(x) for x in (s.m, s.k, s.n, s.astep, s.bstep))
-            out.append(f"{pad}amp({', '.join(at)}, {sizes}){'' if s.checked else '!'}")
+            sizes = ", ".join(expr(x) for x in s.sizes())
+            out.append(f"{pad}{s.intrinsic}({', '.join(at)}, {sizes}){'' if s.checked else '!'}")
         elif isinstance(s, cir.For):
             out.append(f"{pad}for {s.var} in {expr(s.start)}..{expr(s.stop)} step {s.step} {{")
             out.extend(stmts(s.body, indent + 1))

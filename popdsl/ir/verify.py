@@ -167,9 +167,12 @@ class _Checker:
             if f.rank != 2:
                 self.fail(f"amp operand {f.name!r} has rank {f.rank}, not 2")
             self.indices(f, at, scope)
-        for x in (s.m, s.k, s.n, s.astep, s.bstep):
+        for x in s.sizes():
             self.expect(x, "i32", scope)
-        self.flag(s.checked)
+        for v in (s.checked, s.a_transposed, s.b_transposed):
+            self.flag(v)
+        if s.a_transposed and s.b_transposed:
+            self.fail("amp reads a or b transposed, not both")
 
     # ------------------------------------------------------------ expressions
     def flag(self, v):

@@ -22,6 +22,8 @@ import itertools
 import numpy as np
 
 from popdsl.ir import graph as g
+from popdsl.ir.cost import LOOP_ITER, LOOP_SETUP, RPT_ITER, VERTEX_OVERHEAD, amp_cycles
+from popdsl.ir.intrinsics import DIV, OP
 from popdsl.ir.tensor import Node
 from popdsl.ops.blocks import (SLAB_BYTES, TILE_BUFFER_BYTES, block_of, blocks, bounds, ceil_div, emit_classes,
                                map_first, map_whole, pow2_splits, shape_classes, stacked, task_grid)
@@ -110,6 +112,40 @@ def _avg_pool_grad_ref(attrs, g):
 
 
 # ---------------------------------------------------------------- plans and partition rules
+
+# What `ir.cost` charges the statements around each amp of the backward codelets
+# (stdlib/prims.pop), counted from their code; tests/test_amp.py keeps these equal.
+_X_LETS = DIV + 4 * OP            # let oh = ys / ow; let kk = kh * kw
+_X_ROW = 5 * OP                   # let xrow = (oy * s + ky) * wp
+_X_OPERANDS = 8 * OP              # xrow + kx, ky * kw + kx, oy * ow, and the state ow, kk, s
+_BOUND = OP                       # a loop bound read from the vertex state (kh, kw)
+_W_LETS = 3 * DIV + 4 * OP        # let oh = ys / ow; let nb = q / o; let c = r / nb; let kk = kh * kw
+_W_OPERANDS = 10 * OP             # ky * kw + kx, nn * o, oy * ow, nn * c, xrow + kx, and the state ow, s, kk
+
+
+def grad_x_vertex_cycles(o: int, c: int, oh: int, ow: int, kh: int, kw: int, s: int) -> int:
+    """The cycles `ir.cost` charges a Conv2dGradX vertex of o output channels (of
+    g), c input channels (of dx), oh x ow output positions and a kh x kw kernel of
+    stride s: zeroing dx's padded rows, then one amp_at per output row and kernel
+    position."""
+    wp, hp = (ow - 1) * s + kw, (oh - 1) * s + kh
+    zero = LOOP_SETUP + c * (LOOP_ITER + LOOP_SETUP + hp * wp * (OP + RPT_ITER))
+    per_kx = LOOP_ITER + _X_OPERANDS + amp_cycles(c, o, ow, "f32")
+    per_ky = LOOP_ITER + _X_ROW + LOOP_SETUP + _BOUND + kw * per_kx
+    return VERTEX_OVERHEAD + _X_LETS + zero + LOOP_SETUP + oh * (LOOP_ITER + LOOP_SETUP + _BOUND + kh * per_ky)
+
+
+def grad_w_vertex_cycles(o: int, c: int, nb: int, oh: int, ow: int, kh: int, kw: int, s: int) -> int:
+    """The cycles `ir.cost` charges a Conv2dGradW vertex of o output channels, c
+    input channels, nb images of oh x ow output positions and a kh x kw kernel of
+    stride s: zeroing dw, then one amp_bt per image, output row and kernel
+    position."""
+    zero = LOOP_SETUP + o * (LOOP_ITER + LOOP_SETUP + c * kh * kw * (OP + RPT_ITER))
+    per_kx = LOOP_ITER + _W_OPERANDS + amp_cycles(o, ow, c, "f32")
+    per_ky = LOOP_ITER + _X_ROW + LOOP_SETUP + _BOUND + kw * per_kx
+    per_oy = LOOP_ITER + LOOP_SETUP + _BOUND + kh * per_ky
+    return VERTEX_OVERHEAD + _W_LETS + zero + LOOP_SETUP + nb * (LOOP_ITER + LOOP_SETUP + oh * per_oy)
+
 
 def _split_plan(p, outer: int, sizes, moved, macs, partial_dims: tuple[int, ...] = (), partial_bytes: int = 0):
     """Power-of-two splits of the dimensions `sizes` for `outer` independent jobs: the

@@ -18,6 +18,8 @@ from popdsl.ir import codelet as ir
 from popdsl.ir.intrinsics import INTRINSICS
 
 CASTS = {"f32", "i32", "bool", "f16"}
+# The accumulating matrix product's statements, and how each indexes a and b.
+AMPS = {"amp": ("i, k", "k, j"), "amp_at": ("k, i", "k, j"), "amp_bt": ("i, k", "j, k")}
 MAX_RANK = 2
 
 
@@ -204,54 +206,57 @@ class _Checker:
                          "assign it ('x = ...;', 'y[i] = ...;') or bind it with 'let'")
             raise _Bad
         name = e.fn.id
-        if name != "amp":
+        if name not in AMPS:
             known = name in INTRINSICS or name in CASTS or name in self.scalars \
                 or name in ("select", "len")
             self.d.error(s.span, f"'{name}(...)' returns a value that nothing uses" if known
                          else f"unknown statement '{name}(...)'",
-                         "the only call that stands alone in a codelet is amp(...)")
+                         "the only calls that stand alone in a codelet are amp(...), amp_at(...) and amp_bt(...)")
             raise _Bad
         if self.ret is not None:
-            self.d.error(s.span, "amp writes a field: it belongs in a vertex codelet, not a scalar one")
+            self.d.error(s.span, f"{name} writes a field: it belongs in a vertex codelet, not a scalar one")
             raise _Bad
-        return self.amp(e)
+        return self.amp(e, name)
 
-    def amp(self, e: ast.Call) -> ir.Amp:
-        """amp(c[i, j], a[i, k], b[k, j], m, k, n[, astep, bstep]): see `ir.codelet.Amp`."""
-        usage = "amp(c[i, j], a[i, k], b[k, j], m, k, n) or amp(..., m, k, n, astep, bstep)"
-        if any(isinstance(x, ast.Kwarg) for x in e.args) or len(e.args) not in (6, 8):
-            self.d.error(e.span, f"amp takes 6 or 8 arguments, given {len(e.args)}", usage)
+    def amp(self, e: ast.Call, name: str) -> ir.Amp:
+        """amp(c[i, j], a[i, k], b[k, j], m, k, n[, astep, bstep[, cstep]]), and
+        amp_at / amp_bt with a or b read transposed: see `ir.codelet.Amp`."""
+        a_ix, b_ix = AMPS[name]
+        usage = (f"{name}(c[i, j], a[{a_ix}], b[{b_ix}], m, k, n), {name}(..., m, k, n, astep, bstep) or "
+                 f"{name}(..., m, k, n, astep, bstep, cstep)")
+        if any(isinstance(x, ast.Kwarg) for x in e.args) or len(e.args) not in (6, 8, 9):
+            self.d.error(e.span, f"{name} takes 6, 8 or 9 arguments, given {len(e.args)}", usage)
             raise _Bad
         operands = []
         for role, x in zip("cab", e.args[:3]):
             f = self.fields.get(x.base.id) if isinstance(x, ast.IndexExpr) and isinstance(x.base, ast.Name) else None
             if f is None or f.rank != 2 or len(x.index) != 2 or any(isinstance(i, ast.Slice) for i in x.index):
-                self.d.error(x.span, f"amp's '{role}' is an element of a 2-D field, such as {role}[0, 0]: "
+                self.d.error(x.span, f"{name}'s '{role}' is an element of a 2-D field, such as {role}[0, 0]: "
                              "where the block starts", usage)
                 raise _Bad
             operands.append((f, tuple(self.coerce(self.expr(i, "i32"), "i32", i) for i in x.index), x))
         (c, c_at, cx), (a, a_at, ax), (b, b_at, bx) = operands
         if c.direction not in ("out", "inout"):
-            self.d.error(cx.span, f"amp accumulates into '{c.name}', an '{c.direction}' field",
-                         "declare it 'inout' (amp adds to what it holds)")
+            self.d.error(cx.span, f"{name} accumulates into '{c.name}', an '{c.direction}' field",
+                         f"declare it 'inout' ({name} adds to what it holds)")
             raise _Bad
         if c.dtype != "f32":
-            self.d.error(cx.span, f"amp accumulates in f32; '{c.name}' is {c.dtype}")
+            self.d.error(cx.span, f"{name} accumulates in f32; '{c.name}' is {c.dtype}")
             raise _Bad
         if a.dtype != b.dtype or a.dtype not in ("f32", "f16"):
             # Point at the operand that breaks the rule: a's type, or b's next to it.
             self.d.error((ax if a.dtype not in ("f32", "f16") else bx).span,
-                         f"amp multiplies two f32 or two f16 fields, not {a.dtype} '{a.name}' "
+                         f"{name} multiplies two f32 or two f16 fields, not {a.dtype} '{a.name}' "
                          f"and {b.dtype} '{b.name}'")
             raise _Bad
         if c.name in (a.name, b.name):
-            self.d.error(e.span, f"amp reads '{c.name}' while it accumulates into it",
+            self.d.error(e.span, f"{name} reads '{c.name}' while it accumulates into it",
                          "give the result its own field")
             raise _Bad
         sizes = [self.coerce(self.expr(x, "i32"), "i32", x) for x in e.args[3:]]
-        if len(sizes) == 3:
-            sizes += [ir.Const(1, "i32"), ir.Const(1, "i32")]
-        return ir.Amp(c.name, c_at, a.name, a_at, b.name, b_at, *sizes, checked=True)
+        sizes += [ir.Const(1, "i32")] * (6 - len(sizes))
+        return ir.Amp(c.name, c_at, a.name, a_at, b.name, b_at, *sizes, checked=True,
+                      a_transposed=name == "amp_at", b_transposed=name == "amp_bt")
 
     def for_stmt(self, s: ast.ForStmt) -> ir.For:
         start = self.coerce(self.expr(s.start, "i32"), "i32", s.start)
