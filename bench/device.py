@@ -1,7 +1,9 @@
 """Device time (issue 15): how fast the IPU model says matrix products and each
 distinct ResNet-50 convolution run, against the target's peak, and popdsl's cycles for
 a tile's convolution task next to what PopLibs' own estimator gives for the same work.
-Run by hand: `python bench/device.py [--quick]`.  Not a test.
+Also each convolution's backward pass (the input's and the weights' gradients)
+against the peak and its forward pass.  Run by hand: `python bench/device.py
+[--quick]`.  Not a test.
 
 Every figure is the cycle model's estimate (`popc run --cycles` prints its constants
 and their sources), from one simulated step of a graph holding just that operation,
@@ -197,7 +199,27 @@ def conv_row(name, c, o, h, k, s, pad, count) -> tuple[str, int]:
     line = (f"  {name:<22} x{count}  {total:>9,}  {compute:>9,}  {exchange:>8,}  {flops / 1e12:>6.2f}  "
             f"{flops / PEAK_FLOPS:>6.1%}  {ob:>3}x{cb:<4}x{rb:>2}x{oh:<3}  {ours:>7,}  {theirs:>7,}  "
             f"{ours / theirs:>5.2f}")
-    return line, total * count
+    return line, total * count, compute
+
+
+def conv_grad_row(name, c, o, h, k, s, pad, count, forward_compute: int) -> str:
+    """The backward pass of one convolution: the input's gradient (Conv2dGradX,
+    amp_at) and the weights' (Conv2dGradW, amp_bt), each op's compute cycles on its
+    busiest tile (`popc report --partition`), against the peak and the forward
+    convolution's compute cycles."""
+    oh = (h + 2 * pad - k) // s + 1
+    src = (f"graph convgrad(tiles = {TARGET.tiles}) {{ param x: f32[1, {c}, {h}, {h}] = he_normal(); "
+           f"param w: f32[{o}, {c}, {k}, {k}] = he_normal(); input gy: f32[1, {o}, {oh}, {oh}]; "
+           f"map gy -> linear; let loss = sum(conv2d(x, w, stride = {s}, padding = {pad}) * gy); "
+           f"output dx = grad(loss, x); output dw = grad(loss, w); }}")
+    rows = {r["name"]: r for r in popdsl.compile(src).partition_report().rows}
+    macs = o * c * k * k * oh * oh
+    cells = []
+    for op in ("conv2d.grad", "conv2d.grad.2"):
+        cycles = rows[op]["max_cycles"]
+        cells.append(f"{cycles:>9,}  {2 * macs / (cycles / TARGET.clock_hz) / PEAK_FLOPS:>6.1%}")
+    both = rows["conv2d.grad"]["max_cycles"] + rows["conv2d.grad.2"]["max_cycles"]
+    return f"  {name:<22} x{count}  {cells[0]}  {cells[1]}  {both / forward_compute:>8.2f}"
 
 
 def main() -> None:
@@ -216,14 +238,20 @@ def main() -> None:
     print("  convolution            n      total    compute  exchange  TFLOPS  of peak  task               "
           "popdsl  PopLibs  ratio")
     convs = RESNET50_CONVS[:3] if args.quick else RESNET50_CONVS
-    weighted = 0
+    weighted, forward = 0, {}
     for case in convs:
-        line, cycles = conv_row(*case)
+        line, cycles, forward[case[0]] = conv_row(*case)
         weighted += cycles
         print(line, flush=True)
     if not args.quick:
         print(f"\nResNet-50's convolutions one after another, each alone on the chip: {weighted:,} cycles "
               f"= {weighted / TARGET.clock_hz * 1e3:.2f} ms")
+    print("\ntheir backward passes (a training step's gradients, batch 1): compute cycles of the busiest\n"
+          "tile and share of peak for the input's gradient (amp_at) and the weights' (amp_bt), and the\n"
+          "two together against the forward convolution's compute cycles")
+    print("  convolution            n   input grad  of peak  weight grad  of peak  vs forward")
+    for case in convs:
+        print(conv_grad_row(*case, forward[case[0]]), flush=True)
     print(f"({time.perf_counter() - t0:.0f} s)")
 
 

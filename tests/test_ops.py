@@ -336,3 +336,23 @@ graph g(tiles = {tiles}) {{
     assert names and all(k.startswith("fused_mul_add_") for k in names)
     if (n, c, h, w, tiles) == (1, 3, 4, 6, 1):          # vertices of 18 over channels of 24
         assert {k.endswith("_s1_2") for k in names} == {True, False}
+
+
+def test_a_fused_op_is_laid_out_like_a_real_operand_not_a_broadcast_scalar():
+    """The gradient of sum(x * gy) with respect to x is gy times a broadcast scalar
+    (the sum's gradient).  Aligned with that scalar, the whole result sat on the
+    scalar's one tile (a 64-channel 56x56 gradient did not fit there); it follows
+    gy instead."""
+    src = """graph g(tiles = 8) {
+    param x: f32[64, 64] = he_normal();
+    input gy: f32[64, 64];
+    map gy -> linear;
+    output dx = grad(sum(x * gy), x);
+}"""
+    exe = popdsl.compile(src)
+    ir = exe.ir
+    tiles = {t.name: np.unique(r.addrs // ir.target.tile_memory) for t, r in zip(ir.tensors, ir.tensor_runs)}
+    assert tiles["mul.grad"].tolist() == tiles["gy"].tolist() == list(range(8))
+    gy = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    with popdsl.Simulator(exe) as sim:
+        np.testing.assert_array_equal(sim.run({"gy": gy})["dx"], gy)

@@ -46,7 +46,10 @@ def partition_fused(p, n: Node) -> g.View:
     out = p.new_tensor(p.name(n), n.dtype, n.shape)
     views = [p.value(leaf) for leaf in leaves]
     # Aligned with the first full-size operand: each tile computes its own data.
-    align = next((v for v in views if v.shape == n.shape), None)
+    # One that really holds that many elements first: a broadcast scalar (the
+    # gradient of a sum, times y) lives on one tile, and the output with it.
+    full = [v for v in views if v.shape == n.shape]
+    align = next((v for v in full if p.g.tensors[v.tensor].numel >= n.numel), full[0] if full else None)
     if align is not None:
         p.ensure_mapped(align)
         tile_of = p.tiles_of(align).ravel()
