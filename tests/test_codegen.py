@@ -16,7 +16,7 @@ from popdsl.codegen.jit import NativeCodelets, aligned_zeros
 from popdsl.codegen.llvm import emit_module
 from popdsl.runtime.specialise import constant_columns
 from popdsl.ir import codelet_eval as ev
-from popdsl.ir.codelet import (ERR_BOUNDS, ERR_DIV_ZERO, ELEM_BYTES, NUMPY_DTYPE, Assign,
+from popdsl.ir.codelet import (ERR_BOUNDS, ERR_DIV_ZERO, ELEM_BYTES, NUMPY_DTYPE, Amp, Assign,
                                Binary, Break, CallScalar, Cast, Codelet, Const,
                                Declare, Field, For, Intrinsic, Len, Load, Local,
                                Return, Select, Store, Sym, Unary, table_layout)
@@ -543,7 +543,19 @@ def _vertex(body, fields=(Field("x", "inout", "f32", ("n",)), Field("k", "state"
     return Codelet("V", tuple(fields), syms, None, tuple(body))
 
 
+_AMP_FIELDS = (Field("a", "in", "f32", ("n", "n")), Field("b", "in", "f32", ("n", "n")),
+               Field("c", "out", "f32", ("n", "n")))
+
+
+def _amp(**flags):
+    zero, one = Const(0, "i32"), Const(1, "i32")
+    return _vertex([Amp("c", (zero, zero), "a", (zero, zero), "b", (zero, zero), Sym("n"), Sym("n"), Sym("n"),
+                        one, one, one, **flags)], _AMP_FIELDS)
+
+
 BAD = {
+    "amp both transposed": _amp(a_transposed=True, b_transposed=True),
+    "amp transposed flag": _amp(a_transposed=1),
     "unknown field": _vertex([Store("y", (Const(0, "i32"),), Const(1.0, "f32"))]),
     "store to in": _vertex([Store("a", (), Const(1.0, "f32"))], (Field("a", "in", "f32", ()),), ()),
     "store to state": _vertex([Store("k", (), Const(1, "i32"))]),
@@ -587,6 +599,8 @@ def test_verifier_rejects_recursion_and_accepts_good():
         verify_codelet(f, {"f": f})
     for c in pop(FUSED + MATMUL + SCALARS).values():
         verify_codelet(c, pop(SCALARS))
+    for flags in ({}, {"a_transposed": True}, {"b_transposed": True}):
+        verify_codelet(_amp(**flags))
 
 
 # ---------------------------------------------------------------- specialised drivers

@@ -115,6 +115,9 @@ def _avg_pool_grad_ref(attrs, g):
 
 # What `ir.cost` charges the statements around each amp of the backward codelets
 # (stdlib/prims.pop), counted from their code; tests/test_amp.py keeps these equal.
+# `_split_plan` does not use them yet: planning with them (instead of weighing
+# multiply-accumulates) cut the bench's step by 5 % but moved later ops' tiles, and
+# AlexNet's batch-3 training step, which fits with 341 B to spare, no longer did.
 _X_LETS = DIV + 4 * OP            # let oh = ys / ow; let kk = kh * kw
 _X_ROW = 5 * OP                   # let xrow = (oy * s + ky) * wp
 _X_OPERANDS = 8 * OP              # xrow + kx, ky * kw + kx, oy * ow, and the state ow, kk, s
