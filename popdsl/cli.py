@@ -792,7 +792,20 @@ def entry() -> None:
     # CPU time; ResNet-50's time and peak memory do not change).
     gc.freeze()
     gc.set_threshold(20_000, 10, 10)
-    sys.exit(main())
+    code = main()
+    # Then leave without the interpreter's teardown, which frees the compile's objects
+    # one by one (0.35 s of `popc check` of a 10,000-line file), as mypy's fast exit
+    # does: output flushed, compiles started ahead finished (their cache files are
+    # written whole); popc registers no exit handlers of its own.
+    jit = sys.modules.get("popdsl.codegen.jit")
+    if jit is not None:
+        jit.finish_ahead()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):     # a reader that left early; a closed stream
+            pass
+    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
 
 
 if __name__ == "__main__":

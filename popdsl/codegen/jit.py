@@ -220,6 +220,13 @@ def compile_ahead(codelets: Sequence[ir.Codelet], unchecked: bool = False) -> No
     _AHEAD[key] = _POOL.submit(_compile_and_cache, text, path)
 
 
+def finish_ahead() -> None:
+    """Wait for the compiles `compile_ahead` started (what an exiting interpreter
+    would do; for a process that leaves with `os._exit`)."""
+    if _POOL is not None:
+        _POOL.shutdown(wait=True)
+
+
 def _compile_and_cache(text: str, path: Path) -> bytes | None:
     try:
         with _LOCK:
