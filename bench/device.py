@@ -180,7 +180,7 @@ def poplibs_1x1(ob: int, cb: int, rows: int, ow: int, stride: int, workers: int 
                  + (13 + out_groups * (11 + 6 + loads + inner(True))))
 
 
-def conv_row(name, c, o, h, k, s, pad, count) -> tuple[str, int]:
+def conv_row(name, c, o, h, k, s, pad, count) -> tuple[str, int, int]:
     oh = (h + 2 * pad - k) // s + 1
     src = (f"graph conv(tiles = {TARGET.tiles}) {{ input x: f32[1, {c}, {h}, {h}]; "
            f"param w: f32[{o}, {c}, {k}, {k}] = he_normal(); "
