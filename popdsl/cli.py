@@ -799,7 +799,11 @@ def entry() -> None:
     # written whole); popc registers no exit handlers of its own.
     jit = sys.modules.get("popdsl.codegen.jit")
     if jit is not None:
-        jit.finish_ahead()
+        try:
+            jit.finish_ahead()
+        except KeyboardInterrupt:                  # Ctrl-C while LLVM finishes: leave now
+            print("popc: interrupted", file=sys.stderr)
+            code = 130
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
