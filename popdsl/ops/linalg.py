@@ -160,26 +160,30 @@ def _scattered(index) -> int:
 
 def partition(p, n: Node) -> g.View:
     a, b = p.value(n.args[0]), p.value(n.args[1])
-    if len(n.shape) == 2:
+    # Only where the element copies would fill a real part of the tiles (more than
+    # SWAP_SHARE of a tile each, in exchange buffers): re-planning a product moves
+    # every later op's tiles too, and ResNet-50's training step fits with 0.4 % to
+    # spare (its last layer's 2M weights, 5.6 KB a tile, stay as they are).  Decided
+    # from the shapes first (every element scattered is the most there can be), so
+    # an index array is made strided (a second array as large) only where it matters.
+    share = p.tiles * p.g.target.tile_memory * SWAP_SHARE
+    if len(n.shape) == 2 and _one_by_one(p, a.index, b.index, worst=True) * F32_BYTES > share:
         ai, bi = (v.index if isinstance(v.index, Strided) else Strided.of(v.index) for v in (a, b))
         direct = _one_by_one(p, ai, bi) if ai is not None and bi is not None else 0
-        # Only where the element copies would fill a real part of the tiles (more
-        # than SWAP_SHARE of a tile each, in exchange buffers): re-planning a product
-        # moves every later op's tiles too, and ResNet-50's training step fits with
-        # 0.4 % to spare (its last layer's 2M weights, 5.6 KB a tile, stay as they are).
-        if direct * F32_BYTES > p.tiles * p.g.target.tile_memory * SWAP_SHARE and \
-                _one_by_one(p, bi.T, ai.T) + n.shape[0] * n.shape[1] < direct:
+        if direct * F32_BYTES > share and _one_by_one(p, bi.T, ai.T) + n.shape[0] * n.shape[1] < direct:
             c = _product(p, n, b.tensor, bi.T, a.tensor, ai.T, (n.shape[1], n.shape[0]))
             return g.View(c.tensor, c.index.T, c.span)
     return _product(p, n, a.tensor, a.index, b.tensor, b.index, n.shape)
 
 
-def _one_by_one(p, ai: Strided, bi: Strided) -> int:
+def _one_by_one(p, ai, bi, worst: bool = False) -> int:
     """Elements the blocks of a @ b would receive one at a time: a scattered a block
-    goes to every column of the grid, a scattered b block to every row."""
+    goes to every column of the grid, a scattered b block to every row.  `worst`:
+    as if both were scattered (from the shapes alone)."""
     (M, K), N = ai.shape, bi.shape[1]
     gm, gn, _ = grid(M, N, K, p.tiles, p.g.target)
-    return _scattered(ai) * gn + _scattered(bi) * gm
+    scattered = (lambda index: int(np.prod(index.shape))) if worst else _scattered
+    return scattered(ai) * gn + scattered(bi) * gm
 
 
 def _product(p, n: Node, a_tensor: int, a_index, b_tensor: int, b_index, shape) -> g.View:

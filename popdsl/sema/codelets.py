@@ -558,7 +558,10 @@ class _Checker:
             xs = tuple(self.coerce(self.expr(a, ir.compute_type(f.dtype)), f.dtype, a)
                        for a, f in zip(args, sc.fields))
             return ir.CallScalar(name, xs, ir.compute_type(sc.ret))
-        if name not in self.recursive:
+        if name in AMPS:
+            self.d.error(e.fn.span, f"{name}(...) is a statement: it adds into its first field and has no value",
+                         f"write it on a line of its own: {name}(c[i, j], ...);")
+        elif name not in self.recursive:
             self.d.error(e.fn.span, f"unknown function '{name}'")
         raise _Bad
 
