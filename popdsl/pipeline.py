@@ -24,6 +24,7 @@ of its forward pass recomputed, the least that fits (`_fit`).
 """
 from __future__ import annotations
 
+import io
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -31,6 +32,7 @@ from typing import Callable
 
 import numpy as np
 
+from popdsl import artifact
 from popdsl.codegen.jit import NativeCodelets, compile_ahead
 from popdsl.diagnostics import CompileError, Diagnostic, OutOfMemory, Span
 from popdsl.codegen.llvm import emit_module
@@ -68,6 +70,7 @@ class Options:
     recompute: rc.Policy = rc.Policy()
     level: int | None = None          # segments to recompute (None: what the policy's mode says)
     outline: bool = True              # repeated parts built once and called (passes.outline)
+    probe: bool = False               # a try of `auto` whose out-of-memory error is not shown (memplan.plan)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -118,7 +121,7 @@ def _codegen(opts: Options, low: Lowered) -> Generated:
 
 def _plan(opts: Options, gen: Generated):
     sizes = {name: gen.native.object_code_size(name) for name in gen.codelets}
-    return plan(gen.lowered, gen.codelets, sizes, opts.unchecked, opts.reuse, opts.verify), gen.native
+    return plan(gen.lowered, gen.codelets, sizes, opts.unchecked, opts.reuse, opts.verify, opts.probe), gen.native
 
 
 def _dump_codegen(gen: Generated) -> str:
@@ -218,7 +221,7 @@ def compile_source(text: str, path: str, target: Target, graph: str | None = Non
         split = next(i for i, s in enumerate(stages) if s.name == "recompute")
         trained, _ = _run(stages[:split], opts, result, inspect, monitor, stop_after)
         return _fit(opts, trained, lambda o, note: _run(stages[split:], o, trained, inspect, monitor, stop_after,
-                                                         note)[0])
+                                                         note)[0], monitor)
     return _run(stages, opts, result, inspect, monitor, stop_after)[0]
 
 
@@ -237,13 +240,15 @@ def _run(stages, opts: Options, result, inspect, monitor, stop_after, note: str 
     return result, False
 
 
-def _fit(opts: Options, graph, compile_at):
+def _fit(opts: Options, graph, compile_at, monitor=None):
     """Recomputation `auto`: the step as it is if it fits its tiles (and the policy's
     budget), else the least number of recomputed segments that makes it fit (found by
     bisection, each try `compile_at(options, note)` from the recompute stage).  Out
     of memory even with every segment recomputed is the error of that try, saying
-    so; fitting the tiles but not the budget, the closest there is."""
+    so; fitting the tiles but not the budget, the closest there is.  `monitor`: as
+    `compile_source`'s, around keeping and reloading the best try."""
     budget = opts.recompute.budget or opts.target.tile_memory
+    stage = (lambda name, note: monitor(name, note)) if monitor is not None else (lambda name, note: nullcontext())
     seg = rc.segments(graph)
     count = seg.count if seg is not None else 0
 
@@ -251,7 +256,9 @@ def _fit(opts: Options, graph, compile_at):
         """(the compile's result, or its OutOfMemory; whether it fits the budget)"""
         note = f"auto: {level} of {count} segments recomputed" if count else ""
         try:
-            res = compile_at(replace(opts, level=level), note)
+            # Only the try with every segment recomputed shows its error (if all
+            # fail): the others may stop at a lower bound already over a tile.
+            res = compile_at(replace(opts, level=level, probe=level < count), note)
         except OutOfMemory as e:
             return e.with_traceback(None), False     # its frames hold the whole plan
         return res, int(res[0].memory.total.max()) <= budget
@@ -259,22 +266,28 @@ def _fit(opts: Options, graph, compile_at):
     got, fits = attempt(0)
     if not fits and count:
         # One try's result at a time: each is a whole compile's memory (a ResNet-50
-        # training step's is several GB); the best level is compiled again if a
-        # later try displaced it.
+        # training step's is several GB).  The best so far waits as its `.popx`
+        # bytes (tens of MB, seconds to write) while later tries run, and is loaded
+        # if none of them does better: a compile again would take minutes.
         got = None
         got, fits = attempt(count)
         if fits:
             lo, hi = 0, count
+            best = None
             while hi - lo > 1:
+                if got is not None:
+                    with stage("keep", f"auto: the try with {hi} of {count} segments recomputed, as .popx bytes"):
+                        best, got = artifact.dumps(got[0]), None
                 mid = (lo + hi) // 2
-                got = None
                 got, ok = attempt(mid)
                 if ok:
                     hi = mid
                 else:
                     lo, got = mid, None
             if got is None:
-                got, fits = attempt(hi)
+                with stage("reload", f"auto: the try with {hi} of {count} segments recomputed"):
+                    exe = artifact.load(io.BytesIO(best), unchecked=opts.unchecked)
+                    got = exe, NativeCodelets(list(exe.codelets.values()), exe.unchecked)
         elif isinstance(got, OutOfMemory):
             d = got.diagnostics[0]
             raise OutOfMemory([replace(d, notes=d.notes + (

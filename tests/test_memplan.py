@@ -231,6 +231,27 @@ def test_best_fit_with_allocations_live_in_several_intervals(problems):
     assert best_fit_many([two])[0][1] == best_fit(*two)[1] == 64
 
 
+def test_best_fit_many_on_threads_places_exactly_as_on_one(monkeypatch):
+    """A large plan's problems are cut into ranges of about equal work, one per
+    thread: every problem is solved once, and as the numpy definition solves it."""
+    from popdsl.passes import bestfit
+    rng = np.random.default_rng(7)
+    args = []
+    for n in rng.integers(0, 60, 40).tolist():
+        sz = rng.integers(1, 40, n) * 8
+        s = rng.integers(0, 50, n)
+        e = s + rng.integers(0, 20, n)
+        args.append((sz, np.full(n, 8), s, e, np.lexsort((s, -(e - s), -sz))))
+    monkeypatch.setattr(bestfit, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(bestfit, "_threads", lambda: 3)
+    bounds = bestfit._shares(np.array([len(a[0]) for a in args if len(a[0])]))
+    assert len(bounds) == 4 and bounds[0] == 0 and np.all(np.diff(bounds) > 0)
+    for (off, top), p in zip(bestfit.best_fit_many(args), args):
+        want_off, want_top = bestfit.best_fit(*p)
+        np.testing.assert_array_equal(off, want_off)
+        assert top == want_top
+
+
 def test_best_fit_many_falls_back_for_sizes_beyond_i32():
     from popdsl.passes.bestfit import best_fit, best_fit_many
     p = (np.array([1 << 30, 64], np.int64), np.array([64, 64], np.int64), np.array([0, 0], np.int64),

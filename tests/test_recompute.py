@@ -132,6 +132,34 @@ def test_auto_recomputes_the_least_that_fits_the_budget(built):
     assert fewer.memory.total.max() > budget
 
 
+def test_auto_keeps_its_best_try_and_stops_the_others_at_their_lower_bound(built, monkeypatch):
+    """Tiles just big enough for every segment recomputed: the tries with fewer
+    stop as soon as a tile's lower bound is over (no placement), and the try that
+    fitted, displaced by them, is loaded from its .popx bytes, not compiled again:
+    the same executable a compile at that level gives."""
+    import io
+    from popdsl import artifact
+    from popdsl.passes import memplan
+    memory = -(-int(built["all"][0].memory.total.max()) // 64) * 64
+    placed = []
+    real = memplan._plan_tiles
+    monkeypatch.setattr(memplan, "_plan_tiles", lambda *a: placed.append(1) or real(*a))
+    exe, _ = compile_cnn("auto", tile_memory=memory)
+    segments = exe.recompute["segments"]
+    assert exe.recompute["recomputed_segments"] == segments > 2
+    assert len(placed) == 1           # the tries at 0, then bisecting, never placed
+    target = get_target("gc200", None, memory)
+    opts = pipeline.Options(CNN, "deep.pop", target, recompute=Policy("auto"), outline=False)
+    graph = pipeline.compile_source(CNN, "deep.pop", target, stop_after="autodiff")
+    split = pipeline.STAGE_NAMES.index("recompute")
+    direct, _ = pipeline._run(pipeline.STAGES[split:], replace(opts, level=segments), graph, None, None, None)[0]
+    # (Loaded, as a build-cache hit is: a loader proves some bounds checks away.)
+    assert artifact.dumps(exe) == artifact.dumps(artifact.load(io.BytesIO(artifact.dumps(direct))))
+    with pytest.raises(OutOfMemory, match="needs at least"):
+        pipeline._run(pipeline.STAGES[split:], replace(opts, level=segments - 1, probe=True), graph, None, None,
+                      None)
+
+
 def test_auto_out_of_memory_even_recomputing_everything_says_so():
     with pytest.raises(OutOfMemory) as e:
         compile_cnn("auto", tile_memory=40_000)

@@ -18,6 +18,8 @@ their results are equal (tests/test_memplan.py checks it on random problems).
 from __future__ import annotations
 
 import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -200,8 +202,9 @@ def best_fit_many(problems: list[tuple]) -> list[tuple[np.ndarray, int]]:
     table[:, len(_FIELDS)] = top_at
     table[:, len(_FIELDS) + 1:] = lengths[:, [0, 4, 5]]                  # symbols n, p, m
     cycles = np.zeros(len(native), np.int64)
+    run = _native().run
     try:
-        _native().run("BestFit", mem, table, 0, len(native), cycles)
+        _on_threads(lambda a, b: run("BestFit", mem, table, a, b, cycles), _shares(lengths[:, 0]))
     except VertexError as e:          # the codelet is ours: a failure is a compiler bug
         raise AssertionError(f"BestFit failed: {e}") from None
     offs = mem[base[8]:base[8] + seg[8]].view(np.int32).astype(np.int64)
@@ -209,3 +212,40 @@ def best_fit_many(problems: list[tuple]) -> list[tuple[np.ndarray, int]]:
     for j, k in enumerate(native):
         out[k] = (offs[firsts[j, 8]:firsts[j, 8] + lengths[j, 8]], int(tops[j]))
     return out
+
+
+# Below this much work (allocations squared, summed) a thread costs more than it
+# saves: ResNet-50's forward plan is about 10^8, its training step's 10^10.
+PARALLEL_MIN_WORK = 50_000_000
+
+
+def _threads() -> int:
+    try:
+        return max(1, min(8, len(os.sched_getaffinity(0))))
+    except AttributeError:                      # (not on Linux)
+        return max(1, min(8, os.cpu_count() or 1))
+
+
+def _shares(n: np.ndarray) -> np.ndarray:
+    """Problems (rows, in order) cut into contiguous ranges of about equal work, one
+    per thread: a problem's placement loop scans the allocations placed before
+    each, so its work grows as its allocations squared.  Bounds, first to last."""
+    work = np.cumsum(n.astype(np.float64) ** 2)
+    parts = _threads() if work.size and work[-1] >= PARALLEL_MIN_WORK else 1
+    cuts = np.searchsorted(work, work[-1] * np.arange(1, parts) / parts) if parts > 1 else []
+    return np.unique(np.concatenate(([0], cuts, [len(n)]))).astype(int)
+
+
+def _on_threads(run, bounds: np.ndarray) -> None:
+    """`run(begin, end)` over each range of rows: the first on this thread, the
+    others on a pool (a native call lets go of the interpreter's lock), so the
+    problems of a large plan are solved on every core."""
+    ranges = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+    if len(ranges) == 1:
+        run(*ranges[0])
+        return
+    with ThreadPoolExecutor(len(ranges) - 1) as pool:
+        rest = [pool.submit(run, a, b) for a, b in ranges[1:]]
+        run(*ranges[0])
+        for f in rest:
+            f.result()

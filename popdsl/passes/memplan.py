@@ -79,9 +79,12 @@ def _plan_tiles(problems: list[tuple], reuse: bool, lower_bounds: list[int]) -> 
 
 
 def plan(low: Lowered, codelets: dict, code_sizes: dict[str, int], unchecked: bool = False,
-         reuse: bool = True, verify: bool = False) -> X.Executable:
+         reuse: bool = True, verify: bool = False, probe: bool = False) -> X.Executable:
     """`codelets`: the codelets the executable needs (native code exists for them);
-    `verify`: check the plan (no two regions live at once share a byte)."""
+    `verify`: check the plan (no two regions live at once share a byte).  `probe`:
+    a try whose out-of-memory error only says that it does not fit (recomputation
+    `auto`'s search): raised before placing anything when a tile's lower bound is
+    already over its memory, which no placement can beat."""
     graph = low.graph
     target: Target = graph.target
     ntiles = target.tiles
@@ -147,6 +150,15 @@ def plan(low: Lowered, codelets: dict, code_sizes: dict[str, int], unchecked: bo
             problems.append((sz, ag, s, e, lives))
             problem_bound.append(int(bound[tile]))
         which[tile] = k
+    # Naive: the same allocations, none sharing, none in place.  Categories count
+    # regions as allocated (rounded to their alignment), so that naive >= lower
+    # bound <= planned compare like with like.
+    naive = np.bincount(alloc_tile, weights=full, minlength=ntiles).astype(np.int64) if nalloc \
+        else np.zeros(ntiles, np.int64)
+    mem = _categories(low, live, -(-full_rs // al) * al, cat_rs, rt, bound.copy(), bound, naive,
+                      code_sizes, ntiles)
+    if probe and (mem.bound_total > target.tile_memory).any():
+        _check_capacity(low, mem, target, at_least=True)
     solved = _plan_tiles(problems, reuse, problem_bound)
     for tile, k in which.items():
         a, b = bounds[tile], bounds[tile + 1]
@@ -159,12 +171,7 @@ def plan(low: Lowered, codelets: dict, code_sizes: dict[str, int], unchecked: bo
         base[out_r] = base[in_r]
     if verify:
         verify_plan(rt, base, exact_rs, live)
-    # Categories count regions as allocated (rounded to their alignment), so that
-    # naive >= lower bound <= planned compare like with like.
-    naive = np.bincount(alloc_tile, weights=full, minlength=ntiles).astype(np.int64) if nalloc \
-        else np.zeros(ntiles, np.int64)
-    mem = _categories(low, live, -(-full_rs // al) * al, cat_rs, rt, planned, bound, naive,
-                      code_sizes, ntiles)
+    mem.planned = planned
     _check_capacity(low, mem, target)
     return _finish(low, codelets, base, mem, unchecked)
 
@@ -307,8 +314,10 @@ def _copy_table(c: CopyElems, region_addr: np.ndarray, target: Target) -> X.Copy
     return out
 
 
-def _check_capacity(low: Lowered, mem: X.MemoryPlan, target: Target) -> None:
-    total = mem.total
+def _check_capacity(low: Lowered, mem: X.MemoryPlan, target: Target, at_least: bool = False) -> None:
+    """Raise OutOfMemory for the tile most over its memory, as planned (`at_least`:
+    its lower bound, the plan not made)."""
+    total = mem.bound_total if at_least else mem.total
     over = np.nonzero(total > target.tile_memory)[0]
     if not over.size:
         return
@@ -326,7 +335,8 @@ def _check_capacity(low: Lowered, mem: X.MemoryPlan, target: Target) -> None:
                  "connect vertices to data on their own tile to avoid exchange buffers, a smaller "
                  "batch, or a target with more memory per tile")
     span = low.region_label[big[0]][1] if big.size else Span("<graph>", 0, 0, 0, 0)
-    raise OutOfMemory([Diagnostic(span, f"out of memory: tile {worst} needs {int(total[worst]):,} B but has "
+    raise OutOfMemory([Diagnostic(span, f"out of memory: tile {worst} needs {'at least ' if at_least else ''}"
+                                  f"{int(total[worst]):,} B but has "
                                   f"{target.tile_memory:,} B ({len(over)} tile{'s' if len(over) > 1 else ''} "
                                   "over capacity)", "error", tuple(notes))],
                       worst, int(total[worst]), target.tile_memory)
