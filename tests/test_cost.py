@@ -38,3 +38,28 @@ def test_tile_bytes_count_each_sent_byte_once(copies, repeat):
     assert cycles == -(-int(want.max()) // T.exchange_bytes_per_cycle) + T.sync_cycles
     assert moved == sum(n for s, _, d, _, n in copies if s != d)
     assert on_tile == sum(n for s, _, d, _, n in copies if s == d)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 60), st.integers(1, 20)), min_size=1, max_size=30),
+       st.booleans())
+def test_union_per_tile_sorts_by_value_or_falls_back(runs, huge):
+    """The union of each tile's runs, whether start and length pack into one sort
+    key or not (addresses past 2^40 with a run near 2^26 B: sixteen GC200s of the
+    largest tiles)."""
+    tm, tiles = (1 << 26, 23552) if huge else (1000, 4)
+    base = (tiles - 4) * tm if huge else 0
+    start = np.array([base + t * tm + a for t, a, _ in runs], np.int64)
+    nb = np.array([n for *_, n in runs], np.int64)
+    if huge:            # one long run at the start of the last tile, so no key fits in 63 bits
+        start, nb = np.append(start, (tiles - 1) * tm), np.append(nb, tm - 1)
+    want = np.zeros(tiles, np.int64)
+    for tile in set((start // tm).tolist()):
+        merged: list[list[int]] = []
+        for s, e in sorted((s, s + n) for s, n in zip(start.tolist(), nb.tolist()) if s // tm == tile):
+            if merged and s <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], e)
+            else:
+                merged.append([s, e])
+        want[tile] = sum(e - s for s, e in merged)
+    np.testing.assert_array_equal(cost._union_per_tile(start, nb, tm, tiles), want)

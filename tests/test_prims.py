@@ -153,7 +153,7 @@ def test_matmul_workers_share_their_a_block(monkeypatch):
         rows = {r["op"]: r for r in exe.partition_report().rows}
         return y, rows["matmul"]
     y, split = measure()
-    monkeypatch.setattr(linalg, "_worker_cols", lambda c0, c1, w: [(c0, c1)])
+    monkeypatch.setattr(linalg, "_worker_cols", lambda c0, c1, w: (np.arange(len(c0)), c0, c1))
     y1, single = measure()
     np.testing.assert_allclose(y, a.astype(np.float64) @ b, rtol=1e-5, atol=1e-5)
     # The same sums in the same order; a driver specialised to other sizes may fuse
@@ -185,11 +185,16 @@ def test_only_read_buffers_with_the_same_elements_on_one_tile_are_shared():
 
 def test_worker_cols_are_bands_of_at_least_eight_columns():
     from popdsl.ops.linalg import _worker_cols
-    assert _worker_cols(0, 16, 6) == [(0, 8), (8, 16)]
-    assert _worker_cols(8, 21, 6) == [(8, 21)]
-    assert _worker_cols(0, 3, 6) == [(0, 3)]
-    assert _worker_cols(0, 64, 6) == [(0, 10), (10, 21), (21, 32), (32, 42), (42, 53), (53, 64)]
-    assert _worker_cols(0, 64, 1) == [(0, 64)]
+
+    def bands(c0, c1, workers):
+        task, s0, s1 = _worker_cols(np.array([c0, 0]), np.array([c1, 8]), workers)
+        assert task[-1] == 1 and (s0[-1], s1[-1]) == (0, 8)       # a second task, after the first's bands
+        return list(zip(s0[:-1].tolist(), s1[:-1].tolist()))
+    assert bands(0, 16, 6) == [(0, 8), (8, 16)]
+    assert bands(8, 21, 6) == [(8, 21)]
+    assert bands(0, 3, 6) == [(0, 3)]
+    assert bands(0, 64, 6) == [(0, 10), (10, 21), (21, 32), (32, 42), (42, 53), (53, 64)]
+    assert bands(0, 64, 1) == [(0, 64)]
 
 
 @SETTINGS

@@ -28,7 +28,8 @@ from popdsl.ir.target import Target
 from popdsl.ir.index import Strided, as_array, broadcast_to
 from popdsl.ir.tensor import Node, broadcast_shapes
 from popdsl.ops import elementwise
-from popdsl.ops.blocks import GRAIN, blocks, ceil_div, emit_tasks, pow2_splits
+from popdsl.ops.blocks import (GRAIN, block_of, blocks, bounds, ceil_div, emit_classes, map_first, map_whole,
+                               pow2_splits, shape_classes, stacked, task_grid)
 from popdsl.ops.core import FLOATS, HIGH_VALUE, Builder, Function, OpDef, Param, float_result, shape_str
 from popdsl.ops.reduce import add_partials
 from popdsl.ops.shape import transpose
@@ -138,13 +139,16 @@ def grid(M: int, N: int, K: int, budget: int, target: Target) -> tuple[int, int,
     return int(gm[best]), int(gn[best]), int(gk[best])
 
 
-def _worker_cols(c0: int, c1: int, workers: int) -> list[tuple[int, int]]:
-    """Columns c0..c1 of a tile's matmul block as bands for up to `workers` vertices,
-    at least MIN_COLS wide (a narrower band spends more on each AMP pass's set-up than
-    it streams)."""
-    n = c1 - c0
-    parts = max(1, min(workers, n // MIN_COLS))
-    return [(c0 + n * i // parts, c0 + n * (i + 1) // parts) for i in range(parts)]
+def _worker_cols(c0: np.ndarray, c1: np.ndarray, workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Columns c0..c1 of each task's matmul block as bands for up to `workers`
+    vertices, at least MIN_COLS wide (a narrower band spends more on each AMP
+    pass's set-up than it streams): (task, first column, end) per band, a task's
+    bands consecutive."""
+    width = c1 - c0
+    parts = np.maximum(1, np.minimum(workers, width // MIN_COLS))
+    task = np.repeat(np.arange(len(c0)), parts)
+    j = np.arange(len(task)) - np.repeat(np.cumsum(parts) - parts, parts)
+    return task, c0[task] + width[task] * j // parts[task], c0[task] + width[task] * (j + 1) // parts[task]
 
 
 MIN_COLS = 8
@@ -188,7 +192,10 @@ def _one_by_one(p, ai, bi, worst: bool = False) -> int:
 
 def _product(p, n: Node, a_tensor: int, a_index, b_tensor: int, b_index, shape) -> g.View:
     """The blocks of a @ b (views of two tensors) for node `n`, whose result has
-    `shape` (n's, or its transpose's)."""
+    `shape` (n's, or its transpose's).  All tasks at once (a ResNet-50 training
+    step's products have about 9,000 vertices each): the tasks are the cells of
+    loops over batch, row, column and reduction blocks (the last innermost), each
+    split over its tile's workers in bands of columns."""
     M, K = a_index.shape[-2:]
     N = b_index.shape[-1]
     batch = shape[:-2]
@@ -198,46 +205,62 @@ def _product(p, n: Node, a_tensor: int, a_index, b_tensor: int, b_index, shape) 
     ai, bi = ai.reshape(nb, M, K), bi.reshape(nb, K, N)
     gm, gn, gk = grid(M, N, K, max(1, p.tiles // nb), p.g.target)
     rb, cb, kb = blocks(M, gm), blocks(N, gn), blocks(K, gk)
+    nr, nc, nk = len(rb), len(cb), len(kb)
     label = p.name(n)
     # The result (or its partial sums) has the op's shape; the rule indexes it as
     # [reduction block, batch, row, column].
-    if len(kb) > 1:
-        acc = p.new_tensor(label + ".partial", "f32", (len(kb),) + shape)
+    if nk > 1:
+        acc = p.new_tensor(label + ".partial", "f32", (nk,) + shape)
     else:
         acc = p.new_tensor(label, "f32", shape)
-    target = acc.index.reshape(len(kb), nb, M, N)
-    ntasks = nb * len(rb) * len(cb) * len(kb)
-    tiles = p.spread(ntasks)
+    target = acc.index.reshape(nk, nb, M, N)
+    tiles = p.spread(nb * nr * nc * nk)
+    bt, ri, ci, ki = task_grid(nb, nr, nc, nk)
+    (rb0, rb1), (cb0, cb1), (kb0, kb1) = bounds(rb), bounds(cb), bounds(kb)
+    # The task of each position of a, b and c that reads or writes it first: a's
+    # block is read by the tasks of its row and reduction blocks (first: column
+    # block 0), b's by those of its column and reduction blocks (row block 0).
+    images = np.arange(nb, dtype=np.int64)[:, None, None]
+    a_task = (images * nr + block_of(rb)[:, None]) * nc * nk + block_of(kb)
+    b_task = ((images * nr) * nc + block_of(cb)) * nk + block_of(kb)[:, None]
+    c_task = ((images * nr + block_of(rb)[:, None]) * nc + block_of(cb)) * nk + np.arange(nk)[:, None, None, None]
+    map_whole(p, acc.tensor, c_task.shape, tiles[c_task])
+    if a_tensor != b_tensor:
+        map_first(p, g.View(a_tensor, ai, None), tiles[a_task], a_task)
+        map_first(p, g.View(b_tensor, bi, None), tiles[b_task], b_task)
+    else:                                  # x @ x.T: both read one tensor, first come first
+        _map_first_of_both(p, a_tensor, ai, a_task, bi, b_task, tiles)
+    # The tile's block is shared by its workers, a band of columns each: the tile
+    # has one AMP, whose held block of a all its workers use at once, and they
+    # read one copy of the a block (lower shares the buffer).
+    t, s0, s1 = _worker_cols(cb0[ci], cb1[ci], p.workers)
+    bt, r0, r1, k0, k1, kk = bt[t], rb0[ri][t], rb1[ri][t], kb0[ki][t], kb1[ki][t], ki[t]
+
+    def conns(v):
+        """Vertices v (one class): a[image, rows, k], b[image, k, columns] and
+        target[partial, image, rows, columns]."""
+        rs, ks, ws = int(r1[v[0]] - r0[v[0]]), int(k1[v[0]] - k0[v[0]]), int(s1[v[0]] - s0[v[0]])
+        rows, red, cols = (r0[v], r1[v]), (k0[v], k1[v]), (s0[v], s1[v])
+        return {"a": (a_tensor, stacked(ai, (bt[v], rows, red), (rs, ks))),
+                "b": (b_tensor, stacked(bi, (bt[v], red, cols), (ks, ws))),
+                "c": (acc.tensor, stacked(target, (kk[v], bt[v], rows, cols), (rs, ws)))}
     cs = p.new_cs(label)
-    # What each task reads is mapped to its tile unless an earlier task's block (or
-    # an earlier op) placed it: collected, then mapped at once (one update of each
-    # tensor's runs, not one per task).
-    tasks, placed, want = [], [], []
-    t = 0
-    for bt in range(nb):
-        for (r0, r1) in rb:
-            for (c0, c1) in cb:
-                for kk, (k0, k1) in enumerate(kb):
-                    tile = int(tiles[t])
-                    t += 1
-                    av = ai[bt, r0:r1, k0:k1]
-                    want.append((a_tensor, as_array(av).ravel(), tile))
-                    # The tile's block is shared by its workers, a band of columns
-                    # each: the tile has one AMP, whose held block of a all its
-                    # workers use at once, and they read one copy of the a block
-                    # (lower shares the buffer).
-                    for (s0, s1) in _worker_cols(c0, c1, p.workers):
-                        bv = bi[bt, k0:k1, s0:s1]
-                        cv = target[kk, bt, r0:r1, s0:s1]
-                        placed.append((as_array(cv).ravel(), tile))
-                        want.append((b_tensor, as_array(bv).ravel(), tile))
-                        tasks.append({"tile": tile, "conns": {"a": (a_tensor, av), "b": (b_tensor, bv),
-                                                              "c": (acc.tensor, cv)}})
-    for tensor in {a_tensor, b_tensor}:           # (one tensor when a is b: x @ x.T)
-        p.map_first_come(tensor, [(e, tile) for tt, e, tile in want if tt == tensor])
-    p.map_first_come(acc.tensor, placed)
-    emit_tasks(p, cs, p.prim("MatMul"), tasks)
-    return add_partials(p, n, cs, acc, len(kb) > 1, label, shape)
+    emit_classes(p, cs, p.prim("MatMul"), tiles[t], shape_classes(r1 - r0, k1 - k0, s1 - s0), conns, {})
+    return add_partials(p, n, cs, acc, nk > 1, label, shape)
+
+
+def _map_first_of_both(p, tensor: int, ai, a_task, bi, b_task, tiles) -> None:
+    """Map one tensor read as both operands as the tasks want it, in order: a task
+    wants its a block, then its b block."""
+    m = p.g.mappings[tensor]
+    if m.fully_mapped():
+        return
+    elements = np.concatenate([as_array(ai).reshape(-1), as_array(bi).reshape(-1)])
+    order = np.concatenate([2 * a_task.reshape(-1), 2 * np.broadcast_to(b_task, bi.shape).reshape(-1) + 1])
+    first = np.argsort(order, kind="stable")
+    elements, task = elements[first], order[first] // 2
+    free = m.tile_of(elements) < 0
+    m.assign_elements(elements[free], tiles[task][free], only_unmapped=True)
 
 
 # ---------------------------------------------------------------- the table's entries

@@ -20,7 +20,7 @@ from popdsl.ir import graph as g
 from popdsl.ir.index import Batch, Strided, as_array
 from popdsl.ir.tensor import Node
 from popdsl.ops import elementwise
-from popdsl.ops.blocks import blocks, emit_tasks
+from popdsl.ops.blocks import blocks, bounds, emit_classes, map_whole, shape_classes, stacked, task_grid
 from popdsl.ops.shape import broadcast_to, reshape
 from popdsl.ops.core import FLOATS, Builder, Function, OpDef, Param
 
@@ -108,16 +108,19 @@ def reduce_rows(p, kind: str, src: g.View, dtype: str, out_dtype: str, label: st
         bl = blocks(K, parts)
         partial = p.new_tensor(f"{label}.partial", out_dtype, (R, len(bl)))
         cs = p.new_cs(label + ".partial")
-        tasks, placed = [], []
-        for r in range(R):
-            for j, (lo, hi) in enumerate(bl):
-                idx = rows[r, lo:hi][None, :]
-                tile = int(p.g.mappings[src.tensor].tile_of(as_array(idx[0, 0])))
-                placed.append((int(as_array(partial.index[r, j])), tile))
-                tasks.append({"tile": tile, "conns": {"a": (src.tensor, idx),
-                                                      "y": (partial.tensor, partial.index[r, j:j + 1])}})
-        p.g.mappings[partial.tensor].assign_elements(*np.array(placed, np.int64).T)
-        emit_tasks(p, cs, codelet, tasks)
+        # A task per row and block of it (all at once), where the block's first
+        # element lives; its partial result there too.
+        r, j = task_grid(R, len(bl))
+        lo, hi = bounds(bl)
+        lo, hi = lo[j], hi[j]
+        tiles = p.g.mappings[src.tensor].tiles_at(rows[:, bounds(bl)[0]]).reshape(-1).astype(np.int32)
+        map_whole(p, partial.tensor, (R * len(bl),), tiles)
+
+        def conns(v):
+            size = int(hi[v[0]] - lo[v[0]])
+            return {"a": (src.tensor, stacked(rows, (r[v], (lo[v], hi[v])), (1, size))),
+                    "y": (partial.tensor, stacked(partial.index, (r[v], (j[v], j[v] + 1)), (1,)))}
+        emit_classes(p, cs, codelet, tiles, shape_classes(hi - lo), conns, {})
         src, rows = partial, partial.index
         R, K = rows.shape
         codelet = p.prim(CODELETS[(kind, "i32" if out_dtype == "i32" else "f32")])
