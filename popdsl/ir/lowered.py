@@ -32,12 +32,16 @@ class CopyElems:
         do = np.asarray(do, np.int64).ravel()
         nb = np.asarray(nbytes, np.int64).ravel()
         keep = nb > 0
-        sr, so, dr, do, nb = sr[keep], so[keep], dr[keep], do[keep], nb[keep]
+        if not keep.all():
+            sr, so, dr, do, nb = sr[keep], so[keep], dr[keep], do[keep], nb[keep]
         if not sr.size:
             return
         brk = np.ones(sr.size, bool)
         brk[1:] = (sr[1:] != sr[:-1]) | (dr[1:] != dr[:-1]) | (so[1:] != so[:-1] + nb[:-1]) \
             | (do[1:] != do[:-1] + nb[:-1])
+        if brk.all():                   # nothing merges: the runs as they are
+            self.parts.append((sr, so, dr, do, nb))
+            return
         starts = np.nonzero(brk)[0]
         total = np.add.reduceat(nb, starts)
         self.parts.append((sr[starts], so[starts], dr[starts], do[starts], total))

@@ -156,8 +156,14 @@ class Mapping:
         starts = np.asarray(starts, np.int64).reshape(-1)
         lengths = np.asarray(lengths, np.int64).reshape(-1)
         first = self.run_of(starts)
-        last = self.run_of(starts + np.maximum(lengths, 1) - 1)
-        if (last == first).all() and (lengths > 0).all():
+        # Only a run that ends past its first mapping run's end needs a second search.
+        end = starts + np.maximum(lengths, 1)
+        past = end > np.append(self.starts[1:], self.numel)[first]
+        last = first
+        if past.any():
+            last = first.copy()
+            last[past] = self.run_of(end[past] - 1)
+        if not past.any() and (lengths > 0).all():
             # Every run inside one of the mapping's (the usual case): no cuts.
             return starts, lengths, np.arange(starts.size), np.zeros(starts.size, np.int64), first
         npieces = np.where(lengths > 0, last - first + 1, 0)
