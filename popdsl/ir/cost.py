@@ -298,17 +298,21 @@ def _tile_bytes(src, dst, nbytes, target: Target) -> tuple[np.ndarray, np.ndarra
     tm, T = target.tile_memory, target.tiles
     st, dt = src // tm, dst // tm
     cross = st != dt
-    # Received (first T) and moved on the tile (last T) in one pass.
-    into = np.bincount(dt + T * ~cross, weights=nbytes, minlength=2 * T)
+    # Received (first T) and moved on the tile (last T) in one pass.  (Integer
+    # add.at: bincount's weights would go through float64, at twice the time.)
+    nbytes = np.asarray(nbytes, np.int64)
+    into = np.zeros(2 * T, np.int64)
+    np.add.at(into, dt + T * ~cross, nbytes)
     recv, local = into[:T], into[T:]
-    sent = np.bincount(st, weights=np.where(cross, nbytes, 0), minlength=T)
+    sent = np.zeros(T, np.int64)
+    np.add.at(sent, st[cross], nbytes[cross])
     # Counting each byte once can only lower what a tile sends: worth computing
     # only on tiles where sending, counted in full, is the most.
     over = sent > np.maximum(recv, local)
     if over.any():
         mine = cross & over[st]
         sent[over] = _union_per_tile(src[mine], nbytes[mine], tm, T)[over]
-    return np.maximum(np.maximum(sent, recv), local).astype(np.int64), cross
+    return np.maximum(np.maximum(sent, recv), local), cross
 
 
 def _union_per_tile(start: np.ndarray, nbytes: np.ndarray, tm: int, T: int) -> np.ndarray:
