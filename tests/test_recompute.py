@@ -160,6 +160,23 @@ def test_auto_keeps_its_best_try_and_stops_the_others_at_their_lower_bound(built
                       None)
 
 
+def test_tiles_over_their_memory_try_more_placement_orders(built):
+    """A tile whose plan is over its memory, but not its lower bound, is planned
+    again with more orders (memplan._plan_harder): the step compiles on tiles
+    smaller than the two usual orders need, and trains as before."""
+    exe, native = built["none"]
+    need = int(exe.memory.total.max())
+    memory = (need - 1) // 64 * 64
+    assert int(exe.memory.bound_total.max()) <= memory < need
+    tight, tight_native = compile_cnn("none", tile_memory=memory)
+    assert int(tight.memory.total.max()) <= memory
+    losses, params = train(tight, tight_native)
+    want_losses, want_params = train(exe, native)
+    assert losses == want_losses
+    for name, value in want_params.items():
+        np.testing.assert_array_equal(params[name], value)
+
+
 def test_auto_out_of_memory_even_recomputing_everything_says_so():
     with pytest.raises(OutOfMemory) as e:
         compile_cnn("auto", tile_memory=40_000)

@@ -214,6 +214,46 @@ def best_fit_many(problems: list[tuple]) -> list[tuple[np.ndarray, int]]:
     return out
 
 
+
+def more_orders(sizes: np.ndarray, starts: np.ndarray, ends: np.ndarray, lives: Lives) -> list[np.ndarray]:
+    """Placement orders beyond the two every problem gets (by size, by lifetime),
+    for the few tiles whose plan decides whether a step fits at all: greedy by
+    breadth (TFLite's arena planner: allocations live at the busiest program
+    points first, the largest first), by start, by end, by size x lifetime, and
+    by size with ties and near-ties broken at random (seeded: a compile is
+    reproducible)."""
+    n = len(sizes)
+    per = np.repeat(sizes, np.diff(lives.ptr))
+    points = int(lives.iend.max()) + 2 if n else 1
+    live = np.zeros(points, np.int64)
+    np.add.at(live, lives.istart, per)
+    np.add.at(live, lives.iend + 1, -per)
+    breadth = np.cumsum(live)
+    # The busiest point of each allocation's lives (each has at least one interval).
+    peak = np.maximum.reduceat(_range_max(breadth, lives.istart, lives.iend), lives.ptr[:-1]) if n \
+        else np.zeros(0, np.int64)
+    span = ends - starts
+    out = [np.lexsort((starts, -sizes, -peak)), np.lexsort((starts, -span, -peak)),
+           np.lexsort((-sizes, starts)), np.lexsort((-sizes, -ends)), np.lexsort((starts, -(sizes * (span + 1))))]
+    rng = np.random.default_rng(0)
+    out += [np.lexsort((starts, -(sizes * (1 + 0.25 * rng.random(n))))) for _ in range(4)]
+    return out
+
+
+def _range_max(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """max(values[lo[i]:hi[i] + 1]) for each i (a sparse table: O(len log len) to
+    build, two lookups a query)."""
+    table = [values]
+    while (1 << len(table)) <= len(values):
+        half = 1 << (len(table) - 1)
+        table.append(np.maximum(table[-1][:-half], table[-1][half:]))
+    level = np.floor(np.log2(np.maximum(hi - lo + 1, 1))).astype(np.int64)
+    out = np.empty(len(lo), values.dtype)
+    for k in np.unique(level).tolist():
+        m = level == k
+        out[m] = np.maximum(table[k][lo[m]], table[k][hi[m] - (1 << k) + 1])
+    return out
+
 # Below this much work (allocations squared, summed) a thread costs more than it
 # saves: ResNet-50's forward plan is about 10^8, its training step's 10^10.
 PARALLEL_MIN_WORK = 50_000_000

@@ -26,7 +26,7 @@ import numpy as np
 
 from popdsl.diagnostics import Diagnostic, OutOfMemory, Span
 from popdsl.ir.index import as_array
-from popdsl.passes.bestfit import Lives, best_fit_many
+from popdsl.passes.bestfit import Lives, best_fit_many, more_orders
 from popdsl.passes.liveness import Liveness, liveness
 from popdsl.ir.lowered import CopyElems, Lowered
 from popdsl.ir import executable as X
@@ -160,6 +160,8 @@ def plan(low: Lowered, codelets: dict, code_sizes: dict[str, int], unchecked: bo
     if probe and (mem.bound_total > target.tile_memory).any():
         _check_capacity(low, mem, target, at_least=True)
     solved = _plan_tiles(problems, reuse, problem_bound)
+    if reuse:
+        _plan_harder(problems, problem_bound, solved, which, mem, target.tile_memory)
     for tile, k in which.items():
         a, b = bounds[tile], bounds[tile + 1]
         alloc_base[a:b] = solved[k][0]
@@ -174,6 +176,32 @@ def plan(low: Lowered, codelets: dict, code_sizes: dict[str, int], unchecked: bo
     mem.planned = planned
     _check_capacity(low, mem, target)
     return _finish(low, codelets, base, mem, unchecked)
+
+
+def _plan_harder(problems, bounds: list[int], solved: list, which: dict, mem: X.MemoryPlan, capacity: int) -> None:
+    """Tiles over their memory as planned decide whether the step compiles: their
+    problems, where above the lower bound, try more placement orders
+    (`bestfit.more_orders`) and keep the best (in `solved`).  Only when every such
+    tile could fit (its lower bound and fixed bytes within its memory): otherwise
+    the graph is out of memory whatever the plan, and the work would be wasted."""
+    tiles = np.array(list(which), np.int64)
+    if not tiles.size:
+        return
+    k_of = np.array([which[t] for t in tiles.tolist()], np.int64)
+    tops = np.array([top for _, top in solved], np.int64)
+    over = tops[k_of] + mem.fixed[tiles] > capacity
+    if not over.any() or (np.array(bounds)[k_of[over]] + mem.fixed[tiles[over]] > capacity).any():
+        return
+    ks = sorted({int(k) for k in k_of[over] if tops[k] > bounds[k]})
+    args, owner = [], []
+    for k in ks:
+        sz, ag, s, e, lives = problems[k]
+        for order in more_orders(sz, s, e, lives):
+            args.append((sz, ag, s, e, order, lives))
+            owner.append(k)
+    for k, got in zip(owner, best_fit_many(args)):
+        if got[1] < solved[k][1]:
+            solved[k] = got
 
 
 def verify_plan(tiles: np.ndarray, base: np.ndarray, sizes: np.ndarray, live: Liveness) -> None:
