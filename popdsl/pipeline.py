@@ -242,8 +242,10 @@ def _run(stages, opts: Options, result, inspect, monitor, stop_after, note: str 
 
 def _fit(opts: Options, graph, compile_at, monitor=None):
     """Recomputation `auto`: the step as it is if it fits its tiles (and the policy's
-    budget), else the least number of recomputed segments that makes it fit (found by
-    bisection, each try `compile_at(options, note)` from the recompute stage).  Out
+    budget), else a number of recomputed segments that makes it fit where one fewer
+    does not (found by bisection, each try `compile_at(options, note)` from the
+    recompute stage: the least, where fewer segments never fit if more do not; the
+    busiest tile need not fall with every level, bench/recompute_levels.py).  Out
     of memory even with every segment recomputed is the error of that try, saying
     so; fitting the tiles but not the budget, the closest there is.  `monitor`: as
     `compile_source`'s, around keeping and reloading the best try."""

@@ -12,7 +12,9 @@ allocations get offsets by greedy-by-size best fit
 (`passes.bestfit`: largest first, each into the smallest gap left by the
 allocations whose lifetimes overlap it), tried in two orders — by size and by
 length of life — keeping the better (TFLite's arena planner; XLA's heap simulator
-tries the same two).  The lower
+tries the same two).  A tile still over its memory, whose lower bound is not,
+tries nine more orders (`_plan_harder`): whether the graph compiles turns on it.
+The lower
 bound is the peak of live bytes; `reuse=False` gives every region its own bytes
 (the naive plan), for checking results against.  Vertex state (the real table
 bytes) and codelet code (real object-code size per codelet used) are charged to

@@ -1,0 +1,71 @@
+"""Benchmark of recomputation level by level (README "Recomputation"): a training
+step compiled with 0, 1, ... of its forward segments recomputed, and what its tiles
+need at each.  Not a test.
+
+Requires popdsl (run from the repository).  For each level it compiles the step as
+`--recompute auto` would try it (one compile per level, a minute or two each for
+ResNet-50) and prints the busiest tile as planned (data, vertex state and code),
+whether it fits, that tile's lower bound, the activations kept for the backward
+pass, the FLOPs recomputed and the compile's seconds.  A level over the tiles' memory is still planned in full (its
+out-of-memory error gives the busiest tile's need).
+
+What it shows: the total kept falls with every level, but the busiest tile does
+not fall with it.  Each level changes which vertices the partitioner places
+where, so the busiest tile moves by tens of KB from one level to the next:
+`auto`'s bisection assumes fewer segments never fit where more do not, and finds
+a level that fits with one fewer that does not, not always the least.
+
+Run: `python bench/recompute_levels.py [FILE] [--levels 0,1,2] [--max-vertices N]`
+(default: examples/resnet50_train.pop, every level, 5,000,000 vertices).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from popdsl import pipeline
+from popdsl.diagnostics import OutOfMemory
+from popdsl.ir.target import get_target
+from popdsl.limits import Budgets
+from popdsl.passes import recompute as rc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("file", nargs="?", default=str(ROOT / "examples" / "resnet50_train.pop"))
+    ap.add_argument("--levels", help="comma-separated levels (default: all)")
+    ap.add_argument("--max-vertices", type=int, default=5_000_000)
+    a = ap.parse_args()
+    text, target = Path(a.file).read_text(), get_target()
+    budgets = Budgets(vertices=a.max_vertices)
+    trained = pipeline.compile_source(text, a.file, target, budgets=budgets, stop_after="autodiff")
+    count = rc.segments(trained).count
+    levels = [int(x) for x in a.levels.split(",")] if a.levels else list(range(count + 1))
+    opts = pipeline.Options(text, a.file, target, budgets=budgets)
+    rest = pipeline.STAGES[pipeline.STAGE_NAMES.index("recompute"):]
+    print(f"{a.file}: {count} segments; tiles of {target.tile_memory:,} B")
+    print(f"  {'level':>5}{'busiest B':>12}{'':>6}{'its bound B':>13}{'kept B':>14}"
+          f"{'recomputed FLOPs':>20}{'compile s':>11}")
+    for level in levels:
+        t = time.perf_counter()
+        try:
+            exe, _ = pipeline._run(rest, replace(opts, level=level), trained, None, None, None)[0]
+        except OutOfMemory as e:
+            print(f"  {level:>5}{e.need:>12,}{'over':>6}{'':>13}{'':>14}{'':>20}{time.perf_counter() - t:>11.1f}"
+                  f"  (tile {e.tile})", flush=True)
+            continue
+        m, r = exe.memory, exe.recompute
+        print(f"  {level:>5}{int(m.total.max()):>12,}{'fits':>6}{int(m.bound_total[m.total.argmax()]):>13,}"
+              f"{r['kept_bytes']:>14,}"
+              f"{r['recomputed_flops']:>20,}{time.perf_counter() - t:>11.1f}", flush=True)
+        del exe, m
+        gc.collect()
+
+
+if __name__ == "__main__":
+    main()
