@@ -424,10 +424,12 @@ class _Registry:
         self.tiles = np.concatenate([self.tiles, tiles.astype(np.int64)])
         self.counts = np.concatenate([self.counts, counts])
         self.bufs = np.concatenate([self.bufs, np.asarray(bufs, np.int64)])
-        keys = np.concatenate([self.keys, key])
-        order = np.concatenate([self.order, n0 + np.arange(len(key))])
-        s = np.argsort(keys, kind="stable")
-        self.keys, self.order = keys[s], order[s]
+        # Merged into the sorted keys (after equal ones, as a stable sort of all
+        # would put them), not sorted again with them.
+        new = np.argsort(key, kind="stable")
+        at = np.searchsorted(self.keys, key[new], side="right")
+        self.keys = np.insert(self.keys, at, key[new])
+        self.order = np.insert(self.order, at, n0 + new)
 
 
 def _check_write_conflicts(graph, cs, written, d: Diagnostics) -> None:
