@@ -220,16 +220,21 @@ def _product(p, n: Node, a_tensor: int, a_index, b_tensor: int, b_index, shape) 
     # The task of each position of a, b and c that reads or writes it first: a's
     # block is read by the tasks of its row and reduction blocks (first: column
     # block 0), b's by those of its column and reduction blocks (row block 0).
+    # (An operand mapped already, as weights usually are, needs no such array: one
+    # as large as AlexNet's 37.7M-weight layer would be 300 MB.)
     images = np.arange(nb, dtype=np.int64)[:, None, None]
-    a_task = (images * nr + block_of(rb)[:, None]) * nc * nk + block_of(kb)
-    b_task = ((images * nr) * nc + block_of(cb)) * nk + block_of(kb)[:, None]
     c_task = ((images * nr + block_of(rb)[:, None]) * nc + block_of(cb)) * nk + np.arange(nk)[:, None, None, None]
     map_whole(p, acc.tensor, c_task.shape, tiles[c_task])
-    if a_tensor != b_tensor:
-        map_first(p, g.View(a_tensor, ai, None), tiles[a_task], a_task)
-        map_first(p, g.View(b_tensor, bi, None), tiles[b_task], b_task)
-    else:                                  # x @ x.T: both read one tensor, first come first
+    a_free, b_free = (not p.g.mappings[t].fully_mapped() for t in (a_tensor, b_tensor))
+    a_task = (images * nr + block_of(rb)[:, None]) * nc * nk + block_of(kb) if a_free else None
+    b_task = ((images * nr) * nc + block_of(cb)) * nk + block_of(kb)[:, None] if b_free else None
+    if a_tensor == b_tensor and a_free:    # x @ x.T: both read one tensor, first come first
         _map_first_of_both(p, a_tensor, ai, a_task, bi, b_task, tiles)
+    else:
+        if a_free:
+            map_first(p, g.View(a_tensor, ai, None), tiles[a_task], a_task)
+        if b_free:
+            map_first(p, g.View(b_tensor, bi, None), tiles[b_task], b_task)
     # The tile's block is shared by its workers, a band of columns each: the tile
     # has one AMP, whose held block of a all its workers use at once, and they
     # read one copy of the a block (lower shares the buffer).

@@ -214,7 +214,6 @@ def best_fit_many(problems: list[tuple]) -> list[tuple[np.ndarray, int]]:
     return out
 
 
-
 def more_orders(sizes: np.ndarray, starts: np.ndarray, ends: np.ndarray, lives: Lives) -> list[np.ndarray]:
     """Placement orders beyond the two every problem gets (by size, by lifetime),
     for the few tiles whose plan decides whether a step fits at all: greedy by
@@ -253,6 +252,7 @@ def _range_max(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray
         m = level == k
         out[m] = np.maximum(table[k][lo[m]], table[k][hi[m] - (1 << k) + 1])
     return out
+
 
 # Below this much work (allocations squared, summed) a thread costs more than it
 # saves: ResNet-50's forward plan is about 10^8, its training step's 10^10.
