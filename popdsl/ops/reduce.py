@@ -111,9 +111,9 @@ def reduce_rows(p, kind: str, src: g.View, dtype: str, out_dtype: str, label: st
         # A task per row and block of it (all at once), where the block's first
         # element lives; its partial result there too.
         r, j = task_grid(R, len(bl))
-        lo, hi = bounds(bl)
-        lo, hi = lo[j], hi[j]
-        tiles = p.g.mappings[src.tensor].tiles_at(rows[:, bounds(bl)[0]]).reshape(-1).astype(np.int32)
+        first, end = bounds(bl)
+        lo, hi = first[j], end[j]
+        tiles = p.g.mappings[src.tensor].tiles_at(rows[:, first]).reshape(-1).astype(np.int32)
         map_whole(p, partial.tensor, (R * len(bl),), tiles)
 
         def conns(v):
