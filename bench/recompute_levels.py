@@ -27,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from popdsl import pipeline
-from popdsl.diagnostics import OutOfMemory
+from popdsl.diagnostics import CompileError, OutOfMemory
 from popdsl.ir.target import get_target
 from popdsl.limits import Budgets
 from popdsl.passes import recompute as rc
@@ -41,11 +41,25 @@ def main() -> None:
     ap.add_argument("--levels", help="comma-separated levels (default: all)")
     ap.add_argument("--max-vertices", type=int, default=5_000_000)
     a = ap.parse_args()
-    text, target = Path(a.file).read_text(), get_target()
-    budgets = Budgets(vertices=a.max_vertices)
-    trained = pipeline.compile_source(text, a.file, target, budgets=budgets, stop_after="autodiff")
-    count = rc.segments(trained).count
-    levels = [int(x) for x in a.levels.split(",")] if a.levels else list(range(count + 1))
+    try:
+        text = Path(a.file).read_text()
+    except OSError as e:
+        raise SystemExit(f"recompute_levels: cannot read {a.file}: {e.strerror}") from None
+    target, budgets = get_target(), Budgets(vertices=a.max_vertices)
+    try:
+        trained = pipeline.compile_source(text, a.file, target, budgets=budgets, stop_after="autodiff")
+    except CompileError as e:
+        raise SystemExit(e.render()) from None
+    seg = rc.segments(trained)
+    if seg is None:
+        raise SystemExit(f"recompute_levels: {a.file} does not train (no 'minimize'): nothing to recompute")
+    count = seg.count
+    try:
+        levels = [int(x) for x in a.levels.split(",")] if a.levels else list(range(count + 1))
+    except ValueError:
+        raise SystemExit(f"recompute_levels: --levels takes numbers separated by commas, not {a.levels!r}") from None
+    if any(not 0 <= x <= count for x in levels):
+        raise SystemExit(f"recompute_levels: levels go from 0 to {count} (the step's segments)")
     opts = pipeline.Options(text, a.file, target, budgets=budgets)
     rest = pipeline.STAGES[pipeline.STAGE_NAMES.index("recompute"):]
     print(f"{a.file}: {count} segments; tiles of {target.tile_memory:,} B")
