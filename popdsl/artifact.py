@@ -36,6 +36,7 @@ _ZIP_DATE = (1980, 1, 1, 0, 0, 0)   # the zip format's epoch: builds are reprodu
 # Deflate's fastest level: on delta-coded arrays it is within a few per cent of the
 # default level's size at a third of its time (and parameters are noise either way).
 COMPRESS_LEVEL = 1
+_DELTA_RANGES = tuple((int(np.iinfo(t).min), int(np.iinfo(t).max)) for t in DELTA_TYPES)
 
 
 # ---------------------------------------------------------------- writing
@@ -56,10 +57,12 @@ class _Arrays:
         name = f"a{len(self.items)}"
         if a.dtype.kind in "iu" and a.ndim >= 1 and a.size >= DELTA_MIN and a.dtype.itemsize <= 8 \
                 and (a.dtype.kind == "i" or a.dtype.itemsize < 8):
-            d = np.diff(a.astype(np.int64), axis=0, prepend=np.zeros((1,) + a.shape[1:], np.int64))
+            d = np.empty(a.shape, np.int64)
+            d[0] = a[0]
+            np.subtract(a[1:], a[:-1], out=d[1:], dtype=np.int64)
             lo, hi = int(d.min()), int(d.max())
-            narrow = next(t for t in DELTA_TYPES if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max)
-            self.items.append(np.ascontiguousarray(d.astype(narrow)))
+            narrow = next(t for t, (tlo, thi) in zip(DELTA_TYPES, _DELTA_RANGES) if tlo <= lo and hi <= thi)
+            self.items.append(d if narrow is np.int64 else d.astype(narrow))
             return name + ":d"
         self.items.append(a if a.flags.c_contiguous else a.copy(order="C"))
         return name

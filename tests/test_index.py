@@ -7,7 +7,7 @@ import math
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from popdsl.ir.index import Batch, Strided, affine_rows
+from popdsl.ir.index import Batch, RunBatch, Strided, affine_rows, strided_pieces
 
 SHAPES = st.lists(st.integers(1, 5), min_size=1, max_size=4).map(tuple)
 
@@ -228,3 +228,81 @@ def test_affine_rows_finds_the_strided_vertices(data):
         assert ok.all()
     elif strided[0]:                        # the first vertex's strides are a candidate
         assert ok[np.array(strided)].all()
+
+
+def _run_batch(rows: np.ndarray) -> RunBatch:
+    """A RunBatch of the index rows (nv, n): maximal runs of consecutive elements."""
+    nv, n = rows.shape
+    flat = rows.reshape(-1).astype(np.int64)
+    brk = np.ones(flat.size, bool)
+    brk[1:] = np.diff(flat) != 1
+    brk[::n] = True
+    at = np.nonzero(brk)[0]
+    ptr = np.append(np.searchsorted(at, np.arange(0, flat.size, n)), at.size).astype(np.int64)
+    return RunBatch(ptr, flat[at], np.diff(np.append(at, flat.size)), (n,))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_run_batches_are_their_elements_and_find_the_same_strided_rows(data):
+    """A RunBatch gives back its elements, per vertex and taken by rows, and
+    affine_rows decides from its runs exactly as from the element array."""
+    nv = data.draw(st.integers(1, 6))
+    n = data.draw(st.integers(1, 5))
+    rows = []
+    for _ in range(nv):
+        kind = data.draw(st.sampled_from(["run", "step", "same", "any"]))
+        first = data.draw(st.integers(0, 40))
+        step = {"run": 1, "same": 0, "step": data.draw(st.sampled_from([2, 3, -1]))}.get(kind)
+        rows.append(first + 50 + step * np.arange(n) if step is not None
+                    else np.array(data.draw(st.lists(st.integers(0, 40), min_size=n, max_size=n))))
+    index = np.stack(rows).astype(np.int64)
+    rb = _run_batch(index)
+    np.testing.assert_array_equal(rb.array(), index)
+    for v in range(nv):
+        np.testing.assert_array_equal(rb[v], index[v])
+    pick = np.array(data.draw(st.lists(st.integers(0, nv - 1), max_size=8)), np.int64)
+    np.testing.assert_array_equal(rb.take(pick).array().reshape(len(pick), n), index[pick])
+    strides, ok = affine_rows(rb)
+    want_strides, want_ok = affine_rows(index)
+    assert strides == want_strides and ok.tolist() == want_ok.tolist()
+
+
+@settings(max_examples=300, deadline=None)
+@given(views(), st.data())
+def test_strided_pieces_are_the_views_elements_at_the_positions(case, data):
+    """Each piece's elements are affine (element + step k) and, run by run, equal
+    the view's elements at those flat positions."""
+    s, a = case
+    flat = a.reshape(-1)
+    nruns = data.draw(st.integers(0, 4))
+    starts, lengths = [], []
+    for _ in range(nruns):
+        lo = data.draw(st.integers(0, flat.size - 1))
+        starts.append(lo)
+        lengths.append(data.draw(st.integers(0, flat.size - lo)))
+    src, pos, elem, step, ln = strided_pieces(s, np.array(starts, np.int64), np.array(lengths, np.int64))
+    assert (ln > 0).all()
+    got = [[] for _ in range(nruns)]
+    for r, p, e, d, n in zip(src, pos, elem, step, ln):
+        assert p >= starts[r] and p + n <= starts[r] + lengths[r]
+        got[r] += (e + d * np.arange(n)).tolist()
+    for r in range(nruns):
+        assert got[r] == flat[starts[r]:starts[r] + lengths[r]].tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=60), st.integers(1, 8))
+def test_chunk_runs_cuts_tiles_as_chunks_does(tile_of, grain):
+    """The partitioner's vertices from a mapping's runs hold exactly the elements
+    its element-array `chunks` gives them, vertex by vertex."""
+    from types import SimpleNamespace
+    from popdsl.passes.partition import Partitioner
+    p = SimpleNamespace(workers=6)
+    tile_of = np.array(tile_of, np.int32)
+    want = list(Partitioner.chunks(p, tile_of, grain=grain))
+    got = list(Partitioner.chunk_runs(p, Mapping.from_elements(tile_of), grain=grain))
+    assert [s for s, _, _ in got] == [s for s, _, _ in want]
+    for (_, rb, tiles), (_, pos, want_tiles) in zip(got, want):
+        np.testing.assert_array_equal(rb.array(), pos)
+        np.testing.assert_array_equal(tiles, want_tiles)

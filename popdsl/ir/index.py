@@ -1,8 +1,9 @@
 """Strided views of a tensor's elements: an offset, a shape and strides, numpy-style,
 instead of an array of element indices.
 
-Requires numpy only; produces `Strided` (one view) and `Batch` (one view per vertex
-of a group: offsets differ, shape and strides are shared).  A view of a tensor's
+Requires numpy only; produces `Strided` (one view), `Batch` (one view per vertex
+of a group: offsets differ, shape and strides are shared) and `RunBatch` (per vertex
+of a group, runs of consecutive elements).  A view of a tensor's
 flat elements is `offset + Σ i_k · strides[k]` over the index `i` of `shape`: every
 slice, integer index, transpose, broadcast and most reshapes of a strided view are
 strided again, so the compiler keeps O(rank) numbers where it kept one int64 per
@@ -295,12 +296,99 @@ class Batch:
         return a if dtype is None else a.astype(dtype)
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class RunBatch:
+    """Per vertex of a group, its field (`field_shape`, one axis) as runs of
+    consecutive elements: vertex v's runs are `starts[ptr[v]:ptr[v+1]]` and
+    `lengths[...]`, in field order.  What an element-wise vertex whose elements are
+    spread over a tile's several runs connects to, in O(runs) numbers."""
+    ptr: np.ndarray              # int64 (nverts + 1,)
+    starts: np.ndarray           # int64 (runs,)
+    lengths: np.ndarray          # int64 (runs,), each > 0
+    field_shape: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.ptr) - 1,) + self.field_shape
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self.field_shape)
+
+    def __len__(self) -> int:
+        return len(self.ptr) - 1
+
+    def take(self, rows: np.ndarray) -> "RunBatch":
+        rows = np.asarray(rows, np.int64)
+        counts = self.ptr[rows + 1] - self.ptr[rows]
+        idx = np.repeat(self.ptr[rows], counts) + _ramps(counts)
+        return RunBatch(np.concatenate(([0], np.cumsum(counts))).astype(np.int64), self.starts[idx],
+                        self.lengths[idx], self.field_shape)
+
+    def __getitem__(self, v):
+        if isinstance(v, (int, np.integer)):
+            a, b = int(self.ptr[v]), int(self.ptr[v + 1])
+            return np.repeat(self.starts[a:b], self.lengths[a:b]) + _ramps(self.lengths[a:b])
+        return self.array()[v]
+
+    def array(self) -> np.ndarray:
+        """(nverts, *field shape) element indices."""
+        return (np.repeat(self.starts, self.lengths) + _ramps(self.lengths)).reshape(self.shape)
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.array()
+        return a if dtype is None else a.astype(dtype)
+
+
+def _ramps(lengths: np.ndarray) -> np.ndarray:
+    """0..n-1 for each n of `lengths`, concatenated."""
+    lengths = np.asarray(lengths, np.int64)
+    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+
+
+def strided_pieces(view: Strided, starts, lengths) -> tuple[np.ndarray, ...]:
+    """The elements a strided view has at runs of its flat positions (`starts`,
+    `lengths`), each run cut where they stop being affine in the position: (run
+    index, first position, its element, element step, length) per piece.  A view's
+    innermost axes that continue each other form one affine block; the runs are cut
+    only at those blocks' ends (a per-channel scale broadcast over the pixels: once
+    per channel plane)."""
+    starts = np.asarray(starts, np.int64)
+    lengths = np.asarray(lengths, np.int64)
+    inner, step, outer = 1, 0, []
+    merging = True
+    for n, st in reversed(list(zip(view.shape, view.strides))):
+        if merging and (n == 1 or inner == 1 or st == step * inner):
+            step = st if inner == 1 and n > 1 else step
+            inner *= n
+        else:
+            merging = False
+            outer.append((n, st))
+    if inner == 0:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty, empty, empty
+    first_blk = starts // inner
+    npieces = np.where(lengths > 0, (starts + lengths - 1) // inner - first_blk + 1, 0)
+    src = np.repeat(np.arange(starts.size), npieces)
+    blk = np.repeat(first_blk, npieces) + _ramps(npieces)
+    lo = np.maximum(blk * inner, starts[src])
+    hi = np.minimum((blk + 1) * inner, starts[src] + lengths[src])
+    elem = view.offset + (lo - blk * inner) * step
+    rem = blk
+    for n, st in outer:                     # innermost first
+        elem = elem + (rem % n) * st
+        rem = rem // n
+    return src, lo, elem, np.full(src.size, step, np.int64), hi - lo
+
+
 def affine_rows(index: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
     """For a stacked index array (vertices, *field shape): strides shared by as many
     vertices as possible, and which vertices' views are strided with them (offset
     `index[v].flat[0]`).  Candidates: the first vertex's strides and, for vectors,
     0 (one element broadcast) and 1 (consecutive) — what a rule's dense
     connections usually are per vertex, even where the whole field is not."""
+    if isinstance(index, RunBatch):
+        return _affine_runs(index)
     a = np.asarray(index, np.int64)
     nv, shape = a.shape[0], a.shape[1:]
     if not shape:
@@ -324,16 +412,46 @@ def affine_rows(index: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
     return best, best_ok
 
 
+def _affine_runs(rb: RunBatch) -> tuple[tuple[int, ...], np.ndarray]:
+    """`affine_rows` of a RunBatch, from its runs: the same candidates, in the
+    same order, and the same choice, without the elements."""
+    nv, (n,) = len(rb), rb.field_shape
+    if not nv or n == 0:
+        return (0,), np.zeros(nv, bool)
+    if n == 1:
+        return (0,), np.ones(nv, bool)
+    counts = np.diff(rb.ptr)
+    a0 = int(rb.ptr[0])
+    first = 1 if rb.lengths[a0] > 1 else int(rb.starts[a0 + 1] - rb.starts[a0])
+    candidates = [first] + [c for c in (0, 1) if c != first]
+    single = rb.lengths == 1
+    # Runs of one element each, k-th at its vertex's first + c k: stride c.
+    vert = np.repeat(np.arange(nv), counts)
+    k = _ramps(counts)
+    firsts = rb.starts[rb.ptr[:-1]]
+    best, best_ok = None, None
+    for c in candidates:
+        if c == 1:
+            ok = counts == 1
+        else:
+            fits = single & (rb.starts == firsts[vert] + c * k)
+            ok = np.logical_and.reduceat(fits, rb.ptr[:-1]) & (counts == n)
+        if best_ok is None or ok.sum() > best_ok.sum():
+            best, best_ok = (c,), ok
+    return best, best_ok
+
+
 # ---------------------------------------------------------------- either kind of index
 
 def as_array(index) -> np.ndarray:
     """The element indices of a strided view, a batch or an index array."""
-    return index.array() if isinstance(index, (Strided, Batch)) else np.asarray(index)
+    return index.array() if isinstance(index, (Strided, Batch, RunBatch)) else np.asarray(index)
 
 
 def take_rows(index, rows: np.ndarray):
-    """The vertices `rows` of a stacked connection (a Batch or an index array)."""
-    return index.take(rows) if isinstance(index, Batch) else np.asarray(index)[rows]
+    """The vertices `rows` of a stacked connection (a Batch, a RunBatch or an index
+    array)."""
+    return index.take(rows) if isinstance(index, (Batch, RunBatch)) else np.asarray(index)[rows]
 
 
 def broadcast_to(index, shape):

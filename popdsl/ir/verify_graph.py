@@ -14,9 +14,11 @@ connections are checked as arrays.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from popdsl.ir.index import Batch, Strided
+from popdsl.ir.index import Batch, RunBatch, Strided
 from popdsl.ir.mapping import Mapping
 
 from popdsl.ir import codelet as cir
@@ -52,6 +54,18 @@ class Check:
         if isinstance(idx, Strided):
             if idx.size:
                 lo, hi = idx.bounds()
+                self(0 <= lo and hi < n, what, f"indices span [{lo}, {hi}], outside [0, {n})")
+            return
+        if isinstance(idx, RunBatch):
+            self(idx.ptr.size >= 1 and idx.ptr[0] == 0 and (np.diff(idx.ptr) >= 0).all() and idx.ptr[-1] == idx.starts.size
+                 and idx.lengths.size == idx.starts.size, what, "runs per vertex do not match the runs")
+            self((idx.lengths > 0).all(), what, "a run is empty")
+            size = math.prod(idx.field_shape)
+            per = np.zeros(len(idx), np.int64)
+            np.add.at(per, np.repeat(np.arange(len(idx)), np.diff(idx.ptr)), idx.lengths)
+            self((per == size).all(), what, f"a vertex's runs do not hold its {size} elements")
+            if idx.starts.size:
+                lo, hi = int(idx.starts.min()), int((idx.starts + idx.lengths).max()) - 1
                 self(0 <= lo and hi < n, what, f"indices span [{lo}, {hi}], outside [0, {n})")
             return
         if isinstance(idx, Batch):

@@ -25,7 +25,8 @@ import numpy as np
 from popdsl import ops
 from popdsl.ir import codelet as cir
 from popdsl.ir import graph as g
-from popdsl.ir.index import Batch, Strided, as_array, broadcast_to, take_rows
+from popdsl.ir.index import Batch, RunBatch, Strided, as_array, broadcast_to, strided_pieces, take_rows
+from popdsl.ir.mapping import ramps
 from popdsl.ir.tensor import Node
 
 
@@ -74,8 +75,23 @@ def partition_fused(p, n: Node) -> g.View:
                      else np.array_equal(as_array(v.index).ravel(), np.arange(t.numel))) \
                 and p.g.mappings[v.tensor].same(p.g.mappings[out.tensor]):
             p.g.inplace.append((out.tensor, v.tensor, cs.name))
-    dense: dict[int, np.ndarray] = {}
     variants: dict[tuple, str] = {(): name}
+    strided = [broadcast_to(v.index, n.shape) for v in views]
+    if all(isinstance(b, Strided) for b in strided):
+        # Every operand a strided view (the usual case): each vertex's elements as
+        # runs, never an index per element (a batch's activations are spread over
+        # a tile's several runs, one per channel block).
+        m = p.g.mappings[out.tensor]
+        for size, y, tiles in p.chunk_runs(m):
+            conns, one = {}, np.zeros((len(tiles), len(leaves)), bool)
+            for k, (v, b) in enumerate(zip(views, strided)):
+                runs, one[:, k] = _operand_runs(b, y)
+                conns[f"a{k}"] = (v.tensor, runs)
+            conns["y"] = (out.tensor, y)
+            _emit(p, cs, base, variants, leaves, tiles, conns, one)
+        p.record(n, cs, flops=n.numel * _count_ops(expr, lets))
+        return out
+    dense: dict[int, np.ndarray] = {}
     for size, pos, tiles in p.chunks(tile_of):
         # A vertex's elements are usually consecutive (an output laid out by
         # tile): then every strided operand is a Batch, O(vertices) numbers,
@@ -95,21 +111,50 @@ def partition_fused(p, n: Node) -> g.View:
                 conns[f"a{k}"] = (t, idx)
                 one[:, k] = (idx == idx[:, :1]).all(axis=1) & (size > 1)
         conns["y"] = (out.tensor, Batch(first.astype(np.int64), (size,), (1,)) if runs else pos)
-        # A leaf that is one element for a vertex (a per-channel scale broadcast
-        # over the channel's pixels) is a scalar field of that vertex's codelet:
-        # one element fetched, not `size` copies of it.
-        kinds, which = np.unique(one, axis=0, return_inverse=True)
-        for j, kind in enumerate(kinds):
-            rows = np.nonzero(which.reshape(-1) == j)[0]
-            scalars = tuple(np.nonzero(kind)[0].tolist())
-            if scalars not in variants:
-                variants[scalars] = p.add_codelet(_with_scalar_leaves(base, scalars))
-            sel = conns if len(kinds) == 1 else {f: (t, take_rows(idx, rows)) for f, (t, idx) in conns.items()}
-            sel = {f: (t, _first_elements(idx) if f in {f"a{k}" for k in scalars} else idx)
-                   for f, (t, idx) in sel.items()}
-            p.group(cs, variants[scalars], tiles[rows], sel)
+        _emit(p, cs, base, variants, leaves, tiles, conns, one)
     p.record(n, cs, flops=n.numel * _count_ops(expr, lets))
     return out
+
+
+def _emit(p, cs, base: cir.Codelet, variants: dict, leaves, tiles, conns: dict, one: np.ndarray) -> None:
+    """The vertices of one size: a leaf that is one element for a vertex (a
+    per-channel scale broadcast over the channel's pixels) is a scalar field of
+    that vertex's codelet, one element fetched, not `size` copies of it."""
+    kinds, which = np.unique(one, axis=0, return_inverse=True)
+    for j, kind in enumerate(kinds):
+        rows = np.nonzero(which.reshape(-1) == j)[0]
+        scalars = tuple(np.nonzero(kind)[0].tolist())
+        if scalars not in variants:
+            variants[scalars] = p.add_codelet(_with_scalar_leaves(base, scalars))
+        sel = conns if len(kinds) == 1 else {f: (t, take_rows(idx, rows)) for f, (t, idx) in conns.items()}
+        sel = {f: (t, _first_elements(idx) if f in {f"a{k}" for k in scalars} else idx)
+               for f, (t, idx) in sel.items()}
+        p.group(cs, variants[scalars], tiles[rows], sel)
+
+
+def _operand_runs(b: Strided, y: RunBatch) -> tuple[RunBatch, np.ndarray]:
+    """An operand (strided view `b` of the output's shape) at each vertex's output
+    elements `y`: (its elements as runs per vertex, whether the vertex reads one
+    element only, more than once).  A vertex reading one element gets it as a
+    scalar field (`_emit`), so only its first run is kept."""
+    nv, size = len(y), y.field_shape[0]
+    src, _, elem, step, ln = strided_pieces(b, y.starts, y.lengths)
+    pv = np.repeat(np.arange(nv), np.diff(y.ptr))[src]
+    first = np.searchsorted(pv, np.arange(nv))
+    same = ((step == 0) | (ln == 1)) & (elem == elem[first][pv])
+    one = np.logical_and.reduceat(same, first) & (size > 1) if nv else np.zeros(0, bool)
+    # Pieces of step 1 are runs as they are; others an element at a time.
+    expand = np.where((step == 1) | one[pv], 1, ln)
+    keep = ~one[pv] | (np.arange(pv.size) == first[pv])
+    expand = np.where(keep, expand, 0)
+    rs = np.repeat(elem, expand) + np.repeat(step, expand) * ramps(expand)
+    rl = np.where(np.repeat((step == 1) & ~one[pv], expand), np.repeat(ln, expand), 1)
+    rv = np.repeat(pv, expand)
+    brk = np.ones(rs.size, bool)
+    brk[1:] = (rv[1:] != rv[:-1]) | (rs[1:] != rs[:-1] + rl[:-1])
+    at = np.nonzero(brk)[0]
+    ptr = np.concatenate(([0], np.cumsum(np.bincount(rv[at], minlength=nv)))).astype(np.int64)
+    return RunBatch(ptr, rs[at], np.add.reduceat(rl, at) if at.size else rl[:0], (size,)), one
 
 
 def fuse(p, n: Node, leaves: list, lets: list, top: bool = False) -> cir.Expr:
@@ -191,6 +236,8 @@ def _first_elements(index) -> np.ndarray:
     field connects to."""
     if isinstance(index, Batch):
         return index.offsets.copy()
+    if isinstance(index, RunBatch):
+        return index.starts[index.ptr[:-1]].copy()
     return np.asarray(index)[:, 0].copy()
 
 

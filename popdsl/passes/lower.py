@@ -26,7 +26,7 @@ from popdsl.diagnostics import Diagnostics, Span
 from popdsl.ir import codelet as cir
 from popdsl.ir import executable as X
 from popdsl.ir import graph as g
-from popdsl.ir.index import Batch, Strided
+from popdsl.ir.index import Batch, RunBatch, Strided, take_rows
 from popdsl.ir.lowered import CopyElems, Lowered, LoweredCS, LoweredGroup, TensorLayout
 from popdsl.ir.mapping import Mapping, ramps
 
@@ -48,6 +48,8 @@ def view_runs(index) -> tuple[np.ndarray, np.ndarray]:
 def stacked_runs(conn, nv: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A group's connection of one field as runs per vertex: (ptr (nv+1), run
     starts, run lengths), vertex v's runs at ptr[v]:ptr[v+1]."""
+    if isinstance(conn, RunBatch):
+        return conn.ptr, conn.starts, conn.lengths
     if isinstance(conn, Batch):
         starts, n = Strided(0, conn.field_shape, conn.strides).runs()
         per = starts.size
@@ -205,9 +207,9 @@ def _lower_cs(low: Lowered, graph: g.TensorGraph, cs: g.ComputeSet, csi: int,
             conn = grp.connections[f.name]
             if isinstance(conn, g.Stacked):
                 tensor, span = conn.tensor, conn.span
-                index = conn.index.take(order) if isinstance(conn.index, Batch) else np.asarray(conn.index)[order]
+                index = take_rows(conn.index, order)
                 ptr, rs, rl = stacked_runs(index, nv)
-                shape = conn.index.field_shape if isinstance(conn.index, Batch) else np.asarray(conn.index).shape[1:]
+                shape = tuple(conn.index.shape[1:])
                 rows, cols = _rows_cols(np.broadcast_to(np.asarray(shape[:f.rank] if f.rank else (), np.int64),
                                                         (nv, f.rank)), f.rank)
                 spans = None
@@ -289,11 +291,14 @@ def _connect(low, graph, c, f, tensor: int, span: Span, spans, ptr, rs, rl, rows
         return True
     # Buffers on the vertices' tiles, filled by exchange before compute and drained after.
     n = rows * cols
-    own, share = _shared_buffers(f, tiles[bad], ptr, rs, rl, bad)
+    # Reads only: each needing vertex's runs hashed once, for sharing buffers within
+    # the group and with the compute set's earlier groups (`_RunKeys`).
+    keys = _RunKeys(tiles[bad], ptr, rs, rl, bad) if f.direction == "in" else None
+    own, share = _shared_buffers(keys, ptr, rs, rl, bad)
     owners = bad[own]
     # A buffer an earlier group of this compute set fills with the same runs serves
     # these vertices too (the bands of a tile's block in two shape classes).
-    reuse = registry.find(tiles[owners], ptr, rs, rl, owners) if registry is not None \
+    reuse = registry.find(keys.subset(own), ptr, rs, rl, owners) if registry is not None \
         else np.full(owners.size, -1, np.int64)
     mine = owners[reuse < 0]
     first_buf = len(low.region_tile)
@@ -306,7 +311,7 @@ def _connect(low, graph, c, f, tensor: int, span: Span, spans, ptr, rs, rl, rows
     bufs = reuse.copy()
     bufs[reuse < 0] = np.arange(first_buf, first_buf + mine.size)
     if registry is not None and mine.size:
-        registry.add(tiles[mine], ptr, rs, rl, mine, bufs[reuse < 0])
+        registry.add(keys.subset(own[reuse < 0]), ptr, rs, rl, mine, bufs[reuse < 0])
     bufs = bufs.astype(np.int32)
     table[bad, ac] = 0
     region[bad, ac] = bufs[share]
@@ -336,8 +341,7 @@ def _pieces_by_vertex(lay: TensorLayout, ptr, rs, rl):
 
 def _run_keys(tiles: np.ndarray, ptr, rs, rl, rows: np.ndarray):
     """Per vertex of `rows`: a key hashing its tile, run count and runs (equal runs
-    on one tile give equal keys; callers check a match exactly), its run count, and
-    where its runs are (`idx` into rs/rl, `starts` of each vertex's runs in idx)."""
+    on one tile give equal keys; callers check a match exactly) and its run count."""
     counts = (ptr[rows + 1] - ptr[rows]).astype(np.int64)
     idx = np.repeat(ptr[rows], counts) + ramps(counts)
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
@@ -345,7 +349,39 @@ def _run_keys(tiles: np.ndarray, ptr, rs, rl, rows: np.ndarray):
     h = np.add.reduceat(mix, np.minimum(starts, max(idx.size - 1, 0))) if idx.size else np.zeros(len(rows), np.int64)
     h = np.where(counts > 0, h, 0)
     key = h * np.int64(0x5851F42D) + counts * np.int64(0x14057B7E) + tiles.astype(np.int64) * np.int64(0x2545F491)
-    return key, counts, idx, starts
+    return key, counts
+
+
+class _RunKeys:
+    """`_run_keys` of some vertices, computed when first asked for and shared by
+    their subsets: one field's buffers are matched within its group, against the
+    compute set's registry, then registered, each on fewer of the same vertices, and
+    hashing their runs three times cost more than lowering's arithmetic itself."""
+
+    def __init__(self, tiles, ptr, rs, rl, rows, parent: "_RunKeys | None" = None, sel=None):
+        self.tiles, self._args, self._parent, self._sel = tiles, (ptr, rs, rl, rows), parent, sel
+        self._kc = None
+
+    def _get(self):
+        if self._kc is None:
+            if self._parent is not None:
+                key, counts = self._parent._get()
+                self._kc = key[self._sel], counts[self._sel]
+            else:
+                self._kc = _run_keys(self.tiles, *self._args)
+        return self._kc
+
+    @property
+    def key(self) -> np.ndarray:
+        return self._get()[0]
+
+    @property
+    def counts(self) -> np.ndarray:
+        return self._get()[1]
+
+    def subset(self, sel: np.ndarray) -> "_RunKeys":
+        """The same keys for vertices `sel` (indices into these)."""
+        return _RunKeys(self.tiles[sel], None, None, None, None, parent=self, sel=sel)
 
 
 def _same_runs(rs_a, rl_a, idx_a, rs_b, rl_b, idx_b, starts) -> np.ndarray:
@@ -357,18 +393,19 @@ def _same_runs(rs_a, rl_a, idx_a, rs_b, rl_b, idx_b, starts) -> np.ndarray:
     return np.logical_and.reduceat(same, np.minimum(starts, idx_a.size - 1)) | empty
 
 
-def _shared_buffers(f, tiles: np.ndarray, ptr, rs, rl, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Vertices needing a buffer for field `f` (`rows`, in tile order) → (indices of
-    those owning a buffer, per vertex the index of the buffer it uses among them).
-    Vertices of one tile reading the same runs share one buffer, so the exchange
-    brings those bytes once (a matmul's workers share their block of b).  Buffers
-    that are written are never shared."""
+def _shared_buffers(keys: "_RunKeys | None", ptr, rs, rl, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices needing a buffer for a field (`rows`, in tile order, with their
+    `keys`; None when the field is written) → (indices of those owning a buffer, per
+    vertex the index of the buffer it uses among them).  Vertices of one tile
+    reading the same runs share one buffer, so the exchange brings those bytes once
+    (a matmul's workers share their block of b).  Buffers that are written are never
+    shared."""
     k = np.arange(len(rows))
-    if f.direction != "in" or len(rows) < 2 or np.unique(tiles).size == len(tiles):
+    if keys is None or len(rows) < 2 or np.unique(keys.tiles).size == len(rows):
         return k, k
     # Two vertices share when tile, run count and every run agree (checked exactly
     # after grouping by a hash).
-    key, counts, idx, starts = _run_keys(tiles, ptr, rs, rl, rows)
+    tiles, key, counts = keys.tiles, keys.key, keys.counts
     _, own, share = np.unique(key, return_index=True, return_inverse=True)
     share = share.reshape(-1)
     # Exact check against the owner; a hash collision gets a buffer of its own.
@@ -398,11 +435,12 @@ class _Registry:
         self.rl = np.zeros(0, np.int64)
         self.first = np.zeros(0, np.int64)         # each buffer's runs start here in rs/rl
 
-    def find(self, tiles, ptr, rs, rl, rows) -> np.ndarray:
-        """Per vertex of `rows`: a registered buffer holding exactly its runs, or -1."""
+    def find(self, keys: _RunKeys, ptr, rs, rl, rows) -> np.ndarray:
+        """Per vertex of `rows` (with their `keys`): a registered buffer holding
+        exactly its runs, or -1."""
         if not len(self.bufs) or not len(rows):
             return np.full(len(rows), -1, np.int64)
-        key, counts, _, _ = _run_keys(tiles, ptr, rs, rl, rows)
+        tiles, key, counts = keys.tiles, keys.key, keys.counts
         at = np.minimum(np.searchsorted(self.keys, key), len(self.keys) - 1)
         hit = np.where(self.keys[at] == key, self.order[at], -1)
         ok = (hit >= 0)
@@ -415,8 +453,9 @@ class _Registry:
             ok[found] = _same_runs(rs, rl, mine, self.rs, self.rl, theirs, np.concatenate(([0], np.cumsum(c)[:-1])))
         return np.where(ok, self.bufs[np.maximum(hit, 0)], -1)
 
-    def add(self, tiles, ptr, rs, rl, rows, bufs) -> None:
-        key, counts, idx, _ = _run_keys(tiles, ptr, rs, rl, rows)
+    def add(self, keys: _RunKeys, ptr, rs, rl, rows, bufs) -> None:
+        tiles, key, counts = keys.tiles, keys.key, keys.counts
+        idx = np.repeat(ptr[rows], counts) + ramps(counts)
         n0 = len(self.bufs)
         self.first = np.concatenate([self.first, len(self.rs) + np.concatenate(([0], np.cumsum(counts)[:-1]))])
         self.rs = np.concatenate([self.rs, rs[idx]])

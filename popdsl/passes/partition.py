@@ -28,12 +28,19 @@ from popdsl import ops, resources
 from popdsl.diagnostics import Span
 from popdsl.ir import codelet as cir
 from popdsl.ir import graph as g
-from popdsl.ir.index import Batch, Strided, affine_rows, as_array, take_rows
-from popdsl.ir.mapping import Mapping
+from popdsl.ir.index import Batch, RunBatch, Strided, affine_rows, as_array, take_rows
+from popdsl.ir.mapping import Mapping, ramps
 from popdsl.ir.tensor import Node
 from popdsl.ops.blocks import GRAIN
 from popdsl.passes.fuse import partition_fused
 
+
+
+def _firsts(index) -> np.ndarray:
+    """Each vertex's first element of a stacked index (an array or a RunBatch)."""
+    if isinstance(index, RunBatch):
+        return index.starts[index.ptr[:-1]].copy()
+    return np.asarray(index, np.int64).reshape(len(index), -1)[:, 0].copy()
 
 
 def _rows(state: dict | None, rows: np.ndarray, nv: int) -> dict | None:
@@ -279,8 +286,7 @@ class Partitioner:
                                 _rows(state, rest, nv))
                     tiles, state = tiles[rows], _rows(state, rows, nv)
                     conns = {f: (t, take_rows(idx, rows)) for f, (t, idx) in conns.items()}
-                conns = {f: (t, Batch(np.asarray(idx, np.int64).reshape(len(tiles), -1)[:, 0].copy(),
-                                      tuple(np.shape(idx)[1:]), strides[f]) if f in dense else idx)
+                conns = {f: (t, Batch(_firsts(idx), tuple(np.shape(idx)[1:]), strides[f]) if f in dense else idx)
                          for f, (t, idx) in conns.items()}
         self._group(cs, codelet, tiles, conns, state)
 
@@ -337,6 +343,40 @@ class Partitioner:
             sel = size == s
             pos = order[begin[sel][:, None] + np.arange(s)[None, :]]
             yield int(s), pos, vert_tile[sel]
+
+    def chunk_runs(self, m: Mapping, grain: int = GRAIN):
+        """`chunks` of a new tensor's elements, by its mapping `m`'s runs instead of
+        an element array: a tile's elements in flat order, split into up to
+        `workers` vertices of near-equal sizes.  Yields (size, RunBatch of each
+        vertex's elements, tiles (nv,)) per distinct size, the vertices in the
+        order `chunks` gives them."""
+        lengths = m.lengths
+        o = np.lexsort((m.starts, m.tiles))
+        o = o[lengths[o] > 0]
+        starts, lengths, run_tiles = m.starts[o], lengths[o], m.tiles[o]
+        tiles, first_run = np.unique(run_tiles, return_index=True)
+        run_at = np.concatenate(([0], np.cumsum(lengths)))      # position of each run among all
+        counts = np.diff(np.append(run_at[first_run], run_at[-1]))
+        k = np.clip(counts // grain, 1, self.workers)
+        q, r = counts // k, counts % k
+        vert_tile = np.repeat(tiles, k)
+        j = ramps(k)
+        rr, qq = np.repeat(r, k), np.repeat(q, k)
+        size = qq + (j < rr)
+        begin = np.repeat(run_at[first_run], k) + j * qq + np.minimum(j, rr)
+        for s in np.unique(size):
+            sel = np.nonzero(size == s)[0]
+            lo = begin[sel]
+            # The runs each vertex's elements overlap, cut at its ends.
+            r0 = np.searchsorted(run_at, lo, side="right") - 1
+            r1 = np.searchsorted(run_at, lo + s, side="left")
+            n = r1 - r0
+            run = np.repeat(r0, n) + ramps(n)
+            v_lo = np.repeat(lo, n)
+            a = np.maximum(run_at[run], v_lo)
+            b = np.minimum(run_at[run + 1], v_lo + s)
+            ptr = np.concatenate(([0], np.cumsum(n))).astype(np.int64)
+            yield int(s), RunBatch(ptr, starts[run] + (a - run_at[run]), b - a, (int(s),)), vert_tile[sel]
 
     # ---------------------------------------------------------------- values
     def value(self, n: Node) -> g.View:
