@@ -336,6 +336,36 @@ graph g(tiles = {tiles}) {{
     assert names and all(k.startswith("fused_mul_add_") for k in names)
     if (n, c, h, w, tiles) == (1, 3, 4, 6, 1):          # vertices of 18 over channels of 24
         assert {k.endswith("_s1_2") for k in names} == {True, False}
+        # The two vertices spanning two channels read s and b once per channel
+        # (first stretch 6 and 12 elements, then 12): no copy of a scale per pixel.
+        (cs,) = exe.ir.compute_sets
+        seg = [g for g in cs.groups if g.codelet.endswith("_g1_2")]
+        assert len(seg) == 1 and len(seg[0].tiles) == 2
+        assert cs.pre.exchange_bytes + cs.pre.local_bytes == 0
+
+
+def test_a_broadcast_operand_is_read_per_stretch_only_where_the_stretches_fit():
+    """A per-row scale of a 4 x 4 output (constant over each row), at vertices
+    given as runs of output positions: one inside a row reads it as one element;
+    one whose rows are cut 2, 4, 1 reads it once per row (first stretch 2, then 4
+    each, the last shorter); one cut 4, 2, 4, 1 (unequal middle stretches) and one
+    of single elements read it element by element."""
+    from popdsl.ir.index import RunBatch, Strided
+    from popdsl.passes.fuse import FULL, ONE, SEGMENTS, _choose_modes, _Operand
+    scale = Strided(100, (4, 4), (1, 0))               # element 100 + row
+    runs = [[(1, 3)], [(2, 2), (4, 4), (8, 1)], [(0, 4), (4, 2), (8, 4), (12, 1)], [(0, 1), (4, 1), (8, 1)]]
+    ptr = np.cumsum([0] + [len(r) for r in runs])
+    flat = [x for r in runs for x in r]
+    y = RunBatch(ptr, np.array([a for a, _ in flat]), np.array([n for _, n in flat]), None)
+    op = _Operand(scale, y)
+    modes = _choose_modes([op], len(runs))[:, 0].tolist()
+    assert modes == [ONE, SEGMENTS, FULL, FULL]
+    assert op.seg_first[1] == 2 and op.seg_len[1] == 4
+    assert op.connection(ONE, np.array([0])).tolist() == [100]
+    assert op.connection(SEGMENTS, np.array([1]))[0].tolist() == [100, 101, 102]
+    full = op.connection(FULL, np.array([2, 3]))
+    assert full[0].tolist() == [100] * 4 + [101] * 2 + [102] * 4 + [103]
+    assert full[1].tolist() == [100, 101, 102]
 
 
 def test_a_fused_op_is_laid_out_like_a_real_operand_not_a_broadcast_scalar():

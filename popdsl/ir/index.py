@@ -298,22 +298,33 @@ class Batch:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class RunBatch:
-    """Per vertex of a group, its field (`field_shape`, one axis) as runs of
-    consecutive elements: vertex v's runs are `starts[ptr[v]:ptr[v+1]]` and
-    `lengths[...]`, in field order.  What an element-wise vertex whose elements are
-    spread over a tile's several runs connects to, in O(runs) numbers."""
+    """Per vertex of a group, its field (one axis) as runs of consecutive elements:
+    vertex v's runs are `starts[ptr[v]:ptr[v+1]]` and `lengths[...]`, in field
+    order.  What an element-wise vertex whose elements are spread over a tile's
+    several runs connects to, in O(runs) numbers.  `field_shape` is (n,) when every
+    vertex has n elements, None when each has its own number (`sizes`): its
+    codelet's size symbol is then bound per vertex."""
     ptr: np.ndarray              # int64 (nverts + 1,)
     starts: np.ndarray           # int64 (runs,)
     lengths: np.ndarray          # int64 (runs,), each > 0
-    field_shape: tuple[int, ...]
+    field_shape: tuple[int, ...] | None
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self.ptr) - 1,) + self.field_shape
+    def shape(self) -> tuple:
+        return (len(self.ptr) - 1,) + (self.field_shape or (None,))
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """Each vertex's number of elements."""
+        if self.field_shape is not None:
+            return np.full(len(self), self.field_shape[0], np.int64)
+        out = np.zeros(len(self), np.int64)
+        np.add.at(out, np.repeat(np.arange(len(self)), np.diff(self.ptr)), self.lengths)
+        return out
 
     @property
     def ndim(self) -> int:
-        return 1 + len(self.field_shape)
+        return 1 + len(self.field_shape or (None,))
 
     def __len__(self) -> int:
         return len(self.ptr) - 1
@@ -332,7 +343,8 @@ class RunBatch:
         return self.array()[v]
 
     def array(self) -> np.ndarray:
-        """(nverts, *field shape) element indices."""
+        """(nverts, *field shape) element indices (vertices of one size only)."""
+        assert self.field_shape is not None, "the vertices' sizes differ: no element array"
         return (np.repeat(self.starts, self.lengths) + _ramps(self.lengths)).reshape(self.shape)
 
     def __array__(self, dtype=None, copy=None):

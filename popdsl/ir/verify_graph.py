@@ -60,10 +60,9 @@ class Check:
             self(idx.ptr.size >= 1 and idx.ptr[0] == 0 and (np.diff(idx.ptr) >= 0).all() and idx.ptr[-1] == idx.starts.size
                  and idx.lengths.size == idx.starts.size, what, "runs per vertex do not match the runs")
             self((idx.lengths > 0).all(), what, "a run is empty")
-            size = math.prod(idx.field_shape)
-            per = np.zeros(len(idx), np.int64)
-            np.add.at(per, np.repeat(np.arange(len(idx)), np.diff(idx.ptr)), idx.lengths)
-            self((per == size).all(), what, f"a vertex's runs do not hold its {size} elements")
+            if idx.field_shape is not None:
+                size = math.prod(idx.field_shape)
+                self((idx.sizes == size).all(), what, f"a vertex's runs do not hold its {size} elements")
             if idx.starts.size:
                 lo, hi = int(idx.starts.min()), int((idx.starts + idx.lengths).max()) - 1
                 self(0 <= lo and hi < n, what, f"indices span [{lo}, {hi}], outside [0, {n})")
@@ -228,7 +227,14 @@ def _group(check: Check, graph: g.TensorGraph, grp: g.VertexGroup, what: str) ->
             t = _view(check, graph, conn, fwhat)
             check(conn.index.ndim == 1 + f.rank and conn.index.shape[0] == nv, fwhat,
                   f"stacked index of shape {conn.index.shape} for {nv} vertices of rank {f.rank}")
-            _field_shape(check, f, conn.index.shape[1:], syms, slice(None), fwhat)
+            if isinstance(conn.index, RunBatch) and conn.index.field_shape is None:
+                sizes = conn.index.sizes
+                check(f.rank == 1 and f.lanes == 1, fwhat, "vertices of different sizes on a field not of one axis")
+                want = syms[f.dims[0]] if isinstance(f.dims[0], str) else f.dims[0]
+                check(np.array_equal(np.broadcast_to(want, sizes.shape), sizes), fwhat,
+                      f"its vertices' sizes are not the field's {f.dims[0]}")
+            else:
+                _field_shape(check, f, conn.index.shape[1:], syms, slice(None), fwhat)
             check(t.dtype == cir.lane_type(f.dtype), fwhat, f"is {f.dtype}, connected to '{t.name}' of {t.dtype}")
             continue
         check(isinstance(conn, list) and len(conn) == nv, fwhat,

@@ -83,12 +83,21 @@ def partition_fused(p, n: Node) -> g.View:
         # a tile's several runs, one per channel block).
         m = p.g.mappings[out.tensor]
         for size, y, tiles in p.chunk_runs(m):
-            conns, one = {}, np.zeros((len(tiles), len(leaves)), bool)
-            for k, (v, b) in enumerate(zip(views, strided)):
-                runs, one[:, k] = _operand_runs(b, y)
-                conns[f"a{k}"] = (v.tensor, runs)
-            conns["y"] = (out.tensor, y)
-            _emit(p, cs, base, variants, leaves, tiles, conns, one)
+            operands = [_Operand(b, y) for b in strided]
+            modes = _choose_modes(operands, len(y))
+            for rows, kind in _kinds(modes):
+                scalars = tuple(k for k, mode in enumerate(kind) if mode == ONE)
+                segs = tuple(k for k, mode in enumerate(kind) if mode == SEGMENTS)
+                key = (scalars, segs) if segs else scalars
+                if key not in variants:
+                    variants[key] = p.add_codelet(_with_segments(_with_scalar_leaves(base, scalars), segs))
+                conns = {f"a{k}": (v.tensor, op.connection(kind[k], rows)) for k, (v, op) in enumerate(zip(views, operands))}
+                conns["y"] = (out.tensor, y.take(rows))
+                state = None
+                if segs:
+                    ref = operands[segs[0]]
+                    state = {"seg_first": ref.seg_first[rows], "seg_len": ref.seg_len[rows]}
+                p.group(cs, variants[key], tiles[rows], conns, state)
         p.record(n, cs, flops=n.numel * _count_ops(expr, lets))
         return out
     dense: dict[int, np.ndarray] = {}
@@ -117,9 +126,8 @@ def partition_fused(p, n: Node) -> g.View:
 
 
 def _emit(p, cs, base: cir.Codelet, variants: dict, leaves, tiles, conns: dict, one: np.ndarray) -> None:
-    """The vertices of one size: a leaf that is one element for a vertex (a
-    per-channel scale broadcast over the channel's pixels) is a scalar field of
-    that vertex's codelet, one element fetched, not `size` copies of it."""
+    """The vertices of one size, operands as element arrays or Batches: a leaf that
+    is one element for a vertex is a scalar field of that vertex's codelet."""
     kinds, which = np.unique(one, axis=0, return_inverse=True)
     for j, kind in enumerate(kinds):
         rows = np.nonzero(which.reshape(-1) == j)[0]
@@ -132,29 +140,159 @@ def _emit(p, cs, base: cir.Codelet, variants: dict, leaves, tiles, conns: dict, 
         p.group(cs, variants[scalars], tiles[rows], sel)
 
 
-def _operand_runs(b: Strided, y: RunBatch) -> tuple[RunBatch, np.ndarray]:
+FULL, ONE, SEGMENTS = 0, 1, 2       # how a vertex reads an operand (`_Operand`)
+
+
+class _Operand:
     """An operand (strided view `b` of the output's shape) at each vertex's output
-    elements `y`: (its elements as runs per vertex, whether the vertex reads one
-    element only, more than once).  A vertex reading one element gets it as a
-    scalar field (`_emit`), so only its first run is kept."""
-    nv, size = len(y), y.field_shape[0]
-    src, _, elem, step, ln = strided_pieces(b, y.starts, y.lengths)
-    pv = np.repeat(np.arange(nv), np.diff(y.ptr))[src]
-    first = np.searchsorted(pv, np.arange(nv))
-    same = ((step == 0) | (ln == 1)) & (elem == elem[first][pv])
-    one = np.logical_and.reduceat(same, first) & (size > 1) if nv else np.zeros(0, bool)
-    # Pieces of step 1 are runs as they are; others an element at a time.
-    expand = np.where((step == 1) | one[pv], 1, ln)
-    keep = ~one[pv] | (np.arange(pv.size) == first[pv])
-    expand = np.where(keep, expand, 0)
-    rs = np.repeat(elem, expand) + np.repeat(step, expand) * ramps(expand)
-    rl = np.where(np.repeat((step == 1) & ~one[pv], expand), np.repeat(ln, expand), 1)
-    rv = np.repeat(pv, expand)
+    elements `y` (a RunBatch), read in one of three ways per vertex:
+
+    - FULL: its elements as runs, one per output element;
+    - ONE: one element for all of the vertex's (a per-channel scale, the vertex
+      inside one channel): a scalar field;
+    - SEGMENTS: one element per stretch of the vertex's output, the stretches
+      `seg_first` long, then `seg_len` each, the last shorter (a per-channel scale,
+      the vertex over several channels of equal size): a field of an element per
+      stretch (`_with_segments`), instead of the element copied once per pixel.
+    """
+
+    def __init__(self, b: Strided, y: RunBatch):
+        self.nv = nv = len(y)
+        src, _, elem, step, ln = strided_pieces(b, y.starts, y.lengths)
+        pv = np.repeat(np.arange(nv), np.diff(y.ptr))[src]
+        first = np.searchsorted(pv, np.arange(nv))
+        const = (step == 0) | (ln == 1)
+        self.pieces = (pv, elem, step, ln, first)
+        same = const & (elem == elem[first][pv])
+        self.one = np.logical_and.reduceat(same, first) & (y.sizes > 1) if nv else np.zeros(0, bool)
+        # Stretches: a vertex's pieces of one element each, merged while the element stays.
+        new = np.ones(pv.size, bool)
+        new[1:] = (pv[1:] != pv[:-1]) | (elem[1:] != elem[:-1])
+        at = np.nonzero(new)[0]
+        seg_v, seg_elem = pv[at], elem[at]
+        seg_n = np.add.reduceat(ln, at) if at.size else ln[:0]
+        nseg = np.bincount(seg_v, minlength=nv)
+        s0 = np.concatenate(([0], np.cumsum(nseg)[:-1]))
+        k = np.arange(seg_v.size) - s0[seg_v]
+        width = np.where(nseg >= 2, seg_n[np.minimum(s0 + 1, max(seg_v.size - 1, 0))], 0) if nv else nseg
+        middle = (k > 0) & (k < nseg[seg_v] - 1)
+        fits = ~middle | (seg_n == width[seg_v])
+        fits &= (k != nseg[seg_v] - 1) | (k == 0) | (seg_n <= width[seg_v])
+        allconst = np.logical_and.reduceat(const, first) if nv else np.zeros(0, bool)
+        # Worth it while the stretches are fewer than the elements.
+        self.segments_ok = allconst & (nseg >= 2) & (nseg < y.sizes) \
+            & (np.bincount(seg_v, weights=~fits, minlength=nv) == 0)
+        self.seg_first = np.where(self.segments_ok, seg_n[np.minimum(s0, max(seg_v.size - 1, 0))], 0).astype(np.int64)
+        self.seg_len = np.where(self.segments_ok, width, 0).astype(np.int64)
+        self.nseg = nseg.astype(np.int64)
+        self.segs = (seg_v, seg_elem)
+        self.field_shape = y.field_shape
+
+    def connection(self, mode: int, rows: np.ndarray):
+        """The vertices `rows`' connection, all read in `mode`."""
+        pv, elem, step, ln, first = self.pieces
+        if mode == ONE:
+            return elem[first[rows]].copy()
+        if mode == SEGMENTS:
+            seg_v, seg_elem = self.segs
+            on = np.zeros(self.nv, bool)
+            on[rows] = True
+            keep = on[seg_v]
+            return _runs(seg_v[keep], seg_elem[keep], np.ones(int(keep.sum()), np.int64), self.nv, None).take(rows)
+        on = np.zeros(self.nv, bool)
+        on[rows] = True
+        keep = on[pv]
+        pv, elem, step, ln = pv[keep], elem[keep], step[keep], ln[keep]
+        # Pieces of step 1 are runs as they are; others an element at a time.
+        expand = np.where(step == 1, 1, ln)
+        rs = np.repeat(elem, expand) + np.repeat(step, expand) * ramps(expand)
+        rl = np.where(np.repeat(step == 1, expand), np.repeat(ln, expand), 1)
+        return _runs(np.repeat(pv, expand), rs, rl, self.nv, self.field_shape).take(rows)
+
+
+def _runs(rv, rs, rl, nv: int, field_shape) -> RunBatch:
+    """A RunBatch of runs (vertex, start, length) in vertex order, runs that
+    continue each other merged."""
     brk = np.ones(rs.size, bool)
     brk[1:] = (rv[1:] != rv[:-1]) | (rs[1:] != rs[:-1] + rl[:-1])
     at = np.nonzero(brk)[0]
     ptr = np.concatenate(([0], np.cumsum(np.bincount(rv[at], minlength=nv)))).astype(np.int64)
-    return RunBatch(ptr, rs[at], np.add.reduceat(rl, at) if at.size else rl[:0], (size,)), one
+    return RunBatch(ptr, rs[at], np.add.reduceat(rl, at) if at.size else rl[:0], field_shape)
+
+
+def _choose_modes(operands: list[_Operand], nv: int) -> np.ndarray:
+    """(nv, operands) modes: ONE where a vertex reads one element, SEGMENTS where
+    its stretches fit and agree with those of the first operand read so (a vertex
+    has one stretch pattern), FULL otherwise."""
+    modes = np.full((nv, len(operands)), FULL, np.int8)
+    ref = np.full((nv, 3), -1, np.int64)
+    for k, op in enumerate(operands):
+        modes[op.one, k] = ONE
+        pattern = np.stack([op.seg_first, op.seg_len, op.nseg], axis=1)
+        free = op.segments_ok & ~op.one & (ref[:, 0] < 0)
+        ref[free] = pattern[free]
+        agree = op.segments_ok & ~op.one & (ref == pattern).all(axis=1)
+        modes[agree, k] = SEGMENTS
+    return modes
+
+
+def _kinds(modes: np.ndarray):
+    """(rows, modes) per distinct row of `modes`."""
+    kinds, which = np.unique(modes, axis=0, return_inverse=True)
+    which = which.reshape(-1)
+    for j, kind in enumerate(kinds):
+        yield np.nonzero(which == j)[0], tuple(int(x) for x in kind)
+
+
+def _with_segments(c: cir.Codelet, segs: tuple[int, ...]) -> cir.Codelet:
+    """A fused codelet whose leaves `segs` hold one element per stretch of the
+    output: `seg_first` elements, then `seg_len` each, the last stretch what is
+    left.  The element loop runs once per stretch with the stretch's elements in
+    locals; its indices are checked (the stretches are vertex state)."""
+    if not segs:
+        return c
+    names = {f"a{k}" for k in segs}
+    (loop,) = c.body
+    i32 = "i32"
+    at, s, ln = cir.Local("at", i32), cir.Local("s", i32), cir.Local("len", i32)
+
+    def rewrite(x):
+        if isinstance(x, cir.Load):
+            return cir.Local(f"c_{x.field}", x.ty) if x.field in names else dataclasses.replace(
+                x, index=tuple(rewrite(e) for e in x.index), checked=True)
+        if isinstance(x, cir.Store):
+            return dataclasses.replace(x, value=rewrite(x.value), checked=True)
+        if isinstance(x, tuple):
+            return tuple(rewrite(y) for y in x)
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            changes = {f.name: rewrite(getattr(x, f.name)) for f in dataclasses.fields(x)}
+            return dataclasses.replace(x, **changes) if any(changes[k] is not getattr(x, k) for k in changes) else x
+        return x
+    tys = {}
+
+    def find(x):
+        if isinstance(x, cir.Load) and x.field in names:
+            tys[x.field] = x.ty
+        elif isinstance(x, tuple):
+            for y in x:
+                find(y)
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+            for f in dataclasses.fields(x):
+                find(getattr(x, f.name))
+    find(loop.body)
+    left, want = cir.Binary("-", cir.Sym("n"), at, i32), cir.Local("want", i32)
+    body = (cir.Declare("at", i32, cir.Const(0, i32)),
+            cir.For("s", cir.Const(0, i32), cir.Sym("m"), 1, (
+                cir.Declare("want", i32, cir.Select(cir.Binary("==", s, cir.Const(0, i32), "bool"),
+                                                    cir.Load("seg_first", (), i32, False),
+                                                    cir.Load("seg_len", (), i32, False), i32)),
+                cir.Declare("len", i32, cir.Select(cir.Binary("<", want, left, "bool"), want, left, i32)),
+                *(cir.Declare(f"c_{f}", tys[f], cir.Load(f, (s,), tys[f], True)) for f in sorted(names) if f in tys),
+                cir.For("i", at, cir.Binary("+", at, ln, i32), 1, rewrite(loop.body)),
+                cir.Assign("at", cir.Binary("+", at, ln, i32)))))
+    fields = tuple(dataclasses.replace(f, dims=("m",)) if f.name in names else f for f in c.fields) \
+        + (cir.Field("seg_first", "state", i32, ()), cir.Field("seg_len", "state", i32, ()))
+    return cir.Codelet(f"{c.name}_g{'_'.join(str(k) for k in segs)}", fields, ("n", "m"), c.ret, body)
 
 
 def fuse(p, n: Node, leaves: list, lets: list, top: bool = False) -> cir.Expr:

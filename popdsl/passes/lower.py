@@ -209,9 +209,12 @@ def _lower_cs(low: Lowered, graph: g.TensorGraph, cs: g.ComputeSet, csi: int,
                 tensor, span = conn.tensor, conn.span
                 index = take_rows(conn.index, order)
                 ptr, rs, rl = stacked_runs(index, nv)
-                shape = tuple(conn.index.shape[1:])
-                rows, cols = _rows_cols(np.broadcast_to(np.asarray(shape[:f.rank] if f.rank else (), np.int64),
-                                                        (nv, f.rank)), f.rank)
+                if isinstance(index, RunBatch) and index.field_shape is None:     # a size per vertex
+                    rows, cols = np.ones(nv, np.int64), index.sizes
+                else:
+                    shape = tuple(conn.index.shape[1:])
+                    rows, cols = _rows_cols(np.broadcast_to(np.asarray(shape[:f.rank] if f.rank else (), np.int64),
+                                                            (nv, f.rank)), f.rank)
                 spans = None
             else:
                 views = [conn[i] for i in order.tolist()]

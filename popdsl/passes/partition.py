@@ -43,6 +43,20 @@ def _firsts(index) -> np.ndarray:
     return np.asarray(index, np.int64).reshape(len(index), -1)[:, 0].copy()
 
 
+def _cut(starts, run_at, begin, size, field_shape) -> RunBatch:
+    """Vertices of elements [begin, begin + size) of runs `starts` laid end to end
+    (run i from position run_at[i]): each vertex's runs, cut at its ends."""
+    r0 = np.searchsorted(run_at, begin, side="right") - 1
+    r1 = np.searchsorted(run_at, begin + size, side="left")
+    n = r1 - r0
+    run = np.repeat(r0, n) + ramps(n)
+    v_lo, v_hi = np.repeat(begin, n), np.repeat(begin + size, n)
+    a = np.maximum(run_at[run], v_lo)
+    b = np.minimum(run_at[run + 1], v_hi)
+    ptr = np.concatenate(([0], np.cumsum(n))).astype(np.int64)
+    return RunBatch(ptr, starts[run] + (a - run_at[run]), b - a, field_shape)
+
+
 def _rows(state: dict | None, rows: np.ndarray, nv: int) -> dict | None:
     """Per-vertex state values of the vertices `rows` (scalars stay scalars)."""
     if not state:
@@ -273,7 +287,8 @@ class Partitioner:
         nv = len(tiles)
         if not nv:
             return
-        dense = {f: idx for f, (t, idx) in conns.items() if not isinstance(idx, (Batch, Strided))}
+        dense = {f: idx for f, (t, idx) in conns.items() if not isinstance(idx, (Batch, Strided))
+                 and not (isinstance(idx, RunBatch) and idx.field_shape is None)}
         if dense:
             fit, strides = np.ones(nv, bool), {}
             for f, idx in dense.items():
@@ -310,6 +325,10 @@ class Partitioner:
             # the codelet read the bytes wrongly: a bug of ours, never the user's.
             assert self.g.tensors[tensor].dtype == cir.lane_type(f.dtype), \
                 f"{codelet}.{f.name} is {f.dtype} but is connected to {self.g.tensors[tensor].dtype} data"
+            if isinstance(index, RunBatch) and index.field_shape is None:
+                if isinstance(f.dims[0], str):
+                    found.setdefault(f.dims[0], index.sizes)    # a size symbol per vertex
+                continue
             shape = index.shape[1:]
             if f.lanes > 1:                   # a vector field's last axis counts vectors
                 assert shape[-1] % f.lanes == 0, f"{codelet}.{f.name}: {shape[-1]} elements are not whole vectors"
@@ -366,17 +385,7 @@ class Partitioner:
         begin = np.repeat(run_at[first_run], k) + j * qq + np.minimum(j, rr)
         for s in np.unique(size):
             sel = np.nonzero(size == s)[0]
-            lo = begin[sel]
-            # The runs each vertex's elements overlap, cut at its ends.
-            r0 = np.searchsorted(run_at, lo, side="right") - 1
-            r1 = np.searchsorted(run_at, lo + s, side="left")
-            n = r1 - r0
-            run = np.repeat(r0, n) + ramps(n)
-            v_lo = np.repeat(lo, n)
-            a = np.maximum(run_at[run], v_lo)
-            b = np.minimum(run_at[run + 1], v_lo + s)
-            ptr = np.concatenate(([0], np.cumsum(n))).astype(np.int64)
-            yield int(s), RunBatch(ptr, starts[run] + (a - run_at[run]), b - a, (int(s),)), vert_tile[sel]
+            yield int(s), _cut(starts, run_at, begin[sel], size[sel], (int(s),)), vert_tile[sel]
 
     # ---------------------------------------------------------------- values
     def value(self, n: Node) -> g.View:
