@@ -237,9 +237,16 @@ def _choose_modes(operands: list[_Operand], nv: int) -> np.ndarray:
 
 
 def _kinds(modes: np.ndarray):
-    """(rows, modes) per distinct row of `modes`."""
-    kinds, which = np.unique(modes, axis=0, return_inverse=True)
-    which = which.reshape(-1)
+    """(rows, modes) per distinct row of `modes`, rows in lexicographic order (as
+    np.unique(axis=0) would give them, without its sort of whole rows)."""
+    nv, n = modes.shape
+    if n > 39:                                        # 3**40 passes int64
+        kinds, which = np.unique(modes, axis=0, return_inverse=True)
+        which = which.reshape(-1)
+    else:
+        key = modes.astype(np.int64) @ (3 ** np.arange(n - 1, -1, -1, dtype=np.int64))
+        keys, which = np.unique(key, return_inverse=True)
+        kinds = (keys[:, None] // 3 ** np.arange(n - 1, -1, -1, dtype=np.int64)) % 3
     for j, kind in enumerate(kinds):
         yield np.nonzero(which == j)[0], tuple(int(x) for x in kind)
 
