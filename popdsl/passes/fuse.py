@@ -262,31 +262,18 @@ def _with_segments(c: cir.Codelet, segs: tuple[int, ...]) -> cir.Codelet:
     (loop,) = c.body
     i32 = "i32"
     at, s, ln = cir.Local("at", i32), cir.Local("s", i32), cir.Local("len", i32)
+    tys: dict[str, str] = {}
 
-    def rewrite(x):
+    def leaf(x):
         if isinstance(x, cir.Load):
-            return cir.Local(f"c_{x.field}", x.ty) if x.field in names else dataclasses.replace(
-                x, index=tuple(rewrite(e) for e in x.index), checked=True)
+            if x.field in names:
+                tys[x.field] = x.ty
+                return cir.Local(f"c_{x.field}", x.ty)
+            return dataclasses.replace(x, index=_rewrite(x.index, leaf), checked=True)
         if isinstance(x, cir.Store):
-            return dataclasses.replace(x, value=rewrite(x.value), checked=True)
-        if isinstance(x, tuple):
-            return tuple(rewrite(y) for y in x)
-        if dataclasses.is_dataclass(x) and not isinstance(x, type):
-            changes = {f.name: rewrite(getattr(x, f.name)) for f in dataclasses.fields(x)}
-            return dataclasses.replace(x, **changes) if any(changes[k] is not getattr(x, k) for k in changes) else x
-        return x
-    tys = {}
-
-    def find(x):
-        if isinstance(x, cir.Load) and x.field in names:
-            tys[x.field] = x.ty
-        elif isinstance(x, tuple):
-            for y in x:
-                find(y)
-        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
-            for f in dataclasses.fields(x):
-                find(getattr(x, f.name))
-    find(loop.body)
+            return dataclasses.replace(x, value=_rewrite(x.value, leaf), checked=True)
+        return None
+    inner = _rewrite(loop.body, leaf)
     left, want = cir.Binary("-", cir.Sym("n"), at, i32), cir.Local("want", i32)
     body = (cir.Declare("at", i32, cir.Const(0, i32)),
             cir.For("s", cir.Const(0, i32), cir.Sym("m"), 1, (
@@ -295,7 +282,7 @@ def _with_segments(c: cir.Codelet, segs: tuple[int, ...]) -> cir.Codelet:
                                                     cir.Load("seg_len", (), i32, False), i32)),
                 cir.Declare("len", i32, cir.Select(cir.Binary("<", want, left, "bool"), want, left, i32)),
                 *(cir.Declare(f"c_{f}", tys[f], cir.Load(f, (s,), tys[f], True)) for f in sorted(names) if f in tys),
-                cir.For("i", at, cir.Binary("+", at, ln, i32), 1, rewrite(loop.body)),
+                cir.For("i", at, cir.Binary("+", at, ln, i32), 1, inner),
                 cir.Assign("at", cir.Binary("+", at, ln, i32)))))
     fields = tuple(dataclasses.replace(f, dims=("m",)) if f.name in names else f for f in c.fields) \
         + (cir.Field("seg_first", "state", i32, ()), cir.Field("seg_len", "state", i32, ()))
@@ -393,17 +380,25 @@ def _with_scalar_leaves(c: cir.Codelet, scalars: tuple[int, ...]) -> cir.Codelet
         return c
     names = {f"a{k}" for k in scalars}
 
-    def rewrite(x):
-        if isinstance(x, cir.Load) and x.field in names:
-            return dataclasses.replace(x, index=())
-        if isinstance(x, tuple):
-            return tuple(rewrite(y) for y in x)
-        if dataclasses.is_dataclass(x) and not isinstance(x, type):
-            changes = {f.name: rewrite(getattr(x, f.name)) for f in dataclasses.fields(x)}
-            return dataclasses.replace(x, **changes) if any(changes[k] is not getattr(x, k) for k in changes) else x
-        return x
+    def leaf(x):
+        return dataclasses.replace(x, index=()) if isinstance(x, cir.Load) and x.field in names else None
     fields = tuple(dataclasses.replace(f, dims=()) if f.name in names else f for f in c.fields)
-    return cir.Codelet(f"{c.name}_s{'_'.join(str(k) for k in scalars)}", fields, c.symbols, c.ret, rewrite(c.body))
+    return cir.Codelet(f"{c.name}_s{'_'.join(str(k) for k in scalars)}", fields, c.symbols, c.ret,
+                       _rewrite(c.body, leaf))
+
+
+def _rewrite(x, leaf):
+    """Codelet IR tree `x` with `leaf(node)` in place of every node for which it is
+    not None; rebuilt only where something changed."""
+    new = leaf(x)
+    if new is not None:
+        return new
+    if isinstance(x, tuple):
+        return tuple(_rewrite(y, leaf) for y in x)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        changes = {f.name: _rewrite(getattr(x, f.name), leaf) for f in dataclasses.fields(x)}
+        return dataclasses.replace(x, **changes) if any(changes[k] is not getattr(x, k) for k in changes) else x
+    return x
 
 
 def _flat(index):
