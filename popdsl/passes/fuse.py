@@ -53,14 +53,27 @@ def partition_fused(p, n: Node) -> g.View:
     align = next((v for v in full if p.g.tensors[v.tensor].numel >= n.numel), full[0] if full else None)
     if align is not None:
         p.ensure_mapped(align)
-        tile_of = p.tiles_of(align).ravel()
+        am = p.g.mappings[align.tensor]
+        if n.numel and isinstance(align.index, Strided) and align.index.is_whole(am.numel) and am.numel == n.numel:
+            p.g.mappings[out.tensor] = am.copy()          # run for run: no tile per element
+        else:
+            p.set_tiles(out.tensor, p.tiles_of(align).ravel())
+    elif n.numel:
+        p.g.mappings[out.tensor] = p.linear_mapping(out.index.size)
     else:
-        tile_of = p.linear(out.index.size)
-    p.set_tiles(out.tensor, tile_of)
+        p.set_tiles(out.tensor, p.linear(0))
+    tile_of = None                  # the output's tile per element, where needed
+
+    def tiles_per_element():
+        nonlocal tile_of
+        if tile_of is None:
+            tile_of = p.g.mappings[out.tensor].elements()
+        return tile_of
     flat_leaves = []
     for v in views:
         b = _flat(broadcast_to(v.index, n.shape))
-        p.ensure_mapped(g.View(v.tensor, b, v.span), tile_of if v.shape == n.shape else None)
+        if not p.g.mappings[v.tensor].fully_mapped():
+            p.ensure_mapped(g.View(v.tensor, b, v.span), tiles_per_element() if v.shape == n.shape else None)
         flat_leaves.append((v.tensor, b))
     cs = p.new_cs(name)
     for v, leaf in zip(views, leaves):
@@ -101,7 +114,7 @@ def partition_fused(p, n: Node) -> g.View:
         p.record(n, cs, flops=n.numel * _count_ops(expr, lets))
         return out
     dense: dict[int, np.ndarray] = {}
-    for size, pos, tiles in p.chunks(tile_of):
+    for size, pos, tiles in p.chunks(tiles_per_element()):
         # A vertex's elements are usually consecutive (an output laid out by
         # tile): then every strided operand is a Batch, O(vertices) numbers,
         # not an index per element.
