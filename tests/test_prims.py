@@ -176,7 +176,7 @@ def test_only_read_buffers_with_the_same_elements_on_one_tile_are_shared():
     rs = np.array([5, 20, 5, 20, 6, 20, 5, 20, 5, 20])
     rl = np.array([4, 4, 4, 4, 4, 4, 4, 4, 4, 3])
     rows = np.arange(5)
-    keys = _RunKeys(tiles, ptr, rs, rl, rows)
+    keys = _RunKeys.of(tiles, ptr, rs, rl, rows)
     own, share = _shared_buffers(keys, ptr, rs, rl, rows)
     assert own.tolist() == [0, 2, 3, 4] and share.tolist() == [0, 0, 1, 2, 3]
     own, share = _shared_buffers(None, ptr, rs, rl, rows)

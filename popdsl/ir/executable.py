@@ -10,6 +10,7 @@ import numpy as np
 
 from popdsl.diagnostics import Span
 from popdsl.ir import codelet as cir
+from popdsl.ir.index import ramps
 from popdsl.ir.initializers import InitialValues
 from popdsl.ir.target import Target
 
@@ -112,14 +113,9 @@ class TensorRuns:
         """The address of every element (the definition; small tensors and tests)."""
         n = int(self.counts.sum())
         out = np.empty(n, np.int64)
-        pos = np.repeat(self.starts, self.counts) + _ramps(self.counts)
-        out[pos] = np.repeat(self.addrs, self.counts) + _ramps(self.counts) * elem_bytes
+        pos = np.repeat(self.starts, self.counts) + ramps(self.counts)
+        out[pos] = np.repeat(self.addrs, self.counts) + ramps(self.counts) * elem_bytes
         return out
-
-
-def _ramps(lengths: np.ndarray) -> np.ndarray:
-    lengths = np.asarray(lengths, np.int64)
-    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 
 @dataclass(eq=False)

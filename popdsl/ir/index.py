@@ -332,27 +332,27 @@ class RunBatch:
     def take(self, rows: np.ndarray) -> "RunBatch":
         rows = np.asarray(rows, np.int64)
         counts = self.ptr[rows + 1] - self.ptr[rows]
-        idx = np.repeat(self.ptr[rows], counts) + _ramps(counts)
+        idx = np.repeat(self.ptr[rows], counts) + ramps(counts)
         return RunBatch(np.concatenate(([0], np.cumsum(counts))).astype(np.int64), self.starts[idx],
                         self.lengths[idx], self.field_shape)
 
     def __getitem__(self, v):
         if isinstance(v, (int, np.integer)):
             a, b = int(self.ptr[v]), int(self.ptr[v + 1])
-            return np.repeat(self.starts[a:b], self.lengths[a:b]) + _ramps(self.lengths[a:b])
+            return np.repeat(self.starts[a:b], self.lengths[a:b]) + ramps(self.lengths[a:b])
         return self.array()[v]
 
     def array(self) -> np.ndarray:
         """(nverts, *field shape) element indices (vertices of one size only)."""
         assert self.field_shape is not None, "the vertices' sizes differ: no element array"
-        return (np.repeat(self.starts, self.lengths) + _ramps(self.lengths)).reshape(self.shape)
+        return (np.repeat(self.starts, self.lengths) + ramps(self.lengths)).reshape(self.shape)
 
     def __array__(self, dtype=None, copy=None):
         a = self.array()
         return a if dtype is None else a.astype(dtype)
 
 
-def _ramps(lengths: np.ndarray) -> np.ndarray:
+def ramps(lengths: np.ndarray) -> np.ndarray:
     """0..n-1 for each n of `lengths`, concatenated."""
     lengths = np.asarray(lengths, np.int64)
     return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
@@ -382,7 +382,7 @@ def strided_pieces(view: Strided, starts, lengths) -> tuple[np.ndarray, ...]:
     first_blk = starts // inner
     npieces = np.where(lengths > 0, (starts + lengths - 1) // inner - first_blk + 1, 0)
     src = np.repeat(np.arange(starts.size), npieces)
-    blk = np.repeat(first_blk, npieces) + _ramps(npieces)
+    blk = np.repeat(first_blk, npieces) + ramps(npieces)
     lo = np.maximum(blk * inner, starts[src])
     hi = np.minimum((blk + 1) * inner, starts[src] + lengths[src])
     elem = view.offset + (lo - blk * inner) * step
@@ -439,7 +439,7 @@ def _affine_runs(rb: RunBatch) -> tuple[tuple[int, ...], np.ndarray]:
     single = rb.lengths == 1
     # Runs of one element each, k-th at its vertex's first + c k: stride c.
     vert = np.repeat(np.arange(nv), counts)
-    k = _ramps(counts)
+    k = ramps(counts)
     firsts = rb.starts[rb.ptr[:-1]]
     best, best_ok = None, None
     for c in candidates:

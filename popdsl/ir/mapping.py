@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from popdsl.ir.index import Strided, as_array
+from popdsl.ir.index import Strided, as_array, ramps
 
 UNMAPPED = -1
 
@@ -189,12 +189,6 @@ class Mapping:
         run_off[order] = csum - lengths[order] - before_group[inverse[order]]
         counts = np.bincount(inverse, weights=lengths, minlength=len(tiles_used)).astype(np.int64)
         return Layout(self, tiles_used.astype(np.int32), counts, inverse.astype(np.int32), run_off)
-
-
-def ramps(lengths: np.ndarray) -> np.ndarray:
-    """0..n-1 for each n of `lengths`, concatenated."""
-    lengths = np.asarray(lengths, np.int64)
-    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 
 def _paint(nsegs: int, first: np.ndarray, last: np.ndarray, value: np.ndarray) -> np.ndarray:

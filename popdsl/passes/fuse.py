@@ -25,8 +25,7 @@ import numpy as np
 from popdsl import ops
 from popdsl.ir import codelet as cir
 from popdsl.ir import graph as g
-from popdsl.ir.index import Batch, RunBatch, Strided, as_array, broadcast_to, strided_pieces, take_rows
-from popdsl.ir.mapping import ramps
+from popdsl.ir.index import Batch, RunBatch, Strided, as_array, broadcast_to, ramps, strided_pieces, take_rows
 from popdsl.ir.tensor import Node
 
 

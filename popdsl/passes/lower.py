@@ -20,15 +20,17 @@ Regions are sized here; `memplan` gives them offsets.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from popdsl.diagnostics import Diagnostics, Span
 from popdsl.ir import codelet as cir
 from popdsl.ir import executable as X
 from popdsl.ir import graph as g
-from popdsl.ir.index import Batch, RunBatch, Strided, take_rows
+from popdsl.ir.index import Batch, RunBatch, Strided, ramps, take_rows
 from popdsl.ir.lowered import CopyElems, Lowered, LoweredCS, LoweredGroup, TensorLayout
-from popdsl.ir.mapping import Mapping, ramps
+from popdsl.ir.mapping import Mapping
 
 
 # ---------------------------------------------------------------- runs of a connection
@@ -296,7 +298,7 @@ def _connect(low, graph, c, f, tensor: int, span: Span, spans, ptr, rs, rl, rows
     n = rows * cols
     # Reads only: each needing vertex's runs hashed once, for sharing buffers within
     # the group and with the compute set's earlier groups (`_RunKeys`).
-    keys = _RunKeys(tiles[bad], ptr, rs, rl, bad) if f.direction == "in" else None
+    keys = _RunKeys.of(tiles[bad], ptr, rs, rl, bad) if f.direction == "in" else None
     own, share = _shared_buffers(keys, ptr, rs, rl, bad)
     owners = bad[own]
     # A buffer an earlier group of this compute set fills with the same runs serves
@@ -355,36 +357,21 @@ def _run_keys(tiles: np.ndarray, ptr, rs, rl, rows: np.ndarray):
     return key, counts
 
 
-class _RunKeys:
-    """`_run_keys` of some vertices, computed when first asked for and shared by
-    their subsets: one field's buffers are matched within its group, against the
-    compute set's registry, then registered, each on fewer of the same vertices, and
-    hashing their runs three times cost more than lowering's arithmetic itself."""
+class _RunKeys(NamedTuple):
+    """Vertices' tiles with their `_run_keys`, hashed once per field: the field's
+    buffers are matched within the group, against the compute set's registry and
+    then registered, each on a subset of the same vertices."""
+    tiles: np.ndarray
+    key: np.ndarray
+    counts: np.ndarray
 
-    def __init__(self, tiles, ptr, rs, rl, rows, parent: "_RunKeys | None" = None, sel=None):
-        self.tiles, self._args, self._parent, self._sel = tiles, (ptr, rs, rl, rows), parent, sel
-        self._kc = None
-
-    def _get(self):
-        if self._kc is None:
-            if self._parent is not None:
-                key, counts = self._parent._get()
-                self._kc = key[self._sel], counts[self._sel]
-            else:
-                self._kc = _run_keys(self.tiles, *self._args)
-        return self._kc
-
-    @property
-    def key(self) -> np.ndarray:
-        return self._get()[0]
-
-    @property
-    def counts(self) -> np.ndarray:
-        return self._get()[1]
+    @staticmethod
+    def of(tiles, ptr, rs, rl, rows) -> "_RunKeys":
+        return _RunKeys(tiles, *_run_keys(tiles, ptr, rs, rl, rows))
 
     def subset(self, sel: np.ndarray) -> "_RunKeys":
         """The same keys for vertices `sel` (indices into these)."""
-        return _RunKeys(self.tiles[sel], None, None, None, None, parent=self, sel=sel)
+        return _RunKeys(self.tiles[sel], self.key[sel], self.counts[sel])
 
 
 def _same_runs(rs_a, rl_a, idx_a, rs_b, rl_b, idx_b, starts) -> np.ndarray:

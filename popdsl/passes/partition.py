@@ -28,8 +28,8 @@ from popdsl import ops, resources
 from popdsl.diagnostics import Span
 from popdsl.ir import codelet as cir
 from popdsl.ir import graph as g
-from popdsl.ir.index import Batch, RunBatch, Strided, affine_rows, as_array, take_rows
-from popdsl.ir.mapping import Mapping, ramps
+from popdsl.ir.index import Batch, RunBatch, Strided, affine_rows, as_array, ramps, take_rows
+from popdsl.ir.mapping import Mapping
 from popdsl.ir.tensor import Node
 from popdsl.ops.blocks import GRAIN
 from popdsl.passes.fuse import partition_fused
