@@ -460,6 +460,18 @@ def as_array(index) -> np.ndarray:
     return index.array() if isinstance(index, (Strided, Batch, RunBatch)) else np.asarray(index)
 
 
+def first_elements(index) -> np.ndarray:
+    """Each vertex's first element of a stacked connection (a Batch, a RunBatch or
+    an index array (vertices, ...)): where its view starts, what a scalar field
+    connects to."""
+    if isinstance(index, Batch):
+        return index.offsets.copy()
+    if isinstance(index, RunBatch):
+        return index.starts[index.ptr[:-1]].copy()
+    a = np.asarray(index, np.int64)
+    return a.reshape(len(a), -1)[:, 0].copy()
+
+
 def take_rows(index, rows: np.ndarray):
     """The vertices `rows` of a stacked connection (a Batch, a RunBatch or an index
     array)."""

@@ -25,7 +25,8 @@ import numpy as np
 from popdsl import ops
 from popdsl.ir import codelet as cir
 from popdsl.ir import graph as g
-from popdsl.ir.index import Batch, RunBatch, Strided, as_array, broadcast_to, ramps, strided_pieces, take_rows
+from popdsl.ir.index import (Batch, RunBatch, Strided, as_array, broadcast_to, first_elements, ramps,
+                              strided_pieces, take_rows)
 from popdsl.ir.tensor import Node
 
 
@@ -147,7 +148,7 @@ def _emit(p, cs, base: cir.Codelet, variants: dict, leaves, tiles, conns: dict, 
         if scalars not in variants:
             variants[scalars] = p.add_codelet(_with_scalar_leaves(base, scalars))
         sel = conns if len(kinds) == 1 else {f: (t, take_rows(idx, rows)) for f, (t, idx) in conns.items()}
-        sel = {f: (t, _first_elements(idx) if f in {f"a{k}" for k in scalars} else idx)
+        sel = {f: (t, first_elements(idx) if f in {f"a{k}" for k in scalars} else idx)
                for f, (t, idx) in sel.items()}
         p.group(cs, variants[scalars], tiles[rows], sel)
 
@@ -373,16 +374,6 @@ def _fused_ops(n: Node, leaves: list) -> str:
             names.append(op)
     visit(n)
     return "_".join(names[:4] + (["etc"] if len(names) > 4 else [])) or n.op
-
-
-def _first_elements(index) -> np.ndarray:
-    """Each vertex's first element of a stacked index (vertices, n): what a scalar
-    field connects to."""
-    if isinstance(index, Batch):
-        return index.offsets.copy()
-    if isinstance(index, RunBatch):
-        return index.starts[index.ptr[:-1]].copy()
-    return np.asarray(index)[:, 0].copy()
 
 
 def _with_scalar_leaves(c: cir.Codelet, scalars: tuple[int, ...]) -> cir.Codelet:

@@ -28,19 +28,12 @@ from popdsl import ops, resources
 from popdsl.diagnostics import Span
 from popdsl.ir import codelet as cir
 from popdsl.ir import graph as g
-from popdsl.ir.index import Batch, RunBatch, Strided, affine_rows, as_array, ramps, take_rows
+from popdsl.ir.index import Batch, RunBatch, Strided, affine_rows, as_array, first_elements, ramps, take_rows
 from popdsl.ir.mapping import Mapping
 from popdsl.ir.tensor import Node
 from popdsl.ops.blocks import GRAIN
 from popdsl.passes.fuse import partition_fused
 
-
-
-def _firsts(index) -> np.ndarray:
-    """Each vertex's first element of a stacked index (an array or a RunBatch)."""
-    if isinstance(index, RunBatch):
-        return index.starts[index.ptr[:-1]].copy()
-    return np.asarray(index, np.int64).reshape(len(index), -1)[:, 0].copy()
 
 
 def _cut(starts, run_at, begin, size, field_shape) -> RunBatch:
@@ -301,7 +294,7 @@ class Partitioner:
                                 _rows(state, rest, nv))
                     tiles, state = tiles[rows], _rows(state, rows, nv)
                     conns = {f: (t, take_rows(idx, rows)) for f, (t, idx) in conns.items()}
-                conns = {f: (t, Batch(_firsts(idx), tuple(np.shape(idx)[1:]), strides[f]) if f in dense else idx)
+                conns = {f: (t, Batch(first_elements(idx), tuple(np.shape(idx)[1:]), strides[f]) if f in dense else idx)
                          for f, (t, idx) in conns.items()}
         self._group(cs, codelet, tiles, conns, state)
 
