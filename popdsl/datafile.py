@@ -18,12 +18,12 @@ import ast
 import struct
 import zipfile
 import zlib
-from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
 import numpy as np
 
 from popdsl.limits import MAX_INFLATE_RATIO, ZIP_BOMB_BYTES
+from popdsl.node import node
 
 _MAGIC = b"\x93NUMPY"
 MAX_HEADER_BYTES = 1 << 16
@@ -37,7 +37,7 @@ class DataFileError(Exception):
     """The file is not a readable array file (a user error)."""
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Header:
     dtype: np.dtype
     shape: tuple[int, ...]

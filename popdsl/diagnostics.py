@@ -8,10 +8,10 @@ other exception; the CLI reports it as an internal compiler error (exit 70).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from popdsl.node import node
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Span:
     path: str
     line: int          # 1-based
@@ -59,7 +59,7 @@ def _window(src: str, col: int, width: int) -> tuple[str, int, int]:
     return text, col - start + len(prefix), max(1, min(width, end - (col - 1)))
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Diagnostic:
     span: Span
     message: str

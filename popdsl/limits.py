@@ -8,7 +8,7 @@ reports one names the flag that raises it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from popdsl.node import node
 
 # A source bigger than this is almost always data that belongs in a .npz (`popc run
 # --load-params`); the parser takes about a second per 10,000 lines (bench/parse.py).
@@ -37,7 +37,7 @@ MAX_CYCLES_LIMIT = 1 << 60          # the largest --max-cycles (the counter is i
 RECOMPUTE_MODES = ("none", "auto", "all")
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Budgets:
     """Compile-time budgets (elaboration runs the user's graph-building program).
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import io
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -42,6 +42,7 @@ from popdsl.ir import printer
 from popdsl.ir.lowered import Lowered
 from popdsl.ir.target import Target
 from popdsl.ir.verify import direct_calls
+from popdsl.node import node
 from popdsl.passes import autodiff as ad
 from popdsl.passes import bestfit
 from popdsl.passes import outline as ol
@@ -57,7 +58,7 @@ from popdsl.report.memory import memory_report
 from popdsl.sema import check_program, load_program
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Options:
     text: str
     path: str
@@ -74,7 +75,7 @@ class Options:
     probe: bool = False               # a try of `auto` whose out-of-memory error is not shown (memplan.plan)
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@node(eq=False)
 class Generated:
     """What the codegen stage produces: the vertex graph it compiled for, the codelets
     that need native code (the ones vertices use and the scalar codelets those call)
@@ -84,7 +85,7 @@ class Generated:
     native: NativeCodelets
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Stage:
     name: str
     run: Callable[[Options, object], object]     # (options, previous result) -> result

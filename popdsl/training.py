@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from popdsl.api import Executable, Simulator, check_values, not_fed
 from popdsl.ir.codelet import NUMPY_DTYPE
+from popdsl.node import node
 
 REPORTED = ("loss", "accuracy")          # the outputs a progress bar and an evaluation show
 
@@ -37,7 +37,7 @@ class DataError(ValueError):
     """Data that does not fit the graph's inputs (a user error)."""
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@node(eq=False)
 class Stream:
     every_step: dict[str, np.ndarray]     # one batch, used every step
     streamed: dict[str, np.ndarray]       # examples along axis 0, shaped like the input's rows

@@ -3,51 +3,51 @@ each with the span of the source it came from.  Produced by `frontend.parser`,
 consumed by `sema` (codelets) and `passes.elaborate` (graphs)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Union
 
 from popdsl.diagnostics import Span
+from popdsl.node import node
 
 
 # ---------------------------------------------------------------- expressions
 
-@dataclass(frozen=True, slots=True)
+@node
 class IntLit:
     value: int
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class FloatLit:
     value: float
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class BoolLit:
     value: bool
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class StringLit:
     value: str
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Name:
     id: str
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class ListLit:
     items: tuple["Expr", ...]
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class TupleLit:
     """`(a, b)`: what a def returns when it declares several results, and the target
     of an assignment that takes them apart."""
@@ -55,19 +55,19 @@ class TupleLit:
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Neg:
     x: "Expr"
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Not:
     x: "Expr"
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Binary:
     op: str
     a: "Expr"
@@ -75,28 +75,28 @@ class Binary:
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Kwarg:
     name: str
     value: "Expr"
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Call:
     fn: "Expr"
     args: tuple["Expr | Kwarg", ...]
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Slice:
     start: "Expr | None"
     stop: "Expr | None"
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class IndexExpr:
     base: "Expr"
     index: tuple["Expr | Slice", ...]
@@ -109,7 +109,7 @@ Expr = Union[IntLit, FloatLit, BoolLit, StringLit, Name, ListLit, TupleLit, Neg,
 
 # ---------------------------------------------------------------- types
 
-@dataclass(frozen=True, slots=True)
+@node
 class TypeRef:
     name: str
     dims: tuple[Union[str, int], ...] | None     # None: no brackets (a scalar)
@@ -118,13 +118,13 @@ class TypeRef:
 
 # ---------------------------------------------------------------- statements
 
-@dataclass(frozen=True, slots=True)
+@node
 class Block:
     stmts: tuple["Stmt", ...]
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class LetStmt:
     name: str | tuple[str, ...]        # several names take apart a def's several results
     type: TypeRef | None
@@ -132,7 +132,7 @@ class LetStmt:
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class VarStmt:
     name: str
     type: TypeRef | None
@@ -141,7 +141,7 @@ class VarStmt:
     shared: bool = False               # in a def: one tensor for every call from one place
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class AssignStmt:
     target: Expr
     op: str
@@ -149,7 +149,7 @@ class AssignStmt:
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class ForStmt:
     var: str
     start: Expr
@@ -159,14 +159,14 @@ class ForStmt:
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class WhileStmt:
     cond: Expr
     body: Block
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class IfStmt:
     cond: Expr
     then: Block
@@ -174,71 +174,71 @@ class IfStmt:
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class BreakStmt:
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class ContinueStmt:
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class ReturnStmt:
     value: Expr | None
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class MapStmt:
     target: Expr
     tile: Expr | None      # None: linear
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class ComputeStmt:
     name: str
     body: Block
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class CallStmt:
     """A call as a statement, `amp(...);` (codelets' statement intrinsics)."""
     call: Call
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class VertexStmt:
     call: Call
     tile: Expr
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class ProgramStmt:
     body: Block
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class InputStmt:
     name: str
     type: TypeRef
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class OutputStmt:
     value: Expr
     name: str | None
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class ParamStmt:
     name: str
     type: TypeRef
@@ -247,40 +247,40 @@ class ParamStmt:
     shared: bool = False               # in a def: one tensor for every call from one place
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class MinimizeStmt:
     loss: Expr
     optimizer: Expr
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class ExecuteStmt:
     name: str
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class CopyStmt:
     src: Expr
     dst: Expr
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class RepeatStmt:
     count: Expr
     body: Block
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class PrintStmt:
     value: Expr
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class StepStmt:
     span: Span
 
@@ -293,7 +293,7 @@ Stmt = Union[LetStmt, VarStmt, AssignStmt, ForStmt, WhileStmt, IfStmt, BreakStmt
 
 # ---------------------------------------------------------------- top level
 
-@dataclass(frozen=True, slots=True)
+@node
 class Param:
     direction: str | None
     name: str
@@ -301,7 +301,7 @@ class Param:
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Codelet:
     name: str
     params: tuple[Param, ...]
@@ -310,7 +310,7 @@ class Codelet:
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Graph:
     name: str
     args: tuple["Expr | Kwarg", ...]
@@ -318,7 +318,7 @@ class Graph:
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class DefDecl:
     name: str
     params: tuple[Param, ...]
@@ -327,13 +327,13 @@ class DefDecl:
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class ImportDecl:
     path: str
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Module:
     path: str
     items: tuple["Codelet | Graph | DefDecl | ImportDecl", ...]

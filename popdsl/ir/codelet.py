@@ -18,8 +18,10 @@ lives in `table_layout` below: one int64 row per vertex.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields as dc_fields, is_dataclass
+from dataclasses import fields as dc_fields, is_dataclass
 from typing import Union
+
+from popdsl.node import node
 
 SCALARS = ("f32", "f16", "i32", "bool")
 VECTORS = {"f32x2": ("f32", 2), "f16x4": ("f16", 4)}      # vector type -> (lane type, lanes)
@@ -46,7 +48,7 @@ def lane_type(dtype: str) -> str:
 
 # ---------------------------------------------------------------- declarations
 
-@dataclass(frozen=True, slots=True)
+@node
 class Field:
     """An edge of the vertex (`in`/`out`/`inout`) or vertex state (`state`).
 
@@ -68,7 +70,7 @@ class Field:
         return lanes(self.dtype)
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Codelet:
     """A vertex codelet (`ret is None`) or a scalar element-wise codelet.
 
@@ -85,27 +87,27 @@ class Codelet:
 
 # ---------------------------------------------------------------- expressions
 
-@dataclass(frozen=True, slots=True)
+@node
 class Const:
     value: Union[float, int, bool]
     ty: str
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Local:
     """A local variable, loop variable or `let` binding (unique name per codelet)."""
     name: str
     ty: str
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Sym:
     """The value of a size symbol for this vertex (i32)."""
     name: str
     ty: str = "i32"
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Load:
     """Element `index` of field `field` (index empty for a scalar field or state).
 
@@ -117,7 +119,7 @@ class Load:
     checked: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Len:
     """Size of axis `axis` of a field (i32)."""
     field: str
@@ -125,14 +127,14 @@ class Len:
     ty: str = "i32"
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Unary:
     op: str          # "neg" | "not"
     x: "Expr"
     ty: str
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Binary:
     """Arithmetic (`+ - * / %`) on equal operand types, result of that type;
     comparisons (`== != < <= > >=`) with result bool; logic (`&& ||`) on bools,
@@ -143,7 +145,7 @@ class Binary:
     ty: str
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Select:
     cond: "Expr"
     a: "Expr"
@@ -151,13 +153,13 @@ class Select:
     ty: str
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Cast:
     x: "Expr"
     ty: str
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Intrinsic:
     """exp log sqrt rsqrt tanh sigmoid sin cos abs min max floor ceil pow fma.
 
@@ -167,21 +169,21 @@ class Intrinsic:
     ty: str
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Splat:
     """A vector (`ty`) with every lane x (an f32; rounded to f16 for f16x4)."""
     x: "Expr"
     ty: str
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Vector:
     """A vector (`ty`) of the lanes xs (f32s; rounded to f16 for f16x4): f32x2(a, b)."""
     xs: tuple["Expr", ...]
     ty: str
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Lane:
     """Lane `index` (a constant) of vector x, as an f32 (f16 lanes widen exactly)."""
     x: "Expr"
@@ -189,7 +191,7 @@ class Lane:
     ty: str = "f32"
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class CallScalar:
     """A call of a scalar codelet (by name) from another codelet."""
     name: str
@@ -203,7 +205,7 @@ Expr = Union[Const, Local, Sym, Load, Len, Unary, Binary, Select, Cast, Intrinsi
 # ---------------------------------------------------------------- statements
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Declare:
     """Introduce local `name` of type `ty`, initialised to `init` (zero if None)."""
     name: str
@@ -211,13 +213,13 @@ class Declare:
     init: Expr | None
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Assign:
     name: str
     value: Expr
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Store:
     """Write element `index` of an `out`/`inout` field (index empty for a scalar)."""
     field: str
@@ -226,7 +228,7 @@ class Store:
     checked: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class For:
     """for var in start..stop step step (i32; step is a positive or negative
     non-zero compile-time constant; the loop runs while var < stop for a positive
@@ -238,20 +240,20 @@ class For:
     body: tuple["Stmt", ...]
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class While:
     cond: Expr
     body: tuple["Stmt", ...]
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class If:
     cond: Expr
     then: tuple["Stmt", ...]
     orelse: tuple["Stmt", ...]
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Amp:
     """The accumulating matrix product, an IPU tile's AMP unit (`amp(...)` in codelets):
 
@@ -310,17 +312,17 @@ class Amp:
                 (b, bi, last(bi, b_rows, one), bj, last(bj, b_cols, bstep)))
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Break:
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Continue:
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Return:
     value: Expr | None
 
@@ -330,7 +332,7 @@ Stmt = Union[Declare, Assign, Store, Amp, For, While, If, Break, Continue, Retur
 
 # ---------------------------------------------------------------- vertex table
 
-@dataclass(frozen=True, slots=True)
+@node
 class Column:
     """One int64 column of the vertex table.
 

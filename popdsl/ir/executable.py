@@ -13,9 +13,10 @@ from popdsl.ir import codelet as cir
 from popdsl.ir.index import ramps
 from popdsl.ir.initializers import InitialValues
 from popdsl.ir.target import Target
+from popdsl.node import node
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class TensorInfo:
     name: str
     dtype: str
@@ -58,41 +59,41 @@ class ComputeSetExec:
 
 
 # Program tree with integer references (compute set index, copy index, tensor index).
-@dataclass(frozen=True, slots=True)
+@node
 class PSeq:
     body: tuple["PNode", ...]
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class PExecute:
     cs: int
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class PCopy:
     copy: int
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class PRepeat:
     count: int
     body: PSeq
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class PWhile:
     cond: int                      # index into Executable.reads
     body: PSeq
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class PIf:
     cond: int
     then: PSeq
     orelse: PSeq
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class PPrint:
     read: int
 

@@ -17,9 +17,10 @@ from popdsl.ir import codelet as cir
 from popdsl.ir.initializers import InitialValues
 from popdsl.ir.mapping import Mapping
 from popdsl.ir.target import Target
+from popdsl.node import node
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Tensor:
     id: int
     name: str
@@ -37,7 +38,7 @@ class Tensor:
         return cir.ELEM_BYTES[self.dtype]
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@node(eq=False)
 class View:
     """Elements `index` (flat indices into tensor `tensor`, any shape)."""
     tensor: int
@@ -49,7 +50,7 @@ class View:
         return tuple(self.index.shape)
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@node(eq=False)
 class Stacked:
     """One field's connections for a whole group of vertices with equal shapes:
     index[v] is vertex v's view of tensor `tensor`.  The partitioner builds these
@@ -85,50 +86,50 @@ class ComputeSet:
 
 # ---------------------------------------------------------------- programs
 
-@dataclass(frozen=True, slots=True)
+@node
 class Seq:
     body: tuple["Prog", ...]
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Execute:
     cs: str
     span: Span
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@node(eq=False)
 class Copy:
     src: View
     dst: View
     span: Span
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Repeat:
     count: int
     body: Seq
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@node(eq=False)
 class While:
     cond: View
     body: Seq
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@node(eq=False)
 class If:
     cond: View
     then: Seq
     orelse: Seq
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@node(eq=False)
 class Print:
     label: str
     view: View
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Step:
     """Run the tensor program once (replaced by its compute sets in `partition`)."""
     span: Span
@@ -137,7 +138,7 @@ class Step:
 Prog = Union[Seq, Execute, Copy, Repeat, While, If, Print, Step]
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@node(eq=False)
 class Minimize:
     """`minimize LOSS with OPT(...)`: what the autodiff pass differentiates (a scalar
     tensor-program node) and the optimizer that updates the parameters."""

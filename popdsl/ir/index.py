@@ -18,9 +18,10 @@ Element indices fit in int64; offsets and strides are Python ints here, int64 in
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
+
+from popdsl.node import node
 
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -31,7 +32,7 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(out))
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Strided:
     offset: int
     shape: tuple[int, ...]
@@ -247,7 +248,7 @@ class Strided:
         return starts, length
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@node(eq=False)
 class Batch:
     """One strided view per vertex of a group: `offsets[v]` and a shared shape and
     strides (the field's shape).  What a partition rule connects a field of many
@@ -296,7 +297,7 @@ class Batch:
         return a if dtype is None else a.astype(dtype)
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@node(eq=False)
 class RunBatch:
     """Per vertex of a group, its field (one axis) as runs of consecutive elements:
     vertex v's runs are `starts[ptr[v]:ptr[v+1]]` and `lengths[...]`, in field

@@ -22,9 +22,10 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import MutableMapping
-from dataclasses import dataclass
 
 import numpy as np
+
+from popdsl.node import node
 
 KINDS = ("glorot_uniform", "he_normal")
 _DTYPES = {"f32": np.float32, "f16": np.float16}
@@ -43,7 +44,7 @@ def fans(shape: tuple[int, ...]) -> tuple[int, int]:
     return int(shape[1]) * rf, int(shape[0]) * rf
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Recipe:
     kind: str
     seed: int

@@ -24,12 +24,13 @@ How an entry is computed:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Callable
 
 import numpy as np
 
 from popdsl.ir import codelet as ir
+from popdsl.node import node
 
 # Costs in cycles of one IPU worker instruction stream (an estimate, see ir.cost).
 OP = 1                  # a cheap ALU operation
@@ -38,7 +39,7 @@ SQRT = 8
 TRANSCENDENTAL = 20     # evaluated in software or over several cycles on the IPU
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Intrinsic:
     name: str
     arity: int

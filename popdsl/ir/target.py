@@ -2,10 +2,12 @@
 `--tile-memory` overrides derive new ones."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
+
+from popdsl.node import node
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Target:
     name: str
     tiles: int

@@ -13,12 +13,12 @@ way back into the tensor a view was taken from).  Everything else is pure.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
+from popdsl.node import node
 
-@dataclass(frozen=True, slots=True, eq=False)
+
+@node(eq=False)
 class Node:
     id: int
     op: str

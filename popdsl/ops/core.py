@@ -15,7 +15,7 @@ which the elaborator turns into "abandon this statement".
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Callable
 
 import numpy as np
@@ -23,6 +23,7 @@ import numpy as np
 from popdsl.diagnostics import Diagnostics, Span
 from popdsl.ir import tensor as T
 from popdsl.ir.tensor import Node, NodeTable
+from popdsl.node import node
 
 FLOATS = ("f32", "f16")
 
@@ -49,7 +50,7 @@ def float_result(*dtypes: str) -> str:
 HIGH_VALUE, LOW_VALUE = 1000.0, 0.1
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class OpDef:
     """One operation of the tensor-program IR.
 
@@ -96,7 +97,7 @@ class OpDef:
 REQUIRED = object()
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Param:
     """A parameter of a function users call.
 
@@ -111,7 +112,7 @@ class Param:
     default: object = REQUIRED
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Function:
     """A function users call by name.  `build(b, args, span)` receives the bound
     arguments by parameter name; `applies(npos, kwnames)`, when given, says whether

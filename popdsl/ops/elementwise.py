@@ -19,15 +19,15 @@ Dtype rules (operands broadcast as numpy's do):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
 from popdsl.ir import codelet as cir
+from popdsl.node import node
 from popdsl.ops.core import FLOATS, Builder, Function, OpDef, Param, describe, float_result, shape_str
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Row:
     name: str
     arity: int

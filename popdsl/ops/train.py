@@ -17,9 +17,9 @@ Update rules, as `torch.optim` computes them:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
+from popdsl.node import node
 from popdsl.ops import elementwise
 from popdsl.ops.core import Builder, OpDef, Param
 
@@ -81,7 +81,7 @@ def _check_adam(h: dict) -> str | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Optimizer:
     """One optimizer.  slots(h): the state each parameter keeps (a var named
     PARAM.SLOT, zeros at first); counters: scalar state shared by all parameters,

@@ -20,9 +20,10 @@ from __future__ import annotations
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
+
+from popdsl.node import node
 
 # Scanning the placed allocations in offset order keeps `cursor`, the first free
 # byte above every conflicting allocation seen so far, so the gap below conflict j
@@ -89,7 +90,7 @@ _FIELDS = ("size", "align", "start", "end", "ptr", "istart", "iend", "order", "o
 _LIMIT = 1 << 30
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@node(eq=False)
 class Lives:
     """The intervals each allocation is live in: allocation k's are
     [istart[x], iend[x]] for x in ptr[k]:ptr[k + 1]."""

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,6 +36,7 @@ from popdsl.frontend import ast
 from popdsl.ir import codelet as cir
 from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node
+from popdsl.node import node
 
 # Below this many vertices the interpreter is as fast.
 MIN_ITERATIONS = 64
@@ -50,14 +50,14 @@ class NoBatch(Exception):
     """This loop is not the plain case: elaborate it iteration by iteration."""
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class BView:
     """One view per iteration: index[k] is iteration k's view (flat element indices)."""
     tensor: int
     index: np.ndarray           # (n, *shape)
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Nest:
     """The loops around a statement: iteration k's value of each loop variable."""
     n: int

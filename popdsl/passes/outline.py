@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 
@@ -41,6 +41,7 @@ from popdsl import ops
 from popdsl.ir import graph as g
 from popdsl.ir import printer
 from popdsl.ir.tensor import Node
+from popdsl.node import node
 from popdsl.ops.blocks import GRAIN
 from popdsl.passes.autodiff import topological
 
@@ -48,7 +49,7 @@ _RANK = {"statement": 0, "loop": 1}     # a def call: 2
 THRESHOLD = 1.0      # PopART's outlineThreshold
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@node(eq=False)
 class Instance:
     label: str                       # the unit's call path ("stage_3.bottleneck_2")
     body: tuple[int, ...]            # node ids, ascending (operands before users)
@@ -57,7 +58,7 @@ class Instance:
     outputs: tuple[Node, ...]        # body nodes read from outside, ascending
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@node(eq=False)
 class Function:
     name: str                        # "bottleneck", "bottleneck.2" (one per specialisation)
     kind: str                        # the def's name, "loop" or "statement"

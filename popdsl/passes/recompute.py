@@ -27,7 +27,6 @@ before the next is recomputed.  `graph.recompute` is the summary the reports pri
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,12 +35,13 @@ from popdsl.ir import codelet as cir
 from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node
 from popdsl.limits import RECOMPUTE_MODES
+from popdsl.node import node
 from popdsl.passes.autodiff import topological
 
 MODES = RECOMPUTE_MODES
 
 
-@dataclass(frozen=True, slots=True)
+@node
 class Policy:
     """`mode`: none | auto | all.  `budget`: bytes per tile `auto` must fit the step
     in (None: the tile's memory)."""
@@ -55,7 +55,7 @@ class Policy:
             raise ValueError("a memory budget is a positive number of bytes per tile")
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@node(eq=False)
 class Segments:
     """The forward pass cut for recomputation."""
     forward: list[Node]                  # forward results, in the order they run
