@@ -39,6 +39,7 @@ from popdsl.diagnostics import CompileError, Diagnostic, OutOfMemory, Span
 from popdsl.codegen.llvm import emit_module
 from popdsl.ir import codelet as cir
 from popdsl.ir import printer
+from popdsl.ir.index import unique
 from popdsl.ir.lowered import Lowered
 from popdsl.ir.target import Target
 from popdsl.ir.verify import direct_calls
@@ -151,7 +152,7 @@ def _dump_plan(result) -> str:
     tm = exe.target.tile_memory
     for t, r in zip(exe.tensors, exe.tensor_runs):
         lo, hi = r.addrs, r.addrs + r.counts * cir.ELEM_BYTES[t.dtype]
-        tiles = np.unique(lo // tm)
+        tiles = unique(lo // tm)
         parts = [f"tile {int(tt)} [{int(lo[lo // tm == tt].min() % tm)}, {int((hi[lo // tm == tt].max() - 1) % tm) + 1})"
                  for tt in tiles[:8]]
         out.append(f"    {t.name}: " + ", ".join(parts) + (f", ... ({len(tiles)} tiles)" if len(tiles) > 8 else ""))

@@ -7,7 +7,7 @@ import math
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from popdsl.ir.index import Batch, RunBatch, Strided, affine_rows, strided_pieces
+from popdsl.ir.index import Batch, RunBatch, Strided, affine_rows, strided_pieces, unique
 
 SHAPES = st.lists(st.integers(1, 5), min_size=1, max_size=4).map(tuple)
 
@@ -306,3 +306,16 @@ def test_chunk_runs_cuts_tiles_as_chunks_does(tile_of, grain):
     for (_, rb, tiles), (_, pos, want_tiles) in zip(got, want):
         np.testing.assert_array_equal(rb.array(), pos)
         np.testing.assert_array_equal(tiles, want_tiles)
+
+
+@given(st.lists(st.integers(-2**62, 2**62), max_size=40) | st.lists(st.integers(-3, 3), max_size=40),
+       st.sampled_from([np.int64, np.int32, np.uint8]), st.booleans())
+def test_unique_is_numpys(values, dtype, matrix):
+    """`unique` (a sort) gives what np.unique gives: values, order, dtype and shape,
+    for any integer array (a matrix flattened)."""
+    a = np.array(values, np.int64).astype(dtype)
+    if matrix and a.size % 2 == 0:
+        a = a.reshape(2, -1)
+    got, want = unique(a), np.unique(a)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)

@@ -353,6 +353,15 @@ class RunBatch:
         return a if dtype is None else a.astype(dtype)
 
 
+def unique(values) -> np.ndarray:
+    """`np.unique(values)` of integers, its distinct values in order, by a sort.
+    numpy 2.4's `np.unique` hashes first and sorts what it found: measured here 30
+    to 40 times slower from a million values on (10M: 9.4 s against 0.24 s; numpy's
+    sort-based path, taken when it returns indices or counts, is not slowed)."""
+    x = np.sort(np.asarray(values), axis=None)
+    return x[np.concatenate(([True], x[1:] != x[:-1]))] if x.size else x
+
+
 def ramps(lengths: np.ndarray) -> np.ndarray:
     """0..n-1 for each n of `lengths`, concatenated."""
     lengths = np.asarray(lengths, np.int64)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from popdsl.ir.index import Strided, as_array, ramps
+from popdsl.ir.index import Strided, as_array, ramps, unique
 
 UNMAPPED = -1
 
@@ -73,7 +73,7 @@ class Mapping:
         return not (self.tiles == UNMAPPED).any()
 
     def used_tiles(self) -> np.ndarray:
-        return np.unique(self.tiles[self.tiles != UNMAPPED])
+        return unique(self.tiles[self.tiles != UNMAPPED])
 
     def elements(self) -> np.ndarray:
         """The tile of every element (the definition; small tensors only)."""
@@ -95,7 +95,7 @@ class Mapping:
         ends = starts + lengths
         # Every boundary of the old and new runs cuts the elements into segments;
         # each segment takes the tile of the winning run that covers it.
-        cuts = np.unique(np.concatenate((self.starts, starts, ends[ends < self.numel])))
+        cuts = unique(np.concatenate((self.starts, starts, ends[ends < self.numel])))
         old = self.tiles[self.run_of(cuts)]
         # Winner per segment: the last new run covering it (or the first, when
         # only_unmapped), found by painting run priorities over segment indices.

@@ -8,6 +8,7 @@ import numpy as np
 
 from popdsl.diagnostics import Span
 from popdsl.ir import codelet as cir
+from popdsl.ir.index import unique
 from popdsl.ir.mapping import Mapping
 
 
@@ -434,7 +435,7 @@ def lowered(low) -> str:
     program with its copies."""
     g = low.graph
     rt = np.asarray(low.region_tile)
-    out = [f"vertex graph {g.name}: {_n(len(rt), 'region')} on {_n(len(np.unique(rt)), 'tile')}"]
+    out = [f"vertex graph {g.name}: {_n(len(rt), 'region')} on {_n(len(unique(rt)), 'tile')}"]
     # How many vertex fields connect to each region (a shared buffer shows > 1).
     users = np.zeros(len(rt) + 1, np.int64)
     for cs in low.compute_sets:

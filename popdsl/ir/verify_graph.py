@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from popdsl.ir.index import Batch, RunBatch, Strided
+from popdsl.ir.index import Batch, RunBatch, Strided, unique
 from popdsl.ir.mapping import Mapping
 
 from popdsl.ir import codelet as cir
@@ -257,7 +257,7 @@ def _field_shape(check: Check, f: cir.Field, shape, syms, rows, what: str) -> No
     for axis, (d, n) in enumerate(zip(f.dims, shape)):
         if isinstance(d, str):
             check(np.all(syms[d][rows] == n), what, lambda: f"axis {axis} has size {n}, symbol '{d}' says "
-                  f"{np.unique(syms[d][rows])[:4].tolist()}")
+                  f"{unique(syms[d][rows])[:4].tolist()}")
         else:
             check(d == n, what, f"axis {axis} has size {n}, the codelet says {d}")
 

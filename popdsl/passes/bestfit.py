@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from popdsl.ir.index import unique
 from popdsl.node import node
 
 # Scanning the placed allocations in offset order keeps `cursor`, the first free
@@ -249,7 +250,7 @@ def _range_max(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray
         table.append(np.maximum(table[-1][:-half], table[-1][half:]))
     level = np.floor(np.log2(np.maximum(hi - lo + 1, 1))).astype(np.int64)
     out = np.empty(len(lo), values.dtype)
-    for k in np.unique(level).tolist():
+    for k in unique(level).tolist():
         m = level == k
         out[m] = np.maximum(table[k][lo[m]], table[k][hi[m] - (1 << k) + 1])
     return out
@@ -274,7 +275,7 @@ def _shares(n: np.ndarray) -> np.ndarray:
     work = np.cumsum(n.astype(np.float64) ** 2)
     parts = _threads() if work.size and work[-1] >= PARALLEL_MIN_WORK else 1
     cuts = np.searchsorted(work, work[-1] * np.arange(1, parts) / parts) if parts > 1 else []
-    return np.unique(np.concatenate(([0], cuts, [len(n)]))).astype(int)
+    return unique(np.concatenate(([0], cuts, [len(n)]))).astype(int)
 
 
 def _on_threads(run, bounds: np.ndarray) -> None:

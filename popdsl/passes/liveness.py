@@ -25,6 +25,7 @@ import numpy as np
 
 from popdsl.ir.lowered import Lowered
 from popdsl.ir import executable as X
+from popdsl.ir.index import unique
 
 ALWAYS_LIVE_KINDS = ("var", "input", "param")
 
@@ -93,7 +94,7 @@ def liveness(low: Lowered) -> Liveness:
     cs_points: dict[int, list[int]] = {}
     cs_regions = [_cs_regions(cs, n) for cs in low.compute_sets]
     copy_regions = [_distinct([q for p in c.parts for q in (p[0], p[2])], n) for c in low.copies]
-    read_regions = [np.unique(low.layouts[t].locate(np.asarray(idx).reshape(-1))[0]) for _, _, t, idx in low.reads]
+    read_regions = [unique(low.layouts[t].locate(np.asarray(idx).reshape(-1))[0]) for _, _, t, idx in low.reads]
 
     def touch(rs: np.ndarray, label: str) -> None:
         t = len(labels)
@@ -131,7 +132,7 @@ def liveness(low: Lowered) -> Liveness:
 
     walk(low.program)
     end_point = len(labels)
-    touch(np.unique(np.concatenate([read_regions[r] for r in low.outputs.values()]))
+    touch(unique(np.concatenate([read_regions[r] for r in low.outputs.values()]))
           if low.outputs else np.zeros(0, np.int64), "outputs read by the host")
     start = np.full(n, np.iinfo(np.int64).max)
     end = np.full(n, -1, np.int64)

@@ -28,7 +28,7 @@ from popdsl.diagnostics import Diagnostics, Span
 from popdsl.ir import codelet as cir
 from popdsl.ir import executable as X
 from popdsl.ir import graph as g
-from popdsl.ir.index import Batch, RunBatch, Strided, ramps, take_rows
+from popdsl.ir.index import Batch, RunBatch, Strided, ramps, take_rows, unique
 from popdsl.ir.lowered import CopyElems, Lowered, LoweredCS, LoweredGroup, TensorLayout
 from popdsl.ir.mapping import Mapping
 
@@ -172,7 +172,7 @@ def _copy(low: Lowered, graph: g.TensorGraph, src: g.View, dst: g.View) -> CopyE
     es = graph.tensors[src.tensor].elem_bytes
     sr, so, sn, sp = _positioned(low.layouts[src.tensor], *view_runs(src.index))
     dr, do, dn, dp = _positioned(low.layouts[dst.tensor], *view_runs(dst.index))
-    cuts = np.union1d(sp, dp)
+    cuts = unique(np.concatenate((sp, dp)))
     total = int(sn.sum())
     seg_len = np.diff(np.append(cuts, total))
     i = np.searchsorted(sp, cuts, side="right") - 1
@@ -391,7 +391,7 @@ def _shared_buffers(keys: "_RunKeys | None", ptr, rs, rl, rows: np.ndarray) -> t
     (a matmul's workers share their block of b).  Buffers that are written are never
     shared."""
     k = np.arange(len(rows))
-    if keys is None or len(rows) < 2 or np.unique(keys.tiles).size == len(rows):
+    if keys is None or len(rows) < 2 or unique(keys.tiles).size == len(rows):
         return k, k
     # Two vertices share when tile, run count and every run agree (checked exactly
     # after grouping by a hash).
@@ -405,7 +405,7 @@ def _shared_buffers(keys: "_RunKeys | None", ptr, rs, rl, rows: np.ndarray) -> t
     mine = np.repeat(ptr[rows], np.where(agree, counts, 0)) + ramps(np.where(agree, counts, 0))
     agree &= _same_runs(rs, rl, mine, rs, rl, o_idx, np.concatenate(([0], np.cumsum(np.where(agree, counts, 0))[:-1])))
     owner = np.where(agree, owner, k)
-    own = np.unique(owner)
+    own = unique(owner)
     rank = np.searchsorted(own, owner)
     return own, rank
 

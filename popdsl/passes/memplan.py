@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from popdsl.diagnostics import Diagnostic, OutOfMemory, Span
-from popdsl.ir.index import as_array
+from popdsl.ir.index import as_array, unique
 from popdsl.passes.bestfit import Lives, best_fit_many, more_orders
 from popdsl.passes.liveness import Liveness, liveness
 from popdsl.ir.lowered import CopyElems, Lowered
@@ -139,7 +139,7 @@ def plan(low: Lowered, codelets: dict, code_sizes: dict[str, int], unchecked: bo
     problems, problem_bound, problem_of = [], [], {}
     which = {}
     per_interval = np.repeat(alloc_size, np.diff(ptr))
-    for tile in np.unique(alloc_tile).tolist():
+    for tile in unique(alloc_tile).tolist():
         a, b = bounds[tile], bounds[tile + 1]
         sz, ag, s, e = alloc_size[a:b], alloc_align[a:b], alloc_start[a:b], alloc_end[a:b]
         c, d = ptr[a], ptr[b]

@@ -28,7 +28,8 @@ from popdsl import ops, resources
 from popdsl.diagnostics import Span
 from popdsl.ir import codelet as cir
 from popdsl.ir import graph as g
-from popdsl.ir.index import Batch, RunBatch, Strided, affine_rows, as_array, first_elements, ramps, take_rows
+from popdsl.ir.index import (Batch, RunBatch, Strided, affine_rows, as_array, first_elements, ramps, take_rows,
+                              unique)
 from popdsl.ir.mapping import Mapping
 from popdsl.ir.tensor import Node
 from popdsl.ops.blocks import GRAIN
@@ -351,7 +352,7 @@ class Partitioner:
         size = qq + (j < rr)
         offset = j * qq + np.minimum(j, rr)
         begin = vert_first + offset
-        for s in np.unique(size):
+        for s in unique(size):
             sel = size == s
             pos = order[begin[sel][:, None] + np.arange(s)[None, :]]
             yield int(s), pos, vert_tile[sel]
@@ -376,7 +377,7 @@ class Partitioner:
         rr, qq = np.repeat(r, k), np.repeat(q, k)
         size = qq + (j < rr)
         begin = np.repeat(run_at[first_run], k) + j * qq + np.minimum(j, rr)
-        for s in np.unique(size):
+        for s in unique(size):
             sel = np.nonzero(size == s)[0]
             yield int(s), _cut(starts, run_at, begin[sel], size[sel], (int(s),)), vert_tile[sel]
 
@@ -506,7 +507,7 @@ class Partitioner:
         tiles = set()
         for cs in css:
             for grp in cs.groups:
-                tiles.update(np.unique(grp.tiles).tolist())
+                tiles.update(unique(grp.tiles).tolist())
         span = self.g.nodes.spans.get(n.id) if self.g.nodes is not None else None
         if flops is None:
             rule = ops.op(n.op).flops

@@ -28,6 +28,7 @@ import numpy as np
 
 from popdsl.ir import executable as X
 from popdsl.ir.codelet import ELEM_BYTES, lane_type, table_layout
+from popdsl.ir.index import unique
 
 ALWAYS_LIVE = ("var", "input", "param")
 
@@ -221,21 +222,15 @@ def choose_grouping(exe: X.Executable, max_nodes: int) -> int:
     whose vertex nodes fit in `max_nodes`."""
     if vertex_count(exe) <= max_nodes:
         return 0
-    keys = np.unique(np.concatenate([np.int64(i) * exe.target.tiles + np.unique(g.tiles).astype(np.int64)
+    keys = unique(np.concatenate([np.int64(i) * exe.target.tiles + unique(g.tiles).astype(np.int64)
                                      for i, cs in enumerate(exe.compute_sets) for g in cs.groups]))
     cs_of, tile_of = keys // exe.target.tiles, keys % exe.target.tiles
     g = 1
     while g < exe.target.tiles:
-        if np.unique(cs_of * exe.target.tiles + tile_of // g).size <= max_nodes:
+        if unique(cs_of * exe.target.tiles + tile_of // g).size <= max_nodes:
             return g
         g *= 2
     return g
-
-
-def _unique(x: np.ndarray) -> np.ndarray:
-    """Sorted distinct values (a sort: numpy's hashing unique is slow on tens of millions)."""
-    x = np.sort(x)
-    return x[np.concatenate(([True], x[1:] != x[:-1]))] if x.size else x
 
 
 def _unique_counts(x: np.ndarray, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -301,7 +296,7 @@ def compiled_graph(exe: X.Executable, max_nodes: int = 40_000, group_tiles: int 
         n_cs, n_tile, n_count = v_cs[keys], v_tile[keys], np.ones(keys.size, np.int64)
     else:
         vk = v_cs * ntiles + v_tile // g
-        keys = _unique(vk[v_keep])
+        keys = unique(vk[v_keep])
         v_node = np.where(v_keep, np.searchsorted(keys, vk), -1)
         n_cs, n_tile = keys // ntiles, (keys % ntiles) * g
         n_count = np.bincount(v_node[v_keep], minlength=keys.size).astype(np.int64)
@@ -311,7 +306,7 @@ def compiled_graph(exe: X.Executable, max_nodes: int = 40_000, group_tiles: int 
     keep = on_tile[d_tile]
     d_lo, d_hi, d_tensor, d_tile = d_lo[keep], d_hi[keep], d_tensor[keep], d_tile[keep]
     dk = d_tensor * ntiles + d_tile // max(g, 1)
-    dkeys = _unique(dk)
+    dkeys = unique(dk)
     d_node = nv + np.searchsorted(dkeys, dk)
     node_cs = np.concatenate([n_cs, np.full(dkeys.size, -1, np.int64)]).astype(np.int32)
     node_tile = np.concatenate([n_tile, (dkeys % ntiles) * max(g, 1)]).astype(np.int32)
@@ -328,7 +323,7 @@ def compiled_graph(exe: X.Executable, max_nodes: int = 40_000, group_tiles: int 
             r, w, connected = _field_runs(exe, cs, int(vbase[i]))
             r, w = (tuple(a[v_node[x[2]] >= 0] for a in x) for x in (r, w))
             runs[i] = (r, w)
-            connections += connected if tiles is None else int(np.unique(r[2]).size + np.unique(w[2]).size)
+            connections += connected if tiles is None else int(unique(r[2]).size + unique(w[2]).size)
 
     def kept(c: X.CopyTable) -> X.CopyTable:
         if tiles is None:
@@ -349,7 +344,7 @@ def compiled_graph(exe: X.Executable, max_nodes: int = 40_000, group_tiles: int 
         cuts += [c.dst, c.dst + c.nbytes, c.src, c.src + c.nbytes]
     for a, e in buffers.values():
         cuts += [a, e]
-    bnd = _unique(np.concatenate(cuts))
+    bnd = unique(np.concatenate(cuts))
     # One more round: a copy's destination is cut where its source is, so a cell
     # of the destination comes from one cell of the source.
     extra = []
@@ -361,7 +356,7 @@ def compiled_graph(exe: X.Executable, max_nodes: int = 40_000, group_tiles: int 
             if idx.size:
                 extra.append(c.dst[which] + (bnd[idx] - c.src[which]))
     if extra:
-        bnd = _unique(np.concatenate([bnd] + extra))
+        bnd = unique(np.concatenate([bnd] + extra))
     owner = np.full(bnd.size, -1, np.int64)       # -1 nothing known, -2 a buffer (grouped)
     edges: list[tuple[np.ndarray, np.ndarray]] = []
 
@@ -405,7 +400,7 @@ def compiled_graph(exe: X.Executable, max_nodes: int = 40_000, group_tiles: int 
         src, n, reader = c.src[on].astype(np.int64), c.nbytes[on], reader[on]
         span = int(n.max()) + 1
         key = src * span + n
-        if np.unique(key[:65536]).size > min(key.size, 65536) // 2:
+        if unique(key[:65536]).size > min(key.size, 65536) // 2:
             # Mostly distinct runs (a transpose's element copies): sorting them to
             # find the repeats would cost more than it saves.
             idx, which = cells(src, src + n)

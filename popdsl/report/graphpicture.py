@@ -29,6 +29,7 @@ import time
 import numpy as np
 
 from popdsl.ir.executable import Executable
+from popdsl.ir.index import unique
 from popdsl.report.dataflow import CompiledGraph, compiled_graph, cs_layers, subgraph, tensor_regions
 from popdsl.report.pictures import Picture, new_figure, require, save
 
@@ -177,7 +178,7 @@ def neighbourhood(sg: CompiledGraph, own: np.ndarray, size: int) -> np.ndarray:
     # The data these vertices read, as far as room allows.
     keep = np.zeros(sg.nodes, bool)
     keep[order] = True
-    data = np.unique(sg.src[sg.is_data[sg.src] & keep[sg.dst]])
+    data = unique(sg.src[sg.is_data[sg.src] & keep[sg.dst]])
     return np.concatenate([order, data[:max(size // 4, 0)]])
 
 
@@ -230,7 +231,7 @@ def _draw_section(fig, box, exe: Executable, section, labels, cs_layer, regions,
     ax.margins(0.04)
     for s in ax.spines.values():
         s.set_edgecolor("#666666")
-    tiles = np.unique(sg.node_tile[~sg.is_data]) if sg.nodes else np.zeros(0, np.int64)
+    tiles = unique(sg.node_tile[~sg.is_data]) if sg.nodes else np.zeros(0, np.int64)
     nv = int((~sg.is_data).sum())
     ax.set_title(f"enlarged: {_short(labels[lay], 44)}\n{nv:,} of the {full.vertices:,} vertices of it and "
                  f"its feeders on {int(on.sum())} nearby tiles (drawn: {tiles.size} tiles); {sg.src.size:,} edges",
@@ -289,7 +290,7 @@ def draw_graph(exe: Executable, path: str, max_nodes: int = 40_000, sections: in
     cax = fig.add_axes((0.1 / W + 0.05 * side / W, 0.35 / H, 0.9 * side / W, 0.16 / H))
     sm = ScalarMappable(norm=Normalize(-0.5, nl - 0.5), cmap=ListedColormap(colours(np.arange(nl), nl)))
     cb = fig.colorbar(sm, cax=cax, orientation="horizontal")
-    ticks = np.unique(np.linspace(0, nl - 1, min(nl, 6)).round().astype(int))
+    ticks = unique(np.linspace(0, nl - 1, min(nl, 6)).round().astype(int))
     cb.set_ticks(ticks)
     cb.set_ticklabels([_short(labels[i]) for i in ticks], fontsize=7.5, color="#cccccc")
     cb.outline.set_edgecolor("#555555")
