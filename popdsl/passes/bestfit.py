@@ -66,6 +66,7 @@ codelet BestFit(in size: i32[n], in align: i32[n], in start: i32[n], in end: i32
                     if gap >= s && (best < 0 || gap < bestgap) {
                         best = at;
                         bestgap = gap;
+                        if gap == s { break; }
                     }
                     cursor = max(cursor, off[j] + size[j]);
                 }
