@@ -70,6 +70,12 @@ def _hash(key):
 
 
 def _repr(names: tuple[str, ...]):
+    # A loop, not a generator: a generator's frame under each level of a deep tree
+    # would make repr give up sooner than dataclass's (fuse hashes the repr of an
+    # element-wise chain 300 operations deep).
     def __repr__(self):
-        return f"{self.__class__.__qualname__}({', '.join(f'{n}={getattr(self, n)!r}' for n in names)})"
+        parts = []
+        for n in names:
+            parts.append(f"{n}={getattr(self, n)!r}")
+        return f"{self.__class__.__qualname__}({', '.join(parts)})"
     return __repr__

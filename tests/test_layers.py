@@ -10,7 +10,7 @@ PKG = Path(__file__).resolve().parent.parent / "popdsl"
 
 # Bottom up.  A module may import modules of its own layer and of the layers below.
 LAYERS = (
-    ("diagnostics", "resources", "limits", "atomic", "timings"),
+    ("node", "diagnostics", "resources", "limits", "atomic", "timings"),
     ("frontend",),
     ("ir",),
     ("ops",),
