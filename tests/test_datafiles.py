@@ -217,3 +217,44 @@ def test_fortran_ordered_feed_reads_right(prog, tmp_path):
     np.save(p, np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)))
     a = datafile.load_npy(str(p))
     np.testing.assert_array_equal(a, np.arange(6).reshape(2, 3))
+
+
+def _header_text(raw: bytes) -> str:
+    n, at = (int.from_bytes(raw[8:10], "little"), 10) if raw[6] == 1 else (int.from_bytes(raw[8:12], "little"), 12)
+    return raw[at:at + n].decode("latin1")
+
+
+def test_numpy_headers_are_read_without_the_parser_and_as_it_reads_them():
+    """What numpy writes (both header versions, np.save) takes the fast path and
+    reads as `ast.literal_eval` reads it; every one-character change of such a header
+    reads the same either way, or fails either way."""
+    import ast
+    import random
+    texts = []
+    for dt in ("<f4", "<f8", "<i4", "|u1", "|b1", "<f2", ">i2", "<c8"):
+        for shape in ((), (0,), (3,), (3, 4), (1, 2, 3), (10**12,)):
+            for fortran in (False, True):
+                for write in (np.lib.format.write_array_header_1_0, np.lib.format.write_array_header_2_0):
+                    f = io.BytesIO()
+                    write(f, {"descr": dt, "fortran_order": fortran, "shape": shape})
+                    texts.append(_header_text(f.getvalue()))
+    for a in (np.zeros((2, 3), np.float32), np.arange(5), np.array(3.0), np.zeros(0, bool)):
+        f = io.BytesIO()
+        np.save(f, a)
+        texts.append(_header_text(f.getvalue()))
+
+    def read(read_one, text):
+        try:
+            d = read_one(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            return "error"
+        return d, type(d["shape"]) if isinstance(d, dict) and "shape" in d else None
+
+    rnd = random.Random(0)
+    for text in texts:
+        assert datafile._NUMPY_HEADER.fullmatch(text), text
+        assert read(datafile._header_dict, text) == read(ast.literal_eval, text)
+        for _ in range(40):
+            i = rnd.randrange(len(text))
+            bad = text[:i] + rnd.choice("0123456789, ()'{}:TrueFalse<>|x\n ") + text[i + 1:]
+            assert read(datafile._header_dict, bad) == read(ast.literal_eval, bad), bad
