@@ -368,6 +368,22 @@ def test_a_broadcast_operand_is_read_per_stretch_only_where_the_stretches_fit():
     assert full[1].tolist() == [100, 101, 102]
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 30), st.sampled_from([1, 2, 5, 39, 40, 45]), st.integers(0, 2**32 - 1))
+def test_fused_vertices_are_grouped_by_their_operands_modes_as_distinct_rows_are(nv, n, seed):
+    """`_kinds` (one base-3 integer per vertex up to 39 operands, np.unique over
+    rows above) gives the distinct rows of the modes in lexicographic order, each
+    with the vertices that have it: what np.unique(axis=0) defines."""
+    from popdsl.passes.fuse import _kinds
+    modes = np.random.default_rng(seed).integers(0, 3, (nv, n)).astype(np.int8)
+    modes[nv // 2:] = modes[0]                         # repeated rows, not only distinct ones
+    want, which = np.unique(modes, axis=0, return_inverse=True)
+    got = list(_kinds(modes))
+    assert [kind for _, kind in got] == [tuple(int(x) for x in row) for row in want]
+    for j, (rows, _) in enumerate(got):
+        assert rows.tolist() == np.nonzero(which.reshape(-1) == j)[0].tolist()
+
+
 def test_a_fused_op_is_laid_out_like_a_real_operand_not_a_broadcast_scalar():
     """The gradient of sum(x * gy) with respect to x is gy times a broadcast scalar
     (the sum's gradient).  Aligned with that scalar, the whole result sat on the
