@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import llvmlite.binding as llvm
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -467,15 +468,19 @@ def test_cache_hit_skips_compile_and_survives_corruption(monkeypatch, tmp_path):
     cs = list(pop(FUSED).values())
     calls = []
     real = jit._compile_object
-    monkeypatch.setattr(jit, "_compile_object", lambda text: calls.append(1) or real(text))
-    assert not NativeCodelets(cs).from_cache and len(calls) == 1
+    monkeypatch.setattr(jit, "_compile_object", lambda text, sizes=False: calls.append(sizes) or real(text, sizes))
+    assert not NativeCodelets(cs).from_cache and calls == [False]
     nc = NativeCodelets(cs)
-    assert nc.from_cache and len(calls) == 1
+    assert nc.from_cache and calls == [False]
     files = list(tmp_path.glob("*.o"))
     assert len(files) == 1 and not list(tmp_path.glob(".tmp-*"))
-    files[0].write_bytes(files[0].read_bytes()[:100] + b"garbage")
+    # The sizes' object is compiled when first asked for, and cached beside it.
+    assert nc.object_code_size("Fused") > 0 and calls == [False, True]
+    assert NativeCodelets(cs).object_code_size("Fused") == nc.object_code_size("Fused") and calls == [False, True]
+    host = tmp_path / f"{jit.cache_key(jit._module_text(cs, False))}.o"
+    host.write_bytes(host.read_bytes()[:100] + b"garbage")
     nc = NativeCodelets(cs)
-    assert not nc.from_cache and len(calls) == 2
+    assert not nc.from_cache and calls == [False, True, False]
     _fused_adds_ones(nc, cs)
 
 
@@ -487,14 +492,15 @@ def test_compile_ahead_is_taken_by_the_next_compile_of_the_same_codelets(monkeyp
     cs = list(pop(FUSED).values())
     calls = []
     real = jit._compile_object
-    monkeypatch.setattr(jit, "_compile_object", lambda text: calls.append(1) or real(text))
+    monkeypatch.setattr(jit, "_compile_object", lambda text, sizes=False: calls.append(sizes) or real(text, sizes))
     jit.compile_ahead(cs)
-    assert len(jit._AHEAD) == 1
+    assert len(jit._AHEAD) == 2               # the host's object and the sizes'
     nc = NativeCodelets(cs)
-    assert not nc.from_cache and len(calls) == 1 and not jit._AHEAD
-    assert len(list(tmp_path.glob("*.o"))) == 1
+    assert not nc.from_cache and len(jit._AHEAD) == 1
+    assert nc.object_code_size("Fused") > 0 and not jit._AHEAD and sorted(calls) == [False, True]
+    assert len(list(tmp_path.glob("*.o"))) == 2
     jit.compile_ahead(cs)                    # cached: nothing to do
-    assert not jit._AHEAD and len(calls) == 1
+    assert not jit._AHEAD and len(calls) == 2
     _fused_adds_ones(nc, cs)
 
 
@@ -507,16 +513,18 @@ def test_compile_ahead_that_fails_is_compiled_again_where_it_is_needed(monkeypat
     calls = []
     real = jit._compile_object
 
-    def flaky(text):
-        calls.append(1)
-        if len(calls) == 1:
+    def flaky(text, sizes=False):
+        calls.append(sizes)
+        if calls == [False]:
             raise RuntimeError("LLVM failed")
-        return real(text)
+        return real(text, sizes)
     monkeypatch.setattr(jit, "_compile_object", flaky)
     jit.compile_ahead(cs)
     nc = NativeCodelets(cs)
-    assert len(calls) == 2 and not nc.from_cache and not jit._AHEAD
-    monkeypatch.setattr(jit, "_compile_object", lambda text: (_ for _ in ()).throw(RuntimeError("LLVM failed")))
+    assert calls.count(False) == 2 and not nc.from_cache
+    assert nc.object_code_size("Fused") > 0 and not jit._AHEAD
+    monkeypatch.setattr(jit, "_compile_object",
+                        lambda text, sizes=False: (_ for _ in ()).throw(RuntimeError("LLVM failed")))
     monkeypatch.setenv("POPDSL_CACHE_DIR", str(tmp_path / "other"))
     jit.compile_ahead(cs)
     with pytest.raises(RuntimeError, match="LLVM failed"):
@@ -754,3 +762,26 @@ def test_scatter_and_gather_refuse_runs_outside_their_arrays():
         scatter_runs(mem, np.ones(2, np.float32), element_runs(np.array([0, 4, 8]), 4))
     with pytest.raises(ValueError, match="outside"):
         gather_runs(mem, np.ones(1, np.float32), element_runs(np.array([0, 4]), 4))
+
+
+def test_code_sizes_are_the_same_whatever_the_host_cpu(monkeypatch, tmp_path):
+    """The memory plan's code bytes come from SIZE_MACHINE's object, not the host's:
+    an AVX-512 host's vectorised loop is larger (which once made a training step
+    one that fitted on one machine and not on another)."""
+    if not llvm.get_process_triple().startswith("x86_64"):
+        pytest.skip("the CPUs compared are x86-64 ones")
+    monkeypatch.setenv("POPDSL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(jit, "_AHEAD", {})
+    cs = list(pop("codelet Saxpy(in x: f32[n], inout y: f32[n], a: f32) "
+                  "{ for i in 0..n { y[i] = y[i] + a * x[i]; } }").values())
+    jit._target_machine()
+    host_sizes, sizes = set(), set()
+    for cpu in ("x86-64", "skylake-avx512", "znver4"):
+        tm = llvm.Target.from_triple(llvm.get_process_triple()).create_target_machine(
+            cpu=cpu, features="", opt=3, jit=True)
+        monkeypatch.setattr(jit, "_TM", tm)
+        monkeypatch.setattr(jit, "_host", lambda cpu=cpu: (tm.triple, cpu, ""))
+        nc = NativeCodelets(cs)             # compiled (and loaded, not run) for that CPU
+        host_sizes.add(jit._section_sizes(jit.object_code(cs)[0])[".text.popdsl_drive_Saxpy"])
+        sizes.add(nc.object_code_size("Saxpy"))
+    assert len(host_sizes) > 1 and len(sizes) == 1

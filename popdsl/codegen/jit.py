@@ -27,7 +27,11 @@ checked natively).
 Code size: every exported function is emitted into its own section
 (`.text.<symbol>`), so `object_code_size` reads real machine-code bytes from the
 object file's section table: the driver (with its inlined body and inlined scalar
-calls) plus any scalar-codelet function that survived inlining.
+calls) plus any scalar-codelet function that survived inlining.  Those bytes (the
+memory plan's code, a stand-in for IPU code) come from a second object compiled for
+one fixed machine, `SIZE_MACHINE`, never the host's: otherwise whether a graph fits
+its tiles would depend on the CPU that compiled it (an AVX-512 host's code is
+larger).  It is compiled and cached like the host's object, only when asked for.
 """
 from __future__ import annotations
 
@@ -59,6 +63,10 @@ CODEGEN_VERSION = "popdsl-codegen-3"
 _MAGIC = b"POPDSLO1"
 _LOCK = threading.RLock()        # llvmlite compiles are not thread-safe
 _TM = None
+_SIZE_TM = None
+# The machine whose object code the memory plan charges: x86-64 at its baseline
+# features (SSE2), in every llvmlite build, whatever the host.
+SIZE_MACHINE = ("x86_64-unknown-linux-gnu", "x86-64", "")
 # C symbols native code may call: those intrinsics lower to (ir.intrinsics), the
 # float remainder and the half-precision conversions.
 _LIBM_SYMBOLS = ("fmodf", "__extendhfsf2", "__truncsfhf2") + link_symbols()
@@ -100,6 +108,17 @@ def _new_target_machine():
         opt=3, jit=True)
 
 
+def _size_target_machine():
+    global _SIZE_TM
+    if _SIZE_TM is None:
+        _target_machine()
+        llvm.initialize_all_targets()
+        llvm.initialize_all_asmprinters()
+        triple, cpu, features = SIZE_MACHINE
+        _SIZE_TM = llvm.Target.from_triple(triple).create_target_machine(cpu=cpu, features=features, opt=3)
+    return _SIZE_TM
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("POPDSL_CACHE_DIR") or Path.home() / ".cache" / "popdsl")
 
@@ -118,17 +137,20 @@ def _host() -> tuple[str, ...]:
     return _HOST
 
 
-def cache_key(ir_text: str) -> str:
+def cache_key(ir_text: str, machine: tuple[str, ...] | None = None) -> str:
+    """The object cache's key of `ir_text` compiled for `machine` (the host's by
+    default; `SIZE_MACHINE` for the sizes)."""
     h = hashlib.sha256()
-    for part in (CODEGEN_VERSION, ir_text, *_host(), llvmlite.__version__):
+    for part in (CODEGEN_VERSION, ir_text, *(machine or _host()), llvmlite.__version__):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
 
 
-def optimize_ir(ir_text: str) -> "llvm.ModuleRef":
-    """Parse, verify and O3-optimise `ir_text` for the host (for tests and dumps)."""
-    tm = _target_machine()
+def optimize_ir(ir_text: str, tm=None) -> "llvm.ModuleRef":
+    """Parse, verify and O3-optimise `ir_text` for the host, or for target machine
+    `tm` (for tests and dumps)."""
+    tm = tm or _target_machine()
     mod = llvm.parse_assembly(ir_text)
     mod.triple = tm.triple
     mod.data_layout = str(tm.target_data)
@@ -142,9 +164,11 @@ def optimize_ir(ir_text: str) -> "llvm.ModuleRef":
     return mod
 
 
-def _compile_object(ir_text: str) -> bytes:
-    """IR text → host object code (the expensive step the cache avoids)."""
-    return _target_machine().emit_object(optimize_ir(ir_text))
+def _compile_object(ir_text: str, sizes: bool = False) -> bytes:
+    """IR text → host object code, or `SIZE_MACHINE`'s (the expensive step the cache
+    avoids)."""
+    tm = _size_target_machine() if sizes else _target_machine()
+    return tm.emit_object(optimize_ir(ir_text, tm))
 
 
 def _read_cache(path: Path) -> bytes | None:
@@ -175,11 +199,12 @@ def _write_cache(path: Path, obj: bytes) -> None:
 
 def object_code(codelets: Sequence[ir.Codelet], unchecked: bool = False,
                 contract: bool = True, specs: Sequence[tuple[str, tuple]] = (),
-                generic: bool = True) -> tuple[bytes, bool]:
-    """(object code, came from cache) for `codelets` (see `emit_module`)."""
+                generic: bool = True, sizes: bool = False) -> tuple[bytes, bool]:
+    """(object code, came from cache) for `codelets` (see `emit_module`): the host's,
+    or with `sizes` `SIZE_MACHINE`'s."""
     # llvmlite.ir is plain Python: text and key need no lock (a compile ahead may hold it).
     text = _module_text(codelets, unchecked, contract, tuple(specs), generic)
-    key = cache_key(text)
+    key = cache_key(text, SIZE_MACHINE if sizes else None)
     ahead = _AHEAD.pop(key, None)
     if ahead is not None:
         # Waited for outside the lock, which the compile holds.
@@ -191,7 +216,7 @@ def object_code(codelets: Sequence[ir.Codelet], unchecked: bool = False,
         obj = _read_cache(path)
         if obj is not None:
             return obj, True
-        obj = _compile_object(text)
+        obj = _compile_object(text, sizes)
         _write_cache(path, obj)
         return obj, False
 
@@ -224,21 +249,23 @@ _POOL: ThreadPoolExecutor | None = None
 
 def compile_ahead(codelets: Sequence[ir.Codelet], unchecked: bool = False) -> None:
     """Start compiling, on a background thread, the object code a later
-    `object_code(codelets, unchecked)` (a `NativeCodelets`) will ask for, unless the
-    cache holds it.  LLVM's work runs in ctypes calls, which release the GIL: it
-    overlaps whatever the caller does next (the compiler lowers the vertex graph
-    meanwhile) on a second core.  Only a speed-up: if nobody asks, the object is
-    just cached; if the compile fails, `object_code` compiles again and raises."""
+    `object_code(codelets, unchecked)` (a `NativeCodelets`) will ask for, and the
+    object its code sizes come from, unless the cache holds them.  LLVM's work runs
+    in ctypes calls, which release the GIL: it overlaps whatever the caller does
+    next (the compiler lowers the vertex graph meanwhile) on a second core.  Only a
+    speed-up: if nobody asks, the objects are just cached; if a compile fails,
+    `object_code` compiles again and raises."""
     global _POOL
     text = _module_text(codelets, unchecked)
-    key = cache_key(text)
-    path = cache_dir() / f"{key}.o"
-    if key in _AHEAD or path.exists():
-        return
-    if _POOL is None:
-        # Not a daemon: an interpreter exiting mid-compile waits for LLVM to finish.
-        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="popdsl-llvm")
-    _AHEAD[key] = _POOL.submit(_compile_and_cache, text, path)
+    for sizes in (False, True):
+        key = cache_key(text, SIZE_MACHINE if sizes else None)
+        path = cache_dir() / f"{key}.o"
+        if key in _AHEAD or path.exists():
+            continue
+        if _POOL is None:
+            # Not a daemon: an interpreter exiting mid-compile waits for LLVM to finish.
+            _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="popdsl-llvm")
+        _AHEAD[key] = _POOL.submit(_compile_and_cache, text, path, sizes)
 
 
 def finish_ahead() -> None:
@@ -248,10 +275,10 @@ def finish_ahead() -> None:
         _POOL.shutdown(wait=True)
 
 
-def _compile_and_cache(text: str, path: Path) -> bytes | None:
+def _compile_and_cache(text: str, path: Path, sizes: bool = False) -> bytes | None:
     try:
         with _LOCK:
-            obj = _compile_object(text)
+            obj = _compile_object(text, sizes)
             _write_cache(path, obj)
             return obj
     except Exception:           # noqa: BLE001 - compiled again, in the caller's thread, which reports it
@@ -324,8 +351,9 @@ class NativeCodelets:
         self.unchecked, self.contract = unchecked, contract
         specs = tuple(sorted(set(specs)))
         obj, self.from_cache = object_code(codelets, unchecked, contract, specs, generic)
+        self._built_with = (list(codelets), unchecked, contract, specs, generic)
+        self._sections: dict[str, int] | None = None
         with _LOCK:
-            self._sections = _section_sizes(obj)
             _target_machine()
             # The engine takes ownership of its target machine (and frees it with
             # itself), so each engine gets its own, never the shared compile one.
@@ -407,9 +435,14 @@ class NativeCodelets:
             raise VertexError(err[0], i, "", err[2], err[3], err[4], codelet=name)
 
     def object_code_size(self, name: str) -> int:
-        """Bytes of machine code of codelet `name`: its driver (vertex) or map
-        (scalar) section plus the sections of scalar codelets it calls that were
-        not inlined away."""
+        """Bytes of machine code of codelet `name` compiled for `SIZE_MACHINE`: its
+        driver (vertex) or map (scalar) section plus the sections of scalar codelets
+        it calls that were not inlined away."""
+        if self._sections is None:
+            codelets, unchecked, contract, specs, generic = self._built_with
+            obj, _ = object_code(codelets, unchecked, contract, specs, generic, sizes=True)
+            with _LOCK:
+                self._sections = _section_sizes(obj)
         c = self.codelets[name]
         own = f".text.popdsl_{'drive' if c.ret is None else 'map'}_{name}"
         total = self._sections.get(own, 0)
