@@ -23,6 +23,7 @@ import numpy as np
 
 from popdsl.ir import graph as g
 from popdsl.ir.cost import LOOP_ITER, LOOP_SETUP, RPT_ITER, VERTEX_OVERHEAD, amp_cycles
+from popdsl.ir.index import Strided
 from popdsl.ir.intrinsics import DIV, OP
 from popdsl.ir.tensor import Node
 from popdsl.ops.blocks import (SLAB_BYTES, TILE_BUFFER_BYTES, block_of, blocks, bounds, ceil_div, emit_classes,
@@ -150,7 +151,8 @@ def grad_w_vertex_cycles(o: int, c: int, nb: int, oh: int, ow: int, kh: int, kw:
     return VERTEX_OVERHEAD + _W_LETS + zero + LOOP_SETUP + nb * (LOOP_ITER + LOOP_SETUP + oh * per_oy)
 
 
-def _split_plan(p, outer: int, sizes, moved, macs, partial_dims: tuple[int, ...] = (), partial_bytes: int = 0):
+def _split_plan(p, outer: int, sizes, moved, macs, partial_dims: tuple[int, ...] = (), partial_bytes: int = 0,
+                strided=None):
     """Power-of-two splits of the dimensions `sizes` for `outer` independent jobs: the
     least estimated cycles of the busiest tile — its vertices' `macs(*block)`
     multiply-accumulates at the target's rate, a tile's workers busy only when it
@@ -162,10 +164,15 @@ def _split_plan(p, outer: int, sizes, moved, macs, partial_dims: tuple[int, ...]
     vertices receive and produce at most TILE_BUFFER_BYTES on a tile (six vertices
     of 48 KB fields each filled ResNet-50's tiles with exchange buffers and partial
     sums); else among the
-    first two conditions; else the plan with the smallest largest field."""
+    first two conditions; else the plan with the smallest largest field.  `strided(*block)`,
+    if given, says whether a block's fields are strided views of their tensors; a plan
+    whose fields are not (an index array per element: gigabytes of them for a
+    training step at batch 8) is taken only where no strided plan meets the same
+    conditions."""
     target = p.g.target
     rate, workers = target.exchange_bytes_per_cycle, target.workers
-    best, crowded, fallback = None, None, None
+    # Per kind of plan (fits the tile's buffers, or only the slabs), strided or not.
+    best, crowded, fallback = [None, None], [None, None], None
     for splits in itertools.product(*(pow2_splits(n) for n in sizes)):
         block = [ceil_div(n, k) for n, k in zip(sizes, splits)]
         tasks = outer * int(np.prod(splits))
@@ -178,11 +185,20 @@ def _split_plan(p, outer: int, sizes, moved, macs, partial_dims: tuple[int, ...]
         if fallback is None or worst < fallback[0]:
             fallback = (worst, splits)
         if worst <= SLAB_BYTES and tasks <= p.tiles * workers:
-            if crowded is None or cost < crowded[0]:
-                crowded = (cost, splits)
-            if per_tile * (received + produced) <= TILE_BUFFER_BYTES and (best is None or cost < best[0]):
-                best = (cost, splits)
-    return (best or crowded or fallback)[1]
+            k = int(strided is None or strided(*block))
+            if crowded[k] is None or cost < crowded[k][0]:
+                crowded[k] = (cost, splits)
+            if per_tile * (received + produced) <= TILE_BUFFER_BYTES and (best[k] is None or cost < best[k][0]):
+                best[k] = (cost, splits)
+    return (best[1] or best[0] or crowded[1] or crowded[0] or fallback)[1]
+
+
+def _strided(index, block, shape) -> bool:
+    """Whether the leading `block` (sizes of index's first axes) of a view reshapes
+    to `shape` without a copy, as `stacked` makes a vertex's field of it."""
+    if not isinstance(index, Strided):
+        return False
+    return index[tuple(slice(0, b) for b in block)].view_reshape(shape) is not None
 
 
 def _crop(p, out: g.View, shape, padding: int) -> g.View:
@@ -300,7 +316,9 @@ def partition_conv_grad_w(p, n: Node) -> g.View:
                                                          max(nb * cb * rows_in(rb) * Wp, nb * ob * rb * OW,
                                                              ob * cb * kk) * 4, ob * cb * kk * 4),
                                  lambda nb, rb, ob, cb: nb * ob * cb * kk * rb * OW, partial_dims=(0, 1),
-                                 partial_bytes=O * Cg * kk * 4)
+                                 partial_bytes=O * Cg * kk * 4,
+                                 strided=lambda nb, rb, ob, cb: _strided(x.index, (nb, cb, rows_in(rb)), (nb * cb, -1))
+                                 and _strided(gv.index, (nb, ob, rb), (nb * ob, -1)))
     nbs, rbs, obs, cbs = blocks(N, gn), blocks(OH, gr), blocks(Og, go), blocks(Cg, gc)
     nnb, nrb, nob, ncb = len(nbs), len(rbs), len(obs), len(cbs)
     nparts = nnb * nrb
