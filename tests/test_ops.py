@@ -13,6 +13,8 @@ from hypothesis import example, given, settings, strategies as st
 import popdsl
 from popdsl import ops
 from popdsl.diagnostics import CompileError
+from popdsl.ir import graph as g
+from popdsl.ir.index import Batch
 from popdsl.ir.target import get_target
 from popdsl.ops import elementwise
 from popdsl.ops.evaluate import run_graph
@@ -402,3 +404,41 @@ def test_a_fused_op_is_laid_out_like_a_real_operand_not_a_broadcast_scalar():
     gy = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
     with popdsl.Simulator(exe) as sim:
         np.testing.assert_array_equal(sim.run({"gy": gy})["dx"], gy)
+
+
+def test_batch_statistics_and_weight_gradients_connect_strided_fields_at_any_batch():
+    """Batch norm's statistics over (N, H, W) and a convolution's weight gradient
+    over images: at batch > 1 one field over images and channels would be no strided
+    view (an index array per element: gigabytes for ResNet-50 at batch 8), so the
+    reduction runs in two steps (H*W per image and channel, then the images) and the
+    weight gradient's plan keeps its fields strided.  The results match numpy."""
+    src = """import "popnn";
+graph g(tiles = 16) {
+    input x: f32[4, 6, 5, 7];
+    input y: f32[4, 32, 8, 8];
+    param w: f32[32, 32, 3, 3] = he_normal();
+    output s = sum(x, axis = [0, 2, 3]);
+    output m = max(x, axis = [0, 2, 3], keepdims = true);
+    output t = sum(x, axis = [0, 3]);
+    output dw = grad(sum(conv2d(y, w, padding = 1)), w);
+}"""
+    graph = compile_source(src, "<string>", get_target("gc200", tiles=16), stop_after="partition")
+    fields = [(cs, grp.codelet, c) for cs in graph.compute_sets.values() for grp in cs.groups
+              for c in grp.connections.values()]
+    assert any("inner" in cs.name for cs, _, _ in fields)
+    for cs, codelet, c in fields:
+        if codelet.startswith("Reduce") or codelet == "Conv2dGradW":
+            assert isinstance(c, g.Stacked) and isinstance(c.index, Batch), (cs.name, codelet)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 6, 5, 7)).astype(np.float32)
+    y = rng.standard_normal((4, 32, 8, 8)).astype(np.float32)
+    exe = popdsl.compile(src)
+    with popdsl.Simulator(exe) as sim:
+        out = sim.run({"x": x, "y": y})
+    np.testing.assert_allclose(out["s"], x.sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(out["m"], x.max((0, 2, 3), keepdims=True))
+    np.testing.assert_allclose(out["t"], x.sum((0, 3)), rtol=1e-5, atol=1e-4)
+    # d sum(conv(x, w)) / dw[o, c, i, j] = the sum of x's padded window at (i, j)
+    yp = np.pad(y.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    win = np.array([[yp[:, :, i:i + 8, j:j + 8].sum((0, 2, 3)) for j in range(3)] for i in range(3)])
+    np.testing.assert_allclose(out["dw"], np.broadcast_to(win.transpose(2, 0, 1), (32, 32, 3, 3)), rtol=1e-4, atol=1e-3)

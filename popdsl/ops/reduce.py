@@ -185,15 +185,48 @@ def sum_partials(p, partial: g.View, label: str, shape=None) -> g.View:
 def partition(p, n: Node) -> g.View:
     kind, axes, keepdims = n.attrs
     x = p.value(n.args[0])
+    before = len(p.seq)
+    inner = _inner_axes(x.index, axes) if kind != "argmax" else ()
+    if inner:
+        # Batch norm's statistics over (N, H, W) of an [N, C, H, W] tensor: its rows
+        # [C, N*H*W] are no strided view once N > 1 (an index per element, a
+        # gigabyte at batch 8), so first each (n, c)'s H*W elements, then the N
+        # partial results of each c.
+        rest = [i for i in range(x.index.ndim) if i not in inner]
+        first = g.View(x.tensor, x.index.reshape(-1, int(np.prod([x.index.shape[i] for i in inner]))), x.span)
+        shape = tuple(x.index.shape[i] for i in rest)
+        part = reduce_rows(p, kind, first, n.args[0].dtype, n.dtype, p.name(n) + ".inner", shape)
+        x = g.View(part.tensor, part.index.reshape(shape), part.span)
+        axes = tuple(rest.index(a) for a in axes if a not in inner)
     keep = [i for i in range(x.index.ndim) if i not in axes]
     idx = x.index.transpose(keep + list(axes))
     R = int(np.prod([x.index.shape[i] for i in keep], dtype=np.int64))
     K = int(np.prod([x.index.shape[i] for i in axes], dtype=np.int64))
     src = g.View(x.tensor, idx.reshape(R, K), x.span)
-    before = len(p.seq)
-    out = reduce_rows(p, kind, src, n.args[0].dtype, n.dtype, p.name(n), n.shape)
+    out = reduce_rows(p, kind, src, n.args[0].dtype if not inner else n.dtype, n.dtype, p.name(n), n.shape)
     p.record(n, *[p.g.compute_sets[e.cs] for e in p.seq[before:]])
     return g.View(out.tensor, out.index.reshape(n.shape), out.span)
+
+
+def _inner_axes(index, axes) -> tuple[int, ...]:
+    """The reduced axes to reduce first, where the rows of all of them reduced at
+    once would be no strided view: the trailing run of reduced axes, if its rows
+    are one and the rest are not all of them.  () where one step does."""
+    if not isinstance(index, Strided) or len(axes) < 2:
+        return ()
+    keep = [i for i in range(index.ndim) if i not in axes]
+    rows = int(np.prod([index.shape[i] for i in keep], dtype=np.int64))
+    if index.transpose(keep + list(axes)).view_reshape((rows, -1)) is not None:
+        return ()
+    inner = []
+    for i in reversed(range(index.ndim)):
+        if i not in axes:
+            break
+        inner.insert(0, i)
+    if not inner or len(inner) == len(axes):
+        return ()
+    size = int(np.prod([index.shape[i] for i in inner], dtype=np.int64))
+    return tuple(inner) if index.view_reshape((-1, size)) is not None else ()
 
 
 def add_partials(p, n: Node, cs, acc: g.View, split: bool, label: str, shape=None) -> g.View:
