@@ -6,6 +6,7 @@ diagnostic."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,16 +24,16 @@ from popdsl.report.memory import memory_report
 
 from test_cli import _tampered
 
-# Six conv + batch-norm + relu layers: activations big, weights small (the regime of
+# Six conv + batch-norm + relu layers on 32x32 images: activations big, weights small (the regime of
 # ResNet's early layers, where recomputation pays).
 LAYERS = "\n".join(f"    let h{i} = relu(conv_bn(h{i - 1}, 8, 3, 1, 1));" for i in range(1, 7))
 CNN = f"""import "popnn";
 graph deep(tiles = 16) {{
-    input x: f32[4, 8, 12, 12];
+    input x: f32[4, 8, 32, 32];
     input labels: i32[4];
     let h0 = x;
 {LAYERS}
-    let p = avg_pool2d(h6, 12);
+    let p = avg_pool2d(h6, 32);
     let logits = dense(reshape(p, [4, 8]), 10);
     let loss = mean(cross_entropy(logits, labels));
     output loss;
@@ -56,7 +57,7 @@ def built():
 
 def feeds(seed=0):
     rng = np.random.default_rng(seed)
-    return {"x": rng.standard_normal((4, 8, 12, 12)).astype(np.float32),
+    return {"x": rng.standard_normal((4, 8, 32, 32)).astype(np.float32),
             "labels": rng.integers(0, 10, 4).astype(np.int32)}
 
 
@@ -82,9 +83,11 @@ def test_recomputing_every_segment_keeps_far_fewer_bytes(built):
     assert none["activations_kept_bytes"] == none["activations_kept_bytes_without_recompute"]
     assert every["recomputed_segments"] == every["segments"] > 1
     assert every["activations_kept_bytes_without_recompute"] == none["activations_kept_bytes"]
-    # Tensor level and as planned: what crosses into the backward pass, and the peak.
-    assert every["activations_kept_bytes"] * 3 < none["activations_kept_bytes"]
-    assert every["live_at_backward_start"] * 3 < none["live_at_backward_start"]
+    # Tensor level and as planned: what crosses into the backward pass, and the peak
+    # (3.0x here: relu's gradient asks its result, which the next layer
+    # keeps anyway, so even `none` keeps only two tensors a layer).
+    assert every["activations_kept_bytes"] * 2.5 < none["activations_kept_bytes"]
+    assert every["live_at_backward_start"] * 2.5 < none["live_at_backward_start"]
     assert every["live_peak"] < 0.7 * none["live_peak"]
     # ... paid for in compute: at most one forward pass again.
     assert 0 < every["flops"]["recompute"] <= every["flops"]["forward"]
@@ -251,7 +254,7 @@ def test_a_budget_nothing_meets_is_said(popc, tmp_path):
     code, _, err = popc("build", Path(__file__).parents[1] / "examples" / "digits.pop", "--memory-budget", 1000,
                         "--no-cache", "-o", tmp_path / "d.popx")
     assert code == 0, err
-    assert "recomputes 3 of the 3 segments" in err
+    assert re.search(r"recomputes (\d+) of the \1 segments", err), err
     assert "even recomputing every segment, the busiest tile needs" in err and "over the --memory-budget" in err
 
 
@@ -288,3 +291,28 @@ def test_policy_refuses_what_it_cannot_do():
         Policy("auto", 0)
     with pytest.raises(CompileError):
         api.compile(CNN, tile_memory=40_000, recompute="all", cache=False)
+
+
+def test_a_layer_keeps_two_activations_for_its_backward_pass():
+    """conv -> batch norm -> relu, six times: the backward pass reads batch norm's
+    centred input and relu's result, both for the mask of relu's gradient and as
+    the next convolution's input (its weights' gradient) -- two image-sized
+    tensors a layer, as PyTorch keeps with an in-place ReLU.  Relu's input, batch
+    norm's output, is not kept (relu's gradient asks the result, not the input)."""
+    from collections import Counter
+    from popdsl import ops
+    from popdsl.passes import recompute as rc
+    from popdsl.passes.autodiff import topological
+    graph = pipeline.compile_source(CNN, "deep.pop", get_target(), stop_after="autodiff")
+    kept = {}
+    for n in topological(rc._roots(graph)):
+        if n.id < graph.backward_from:
+            continue
+        for a in n.args:
+            while a.id < graph.backward_from and ops.op(a.op).kind == "view":
+                a = a.args[0]
+            if a.id < graph.backward_from and rc._holds_data(a):
+                kept[a.id] = a
+    image_sized = Counter(a.op for a in kept.values() if a.shape == (4, 8, 32, 32))
+    assert image_sized == {"relu": 6, "sub": 6}
+    assert rc.kept_bytes(graph) == sum(rc._nbytes(a) for a in kept.values())
