@@ -442,3 +442,35 @@ graph g(tiles = 16) {
     yp = np.pad(y.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
     win = np.array([[yp[:, :, i:i + 8, j:j + 8].sum((0, 2, 3)) for j in range(3)] for i in range(3)])
     np.testing.assert_allclose(out["dw"], np.broadcast_to(win.transpose(2, 0, 1), (32, 32, 3, 3)), rtol=1e-4, atol=1e-3)
+
+
+def test_rows_longer_than_a_tiles_share_are_reduced_in_blocks_where_they_live():
+    """Six rows of 4096 over 16 tiles: each row spans tiles, so it is cut into
+    blocks reduced where they live (no vertex receives a whole row), then the
+    blocks' partial results are added; the sums match numpy."""
+    src = "graph g(tiles = 16) { input x: f32[6, 4096]; map x -> linear; output s = sum(x, axis = 1); }"
+    graph = compile_source(src, "<string>", get_target("gc200", tiles=16), stop_after="partition")
+    widths = [c.index.shape[-1] for cs in graph.compute_sets.values() for grp in cs.groups
+              if grp.codelet.startswith("ReduceSum") for f, c in grp.connections.items() if f == "a"]
+    assert any(".partial" in cs for cs in graph.compute_sets) and max(widths) < 4096
+    x = np.random.default_rng(5).standard_normal((6, 4096)).astype(np.float32)
+    with popdsl.Simulator(popdsl.compile(src)) as sim:
+        np.testing.assert_allclose(sim.run({"x": x})["s"], x.sum(axis=1), rtol=1e-5, atol=1e-3)
+
+
+def test_long_rows_starting_on_one_tile_are_reduced_spread_over_the_tiles():
+    """Four rows of 2048 whose first elements all sit on tile 0: reduced where they
+    start, tile 0 would receive all four whole; spread, each tile reduces one."""
+    src = """graph g(tiles = 4) {
+    input x: f32[4, 2048];
+    map x[:, 0:8] -> tile 0;
+    map x[:, 8:2048] -> tile 1;
+    output s = sum(x, axis = 1);
+}"""
+    graph = compile_source(src, "<string>", get_target("gc200", tiles=4), stop_after="partition")
+    tiles = [t for cs in graph.compute_sets.values() for grp in cs.groups
+             if grp.codelet.startswith("ReduceSum") for t in grp.tiles]
+    assert sorted(tiles) == [0, 1, 2, 3]
+    x = np.random.default_rng(6).standard_normal((4, 2048)).astype(np.float32)
+    with popdsl.Simulator(popdsl.compile(src)) as sim:
+        np.testing.assert_allclose(sim.run({"x": x})["s"], x.sum(axis=1), rtol=1e-5, atol=1e-3)

@@ -103,7 +103,11 @@ def reduce_rows(p, kind: str, src: g.View, dtype: str, out_dtype: str, label: st
     p.ensure_mapped(src)
     codelet = p.prim(CODELETS[(kind, "i32" if dtype == "i32" else "f32")])
     rows = src.index
-    if kind != "argmax" and R * 4 <= p.tiles and K >= TWO_STAGE_MIN:
+    # Rows longer than a tile's share of the input (fewer rows than half the tiles)
+    # are split into blocks reduced where they live: one vertex reducing a whole
+    # row would receive all of it (batch norm's statistics at batch 2: 37 KB
+    # buffers, a GC200 tile over its memory).
+    if kind != "argmax" and R * 2 <= p.tiles and K >= TWO_STAGE_MIN:
         parts = max(2, min(p.tiles // max(R, 1), K // 512))
         bl = blocks(K, parts)
         partial = p.new_tensor(f"{label}.partial", out_dtype, (R, len(bl)))
@@ -126,8 +130,14 @@ def reduce_rows(p, kind: str, src: g.View, dtype: str, out_dtype: str, label: st
         codelet = p.prim(CODELETS[(kind, "i32" if out_dtype == "i32" else "f32")])
     out = p.new_tensor(label, out_dtype, shape or (R,))
     out = g.View(out.tensor, out.index.reshape(R), out.span)
-    # Each row is reduced where its first element lives.
+    # Each row is reduced where its first element lives -- unless the rows are long
+    # (mostly on other tiles anyway) and more than twice a tile's share of them
+    # start on one tile: then they are spread evenly, so no vertex receives a pile
+    # of whole rows (ResNet-50 at batch 8: eleven rows of 56 x 56, 138 KB, on one
+    # tile, where the convolution before left their first elements).
     row_tiles = p.g.mappings[src.tensor].tiles_at(rows[:, 0])
+    if K >= TWO_STAGE_MIN and R and np.bincount(row_tiles).max() > 2 * -(-R // p.tiles):
+        row_tiles = p.linear(R, grain=1)
     p.set_tiles(out.tensor, row_tiles)
     cs = p.new_cs(label)
     for size, pos, tiles in p.chunks(row_tiles, grain=1):
