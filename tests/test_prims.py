@@ -99,11 +99,12 @@ def test_reductions(tiles, shape, data, op):
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("tiles, split", [(64, True), (4, False)])
+@pytest.mark.parametrize("tiles, split", [(64, True), (4, True), (3, False)])
 def test_long_reduction_uses_partial_sums(tiles, split):
     """Two long rows on 64 tiles are summed in two compute sets, through a
-    `.partial` tensor of one sum per block of each row; on 4 tiles (fewer than
-    four per row) in one.  Both give numpy's sums."""
+    `.partial` tensor of one sum per block of each row, and on 4 tiles (two a row,
+    each row longer than a tile's share); on 3 tiles (fewer than two a row) in
+    one.  All give numpy's sums."""
     x = rnd((2, 8192), 7, 0, 1)
     exe = popdsl.compile(f"graph g(tiles = {tiles}) {{ input x: f32[2, 8192]; output y = sum(x, axis = 1); }}")
     (op,) = [o for o in exe.ir.ops if o["op"] == "reduce"]
