@@ -83,6 +83,28 @@ def test_pooling_gradients(tiles, kind, n, c, hw, k, stride, padding):
     against_reference(src, feeds, tiles)
 
 
+@pytest.mark.parametrize("k, stride, padding", [(3, 2, 1), (2, 2, 0), (3, 1, 1)])
+def test_max_pool_gradient_split_into_row_blocks(k, stride, padding):
+    """Few channels on many tiles: the gradient's padded rows are split into blocks,
+    each gathering the windows that reach it (MaxPoolGradRows), and a maximum in a
+    window that straddles two blocks goes to the block holding it, once."""
+    n, c, hw = 1, 2, 24
+    oh = (hw + 2 * padding - k) // stride + 1
+    src = f"""graph g(tiles = 64) {{
+    input xin: f32[{n}, {c}, {hw}, {hw}];
+    input r: f32[{n}, {c}, {oh}, {oh}];
+    param x: f32[{n}, {c}, {hw}, {hw}] = zeros();
+    let y = max_pool2d(x + xin, {k}, stride = {stride}, padding = {padding});
+    output gx = grad(sum(y * r), x);
+}}
+"""
+    exe = popdsl.compile(src, tiles=64)
+    rows = [gr for cs in exe.ir.compute_sets for gr in cs.groups if gr.codelet.startswith("MaxPoolGradRows")]
+    assert sum(len(gr.tiles) for gr in rows) >= 8
+    feeds = {"xin": distinct((n, c, hw, hw), hw), "r": np.random.default_rng(k).standard_normal((n, c, oh, oh)).astype(np.float32)}
+    against_reference(src, feeds, 64)
+
+
 def test_max_pool_gradient_goes_to_the_first_maximum():
     """Ties: the window's gradient goes to its first maximum in row order."""
     src = """graph g(tiles = 2) {

@@ -160,8 +160,9 @@ def _conv_plan(p, outer: int, Og: int, Cg: int, OH: int, OW: int, kh: int, s: in
                 if gc > 1:      # partial sums: gc copies of the output, exchanged and added
                     cost += outer * Og * OH * OW * gc * 4 / p.tiles / rate * 2
                 worst = max(slab, wblk, yblk)
-                if fallback is None or worst < fallback[0]:
-                    fallback = (worst, (go, gr, gc))
+                key = (tasks > p.tiles * target.workers, worst)     # as conv_grad._split_plan's
+                if fallback is None or key < fallback[0]:
+                    fallback = (key, (go, gr, gc))
                 # One task per tile at most: more only multiplies exchanged data.
                 if worst <= SLAB_BYTES and tasks <= p.tiles and (best is None or cost < best[0]):
                     best = (cost, (go, gr, gc))
@@ -183,8 +184,9 @@ def _pool_plan(p, N: int, C: int, OH: int, OW: int, k: int, s: int, wp: int):
             slab = cb * rin * wp * 4
             tasks = N * gcn * gr
             cost = ceil_div(tasks, p.tiles) * (cb * rb * OW * k * k + slab / p.g.target.exchange_bytes_per_cycle)
-            if fallback is None or slab < fallback[0]:
-                fallback = (slab, (gcn, gr))
+            key = (tasks > p.tiles * p.g.target.workers, slab)
+            if fallback is None or key < fallback[0]:
+                fallback = (key, (gcn, gr))
             if slab <= SLAB_BYTES and (best is None or cost < best[0]):
                 best = (cost, (gcn, gr))
     return (best or fallback)[1]

@@ -164,7 +164,8 @@ def _split_plan(p, outer: int, sizes, moved, macs, partial_dims: tuple[int, ...]
     vertices receive and produce at most TILE_BUFFER_BYTES on a tile (six vertices
     of 48 KB fields each filled ResNet-50's tiles with exchange buffers and partial
     sums); else among the
-    first two conditions; else the plan with the smallest largest field.  `strided(*block)`,
+    first two conditions; else the plan with the smallest largest field (of at most
+    one task per worker, where there is such a plan).  `strided(*block)`,
     if given, says whether a block's fields are strided views of their tensors; a plan
     whose fields are not (an index array per element: gigabytes of them for a
     training step at batch 8) is taken only where no strided plan meets the same
@@ -182,8 +183,12 @@ def _split_plan(p, outer: int, sizes, moved, macs, partial_dims: tuple[int, ...]
         parts = int(np.prod([splits[d] for d in partial_dims]))
         if parts > 1:
             cost += parts * partial_bytes / p.tiles / rate * 2
-        if fallback is None or worst < fallback[0]:
-            fallback = (worst, splits)
+        # Never more tasks than workers for a smaller field: at batch 32 on 368
+        # tiles every field was over the slab, and the smallest one (every
+        # dimension split to one) meant 235M tasks for one weight gradient.
+        key = (tasks > p.tiles * workers, worst)
+        if fallback is None or key < fallback[0]:
+            fallback = (key, splits)
         if worst <= SLAB_BYTES and tasks <= p.tiles * workers:
             k = int(strided is None or strided(*block))
             if crowded[k] is None or cost < crowded[k][0]:
@@ -363,7 +368,8 @@ def partition_conv_grad_w(p, n: Node) -> g.View:
 
 def _partition_pool_grad(p, n: Node, x: g.View | None, gv: g.View, k: int, stride: int, padding: int) -> g.View:
     """Max pooling's gradient (with x, padded with -inf) or average pooling's (without):
-    tasks over images and blocks of channels, each owning its channels' padded rows."""
+    tasks over images, blocks of channels and (max pooling) blocks of padded rows,
+    each owning its block's padded rows."""
     label = p.name(n)
     N, C, H, W = n.shape
     Hp, Wp = H + 2 * padding, W + 2 * padding
@@ -374,31 +380,61 @@ def _partition_pool_grad(p, n: Node, x: g.View | None, gv: g.View, k: int, strid
             p.ensure_mapped(x)
     p.ensure_mapped(gv)
     OH, OW = gv.index.shape[2:]
-    (gc,) = _split_plan(p, N, (C,), lambda cb: ((cb * Hp * Wp * (x is not None) + cb * OH * OW) * 4, cb * Hp * Wp * 4,
-                                                cb * Hp * Wp * 4),
-                        lambda cb: cb * OH * OW * k * k)
+
+    def g_rows(rb: int) -> int:                  # output rows whose windows reach rb padded rows
+        return min(OH, (rb + k - 2) // stride + 1)
+
+    def x_rows(rb: int) -> int:                  # the padded rows those windows read
+        return min(Hp, (g_rows(rb) - 1) * stride + k)
+
+    # Max pooling splits padded rows too (each block gathers the windows that reach
+    # it): one task per channel put ResNet-50's stem gradient on 64 tiles, 104 KB
+    # of padded rows each.  Average pooling (ResNet's global pool) keeps whole images.
+    if x is not None:
+        gr, gc = _split_plan(p, N, (Hp, C),
+                             lambda rb, cb: ((cb * x_rows(rb) * Wp + cb * g_rows(rb) * OW) * 4,
+                                             cb * x_rows(rb) * Wp * 4, cb * rb * Wp * 4),
+                             lambda rb, cb: cb * g_rows(rb) * OW * k * k)
+    else:
+        gr, (gc,) = 1, _split_plan(p, N, (C,), lambda cb: (cb * OH * OW * 4, cb * Hp * Wp * 4, cb * Hp * Wp * 4),
+                                    lambda cb: cb * OH * OW * k * k)
     out = p.new_tensor(label, "f32", (N, C, Hp, Wp))
-    cbs = blocks(C, gc)
-    # The tasks: images, channel blocks (the last innermost), all at once; each
-    # element of the result is one task's (out is new and whole).
-    ncb = len(cbs)
-    tiles = p.spread(N * ncb)
-    nn, ci = task_grid(N, ncb)
-    cb0, cb1 = bounds(cbs)
+    cbs, rbs = blocks(C, gc), blocks(Hp, gr)
+    # The tasks: images, channel blocks, row blocks (the last innermost), all at
+    # once; each element of the result is one task's (out is new and whole).
+    ncb, nrb = len(cbs), len(rbs)
+    tiles = p.spread(N * ncb * nrb)
+    nn, ci, ri = task_grid(N, ncb, nrb)
+    (cb0, cb1), (rb0, rb1) = bounds(cbs), bounds(rbs)
     c0, c1 = cb0[ci], cb1[ci]
-    task = np.arange(N)[:, None] * ncb + block_of(cbs)
-    map_whole(p, out.tensor, task.shape + (Hp, Wp), tiles[task][..., None, None])
+    y0, y1 = rb0[ri], rb1[ri]
+    # A row block's output rows: those whose windows reach it (widened to one row
+    # where none does: maxima outside the block are skipped by the codelet).
+    first = np.minimum(np.maximum(0, -(-(y0 - k + 1) // stride)), OH - 1)
+    last = np.maximum(np.minimum(OH, (y1 - 1) // stride + 1), first + 1)
+    task = (np.arange(N)[:, None, None] * ncb + block_of(cbs)[:, None]) * nrb + block_of(rbs)
+    map_whole(p, out.tensor, task.shape + (Wp,), tiles[task][..., None])
 
     def conns(v):
-        """Tasks v (one class): g, dx (and x) [image, channels]."""
+        """Tasks v (one class): g, x [image, channels, (rows)] and dx [image,
+        channels, (rows)]."""
         key, cb = (nn[v], (c0[v], c1[v])), int(c1[v[0]] - c0[v[0]])
-        c = {"g": (gv.tensor, stacked(gv.index, key, (cb, -1))), "dx": (out.tensor, stacked(out.index, key, (cb, -1)))}
-        if x is not None:
-            c["x"] = (x.tensor, stacked(x.index, key, (cb, -1)))
-        return c
+        if nrb == 1:
+            c = {"g": (gv.tensor, stacked(gv.index, key, (cb, -1))), "dx": (out.tensor, stacked(out.index, key, (cb, -1)))}
+            if x is not None:
+                c["x"] = (x.tensor, stacked(x.index, key, (cb, -1)))
+            return c
+        return {"g": (gv.tensor, stacked(gv.index, key + ((first[v], last[v]),), (cb, -1))),
+                "x": (x.tensor, stacked(x.index, key + ((first[v] * stride, (last[v] - 1) * stride + k),), (cb, -1))),
+                "dx": (out.tensor, stacked(out.index, key + ((y0[v], y1[v]),), (cb, -1)))}
     cs = p.new_cs(label)
-    emit_classes(p, cs, p.prim("MaxPoolGradBlock" if x is not None else "AvgPoolGradBlock"), tiles,
-                 shape_classes(c1 - c0), conns, {"k": k, "s": stride, "wp": Wp, "ow": OW})
+    state = {"k": k, "s": stride, "wp": Wp, "ow": OW}
+    if nrb == 1:
+        emit_classes(p, cs, p.prim("MaxPoolGradBlock" if x is not None else "AvgPoolGradBlock"), tiles,
+                     shape_classes(c1 - c0), conns, state)
+    else:
+        emit_classes(p, cs, p.prim("MaxPoolGradRows"), tiles, shape_classes(c1 - c0, y1 - y0, last - first), conns,
+                     {**state, "off": y0 - first * stride})
     p.record(n, cs)
     return _crop(p, out, n.shape, padding)
 
@@ -427,7 +463,7 @@ def op_defs() -> list[OpDef]:
               flops=lambda n: 2 * n.args[1].numel * int(np.prod(n.shape[1:])), value=HIGH_VALUE),
         OpDef("max_pool_grad", "compute", "max pooling's gradient: to the first maximum of each window",
               ref=_max_pool_grad_ref, partition=partition_max_pool_grad,
-              codelets=("MaxPoolGradBlock", "Fill"), cost=_split_plan,
+              codelets=("MaxPoolGradBlock", "MaxPoolGradRows", "Fill"), cost=_split_plan,
               flops=lambda n: n.args[1].numel * n.attrs[0] ** 2),
         OpDef("avg_pool_grad", "compute", "average pooling's gradient: spread evenly over each window",
               ref=_avg_pool_grad_ref, partition=partition_avg_pool_grad,
