@@ -299,12 +299,14 @@ class Batch:
 
 @node(eq=False)
 class RunBatch:
-    """Per vertex of a group, its field (one axis) as runs of consecutive elements:
-    vertex v's runs are `starts[ptr[v]:ptr[v+1]]` and `lengths[...]`, in field
-    order.  What an element-wise vertex whose elements are spread over a tile's
-    several runs connects to, in O(runs) numbers.  `field_shape` is (n,) when every
-    vertex has n elements, None when each has its own number (`sizes`): its
-    codelet's size symbol is then bound per vertex."""
+    """Per vertex of a group, its field as runs of consecutive elements: vertex v's
+    runs are `starts[ptr[v]:ptr[v+1]]` and `lengths[...]`, in field order.  What an
+    element-wise vertex whose elements are spread over a tile's several runs
+    connects to, in O(runs) numbers.  `field_shape` is the field's shape when every
+    vertex has one ((n,) for element-wise vertices, (rows, n) for a block of rows
+    that is no strided view, `ops.blocks.stacked`), None when each vertex has its
+    own number of elements (`sizes`, one axis): its codelet's size symbol is then
+    bound per vertex."""
     ptr: np.ndarray              # int64 (nverts + 1,)
     starts: np.ndarray           # int64 (runs,)
     lengths: np.ndarray          # int64 (runs,), each > 0
@@ -318,7 +320,7 @@ class RunBatch:
     def sizes(self) -> np.ndarray:
         """Each vertex's number of elements."""
         if self.field_shape is not None:
-            return np.full(len(self), self.field_shape[0], np.int64)
+            return np.full(len(self), math.prod(self.field_shape), np.int64)
         out = np.zeros(len(self), np.int64)
         np.add.at(out, np.repeat(np.arange(len(self)), np.diff(self.ptr)), self.lengths)
         return out

@@ -16,9 +16,11 @@ order would (the first task to want an element keeps it).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from popdsl.ir.index import Batch, Strided, as_array, stack
+from popdsl.ir.index import Batch, RunBatch, Strided, as_array, stack
 
 GRAIN = 16                    # fewest elements worth a vertex of element-wise work
 SLAB_BYTES = 48 * 1024        # most input data one vertex of a conv or pool may take
@@ -150,6 +152,19 @@ def stacked(index, keys: tuple, shape: tuple):
     view = one.view_reshape(shape) if isinstance(index, Strided) else None
     if view is not None:
         return Batch(offsets, view.shape, view.strides)
+    if isinstance(index, Strided):
+        # Runs, not an element each, where a task's view is runs of several elements
+        # (a weight gradient's images × channels of whole rows): a training step
+        # at batch 8 held 200 MB of such index arrays.
+        starts, n = one.runs()
+        if n > 1:
+            size = one.size
+            known = math.prod(d for d in shape if d != -1)
+            field = tuple(size // known if d == -1 else d for d in shape)
+            per = starts.size
+            return RunBatch(np.arange(nv + 1, dtype=np.int64) * per,
+                            (offsets[:, None] - one.offset + starts[None, :]).reshape(-1),
+                            np.full(nv * per, n, np.int64), field)
     out = Batch(offsets, one.shape, one.strides).array()
     if not isinstance(index, Strided):
         out = np.asarray(index).reshape(-1)[out]

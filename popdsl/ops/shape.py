@@ -220,7 +220,13 @@ def partition_tensor(p, n: Node) -> g.View:
 
 
 def partition_view(p, n: Node) -> g.View:
-    return g.View(n.attrs[0], n.index, p.span)
+    # A Poplar-level view is an index array (reshape(beta, [C, 1, 1]) of a param);
+    # as a strided view where it is one, element-wise ops read it by runs, not by an
+    # index per element (ResNet-50's batch norms: one 4-byte copy an element).
+    index = n.index
+    if isinstance(index, np.ndarray):
+        index = Strided.of(index) or index
+    return g.View(n.attrs[0], index, p.span)
 
 
 def partition_reshape(p, n: Node) -> g.View:

@@ -129,11 +129,15 @@ class Partitioner:
         """The step's last action for a var the tensor program assigns: its new value
         copied in (after every read of the old one)."""
         t = self.g.tensors[tid]
-        dst = g.View(tid, np.arange(t.numel, dtype=np.int64).reshape(t.shape), t.span)
-        if src.tensor == tid and np.array_equal(src.index.ravel(), dst.index.ravel()):
+        # Strided, not an index per element: a training step writes every weight and
+        # its momentum (51M elements for ResNet-50, 409 MB of indices).
+        dst = g.View(tid, Strided.whole(t.shape), t.span)
+        if src.tensor == tid and (src.index.is_whole(t.numel) if isinstance(src.index, Strided)
+                                  else np.array_equal(np.ravel(src.index), np.arange(t.numel))):
             return                              # `h = h;`
         self.ensure_mapped(src)
-        self.ensure_mapped(dst, self.tiles_of(src).reshape(t.shape))
+        if not self.g.mappings[tid].fully_mapped():
+            self.ensure_mapped(dst, self.tiles_of(src).reshape(t.shape))
         self.seq.append(g.Copy(src, dst, t.span))
 
     def replace_steps(self, p, step):
@@ -281,8 +285,9 @@ class Partitioner:
         nv = len(tiles)
         if not nv:
             return
+        # (RunBatches of several axes, `blocks.stacked`'s, are never affine per vertex.)
         dense = {f: idx for f, (t, idx) in conns.items() if not isinstance(idx, (Batch, Strided))
-                 and not (isinstance(idx, RunBatch) and idx.field_shape is None)}
+                 and not (isinstance(idx, RunBatch) and (idx.field_shape is None or len(idx.field_shape) != 1))}
         if dense:
             fit, strides = np.ones(nv, bool), {}
             for f, idx in dense.items():
