@@ -345,6 +345,14 @@ class Column:
     name: str
 
 
+# Bytes of vertex state per column of a vertex table on the IPU: one 32-bit word
+# each — a field's pointer, a rank-2 field's row stride, a size symbol (Poplar's
+# default Vector layout, SPAN, is a pointer and a 32-bit count: Poplar User Guide
+# §5.1.2, Table 5.1), a scalar field (i32 or f32).  The host's table holds them as
+# int64; the memory plan counts the IPU's words.
+STATE_WORD_BYTES = 4
+
+
 def table_layout(c: Codelet) -> tuple[Column, ...]:
     """Columns of `c`'s vertex table: per field in order, `addr` (+ `stride` for
     rank 2) or `state`; then one `sym` column per size symbol."""

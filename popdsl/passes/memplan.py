@@ -31,6 +31,7 @@ from popdsl.ir.index import as_array, unique
 from popdsl.passes.bestfit import Lives, best_fit_many, more_orders
 from popdsl.passes.liveness import Liveness, liveness
 from popdsl.ir.lowered import CopyElems, Lowered
+from popdsl.ir import codelet as cir
 from popdsl.ir import executable as X
 from popdsl.ir.cost import copy_cycles
 from popdsl.ir.target import Target
@@ -277,7 +278,7 @@ def _categories(low, live: Liveness, rs, plan_rs, rt, planned, bound, naive, cod
     on_tiles: dict[str, np.ndarray] = {}
     for cs in low.compute_sets:
         for grp in cs.groups:
-            vertex_state += np.bincount(grp.tiles, minlength=ntiles) * grp.table.shape[1] * 8
+            vertex_state += np.bincount(grp.tiles, minlength=ntiles) * grp.table.shape[1] * cir.STATE_WORD_BYTES
             on = on_tiles.setdefault(grp.codelet, np.zeros(ntiles, bool))
             on[grp.tiles] = True
     for cname, on in on_tiles.items():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from popdsl.ir.codelet import STATE_WORD_BYTES
 from popdsl.ir.executable import Executable, PCopy, PSeq, PRepeat, PWhile, PIf
 
 
@@ -45,7 +46,7 @@ def _state(exe: Executable, css) -> tuple[int, int]:
     for i in css:
         for grp in exe.compute_sets[i].groups:
             v += len(grp.tiles)
-            s += grp.table.size * 8
+            s += grp.table.size * STATE_WORD_BYTES
     return v, s
 
 
