@@ -272,3 +272,32 @@ def test_the_backward_conv_vertices_compute_their_gradients_as_costed(o, c, nb, 
         ev.run_vertices(PRIMS[name], mem, vs.table, 0, 1, cyc, {})
         assert cyc[0] == cycles, name
         np.testing.assert_allclose(vs.get(mem, 0, field), want, rtol=1e-4, atol=1e-4 * o * c * kh * kw * nb, err_msg=name)
+
+
+@pytest.mark.parametrize("k, s", [(2, 2), (3, 2), (3, 1), (5, 1)])
+def test_a_max_pool_gradient_vertex_costs_about_what_its_plan_assumes(k, s):
+    """MaxPoolGradRows over one block of padded rows (starting `off` rows into the
+    x rows its windows read) against numpy, and its cycles per window element near
+    `conv_grad._POOL_GRAD_CYCLES`, which plans its tasks (within a factor of two:
+    the count depends on how often a window's maximum moves)."""
+    c, oh, ow = 2, 6, 7
+    wp, xr = (ow - 1) * s + k, (oh - 1) * s + k
+    off, rows = 1, xr - 2                      # the block: x rows [1, xr - 1)
+    rng = np.random.default_rng(k * 10 + s)
+    x = rng.permutation(c * xr * wp).reshape(c, xr, wp).astype(np.float32)
+    gr = rng.standard_normal((c, oh, ow)).astype(np.float32)
+    want = np.zeros((c, xr, wp))
+    for ci in range(c):
+        for oy in range(oh):
+            for ox in range(ow):
+                win = x[ci, oy * s:oy * s + k, ox * s:ox * s + k]
+                ky, kx = np.unravel_index(int(np.argmax(win)), win.shape)
+                want[ci, oy * s + ky, ox * s + kx] += gr[ci, oy, ox]
+    r = {"x": x.reshape(c, -1), "g": gr.reshape(c, -1), "dx": np.full((c, rows * wp), np.nan, np.float32),
+         "k": k, "s": s, "wp": wp, "ow": ow, "off": off, "c": c, "xs": xr * wp, "ys": oh * ow, "ds": rows * wp}
+    vs = Vertices(PRIMS["MaxPoolGradRows"], [r])
+    mem, cyc = vs.mem.copy(), np.zeros(1, np.int64)
+    ev.run_vertices(PRIMS["MaxPoolGradRows"], mem, vs.table, 0, 1, cyc, {})
+    np.testing.assert_allclose(vs.get(mem, 0, "dx"), want[:, off:off + rows].reshape(c, -1), rtol=1e-5, atol=1e-6)
+    per_element = cyc[0] / (c * oh * ow * k * k)
+    assert conv_grad._POOL_GRAD_CYCLES / 2 < per_element < conv_grad._POOL_GRAD_CYCLES * 2, per_element

@@ -127,6 +127,13 @@ _W_LETS = 3 * DIV + 4 * OP        # let oh = ys / ow; let nb = q / o; let c = r 
 _W_OPERANDS = 10 * OP             # ky * kw + kx, nn * o, oy * ow, nn * c, xrow + kx, and the state ow, s, kk
 
 
+# Cycles (instructions of its worker) a max-pool gradient vertex (MaxPoolGradRows)
+# spends per element of a window, as the model counts them: 8-17 for kernels 2-5
+# on random data (tests/test_amp.py keeps it within a factor of two), depending
+# on how often a window's maximum moves.  `_partition_pool_grad` plans with it.
+_POOL_GRAD_CYCLES = 11
+
+
 def grad_x_vertex_cycles(o: int, c: int, oh: int, ow: int, kh: int, kw: int, s: int) -> int:
     """The cycles `ir.cost` charges a Conv2dGradX vertex of o output channels (of
     g), c input channels (of dx), oh x ow output positions and a kh x kw kernel of
@@ -391,10 +398,17 @@ def _partition_pool_grad(p, n: Node, x: g.View | None, gv: g.View, k: int, strid
     # it): one task per channel put ResNet-50's stem gradient on 64 tiles, 104 KB
     # of padded rows each.  Average pooling (ResNet's global pool) keeps whole images.
     if x is not None:
+        # Its vertices compare element by element on one worker each: weighed as
+        # multiply-accumulates at the AMP's rate, a window looked cheap and the plan
+        # left five of six workers idle on 960 tiles (276K cycles, ResNet-50's
+        # longest compute set at batch 1).
+        # (`_split_plan` charges macs / macs_per_cycle per vertex, shared by the
+        # tile's workers: a vertex of C cycles alone is workers x C, ir.cost.)
+        per_element = _POOL_GRAD_CYCLES * p.g.target.workers * p.g.target.macs_per_cycle
         gr, gc = _split_plan(p, N, (Hp, C),
                              lambda rb, cb: ((cb * x_rows(rb) * Wp + cb * g_rows(rb) * OW) * 4,
                                              cb * x_rows(rb) * Wp * 4, cb * rb * Wp * 4),
-                             lambda rb, cb: cb * g_rows(rb) * OW * k * k)
+                             lambda rb, cb: cb * g_rows(rb) * OW * k * k * per_element)
     else:
         gr, (gc,) = 1, _split_plan(p, N, (C,), lambda cb: (cb * OH * OW * 4, cb * Hp * Wp * 4, cb * Hp * Wp * 4),
                                     lambda cb: cb * OH * OW * k * k)
