@@ -197,7 +197,7 @@ def test_example_graphs_are_drawn_with_their_layers(name, note, tmp_path):
 
 
 def test_alexnet_training_graph_is_drawn_with_its_layers(tmp_path):
-    """examples/alexnet_train.pop (forward, backward and SGD update at batch 7, the
+    """examples/alexnet_train.pop (forward, backward and SGD update at batch 18, the
     largest that fits) on a GC200: its 61,100,840 parameters, its busiest tile within
     the tile's memory, and its compiled graph drawn grouped, saying so, with the
     layers in distinct colours.  Under the defaults: `auto`'s first try, recomputing
