@@ -201,7 +201,7 @@ def test_alexnet_training_graph_is_drawn_with_its_layers(tmp_path):
     largest that fits) on a GC200: its 61,100,840 parameters, its busiest tile within
     the tile's memory, and its compiled graph drawn grouped, saying so, with the
     layers in distinct colours.  Under the defaults: `auto`'s first try, recomputing
-    nothing, fits with 643 B to spare (one compile) — with this llvmlite's code
+    nothing, fits with 3,935 B to spare (one compile) — with this llvmlite's code
     sizes; were the codelets larger, `auto` would recompute, so only fitting is
     asserted."""
     exe = popdsl.compile(ROOT / "examples/alexnet_train.pop")

@@ -19,8 +19,8 @@ from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node
 from popdsl.ir.cost import LOOP_ITER, LOOP_SETUP, RPT_ITER, VERTEX_OVERHEAD, amp_cycles
 from popdsl.ir.intrinsics import DIV, OP
-from popdsl.ops.blocks import (SLAB_BYTES, block_of, blocks, bounds, ceil_div, emit_classes, map_first,
-                               map_whole, pow2_splits, shape_classes, stacked, task_grid, worker_bands)
+from popdsl.ops.blocks import (SLAB_BYTES, block_of, blocks, bounds, ceil_div, emit_classes, fallback_rank,
+                               map_first, map_whole, pow2_splits, shape_classes, stacked, task_grid, worker_bands)
 from popdsl.ops import elementwise
 from popdsl.ops.core import FLOATS, HIGH_VALUE, Builder, Function, OpDef, Param, float_result, shape_str
 from popdsl.ops import conv_grad
@@ -160,7 +160,7 @@ def _conv_plan(p, outer: int, Og: int, Cg: int, OH: int, OW: int, kh: int, s: in
                 if gc > 1:      # partial sums: gc copies of the output, exchanged and added
                     cost += outer * Og * OH * OW * gc * 4 / p.tiles / rate * 2
                 worst = max(slab, wblk, yblk)
-                key = (tasks > p.tiles * target.workers, worst)     # as conv_grad._split_plan's
+                key = fallback_rank(p, tasks, worst)
                 if fallback is None or key < fallback[0]:
                     fallback = (key, (go, gr, gc))
                 # One task per tile at most: more only multiplies exchanged data.
@@ -184,7 +184,7 @@ def _pool_plan(p, N: int, C: int, OH: int, OW: int, k: int, s: int, wp: int):
             slab = cb * rin * wp * 4
             tasks = N * gcn * gr
             cost = ceil_div(tasks, p.tiles) * (cb * rb * OW * k * k + slab / p.g.target.exchange_bytes_per_cycle)
-            key = (tasks > p.tiles * p.g.target.workers, slab)
+            key = fallback_rank(p, tasks, slab)
             if fallback is None or key < fallback[0]:
                 fallback = (key, (gcn, gr))
             if slab <= SLAB_BYTES and (best is None or cost < best[0]):

@@ -27,7 +27,7 @@ from popdsl.ir.index import Strided
 from popdsl.ir.intrinsics import DIV, OP
 from popdsl.ir.tensor import Node
 from popdsl.ops.blocks import (SLAB_BYTES, TILE_BUFFER_BYTES, block_of, blocks, bounds, ceil_div, emit_classes,
-                               map_first, map_whole, pow2_splits, shape_classes, stacked, task_grid)
+                               fallback_rank, map_first, map_whole, pow2_splits, shape_classes, stacked, task_grid)
 from popdsl.ops.core import HIGH_VALUE, Builder, OpDef
 from popdsl.ops.reduce import sum_partials
 from popdsl.ops.shape import padded
@@ -158,6 +158,21 @@ def grad_w_vertex_cycles(o: int, c: int, nb: int, oh: int, ow: int, kh: int, kw:
     return VERTEX_OVERHEAD + _W_LETS + zero + LOOP_SETUP + nb * (LOOP_ITER + LOOP_SETUP + oh * per_oy)
 
 
+def _rows_reaching(rb: int, kh: int, stride: int, oh: int) -> int:
+    """How many output rows have windows (kh rows, `stride` apart) that reach a
+    block of rb padded rows, at most."""
+    return min(oh, (rb + kh - 2) // stride + 1)
+
+
+def _reaching(y0: np.ndarray, y1: np.ndarray, kh: int, stride: int, oh: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per block of padded rows [y0, y1): the output rows [first, last) whose windows
+    reach it, widened to one row where none does (the codelets skip what falls
+    outside their block)."""
+    first = np.minimum(np.maximum(0, -(-(y0 - kh + 1) // stride)), oh - 1)
+    last = np.maximum(np.minimum(oh, (y1 - 1) // stride + 1), first + 1)
+    return first, last
+
+
 def _split_plan(p, outer: int, sizes, moved, macs, partial_dims: tuple[int, ...] = (), partial_bytes: int = 0,
                 strided=None):
     """Power-of-two splits of the dimensions `sizes` for `outer` independent jobs: the
@@ -190,10 +205,7 @@ def _split_plan(p, outer: int, sizes, moved, macs, partial_dims: tuple[int, ...]
         parts = int(np.prod([splits[d] for d in partial_dims]))
         if parts > 1:
             cost += parts * partial_bytes / p.tiles / rate * 2
-        # Never more tasks than workers for a smaller field: at batch 32 on 368
-        # tiles every field was over the slab, and the smallest one (every
-        # dimension split to one) meant 235M tasks for one weight gradient.
-        key = (tasks > p.tiles * workers, worst)
+        key = fallback_rank(p, tasks, worst)
         if fallback is None or key < fallback[0]:
             fallback = (key, splits)
         if worst <= SLAB_BYTES and tasks <= p.tiles * workers:
@@ -244,7 +256,7 @@ def partition_conv_grad_x(p, n: Node) -> g.View:
     label = p.name(n)
 
     def g_rows(rb: int) -> int:                  # output rows whose windows reach rb padded rows
-        return min(OH, (rb + KH - 2) // stride + 1)
+        return _rows_reaching(rb, KH, stride, OH)
 
     # Padded rows split too (each block gathers the output rows whose windows reach
     # it): a whole 56x56 image's channels per vertex filled ResNet-50's tiles.
@@ -266,12 +278,7 @@ def partition_conv_grad_x(p, n: Node) -> g.View:
     c0, c1 = cb0[ci], cb1[ci]
     y0, y1 = rb0[ri], rb1[ri]
     o0, o1 = gi * Og + ob0[oi], gi * Og + ob1[oi]
-    # A row block's output rows: those whose windows reach it (widened to one row
-    # where none does: rows outside the block are skipped by the codelet).
-    first = np.maximum(0, -(-(y0 - KH + 1) // stride))
-    last = np.minimum(OH, (y1 - 1) // stride + 1)
-    first = np.minimum(first, OH - 1)
-    last = np.maximum(last, first + 1)
+    first, last = _reaching(y0, y1, KH, stride, OH)       # a row block's output rows
     # Each element of the result is one task's: (partial sum, image, its channel's
     # group and block, its row's block).  acc is new, laid out as `target`.
     cg, cc = np.divmod(np.arange(C), Cg)
@@ -389,7 +396,7 @@ def _partition_pool_grad(p, n: Node, x: g.View | None, gv: g.View, k: int, strid
     OH, OW = gv.index.shape[2:]
 
     def g_rows(rb: int) -> int:                  # output rows whose windows reach rb padded rows
-        return min(OH, (rb + k - 2) // stride + 1)
+        return _rows_reaching(rb, k, stride, OH)
 
     def x_rows(rb: int) -> int:                  # the padded rows those windows read
         return min(Hp, (g_rows(rb) - 1) * stride + k)
@@ -401,9 +408,9 @@ def _partition_pool_grad(p, n: Node, x: g.View | None, gv: g.View, k: int, strid
         # Its vertices compare element by element on one worker each: weighed as
         # multiply-accumulates at the AMP's rate, a window looked cheap and the plan
         # left five of six workers idle on 960 tiles (276K cycles, ResNet-50's
-        # longest compute set at batch 1).
-        # (`_split_plan` charges macs / macs_per_cycle per vertex, shared by the
-        # tile's workers: a vertex of C cycles alone is workers x C, ir.cost.)
+        # longest compute set at batch 1).  `_split_plan` charges macs /
+        # macs_per_cycle per vertex, shared by the tile's workers (a vertex of C
+        # cycles alone takes workers x C, ir.cost).
         per_element = _POOL_GRAD_CYCLES * p.g.target.workers * p.g.target.macs_per_cycle
         gr, gc = _split_plan(p, N, (Hp, C),
                              lambda rb, cb: ((cb * x_rows(rb) * Wp + cb * g_rows(rb) * OW) * 4,
@@ -422,30 +429,28 @@ def _partition_pool_grad(p, n: Node, x: g.View | None, gv: g.View, k: int, strid
     (cb0, cb1), (rb0, rb1) = bounds(cbs), bounds(rbs)
     c0, c1 = cb0[ci], cb1[ci]
     y0, y1 = rb0[ri], rb1[ri]
-    # A row block's output rows: those whose windows reach it (widened to one row
-    # where none does: maxima outside the block are skipped by the codelet).
-    first = np.minimum(np.maximum(0, -(-(y0 - k + 1) // stride)), OH - 1)
-    last = np.maximum(np.minimum(OH, (y1 - 1) // stride + 1), first + 1)
+    first, last = _reaching(y0, y1, k, stride, OH)        # a row block's output rows
     task = (np.arange(N)[:, None, None] * ncb + block_of(cbs)[:, None]) * nrb + block_of(rbs)
     map_whole(p, out.tensor, task.shape + (Wp,), tiles[task][..., None])
 
     def conns(v):
-        """Tasks v (one class): g, x [image, channels, (rows)] and dx [image,
-        channels, (rows)]."""
+        """Tasks v (one class): g, x and dx [image, channels, (rows)]: whole padded
+        images where rows are not split (x's windows then start at its first row)."""
         key, cb = (nn[v], (c0[v], c1[v])), int(c1[v[0]] - c0[v[0]])
-        if nrb == 1:
-            c = {"g": (gv.tensor, stacked(gv.index, key, (cb, -1))), "dx": (out.tensor, stacked(out.index, key, (cb, -1)))}
-            if x is not None:
-                c["x"] = (x.tensor, stacked(x.index, key, (cb, -1)))
-            return c
-        return {"g": (gv.tensor, stacked(gv.index, key + ((first[v], last[v]),), (cb, -1))),
-                "x": (x.tensor, stacked(x.index, key + ((first[v] * stride, (last[v] - 1) * stride + k),), (cb, -1))),
-                "dx": (out.tensor, stacked(out.index, key + ((y0[v], y1[v]),), (cb, -1)))}
+        g_key, x_key, dx_key = key, key, key
+        if nrb > 1:
+            g_key = key + ((first[v], last[v]),)
+            x_key = key + ((first[v] * stride, (last[v] - 1) * stride + k),)
+            dx_key = key + ((y0[v], y1[v]),)
+        c = {"g": (gv.tensor, stacked(gv.index, g_key, (cb, -1)))}
+        if x is not None:
+            c["x"] = (x.tensor, stacked(x.index, x_key, (cb, -1)))
+        c["dx"] = (out.tensor, stacked(out.index, dx_key, (cb, -1)))
+        return c
     cs = p.new_cs(label)
     state = {"k": k, "s": stride, "wp": Wp, "ow": OW}
-    if nrb == 1:
-        emit_classes(p, cs, p.prim("MaxPoolGradBlock" if x is not None else "AvgPoolGradBlock"), tiles,
-                     shape_classes(c1 - c0), conns, state)
+    if x is None:
+        emit_classes(p, cs, p.prim("AvgPoolGradBlock"), tiles, shape_classes(c1 - c0), conns, state)
     else:
         emit_classes(p, cs, p.prim("MaxPoolGradRows"), tiles, shape_classes(c1 - c0, y1 - y0, last - first), conns,
                      {**state, "off": y0 - first * stride})
@@ -477,7 +482,7 @@ def op_defs() -> list[OpDef]:
               flops=lambda n: 2 * n.args[1].numel * int(np.prod(n.shape[1:])), value=HIGH_VALUE),
         OpDef("max_pool_grad", "compute", "max pooling's gradient: to the first maximum of each window",
               ref=_max_pool_grad_ref, partition=partition_max_pool_grad,
-              codelets=("MaxPoolGradBlock", "MaxPoolGradRows", "Fill"), cost=_split_plan,
+              codelets=("MaxPoolGradRows", "Fill"), cost=_split_plan,
               flops=lambda n: n.args[1].numel * n.attrs[0] ** 2),
         OpDef("avg_pool_grad", "compute", "average pooling's gradient: spread evenly over each window",
               ref=_avg_pool_grad_ref, partition=partition_avg_pool_grad,
