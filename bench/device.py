@@ -33,7 +33,7 @@ from types import SimpleNamespace
 import numpy as np
 
 import popdsl
-from popdsl.ir.cost import AMP_COLS, AMP_ELEMENT, AMP_PASS, AMP_ROWS
+from popdsl.ir.cost import AMP_COLS, AMP_ELEMENT, AMP_PASS, AMP_ROWS, amp_load_cycles
 from popdsl.ir.target import get_target
 from popdsl.ops.blocks import ceil_div
 from popdsl.ops.conv import _conv_plan, conv_tile_cycles
@@ -95,16 +95,17 @@ def matmul_row(m: int, k: int, n: int) -> str:
 def matmul_floor(m: int, k: int, n: int) -> float:
     """A lower bound of the model's cycles for an m x k by k x n f32 product: the best,
     over real-valued tile blocks mt x kt by kt x nt (mt kt nt = m k n / tiles), of
-    - the AMP passes, max(mt/8, 1) max(kt/8, 1) of them, each AMP_PASS + AMP_ELEMENT nt/6
-      worker cycles on each of the six workers (no vertex overhead, no loading the held
-      block);
+    - the AMP passes, max(mt/8, 1) max(kt/8, 1) of them, each AMP_PASS + a sixth of
+      loading its held block + AMP_ELEMENT nt/6 worker cycles on each of the six
+      workers (`ir.cost.amp_cycles`; no vertex overhead);
     - the exchange, at the model's bytes per cycle: the a and b blocks but for the one
       tile's share of them that could hold it already (n/nt tiles need each a block,
       m/mt each b block), and (s-1)/s of the partial block when k is split s = k/kt ways;
     - adding the partials, one instruction per element and partial (ReduceSumCols2);
     - four syncs (exchange, compute, exchange, compute).
-    It leaves out zeroing c, vertex overheads, loading the AMP and whole-number block
-    shapes, so no plan reaches it."""
+    It leaves out zeroing c, vertex overheads and whole-number block shapes, so no
+    plan reaches it.  (Until 2026-12-02 it also left out loading the held blocks:
+    51.6 % of peak for 1024^3 instead of 49.8 %.)"""
     workers, rate = TARGET.workers, TARGET.exchange_bytes_per_cycle
     rows, cols = AMP_ROWS["f32"], AMP_COLS["f32"]
     mt = np.geomspace(1, m, 400)[:, None]
@@ -114,7 +115,8 @@ def matmul_floor(m: int, k: int, n: int) -> float:
     split = k / kt
     # A pass holds up to rows x cols of a: at least one, however thin the block.
     passes = np.maximum(mt / rows, 1) * np.maximum(kt / cols, 1)
-    amp = workers * passes * (AMP_PASS + AMP_ELEMENT * nt / workers)
+    load = amp_load_cycles("f32")
+    amp = workers * passes * (AMP_PASS + load + AMP_ELEMENT * nt / workers)
     partials = mt * nt * (split - 1) / split
     exchange = (mt * kt * (1 - nt / n) + kt * nt * (1 - mt / m) + partials) * 4 / rate
     total = amp + exchange + partials + 4 * TARGET.sync_cycles
@@ -189,8 +191,11 @@ def conv_row(name, c, o, h, k, s, pad, count) -> tuple[str, int, int]:
     total, compute, exchange = simulate(src, {"x": x})
     macs = o * c * k * k * oh * oh
     flops = 2 * macs / (total / TARGET.clock_hz)
-    # The busiest tile's task of the partitioner's plan, costed both ways.
-    wp = h + 2 * pad
+    # The busiest tile's task of the partitioner's plan, costed both ways.  A strided
+    # 1x1 kernel convolves the subsampled input with stride 1 (`conv.subsampled`, as
+    # PopLibs' planner expands a kernel-1 dimension), so both vertices stream
+    # contiguous rows.
+    wp, s = (oh, 1) if k == 1 and s > 1 else (h + 2 * pad, s)
     p = SimpleNamespace(g=SimpleNamespace(target=TARGET), tiles=TARGET.tiles)
     go, gr, gc = _conv_plan(p, 1, o, c, oh, oh, k, s, wp, k * k)
     ob, rb, cb = ceil_div(o, go), ceil_div(oh, gr), ceil_div(c, gc)

@@ -64,6 +64,31 @@ def test_conv2d_gradients(tiles, n, cg, og, groups, hw, k, stride, padding):
 
 
 @pytest.mark.parametrize("tiles", TILES)
+@pytest.mark.parametrize("stride,padding", [(2, 0), (2, 1), (3, 0)])
+def test_strided_1x1_conv_gradients(tiles, stride, padding):
+    """A strided 1 x 1 kernel reads a subsampled view of its input (forward and
+    weight gradient): ResNet-50's shortcut convolutions, on an odd width."""
+    n, c, o, h, w = 2, 5, 6, 9, 10
+    oh, ow = (h + 2 * padding - 1) // stride + 1, (w + 2 * padding - 1) // stride + 1
+    src = f"""graph g(tiles = {tiles}) {{
+    input xin: f32[{n}, {c}, {h}, {w}];
+    input r: f32[{n}, {o}, {oh}, {ow}];
+    param x: f32[{n}, {c}, {h}, {w}] = zeros();
+    param w: f32[{o}, {c}, 1, 1] = normal(0.0, 1.0);
+    let y = conv2d(x + xin, w, stride = {stride}, padding = {padding});
+    let (gx, gw) = grad(sum(y * r), [x, w]);
+    output y;
+    output gx;
+    output gw;
+}}
+"""
+    rng = np.random.default_rng(stride * 10 + padding)
+    feeds = {"xin": rng.standard_normal((n, c, h, w)).astype(np.float32),
+             "r": rng.standard_normal((n, o, oh, ow)).astype(np.float32)}
+    against_reference(src, feeds, tiles)
+
+
+@pytest.mark.parametrize("tiles", TILES)
 @pytest.mark.parametrize("kind", ["max", "avg"])
 @SETTINGS
 @given(n=st.integers(1, 2), c=st.integers(1, 4), hw=st.integers(2, 9), k=st.integers(1, 3),

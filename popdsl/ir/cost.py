@@ -156,13 +156,19 @@ class _Ints:
         return -(-a // d)
 
 
+def amp_load_cycles(dtype: str) -> int:
+    """A worker's share of loading one pass's held block of `dtype`."""
+    rows, cols = AMP_ROWS[dtype], AMP_COLS[dtype]
+    return -(-(rows * cols * ir.ELEM_BYTES[dtype] // AMP_LOAD_BYTES + AMP_LOAD_EXTRA) // AMP_SHARED_BY)
+
+
 def amp_cycles(m, k, n, dtype: str, ops=_Ints):
     """Worker cycles of `amp` with sizes m, k, n (all positive; an amp with a size
     <= 0 does nothing and costs nothing beyond its operands) and operand type `dtype`
     of a and b: passes x (AMP_PASS + a share of loading the held block + AMP_ELEMENT
     per column)."""
     rows, cols = AMP_ROWS[dtype], AMP_COLS[dtype]
-    load = -(-(rows * cols * ir.ELEM_BYTES[dtype] // AMP_LOAD_BYTES + AMP_LOAD_EXTRA) // AMP_SHARED_BY)
+    load = amp_load_cycles(dtype)
     passes = ops.mul(ops.ceil_div(m, rows), ops.ceil_div(k, cols))
     return ops.mul(passes, ops.add(ops.const(AMP_PASS + load), ops.mul(n, ops.const(AMP_ELEMENT))))
 

@@ -25,7 +25,7 @@ from popdsl.ops import elementwise
 from popdsl.ops.core import FLOATS, HIGH_VALUE, Builder, Function, OpDef, Param, float_result, shape_str
 from popdsl.ops import conv_grad
 from popdsl.ops.reduce import add_partials
-from popdsl.ops.shape import padded
+from popdsl.ops.shape import padded, subsampled
 
 
 # ---------------------------------------------------------------- shape rules
@@ -205,6 +205,7 @@ def partition_conv(p, n: Node) -> g.View:
         x = padded(p, x, ((0, 0), (0, 0), (padding, padding), (padding, padding)), 0.0, "f32", label + ".pad")
     else:
         p.ensure_mapped(x)
+    x, stride = subsampled(p, x, KH, KW, stride, OH, OW, label)
     Wp = x.index.shape[3]
     Og = O // groups
     go, gr, gc = _conv_plan(p, N * groups, Og, Cg, OH, OW, KH, stride, Wp, KH * KW)

@@ -30,7 +30,7 @@ from popdsl.ops.blocks import (SLAB_BYTES, TILE_BUFFER_BYTES, block_of, blocks, 
                                fallback_rank, map_first, map_whole, pow2_splits, shape_classes, stacked, task_grid)
 from popdsl.ops.core import HIGH_VALUE, Builder, OpDef
 from popdsl.ops.reduce import sum_partials
-from popdsl.ops.shape import padded
+from popdsl.ops.shape import padded, subsampled
 
 
 # ---------------------------------------------------------------- builders (for the gradient rules)
@@ -321,8 +321,9 @@ def partition_conv_grad_w(p, n: Node) -> g.View:
     else:
         p.ensure_mapped(x)
     p.ensure_mapped(gv)
-    N, C, Hp, Wp = x.index.shape
     _, O, OH, OW = gv.index.shape
+    x, stride = subsampled(p, x, KH, KW, stride, OH, OW, label)
+    N, C, Hp, Wp = x.index.shape
     Cg, Og, kk = C // groups, O // groups, KH * KW
 
     def rows_in(rb: int) -> int:                 # input rows a block of rb output rows reads
