@@ -192,7 +192,7 @@ def conv_row(name, c, o, h, k, s, pad, count) -> tuple[str, int, int]:
     macs = o * c * k * k * oh * oh
     flops = 2 * macs / (total / TARGET.clock_hz)
     # The busiest tile's task of the partitioner's plan, costed both ways.  A strided
-    # 1x1 kernel convolves the subsampled input with stride 1 (`conv.subsampled`, as
+    # 1x1 kernel convolves the subsampled input with stride 1 (`shape.subsampled`, as
     # PopLibs' planner expands a kernel-1 dimension), so both vertices stream
     # contiguous rows.
     wp, s = (oh, 1) if k == 1 and s > 1 else (h + 2 * pad, s)

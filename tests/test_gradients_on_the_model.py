@@ -66,8 +66,9 @@ def test_conv2d_gradients(tiles, n, cg, og, groups, hw, k, stride, padding):
 @pytest.mark.parametrize("tiles", TILES)
 @pytest.mark.parametrize("stride,padding", [(2, 0), (2, 1), (3, 0)])
 def test_strided_1x1_conv_gradients(tiles, stride, padding):
-    """A strided 1 x 1 kernel reads a subsampled view of its input (forward and
-    weight gradient): ResNet-50's shortcut convolutions, on an odd width."""
+    """A strided 1 x 1 kernel reads its input subsampled (forward and weight
+    gradient) and, without padding, computes the input's gradient on that grid
+    and places it among zeros: ResNet-50's shortcut convolutions, on odd sizes."""
     n, c, o, h, w = 2, 5, 6, 9, 10
     oh, ow = (h + 2 * padding - 1) // stride + 1, (w + 2 * padding - 1) // stride + 1
     src = f"""graph g(tiles = {tiles}) {{
