@@ -301,3 +301,24 @@ def test_a_max_pool_gradient_vertex_costs_about_what_its_plan_assumes(k, s):
     np.testing.assert_allclose(vs.get(mem, 0, "dx"), want[:, off:off + rows].reshape(c, -1), rtol=1e-5, atol=1e-6)
     per_element = cyc[0] / (c * oh * ow * k * k)
     assert conv_grad._POOL_GRAD_CYCLES / 2 < per_element < conv_grad._POOL_GRAD_CYCLES * 2, per_element
+
+
+@pytest.mark.parametrize("tiles,n,c,o,h,k", [(2, 4, 8, 8, 8, 3), (4, 8, 16, 8, 6, 3), (3, 6, 8, 16, 4, 1)])
+def test_the_partitioner_costs_a_tile_of_several_conv_tasks_as_the_model_charges_it(tiles, n, c, o, h, k):
+    """More tasks than tiles (a big batch): the plan's cost for a tile's tasks is the
+    model's packing of all their vertices on the workers -- what one simulated step
+    charges the busiest tile -- not each task a whole tile's time for one."""
+    from types import SimpleNamespace
+    import popdsl
+    from popdsl.ir.target import get_target
+    from popdsl.ops.conv import _conv_plan, conv_tile_cycles
+    pad = k // 2
+    src = (f"graph g(tiles = {tiles}) {{ input x: f32[{n}, {c}, {h}, {h}]; param w: f32[{o}, {c}, {k}, {k}] = "
+           f"he_normal(); output y = conv2d(x, w, padding = {pad}); }}")
+    p = SimpleNamespace(g=SimpleNamespace(target=get_target("gc200", tiles=tiles)), tiles=tiles)
+    go, gr, gc = _conv_plan(p, n, o, c, h, h, k, 1, h + 2 * pad, k * k)
+    assert gc == 1 and o % go == 0 and h % gr == 0      # alike tasks, one compute set
+    tasks = n * go * gr
+    assert tasks % tiles == 0 and tasks > tiles
+    row = next(r for r in popdsl.compile(src, cache=False).partition_report().rows if r["op"] == "conv2d")
+    assert row["max_cycles"] == conv_tile_cycles(o // go, c, h // gr, h, k, k, 6, tasks // tiles)

@@ -125,15 +125,21 @@ _ROW_LETS = 12 * OP           # let wrow = ky * kw; let xrow = (oy * s + ky) * w
 _AMP_OPERANDS = 4 * OP        # wrow + kx, xrow + kx, and the state ow and s
 
 
-def conv_tile_cycles(ob: int, cb: int, rb: int, ow: int, kh: int, kw: int, workers: int) -> int:
-    """A tile's compute cycles for one convolution task split over its workers as
-    `blocks.worker_bands` splits it: rows, or columns when rows are fewer (each
-    worker's vertex issues every `workers` cycles)."""
+def conv_tile_cycles(ob: int, cb: int, rb: int, ow: int, kh: int, kw: int, workers: int, tasks: int = 1) -> int:
+    """A tile's compute cycles for `tasks` alike convolution tasks, each split over
+    the workers as `blocks.worker_bands` splits it: rows, or columns when rows are
+    fewer.  The model packs a tile's vertices on its workers: max(workers x the
+    longest, the sum of all).  (Charging each of several tasks a tile's time for one
+    made a big batch's plans split input channels instead of rows, every split a
+    copy of the output in partial sums: 205 MB for one of ResNet-50's at batch 32.)"""
     if rb >= workers:
-        return workers * conv_vertex_cycles(ob, cb, ceil_div(rb, workers), ow, kh, kw)
-    bands = max(1, min(ow // MIN_BAND, ceil_div(workers, rb)))
-    cycles = [conv_vertex_cycles(ob, cb, 1, ow * (k + 1) // bands - ow * k // bands, kh, kw) for k in range(bands)]
-    return max(workers * max(cycles), rb * sum(cycles))
+        rows = [rb * (k + 1) // workers - rb * k // workers for k in range(workers)]
+        cycles = [conv_vertex_cycles(ob, cb, r, ow, kh, kw) for r in rows]
+    else:
+        bands = max(1, min(ow // MIN_BAND, ceil_div(workers, rb)))
+        cycles = [conv_vertex_cycles(ob, cb, 1, ow * (k + 1) // bands - ow * k // bands, kh, kw)
+                  for k in range(bands)] * rb
+    return max(workers * max(cycles), tasks * sum(cycles))
 
 
 def _conv_plan(p, outer: int, Og: int, Cg: int, OH: int, OW: int, kh: int, s: int, wp: int, kk: int):
@@ -156,7 +162,7 @@ def _conv_plan(p, outer: int, Og: int, Cg: int, OH: int, OW: int, kh: int, s: in
                 tasks = outer * go * gr * gc
                 per_tile = ceil_div(tasks, p.tiles)
                 moved = slab + wblk
-                cost = per_tile * (conv_tile_cycles(ob, cb, rb, OW, kh, kk // kh, target.workers) + moved / rate)
+                cost = conv_tile_cycles(ob, cb, rb, OW, kh, kk // kh, target.workers, per_tile) + per_tile * moved / rate
                 if gc > 1:      # partial sums: gc copies of the output, exchanged and added
                     cost += outer * Og * OH * OW * gc * 4 / p.tiles / rate * 2
                 worst = max(slab, wblk, yblk)
