@@ -84,7 +84,10 @@ def test_random_programs_plan_without_overlaps_and_match_numpy(prog, tiles, seed
     env64 = {k: v.astype(np.float64) for k, v in env.items()}
     for name, fn in outs:
         np.testing.assert_array_equal(r1[name], r2[name])
-        np.testing.assert_allclose(r1[name], fn(env64), rtol=1e-4, atol=1e-4)
+        # f32 rounding of the largest terms bounds a cancelling sum's error (a chain
+        # of squares reaches 1e6 and a product of such rows can cancel to 1e4).
+        want = fn(env64)
+        np.testing.assert_allclose(r1[name], want, rtol=1e-4, atol=1e-4 + 1e-5 * float(np.abs(want).max(initial=0)))
 
 
 def test_chain_reuses_memory_and_reaches_the_lower_bound(capsys, tmp_path):
