@@ -120,9 +120,7 @@ def reduce_rows(p, kind: str, src: g.View, dtype: str, out_dtype: str, label: st
         r, j = task_grid(R, len(bl))
         first, end = bounds(bl)
         lo, hi = first[j], end[j]
-        tiles = p.g.mappings[src.tensor].tiles_at(rows[:, first]).reshape(-1).astype(np.int32)
-        if np.bincount(tiles).max() > 2 * -(-len(tiles) // p.tiles):
-            tiles = p.linear(len(tiles), grain=1)
+        tiles = _unpiled(p, p.g.mappings[src.tensor].tiles_at(rows[:, first]).reshape(-1).astype(np.int32))
         map_whole(p, partial.tensor, (R * len(bl),), tiles)
 
         def conns(v):
@@ -141,13 +139,21 @@ def reduce_rows(p, kind: str, src: g.View, dtype: str, out_dtype: str, label: st
     # of whole rows (ResNet-50 at batch 8: eleven rows of 56 x 56, 138 KB, on one
     # tile, where the convolution before left their first elements).
     row_tiles = p.g.mappings[src.tensor].tiles_at(rows[:, 0])
-    if K >= TWO_STAGE_MIN and R and np.bincount(row_tiles).max() > 2 * -(-R // p.tiles):
-        row_tiles = p.linear(R, grain=1)
+    if K >= TWO_STAGE_MIN and R:
+        row_tiles = _unpiled(p, row_tiles)
     p.set_tiles(out.tensor, row_tiles)
     cs = p.new_cs(label)
     for size, pos, tiles in p.chunks(row_tiles, grain=1):
         p.group(cs, codelet, tiles, {"a": (src.tensor, rows[pos]), "y": (out.tensor, out.index[pos])})
     return out
+
+
+def _unpiled(p, tiles: np.ndarray) -> np.ndarray:
+    """Tasks' tiles, or the tasks spread evenly over the tiles where more than
+    twice a tile's share of them sit on one tile."""
+    if len(tiles) and np.bincount(tiles).max() > 2 * -(-len(tiles) // p.tiles):
+        return p.linear(len(tiles), grain=1)
+    return tiles
 
 
 REDUCE_GRAIN = 64                 # fewest columns worth a vertex of their own
