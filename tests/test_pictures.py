@@ -41,8 +41,8 @@ def _rgb(path) -> np.ndarray:
 
 def _hue_clusters(img: np.ndarray) -> int:
     """Hue bins (of 12) holding at least 1% of the picture's bright, saturated pixels
-    (the digits network's weight-gradient layer, a visible cluster of its own, is
-    1.5% since its convolution's plan has half the vertices)."""
+    (one of the digits network's layers, a visible cluster of its own, is 1.5%
+    since its convolution's plan has half the vertices)."""
     hsv = rgb_to_hsv(img.reshape(-1, 3))
     lit = hsv[(hsv[:, 2] > 0.3) & (hsv[:, 1] > 0.3)]
     counts = np.bincount((lit[:, 0] * 12).astype(int) % 12, minlength=12)
