@@ -132,14 +132,15 @@ def conv_tile_cycles(ob: int, cb: int, rb: int, ow: int, kh: int, kw: int, worke
     longest, the sum of all).  (Charging each of several tasks a tile's time for one
     made a big batch's plans split input channels instead of rows, every split a
     copy of the output in partial sums: 205 MB for one of ResNet-50's at batch 32.)"""
-    if rb >= workers:
-        rows = [rb * (k + 1) // workers - rb * k // workers for k in range(workers)]
-        cycles = [conv_vertex_cycles(ob, cb, r, ow, kh, kw) for r in rows]
-    else:
+    if rb >= workers:                   # a band of rows per worker
+        cycles = [conv_vertex_cycles(ob, cb, rb * (k + 1) // workers - rb * k // workers, ow, kh, kw)
+                  for k in range(workers)]
+        per_task = sum(cycles)
+    else:                               # each row in bands of columns
         bands = max(1, min(ow // MIN_BAND, ceil_div(workers, rb)))
-        cycles = [conv_vertex_cycles(ob, cb, 1, ow * (k + 1) // bands - ow * k // bands, kh, kw)
-                  for k in range(bands)] * rb
-    return max(workers * max(cycles), tasks * sum(cycles))
+        cycles = [conv_vertex_cycles(ob, cb, 1, ow * (k + 1) // bands - ow * k // bands, kh, kw) for k in range(bands)]
+        per_task = rb * sum(cycles)
+    return max(workers * max(cycles), tasks * per_task)
 
 
 def _conv_plan(p, outer: int, Og: int, Cg: int, OH: int, OW: int, kh: int, s: int, wp: int, kk: int):

@@ -211,10 +211,11 @@ def _product(p, n: Node, a_tensor: int, a_index, b_tensor: int, b_index, shape) 
     # gradient) that several blocks read is copied into rows first, one element at a
     # time once, as PopLibs rearranges an operand, not once per block that reads it:
     # xᵀ @ g at batch 2 sent 2M one-element runs to ResNet-50's last layer's blocks.
+    # (Mapped below where the blocks that read it first run.)
     if nb == 1 and _copy_first(ai[0], nc):
-        a_tensor, ai = _in_rows(p, g.View(a_tensor, ai[0], p.span), label + ".a"), Strided.whole((1, M, K))
+        a_tensor, ai = p.copied(g.View(a_tensor, ai[0], p.span), label + ".a", False).tensor, Strided.whole((1, M, K))
     if nb == 1 and _copy_first(bi[0], nr):
-        b_tensor, bi = _in_rows(p, g.View(b_tensor, bi[0], p.span), label + ".b"), Strided.whole((1, K, N))
+        b_tensor, bi = p.copied(g.View(b_tensor, bi[0], p.span), label + ".b", False).tensor, Strided.whole((1, K, N))
     # The result (or its partial sums) has the op's shape; the rule indexes it as
     # [reduction block, batch, row, column].
     if nk > 1:
@@ -266,15 +267,6 @@ def _copy_first(index, readers: int) -> bool:
     """Whether an operand's view is copied into rows before a product whose
     `readers` blocks each receive it: a scattered one read more than once."""
     return readers > 1 and _scattered(index) > 0
-
-
-def _in_rows(p, v: g.View, name: str) -> int:
-    """A new tensor holding view v's elements in row-major order, copied now; it is
-    mapped where the blocks that read it first run (`_product` maps it)."""
-    p.ensure_mapped(v)
-    out = p.new_tensor(name, p.g.tensors[v.tensor].dtype, v.index.shape)
-    p.seq.append(g.Copy(v, out, p.span))
-    return out.tensor
 
 
 def _map_first_of_both(p, tensor: int, ai, a_task, bi, b_task, tiles) -> None:

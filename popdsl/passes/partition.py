@@ -133,13 +133,20 @@ class Partitioner:
             if tid in self.g.updates and m.numel and m.unmapped_count() == m.numel:
                 self.g.mappings[tid] = self.linear_mapping(m.numel)
 
-    def kept(self, v: g.View) -> g.View:
-        """A copy of v's elements in a new tensor, made now."""
+    def copied(self, v: g.View, name: str, where_they_are: bool = True) -> g.View:
+        """A copy of v's elements in a new tensor of v's shape, made now: mapped
+        where they are (an on-tile copy), or left for the caller to map."""
         self.ensure_mapped(v)
-        out = self.new_tensor(self.g.tensors[v.tensor].name + ".before", self.g.tensors[v.tensor].dtype, v.index.shape)
-        self.set_tiles(out.tensor, self.tiles_of(v))
+        out = self.new_tensor(name, self.g.tensors[v.tensor].dtype, v.index.shape)
+        if where_they_are:
+            self.set_tiles(out.tensor, self.tiles_of(v))
         self.seq.append(g.Copy(v, out, self.span))
         return out
+
+    def kept(self, v: g.View) -> g.View:
+        """A copy of v's elements in a new tensor, made now (a var's value before
+        the step updates it)."""
+        return self.copied(v, self.g.tensors[v.tensor].name + ".before")
 
     def write_var(self, tid: int, src: g.View) -> None:
         """The step's last action for a var the tensor program assigns: its new value
