@@ -16,9 +16,10 @@ tries the same two).  A tile still over its memory, whose lower bound is not,
 tries nine more orders (`_plan_harder`): whether the graph compiles turns on it.
 The lower
 bound is the peak of live bytes; `reuse=False` gives every region its own bytes
-(the naive plan), for checking results against.  Vertex state (the real table
-bytes) and codelet code (real object-code size per codelet used) are charged to
-the tiles that use them.  A tile over capacity is an out-of-memory error naming the
+(the naive plan), for checking results against.  Vertex state (a tile's vertices
+of one table as PopLibs' multi-vertices hold them, `ir.vertex_state`) and codelet
+code (real object-code size per codelet used) are charged to the tiles that use
+them.  A tile over capacity is an out-of-memory error naming the
 tile, what is on it by category, its largest tensors with their source lines, and
 what would help.
 """
@@ -31,11 +32,11 @@ from popdsl.ir.index import as_array, unique
 from popdsl.passes.bestfit import Lives, best_fit_many, more_orders
 from popdsl.passes.liveness import Liveness, liveness
 from popdsl.ir.lowered import CopyElems, Lowered
-from popdsl.ir import codelet as cir
 from popdsl.ir import executable as X
 from popdsl.ir.cost import copy_cycles
 from popdsl.ir.target import Target
 from popdsl.ir.verify_lowered import verify_no_overlap
+from popdsl.ir.vertex_state import state_bytes
 
 
 def _align(size: np.ndarray) -> np.ndarray:
@@ -274,11 +275,13 @@ def _categories(low, live: Liveness, rs, plan_rs, rt, planned, bound, naive, cod
     def per_tile(mask):
         return np.bincount(rt[mask], weights=rs[mask], minlength=ntiles).astype(np.int64)
     vertex_state = np.zeros(ntiles, np.int64)
+    workers = low.graph.target.workers
     code = np.zeros(ntiles, np.int64)
     on_tiles: dict[str, np.ndarray] = {}
     for cs in low.compute_sets:
         for grp in cs.groups:
-            vertex_state += np.bincount(grp.tiles, minlength=ntiles) * grp.table.shape[1] * cir.STATE_WORD_BYTES
+            if len(grp.tiles):
+                vertex_state += state_bytes(grp.table, grp.tiles, ntiles, workers, grp.region[0] >= 0, grp.region)
             on = on_tiles.setdefault(grp.codelet, np.zeros(ntiles, bool))
             on[grp.tiles] = True
     for cname, on in on_tiles.items():

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from popdsl.ir.codelet import STATE_WORD_BYTES
+import numpy as np
+
+from popdsl.ir.codelet import table_layout
 from popdsl.ir.executable import Executable, PCopy, PSeq, PRepeat, PWhile, PIf
+from popdsl.ir.vertex_state import state_bytes
 
 
 def _copies(exe: Executable) -> list[int]:
@@ -41,12 +44,15 @@ def _copies(exe: Executable) -> list[int]:
 
 
 def _state(exe: Executable, css) -> tuple[int, int]:
-    """(vertices, vertex-state bytes) of compute sets `css`."""
+    """(vertices, vertex-state bytes) of compute sets `css`, the state counted as
+    the memory plan counts it (`ir.vertex_state`)."""
     v = s = 0
+    tiles, workers = exe.target.tiles, exe.target.workers
     for i in css:
         for grp in exe.compute_sets[i].groups:
             v += len(grp.tiles)
-            s += grp.table.size * STATE_WORD_BYTES
+            addresses = np.array([c.kind == "addr" for c in table_layout(exe.codelets[grp.codelet])], bool)
+            s += int(state_bytes(grp.table, grp.tiles, tiles, workers, addresses).sum())
     return v, s
 
 
