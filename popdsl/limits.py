@@ -49,13 +49,13 @@ class Budgets:
         has under a thousand, and each costs ~15 us to build and more to partition.
     vertices: vertices of the whole graph, placed by hand or by partitioning
         (`--max-vertices`); a million is a target for real graphs, ResNet-50's
-        training step at batch 1 has 2.9M (a compile of about 30 s and 5 GB), and
+        training step at batch 8 has 5.8M (a compile of about 60 s and 8 GB), and
         a runaway graph is stopped before lowering at about 1.7 KB of host memory a
         vertex.
     """
     unroll: int = 1 << 21
     ops: int = 1 << 18
-    vertices: int = 1 << 22
+    vertices: int = 1 << 23
 
 
 CALL_STEPS = 64

@@ -167,7 +167,7 @@ def _conv_per_task(p, n):
     x, stride = subsampled(p, x, KH, KW, stride, OH, OW, label)
     Wp = x.index.shape[3]
     Og = O // groups
-    go, gr, gc = _conv_plan(p, N * groups, Og, Cg, OH, OW, KH, stride, Wp, KH * KW)
+    go, gr, gc = _conv_plan(p, N * groups, Og, Cg, OH, OW, KH, stride, Wp, KH * KW, groups)
     ob_, rb_, cb_ = blocks(Og, go), blocks(OH, gr), blocks(Cg, gc)
     if len(cb_) > 1:
         acc = p.new_tensor(label + ".partial", "f32", (len(cb_), N, O, OH, OW))
@@ -175,7 +175,11 @@ def _conv_per_task(p, n):
     else:
         acc = p.new_tensor(label, "f32", (N, O, OH, OW))
         target = acc.index[None]
-    tiles = p.spread(N * groups * len(ob_) * len(rb_) * len(cb_))
+    # Several tasks to a tile: those of one weight block (group, output and input
+    # channel block) together.
+    weight_block = [(gi * len(ob_) + oi) * len(cb_) + ci for nn in range(N) for gi in range(groups)
+                    for oi in range(len(ob_)) for _ in rb_ for ci in range(len(cb_))]
+    tiles = p.spread(len(weight_block), together=np.array(weight_block))
     tasks, t = [], 0
     for nn in range(N):
         for gi in range(groups):
@@ -285,3 +289,31 @@ def test_strided_1x1_conv_reads_only_the_elements_it_uses(monkeypatch, stride, p
     monkeypatch.setattr(conv, "subsampled", lambda p, x, kh, kw, stride, oh, ow, label: (x, stride))
     whole_rows = run()
     assert subsampled < whole_rows, (subsampled, whole_rows)
+
+
+def test_tasks_sharing_a_weight_block_share_a_tile(monkeypatch):
+    """When tiles take several tasks of a convolution (a big batch), a tile's tasks
+    are a run of those reading one weight block: the exchange brings it once.
+    Dealt round robin, a tile's tasks read as many blocks as it has tasks."""
+    import popdsl
+    from popdsl.passes.partition import Partitioner
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((8, 64, 8, 8)).astype(np.float32)
+    w = rng.standard_normal((128, 64, 3, 3)).astype(np.float32)
+    src = """graph g(tiles = 5) {
+    input x: f32[8, 64, 8, 8];
+    input w: f32[128, 64, 3, 3];
+    output y = conv2d(x, w, padding = 1);
+}"""
+    want = sum(np.einsum("nchw,oc->nohw", np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))[:, :, i:i + 8, j:j + 8]
+                         .astype(np.float64), w[:, :, i, j]) for i in range(3) for j in range(3))
+
+    def buffers():
+        exe = popdsl.compile(src, cache=False, tile_memory=4 << 20)
+        with popdsl.Simulator(exe) as sim:
+            np.testing.assert_allclose(sim.run({"x": x, "w": w})["y"], want, rtol=1e-4, atol=1e-3)
+        return int(exe.ir.memory.exchange_buffers.sum())
+    together = buffers()
+    spread = Partitioner.spread
+    monkeypatch.setattr(Partitioner, "spread", lambda self, n, together=None: spread(self, n))
+    assert together < buffers()

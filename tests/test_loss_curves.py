@@ -8,11 +8,17 @@ gradient rules it checks.
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 import popdsl
+from popdsl.ir import graph as g
+from popdsl.ir.target import get_target
+from popdsl.passes.partition import partition
+from popdsl.pipeline import compile_source
 
 STEPS = 50
 RTOL = 1e-3
@@ -215,3 +221,25 @@ def test_cnn_with_batch_norm_loss_curve_matches_numpy():
     # Parameters and the running statistics batch norm keeps (momentum 0.1, unbiased).
     for k, v in want.items():
         np.testing.assert_allclose(final[k], v, rtol=RTOL, atol=1e-4, err_msg=k)
+
+
+@pytest.mark.parametrize("optimizer,np_opt", [
+    ("sgd(lr = 0.05, momentum = 0.9, weight_decay = 0.001)", sgd(0.05, 0.9, 0.001)),
+    ("adam(lr = 0.01)", adam(0.01)),
+], ids=["sgd-momentum", "adam"])
+def test_each_var_takes_its_new_value_once_nothing_reads_its_old_one(monkeypatch, optimizer, np_opt):
+    """A var is written as soon as nothing left to compute reads it, not all at
+    the end of the step; its update's own reads (weight decay, the momentum, Adam's
+    step count) still see the old value: one step equals numpy's to float32
+    rounding (a read of a new value is off by lr x weight decay x p and more)."""
+    monkeypatch.setattr(sys.modules[__name__], "STEPS", 1)
+    _, _, final, want = train_both(MLP, optimizer, np_opt, mlp, (16, 12), 4)
+    for k, v in want.items():
+        np.testing.assert_allclose(final[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+    graph = partition(compile_source(MLP.replace("OPTIMIZER", optimizer), "<string>", get_target("gc200"),
+                                     stop_after="autodiff"))
+    trained = {t.id for t in graph.tensors if t.kind in ("param", "var")}
+    program = graph.program.body
+    writes = [k for k, n in enumerate(program) if isinstance(n, g.Copy) and n.dst.tensor in trained]
+    computes = [k for k, n in enumerate(program) if isinstance(n, g.Execute)]
+    assert writes and writes[0] < computes[-1]

@@ -498,3 +498,32 @@ def test_blocks_of_long_rows_starting_on_one_tile_are_spread_over_the_tiles():
     x = np.random.default_rng(7).standard_normal((8, 4096)).astype(np.float32)
     with popdsl.Simulator(popdsl.compile(src)) as sim:
         np.testing.assert_allclose(sim.run({"x": x})["s"], x.sum(axis=1), rtol=1e-5, atol=1e-3)
+
+
+def test_large_partial_sums_are_added_in_waves_each_spread_over_the_tiles():
+    """A matrix product whose reduction is split leaves K copies of its output: a
+    tile's share of them beyond WAVE_BYTES is added in several compute sets, each
+    over all tiles, so its exchange buffers live one wave at a time (ResNet-50's
+    stage-4 weight gradient at batch 8: 51 KB a tile at once)."""
+    from popdsl.ops.reduce import WAVE_BYTES
+    src = """graph g(tiles = 2) {
+    input a: f32[64, 1024];
+    input b: f32[1024, 256];
+    output y = matmul(a, b);
+}"""
+    target = get_target("gc200", 2, 8 << 20)
+    graph = compile_source(src, "<string>", target, stop_after="partition")
+    waves = [cs for name, cs in graph.compute_sets.items()
+             if any(grp.codelet.startswith("ReduceSumCols") for grp in cs.groups)]
+    assert len(waves) > 1
+    for cs in waves:
+        assert sorted({int(t) for grp in cs.groups for t in grp.tiles}) == [0, 1]
+    exe = popdsl.compile(src, tiles=2, tile_memory=8 << 20, cache=False)
+    m = exe.ir.memory
+    live = m.timeline_categories["exchange_buffers"]           # over both tiles, at each point
+    assert live.max() <= 2 * WAVE_BYTES < m.exchange_buffers.sum()
+    rng = np.random.default_rng(8)
+    a = rng.standard_normal((64, 1024)).astype(np.float32)
+    b = rng.standard_normal((1024, 256)).astype(np.float32)
+    with popdsl.Simulator(exe) as sim:
+        np.testing.assert_allclose(sim.run({"a": a, "b": b})["y"], a.astype(np.float64) @ b, rtol=1e-4, atol=1e-3)

@@ -19,7 +19,7 @@ from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node
 from popdsl.ir.cost import LOOP_ITER, LOOP_SETUP, RPT_ITER, VERTEX_OVERHEAD, amp_cycles
 from popdsl.ir.intrinsics import DIV, OP
-from popdsl.ops.blocks import (SLAB_BYTES, block_of, blocks, bounds, ceil_div, emit_classes, fallback_rank,
+from popdsl.ops.blocks import (SLAB_BYTES, TILE_BUFFER_BYTES, block_of, blocks, bounds, ceil_div, emit_classes, fallback_rank,
                                map_first, map_whole, pow2_splits, shape_classes, stacked, task_grid, worker_bands)
 from popdsl.ops import elementwise
 from popdsl.ops.core import FLOATS, HIGH_VALUE, Builder, Function, OpDef, Param, float_result, shape_str
@@ -143,15 +143,21 @@ def conv_tile_cycles(ob: int, cb: int, rb: int, ow: int, kh: int, kw: int, worke
     return max(workers * max(cycles), tasks * per_task)
 
 
-def _conv_plan(p, outer: int, Og: int, Cg: int, OH: int, OW: int, kh: int, s: int, wp: int, kk: int):
-    """(output-channel, output-row, input-channel) splits of a convolution.
+def _conv_plan(p, outer: int, Og: int, Cg: int, OH: int, OW: int, kh: int, s: int, wp: int, kk: int,
+               groups: int = 1):
+    """(output-channel, output-row, input-channel) splits of a convolution of
+    `outer` = images x `groups` independent jobs.
 
     Searches power-of-two splits for the least estimated time per tile — the
     cycles the cycle model charges its vertices (`conv_tile_cycles`) and the bytes
-    a tile receives at the target's exchange rate (input slab, weights, and partial
+    a tile receives at the target's exchange rate (input slabs, weights, and partial
     sums when input channels are split) — among plans whose per-vertex blocks fit
-    SLAB_BYTES."""
-    best, crowded, fallback = None, None, None
+    SLAB_BYTES: one task per tile if it can, else several (a big batch), then
+    preferring plans whose tasks receive and produce at most TILE_BUFFER_BYTES on a
+    tile.  Several tasks on a tile are runs of tasks sharing a weight block
+    (`partition_conv`), so a tile receives few weight blocks: ceil of its tasks over
+    the run (images x row blocks), plus one where a run starts mid-tile."""
+    best, crowded, roomy, fallback = None, None, None, None
     target = p.g.target
     rate = target.exchange_bytes_per_cycle
     for go in pow2_splits(Og):
@@ -162,8 +168,9 @@ def _conv_plan(p, outer: int, Og: int, Cg: int, OH: int, OW: int, kh: int, s: in
                 slab, wblk, yblk = cb * rin * wp * 4, ob * cb * kk * 4, ob * rb * OW * 4
                 tasks = outer * go * gr * gc
                 per_tile = ceil_div(tasks, p.tiles)
-                moved = slab + wblk
-                cost = conv_tile_cycles(ob, cb, rb, OW, kh, kk // kh, target.workers, per_tile) + per_tile * moved / rate
+                wblocks = min(per_tile, 1 + ceil_div(per_tile - 1, outer // groups * gr))
+                moved = per_tile * slab + wblocks * wblk
+                cost = conv_tile_cycles(ob, cb, rb, OW, kh, kk // kh, target.workers, per_tile) + moved / rate
                 if gc > 1:      # partial sums: gc copies of the output, exchanged and added
                     cost += outer * Og * OH * OW * gc * 4 / p.tiles / rate * 2
                 worst = max(slab, wblk, yblk)
@@ -178,7 +185,13 @@ def _conv_plan(p, outer: int, Og: int, Cg: int, OH: int, OW: int, kh: int, s: in
                 # stride-2 shortcut at batch 4 would be 29M vertices).
                 if worst <= SLAB_BYTES and (crowded is None or cost < crowded[0]):
                     crowded = (cost, (go, gr, gc))
-    return (best or crowded or fallback)[1]
+                # Of those, one whose exchange buffers and output leave room on the tile
+                # (a batch-8 training step's recomputed stage-3 convolution put five
+                # tasks' 30 KB of inputs on each tile, 150 KB of buffers at its peak).
+                if worst <= SLAB_BYTES and moved + per_tile * yblk <= TILE_BUFFER_BYTES \
+                        and (roomy is None or cost < roomy[0]):
+                    roomy = (cost, (go, gr, gc))
+    return (best or roomy or crowded or fallback)[1]
 
 
 def _pool_plan(p, N: int, C: int, OH: int, OW: int, k: int, s: int, wp: int):
@@ -215,7 +228,7 @@ def partition_conv(p, n: Node) -> g.View:
     x, stride = subsampled(p, x, KH, KW, stride, OH, OW, label)
     Wp = x.index.shape[3]
     Og = O // groups
-    go, gr, gc = _conv_plan(p, N * groups, Og, Cg, OH, OW, KH, stride, Wp, KH * KW)
+    go, gr, gc = _conv_plan(p, N * groups, Og, Cg, OH, OW, KH, stride, Wp, KH * KW, groups)
     ob_, rb_, cb_ = blocks(Og, go), blocks(OH, gr), blocks(Cg, gc)
     if len(cb_) > 1:
         acc = p.new_tensor(label + ".partial", "f32", (len(cb_), N, O, OH, OW))
@@ -226,8 +239,9 @@ def partition_conv(p, n: Node) -> g.View:
     # The tasks: images, groups, output-channel, row and input-channel blocks (the
     # last innermost), all at once: per task its blocks' bounds.
     nob, nrb, ncb = len(ob_), len(rb_), len(cb_)
-    tiles = p.spread(N * groups * nob * nrb * ncb)
     nn, gi, oi, ri, ci = task_grid(N, groups, nob, nrb, ncb)
+    # Several tasks to a tile: those of one weight block together.
+    tiles = p.spread(nn.size, together=(gi * nob + oi) * ncb + ci)
     (ob0, ob1), (rb0, rb1), (cb0, cb1) = bounds(ob_), bounds(rb_), bounds(cb_)
     o0, o1 = gi * Og + ob0[oi], gi * Og + ob1[oi]
     r0, r1 = rb0[ri], rb1[ri]

@@ -283,8 +283,9 @@ def partition_conv_grad_x(p, n: Node) -> g.View:
     # The tasks: images, groups, input-channel blocks, row blocks, output-channel
     # blocks (the last innermost), all at once.
     ncb, nrb, nob = len(cbs), len(rbs), len(obs)
-    tiles = p.spread(N * groups * ncb * nrb * nob)
     nn, gi, ci, ri, oi = task_grid(N, groups, ncb, nrb, nob)
+    # Several tasks to a tile: those reading one block of g together.
+    tiles = p.spread(nn.size, together=((nn * groups + gi) * nrb + ri) * nob + oi)
     (cb0, cb1), (rb0, rb1), (ob0, ob1) = bounds(cbs), bounds(rbs), bounds(obs)
     c0, c1 = cb0[ci], cb1[ci]
     y0, y1 = rb0[ri], rb1[ri]
@@ -359,8 +360,9 @@ def partition_conv_grad_w(p, n: Node) -> g.View:
     target = acc.index.reshape((nparts,) + shape)
     # The tasks: groups, image blocks, row blocks, output-channel blocks,
     # input-channel blocks (the last innermost), all at once.
-    tiles = p.spread(groups * nparts * nob * ncb)
     gi, ni, ri, oi, ci = task_grid(groups, nnb, nrb, nob, ncb)
+    # Several tasks to a tile: those reading one block of g together.
+    tiles = p.spread(gi.size, together=((gi * nnb + ni) * nrb + ri) * nob + oi)
     (nb0, nb1), (rb0, rb1), (ob0, ob1), (cb0, cb1) = bounds(nbs), bounds(rbs), bounds(obs), bounds(cbs)
     n0, n1 = nb0[ni], nb1[ni]
     r0, r1 = rb0[ri], rb1[ri]
