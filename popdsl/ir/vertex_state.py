@@ -43,7 +43,6 @@ def state_bytes(table: np.ndarray, tiles: np.ndarray, ntiles: int, workers: int,
         return np.zeros(ntiles, np.int64)
     order = np.argsort(tiles, kind="stable")
     t = tiles[order]
-    table = np.asarray(table, np.int64)[order]
     # Multi-vertices: each tile's rows in table order, `workers` at a time.
     new_tile = np.ones(n, bool)
     new_tile[1:] = t[1:] != t[:-1]
@@ -52,26 +51,28 @@ def state_bytes(table: np.ndarray, tiles: np.ndarray, ntiles: int, workers: int,
     starts = new_tile | (pos % workers == 0)
     cs = np.flatnonzero(starts)
     k = np.diff(np.append(cs, n))
-    # Per column, the differences between a multi-vertex's consecutive rows; a
-    # difference that would cross into the next multi-vertex is replaced by its own
-    # first one, neutral for the min and max below (a lone row is all agreement).
     cross = np.append(starts[1:], True)
-    diff = np.zeros_like(table)
-    diff[:-1] = table[1:] - table[:-1]
-    diff[cross] = np.repeat(diff[cs], k, axis=0)[cross]
-    lo = np.minimum.reduceat(diff, cs, axis=0)
-    hi = np.maximum.reduceat(diff, cs, axis=0)
-    same = lo == hi
-    if region is not None:          # a pointer into another region neither agrees nor steps
-        region = np.asarray(region)[order]
-        moved = np.zeros(region.shape, bool)
-        moved[:-1] = region[1:] != region[:-1]
-        moved[cross] = False
-        same &= ~np.logical_or.reduceat(moved, cs, axis=0)
-    agree = same & (lo == 0)
-    progression = same & np.asarray(addresses, bool)[None, :]
-    agree |= (k == 1)[:, None]
-    words = np.where(agree, 1, np.where(progression, 2, k[:, None])).sum(axis=1) + (k > 1)
+    alone = k == 1
+    addresses = np.asarray(addresses, bool)
+    words = (k > 1).astype(np.int64)
+    # A column at a time (a batch-32 training step has tables of millions of rows).
+    for c in range(table.shape[1]):
+        # The differences between a multi-vertex's consecutive rows; one that
+        # would cross into the next multi-vertex is replaced by its own first one,
+        # neutral for the min and max below (a lone row is all agreement).
+        col = np.asarray(table[:, c], np.int64)[order]
+        diff = np.zeros(n, np.int64)
+        diff[:-1] = col[1:] - col[:-1]
+        diff[cross] = np.repeat(diff[cs], k)[cross]
+        lo = np.minimum.reduceat(diff, cs)
+        same = lo == np.maximum.reduceat(diff, cs)
+        if region is not None:          # a pointer into another region neither agrees nor steps
+            reg = np.asarray(region[:, c])[order]
+            moved = np.zeros(n, bool)
+            moved[:-1] = reg[1:] != reg[:-1]
+            moved[cross] = False
+            same &= ~np.logical_or.reduceat(moved, cs)
+        agree = (same & (lo == 0)) | alone
+        words += np.where(agree, 1, np.where(same & addresses[c], 2, k))
     words = np.minimum(words, k * table.shape[1])       # two small vertices may be cheaper
     return np.bincount(t[cs], weights=words * STATE_WORD_BYTES, minlength=ntiles).astype(np.int64)
-
