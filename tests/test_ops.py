@@ -518,6 +518,11 @@ def test_large_partial_sums_are_added_in_waves_each_spread_over_the_tiles():
     assert len(waves) > 1
     for cs in waves:
         assert sorted({int(t) for grp in cs.groups for t in grp.tiles}) == [0, 1]
+    # Each wave a part of every tile's columns: the result stays one run a tile
+    # (the element-wise ops after it read it by runs, not an index per element).
+    (y,) = [v for name, v in graph.outputs if name == "y"]
+    m = graph.mappings[y.tensor]
+    assert len(m.tiles[m.lengths > 0]) == 2
     exe = popdsl.compile(src, tiles=2, tile_memory=8 << 20, cache=False)
     m = exe.ir.memory
     live = m.timeline_categories["exchange_buffers"]           # over both tiles, at each point

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from popdsl.ir import graph as g
-from popdsl.ir.index import Batch, Strided, as_array
+from popdsl.ir.index import Batch, Strided, as_array, ramps
 from popdsl.ir.tensor import Node
 from popdsl.ops import elementwise
 from popdsl.ops.blocks import blocks, bounds, emit_classes, map_whole, shape_classes, stacked, task_grid
@@ -158,6 +158,7 @@ def _unpiled(p, tiles: np.ndarray) -> np.ndarray:
 
 REDUCE_GRAIN = 64                 # fewest columns worth a vertex of their own
 WAVE_BYTES = 16 * 1024            # most a tile's share of partial sums may take in one wave
+MAX_WAVES = 4                     # ... in at most this many waves
 
 
 def sum_partials(p, partial: g.View, label: str, shape=None) -> g.View:
@@ -165,11 +166,11 @@ def sum_partials(p, partial: g.View, label: str, shape=None) -> g.View:
     The result is spread over all tiles, each reducing its columns from K
     contiguous runs (the partials of one column block sit on few tiles, so
     reducing where they are would pile the work onto those).  Where a tile's
-    share of the K rows would take more than WAVE_BYTES of exchange buffers, the
-    columns go in waves, one compute set each, every wave spread over all tiles:
-    its buffers live for its compute set only (a stage-4 weight gradient of
-    ResNet-50 at batch 8, 8 partial sums of 9.4 MB, took 51 KB of buffers a tile
-    at once)."""
+    share of the K rows would take more than WAVE_BYTES of exchange buffers, its
+    columns go in waves (up to MAX_WAVES), one compute set each taking a part of
+    every tile's: a wave's buffers live for its compute set only (a stage-4
+    weight gradient of ResNet-50 at batch 8, 8 partial sums of 9.4 MB, took 51 KB
+    of buffers a tile at once)."""
     K = partial.index.shape[0]
     cols = partial.index.reshape(K, -1)
     R = cols.shape[1]
@@ -179,27 +180,36 @@ def sum_partials(p, partial: g.View, label: str, shape=None) -> g.View:
     # add two at a time (ReduceSumCols2).
     unit = 2 if R % 2 == 0 else 1
     units = R // unit
-    waves = max(1, min(-(-K * R * 4 // (p.tiles * WAVE_BYTES)), units // (p.tiles * REDUCE_GRAIN // unit) or 1))
-    edges = [units * w // waves for w in range(waves + 1)]
-    unit_tiles = np.concatenate([p.linear(b - a) for a, b in zip(edges, edges[1:])])
+    unit_tiles = p.linear(units)
     p.set_tiles(out.tensor, np.repeat(unit_tiles, unit))
-    for a, b in zip(edges, edges[1:]):
-        _sum_columns(p, partial.tensor, cols, out, unit, a, unit_tiles[a:b], p.new_cs(label))
+    waves = max(1, min(-(-K * R * 4 // (p.tiles * WAVE_BYTES)), MAX_WAVES,
+                       units // (p.tiles * REDUCE_GRAIN // unit) or 1))
+    # A wave takes the same share of every tile's columns, so each tile's stay one
+    # run: a wave a slab of all columns made every tile's output several runs,
+    # and the element-wise ops after it an index per element (4.5 GB at batch 32).
+    order = np.argsort(unit_tiles, kind="stable")
+    counts = np.bincount(unit_tiles, minlength=p.tiles)
+    in_tile = np.empty(units, np.int64)
+    in_tile[order] = ramps(counts[counts > 0]) if units else np.zeros(0, np.int64)
+    wave = in_tile * waves // counts[unit_tiles]
+    for w in range(waves):
+        idx = np.flatnonzero(wave == w)
+        _sum_columns(p, partial.tensor, cols, out, unit, idx, unit_tiles[idx], p.new_cs(label))
     return out
 
 
-def _sum_columns(p, tensor: int, cols, out: g.View, unit: int, first_unit: int, unit_tiles, cs) -> None:
+def _sum_columns(p, tensor: int, cols, out: g.View, unit: int, units, unit_tiles, cs) -> None:
     """Vertices of compute set cs adding the K rows of `cols` (a [K, R] view of
-    `tensor`) into `out`, for the units of columns from first_unit, on
-    `unit_tiles`."""
+    `tensor`) into `out`, for the units of columns `units` (consecutive on each
+    tile), on `unit_tiles`."""
     K = cols.shape[0]
     # A tile's workers share its columns, at least REDUCE_GRAIN each (a vertex per
     # few columns would cost more vertices than it saves cycles); few columns per
     # vertex keep each vertex's K-row buffer small.
-    for units, upos, tiles in p.chunks(unit_tiles, grain=REDUCE_GRAIN // unit,
-                                       max_size=max(1, min(256, 8192 // max(K, 1)) // unit)):
-        size = units * unit
-        pos = (unit * (first_unit + upos[:, :, None]) + np.arange(unit)).reshape(len(upos), size)
+    for size_units, upos, tiles in p.chunks(unit_tiles, grain=REDUCE_GRAIN // unit,
+                                            max_size=max(1, min(256, 8192 // max(K, 1)) // unit)):
+        size = size_units * unit
+        pos = (unit * units[upos][:, :, None] + np.arange(unit)).reshape(len(upos), size)
         first = pos[:, 0].astype(np.int64)
         codelet = "ReduceSumCols"
         if isinstance(cols, Strided) and isinstance(out.index, Strided) \
