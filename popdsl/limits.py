@@ -49,7 +49,7 @@ class Budgets:
         has under a thousand, and each costs ~15 us to build and more to partition.
     vertices: vertices of the whole graph, placed by hand or by partitioning
         (`--max-vertices`); a million is a target for real graphs, ResNet-50's
-        training step at batch 8 has 5.8M (a compile of about 60 s and 8 GB), and
+        training step at batch 8 has 6.3M (a compile of about 55 s and 9 GB), and
         a runaway graph is stopped before lowering at about 1.7 KB of host memory a
         vertex.
     """

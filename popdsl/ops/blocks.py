@@ -24,8 +24,8 @@ from popdsl.ir.index import Batch, RunBatch, Strided, as_array, stack
 
 GRAIN = 16                    # fewest elements worth a vertex of element-wise work
 SLAB_BYTES = 48 * 1024        # most input data one vertex of a conv or pool may take
-# Most bytes the vertices of one gradient convolution may receive on one tile (their
-# exchange buffers).  PopLibs caps a convolution's temporary memory at a proportion
+# Most bytes the vertices of one convolution may receive on one tile (their exchange
+# buffers; a forward convolution's plans prefer it, a gradient's keep to it).  PopLibs caps a convolution's temporary memory at a proportion
 # of the tile (availableMemoryProportion, 0.6 by default); a training step also
 # keeps weights, optimizer state and activations there, so a fifth of a GC200 tile.
 TILE_BUFFER_BYTES = 128 * 1024

@@ -19,8 +19,9 @@ from popdsl.ir import graph as g
 from popdsl.ir.tensor import Node
 from popdsl.ir.cost import LOOP_ITER, LOOP_SETUP, RPT_ITER, VERTEX_OVERHEAD, amp_cycles
 from popdsl.ir.intrinsics import DIV, OP
-from popdsl.ops.blocks import (SLAB_BYTES, TILE_BUFFER_BYTES, block_of, blocks, bounds, ceil_div, emit_classes, fallback_rank,
-                               map_first, map_whole, pow2_splits, shape_classes, stacked, task_grid, worker_bands)
+from popdsl.ops.blocks import (SLAB_BYTES, TILE_BUFFER_BYTES, block_of, blocks, bounds, ceil_div, emit_classes,
+                               fallback_rank, map_first, map_whole, pow2_splits, shape_classes, stacked, task_grid,
+                               worker_bands)
 from popdsl.ops import elementwise
 from popdsl.ops.core import FLOATS, HIGH_VALUE, Builder, Function, OpDef, Param, float_result, shape_str
 from popdsl.ops import conv_grad

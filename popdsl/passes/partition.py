@@ -194,8 +194,11 @@ class Partitioner:
         return out
 
     def to_compute(self, roots) -> set[int]:
-        """Ids of the nodes the values of `roots` still read that are not made yet
-        (a node inlined into a codelet made, but a root itself, is made again)."""
+        """Ids of the nodes read by what the values of `roots` still need computed:
+        every node not in `mat` on the way.  A node that was only inlined into a
+        fused codelet is not in `mat`: as a root of its own (a momentum's new value,
+        inlined into its weight's update) it is computed again, and its reads
+        count."""
         reads, seen, stack = set(), set(), list(roots)
         while stack:
             n = stack.pop()
