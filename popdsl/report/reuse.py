@@ -45,7 +45,9 @@ def _copies(exe: Executable) -> list[int]:
 
 def _state(exe: Executable, css) -> tuple[int, int]:
     """(vertices, vertex-state bytes) of compute sets `css`, the state counted as
-    the memory plan counts it (`ir.vertex_state`)."""
+    the memory plan counts it (`ir.vertex_state`) but from the tables' absolute
+    addresses: a pointer's progression may run on across regions the plan put
+    side by side, which the plan's count, by region, does not take as one."""
     v = s = 0
     tiles, workers = exe.target.tiles, exe.target.workers
     for i in css:
