@@ -74,6 +74,7 @@ class Partitioner:
         self.seq: list = []
         self.consumers: dict[int, int] = {}
         self.users: dict[int, list[Node]] = {}          # node id -> the nodes reading it
+        self.leaves: dict[int, list[Node]] = {}         # tensor id -> the leaves (it, views of it) read
         self.ncs = 0
         self.span = Span("<tensor program>", 0, 0, 0, 0)
         self.rotor = 0
@@ -104,7 +105,6 @@ class Partitioner:
         # momentum's new value at once (ResNet-50 at batch 8: 100 KB a tile at the
         # peak of the tiles over).
         shown = {v.tensor for _, v in outs}
-        leaves = self.var_leaves(roots)
         updates = list(self.g.updates.items())
         pending: list[tuple[int, g.View]] = []
         for k, (tid, node) in enumerate(updates):
@@ -112,7 +112,7 @@ class Partitioner:
             read_later = self.to_compute([n for _, n in updates[k + 1:]])
             still = []
             for t, src in pending:
-                if t not in shown and self.readers(t, leaves.get(t, ())).isdisjoint(read_later):
+                if t not in shown and self.readers(t, self.leaves.get(t, ())).isdisjoint(read_later):
                     self.write_var(t, src)
                 else:
                     still.append((t, src))
@@ -165,20 +165,6 @@ class Partitioner:
         """A copy of v's elements in a new tensor, made now (a var's value before
         the step updates it)."""
         return self.copied(v, self.g.tensors[v.tensor].name + ".before")
-
-    def var_leaves(self, roots) -> dict[int, list[Node]]:
-        """Per tensor, the leaves (the tensor, views of it) the program reads it by."""
-        out: dict[int, list[Node]] = {}
-        seen, stack = set(), list(roots)
-        while stack:
-            n = stack.pop()
-            if n.id in seen:
-                continue
-            seen.add(n.id)
-            if n.op in ("tensor", "view"):
-                out.setdefault(n.attrs[0], []).append(n)
-            stack.extend(n.args)
-        return out
 
     def readers(self, tid: int, leaves) -> set[int]:
         """Ids of the nodes whose value is tensor tid's: its leaves and the views of
@@ -247,6 +233,8 @@ class Partitioner:
             if n.id in seen:
                 continue
             seen.add(n.id)
+            if n.op in ("tensor", "view"):
+                self.leaves.setdefault(n.attrs[0], []).append(n)
             for a in n.args:
                 self.consumers[a.id] = self.consumers.get(a.id, 0) + 1
                 self.users.setdefault(a.id, []).append(n)
