@@ -84,7 +84,8 @@ def _plan_tiles(problems: list[tuple], reuse: bool, lower_bounds: list[int]) -> 
 
 def plan(low: Lowered, codelets: dict, code_sizes: dict[str, int], unchecked: bool = False,
          reuse: bool = True, verify: bool = False, probe: bool = False) -> X.Executable:
-    """`codelets`: the codelets the executable needs (native code exists for them);
+    """Consumes `low`: its vertex tables and copies become the executable's.
+    `codelets`: the codelets the executable needs (native code exists for them);
     `verify`: check the plan (no two regions live at once share a byte).  `probe`:
     a try whose out-of-memory error only says that it does not fit (recomputation
     `auto`'s search): raised before placing anything when a tile's lower bound is
@@ -315,23 +316,27 @@ def _finish(low: Lowered, codelets: dict, base: np.ndarray, mem: X.MemoryPlan, u
         m = tl.layout.mapping
         addrs = region_addr[tl.first + tl.layout.run_region] + tl.layout.run_off * tl.elem_bytes
         tensor_runs.append(X.TensorRuns(m.starts.copy(), m.lengths, addrs.astype(np.int64)))
+    # The lowered graph's tables and copy runs become the executable's, one compute
+    # set at a time (a ResNet-50 training step's are gigabytes: never two copies).
     css = []
     for cs in low.compute_sets:
         groups = []
         for grp in cs.groups:
-            table = grp.table.copy()
+            table = grp.table
             m = grp.region >= 0
             table[m] += region_addr[grp.region[m]]
             groups.append(X.VertexTable(grp.codelet, table, grp.tiles, grp.span_ids))
         css.append(X.ComputeSetExec(cs.name, cs.span, groups, _copy_table(cs.pre, region_addr, target),
                                     _copy_table(cs.post, region_addr, target)))
+    low.compute_sets = []
     copies = [_copy_table(c, region_addr, target) for c in low.copies]
+    low.copies = []
     reads = []
     for label, dtype, t, idx in low.reads:
         r, off = low.layouts[t].locate(as_array(idx))
         reads.append(X.Read(label, dtype, region_addr[r] + off))
     tensors = [X.TensorInfo(t.name, t.dtype, t.shape, t.kind, t.span) for t in graph.tensors]
-    cs_index = {cs.name: i for i, cs in enumerate(low.compute_sets)}
+    cs_index = {cs.name: i for i, cs in enumerate(css)}
     ops = [{**{k: v for k, v in op.items() if k != "compute_sets"},
             "compute_sets": [cs_index[n] for n in op["compute_sets"]]} for op in graph.ops]
     functions = [{**f, "compute_sets": [cs_index[n] for n in f["compute_sets"]]} for f in graph.function_summary]
@@ -342,7 +347,9 @@ def _finish(low: Lowered, codelets: dict, base: np.ndarray, mem: X.MemoryPlan, u
 
 
 def _copy_table(c: CopyElems, region_addr: np.ndarray, target: Target) -> X.CopyTable:
+    """`c`'s runs at their addresses (taken from `c`, which is left empty)."""
     sr, so, dr, do, nbytes = c.merged()
+    c.parts = []
     out = X.CopyTable(region_addr[sr] + so, region_addr[dr] + do, nbytes)
     out.cycles, out.exchange_bytes, out.local_bytes = copy_cycles(out.src, out.dst, out.nbytes, target)
     return out
