@@ -8,7 +8,9 @@
            ─codegen─▶ native codelets ─plan─▶ Executable
 
 Each stage is a pure function of the previous stage's result (native code is cached by
-content): it never changes what it was given.  Each has a dump (`popc dump --after
+content): it never changes what it was given — but for plan, which takes the lowered
+graph's vertex tables and copies into the executable (gigabytes for a ResNet-50
+training step; nothing reads a lowered graph after planning).  Each has a dump (`popc dump --after
 STAGE`, what per-pass tests check) and may have a verifier that checks the invariants
 its output promises; verifiers run after every stage when `verify` is on (the test
 suite turns it on with POPDSL_VERIFY=1; users with `--verify`).  A verifier that fails
@@ -20,7 +22,7 @@ what it made (`codegen.jit.compile_ahead`).
 
 One loop goes back: a training step compiled with recomputation `auto` that does not
 fit its tiles (or the budget) is compiled again from the recompute stage with more
-of its forward pass recomputed, by bisection, until a level fits where one fewer
+of its forward pass recomputed, searching until a level fits where one fewer
 does not (`_fit`).
 """
 from __future__ import annotations
@@ -246,7 +248,8 @@ def _run(stages, opts: Options, result, inspect, monitor, stop_after, note: str 
 def _fit(opts: Options, graph, compile_at, monitor=None):
     """Recomputation `auto`: the step as it is if it fits its tiles (and the policy's
     budget), else a number of recomputed segments that makes it fit where one fewer
-    does not (found by bisection, each try `compile_at(options, note)` from the
+    does not (found by a search that predicts the busiest tile from the bytes each
+    level frees, `recompute.next_try`, each try `compile_at(options, note)` from the
     recompute stage: the least, where fewer segments never fit if more do not; the
     busiest tile need not fall with every level, bench/recompute_levels.py).  Out
     of memory even with every segment recomputed is the error of that try, saying
@@ -268,6 +271,10 @@ def _fit(opts: Options, graph, compile_at, monitor=None):
             return e.with_traceback(None), False     # its frames hold the whole plan
         return res, int(res[0].memory.total.max()) <= budget
 
+    def need(res) -> int:
+        """The busiest tile's bytes (at least, for a try stopped at its lower bound)."""
+        return res.need if isinstance(res, OutOfMemory) else int(res[0].memory.total.max())
+
     got, fits = attempt(0)
     if not fits and count:
         # One try's result at a time: each is a whole compile's memory (a ResNet-50
@@ -275,21 +282,22 @@ def _fit(opts: Options, graph, compile_at, monitor=None):
         # bytes (ResNet-50's: 60 MB, 10 s to write, 14 s to load) while later tries
         # run, and is loaded if none of them does better: a compile again would
         # take minutes.
-        got = None
+        need_lo, got = need(got), None
         got, fits = attempt(count)
         if fits:
             lo, hi = 0, count
+            need_hi, freed = need(got), seg.freed()
             best = None
             while hi - lo > 1:
                 if got is not None:
                     with stage("keep", f"auto: the try with {hi} of {count} segments recomputed, as .popx bytes"):
                         best, got = artifact.dumps(got[0]), None
-                mid = (lo + hi) // 2
+                mid = rc.next_try(lo, hi, need_lo, need_hi, freed, budget)
                 got, ok = attempt(mid)
                 if ok:
-                    hi = mid
+                    hi, need_hi = mid, need(got)
                 else:
-                    lo, got = mid, None
+                    lo, need_lo, got = mid, need(got), None
             if got is None:
                 with stage("reload", f"auto: the try with {hi} of {count} segments recomputed"):
                     exe = artifact.load(io.BytesIO(best), unchecked=opts.unchecked)

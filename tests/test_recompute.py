@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, strategies as st
 
 from popdsl import api
 from popdsl.diagnostics import CompileError, OutOfMemory
@@ -178,6 +179,42 @@ def test_tiles_over_their_memory_try_more_placement_orders(built):
     assert losses == want_losses
     for name, value in want_params.items():
         np.testing.assert_array_equal(params[name], value)
+
+
+def _search(fits_from: int, count: int, need, freed) -> list[int]:
+    """The levels `auto` tries (after 0 and `count`) when exactly the levels from
+    `fits_from` on fit, the busiest tile needing `need(level)` bytes."""
+    lo, hi, tried = 0, count, []
+    while hi - lo > 1:
+        mid = rc.next_try(lo, hi, need(lo), need(hi), freed, 1000)
+        assert lo < mid < hi
+        tried.append(mid)
+        lo, hi = (lo, mid) if mid >= fits_from else (mid, hi)
+    assert hi == fits_from
+    return tried
+
+
+def test_auto_predicts_the_level_and_tries_one_below_it_first():
+    """With the busiest tile falling in proportion to the bytes freed, the search
+    tries one below the least level that fits, then that level: two tries, the
+    fitting one last (nothing kept as .popx bytes only to be dropped)."""
+    freed = np.arange(14) * 100
+    need = lambda level: 1900 - freed[level]          # noqa: E731 — fits (<= 1000) from level 9 on
+    assert _search(9, 13, need, freed) == [8, 9]
+
+
+@given(st.integers(1, 13), st.integers(2, 13), st.lists(st.integers(0, 10_000), min_size=13, max_size=13),
+       st.integers(0, 5000), st.integers(0, 5000))
+def test_auto_search_ends_at_the_least_fitting_level_within_twice_bisections_tries(fits_from, count, frees,
+                                                                                   over, under):
+    """Whatever the bytes freed and the busiest tile's bytes (predictions as wrong
+    as can be), the search ends with the least level that fits, in at most about
+    twice the tries of bisection."""
+    assume(fits_from <= count)
+    freed = np.concatenate(([0], np.cumsum(frees[:count])))
+    need = lambda level: 1000 + over + 1 if level < fits_from else 1000 - under   # noqa: E731
+    tried = _search(fits_from, count, need, freed)
+    assert len(tried) <= 2 * max(1, int(np.ceil(np.log2(count))))
 
 
 def test_auto_out_of_memory_even_recomputing_everything_says_so():

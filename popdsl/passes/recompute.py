@@ -73,6 +73,27 @@ class Segments:
         """Segments in the order recomputation takes them: most bytes freed first."""
         return sorted(range(self.count), key=lambda s: (-int(self.frees[s]), s))
 
+    def freed(self) -> np.ndarray:
+        """Bytes freed by recomputing each number of segments, 0 to all."""
+        return np.concatenate(([0], np.cumsum(self.frees[self.by_saving()]))).astype(np.int64)
+
+
+def next_try(lo: int, hi: int, need_lo: int, need_hi: int, freed: np.ndarray, budget: int) -> int:
+    """The level `auto` tries next, strictly between `lo` (does not fit: its busiest
+    tile needs at least `need_lo` bytes) and `hi` (fits: `need_hi`): one below the
+    least level predicted to fit, the busiest tile falling in proportion to the
+    bytes recomputation frees (`freed`, by level) — so the search ends with a try
+    that fails just below one that fits, and keeps no fitting try only to drop it.
+    Kept within the middle half of (lo, hi): a poor prediction costs at most about
+    twice bisection's tries."""
+    assert hi - lo > 1
+    span = max(int(freed[hi] - freed[lo]), 1)
+    levels = np.arange(lo + 1, hi + 1)
+    predicted = need_lo + (need_hi - need_lo) * (freed[levels] - freed[lo]) / span
+    least = int(levels[np.argmax(predicted <= budget)]) if (predicted <= budget).any() else hi
+    quarter = (hi - lo) // 4
+    return int(min(max(least - 1, lo + 1, lo + quarter), hi - 1, hi - quarter))
+
 
 def _nbytes(n: Node) -> int:
     return n.numel * cir.ELEM_BYTES.get(n.dtype, 4)
@@ -265,4 +286,4 @@ def verify(graph: g.TensorGraph) -> None:
     assert set(graph.recompute) >= {"mode", "segments", "recomputed_segments", "kept_bytes", "kept_bytes_without"}
 
 
-__all__ = ["MODES", "Policy", "Segments", "recompute", "segments", "verify"]
+__all__ = ["MODES", "Policy", "Segments", "next_try", "recompute", "segments", "verify"]
