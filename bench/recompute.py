@@ -3,8 +3,9 @@ its backward pass with and without it, and what it costs.  Not a test.
 
 Requires popdsl (run from the repository).  Compiles one training step of a CNN of
 twelve 3x3 conv + batch norm + relu layers (16 channels, 32x32, batch 8; generated
-below) on 64 tiles with `--recompute none` (the reference) and `all`, and with
-`auto` under a budget halfway between the two plans' busiest tiles.  Prints, for
+below) on 64 tiles with `--recompute none` (the reference), at level 1 (batch
+norm's and relu's element-wise results made again, nothing else), with `all`, and
+with `auto` under a budget halfway between `none`'s and `all`'s busiest tiles.  Prints, for
 each: activations kept for the backward pass (tensor level), the not-always-live
 peak and the data lower bound over all tiles, the busiest tile as planned, the
 FLOPs recomputed, and the step's estimated compute cycles from one simulated step
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from popdsl import pipeline
 from popdsl.api import Executable
 from popdsl.ir.target import get_target
 from popdsl.passes.recompute import Policy
@@ -41,9 +43,15 @@ graph deepcnn(tiles = {tiles}) {{
 """
 
 
-def measure(text: str, policy: Policy) -> dict:
+def measure(text: str, policy: Policy, level: int | None = None) -> dict:
     t = time.perf_counter()
-    exe, native = compile_source(text, "deepcnn.pop", get_target(), recompute=policy)
+    if level is None:
+        exe, native = compile_source(text, "deepcnn.pop", get_target(), recompute=policy)
+    else:
+        graph = compile_source(text, "deepcnn.pop", get_target(), stop_after="autodiff")
+        opts = pipeline.Options(text, "deepcnn.pop", get_target(), recompute=policy, level=level)
+        exe, native = pipeline._run(pipeline.STAGES[pipeline.STAGE_NAMES.index("recompute"):], opts, graph,
+                                    None, None, None)[0]
     s = time.perf_counter() - t
     j = memory_report(exe).to_json()
     part = Executable(exe, native).partition_report()
@@ -51,7 +59,7 @@ def measure(text: str, policy: Policy) -> dict:
     return {"kept": tr["activations_kept_bytes"], "peak": tr["live_peak"],
             "bound": j["totals"]["data"]["lower_bound"], "busiest": j["max_tile"]["planned"],
             "flops": tr["flops"]["recompute"], "forward": tr["flops"]["forward"],
-            "segments": f"{tr['recomputed_segments']} of {tr['segments']}", "s": s,
+            "segments": f"{tr['level']}: {tr['recomputed_segments']} of {tr['segments']}", "s": s,
             "cycles": part.step_cycles, "recompute_cycles": part.phases["recompute"]}
 
 
@@ -61,18 +69,19 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=64)
     a = ap.parse_args()
     text = cnn(a.layers, a.tiles)
-    rows = {m: measure(text, Policy(m)) for m in ("none", "all")}
+    rows = {"none": measure(text, Policy("none")), "element-wise (level 1)": measure(text, Policy("auto"), 1),
+            "all": measure(text, Policy("all"))}
     budget = (rows["none"]["busiest"] + rows["all"]["busiest"]) // 2
     rows[f"auto, budget {budget:,} B"] = measure(text, Policy("auto", budget))
     ref = rows["none"]
     print(f"recomputation: {a.layers} conv+bn+relu layers, batch 8, {a.tiles} tiles; ratios to 'none' (same run)")
-    print(f"  {'':<26}{'segments':>10}{'kept B':>14}{'peak B':>14}{'bound B':>14}{'busiest B':>12}"
+    print(f"  {'':<26}{'level: segs':>14}{'kept B':>14}{'peak B':>14}{'bound B':>14}{'busiest B':>12}"
           f"{'recomputed FLOPs':>26}{'step cycles':>13}{'recomputing':>13}{'compile s':>11}")
     for name, r in rows.items():
-        print(f"  {name:<26}{r['segments']:>10}{r['kept']:>14,}{r['peak']:>14,}{r['bound']:>14,}{r['busiest']:>12,}"
+        print(f"  {name:<26}{r['segments']:>14}{r['kept']:>14,}{r['peak']:>14,}{r['bound']:>14,}{r['busiest']:>12,}"
               f"{r['flops']:>18,} ({r['flops'] / r['forward']:4.0%})" f"{r['cycles']:>13,}"
               f"{r['recompute_cycles']:>13,}{r['s']:>11.1f}")
-        print(f"  {'  ratio to none':<26}{'':>10}{r['kept'] / ref['kept']:>14.2f}{r['peak'] / ref['peak']:>14.2f}"
+        print(f"  {'  ratio to none':<26}{'':>14}{r['kept'] / ref['kept']:>14.2f}{r['peak'] / ref['peak']:>14.2f}"
               f"{r['bound'] / ref['bound']:>14.2f}{r['busiest'] / ref['busiest']:>12.2f}{'':>26}"
               f"{r['cycles'] / ref['cycles']:>13.2f}")
 

@@ -1,6 +1,7 @@
 """Benchmark of recomputation level by level (README "Recomputation"): a training
-step compiled with 0, 1, ... of its forward segments recomputed, and what its tiles
-need at each.  Not a test.
+step compiled at each level (0: nothing recomputed; 1: element-wise results; k + 1:
+k segments and the others' element-wise results; the last: every segment), and
+what its tiles need at each.  Not a test.
 
 Requires popdsl (run from the repository).  For each level it compiles the step as
 `--recompute auto` would try it (one compile per level, a minute or two each for
@@ -12,7 +13,7 @@ out-of-memory error gives the busiest tile's need).
 What it shows: the total kept falls with every level, but the busiest tile does
 not fall with it.  Each level changes which vertices the partitioner places
 where, so the busiest tile moves by tens of KB from one level to the next:
-`auto`'s bisection assumes fewer segments never fit where more do not, and finds
+`auto`'s search assumes lower levels never fit where higher ones do not, and finds
 a level that fits with one fewer that does not, not always the least.
 
 Run: `python bench/recompute_levels.py [FILE] [--levels 0,1,2] [--max-vertices N]`
@@ -54,16 +55,17 @@ def main() -> None:
     seg = rc.segments(trained)
     if seg is None:
         raise SystemExit(f"recompute_levels: {a.file} does not train (no 'minimize'): nothing to recompute")
-    count = seg.count
+    top = seg.levels - 1
     try:
-        levels = [int(x) for x in a.levels.split(",")] if a.levels else list(range(count + 1))
+        levels = [int(x) for x in a.levels.split(",")] if a.levels else list(range(top + 1))
     except ValueError:
         raise SystemExit(f"recompute_levels: --levels takes numbers separated by commas, not {a.levels!r}") from None
-    if any(not 0 <= x <= count for x in levels):
-        raise SystemExit(f"recompute_levels: levels go from 0 to {count} (the step's segments)")
+    if any(not 0 <= x <= top for x in levels):
+        raise SystemExit(f"recompute_levels: levels go from 0 to {top} (the step's {seg.count} segments, "
+                         "after nothing and element-wise results)")
     opts = pipeline.Options(text, a.file, target, budgets=budgets)
     rest = pipeline.STAGES[pipeline.STAGE_NAMES.index("recompute"):]
-    print(f"{a.file}: {count} segments; tiles of {target.tile_memory:,} B")
+    print(f"{a.file}: {seg.count} segments, levels 0 to {top}; tiles of {target.tile_memory:,} B")
     print(f"  {'level':>5}{'busiest B':>12}{'':>6}{'its bound B':>13}{'kept B':>14}"
           f"{'recomputed FLOPs':>20}{'compile s':>11}")
     for level in levels:

@@ -32,10 +32,10 @@ from popdsl.ir.target import MAX_TILE_MEMORY, MAX_TILES, MIN_TILE_MEMORY, Target
 from popdsl.ir.verify import verify_codelet
 
 MAGIC = "popdsl-executable"
-VERSION = 7
+VERSION = 8
 PHASES = ("forward", "backward", "recompute")           # of a tensor op (passes.partition)
-RECOMPUTE_FIELDS = ("mode", "segments", "recomputed_segments", "kept_bytes", "kept_bytes_without",
-                    "recomputed_ops", "recomputed_flops")
+RECOMPUTE_FIELDS = ("mode", "level", "segments", "recomputed_segments", "recomputed_elementwise", "kept_bytes",
+                    "kept_bytes_without", "recomputed_ops", "recomputed_flops")
 FUNCTION_FIELDS = ("name", "kind", "calls", "instances", "compute_sets", "copy_in_bytes", "copy_out_bytes",
                    "shared_inputs", "ops", "tensors", "recompute_calls")
 MEMORY_ARRAYS = X.CATEGORIES + ("planned", "lower_bound", "naive_data", "timeline")

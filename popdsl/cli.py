@@ -379,11 +379,16 @@ def _build(args, inspect=None, load: bool = True, training: bool | None = None, 
 def _recompute_note(args, exe) -> None:
     """`auto` recomputed (where Poplar would stop, out of memory): say so."""
     r = exe.recompute if exe is not None else {}
-    if r.get("mode") != "auto" or not r.get("recomputed_segments"):
+    if r.get("mode") != "auto" or not r.get("level"):
         return
     where = f"{args.memory_budget:,} B per tile (--memory-budget)" if args.memory_budget else "its tiles"
+    k, n, e = r["recomputed_segments"], r["segments"], r["recomputed_elementwise"]
+    what = f"{k} of the {n} segments of the forward pass"
+    if e:
+        what = (f"{what} and {e} element-wise results (batch norm, relu) of the others" if k else
+                f"{e} element-wise results (batch norm, relu) of its forward pass")
     print(f"popc: note: the training step does not fit {where} keeping every activation for the backward "
-          f"pass; it recomputes {r['recomputed_segments']} of the {r['segments']} segments of the forward pass "
+          f"pass; it recomputes {what} "
           f"(keeping {r['kept_bytes']:,} B of activations instead of {r['kept_bytes_without']:,} B; "
           "--recompute none turns this off)", file=sys.stderr)
     need = int(exe.memory.total.max())

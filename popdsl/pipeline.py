@@ -73,7 +73,7 @@ class Options:
     training: bool | None = None      # None: a graph that says 'minimize' trains
     budgets: Budgets = Budgets()
     recompute: rc.Policy = rc.Policy()
-    level: int | None = None          # segments to recompute (None: what the policy's mode says)
+    level: int | None = None          # recomputation level (passes.recompute; None: what the policy's mode says)
     outline: bool = True              # repeated parts built once and called (passes.outline)
     probe: bool = False               # a try of `auto` whose out-of-memory error is not shown (memplan.plan)
 
@@ -247,22 +247,23 @@ def _run(stages, opts: Options, result, inspect, monitor, stop_after, note: str 
 
 def _fit(opts: Options, graph, compile_at, monitor=None):
     """Recomputation `auto`: the step as it is if it fits its tiles (and the policy's
-    budget), else a number of recomputed segments that makes it fit where one fewer
-    does not (found by a search that predicts the busiest tile from the bytes each
-    level frees, `recompute.next_try`, each try `compile_at(options, note)` from the
-    recompute stage: the least, where fewer segments never fit if more do not; the
-    busiest tile need not fall with every level, bench/recompute_levels.py).  Out
+    budget), else a level of recomputation (element-wise results, then segments:
+    passes.recompute) that makes it fit where one level fewer does not (found by a
+    search that predicts the busiest tile from the bytes each level frees,
+    `recompute.next_try`, each try `compile_at(options, note)` from the recompute
+    stage: the least, where fewer never fit if more do not; the busiest tile need
+    not fall with every level, bench/recompute_levels.py).  Out
     of memory even with every segment recomputed is the error of that try, saying
     so; fitting the tiles but not the budget, the closest there is.  `monitor`: as
     `compile_source`'s, around keeping and reloading the best try."""
     budget = opts.recompute.budget or opts.target.tile_memory
     stage = (lambda name, note: monitor(name, note)) if monitor is not None else (lambda name, note: nullcontext())
     seg = rc.segments(graph)
-    count = seg.count if seg is not None else 0
+    count = seg.levels - 1 if seg is not None else 0          # the last level: every segment
 
     def attempt(level: int):
         """(the compile's result, or its OutOfMemory; whether it fits the budget)"""
-        note = f"auto: {level} of {count} segments recomputed" if count else ""
+        note = f"auto: {seg.describe(level)}" if count else ""
         try:
             # Only the try with every segment recomputed shows its error (if all
             # fail): the others may stop at a lower bound already over a tile.
@@ -290,7 +291,7 @@ def _fit(opts: Options, graph, compile_at, monitor=None):
             best = None
             while hi - lo > 1:
                 if got is not None:
-                    with stage("keep", f"auto: the try with {hi} of {count} segments recomputed, as .popx bytes"):
+                    with stage("keep", f"auto: the try with {seg.describe(hi)}, as .popx bytes"):
                         best, got = artifact.dumps(got[0]), None
                 mid = rc.next_try(lo, hi, need_lo, need_hi, freed, budget)
                 got, ok = attempt(mid)
@@ -299,13 +300,13 @@ def _fit(opts: Options, graph, compile_at, monitor=None):
                 else:
                     lo, need_lo, got = mid, need(got), None
             if got is None:
-                with stage("reload", f"auto: the try with {hi} of {count} segments recomputed"):
+                with stage("reload", f"auto: the try with {seg.describe(hi)}"):
                     exe = artifact.load(io.BytesIO(best), unchecked=opts.unchecked)
                     got = exe, NativeCodelets(list(exe.codelets.values()), exe.unchecked)
         elif isinstance(got, OutOfMemory):
             d = got.diagnostics[0]
             raise OutOfMemory([replace(d, notes=d.notes + (
-                f"this is with every one of the {count} segments of the forward pass recomputed "
+                f"this is with every one of the {seg.count} segments of the forward pass recomputed "
                 "(--recompute all); the step needs a smaller batch or more tiles",))], got.tile, got.need, got.capacity)
     if isinstance(got, OutOfMemory):
         raise got

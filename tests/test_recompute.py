@@ -125,8 +125,8 @@ def test_auto_recomputes_the_least_that_fits_the_budget(built):
     assert lo < hi
     budget = (lo + hi) // 2
     exe, _ = compile_cnn("auto", budget)
-    level = exe.recompute["recomputed_segments"]
-    assert 0 < level <= exe.recompute["segments"]
+    level = exe.recompute["level"]
+    assert 0 < level <= exe.recompute["segments"] + 1
     assert exe.memory.total.max() <= budget
     # One segment fewer does not fit.
     opts = pipeline.Options(CNN, "deep.pop", get_target(), recompute=Policy("auto", budget), outline=False)
@@ -137,31 +137,34 @@ def test_auto_recomputes_the_least_that_fits_the_budget(built):
 
 
 def test_auto_keeps_its_best_try_and_stops_the_others_at_their_lower_bound(built, monkeypatch):
-    """Tiles just big enough for every segment recomputed: the tries with fewer
-    stop as soon as a tile's lower bound is over (no placement), and the try that
-    fitted, displaced by them, is loaded from its .popx bytes, not compiled again:
-    the same executable a compile at that level gives."""
+    """Tiles just big enough for every segment recomputed, the search made to
+    bisect (so that it ends on a try that fails): a try whose lower bound is over
+    a tile stops there (no placement), and the try that fitted, displaced by
+    later tries, is loaded from its .popx bytes, not compiled again: the same
+    executable a compile at its level gives."""
     import io
     from popdsl import artifact
     from popdsl.passes import memplan
     memory = -(-int(built["all"][0].memory.total.max()) // 64) * 64
-    placed = []
+    placed, tried = [], []
     real = memplan._plan_tiles
     monkeypatch.setattr(memplan, "_plan_tiles", lambda *a: placed.append(1) or real(*a))
+    monkeypatch.setattr(rc, "next_try", lambda lo, hi, *a: tried.append((lo + hi) // 2) or (lo + hi) // 2)
     exe, _ = compile_cnn("auto", tile_memory=memory)
-    segments = exe.recompute["segments"]
-    assert exe.recompute["recomputed_segments"] == segments > 2
-    assert len(placed) == 1           # the tries at 0, then bisecting, never placed
+    level, top = exe.recompute["level"], exe.recompute["segments"] + 1
+    assert tried[-1] < level          # the last try failed: the level kept came back from its bytes
     target = get_target("gc200", None, memory)
     opts = pipeline.Options(CNN, "deep.pop", target, recompute=Policy("auto"), outline=False)
     graph = pipeline.compile_source(CNN, "deep.pop", target, stop_after="autodiff")
     split = pipeline.STAGE_NAMES.index("recompute")
-    direct, _ = pipeline._run(pipeline.STAGES[split:], replace(opts, level=segments), graph, None, None, None)[0]
+    direct, _ = pipeline._run(pipeline.STAGES[split:], replace(opts, level=level), graph, None, None, None)[0]
     # (Loaded, as a build-cache hit is: a loader proves some bounds checks away.)
     assert artifact.dumps(exe) == artifact.dumps(artifact.load(io.BytesIO(artifact.dumps(direct))))
+    placed.clear()
     with pytest.raises(OutOfMemory, match="needs at least"):
-        pipeline._run(pipeline.STAGES[split:], replace(opts, level=segments - 1, probe=True), graph, None, None,
-                      None)
+        pipeline._run(pipeline.STAGES[split:], replace(opts, level=0, probe=True), graph, None, None, None)
+    assert not placed
+    assert 0 < level < top
 
 
 def test_tiles_over_their_memory_try_more_placement_orders(built):
@@ -274,7 +277,8 @@ def test_popx_keeps_the_recomputation_record(built, tmp_path, popc):
     code, out, err = popc("report", tmp_path / "d.popx", "--json")
     assert code == 0, err
     tr = json.loads(out)["training"]
-    assert tr["recompute"] == "auto" and 0 < tr["recomputed_segments"] <= tr["segments"]
+    assert tr["recompute"] == "auto" and 0 < tr["level"] <= tr["segments"] + 1
+    assert tr["activations_kept_bytes"] < tr["activations_kept_bytes_without_recompute"]
     code, out, _ = popc("report", tmp_path / "d.popx")
     assert "training step: activations kept for the backward pass" in out
     # A forged record or phase is refused, not believed.
@@ -353,3 +357,68 @@ def test_a_layer_keeps_two_activations_for_its_backward_pass():
     image_sized = Counter(a.op for a in kept.values() if a.shape == (4, 8, 32, 32))
     assert image_sized == {"relu": 6, "sub": 6}
     assert rc.kept_bytes(graph) == sum(rc._nbytes(a) for a in kept.values())
+
+
+def _kept_image_sized(graph):
+    from collections import Counter
+    from popdsl import ops
+    from popdsl.passes.autodiff import topological
+    kept = {}
+    for n in topological(rc._roots(graph)):
+        if n.id < graph.backward_from:
+            continue
+        for a in n.args:
+            while a.id < graph.backward_from and ops.op(a.op).kind == "view":
+                a = a.args[0]
+            if a.id < graph.backward_from and rc._holds_data(a):
+                kept[a.id] = a
+    return Counter(a.op for a in kept.values() if a.shape == (4, 8, 32, 32))
+
+
+def test_level_one_makes_relus_results_again_from_batch_norms_centred_input(built):
+    """Level 1 (PopART's NormOnly): each relu's result, which the backward pass read,
+    is made again from batch norm's centred input (kept anyway), its scale and its
+    parameters, by element-wise ops only -- one image-sized tensor a layer kept
+    instead of two, no convolution or sum run again, and the same training step."""
+    graph = pipeline.compile_source(CNN, "deep.pop", get_target(), stop_after="autodiff")
+    one = rc.recompute(graph, "auto", 1)
+    rc.verify(one)
+    assert _kept_image_sized(graph) == {"relu": 6, "sub": 6}
+    assert _kept_image_sized(one) == {"sub": 6}
+    r = one.recompute
+    assert r["level"] == 1 and r["recomputed_segments"] == 0 and r["recomputed_elementwise"] == 7    # and softmax's exp
+    assert 1.9 * r["kept_bytes"] < r["kept_bytes_without"]
+    from popdsl import ops
+    from popdsl.passes.autodiff import topological
+    remade = [n for n in topological(rc._roots(one)) if n.id in one.recomputed]
+    assert remade and all(ops.op(n.op).kind in ("elementwise", "view") for n in remade)
+    rest = pipeline.STAGES[pipeline.STAGE_NAMES.index("recompute") + 1:]
+    exe, native = pipeline._run(rest, pipeline.Options(CNN, "deep.pop", get_target(), outline=False), one,
+                                None, None, None)[0]
+    assert exe.memory.total.max() < built["none"][0].memory.total.max()
+    ref_losses, ref_params = train(*built["none"])
+    # With outlining too: the six layers alike are one function, their element-wise
+    # results made again in its backward calls.
+    outlined = pipeline._run(rest, pipeline.Options(CNN, "deep.pop", get_target()), one, None, None, None)[0]
+    assert outlined[0].functions
+    for got in ((exe, native), outlined):
+        losses, params = train(*got)
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+        for name in ref_params:
+            np.testing.assert_allclose(params[name], ref_params[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    # The cost: element-wise FLOPs, a small part of the forward pass's.
+    rep = memory_report(exe).to_json()["training"]
+    assert 0 < rep["flops"]["recompute"] < 0.05 * rep["flops"]["forward"]
+
+
+def test_levels_free_more_bytes_as_they_go():
+    graph = pipeline.compile_source(CNN, "deep.pop", get_target(), stop_after="autodiff")
+    seg = rc.segments(graph)
+    freed = seg.freed()
+    assert len(freed) == seg.levels == seg.count + 2 and freed[0] == 0
+    assert freed[1] == seg.cheap.sum() > 0
+    kept = [rc.recompute(graph, "auto", level).recompute["kept_bytes"] for level in range(seg.levels)]
+    assert kept[0] > kept[1] and kept[-1] < kept[1]
+    assert rc.recompute(graph, "all").recompute["level"] == seg.levels - 1
+    with pytest.raises(ValueError, match="level"):
+        rc.recompute(graph, "auto", seg.levels)

@@ -15,9 +15,15 @@ How (PopART's "Standard" recomputation, Chen et al.'s √n checkpoints):
 - Recomputing a segment: every result of it the backward pass reads is made again
   from the checkpoints at its start (nodes made with a salt, so interning does not
   hand back the forward node), and the backward nodes are rebuilt to read those.
-- `level` segments are recomputed, those that keep the most bytes first; `all` is
-  every segment.  The pipeline's `auto` policy searches for the least level whose
-  plan fits (pipeline.compile_source).
+- Element-wise results (PopART's NormOnly): a result the backward pass reads that
+  element-wise ops and views make again from what it keeps anyway — a relu's output
+  from batch norm's centred input, its scale and its parameters — is made again
+  just before its backward use, a fused element-wise vertex per layer instead of a
+  whole activation kept (`_elementwise`; chains of at most CHEAP_DEPTH ops).
+- Levels, cheapest first: 0 recomputes nothing; 1 the element-wise results; k + 1
+  the k segments that keep the most bytes and the element-wise results of the
+  others; the last (`all`) every segment.  The pipeline's `auto` policy searches
+  for the least level whose plan fits (pipeline.compile_source).
 
 When: `graph.recomputed` maps each recomputed node to its segment; the partitioner
 evaluates, of a node's operands, those that need later segments (or none) first, so
@@ -39,6 +45,7 @@ from popdsl.node import node
 from popdsl.passes.autodiff import topological
 
 MODES = RECOMPUTE_MODES
+CHEAP_DEPTH = 4          # element-wise ops a chain made again may have (views are free)
 
 
 @node
@@ -64,18 +71,36 @@ class Segments:
     segment: np.ndarray                  # segment of each forward position
     checkpoints: set[int]                # ids kept across a cut
     frees: np.ndarray                    # per segment: bytes of saved results recomputing it frees
+    cheap: np.ndarray                    # per segment: bytes its element-wise results free (level 1)
 
     @property
     def count(self) -> int:
         return len(self.cuts) + 1
+
+    @property
+    def levels(self) -> int:
+        """Levels 0 .. levels - 1 (nothing, element-wise results, then segments)."""
+        return self.count + 2
+
+    def describe(self, level: int) -> str:
+        if level == 0:
+            return "nothing recomputed"
+        if level == 1:
+            return "element-wise results recomputed"
+        if level == self.levels - 1:
+            return f"all {self.count} segments recomputed"
+        return f"{level - 1} of {self.count} segments and the others' element-wise results recomputed"
 
     def by_saving(self) -> list[int]:
         """Segments in the order recomputation takes them: most bytes freed first."""
         return sorted(range(self.count), key=lambda s: (-int(self.frees[s]), s))
 
     def freed(self) -> np.ndarray:
-        """Bytes freed by recomputing each number of segments, 0 to all."""
-        return np.concatenate(([0], np.cumsum(self.frees[self.by_saving()]))).astype(np.int64)
+        """Bytes each level frees (its segments' and the others' element-wise results)."""
+        order = self.by_saving()
+        seg = np.concatenate(([0], np.cumsum(self.frees[order])))
+        rest = int(self.cheap.sum()) - np.concatenate(([0], np.cumsum(self.cheap[order])))
+        return np.concatenate(([0], seg + np.where(np.arange(self.count + 1) < self.count, rest, 0))).astype(np.int64)
 
 
 def next_try(lo: int, hi: int, need_lo: int, need_hi: int, freed: np.ndarray, budget: int) -> int:
@@ -162,7 +187,43 @@ def segments(graph: g.TensorGraph) -> Segments | None:
     for i, n in enumerate(forward):
         if n.id in saved and n.id not in checkpoints:
             kept[segment[i]] += size[i]
-    return Segments(forward, saved, cuts, segment, checkpoints, kept)
+    seg = Segments(forward, saved, cuts, segment, checkpoints, kept, np.zeros(len(cuts) + 1, np.int64))
+    for nid, s in _elementwise(seg, set())[0].items():
+        seg.cheap[s] += size[pos[nid]]
+    return seg
+
+
+def _elementwise(seg: Segments, chosen: set[int]) -> tuple[dict[int, int], dict[int, int]]:
+    """The saved results of segments not in `chosen` that element-wise ops and views
+    make again from what the backward pass keeps anyway (saved results left kept,
+    leaves, constants), in at most CHEAP_DEPTH element-wise ops: ({id: segment},
+    {id: ops to make it} for every forward result a chain may read or pass
+    through, 0 for one read as it is).  Checkpoints stay: a recomputed segment
+    reads them.  A saved result of a chosen segment is no source (it is dropped)."""
+    depth: dict[int, int] = {}
+    out: dict[int, int] = {}
+    fpos = {n.id: i for i, n in enumerate(seg.forward)}
+    for i, n in enumerate(seg.forward):
+        s = int(seg.segment[i])
+        saved = n.id in seg.saved
+        if saved and s in chosen and n.id not in seg.checkpoints:
+            continue
+        kind = ops.op(n.op).kind
+        d = None
+        if kind in ("elementwise", "view"):
+            ds = [depth.get(a.id) if a.id in fpos else 0 for a in n.args]
+            if None not in ds:
+                d = max(ds, default=0) + (kind == "elementwise")
+                d = d if d <= CHEAP_DEPTH else None
+        if saved:
+            if d is not None and d > 0 and n.id not in seg.checkpoints:
+                out[n.id] = s
+                depth[n.id] = d
+            else:
+                depth[n.id] = 0
+        elif d is not None:
+            depth[n.id] = d
+    return out, depth
 
 
 def kept_bytes(graph: g.TensorGraph) -> int:
@@ -183,19 +244,24 @@ def kept_bytes(graph: g.TensorGraph) -> int:
 
 
 def recompute(graph: g.TensorGraph, mode: str, level: int | None = None) -> g.TensorGraph:
-    """A new graph whose backward pass recomputes `level` segments (`all`: every one;
-    `none`, or `auto` without a level: none)."""
+    """A new graph whose backward pass recomputes what `level` says (module doc;
+    `all`: every segment; `none`, or `auto` without a level: nothing)."""
     seg = segments(graph)
     if seg is None:
         return graph
     if level is None:
-        level = seg.count if mode == "all" else 0
+        level = seg.levels - 1 if mode == "all" else 0
+    if not 0 <= level < seg.levels:
+        raise ValueError(f"recomputation level {level} is not between 0 and {seg.levels - 1}")
     out = graph.copy()
     kept_before = kept_bytes(graph)
-    chosen = set(seg.by_saving()[:level])
-    out.recompute = {"mode": mode, "segments": seg.count, "recomputed_segments": len(chosen),
+    chosen = set(seg.by_saving()[:max(level - 1, 0)])
+    cheap, depth = _elementwise(seg, chosen) if 0 < level < seg.levels - 1 else ({}, {})
+    fwd = {n.id: n for n in seg.forward}
+    out.recompute = {"mode": mode, "level": level, "segments": seg.count, "recomputed_segments": len(chosen),
+                     "recomputed_elementwise": sum(_holds_data(fwd[i]) for i in cheap),
                      "kept_bytes_without": kept_before}
-    if not chosen:
+    if level == 0:
         out.recompute.update(kept_bytes=kept_before, recomputed_ops=0, recomputed_flops=0)
         return out
     out.nodes = graph.nodes.copy()
@@ -229,12 +295,34 @@ def recompute(graph: g.TensorGraph, mode: str, level: int | None = None) -> g.Te
             out.recomputed[c.id] = s
         return clones[n.id]
 
+    remade: dict[tuple[int, int], Node] = {}
+
+    def remake(n: Node, s: int) -> Node:
+        """Element-wise result n made again for segment s's backward pass from what
+        it keeps (`_elementwise`'s chains: short, so recursion is safe)."""
+        got = remade.get((n.id, s))
+        if got is None:
+            args = tuple(remake(a, s) if depth.get(a.id, 0) > 0 else a for a in n.args)
+            t.span, t.site = graph.nodes.spans.get(n.id), graph.nodes.sites.get(n.id, n.op) + ".recompute"
+            got = remade[(n.id, s)] = t.make(n.op, args, n.attrs, n.shape, n.dtype, index=n.index,
+                                             salt=("recompute", s))
+            t.clone_of[got.id] = n.id
+            out.recomputed[got.id] = s
+        return got
+
+    def backward_arg(a: Node) -> Node:
+        if a.id in redo:
+            return clone(a)
+        if a.id in cheap:
+            return remake(a, cheap[a.id])
+        return new.get(a.id, a)
+
     new: dict[int, Node] = {}
     try:
         for n in topological(_roots(graph)):
             if n.id < wm:
                 continue
-            args = tuple(clone(a) if a.id in redo else new.get(a.id, a) for a in n.args)
+            args = tuple(backward_arg(a) for a in n.args)
             if all(x is a for x, a in zip(args, n.args)):
                 continue
             t.span, t.site = graph.nodes.spans.get(n.id), graph.nodes.sites.get(n.id)
@@ -244,7 +332,7 @@ def recompute(graph: g.TensorGraph, mode: str, level: int | None = None) -> g.Te
     t.backward_of = [(fid, tuple(new[i].id if i in new else i for i in ids)) for fid, ids in t.backward_of]
     out.outputs = [(name, new.get(v.id, v) if isinstance(v, Node) else v) for name, v in graph.outputs]
     out.updates = {tid: new.get(v.id, v) for tid, v in graph.updates.items()}
-    recomputed = [n for n in seg.forward if n.id in clones]
+    recomputed = [n for n in seg.forward if n.id in clones] + [fwd[i] for i, _ in remade]
     flops = 0
     for n in recomputed:
         rule = ops.op(n.op).flops
@@ -283,7 +371,8 @@ def verify(graph: g.TensorGraph) -> None:
         for a in n.args:
             assert a.id < wm or graph.recomputed.get(a.id) == s, \
                 f"recomputed node {n.id} (segment {s}) reads node {a.id} of the backward pass or another segment"
-    assert set(graph.recompute) >= {"mode", "segments", "recomputed_segments", "kept_bytes", "kept_bytes_without"}
+    assert set(graph.recompute) >= {"mode", "level", "segments", "recomputed_segments", "recomputed_elementwise",
+                                    "kept_bytes", "kept_bytes_without"}
 
 
 __all__ = ["MODES", "Policy", "Segments", "next_try", "recompute", "segments", "verify"]

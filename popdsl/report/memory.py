@@ -78,7 +78,8 @@ class MemoryReport:
         labels = m.timeline_labels
         start = next((i for i, lbl in enumerate(labels) if lbl.startswith("execute ") and lbl[8:] in backward), None)
         live = m.timeline_categories.get("not_always_live", m.timeline)
-        return {"recompute": r["mode"], "segments": r["segments"], "recomputed_segments": r["recomputed_segments"],
+        return {"recompute": r["mode"], "level": r["level"], "segments": r["segments"],
+                "recomputed_segments": r["recomputed_segments"], "recomputed_elementwise": r["recomputed_elementwise"],
                 "activations_kept_bytes": r["kept_bytes"], "activations_kept_bytes_without_recompute": r["kept_bytes_without"],
                 "recomputed_ops": r["recomputed_ops"], "flops": flops,
                 "live_at_backward_start": int(live[max(start - 1, 0)]) if start is not None and live.size else 0,
@@ -106,8 +107,9 @@ class MemoryReport:
             f = tr["flops"]
             out += ["", f"  training step: activations kept for the backward pass {tr['activations_kept_bytes']:,} B "
                     f"({tr['activations_kept_bytes_without_recompute']:,} B without recomputation)",
-                    f"    recomputation {tr['recompute']}: {tr['recomputed_segments']} of {tr['segments']} segments of "
-                    f"the forward pass, {tr['recomputed_ops']} ops, {f['recompute']:,} FLOPs "
+                    f"    recomputation {tr['recompute']} (level {tr['level']}): {tr['recomputed_segments']} of "
+                    f"{tr['segments']} segments of the forward pass and {tr['recomputed_elementwise']} element-wise "
+                    f"results of the others, {tr['recomputed_ops']} ops, {f['recompute']:,} FLOPs "
                     f"({100 * f['recompute'] / max(f['forward'], 1):.0f}% of the forward pass's {f['forward']:,})",
                     f"    not-always-live data (all tiles): {tr['live_at_backward_start']:,} B where the backward pass "
                     f"begins, {tr['live_peak']:,} B at the peak"]
