@@ -312,3 +312,38 @@ def test_a_training_steps_parameters_are_spread_evenly_over_the_tiles():
     assert train.max() <= 1.25 * train.mean(), (train.max(), train.mean())
     infer = popdsl.compile(examples / "cnn.pop").ir.memory.always_live
     assert infer.max() > 4 * infer.mean()
+
+
+def test_a_probe_gives_up_on_more_orders_when_the_tile_most_over_cannot_fit(monkeypatch):
+    """`auto`'s tries only ask whether a plan fits: the tile most over gets its
+    extra placement orders first, alone, and when none fits it the other tiles'
+    are not tried (the plan fails either way); a compile that is no probe, or a
+    probe whose worst tile then fits, tries them all."""
+    from types import SimpleNamespace
+    from popdsl.passes import memplan
+    capacity = 1000
+    bounds = [700, 700, 700]
+    tops = [1100, 1300, 1200]                     # problem 1 is the most over
+    which = {0: 0, 1: 1, 2: 2}
+    mem = SimpleNamespace(fixed=np.array([50, 50, 50], np.int64))
+    calls = []
+
+    def run(fix_first: bool, probe: bool):
+        solved = [(np.zeros(0, np.int64), t) for t in tops]
+        calls.clear()
+
+        def more(problems, solved, ks):
+            calls.append(list(ks))
+            for k in ks:
+                if fix_first:
+                    solved[k] = (solved[k][0], bounds[k])
+        monkeypatch.setattr(memplan, "_more_orders", more)
+        memplan._plan_harder([None] * 3, bounds, solved, which, mem, capacity, probe)
+        return [top for _, top in solved]
+
+    assert run(False, True) == tops and calls == [[1]]
+    assert run(False, False) == tops and calls == [[1, 2, 0]]
+    assert run(True, True) == bounds and calls == [[1], [2, 0]]
+    # A lower bound over the tile: nothing is tried at all.
+    bounds[0] = 990
+    assert run(True, False) == tops and calls == []

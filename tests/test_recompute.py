@@ -340,11 +340,15 @@ def test_a_layer_keeps_two_activations_for_its_backward_pass():
     the next convolution's input (its weights' gradient) -- two image-sized
     tensors a layer, as PyTorch keeps with an in-place ReLU.  Relu's input, batch
     norm's output, is not kept (relu's gradient asks the result, not the input)."""
-    from collections import Counter
-    from popdsl import ops
-    from popdsl.passes import recompute as rc
-    from popdsl.passes.autodiff import topological
     graph = pipeline.compile_source(CNN, "deep.pop", get_target(), stop_after="autodiff")
+    assert _kept_image_sized(graph) == {"relu": 6, "sub": 6}
+    assert rc.kept_bytes(graph) == sum(rc._nbytes(a) for a in _kept(graph).values())
+
+
+def _kept(graph) -> dict:
+    """The forward results the backward pass reads (through views), by id."""
+    from popdsl import ops
+    from popdsl.passes.autodiff import topological
     kept = {}
     for n in topological(rc._roots(graph)):
         if n.id < graph.backward_from:
@@ -354,25 +358,12 @@ def test_a_layer_keeps_two_activations_for_its_backward_pass():
                 a = a.args[0]
             if a.id < graph.backward_from and rc._holds_data(a):
                 kept[a.id] = a
-    image_sized = Counter(a.op for a in kept.values() if a.shape == (4, 8, 32, 32))
-    assert image_sized == {"relu": 6, "sub": 6}
-    assert rc.kept_bytes(graph) == sum(rc._nbytes(a) for a in kept.values())
+    return kept
 
 
 def _kept_image_sized(graph):
     from collections import Counter
-    from popdsl import ops
-    from popdsl.passes.autodiff import topological
-    kept = {}
-    for n in topological(rc._roots(graph)):
-        if n.id < graph.backward_from:
-            continue
-        for a in n.args:
-            while a.id < graph.backward_from and ops.op(a.op).kind == "view":
-                a = a.args[0]
-            if a.id < graph.backward_from and rc._holds_data(a):
-                kept[a.id] = a
-    return Counter(a.op for a in kept.values() if a.shape == (4, 8, 32, 32))
+    return Counter(a.op for a in _kept(graph).values() if a.shape == (4, 8, 32, 32))
 
 
 def test_level_one_makes_relus_results_again_from_batch_norms_centred_input(built):
