@@ -383,12 +383,11 @@ def _recompute_note(args, exe) -> None:
         return
     where = f"{args.memory_budget:,} B per tile (--memory-budget)" if args.memory_budget else "its tiles"
     k, n, e = r["recomputed_segments"], r["segments"], r["recomputed_elementwise"]
-    what = f"{k} of the {n} segments of the forward pass"
-    if e:
-        what = (f"{what} and {e} element-wise results (batch norm, relu) of the others" if k else
-                f"{e} element-wise results (batch norm, relu) of its forward pass")
+    segs = f"recomputes {k} of the {n} segments of the forward pass"
+    cheap = f"makes {e} results of element-wise ops again"
+    what = f"{segs} and {cheap} in the others" if k and e else segs if k else f"{cheap} in its forward pass"
     print(f"popc: note: the training step does not fit {where} keeping every activation for the backward "
-          f"pass; it recomputes {what} "
+          f"pass; it {what} "
           f"(keeping {r['kept_bytes']:,} B of activations instead of {r['kept_bytes_without']:,} B; "
           "--recompute none turns this off)", file=sys.stderr)
     need = int(exe.memory.total.max())

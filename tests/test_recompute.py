@@ -279,6 +279,11 @@ def test_popx_keeps_the_recomputation_record(built, tmp_path, popc):
     tr = json.loads(out)["training"]
     assert tr["recompute"] == "auto" and 0 < tr["level"] <= tr["segments"] + 1
     assert tr["activations_kept_bytes"] < tr["activations_kept_bytes_without_recompute"]
+    # The note says what the record says.
+    k, n, e = tr["recomputed_segments"], tr["segments"], tr["recomputed_elementwise"]
+    said = (f"recomputes {k} of the {n} segments" if k else "") + (" and " if k and e else "") + \
+        (f"makes {e} results of element-wise ops again" if e else "")
+    assert said and said in err, (said, err)
     code, out, _ = popc("report", tmp_path / "d.popx")
     assert "training step: activations kept for the backward pass" in out
     # A forged record or phase is refused, not believed.
