@@ -274,6 +274,7 @@ def test_popx_keeps_the_recomputation_record(built, tmp_path, popc):
                         "-o", tmp_path / "d.popx")
     assert code == 0, err
     assert "popc: note: the training step does not fit" in err and "--recompute none" in err
+    note = err
     code, out, err = popc("report", tmp_path / "d.popx", "--json")
     assert code == 0, err
     tr = json.loads(out)["training"]
@@ -283,7 +284,7 @@ def test_popx_keeps_the_recomputation_record(built, tmp_path, popc):
     k, n, e = tr["recomputed_segments"], tr["segments"], tr["recomputed_elementwise"]
     said = (f"recomputes {k} of the {n} segments" if k else "") + (" and " if k and e else "") + \
         (f"makes {e} results of element-wise ops again" if e else "")
-    assert said and said in err, (said, err)
+    assert said and said in note, (said, note)
     code, out, _ = popc("report", tmp_path / "d.popx")
     assert "training step: activations kept for the backward pass" in out
     # A forged record or phase is refused, not believed.
