@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import time
 
-from popdsl import pipeline
 from popdsl.api import Executable
 from popdsl.ir.target import get_target
 from popdsl.passes.recompute import Policy
@@ -45,13 +44,7 @@ graph deepcnn(tiles = {tiles}) {{
 
 def measure(text: str, policy: Policy, level: int | None = None) -> dict:
     t = time.perf_counter()
-    if level is None:
-        exe, native = compile_source(text, "deepcnn.pop", get_target(), recompute=policy)
-    else:
-        graph = compile_source(text, "deepcnn.pop", get_target(), stop_after="autodiff")
-        opts = pipeline.Options(text, "deepcnn.pop", get_target(), recompute=policy, level=level)
-        exe, native = pipeline._run(pipeline.STAGES[pipeline.STAGE_NAMES.index("recompute"):], opts, graph,
-                                    None, None, None)[0]
+    exe, native = compile_source(text, "deepcnn.pop", get_target(), recompute=policy, level=level)
     s = time.perf_counter() - t
     j = memory_report(exe).to_json()
     part = Executable(exe, native).partition_report()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import gc
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from popdsl import pipeline
@@ -64,21 +63,19 @@ def main() -> None:
     if any(not 0 <= x <= top for x in levels):
         raise SystemExit(f"recompute_levels: levels go from 0 to {top} (the step's {seg.count} segments, "
                          "after nothing and element-wise results)")
-    opts = pipeline.Options(text, a.file, target, budgets=budgets)
-    rest = pipeline.STAGES[pipeline.STAGE_NAMES.index("recompute"):]
     print(f"{a.file}: {seg.count} segments, levels 0 to {top}; tiles of {target.tile_memory:,} B")
     print(f"  {'level':>5}{'busiest B':>12}{'':>6}{'its bound B':>13}{'kept B':>14}"
           f"{'recomputed FLOPs':>20}{'compile s':>11}")
     for level in levels:
         t = time.perf_counter()
-        o = replace(opts, level=level)
         # The recompute stage's record (what is kept, what recomputed) is there
         # whether or not the plan fits.
-        graph = pipeline._run(rest[:1], o, trained, None, None, None)[0]
+        graph = pipeline.compile_source(text, a.file, target, budgets=budgets, start=("autodiff", trained),
+                                        stop_after="recompute", level=level)
         r = graph.recompute
         kept = f"{r['kept_bytes']:>14,}{r['recomputed_flops']:>20,}"
         try:
-            exe, _ = pipeline._run(rest[1:], o, graph, None, None, None)[0]
+            exe, _ = pipeline.compile_source(text, a.file, target, budgets=budgets, start=("recompute", graph))
         except OutOfMemory as e:
             print(f"  {level:>5}{e.need:>12,}{'over':>6}{'':>13}{kept}{time.perf_counter() - t:>11.1f}"
                   f"  (tile {e.tile})", flush=True)

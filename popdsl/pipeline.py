@@ -197,7 +197,7 @@ def compile_source(text: str, path: str, target: Target, graph: str | None = Non
                    unchecked: bool = False, stop_after: str | None = None, reuse: bool = True,
                    verify: bool | None = None, training: bool | None = None,
                    budgets: Budgets | None = None, inspect=None, monitor=None, start=None,
-                   recompute: rc.Policy | None = None, outline: bool = True):
+                   recompute: rc.Policy | None = None, outline: bool = True, level: int | None = None):
     """Returns (Executable, NativeCodelets), or the result of stage `stop_after`.
     `training`: False compiles a graph that minimizes for inference (training()
     false, no update), None lets the graph say.  `inspect(stage, result)`, if given,
@@ -207,13 +207,15 @@ def compile_source(text: str, path: str, target: Target, graph: str | None = Non
     progress hook in there, without any stage knowing.  `start = (stage, result)`
     resumes after `stage`, whose result the caller already has (the build cache
     parses to compute its key).  `recompute`: the training step's recomputation
-    policy (default `auto`).  `outline`: repeated parts of the tensor program built
-    once and called (passes.outline).  Raises CompileError for errors in the program."""
+    policy (default `auto`); `level`, a recomputation level to compile at instead
+    of what the policy would choose (passes.recompute; benchmarks and tests).
+    `outline`: repeated parts of the tensor program built once and called
+    (passes.outline).  Raises CompileError for errors in the program."""
     if stop_after is not None and stop_after not in STAGE_NAMES:
         raise ValueError(f"unknown stage {stop_after!r}")
     verify = verify_by_default() if verify is None else verify
     opts = Options(text, path, target, graph, unchecked, reuse, verify, training, budgets or Budgets(),
-                   recompute or rc.Policy(), outline=outline)
+                   recompute or rc.Policy(), level=level, outline=outline)
     result, stages = None, STAGES
     if start is not None:
         done, result = start
@@ -222,7 +224,8 @@ def compile_source(text: str, path: str, target: Target, graph: str | None = Non
             inspect(done, result)
         if done == stop_after:
             return result
-    if "recompute" in (s.name for s in stages) and opts.recompute.mode == "auto" and stop_after in (None, "plan"):
+    if "recompute" in (s.name for s in stages) and opts.recompute.mode == "auto" and level is None \
+            and stop_after in (None, "plan"):
         split = next(i for i, s in enumerate(stages) if s.name == "recompute")
         trained, _ = _run(stages[:split], opts, result, inspect, monitor, stop_after)
         return _fit(opts, trained, lambda o, note: _run(stages[split:], o, trained, inspect, monitor, stop_after,

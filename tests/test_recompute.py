@@ -129,10 +129,8 @@ def test_auto_recomputes_the_least_that_fits_the_budget(built):
     assert 0 < level <= exe.recompute["segments"] + 1
     assert exe.memory.total.max() <= budget
     # One segment fewer does not fit.
-    opts = pipeline.Options(CNN, "deep.pop", get_target(), recompute=Policy("auto", budget), outline=False)
-    graph = pipeline.compile_source(CNN, "deep.pop", get_target(), stop_after="autodiff")
-    split = pipeline.STAGE_NAMES.index("recompute")
-    fewer, _ = pipeline._run(pipeline.STAGES[split:], replace(opts, level=level - 1), graph, None, None, None)[0]
+    fewer, _ = pipeline.compile_source(CNN, "deep.pop", get_target(), recompute=Policy("auto", budget),
+                                       outline=False, level=level - 1)
     assert fewer.memory.total.max() > budget
 
 
@@ -157,7 +155,8 @@ def test_auto_keeps_its_best_try_and_stops_the_others_at_their_lower_bound(built
     opts = pipeline.Options(CNN, "deep.pop", target, recompute=Policy("auto"), outline=False)
     graph = pipeline.compile_source(CNN, "deep.pop", target, stop_after="autodiff")
     split = pipeline.STAGE_NAMES.index("recompute")
-    direct, _ = pipeline._run(pipeline.STAGES[split:], replace(opts, level=level), graph, None, None, None)[0]
+    direct, _ = pipeline.compile_source(CNN, "deep.pop", target, recompute=Policy("auto"), outline=False,
+                                        start=("autodiff", graph), level=level)
     # (Loaded, as a build-cache hit is: a loader proves some bounds checks away.)
     assert artifact.dumps(exe) == artifact.dumps(artifact.load(io.BytesIO(artifact.dumps(direct))))
     placed.clear()
@@ -389,14 +388,12 @@ def test_level_one_makes_relus_results_again_from_batch_norms_centred_input(buil
     from popdsl.passes.autodiff import topological
     remade = [n for n in topological(rc._roots(one)) if n.id in one.recomputed]
     assert remade and all(ops.op(n.op).kind in ("elementwise", "view") for n in remade)
-    rest = pipeline.STAGES[pipeline.STAGE_NAMES.index("recompute") + 1:]
-    exe, native = pipeline._run(rest, pipeline.Options(CNN, "deep.pop", get_target(), outline=False), one,
-                                None, None, None)[0]
+    exe, native = pipeline.compile_source(CNN, "deep.pop", get_target(), outline=False, start=("recompute", one))
     assert exe.memory.total.max() < built["none"][0].memory.total.max()
     ref_losses, ref_params = train(*built["none"])
     # With outlining too: the six layers alike are one function, their element-wise
     # results made again in its backward calls.
-    outlined = pipeline._run(rest, pipeline.Options(CNN, "deep.pop", get_target()), one, None, None, None)[0]
+    outlined = pipeline.compile_source(CNN, "deep.pop", get_target(), start=("recompute", one))
     assert outlined[0].functions
     for got in ((exe, native), outlined):
         losses, params = train(*got)
@@ -419,3 +416,11 @@ def test_levels_free_more_bytes_as_they_go():
     assert rc.recompute(graph, "all").recompute["level"] == seg.levels - 1
     with pytest.raises(ValueError, match="level"):
         rc.recompute(graph, "auto", seg.levels)
+
+
+def test_a_level_out_of_range_is_refused():
+    graph = pipeline.compile_source(CNN, "deep.pop", get_target(), stop_after="autodiff")
+    top = rc.segments(graph).levels - 1
+    for level in (-1, top + 1):
+        with pytest.raises(ValueError, match=f"between 0 and {top}"):
+            pipeline.compile_source(CNN, "deep.pop", get_target(), start=("autodiff", graph), level=level)

@@ -307,8 +307,8 @@ def tensor_graph(graph) -> str:
         out.append(f"  update {graph.tensors[tid].name} = %{v.id}")
     r = graph.recompute
     if r:
-        out.append(f"  recompute {r['mode']}: level {r['level']} ({r['recomputed_segments']} of {r['segments']} segments, "
-                   f"{r['recomputed_elementwise']} element-wise results), "
+        out.append(f"  recompute {r['mode']}: level {r['level']} ({r['recomputed_segments']} of "
+                   f"{r['segments']} segments, {r['recomputed_elementwise']} element-wise results), "
                    f"{r['recomputed_ops']} ops; activations kept {r['kept_bytes']:,} B "
                    f"(without recomputation {r['kept_bytes_without']:,} B)")
     if m is not None:
