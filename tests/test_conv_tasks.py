@@ -167,7 +167,7 @@ def _conv_per_task(p, n):
     x, stride = subsampled(p, x, KH, KW, stride, OH, OW, label)
     Wp = x.index.shape[3]
     Og = O // groups
-    go, gr, gc = _conv_plan(p, N * groups, Og, Cg, OH, OW, KH, stride, Wp, KH * KW, groups)
+    go, gr, gc, images = _conv_plan(p, N * groups, Og, Cg, OH, OW, KH, stride, Wp, KH * KW, groups, layout=True)
     ob_, rb_, cb_ = blocks(Og, go), blocks(OH, gr), blocks(Cg, gc)
     if len(cb_) > 1:
         acc = p.new_tensor(label + ".partial", "f32", (len(cb_), N, O, OH, OW))
@@ -176,8 +176,11 @@ def _conv_per_task(p, n):
         acc = p.new_tensor(label, "f32", (N, O, OH, OW))
         target = acc.index[None]
     # Several tasks to a tile: those of one weight block (group, output and input
-    # channel block) together.
-    weight_block = [(gi * len(ob_) + oi) * len(cb_) + ci for nn in range(N) for gi in range(groups)
+    # channel block) together, in runs of `images` images (then input-channel
+    # blocks outside output-channel blocks).
+    weight_block = [(gi * len(ob_) + oi) * len(cb_) + ci if images == N
+                    else (((nn // images) * groups + gi) * len(cb_) + ci) * len(ob_) + oi
+                    for nn in range(N) for gi in range(groups)
                     for oi in range(len(ob_)) for _ in rb_ for ci in range(len(cb_))]
     tiles = p.spread(len(weight_block), together=np.array(weight_block))
     tasks, t = [], 0
@@ -317,3 +320,34 @@ def test_tasks_sharing_a_weight_block_share_a_tile(monkeypatch):
     spread = Partitioner.spread
     monkeypatch.setattr(Partitioner, "spread", lambda self, n, together=None: spread(self, n))
     assert together < buffers()
+
+
+def test_crowded_convolution_shares_input_slabs_and_matches_numpy():
+    """A convolution whose fastest plan would put more than CROWDED_BYTES on a tile
+    (8 images of 64 channels on 2 tiles) is planned for memory: a tile's tasks are
+    runs of fewer images than the batch, sharing their input slabs over
+    output-channel blocks, and the tiles receive fewer bytes than with runs of
+    every image; the result is numpy's."""
+    import types
+    import popdsl
+    from popdsl.ops import conv
+    p = types.SimpleNamespace(tiles=2, g=types.SimpleNamespace(target=get_target("gc200", tiles=2)))
+    go, gr, gc, images = conv._conv_plan(p, 8, 64, 64, 14, 14, 3, 1, 16, 9, layout=True)
+    assert images < 8
+    runs_of_all = conv._conv_layout(p, 8, 64, 64, 14, 14, 3, 1, 16, 9, 1, go, gr, gc)
+    shared = conv._conv_layout(p, 8, 64, 64, 14, 14, 3, 1, 16, 9, 1, go, gr, gc, shared_slabs=True)
+    assert shared[-1] == images and shared[5] < runs_of_all[5]
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((8, 64, 14, 14)).astype(np.float32)
+    w = rng.standard_normal((64, 64, 3, 3)).astype(np.float32)
+    src = """graph g(tiles = 2) {
+    input x: f32[8, 64, 14, 14];
+    input w: f32[64, 64, 3, 3];
+    output y = conv2d(x, w, padding = 1);
+}"""
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    want = sum(np.einsum("nchw,oc->nohw", xp[:, :, i:i + 14, j:j + 14], w[:, :, i, j].astype(np.float64))
+               for i in range(3) for j in range(3))
+    exe = popdsl.compile(src, cache=False, tile_memory=8 << 20)
+    with popdsl.Simulator(exe) as sim:
+        np.testing.assert_allclose(sim.run({"x": x, "w": w})["y"], want, rtol=1e-4, atol=1e-3)

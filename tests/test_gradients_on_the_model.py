@@ -221,3 +221,60 @@ def test_conv2d_input_gradient_split_over_rows(tiles, k, stride, padding):
     assert "Conv2dGradXRows" in used
     feeds = {"xin": distinct((1, 2, hw, hw), 1), "r": distinct((1, 3, oh, oh), 2)}
     against_reference(src, feeds, tiles, rtol=1e-3, atol=1e-3)
+
+
+def test_conv2d_input_gradient_of_a_big_batch_shares_weight_blocks(monkeypatch):
+    """More images than the tiles have workers (2 tiles, batch 16): no plan has one
+    vertex per worker, so the input's gradient runs tasks of one block of w
+    together on a tile (`blocks.Split.runs`, each tile receiving that block once), and
+    the gradient still matches the reference."""
+    from popdsl.ops import conv_grad
+    plans = []
+    real = conv_grad.split_plan
+    monkeypatch.setattr(conv_grad, "split_plan", lambda *a, **k: plans.append(real(*a, **k)) or plans[-1])
+    src = """graph g(tiles = 2) {
+    input xin: f32[16, 8, 6, 6];
+    input r: f32[16, 8, 6, 6];
+    param x: f32[16, 8, 6, 6] = zeros();
+    param w: f32[8, 8, 3, 3] = normal(0.0, 1.0);
+    let gx = grad(sum(conv2d(x + xin, w, stride = 1, padding = 1) * r), x);
+    output gx;
+}
+"""
+    compile_source(src, "<string>", get_target("gc200", tiles=2), stop_after="partition")
+    assert any(p.runs for p in plans), plans
+    feeds = {"xin": distinct((16, 8, 6, 6), 1), "r": distinct((16, 8, 6, 6), 2)}
+    against_reference(src, feeds, 2, rtol=1e-3, atol=1e-3)
+
+
+def test_input_gradient_plan_at_batch_32_keeps_a_weight_block_per_run():
+    """ResNet-50's stage-4 shortcut (1 x 1, 1024 -> 2048 at 7 x 7) at batch 32 on 368
+    tiles: the fastest plans of one vertex per worker each take a 256 KB block of
+    w (1.5 MB of a tile at the training step's peak); PopLibs' doubling memory
+    target picks one whose tasks share a block of w on a tile, receiving less."""
+    import types
+    from popdsl.ops import conv_grad
+    p = types.SimpleNamespace(tiles=368, g=types.SimpleNamespace(target=get_target("gc200")))
+    N, O, C, H = 32, 2048, 1024, 7
+
+    def moved(rb, cb, ob):
+        return ob * rb * H * 4 + ob * cb * 4, max(cb * rb * H, ob * rb * H) * 4, cb * rb * H * 4
+
+    def macs(rb, cb, ob):
+        return cb * ob * rb * H
+    args = dict(partial_dims=(2,), partial_bytes=N * C * H * H * 4)
+    alone = conv_grad.split_plan(p, N, (H, C, O), moved, macs, **args)
+    shared = conv_grad.split_plan(p, N, (H, C, O), moved, macs, **args,
+                                   share=lambda splits, rb, cb, ob: (ob * cb * 4, N * splits[0]))
+    assert not alone.runs and shared.runs
+
+    def tile_bytes(plan):
+        rb, cb, ob = (-(-n // k) for n, k in zip((H, C, O), plan.splits))
+        per_tile = -(-N * int(np.prod(plan.splits)) // 368)
+        received, _, produced = moved(rb, cb, ob)
+        if plan.runs:
+            w = ob * cb * 4
+            received -= w
+            return min(per_tile, 1 + -(-(per_tile - 1) // (N * plan.splits[0]))) * w + per_tile * (received + produced)
+        return per_tile * (received + produced)
+    assert tile_bytes(shared) < tile_bytes(alone) / 1.5, (shared, alone)

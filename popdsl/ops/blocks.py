@@ -1,7 +1,8 @@
 """Splitting work into blocks and tasks: what the partition rules share.
 
 Requires numpy and the tensor graph IR; produces block ranges, power-of-two split
-candidates, and `emit_tasks`, which turns a list of per-vertex tasks into vertex
+candidates, `split_plan` (the backward convolutions' and poolings' plan search),
+and `emit_tasks`, which turns a list of per-vertex tasks into vertex
 groups (one group per distinct set of field shapes, stacked index arrays, never an
 object per vertex).
 
@@ -16,7 +17,9 @@ order would (the first task to want an element keeps it).
 """
 from __future__ import annotations
 
+import itertools
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -29,6 +32,16 @@ SLAB_BYTES = 48 * 1024        # most input data one vertex of a conv or pool may
 # of the tile (availableMemoryProportion, 0.6 by default); a training step also
 # keeps weights, optimizer state and activations there, so a fifth of a GC200 tile.
 TILE_BUFFER_BYTES = 128 * 1024
+# A plan whose fastest choice puts more than this on a tile (exchange buffers and
+# outputs: 80 % of a GC200 tile) is chosen for memory instead, as PopLibs does
+# when a plan is over its memory target: 1.9 MB of a tile for the fastest plan of
+# a stage-4 input gradient at batch 32 on 368 tiles.  Below it plans stay the
+# fastest (AlexNet's training step at batch 35 fits with 94 B to spare).
+CROWDED_BYTES = 4 * TILE_BUFFER_BYTES
+# Most tasks a plan that shares a block over runs of tasks may have, per worker of
+# the tiles: each task is a vertex (its vertex state, its exchange), and the
+# smallest blocks are the most of them.
+RUN_TASKS_PER_WORKER = 8
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -235,3 +248,90 @@ def emit_classes(p, cs, codelet: str, tiles: np.ndarray, classes, conns, state: 
     for rows in classes:
         p.group(cs, codelet, tiles[rows], conns(rows),
                 {k: v[rows] if isinstance(v, np.ndarray) else np.full(len(rows), v) for k, v in state.items()})
+
+
+# ---------------------------------------------------------------- plans of splits
+
+class Split(NamedTuple):
+    splits: tuple[int, ...]      # how many blocks each dimension is cut into
+    runs: bool                   # tasks sharing a block (`share`) sit together on tiles
+
+
+def split_plan(p, outer: int, sizes, moved, macs, partial_dims: tuple[int, ...] = (), partial_bytes: int = 0,
+                strided=None, share=None) -> Split:
+    """Power-of-two splits of the dimensions `sizes` for `outer` independent jobs: the
+    least estimated cycles of the busiest tile — its vertices' `macs(*block)`
+    multiply-accumulates at the target's rate, a tile's workers busy only when it
+    has as many vertices as workers (a lone vertex runs at a sixth of the tile's
+    issue rate), the bytes its vertices receive (`moved(*block)` = (bytes received,
+    largest field, bytes produced)) at the exchange rate, and, when dimensions `partial_dims` are
+    split, `partial_bytes` of partial sums per split exchanged and added.
+
+    Which plans: those of at most one vertex per worker whose fields fit SLAB_BYTES
+    and whose vertices receive and produce at most TILE_BUFFER_BYTES on a tile (six
+    vertices of 48 KB fields each filled ResNet-50's tiles with exchange buffers and
+    partial sums).  When there is none, the fastest of one vertex per worker, if
+    its tile bytes are within CROWDED_BYTES; else PopLibs' rule (poplin's ConvPlan.cpp: a
+    plan over its memory target is planned again with the target doubled, and
+    again): the fastest whose tile bytes are within twice TILE_BUFFER_BYTES, else
+    four times, ... — among the plans with fields within SLAB_BYTES, one vertex per
+    worker or, with `share`, runs of tasks that share a block on a tile.
+    `share(splits, *block)` = (bytes of the block a run of tasks reads alike, tasks
+    in a run): the tile receives that block once per run it holds part of, not
+    once per task (the input's gradient at batch 32: each of six vertices took its
+    own 256 KB block of a stage-4 weight, 1.5 MB of the tile).  Else the plan with
+    the smallest largest field (of at most one task per worker, where there is
+    such a plan).  `strided(*block)`, if given, says whether a block's fields are
+    strided views of their tensors; a plan whose fields are not (an index array
+    per element: gigabytes of them for a training step at batch 8) is taken only
+    where no strided plan meets the same conditions."""
+    target = p.g.target
+    rate, workers = target.exchange_bytes_per_cycle, target.workers
+    best, fallback = [None, None], None
+    options = []                 # (cost, tile bytes, strided, splits, runs): the ladder's
+    for splits in itertools.product(*(pow2_splits(n) for n in sizes)):
+        block = [ceil_div(n, k) for n, k in zip(sizes, splits)]
+        tasks = outer * int(np.prod(splits))
+        per_tile = ceil_div(tasks, p.tiles)
+        received, worst, produced = moved(*block)
+        compute = macs(*block) * max(workers, per_tile) / workers / target.macs_per_cycle
+        parts = int(np.prod([splits[d] for d in partial_dims]))
+        summed = parts * partial_bytes / p.tiles / rate * 2 if parts > 1 else 0
+        cost = compute + per_tile * received / rate + summed
+        key = fallback_rank(p, tasks, worst)
+        if fallback is None or key < fallback[0]:
+            fallback = (key, splits)
+        runs = share is not None and per_tile > 1 and tasks <= p.tiles * workers * RUN_TASKS_PER_WORKER
+        if worst > SLAB_BYTES or not (tasks <= p.tiles * workers or runs):
+            continue
+        k = int(strided is None or strided(*block))
+        if tasks <= p.tiles * workers:
+            tile_bytes = per_tile * (received + produced)
+            options.append((cost, tile_bytes, k, splits, False))
+            if tile_bytes <= TILE_BUFFER_BYTES and (best[k] is None or cost < best[k][0]):
+                best[k] = (cost, splits)
+        if runs:
+            shared, run = share(splits, *block)
+            if shared <= SLAB_BYTES:
+                # A tile's tasks are a stretch of runs: the shared blocks it holds.
+                blocks_in = min(per_tile, 1 + ceil_div(per_tile - 1, run))
+                got = blocks_in * shared + per_tile * (received - shared)
+                options.append((compute + got / rate + summed, got + per_tile * produced, k, splits, True))
+    if best[1] or best[0]:
+        return Split((best[1] or best[0])[1], False)
+    alone = [o for o in options if not o[4]]
+    if alone:
+        fastest = min(alone, key=lambda o: (-o[2], o[0]))
+        if fastest[1] <= CROWDED_BYTES:
+            return Split(fastest[3], False)
+    limit = 2 * TILE_BUFFER_BYTES
+    while options and limit <= 2 * max(target.tile_memory, TILE_BUFFER_BYTES):
+        fit = [o for o in options if o[1] <= limit]
+        if fit:
+            cost, _, _, splits, runs = min(fit, key=lambda o: (-o[2], o[0]))
+            return Split(splits, runs)
+        limit *= 2
+    if options:
+        _, _, _, splits, runs = min(options, key=lambda o: (-o[2], o[0]))
+        return Split(splits, runs)
+    return Split(fallback[1], False)

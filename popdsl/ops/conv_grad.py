@@ -12,7 +12,8 @@ its channels, so overlapping windows add up on one vertex, and the result is the
 unpadded middle, a view.  Tasks go over images and channel blocks; the reduced
 dimension (output channels for the input's gradient, images for the weights')
 may be split too, leaving partial sums `reduce.sum_partials` adds up.  Plans are
-chosen by estimated cycles at the target's rates (`_split_plan`).  They have no
+chosen by estimated cycles at the target's rates, or, where the fastest would
+crowd a tile's memory, as PopLibs chooses them then (`split_plan`).  They have no
 gradients of their own: popdsl takes no second derivatives of convolutions.
 """
 from __future__ import annotations
@@ -26,8 +27,8 @@ from popdsl.ir.cost import LOOP_ITER, LOOP_SETUP, RPT_ITER, VERTEX_OVERHEAD, amp
 from popdsl.ir.index import Strided
 from popdsl.ir.intrinsics import DIV, OP
 from popdsl.ir.tensor import Node
-from popdsl.ops.blocks import (SLAB_BYTES, TILE_BUFFER_BYTES, block_of, blocks, bounds, ceil_div, emit_classes,
-                               fallback_rank, map_first, map_whole, pow2_splits, shape_classes, stacked, task_grid)
+from popdsl.ops.blocks import (block_of, blocks, bounds, emit_classes, map_first, map_whole, shape_classes,
+                               split_plan, stacked, task_grid)
 from popdsl.ops.core import HIGH_VALUE, Builder, OpDef
 from popdsl.ops.reduce import sum_partials
 from popdsl.ops.shape import padded, place, subsampled
@@ -127,7 +128,7 @@ def _avg_pool_grad_ref(attrs, g):
 
 # What `ir.cost` charges the statements around each amp of the backward codelets
 # (stdlib/prims.pop), counted from their code; tests/test_amp.py keeps these equal.
-# `_split_plan` does not use them yet: planning with them (instead of weighing
+# `split_plan` does not use them yet: planning with them (instead of weighing
 # multiply-accumulates) cut the bench's step by 5 % but moved later ops' tiles, and
 # AlexNet's batch-3 training step, which fits with 341 B to spare, no longer did.
 _X_LETS = DIV + 4 * OP            # let oh = ys / ow; let kk = kh * kw
@@ -184,50 +185,6 @@ def _reaching(y0: np.ndarray, y1: np.ndarray, kh: int, stride: int, oh: int) -> 
     return first, last
 
 
-def _split_plan(p, outer: int, sizes, moved, macs, partial_dims: tuple[int, ...] = (), partial_bytes: int = 0,
-                strided=None):
-    """Power-of-two splits of the dimensions `sizes` for `outer` independent jobs: the
-    least estimated cycles of the busiest tile — its vertices' `macs(*block)`
-    multiply-accumulates at the target's rate, a tile's workers busy only when it
-    has as many vertices as workers (a lone vertex runs at a sixth of the tile's
-    issue rate), the bytes its vertices receive (`moved(*block)` = (bytes received,
-    largest field, bytes produced)) at the exchange rate, and, when dimensions `partial_dims` are
-    split, `partial_bytes` of partial sums per split exchanged and added — among
-    plans of at most one vertex per worker whose fields fit SLAB_BYTES and whose
-    vertices receive and produce at most TILE_BUFFER_BYTES on a tile (six vertices
-    of 48 KB fields each filled ResNet-50's tiles with exchange buffers and partial
-    sums); else among the
-    first two conditions; else the plan with the smallest largest field (of at most
-    one task per worker, where there is such a plan).  `strided(*block)`,
-    if given, says whether a block's fields are strided views of their tensors; a plan
-    whose fields are not (an index array per element: gigabytes of them for a
-    training step at batch 8) is taken only where no strided plan meets the same
-    conditions."""
-    target = p.g.target
-    rate, workers = target.exchange_bytes_per_cycle, target.workers
-    # Per kind of plan (fits the tile's buffers, or only the slabs), strided or not.
-    best, crowded, fallback = [None, None], [None, None], None
-    for splits in itertools.product(*(pow2_splits(n) for n in sizes)):
-        block = [ceil_div(n, k) for n, k in zip(sizes, splits)]
-        tasks = outer * int(np.prod(splits))
-        per_tile = ceil_div(tasks, p.tiles)
-        received, worst, produced = moved(*block)
-        cost = macs(*block) * max(workers, per_tile) / workers / target.macs_per_cycle + per_tile * received / rate
-        parts = int(np.prod([splits[d] for d in partial_dims]))
-        if parts > 1:
-            cost += parts * partial_bytes / p.tiles / rate * 2
-        key = fallback_rank(p, tasks, worst)
-        if fallback is None or key < fallback[0]:
-            fallback = (key, splits)
-        if worst <= SLAB_BYTES and tasks <= p.tiles * workers:
-            k = int(strided is None or strided(*block))
-            if crowded[k] is None or cost < crowded[k][0]:
-                crowded[k] = (cost, splits)
-            if per_tile * (received + produced) <= TILE_BUFFER_BYTES and (best[k] is None or cost < best[k][0]):
-                best[k] = (cost, splits)
-    return (best[1] or best[0] or crowded[1] or crowded[0] or fallback)[1]
-
-
 def _strided(index, block, shape) -> bool:
     """Whether the leading `block` (sizes of index's first axes) of a view reshapes
     to `shape` without a copy, as `stacked` makes a vertex's field of it."""
@@ -271,11 +228,15 @@ def partition_conv_grad_x(p, n: Node) -> g.View:
 
     # Padded rows split too (each block gathers the output rows whose windows reach
     # it): a whole 56x56 image's channels per vertex filled ResNet-50's tiles.
-    gr, gc, go = _split_plan(p, N * groups, (Hp, Cg, Og),
-                             lambda rb, cb, ob: (ob * g_rows(rb) * OW * 4 + ob * cb * kk * 4,
-                                                 max(cb * rb * Wp, ob * g_rows(rb) * OW) * 4, cb * rb * Wp * 4),
-                             lambda rb, cb, ob: cb * ob * kk * g_rows(rb) * OW, partial_dims=(2,),
-                             partial_bytes=N * C * Hp * Wp * 4)
+    # Tasks of one block of w (every image's, every row block's) may share it on a
+    # tile, as a big batch needs.
+    plan = split_plan(p, N * groups, (Hp, Cg, Og),
+                       lambda rb, cb, ob: (ob * g_rows(rb) * OW * 4 + ob * cb * kk * 4,
+                                           max(cb * rb * Wp, ob * g_rows(rb) * OW) * 4, cb * rb * Wp * 4),
+                       lambda rb, cb, ob: cb * ob * kk * g_rows(rb) * OW, partial_dims=(2,),
+                       partial_bytes=N * C * Hp * Wp * 4,
+                       share=lambda splits, rb, cb, ob: (ob * cb * kk * 4, N * splits[0]))
+    gr, gc, go = plan.splits
     rbs, cbs, obs = blocks(Hp, gr), blocks(Cg, gc), blocks(Og, go)
     shape = (N, C, Hp, Wp)
     acc = p.new_tensor(label + ".partial" if len(obs) > 1 else label, "f32", ((len(obs),) if len(obs) > 1 else ()) + shape)
@@ -284,8 +245,10 @@ def partition_conv_grad_x(p, n: Node) -> g.View:
     # blocks (the last innermost), all at once.
     ncb, nrb, nob = len(cbs), len(rbs), len(obs)
     nn, gi, ci, ri, oi = task_grid(N, groups, ncb, nrb, nob)
-    # Several tasks to a tile: those reading one block of g together.
-    tiles = p.spread(nn.size, together=((nn * groups + gi) * nrb + ri) * nob + oi)
+    # Several tasks to a tile: those reading one block of g together, or (a plan
+    # of runs) one block of w.
+    tiles = p.spread(nn.size, together=((gi * ncb + ci) * nob + oi) if plan.runs
+                     else ((nn * groups + gi) * nrb + ri) * nob + oi)
     (cb0, cb1), (rb0, rb1), (ob0, ob1) = bounds(cbs), bounds(rbs), bounds(obs)
     c0, c1 = cb0[ci], cb1[ci]
     y0, y1 = rb0[ri], rb1[ri]
@@ -343,14 +306,14 @@ def partition_conv_grad_w(p, n: Node) -> g.View:
 
     # Images and output rows are both summed over: a split of either gives partial
     # sums (rows: a stem's 230x230 input is too big for one vertex at batch 1).
-    gn, gr, go, gc = _split_plan(p, groups, (N, OH, Og, Cg),
+    gn, gr, go, gc = split_plan(p, groups, (N, OH, Og, Cg),
                                  lambda nb, rb, ob, cb: ((nb * cb * rows_in(rb) * Wp + nb * ob * rb * OW) * 4,
                                                          max(nb * cb * rows_in(rb) * Wp, nb * ob * rb * OW,
                                                              ob * cb * kk) * 4, ob * cb * kk * 4),
                                  lambda nb, rb, ob, cb: nb * ob * cb * kk * rb * OW, partial_dims=(0, 1),
                                  partial_bytes=O * Cg * kk * 4,
                                  strided=lambda nb, rb, ob, cb: _strided(x.index, (nb, cb, rows_in(rb)), (nb * cb, -1))
-                                 and _strided(gv.index, (nb, ob, rb), (nb * ob, -1)))
+                                 and _strided(gv.index, (nb, ob, rb), (nb * ob, -1))).splits
     nbs, rbs, obs, cbs = blocks(N, gn), blocks(OH, gr), blocks(Og, go), blocks(Cg, gc)
     nnb, nrb, nob, ncb = len(nbs), len(rbs), len(obs), len(cbs)
     nparts = nnb * nrb
@@ -422,17 +385,17 @@ def _partition_pool_grad(p, n: Node, x: g.View | None, gv: g.View, k: int, strid
         # Its vertices compare element by element on one worker each: weighed as
         # multiply-accumulates at the AMP's rate, a window looked cheap and the plan
         # left five of six workers idle on 960 tiles (276K cycles, ResNet-50's
-        # longest compute set at batch 1).  `_split_plan` charges macs /
+        # longest compute set at batch 1).  `split_plan` charges macs /
         # macs_per_cycle per vertex, shared by the tile's workers (a vertex of C
         # cycles alone takes workers x C, ir.cost).
         per_element = _POOL_GRAD_CYCLES * p.g.target.workers * p.g.target.macs_per_cycle
-        gr, gc = _split_plan(p, N, (Hp, C),
+        gr, gc = split_plan(p, N, (Hp, C),
                              lambda rb, cb: ((cb * x_rows(rb) * Wp + cb * g_rows(rb) * OW) * 4,
                                              cb * x_rows(rb) * Wp * 4, cb * rb * Wp * 4),
-                             lambda rb, cb: cb * g_rows(rb) * OW * k * k * per_element)
+                             lambda rb, cb: cb * g_rows(rb) * OW * k * k * per_element).splits
     else:
-        gr, (gc,) = 1, _split_plan(p, N, (C,), lambda cb: (cb * OH * OW * 4, cb * Hp * Wp * 4, cb * Hp * Wp * 4),
-                                    lambda cb: cb * OH * OW * k * k)
+        gr, (gc,) = 1, split_plan(p, N, (C,), lambda cb: (cb * OH * OW * 4, cb * Hp * Wp * 4, cb * Hp * Wp * 4),
+                                    lambda cb: cb * OH * OW * k * k).splits
     out = p.new_tensor(label, "f32", (N, C, Hp, Wp))
     cbs, rbs = blocks(C, gc), blocks(Hp, gr)
     # The tasks: images, channel blocks, row blocks (the last innermost), all at
@@ -488,19 +451,19 @@ def op_defs() -> list[OpDef]:
     return [
         OpDef("conv2d_grad_x", "compute", "the gradient of conv2d with respect to its input",
               ref=_conv_grad_x_ref, partition=partition_conv_grad_x,
-              codelets=("Conv2dGradX", "Conv2dGradXRows", "ReduceSumCols", "ReduceSumCols2"), cost=_split_plan,
+              codelets=("Conv2dGradX", "Conv2dGradXRows", "ReduceSumCols", "ReduceSumCols2"), cost=split_plan,
               flops=lambda n: 2 * n.args[0].numel * int(np.prod(n.args[1].shape[1:])), value=HIGH_VALUE),
         OpDef("conv2d_grad_w", "compute", "the gradient of conv2d with respect to its weights",
               ref=_conv_grad_w_ref, partition=partition_conv_grad_w,
-              codelets=("Conv2dGradW", "ReduceSumCols", "ReduceSumCols2", "Fill"), cost=_split_plan,
+              codelets=("Conv2dGradW", "ReduceSumCols", "ReduceSumCols2", "Fill"), cost=split_plan,
               flops=lambda n: 2 * n.args[1].numel * int(np.prod(n.shape[1:])), value=HIGH_VALUE),
         OpDef("max_pool_grad", "compute", "max pooling's gradient: to the first maximum of each window",
               ref=_max_pool_grad_ref, partition=partition_max_pool_grad,
-              codelets=("MaxPoolGradRows", "Fill"), cost=_split_plan,
+              codelets=("MaxPoolGradRows", "Fill"), cost=split_plan,
               flops=lambda n: n.args[1].numel * n.attrs[0] ** 2),
         OpDef("avg_pool_grad", "compute", "average pooling's gradient: spread evenly over each window",
               ref=_avg_pool_grad_ref, partition=partition_avg_pool_grad,
-              codelets=("AvgPoolGradBlock",), cost=_split_plan,
+              codelets=("AvgPoolGradBlock",), cost=split_plan,
               flops=lambda n: n.args[0].numel * n.attrs[0] ** 2),
     ]
 
