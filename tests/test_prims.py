@@ -452,7 +452,7 @@ def test_a_plan_with_no_field_within_the_slab_has_at_most_a_task_per_worker():
     tiles), the backward convolutions take the smallest fields among plans of at
     most one task per worker, not the smallest fields at any count (at batch 32 on
     368 tiles, 235M tasks for one weight gradient)."""
-    from popdsl.ops import conv_grad
+    from popdsl.ops import blocks
     src = """graph g(tiles = 4) {
     input xin: f32[8, 16, 12, 12];
     param x: f32[8, 16, 12, 12] = zeros();
@@ -465,7 +465,7 @@ def test_a_plan_with_no_field_within_the_slab_has_at_most_a_task_per_worker():
     from popdsl.pipeline import compile_source
     target = get_target("gc200", tiles=4)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(conv_grad, "SLAB_BYTES", 4)          # no plan fits
+        mp.setattr(blocks, "SLAB_BYTES", 4)             # no plan fits (blocks.split_plan)
         graph = compile_source(src, "<string>", target, stop_after="partition")
     seen = set()
     for cs in graph.compute_sets.values():

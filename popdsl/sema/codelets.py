@@ -76,6 +76,10 @@ class _Checker:
             for dim in dims:
                 if isinstance(dim, int) and dim <= 0:
                     self.d.error(p.type.span, f"dimension of '{p.name}' must be positive, not {dim}")
+                elif isinstance(dim, int) and dim > 2**31 - 1:
+                    # Sizes and indices are i32 in a codelet (and its native code).
+                    self.d.error(p.type.span, f"dimension of '{p.name}' is {dim:,}: more than {2**31 - 1:,}, "
+                                 "the largest a codelet's i32 sizes hold")
                 elif isinstance(dim, str) and dim not in self.symbols:
                     self.symbols.append(dim)
             if dtype in ir.VECTORS and (scalar or p.direction is None or not dims):
