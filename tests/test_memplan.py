@@ -399,3 +399,22 @@ def test_a_tile_far_over_its_bound_is_planned_at_it():
     assert [r[1] for r in best_fit_many([(*p[:4], o, p[4]) for o in orders])] == [384, 448]
     (off, top), = memplan._plan_tiles([p], True, [320])
     assert top == 320
+
+
+def test_orders_sort_a_functions_allocation_by_the_points_it_is_live_at(monkeypatch):
+    """A function's allocation is live in each call: ordered by the span from its
+    first call to its last, the one live at 3-4 and 8-9 looks as long-lived as
+    one live throughout, and the two usual orders plan this tile at 576 B; by the
+    points it is live at (`Lives.length`: 2 + 2), at its lower bound, 448 B."""
+    from popdsl.passes import memplan
+    from popdsl.passes.bestfit import Lives, best_fit_many
+    sz = np.array([256, 256, 192, 128], np.int64)
+    lives = Lives(np.array([0, 1, 2, 4, 5]), np.array([0, 5, 3, 8, 0]), np.array([2, 8, 4, 9, 3]))
+    s, e = np.array([0, 5, 3, 0]), np.array([2, 8, 9, 3])
+    assert lives.length().tolist() == [3, 4, 4, 4]
+    p = (sz, np.full(4, 64, np.int64), s, e, lives)
+    by_span = [np.lexsort((s, -(e - s), -sz)), np.lexsort((s, -sz, -(e - s)))]
+    assert min(r[1] for r in best_fit_many([(*p[:4], o, lives) for o in by_span])) == 576
+    monkeypatch.setattr(memplan, "FAR_OVER_BOUND", 100.0)        # the two usual orders only
+    (off, top), = memplan._plan_tiles([p], True, [448])
+    assert top == 448

@@ -11,7 +11,8 @@ regions with the same intervals are packed together into one allocation;
 allocations get offsets by greedy-by-size best fit
 (`passes.bestfit`: largest first, each into the smallest gap left by the
 allocations whose lifetimes overlap it), tried in two orders — by size and by
-length of life — keeping the better (TFLite's arena planner; XLA's heap simulator
+length of life (the points it is live at, over all of a function's calls:
+`Lives.length`) — keeping the better (TFLite's arena planner; XLA's heap simulator
 tries the same two).  A tile planned more than FAR_OVER_BOUND over its lower
 bound (a few large allocations) tries nine more orders, then moves the allocation
 at its top to the front of its best order and places it again, while that helps
@@ -76,14 +77,15 @@ CRITICAL_ROUNDS = 3
 
 def _plan_tiles(problems: list[tuple], reuse: bool, lower_bounds: list[int]) -> list:
     """(offsets, top) per (sizes, aligns, starts, ends, lives) problem (`starts`,
-    `ends`: the span of each allocation's intervals, which order the placement)."""
+    `ends`: the span of each allocation's intervals; orders sort by size, by the
+    points it is live at and by start)."""
     if not reuse:
         return [_packed(p[0], p[1]) for p in problems]
-    orders = [np.lexsort((s, -(e - s), -sz)) for sz, _, s, e, _ in problems]
+    orders = [np.lexsort((s, -lives.length(), -sz)) for sz, _, s, _, lives in problems]
     out = best_fit_many([(*p[:4], o, p[4]) for p, o in zip(problems, orders)])
     # Problems not yet at their lower bound try the second order.
     again = [k for k, (a, bound) in enumerate(zip(out, lower_bounds)) if a[1] != bound]
-    by_life = [np.lexsort((s, -sz, -(e - s))) for sz, _, s, e, _ in (problems[k] for k in again)]
+    by_life = [np.lexsort((s, -sz, -lives.length())) for sz, _, s, _, lives in (problems[k] for k in again)]
     for k, o, b in zip(again, by_life, best_fit_many([(*problems[k][:4], o, problems[k][4])
                                                       for k, o in zip(again, by_life)])):
         if b[1] < out[k][1]:
