@@ -294,22 +294,29 @@ def test_strided_1x1_conv_reads_only_the_elements_it_uses(monkeypatch, stride, p
     assert subsampled < whole_rows, (subsampled, whole_rows)
 
 
+def _padded_3x3(tiles: int, n: int, c: int, o: int, hw: int, seed: int):
+    """A 3 x 3 convolution with padding 1 of random inputs: (source, x, w, numpy's y)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+    w = rng.standard_normal((o, c, 3, 3)).astype(np.float32)
+    src = f"""graph g(tiles = {tiles}) {{
+    input x: f32[{n}, {c}, {hw}, {hw}];
+    input w: f32[{o}, {c}, 3, 3];
+    output y = conv2d(x, w, padding = 1);
+}}"""
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    want = sum(np.einsum("nchw,oc->nohw", xp[:, :, i:i + hw, j:j + hw], w[:, :, i, j].astype(np.float64))
+               for i in range(3) for j in range(3))
+    return src, x, w, want
+
+
 def test_tasks_sharing_a_weight_block_share_a_tile(monkeypatch):
     """When tiles take several tasks of a convolution (a big batch), a tile's tasks
     are a run of those reading one weight block: the exchange brings it once.
     Dealt round robin, a tile's tasks read as many blocks as it has tasks."""
     import popdsl
     from popdsl.passes.partition import Partitioner
-    rng = np.random.default_rng(4)
-    x = rng.standard_normal((8, 64, 8, 8)).astype(np.float32)
-    w = rng.standard_normal((128, 64, 3, 3)).astype(np.float32)
-    src = """graph g(tiles = 5) {
-    input x: f32[8, 64, 8, 8];
-    input w: f32[128, 64, 3, 3];
-    output y = conv2d(x, w, padding = 1);
-}"""
-    want = sum(np.einsum("nchw,oc->nohw", np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))[:, :, i:i + 8, j:j + 8]
-                         .astype(np.float64), w[:, :, i, j]) for i in range(3) for j in range(3))
+    src, x, w, want = _padded_3x3(tiles=5, n=8, c=64, o=128, hw=8, seed=4)
 
     def buffers():
         exe = popdsl.compile(src, cache=False, tile_memory=4 << 20)
@@ -337,17 +344,7 @@ def test_crowded_convolution_shares_input_slabs_and_matches_numpy():
     runs_of_all = conv._conv_layout(p, 8, 64, 64, 14, 14, 3, 1, 16, 9, 1, go, gr, gc)
     shared = conv._conv_layout(p, 8, 64, 64, 14, 14, 3, 1, 16, 9, 1, go, gr, gc, shared_slabs=True)
     assert shared[-1] == images and shared[5] < runs_of_all[5]
-    rng = np.random.default_rng(5)
-    x = rng.standard_normal((8, 64, 14, 14)).astype(np.float32)
-    w = rng.standard_normal((64, 64, 3, 3)).astype(np.float32)
-    src = """graph g(tiles = 2) {
-    input x: f32[8, 64, 14, 14];
-    input w: f32[64, 64, 3, 3];
-    output y = conv2d(x, w, padding = 1);
-}"""
-    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
-    want = sum(np.einsum("nchw,oc->nohw", xp[:, :, i:i + 14, j:j + 14], w[:, :, i, j].astype(np.float64))
-               for i in range(3) for j in range(3))
+    src, x, w, want = _padded_3x3(tiles=2, n=8, c=64, o=64, hw=14, seed=5)
     exe = popdsl.compile(src, cache=False, tile_memory=8 << 20)
     with popdsl.Simulator(exe) as sim:
         np.testing.assert_allclose(sim.run({"x": x, "w": w})["y"], want, rtol=1e-4, atol=1e-3)
