@@ -197,7 +197,7 @@ def _conv_plan(p, outer: int, Og: int, Cg: int, OH: int, OW: int, kh: int, s: in
     best, crowded, roomy, fallback = None, None, None, None
     target = p.g.target
     rate = target.exchange_bytes_per_cycle
-    plans = []                   # (splits, its blocks) of those within SLAB_BYTES, for the memory rule
+    plans = []                   # (splits, cycles but the exchange) within SLAB_BYTES, for the memory rule
     for go in pow2_splits(Og):
         for gr in pow2_splits(OH):
             for gc in pow2_splits(Cg):

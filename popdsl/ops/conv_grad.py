@@ -18,8 +18,6 @@ gradients of their own: popdsl takes no second derivatives of convolutions.
 """
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 
 from popdsl.ir import graph as g
