@@ -349,59 +349,7 @@ def test_a_probe_gives_up_on_more_orders_when_the_tile_most_over_cannot_fit(monk
     assert run(True, False) == tops and calls == []
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-@given(problems=st.lists(st.lists(st.tuples(st.integers(1, 40), st.integers(0, 12), st.integers(0, 12)),
-                                  min_size=1, max_size=14), min_size=1, max_size=5))
-def test_tiles_far_over_their_bound_try_more_orders_and_critical_first(problems):
-    """A tile planned more than FAR_OVER_BOUND over its lower bound (few large
-    allocations: ResNet-50 at batch 32 on 368 tiles) tries the other orders and
-    then moves the allocation at its top to the front of its order: its plan is
-    never worse than the two usual orders', valid (allocations live together do
-    not overlap), at least its lower bound, and on the problem below better."""
-    from popdsl.passes import memplan
-    from popdsl.passes.bestfit import Lives, best_fit_many
-
-    def problem(allocs):
-        sz = np.array([64 * a[0] for a in allocs], np.int64)
-        s = np.array([min(a[1], a[2]) for a in allocs], np.int64)
-        e = np.array([max(a[1], a[2]) for a in allocs], np.int64)
-        return sz, np.full(len(sz), 64, np.int64), s, e, Lives.one(s, e)
-
-    def bound(p):
-        sz, _, s, e, _ = p
-        return max(int(sz[(s <= t) & (e >= t)].sum()) for t in range(int(e.max()) + 1))
-    ps = [problem(a) for a in problems]
-    bounds = [bound(p) for p in ps]
-    two = [min(best_fit_many([(*p[:4], o, p[4])])[0][1] for o in
-               (np.lexsort((p[2], -(p[3] - p[2]), -p[0])), np.lexsort((p[2], -p[0], -(p[3] - p[2])))))
-           for p in ps]
-    for p, b, t, (off, top) in zip(ps, bounds, two, memplan._plan_tiles(ps, True, bounds)):
-        sz, _, s, e, _ = p
-        assert b <= top <= t
-        assert top == int((off + sz).max())
-        for i in range(len(sz)):
-            for j in range(i):
-                if s[i] <= e[j] and s[j] <= e[i]:
-                    assert off[i] + sz[i] <= off[j] or off[j] + sz[j] <= off[i]
-
-
-def test_a_tile_far_over_its_bound_is_planned_at_it():
-    """Found by search: the two usual orders plan this tile at 384 and 448 B, 20 %
-    and 40 % over its lower bound (320 B); far over, it tries the other orders and
-    the allocation at the top first, and is planned at the bound."""
-    from popdsl.passes import memplan
-    from popdsl.passes.bestfit import Lives, best_fit_many
-    sz = np.array([1, 2, 3, 4], np.int64) * 64
-    s = np.array([2, 0, 1, 4], np.int64)
-    e = np.array([4, 3, 1, 4], np.int64)
-    p = (sz, np.full(4, 64, np.int64), s, e, Lives.one(s, e))
-    orders = [np.lexsort((s, -(e - s), -sz)), np.lexsort((s, -sz, -(e - s)))]
-    assert [r[1] for r in best_fit_many([(*p[:4], o, p[4]) for o in orders])] == [384, 448]
-    (off, top), = memplan._plan_tiles([p], True, [320])
-    assert top == 320
-
-
-def test_orders_sort_a_functions_allocation_by_the_points_it_is_live_at(monkeypatch):
+def test_orders_sort_a_functions_allocation_by_the_points_it_is_live_at():
     """A function's allocation is live in each call: ordered by the span from its
     first call to its last, the one live at 3-4 and 8-9 looks as long-lived as
     one live throughout, and the two usual orders plan this tile at 576 B; by the
@@ -415,6 +363,5 @@ def test_orders_sort_a_functions_allocation_by_the_points_it_is_live_at(monkeypa
     p = (sz, np.full(4, 64, np.int64), s, e, lives)
     by_span = [np.lexsort((s, -(e - s), -sz)), np.lexsort((s, -sz, -(e - s)))]
     assert min(r[1] for r in best_fit_many([(*p[:4], o, lives) for o in by_span])) == 576
-    monkeypatch.setattr(memplan, "FAR_OVER_BOUND", 100.0)        # the two usual orders only
     (off, top), = memplan._plan_tiles([p], True, [448])
     assert top == 448

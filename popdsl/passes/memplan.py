@@ -13,12 +13,8 @@ allocations get offsets by greedy-by-size best fit
 allocations whose lifetimes overlap it), tried in two orders — by size and by
 length of life (the points it is live at, over all of a function's calls:
 `Lives.length`) — keeping the better (TFLite's arena planner; XLA's heap simulator
-tries the same two).  A tile planned more than FAR_OVER_BOUND over its lower
-bound (a few large allocations) tries nine more orders, then moves the allocation
-at its top to the front of its best order and places it again, while that helps
-(`_critical_first`, an iterated greedy).  A tile still over its memory, whose
-lower bound is not, tries the nine more orders (`_plan_harder`): whether the
-graph compiles turns on it.
+tries the same two).  A tile still over its memory, whose lower bound is not,
+tries nine more orders (`_plan_harder`): whether the graph compiles turns on it.
 The lower
 bound is the peak of live bytes; `reuse=False` gives every region its own bytes
 (the naive plan), for checking results against.  Vertex state (a tile's vertices
@@ -65,35 +61,20 @@ def _packed(sizes: np.ndarray, aligns: np.ndarray) -> tuple[np.ndarray, int]:
     return off, int(sizes.sum())
 
 
-# A tile planned this far over its lower bound (few, large allocations, which two
-# orders may pack badly: ResNet-50's step at batch 32 on 368 tiles, a sixth of a
-# tile each) tries the other orders too.  On every tile above its bound they cost
-# a minute more at batch 8 for 4 MB less over 1472 tiles (before the orders sorted
-# by `Lives.length`).
-FAR_OVER_BOUND = 0.10
-# Rounds of moving the allocation that reaches a plan's top to the front of its
-# order (each round places the tile once more; the first gains the most).
-CRITICAL_ROUNDS = 3
-
-
 def _plan_tiles(problems: list[tuple], reuse: bool, lower_bounds: list[int]) -> list:
     """(offsets, top) per (sizes, aligns, starts, ends, lives) problem (`starts`,
     `ends`: the span of each allocation's intervals; orders sort by size, by the
     points it is live at and by start)."""
     if not reuse:
         return [_packed(p[0], p[1]) for p in problems]
-    orders = [np.lexsort((s, -lives.length(), -sz)) for sz, _, s, _, lives in problems]
-    out = best_fit_many([(*p[:4], o, p[4]) for p, o in zip(problems, orders)])
+    by_size = [np.lexsort((s, -lives.length(), -sz)) for sz, _, s, _, lives in problems]
+    out = best_fit_many([(*p[:4], o, p[4]) for p, o in zip(problems, by_size)])
     # Problems not yet at their lower bound try the second order.
     again = [k for k, (a, bound) in enumerate(zip(out, lower_bounds)) if a[1] != bound]
     by_life = [np.lexsort((s, -sz, -lives.length())) for sz, _, s, _, lives in (problems[k] for k in again)]
-    for k, o, b in zip(again, by_life, best_fit_many([(*problems[k][:4], o, problems[k][4])
-                                                      for k, o in zip(again, by_life)])):
+    for k, b in zip(again, best_fit_many([(*problems[k][:4], o, problems[k][4]) for k, o in zip(again, by_life)])):
         if b[1] < out[k][1]:
-            out[k], orders[k] = b, o
-    far = [k for k in again if out[k][1] > lower_bounds[k] * (1 + FAR_OVER_BOUND)]
-    _more_orders(problems, out, far, orders)
-    _critical_first(problems, out, far, orders, lower_bounds)
+            out[k] = b
     # Greedy best fit can lose to no sharing at all (alignment gaps around small
     # allocations, found by hypothesis: 2,096 B against 2,056 B): never plan worse.
     for k in again:
@@ -235,46 +216,16 @@ def _plan_harder(problems, bounds: list[int], solved: list, which: dict, mem: X.
     _more_orders(problems, solved, ks)
 
 
-def _more_orders(problems, solved: list, ks: list[int], orders: list | None = None) -> None:
-    """Problems `ks` placed in `bestfit.more_orders`, each keeping its best plan (in
-    `solved`) and, given `orders`, the order that made it."""
+def _more_orders(problems, solved: list, ks: list[int]) -> None:
     args, owner = [], []
     for k in ks:
         sz, ag, s, e, lives = problems[k]
         for order in more_orders(sz, s, e, lives):
             args.append((sz, ag, s, e, order, lives))
             owner.append(k)
-    for k, a, got in zip(owner, args, best_fit_many(args)):
+    for k, got in zip(owner, best_fit_many(args)):
         if got[1] < solved[k][1]:
             solved[k] = got
-            if orders is not None:
-                orders[k] = a[4]
-
-
-def _critical_first(problems, solved: list, ks: list[int], orders: list, bounds: list[int],
-                    rounds: int = CRITICAL_ROUNDS) -> None:
-    """Iterated greedy: the allocation whose end is a plan's top (the earliest in
-    its order, of several) goes first in the order, the problem is placed again,
-    and the better plan kept — for problems `ks`, while a round improves them."""
-    todo = [k for k in ks if solved[k][1] > bounds[k]]
-    for _ in range(rounds):
-        args = []
-        for k in todo:
-            sz, ag, s, e, lives = problems[k]
-            off, top = solved[k]
-            order = orders[k]
-            crit = np.nonzero(off + sz == top)[0]
-            first = crit[np.argmin(np.argsort(order)[crit])]
-            args.append((sz, ag, s, e, np.concatenate(([first], order[order != first])), lives))
-        better = []
-        for k, a, got in zip(todo, args, best_fit_many(args)):
-            if got[1] < solved[k][1]:
-                solved[k], orders[k] = got, a[4]
-                if got[1] > bounds[k]:
-                    better.append(k)
-        todo = better
-        if not todo:
-            return
 
 
 def verify_plan(tiles: np.ndarray, base: np.ndarray, sizes: np.ndarray, live: Liveness) -> None:
