@@ -328,7 +328,7 @@ def split_plan(p, outer: int, sizes, moved, macs, partial_dims: tuple[int, ...] 
     while options and limit <= 2 * max(target.tile_memory, TILE_BUFFER_BYTES):
         fit = [o for o in options if o[1] <= limit]
         if fit:
-            cost, _, _, splits, runs = min(fit, key=lambda o: (-o[2], o[0]))
+            _, _, _, splits, runs = min(fit, key=lambda o: (-o[2], o[0]))
             return Split(splits, runs)
         limit *= 2
     if options:

@@ -109,8 +109,9 @@ class Lives:
         """Program points each allocation is live at, over all its intervals — the
         lifetime placement orders sort by.  (The span from its first interval's
         start to its last's end made a function's region, live in a call near each
-        end of the step, look live throughout: ordered by that, ResNet-50's
-        training step at batch 32 planned 14 % over its lower bound, 1 % by this.)"""
+        end of the step, look live throughout: ordered by that, the tiles of
+        ResNet-50's training step at batch 32 on 368 tiles, every segment
+        recomputed, were planned 14 % over their lower bounds; by this, 1 %.)"""
         if len(self.ptr) < 2:
             return np.zeros(0, np.int64)
         return np.add.reduceat(self.iend - self.istart + 1, self.ptr[:-1])

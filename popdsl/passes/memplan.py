@@ -67,11 +67,12 @@ def _plan_tiles(problems: list[tuple], reuse: bool, lower_bounds: list[int]) -> 
     points it is live at and by start)."""
     if not reuse:
         return [_packed(p[0], p[1]) for p in problems]
-    by_size = [np.lexsort((s, -lives.length(), -sz)) for sz, _, s, _, lives in problems]
+    life = [lives.length() for *_, lives in problems]
+    by_size = [np.lexsort((p[2], -n, -p[0])) for p, n in zip(problems, life)]
     out = best_fit_many([(*p[:4], o, p[4]) for p, o in zip(problems, by_size)])
     # Problems not yet at their lower bound try the second order.
     again = [k for k, (a, bound) in enumerate(zip(out, lower_bounds)) if a[1] != bound]
-    by_life = [np.lexsort((s, -sz, -lives.length())) for sz, _, s, _, lives in (problems[k] for k in again)]
+    by_life = [np.lexsort((problems[k][2], -problems[k][0], -life[k])) for k in again]
     for k, b in zip(again, best_fit_many([(*problems[k][:4], o, problems[k][4]) for k, o in zip(again, by_life)])):
         if b[1] < out[k][1]:
             out[k] = b
