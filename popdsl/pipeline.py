@@ -40,6 +40,7 @@ from popdsl.codegen.jit import NativeCodelets, compile_ahead
 from popdsl.diagnostics import CompileError, Diagnostic, OutOfMemory, Span
 from popdsl.codegen.llvm import emit_module
 from popdsl.ir import codelet as cir
+from popdsl.ir import executable as X
 from popdsl.ir import printer
 from popdsl.ir.index import unique
 from popdsl.ir.lowered import Lowered
@@ -76,6 +77,7 @@ class Options:
     level: int | None = None          # recomputation level (passes.recompute; None: what the policy's mode says)
     outline: bool = True              # repeated parts built once and called (passes.outline)
     probe: bool = False               # a try of `auto` whose out-of-memory error is not shown (memplan.plan)
+    measure: bool = False             # a try of `auto` that plans only lower bounds (memplan.plan)
 
 
 @node(eq=False)
@@ -126,7 +128,13 @@ def _codegen(opts: Options, low: Lowered) -> Generated:
 
 def _plan(opts: Options, gen: Generated):
     sizes = {name: gen.native.object_code_size(name) for name in gen.codelets}
-    return plan(gen.lowered, gen.codelets, sizes, opts.unchecked, opts.reuse, opts.verify, opts.probe), gen.native
+    return plan(gen.lowered, gen.codelets, sizes, opts.unchecked, opts.reuse, opts.verify, opts.probe,
+                opts.measure), gen.native
+
+
+def _verify_plan(result) -> None:
+    if not isinstance(result[0], X.MemoryPlan):       # a measuring try placed nothing
+        verify_planned(result)
 
 
 def _dump_codegen(gen: Generated) -> str:
@@ -184,7 +192,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("partition", _partition, printer.tensor_graph, verify_partitioned),
     Stage("lower", _lower, printer.lowered, verify_lowered),
     Stage("codegen", _codegen, _dump_codegen, verify_generated),
-    Stage("plan", _plan, _dump_plan, verify_planned),
+    Stage("plan", _plan, _dump_plan, _verify_plan),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -264,35 +272,43 @@ def _fit(opts: Options, graph, compile_at, monitor=None):
     seg = rc.segments(graph)
     count = seg.levels - 1 if seg is not None else 0          # the last level: every segment
 
-    def attempt(level: int):
-        """(the compile's result, or its OutOfMemory; whether it fits the budget)"""
-        note = f"auto: {seg.describe(level)}" if count else ""
+    def attempt(level: int, measure: bool = False):
+        """(the compile's result, its OutOfMemory, or with `measure` its memory plan
+        of lower bounds; whether it fits the budget)"""
+        note = (f"auto: {seg.describe(level)}" + (", lower bound only" if measure else "")) if count else ""
         try:
             # Only the try with every segment recomputed shows its error (if all
             # fail): the others may stop at a lower bound already over a tile.
-            res = compile_at(replace(opts, level=level, probe=level < count), note)
+            res = compile_at(replace(opts, level=level, probe=level < count, measure=measure), note)
         except OutOfMemory as e:
             return e.with_traceback(None), False     # its frames hold the whole plan
-        return res, int(res[0].memory.total.max()) <= budget
+        return res, need(res) <= budget
 
     def need(res) -> int:
-        """The busiest tile's bytes (at least, for a try stopped at its lower bound)."""
-        return res.need if isinstance(res, OutOfMemory) else int(res[0].memory.total.max())
+        """The busiest tile's bytes (at least, for a try stopped at its lower bound
+        or measuring only that)."""
+        if isinstance(res, OutOfMemory):
+            return res.need
+        mem = res[0] if isinstance(res[0], X.MemoryPlan) else res[0].memory
+        return int(mem.total.max())
 
     got, fits = attempt(0)
     if not fits and count:
-        # One try's result at a time: each is a whole compile's memory (a ResNet-50
-        # training step's is several GB).  The best so far waits as its `.popx`
-        # bytes (ResNet-50's: 60 MB, 10 s to write, 14 s to load) while later tries
-        # run, and is loaded if none of them does better: a compile again would
-        # take minutes.
         need_lo, got = need(got), None
-        got, fits = attempt(count)
+        # Every segment recomputed, measured by its lower bound only: it brackets
+        # the search, and is rarely the level kept (its placement, a third of a try
+        # at ResNet-50's batch 8, is spent only if it is).
+        got, fits = attempt(count, measure=True)
         if fits:
             lo, hi = 0, count
             need_hi, freed = need(got), seg.freed()
-            best = None
+            got = best = None
             while hi - lo > 1:
+                # One try's result at a time: each is a whole compile's memory (a
+                # ResNet-50 training step's is several GB).  The best so far waits
+                # as its `.popx` bytes (ResNet-50's: 60 MB, 10 s to write, 14 s to
+                # load) while later tries run, and is loaded if none of them does
+                # better: a compile again would take minutes.
                 if got is not None:
                     with stage("keep", f"auto: the try with {seg.describe(hi)}, as .popx bytes"):
                         best, got = artifact.dumps(got[0]), None
@@ -302,11 +318,17 @@ def _fit(opts: Options, graph, compile_at, monitor=None):
                     hi, need_hi = mid, need(got)
                 else:
                     lo, need_lo, got = mid, need(got), None
-            if got is None:
+            if got is None and best is not None:
                 with stage("reload", f"auto: the try with {seg.describe(hi)}"):
                     exe = artifact.load(io.BytesIO(best), unchecked=opts.unchecked)
                     got = exe, NativeCodelets(list(exe.codelets.values()), exe.unchecked)
-        elif isinstance(got, OutOfMemory):
+            elif got is None:        # only everything recomputed fits: now placed
+                got, fits = attempt(count)
+        elif not isinstance(got, OutOfMemory):
+            # Within the tiles' memory by its lower bound but not the budget: placed,
+            # the closest there is (or out of memory, as planned).
+            got, fits = attempt(count)
+        if isinstance(got, OutOfMemory):
             d = got.diagnostics[0]
             raise OutOfMemory([replace(d, notes=d.notes + (
                 f"this is with every one of the {seg.count} segments of the forward pass recomputed "

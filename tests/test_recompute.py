@@ -9,6 +9,7 @@ import json
 import re
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -217,6 +218,56 @@ def test_auto_search_ends_at_the_least_fitting_level_within_twice_bisections_tri
     need = lambda level: 1000 + over + 1 if level < fits_from else 1000 - under   # noqa: E731
     tried = _search(fits_from, count, need, freed)
     assert len(tried) <= 2 * max(1, int(np.ceil(np.log2(count))))
+
+
+class _Compiled:
+    """What a fake compile at a level gives `_fit`: an executable's busiest tile."""
+
+    def __init__(self, level: int, need: int):
+        self.level, self.codelets, self.unchecked = level, {}, False
+        self.memory = SimpleNamespace(total=np.array([need]))
+
+
+def _fake_search(monkeypatch, need, budget: int):
+    """`pipeline._fit` over the CNN's segments with compiles faked: a try at a level
+    whose busiest tile needs `need(level)` bytes.  (tries as (level, measured),
+    the result's level)."""
+    import pickle
+    graph = pipeline.compile_source(CNN, "deep.pop", get_target(), stop_after="autodiff")
+    top = rc.segments(graph).levels - 1
+    monkeypatch.setattr(pipeline, "artifact", SimpleNamespace(dumps=pickle.dumps,
+                                                              load=lambda f, unchecked: pickle.load(f)))
+    monkeypatch.setattr(pipeline, "NativeCodelets", lambda codelets, unchecked: None)
+    tries = []
+
+    def compile_at(opts, note):
+        level, n = opts.level, need(opts.level)
+        tries.append((level, opts.measure))
+        bound = n - 100               # the lower bound: a little under the plan
+        if (opts.probe or opts.measure) and bound > get_target().tile_memory or n > get_target().tile_memory:
+            raise OutOfMemory([], 0, bound if opts.probe or opts.measure else n, get_target().tile_memory)
+        if opts.measure:
+            z = np.zeros(1, np.int64)
+            return pipeline.X.MemoryPlan(z, z, z, z, z, np.array([bound]), np.array([bound]), z, z, []), None
+        return _Compiled(level, n), None
+
+    opts = pipeline.Options(CNN, "deep.pop", get_target(), recompute=Policy("auto", budget))
+    return tries, pipeline._fit(opts, graph, compile_at)[0].level, top
+
+
+def test_auto_measures_everything_recomputed_by_its_lower_bound_only(monkeypatch):
+    """The try with every segment recomputed brackets the search by its lower
+    bound, placing nothing: it is placed only when it is the level kept."""
+    tries, level, top = _fake_search(monkeypatch, lambda level: 2000 - 200 * level, 1500)
+    assert level == 3 and tries[:2] == [(0, False), (top, True)]
+    assert (top, False) not in tries and (2, False) in tries and (3, False) in tries
+    # Only every segment recomputed fits: now placed, once.
+    tries, level, top = _fake_search(monkeypatch, lambda level: 1000 if level == top else 2000, 1500)
+    assert level == top and tries.count((top, False)) == 1 and tries[-1] == (top, False)
+    # Everything recomputed within the tiles' memory by its bound, not within the
+    # budget: placed, the closest there is.
+    tries, level, top = _fake_search(monkeypatch, lambda level: 600_000 - level, 1000)
+    assert level == top and tries == [(0, False), (top, True), (top, False)]
 
 
 def test_auto_out_of_memory_even_recomputing_everything_says_so():

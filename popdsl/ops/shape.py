@@ -264,21 +264,15 @@ def padded(p, x: g.View, pads, value: float, dtype: str, label: str) -> g.View:
     shape = tuple(n + a + b for n, (a, b) in zip(x.index.shape, pads))
     out = p.new_tensor(label, dtype, shape)
     p.ensure_mapped(x)
-    inner = out.index[tuple(slice(a, a + n) for n, (a, _) in zip(x.index.shape, pads))]
-    tile_of = np.full(math.prod(shape), -1, np.int32)
-    tile_of[as_array(inner).ravel()] = p.tiles_of(x).ravel()
-    # A border element goes with its nearest interior element.
-    if (tile_of < 0).any():
-        coords = np.indices(shape).reshape(len(shape), -1)
-        clipped = [np.clip(c - a, 0, n - 1) + a for c, n, (a, _) in zip(coords, x.index.shape, pads)]
-        nearest = np.ravel_multi_index(clipped, shape)
-        missing = tile_of < 0
-        tile_of[missing] = tile_of[nearest[missing]]
-    p.set_tiles(out.tensor, tile_of)
-    border = np.setdiff1d(out.index.ravel(), inner.ravel(), assume_unique=True)
-    if border.size:
-        fill(p, g.View(out.tensor, border, out.span), value, dtype, label)
-    p.seq.append(g.Copy(x, g.View(out.tensor, inner, out.span), p.span))
+    at = tuple(slice(a, a + n) for n, (a, _) in zip(x.index.shape, pads))
+    # A border element goes with its nearest interior element: x's tiles, their
+    # edges repeated outwards (no coordinates per element).
+    p.set_tiles(out.tensor, np.pad(p.tiles_of(x), pads, mode="edge"))
+    border = np.ones(shape, bool)
+    border[at] = False
+    if border.any():                      # `out` is new: its elements are their flat positions
+        fill(p, g.View(out.tensor, np.flatnonzero(border), out.span), value, dtype, label)
+    p.seq.append(g.Copy(x, g.View(out.tensor, out.index[at], out.span), p.span))
     return out
 
 

@@ -86,13 +86,18 @@ def _plan_tiles(problems: list[tuple], reuse: bool, lower_bounds: list[int]) -> 
 
 
 def plan(low: Lowered, codelets: dict, code_sizes: dict[str, int], unchecked: bool = False,
-         reuse: bool = True, verify: bool = False, probe: bool = False) -> X.Executable:
+         reuse: bool = True, verify: bool = False, probe: bool = False,
+         measure: bool = False) -> X.Executable | X.MemoryPlan:
     """Consumes `low`: its vertex tables and copies become the executable's.
     `codelets`: the codelets the executable needs (native code exists for them);
     `verify`: check the plan (no two regions live at once share a byte).  `probe`:
     a try whose out-of-memory error only says that it does not fit (recomputation
     `auto`'s search): raised before placing anything when a tile's lower bound is
-    already over its memory, which no placement can beat."""
+    already over its memory, which no placement can beat.  `measure`: a try that
+    only asks how much its busiest tile needs at least (`auto`'s search, for the
+    try with everything recomputed, whose plan is rarely the one kept): the
+    memory plan's categories and lower bounds, nothing placed (`planned` is the
+    lower bound).  Over a tile's memory, the out-of-memory error as `probe`'s."""
     graph = low.graph
     target: Target = graph.target
     ntiles = target.tiles
@@ -165,8 +170,10 @@ def plan(low: Lowered, codelets: dict, code_sizes: dict[str, int], unchecked: bo
         else np.zeros(ntiles, np.int64)
     mem = _categories(low, live, -(-full_rs // al) * al, cat_rs, rt, bound.copy(), bound, naive,
                       code_sizes, ntiles)
-    if probe and (mem.bound_total > target.tile_memory).any():
+    if (probe or measure) and (mem.bound_total > target.tile_memory).any():
         _check_capacity(low, mem, target, at_least=True)
+    if measure:
+        return mem                        # its `planned`: the lower bound
     solved = _plan_tiles(problems, reuse, problem_bound)
     if reuse:
         _plan_harder(problems, problem_bound, solved, which, mem, target.tile_memory, probe)
