@@ -13,7 +13,7 @@ out-of-memory error gives the busiest tile's need).
 What it shows: the total kept falls with every level, but the busiest tile need
 not fall with it.  Each level changes which vertices the partitioner places
 where, so the busiest tile can move up by KB from one level to the next (ResNet-50
-at batch 1: 13 KB from level 1 to 2, README "Recomputation"):
+at batch 1: 8 KB from level 1 to 2, README "Recomputation"):
 `auto`'s search assumes lower levels never fit where higher ones do not, and finds
 a level that fits with one fewer that does not, not always the least.
 

@@ -325,7 +325,7 @@ def _tensor_id_of(low, name):
 
 
 def _region_lengths(low):
-    low.region_size.append(8)
+    low.region_size = np.append(low.region_size, 8)
 
 
 def _region_size(low):

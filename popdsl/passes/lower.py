@@ -122,6 +122,7 @@ def lower(graph: g.TensorGraph) -> Lowered:
     low.program = _lower_prog(low, graph, graph.program, cs_index)
     for name, v in graph.outputs:
         low.outputs[name] = _read(low, graph, name, v)
+    low.freeze()
     return low
 
 
