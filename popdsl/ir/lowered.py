@@ -113,17 +113,21 @@ class LoweredCS:
     post: CopyElems
 
 
+_REGION_COLUMNS = ("region_tile", "region_size", "region_cs", "region_tensor")
+
+
 @dataclass(eq=False)
 class Lowered:
     """The vertex graph with every tensor's part on a tile, and every exchange
-    buffer, a memory region: the region columns (tile, size, compute set, tensor)
-    are lists while lowering makes regions and int64 arrays after (`freeze`)."""
+    buffer, a memory region.  Lowering adds regions in blocks (`add_regions`); once
+    it is done (`freeze`) the region columns — tile, size, compute set, tensor —
+    are int64 arrays and `region_label` a list."""
     graph: g.TensorGraph
-    region_tile: list[int] | np.ndarray = field(default_factory=list)
-    region_size: list[int] | np.ndarray = field(default_factory=list)
-    region_cs: list[int] | np.ndarray = field(default_factory=list)        # -1: lives for the whole program
+    region_tile: np.ndarray | None = None
+    region_size: np.ndarray | None = None
+    region_cs: np.ndarray | None = None           # -1: lives for the whole program
     region_label: list[tuple[str, Span]] = field(default_factory=list)
-    region_tensor: list[int] | np.ndarray = field(default_factory=list)     # -1: an exchange buffer
+    region_tensor: np.ndarray | None = None       # -1: an exchange buffer
     layouts: dict[int, TensorLayout] = field(default_factory=dict)   # every fully mapped tensor
     mappings: dict = field(default_factory=dict)                       # tensor id -> ir.mapping.Mapping
     compute_sets: list[LoweredCS] = field(default_factory=list)
@@ -132,11 +136,27 @@ class Lowered:
     program: X.PSeq = X.PSeq(())
     outputs: dict[str, int] = field(default_factory=dict)
     tensor_region_tile: np.ndarray | None = None    # region -> tile, for the tensors' regions
+    _blocks: dict = field(default_factory=lambda: {name: [] for name in _REGION_COLUMNS})
+
+    @property
+    def regions(self) -> int:
+        return len(self.region_label)
+
+    def add_regions(self, tiles, sizes, cs: int, tensor: int, label: tuple[str, Span]) -> int:
+        """Regions on `tiles` of `sizes` bytes, all of compute set `cs` (-1: none)
+        and `tensor` (-1: exchange buffers), named `label`: the first one's index."""
+        first, k = self.regions, len(tiles)
+        for name, column in zip(_REGION_COLUMNS, (tiles, sizes, np.full(k, cs), np.full(k, tensor))):
+            self._blocks[name].append(np.asarray(column, np.int64))
+        self.region_label.extend([label] * k)
+        return first
 
     def freeze(self) -> None:
-        """Every region made: the region columns as int64 arrays, converted once
-        (ResNet-50's training step at batch 8 has seven million regions: liveness
-        and the memory plan converting the lists again and again took seconds, and
-        the lists held a GB of Python ints)."""
-        for name in ("region_tile", "region_size", "region_cs", "region_tensor"):
-            setattr(self, name, np.asarray(getattr(self, name), np.int64))
+        """Every region made: the region columns as int64 arrays (ResNet-50's
+        training step at batch 8 has seven million regions: kept as Python lists,
+        each consumer converted them again, and they held a GB of Python ints)."""
+        for name in _REGION_COLUMNS:
+            made = getattr(self, name)          # what an earlier freeze made, first
+            blocks = ([made] if made is not None else []) + self._blocks[name]
+            setattr(self, name, np.concatenate(blocks) if blocks else np.zeros(0, np.int64))
+            self._blocks[name] = []

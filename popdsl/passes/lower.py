@@ -99,16 +99,11 @@ def lower(graph: g.TensorGraph) -> Lowered:
         if not m.fully_mapped():
             continue                         # reported below, where it is used
         lay = m.layout()
-        first = len(low.region_tile)
-        k = len(lay.tiles)
-        low.region_tile.extend(lay.tiles.tolist())
-        low.region_size.extend((lay.counts * t.elem_bytes).tolist())
-        low.region_cs.extend([-1] * k)
-        low.region_tensor.extend([t.id] * k)
-        low.region_label.extend([(t.name, t.span)] * k)
+        first = low.add_regions(lay.tiles, lay.counts * t.elem_bytes, -1, t.id, (t.name, t.span))
         low.layouts[t.id] = TensorLayout(lay, first, t.elem_bytes)
     # Vertices connect only to tensor regions, all made by now.
-    low.tensor_region_tile = np.asarray(low.region_tile, np.int64)
+    low.freeze()
+    low.tensor_region_tile = low.region_tile
     low.mappings = mappings
     cs_index = {name: i for i, name in enumerate(graph.compute_sets)}
     for i, cs in enumerate(graph.compute_sets.values()):
@@ -307,13 +302,7 @@ def _connect(low, graph, c, f, tensor: int, span: Span, spans, ptr, rs, rl, rows
     reuse = registry.find(keys.subset(own), ptr, rs, rl, owners) if registry is not None \
         else np.full(owners.size, -1, np.int64)
     mine = owners[reuse < 0]
-    first_buf = len(low.region_tile)
-    label = (f"{c.name}.{f.name} buffer", span)
-    low.region_tile.extend(tiles[mine].tolist())
-    low.region_size.extend((n[mine] * es).tolist())
-    low.region_cs.extend([csi] * mine.size)
-    low.region_tensor.extend([-1] * mine.size)
-    low.region_label.extend([label] * mine.size)
+    first_buf = low.add_regions(tiles[mine], n[mine] * es, csi, -1, (f"{c.name}.{f.name} buffer", span))
     bufs = reuse.copy()
     bufs[reuse < 0] = np.arange(first_buf, first_buf + mine.size)
     if registry is not None and mine.size:
