@@ -152,9 +152,11 @@ class Lowered:
         return first
 
     def freeze(self) -> None:
-        """Every region made: the region columns as int64 arrays (ResNet-50's
-        training step at batch 8 has seven million regions: kept as Python lists,
-        each consumer converted them again, and they held a GB of Python ints)."""
+        """The region columns, with the regions added since, as int64 arrays
+        (lowering freezes once the tensors' regions, which vertices index, are
+        made, and at its end).  ResNet-50's training step at batch 8 has seven
+        million regions: kept as Python lists, each consumer converted them again,
+        and they held a GB of Python ints."""
         for name in _REGION_COLUMNS:
             made = getattr(self, name)          # what an earlier freeze made, first
             blocks = ([made] if made is not None else []) + self._blocks[name]
