@@ -365,3 +365,32 @@ def test_orders_sort_a_functions_allocation_by_the_points_it_is_live_at():
     assert min(r[1] for r in best_fit_many([(*p[:4], o, lives) for o in by_span])) == 576
     (off, top), = memplan._plan_tiles([p], True, [448])
     assert top == 448
+
+
+@given(st.integers(1, 400), st.lists(st.lists(st.integers(0, 399), max_size=30), max_size=6))
+def test_a_compute_sets_distinct_regions_by_a_mask_or_a_sort_alike(n, parts):
+    """liveness._distinct sorts the ids where they are few against the regions and
+    masks them where many: the same sorted distinct ids either way."""
+    from popdsl.passes.liveness import _distinct
+    arrays = [np.array([i % n for i in p], np.int32) for p in parts]
+    want = np.unique(np.concatenate(arrays)) if arrays else np.zeros(0)
+    assert np.array_equal(_distinct(arrays, n), want)
+    assert np.array_equal(_distinct(arrays, n * 1000), want)      # few against many: the sort
+
+
+def test_regions_added_in_blocks_keep_their_order_across_freezes():
+    """Lowering adds regions in blocks and freezes the columns into arrays once the
+    tensors' regions are made and again at its end: indices stay as handed out."""
+    from popdsl.diagnostics import Span
+    from popdsl.ir.lowered import Lowered
+    low = Lowered(graph=None)
+    span = Span("x.pop", 1, 1, 1, 1)
+    assert low.add_regions(np.array([3, 4]), np.array([8, 16]), -1, 0, ("a", span)) == 0
+    assert low.add_regions(np.array([5]), np.array([24]), -1, 1, ("b", span)) == 2
+    low.freeze()
+    assert low.add_regions(np.array([0, 1]), np.array([32, 40]), 7, -1, ("a buffer", span)) == 3
+    low.freeze()
+    assert low.region_tile.tolist() == [3, 4, 5, 0, 1] and low.region_size.tolist() == [8, 16, 24, 32, 40]
+    assert low.region_cs.tolist() == [-1, -1, -1, 7, 7] and low.region_tensor.tolist() == [0, 0, 1, -1, -1]
+    assert [label for label, _ in low.region_label] == ["a", "a", "b", "a buffer", "a buffer"]
+    assert low.region_tile.dtype == np.int64 and low.regions == 5
