@@ -230,8 +230,8 @@ class _Compiled:
 
 def _fake_search(monkeypatch, need, budget: int):
     """`pipeline._fit` over the CNN's segments with compiles faked: a try at a level
-    whose busiest tile needs `need(level)` bytes.  (tries as (level, measured),
-    the result's level)."""
+    whose busiest tile needs `need(level)` bytes.  Gives the tries as (level,
+    measured only), the level of the result and the last level (every segment)."""
     import pickle
     graph = pipeline.compile_source(CNN, "deep.pop", get_target(), stop_after="autodiff")
     top = rc.segments(graph).levels - 1
@@ -262,7 +262,8 @@ def test_auto_measures_everything_recomputed_by_its_lower_bound_only(monkeypatch
     assert level == 3 and tries[:2] == [(0, False), (top, True)]
     assert (top, False) not in tries and (2, False) in tries and (3, False) in tries
     # Only every segment recomputed fits: now placed, once.
-    tries, level, top = _fake_search(monkeypatch, lambda level: 1000 if level == top else 2000, 1500)
+    last = top
+    tries, level, top = _fake_search(monkeypatch, lambda level: 1000 if level == last else 2000, 1500)
     assert level == top and tries.count((top, False)) == 1 and tries[-1] == (top, False)
     # Everything recomputed within the tiles' memory by its bound, not within the
     # budget: placed, the closest there is.
