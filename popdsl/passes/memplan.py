@@ -146,23 +146,13 @@ def plan(low: Lowered, codelets: dict, code_sizes: dict[str, int], unchecked: bo
     planned = np.zeros(ntiles, np.int64)
     bound = np.zeros(ntiles, np.int64)
     bounds = np.searchsorted(alloc_tile, np.arange(ntiles + 1))
-    # Tiles laid out alike are planned once.
-    problems, problem_bound, problem_of = [], [], {}
-    which = {}
     per_interval = np.repeat(alloc_size, np.diff(ptr))
+    tile_lives = {}
     for tile in unique(alloc_tile).tolist():
         a, b = bounds[tile], bounds[tile + 1]
-        sz, ag, s, e = alloc_size[a:b], alloc_align[a:b], alloc_start[a:b], alloc_end[a:b]
         c, d = ptr[a], ptr[b]
-        lives = Lives(ptr[a:b + 1] - c, istart[c:d], iend[c:d])
+        tile_lives[tile] = lives = Lives(ptr[a:b + 1] - c, istart[c:d], iend[c:d])
         bound[tile] = _peak(per_interval[c:d], lives.istart, lives.iend, live.points)
-        sig = np.concatenate([sz, ag, s, e, lives.ptr, lives.istart, lives.iend]).tobytes()
-        k = problem_of.get(sig)
-        if k is None:
-            k = problem_of[sig] = len(problems)
-            problems.append((sz, ag, s, e, lives))
-            problem_bound.append(int(bound[tile]))
-        which[tile] = k
     # Naive: the same allocations, none sharing, none in place.  Categories count
     # regions as allocated (rounded to their alignment), so that naive >= lower
     # bound <= planned compare like with like.
@@ -174,6 +164,20 @@ def plan(low: Lowered, codelets: dict, code_sizes: dict[str, int], unchecked: bo
         _check_capacity(low, mem, target, at_least=True)
     if measure:
         return mem                        # its `planned`: the lower bound
+    # Tiles laid out alike are planned once (found only for a plan that places:
+    # a try stopped at its bounds above never needs them).
+    problems, problem_bound, problem_of = [], [], {}
+    which = {}
+    for tile, lives in tile_lives.items():
+        a, b = bounds[tile], bounds[tile + 1]
+        sz, ag, s, e = alloc_size[a:b], alloc_align[a:b], alloc_start[a:b], alloc_end[a:b]
+        sig = np.concatenate([sz, ag, s, e, lives.ptr, lives.istart, lives.iend]).tobytes()
+        k = problem_of.get(sig)
+        if k is None:
+            k = problem_of[sig] = len(problems)
+            problems.append((sz, ag, s, e, lives))
+            problem_bound.append(int(bound[tile]))
+        which[tile] = k
     solved = _plan_tiles(problems, reuse, problem_bound)
     if reuse:
         _plan_harder(problems, problem_bound, solved, which, mem, target.tile_memory, probe)
