@@ -95,11 +95,13 @@ class CompileError(Exception):
 
 class OutOfMemory(CompileError):
     """The plan does not fit a tile: `tile` needs `need` bytes (of `capacity`).  The
-    pipeline may compile again with more recomputed before it reaches the user."""
+    pipeline may compile again with more recomputed before it reaches the user;
+    `bounds`, what every tile needs at least (an array, if known), tells it which
+    tiles are the busiest."""
 
-    def __init__(self, diagnostics: list[Diagnostic], tile: int, need: int, capacity: int):
+    def __init__(self, diagnostics: list[Diagnostic], tile: int, need: int, capacity: int, bounds=None):
         super().__init__(diagnostics)
-        self.tile, self.need, self.capacity = tile, need, capacity
+        self.tile, self.need, self.capacity, self.bounds = tile, need, capacity, bounds
 
 
 class Diagnostics:

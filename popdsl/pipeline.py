@@ -23,7 +23,8 @@ what it made (`codegen.jit.compile_ahead`).
 One loop goes back: a training step compiled with recomputation `auto` that does not
 fit its tiles (or the budget) is compiled again from the recompute stage with more
 of its forward pass recomputed, searching until a level fits where one fewer
-does not (`_fit`).
+does not (`_fit`); a try it expects not to fit is lowered first for a sample of
+tiles only, whose lower bounds may already show it.
 """
 from __future__ import annotations
 
@@ -78,6 +79,7 @@ class Options:
     outline: bool = True              # repeated parts built once and called (passes.outline)
     probe: bool = False               # a try of `auto` whose out-of-memory error is not shown (memplan.plan)
     measure: bool = False             # a try of `auto` that plans only lower bounds (memplan.plan)
+    only: tuple[int, ...] | None = None   # a try of `auto` lowered and bounded on these tiles alone (lower)
 
 
 @node(eq=False)
@@ -118,7 +120,11 @@ def _lower(opts: Options, graph):
     compile_ahead(list(used_codelets(graph.codelets, (grp.codelet for cs in graph.compute_sets.values()
                                                       for grp in cs.groups)).values()), opts.unchecked)
     bestfit.compile_ahead()
-    return lower(graph)
+    if opts.only is None:
+        return lower(graph)
+    only = np.zeros(graph.target.tiles, bool)
+    only[list(opts.only)] = True
+    return lower(graph, only)
 
 
 def _codegen(opts: Options, low: Lowered) -> Generated:
@@ -230,9 +236,14 @@ def compile_source(text: str, path: str, target: Target, graph: str | None = Non
     if "recompute" in (s.name for s in stages) and opts.recompute.mode == "auto" and level is None \
             and stop_after in (None, "plan"):
         split = next(i for i, s in enumerate(stages) if s.name == "recompute")
+        after = next(i for i, s in enumerate(stages) if s.name == "partition") + 1
         trained, _ = _run(stages[:split], opts, result, inspect, monitor, stop_after)
-        return _fit(opts, trained, lambda o, note: _run(stages[split:], o, trained, inspect, monitor, stop_after,
-                                                         note)[0], monitor)
+
+        def compile_at(o: Options, note: str, until: str | None = None, partitioned=None):
+            if partitioned is None:
+                return _run(stages[split:], o, trained, inspect, monitor, until or stop_after, note)[0]
+            return _run(stages[after:], o, partitioned, inspect, monitor, stop_after, note)[0]
+        return _fit(opts, trained, compile_at, monitor)
     return _run(stages, opts, result, inspect, monitor, stop_after)[0]
 
 
@@ -258,25 +269,56 @@ def _fit(opts: Options, graph, compile_at, monitor=None):
     search that predicts the busiest tile from the bytes each level frees,
     `recompute.next_try`, each try `compile_at(options, note)` from the recompute
     stage: the least, where fewer never fit if more do not; the busiest tile need
-    not fall with every level, bench/recompute_levels.py).  Out
-    of memory even with every segment recomputed is the error of that try, saying
-    so; fitting the tiles but not the budget, the closest there is.  `monitor`: as
-    `compile_source`'s, around keeping and reloading the best try."""
+    not fall with every level, bench/recompute_levels.py).  A try the search
+    expects not to fit is partitioned (`compile_at(..., until="partition")`), then
+    lowered and bounded on the tiles busiest in the last whole try alone
+    (`Options.only`, `recompute.SAMPLE_TILES` of them): a tile over the budget
+    there is over it in the whole try too, shown in seconds where a whole try takes
+    a minute; else the whole try goes on from the same partition
+    (`compile_at(..., partitioned=...)`).  Out of memory even with every segment
+    recomputed is the error of that try, saying so; fitting the tiles but not the
+    budget, the closest there is.  `monitor`: as `compile_source`'s, around keeping
+    and reloading the best try."""
     budget = opts.recompute.budget or opts.target.tile_memory
     stage = (lambda name, note: monitor(name, note)) if monitor is not None else (lambda name, note: nullcontext())
     seg = rc.segments(graph)
     count = seg.levels - 1 if seg is not None else 0          # the last level: every segment
+    busiest: list = [None]               # the tiles busiest in the last whole try, most first
 
-    def attempt(level: int, measure: bool = False):
+    def attempt(level: int, measure: bool = False, sample: bool = False):
         """(the compile's result, its OutOfMemory, or with `measure` its memory plan
-        of lower bounds; whether it fits the budget)"""
+        of lower bounds; whether it fits the budget).  `sample`: bounded on the
+        busiest tiles first, where a try over the budget stops, and a measuring
+        try within it too (its bound only steers the search, which ends on whole
+        tries)."""
         note = (f"auto: {seg.describe(level)}" + (", lower bound only" if measure else "")) if count else ""
+        # Only the try with every segment recomputed shows its error (if all
+        # fail): the others may stop at a lower bound already over a tile.
+        o = replace(opts, level=level, probe=level < count, measure=measure)
+        if not sample or busiest[0] is None:
+            return tried(o, note, whole=True)
+        part = compile_at(o, note, until="partition")
+        tiles = busiest[0]
+        res, ok = tried(replace(o, measure=True, only=tiles), f"{note}, on the {len(tiles)} tiles busiest before",
+                        partitioned=part)
+        if measure and ok or not measure and not ok:
+            return res, ok
+        # A measuring try over the budget on those tiles is measured whole: its
+        # error, if it is the last word, names the tiles of the whole step.
+        return tried(o, note, whole=True, partitioned=part)
+
+    def tried(o: Options, note: str, whole: bool = False, **kw):
+        """A try's result (or OutOfMemory) and whether it fits; a whole try's
+        busiest tiles remembered."""
         try:
-            # Only the try with every segment recomputed shows its error (if all
-            # fail): the others may stop at a lower bound already over a tile.
-            res = compile_at(replace(opts, level=level, probe=level < count, measure=measure), note)
+            res = compile_at(o, note, **kw)
         except OutOfMemory as e:
-            return e.with_traceback(None), False     # its frames hold the whole plan
+            res = e.with_traceback(None)     # its frames hold the whole plan
+        if whole:
+            bounds = (res.bounds if isinstance(res, OutOfMemory) else
+                      res[0].bound_total if isinstance(res[0], X.MemoryPlan) else res[0].memory.bound_total)
+            if bounds is not None and len(bounds) > 4 * rc.SAMPLE_TILES:
+                busiest[0] = tuple(np.argsort(-np.asarray(bounds), kind="stable")[:rc.SAMPLE_TILES].tolist())
         return res, need(res) <= budget
 
     def need(res) -> int:
@@ -293,7 +335,7 @@ def _fit(opts: Options, graph, compile_at, monitor=None):
         # Every segment recomputed, measured by its lower bound only: it brackets
         # the search, and is rarely the level kept (its placement, a third of a try
         # at ResNet-50's batch 8, is spent only if it is).
-        got, fits = attempt(count, measure=True)
+        got, fits = attempt(count, measure=True, sample=True)
         if fits:
             lo, hi = 0, count
             need_hi, freed = need(got), seg.freed()
@@ -308,7 +350,7 @@ def _fit(opts: Options, graph, compile_at, monitor=None):
                     with stage("keep", f"auto: the try with {seg.describe(hi)}, as .popx bytes"):
                         best, got = artifact.dumps(got[0]), None
                 mid = rc.next_try(lo, hi, need_lo, need_hi, freed, budget)
-                got, ok = attempt(mid)
+                got, ok = attempt(mid, sample=mid < rc.predicted_fit(lo, hi, need_lo, need_hi, freed, budget))
                 if ok:
                     hi, need_hi = mid, need(got)
                 else:
@@ -327,7 +369,8 @@ def _fit(opts: Options, graph, compile_at, monitor=None):
             d = got.diagnostics[0]
             raise OutOfMemory([replace(d, notes=d.notes + (
                 f"this is with every one of the {seg.count} segments of the forward pass recomputed "
-                "(--recompute all); the step needs a smaller batch or more tiles",))], got.tile, got.need, got.capacity)
+                "(--recompute all); the step needs a smaller batch or more tiles",))], got.tile, got.need, got.capacity,
+                got.bounds)
     if isinstance(got, OutOfMemory):
         raise got
     return got

@@ -221,35 +221,55 @@ def test_auto_search_ends_at_the_least_fitting_level_within_twice_bisections_tri
 
 
 class _Compiled:
-    """What a fake compile at a level gives `_fit`: an executable's busiest tile."""
+    """What a fake compile at a level gives `_fit`: an executable's tiles."""
 
-    def __init__(self, level: int, need: int):
+    def __init__(self, level: int, total: np.ndarray, bound: np.ndarray):
         self.level, self.codelets, self.unchecked = level, {}, False
-        self.memory = SimpleNamespace(total=np.array([need]))
+        self.memory = SimpleNamespace(total=total, bound_total=bound)
 
 
-def _fake_search(monkeypatch, need, budget: int):
+HOT = 7          # the fake compiles' busiest tile
+
+
+def _fake_search(monkeypatch, need, budget: int, sampled=None):
     """`pipeline._fit` over the CNN's segments with compiles faked: a try at a level
-    whose busiest tile needs `need(level)` bytes.  Gives the tries as (level,
-    measured only), the level of the result and the last level (every segment)."""
+    whose busiest tile (HOT) needs `need(level)` bytes, its lower bound 100 fewer,
+    every other tile half.  A try lowered for some tiles alone bounds them as the
+    whole try does, but for HOT where `sampled(level)` gives its bound there.  Gives
+    the tries as (level, how: 'whole', 'measure' or 'sample', the last two bounds
+    only), the level of the result and the last level (every segment)."""
     import pickle
     graph = pipeline.compile_source(CNN, "deep.pop", get_target(), stop_after="autodiff")
     top = rc.segments(graph).levels - 1
     monkeypatch.setattr(pipeline, "artifact", SimpleNamespace(dumps=pickle.dumps,
                                                               load=lambda f, unchecked: pickle.load(f)))
     monkeypatch.setattr(pipeline, "NativeCodelets", lambda codelets, unchecked: None)
-    tries = []
+    tries, memory, tiles = [], get_target().tile_memory, get_target().tiles
 
-    def compile_at(opts, note):
+    def per_tile(n: int) -> np.ndarray:
+        out = np.full(tiles, n // 2, np.int64)
+        out[HOT] = n
+        return out
+
+    def compile_at(opts, note, until=None, partitioned=None):
         level, n = opts.level, need(opts.level)
-        tries.append((level, opts.measure))
-        bound = n - 100               # the lower bound: a little under the plan
-        if (opts.probe or opts.measure) and bound > get_target().tile_memory or n > get_target().tile_memory:
-            raise OutOfMemory([], 0, bound if opts.probe or opts.measure else n, get_target().tile_memory)
+        if until == "partition":
+            return ("partitioned", level)
+        assert partitioned in (None, ("partitioned", level))
+        tries.append((level, "sample" if opts.only else "measure" if opts.measure else "whole"))
+        bound = per_tile(n - 100)
+        if opts.only:
+            assert opts.measure and len(opts.only) == rc.SAMPLE_TILES
+            bound = np.where(np.isin(np.arange(tiles), opts.only), bound, 0)
+            if sampled is not None and sampled(level) is not None:
+                bound[HOT] = min(bound[HOT], sampled(level))
+        if (opts.probe or opts.measure) and bound.max() > memory or n > memory:
+            at_least = opts.probe or opts.measure
+            raise OutOfMemory([], HOT, int(bound.max()) if at_least else n, memory, bound)
         if opts.measure:
-            z = np.zeros(1, np.int64)
-            return pipeline.X.MemoryPlan(z, z, z, z, z, np.array([bound]), np.array([bound]), z, z, []), None
-        return _Compiled(level, n), None
+            z = np.zeros(tiles, np.int64)
+            return pipeline.X.MemoryPlan(z, z, z, z, z, bound, bound, z, z, []), None
+        return _Compiled(level, per_tile(n), bound), None
 
     opts = pipeline.Options(CNN, "deep.pop", get_target(), recompute=Policy("auto", budget))
     return tries, pipeline._fit(opts, graph, compile_at)[0].level, top
@@ -259,16 +279,91 @@ def test_auto_measures_everything_recomputed_by_its_lower_bound_only(monkeypatch
     """The try with every segment recomputed brackets the search by its lower
     bound, placing nothing: it is placed only when it is the level kept."""
     tries, level, top = _fake_search(monkeypatch, lambda level: 2000 - 200 * level, 1500)
-    assert level == 3 and tries[:2] == [(0, False), (top, True)]
-    assert (top, False) not in tries and (2, False) in tries and (3, False) in tries
+    assert level == 3 and tries[:2] == [(0, "whole"), (top, "sample")]
+    assert (top, "whole") not in tries and (3, "whole") in tries and (2, "sample") in tries
     # Only every segment recomputed fits: now placed, once.
     last = top
     tries, level, top = _fake_search(monkeypatch, lambda level: 1000 if level == last else 2000, 1500)
-    assert level == top and tries.count((top, False)) == 1 and tries[-1] == (top, False)
+    assert level == top and tries.count((top, "whole")) == 1 and tries[-1] == (top, "whole")
     # Everything recomputed within the tiles' memory by its bound, not within the
-    # budget: placed, the closest there is.
+    # budget: measured whole, then placed, the closest there is.
     tries, level, top = _fake_search(monkeypatch, lambda level: 600_000 - level, 1000)
-    assert level == top and tries == [(0, False), (top, True), (top, False)]
+    assert level == top and tries == [(0, "whole"), (top, "sample"), (top, "measure"), (top, "whole")]
+
+
+def test_auto_tries_a_level_it_expects_to_fail_on_the_busiest_tiles_first(monkeypatch):
+    """A level the search expects not to fit is lowered for the tiles busiest in
+    the last whole try alone, and stops there when they are over the budget; when
+    they are not (the busiest tile has moved), the try goes on whole from the same
+    partition — the level found is the same either way."""
+    graph = pipeline.compile_source(CNN, "deep.pop", get_target(), stop_after="autodiff")
+    share = rc.segments(graph).freed() / rc.segments(graph).freed()[-1]
+    last = len(share) - 1
+    need = lambda level: int(2000 - 1000 * share[level])          # noqa: E731 — the bound falls as bytes are freed
+    budget = 1250
+    fits_from = int(np.argmax([need(level) <= budget for level in range(len(share))]))
+    tries, level, top = _fake_search(monkeypatch, need, budget)
+    middle = [t for t in tries if t[0] not in (0, top)]
+    assert level == fits_from and middle[-1] == (level, "whole")
+    shown = {lvl for lvl, how in middle if how == "sample"} - {lvl for lvl, how in middle if how == "whole"}
+    assert shown and max(shown) < level          # some level shown over the budget by its sample alone
+    # The sampled tiles miss the busiest of the levels between: each sampled level
+    # is tried whole too.
+    tries, level, top = _fake_search(monkeypatch, need, budget, sampled=lambda level: 0 if level < last else None)
+    middle = [t for t in tries if t[0] not in (0, top)]
+    assert level == fits_from and shown <= {lvl for lvl, how in middle if how == "sample"}
+    for k, (lvl, how) in enumerate(middle):
+        assert how != "sample" or middle[k + 1] == (lvl, "whole")
+
+
+@pytest.mark.parametrize("level", [0, 3])
+def test_lowering_some_tiles_alone_bounds_them_from_below(level):
+    """A lowering of some tiles' vertices alone (`lower(..., only)`): every tile's
+    lower bound at most the whole graph's (each region there is touched at most as
+    often), and on the tiles lowered every category but the peak exactly the
+    whole graph's (their regions, buffers, vertex state and code are all there)."""
+    from popdsl.passes.lower import lower
+    from popdsl.passes.memplan import plan
+    gen = pipeline.compile_source(CNN, "deep.pop", get_target(), outline=False, level=level, stop_after="codegen")
+    sizes = {name: gen.native.object_code_size(name) for name in gen.codelets}
+    graph = gen.lowered.graph
+    whole = plan(gen.lowered, gen.codelets, sizes, measure=True)
+    busy = np.flatnonzero(whole.vertex_state)
+    rng = np.random.default_rng(level)
+    for k in (1, 1, 2, 3, 5, busy.size // 2):
+        only = np.zeros(graph.target.tiles, bool)
+        only[rng.choice(busy, k, replace=False)] = True
+        part = plan(lower(graph, only), gen.codelets, sizes, measure=True)
+        assert (part.bound_total <= whole.bound_total).all()
+        for cat in ("always_live", "not_always_live", "exchange_buffers", "vertex_state", "code"):
+            assert np.array_equal(getattr(part, cat)[only], getattr(whole, cat)[only]), cat
+        assert (part.vertex_state[~only] == 0).all()
+
+
+def test_auto_finds_the_same_level_with_tries_bounded_on_some_tiles_first(monkeypatch):
+    """With samples of two tiles (the CNN has 16), the search bounds the levels it
+    expects not to fit on the busiest tiles first, and ends on the same level, with
+    the same executable, as without samples."""
+    from popdsl.passes import lower as lowering
+    sampled = []
+    real = lowering.lower
+    monkeypatch.setattr(pipeline, "lower", lambda graph, only=None: sampled.append(only) or real(graph, only))
+    lo, hi = (int(compile_cnn(m)[0].memory.total.max()) for m in ("all", "none"))
+    budget = lo + (hi - lo) // 4
+    monkeypatch.setattr(rc, "SAMPLE_TILES", 16)          # 4 x 16 tiles or fewer: no samples
+    plain, _ = compile_cnn("auto", budget)
+    assert not any(only is not None for only in sampled)
+    monkeypatch.setattr(rc, "SAMPLE_TILES", 2)
+    sampled.clear()
+    exe, _ = compile_cnn("auto", budget)
+    assert [int(only.sum()) for only in sampled if only is not None][:1] == [2]
+    assert exe.recompute["level"] == plain.recompute["level"] > 0
+    assert artifact_bytes(exe) == artifact_bytes(plain)
+
+
+def artifact_bytes(exe) -> bytes:
+    from popdsl import artifact
+    return artifact.dumps(exe)
 
 
 def test_auto_out_of_memory_even_recomputing_everything_says_so():

@@ -136,6 +136,7 @@ class Lowered:
     program: X.PSeq = X.PSeq(())
     outputs: dict[str, int] = field(default_factory=dict)
     tensor_region_tile: np.ndarray | None = None    # region -> tile, for the tensors' regions
+    only: np.ndarray | None = None                  # bool per tile: only these tiles' vertices lowered
     _blocks: dict = field(default_factory=lambda: {name: [] for name in _REGION_COLUMNS})
 
     @property

@@ -42,6 +42,7 @@ class Liveness:
     call_end: np.ndarray = None       # int64 per region: the end of its first call's use (else end)
     # Per call of a function region: (region, start, end)
     calls: tuple[np.ndarray, np.ndarray, np.ndarray] = None
+    untouched: np.ndarray = None      # bool per region: no action touches it
 
     def intervals(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(region, start, end) of every interval a region is live in: one per
@@ -174,7 +175,7 @@ def liveness(low: Lowered) -> Liveness:
     function[(function >= 0) & ~touched] = -1      # never used: an ordinary region
     first = np.unique(calls[0], return_index=True)[1]
     call_end[calls[0][first]] = calls[2][first]
-    return Liveness(start, end, end_point + 1, labels, always, cs_points, function, call_end, calls)
+    return Liveness(start, end, end_point + 1, labels, always, cs_points, function, call_end, calls, untouched)
 
 
 def _calls(low: Lowered, function: np.ndarray, r: np.ndarray, t: np.ndarray, cs_points):

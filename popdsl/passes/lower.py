@@ -17,6 +17,12 @@ connects to, cut where the tensor changes region; a slab of a convolution is a f
 runs per vertex, not an array per element.
 
 Regions are sized here; `memplan` gives them offsets.
+
+`only` (a bool per tile) lowers the vertices of those tiles alone, with every
+tensor's regions: enough for their tiles' lower bounds (every region on them, each
+touched at most as often as in the whole graph), a fraction of the time.
+Recomputation `auto` tries a level this way first where it expects the level not
+to fit (pipeline._fit); nothing is ever placed or run from such a lowering.
 """
 from __future__ import annotations
 
@@ -89,9 +95,9 @@ def list_runs(views) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------- the pass
 
-def lower(graph: g.TensorGraph) -> Lowered:
+def lower(graph: g.TensorGraph, only: np.ndarray | None = None) -> Lowered:
     d = Diagnostics()
-    low = Lowered(graph)
+    low = Lowered(graph, only=only)
     reported: set[int] = set()
     mappings = {t.id: _mapping(graph, t) for t in graph.tensors}
     for t in graph.tensors:
@@ -107,7 +113,7 @@ def lower(graph: g.TensorGraph) -> Lowered:
     low.mappings = mappings
     cs_index = {name: i for i, name in enumerate(graph.compute_sets)}
     for i, cs in enumerate(graph.compute_sets.values()):
-        low.compute_sets.append(_lower_cs(low, graph, cs, i, d, reported))
+        low.compute_sets.append(_lower_cs(low, graph, cs, i, d, reported, only))
     for t in graph.tensors:
         if t.id not in low.layouts and t.id not in reported:
             n = mappings[t.id].unmapped_count()
@@ -179,7 +185,7 @@ def _copy(low: Lowered, graph: g.TensorGraph, src: g.View, dst: g.View) -> CopyE
 
 
 def _lower_cs(low: Lowered, graph: g.TensorGraph, cs: g.ComputeSet, csi: int,
-              d: Diagnostics, reported: set[int]) -> LoweredCS:
+              d: Diagnostics, reported: set[int], only: np.ndarray | None = None) -> LoweredCS:
     pre, post = CopyElems(), CopyElems()
     groups = []
     written: list[tuple[np.ndarray, ...]] = []         # (tensor, start, end, span id) per run
@@ -188,11 +194,18 @@ def _lower_cs(low: Lowered, graph: g.TensorGraph, cs: g.ComputeSet, csi: int,
         cname = grp.codelet
         c = graph.codelets[cname]
         layout = cir.table_layout(c)
-        nv = len(grp)
-        order = np.argsort(np.asarray(grp.tiles, np.int32), kind="stable")
+        all_tiles = np.asarray(grp.tiles, np.int32)
+        if only is None:
+            order = np.argsort(all_tiles, kind="stable")
+        else:
+            sel = np.flatnonzero(only[all_tiles])
+            if not sel.size:
+                continue
+            order = sel[np.argsort(all_tiles[sel], kind="stable")]
+        nv = len(order)
         table = np.zeros((nv, len(layout)), np.int64)
         region = np.full((nv, len(layout)), -1, np.int32)
-        tiles = np.asarray(grp.tiles, np.int32)[order]
+        tiles = all_tiles[order]
         span_ids = np.asarray(grp.span_ids, np.int32)[order]
         col = {(k.kind, k.name): j for j, k in enumerate(layout)}
         for f in c.fields:

@@ -97,7 +97,11 @@ def plan(low: Lowered, codelets: dict, code_sizes: dict[str, int], unchecked: bo
     only asks how much its busiest tile needs at least (`auto`'s search, for the
     try with everything recomputed, whose plan is rarely the one kept): the
     memory plan's categories and lower bounds, nothing placed (`planned` is the
-    lower bound).  Over a tile's memory, the out-of-memory error as `probe`'s."""
+    lower bound).  Over a tile's memory, the out-of-memory error as `probe`'s.
+    A lowering of some tiles alone (`Lowered.only`) is only measured: each tile's
+    bound at most the whole graph's (its regions touched at most as often, an
+    untouched one holding nothing, allocations not padded)."""
+    assert low.only is None or measure, "a lowering of some tiles alone is only ever measured"
     graph = low.graph
     target: Target = graph.target
     ntiles = target.tiles
@@ -109,6 +113,10 @@ def plan(low: Lowered, codelets: dict, code_sizes: dict[str, int], unchecked: bo
     alias = _in_place(low, live) if reuse else {}
     plan_rs = rs.copy()
     plan_rs[list(alias)] = 0              # planned through the region they take over
+    if low.only is not None:
+        # Lowered for some tiles' vertices only: a region whose every touch was a
+        # vertex or exchange left out holds nothing here, not bytes live at the start.
+        plan_rs[live.untouched & ~live.always] = 0
     cat_rs = -(-plan_rs // al) * al
     exact_rs = plan_rs.copy()
     # A function's region is live in each call (liveness): its lifetime is the
@@ -134,8 +142,11 @@ def plan(low: Lowered, codelets: dict, code_sizes: dict[str, int], unchecked: bo
     alloc_size = np.bincount(alloc_of_sorted, weights=rounded[key], minlength=nalloc).astype(np.int64)
     alloc_align = np.zeros(nalloc, np.int64)
     np.maximum.at(alloc_align, alloc_of_sorted, al[key])
-    # A size that is a multiple of its alignment packs without padding.
-    alloc_size = -(-alloc_size // alloc_align) * alloc_align
+    # A size that is a multiple of its alignment packs without padding.  (Not for
+    # a lowering of some tiles alone: regions that live alike only there would
+    # share an allocation, and its padding, that the whole graph's do not.)
+    if low.only is None:
+        alloc_size = -(-alloc_size // alloc_align) * alloc_align
     # Naive: the same allocations, none sharing, none in place.
     full = np.bincount(alloc_of_sorted, weights=(-(-full_rs // al) * al)[key], minlength=nalloc).astype(np.int64)
     full = -(-full // alloc_align) * alloc_align
@@ -411,4 +422,4 @@ def _check_capacity(low: Lowered, mem: X.MemoryPlan, target: Target, at_least: b
                                   f"{int(total[worst]):,} B but has "
                                   f"{target.tile_memory:,} B ({len(over)} tile{'s' if len(over) > 1 else ''} "
                                   "over capacity)", "error", tuple(notes))],
-                      worst, int(total[worst]), target.tile_memory)
+                      worst, int(total[worst]), target.tile_memory, mem.bound_total)

@@ -46,6 +46,11 @@ from popdsl.passes.autodiff import topological
 
 MODES = RECOMPUTE_MODES
 CHEAP_DEPTH = 4          # element-wise ops a chain made again may have (views are free)
+# A try `auto` expects not to fit is first lowered and bounded on this many of the
+# tiles busiest in its last whole try (pipeline._fit): at ResNet-50's batch 8, the
+# 64 busiest with nothing recomputed are all over their memory at level 7, where
+# every 23rd tile is not.  Lowering 64 tiles takes 4 s to the whole graph's 16-24.
+SAMPLE_TILES = 64
 
 
 @node
@@ -112,12 +117,17 @@ def next_try(lo: int, hi: int, need_lo: int, need_hi: int, freed: np.ndarray, bu
     Kept within the middle half of (lo, hi): a poor prediction costs at most about
     twice bisection's tries."""
     assert hi - lo > 1
+    least = predicted_fit(lo, hi, need_lo, need_hi, freed, budget)
+    quarter = (hi - lo) // 4
+    return int(min(max(least - 1, lo + 1, lo + quarter), hi - 1, hi - quarter))
+
+
+def predicted_fit(lo: int, hi: int, need_lo: int, need_hi: int, freed: np.ndarray, budget: int) -> int:
+    """The least level in (lo, hi] predicted to fit, as `next_try` predicts it."""
     span = max(int(freed[hi] - freed[lo]), 1)
     levels = np.arange(lo + 1, hi + 1)
     predicted = need_lo + (need_hi - need_lo) * (freed[levels] - freed[lo]) / span
-    least = int(levels[np.argmax(predicted <= budget)]) if (predicted <= budget).any() else hi
-    quarter = (hi - lo) // 4
-    return int(min(max(least - 1, lo + 1, lo + quarter), hi - 1, hi - quarter))
+    return int(levels[np.argmax(predicted <= budget)]) if (predicted <= budget).any() else hi
 
 
 def _nbytes(n: Node) -> int:
@@ -375,4 +385,5 @@ def verify(graph: g.TensorGraph) -> None:
                                     "kept_bytes", "kept_bytes_without"}
 
 
-__all__ = ["MODES", "Policy", "Segments", "next_try", "recompute", "segments", "verify"]
+__all__ = ["MODES", "Policy", "SAMPLE_TILES", "Segments", "next_try", "predicted_fit", "recompute", "segments",
+           "verify"]
