@@ -275,7 +275,9 @@ def _fit(opts: Options, graph, compile_at, monitor=None):
     (`Options.only`, `recompute.SAMPLE_TILES` of them): a tile over the budget
     there is over it in the whole try too, shown in seconds where a whole try takes
     a minute; else the whole try goes on from the same partition
-    (`compile_at(..., partitioned=...)`).  Out of memory even with every segment
+    (`compile_at(..., partitioned=...)`).  The first try, nothing recomputed, is
+    sampled so only when `recompute.expect_over` expects it over, on tiles spread
+    over the chip (its busiest among them then stand for the busiest).  Out of memory even with every segment
     recomputed is the error of that try, saying so; fitting the tiles but not the
     budget, the closest there is.  `monitor`: as `compile_source`'s, around keeping
     and reloading the best try."""
@@ -283,7 +285,13 @@ def _fit(opts: Options, graph, compile_at, monitor=None):
     stage = (lambda name, note: monitor(name, note)) if monitor is not None else (lambda name, note: nullcontext())
     seg = rc.segments(graph)
     count = seg.levels - 1 if seg is not None else 0          # the last level: every segment
-    busiest: list = [None]               # the tiles busiest in the last whole try, most first
+    # The tiles a sample bounds: the busiest of the last whole try, or before any, a
+    # spread over the chip when the step is expected over its budget from the start.
+    ntiles = graph.target.tiles               # the graph's own (a graph may ask for fewer)
+    sampling = count and ntiles > 4 * rc.SAMPLE_TILES
+    spread = sampling and rc.expect_over(graph, seg, budget)
+    spread_tiles = np.unique(np.linspace(0, ntiles - 1, min(rc.SPREAD_TILES, ntiles // 4)).round().astype(int))
+    busiest: list = [tuple(spread_tiles.tolist()) if spread else None, spread]     # (tiles, whether a spread)
 
     def attempt(level: int, measure: bool = False, sample: bool = False):
         """(the compile's result, its OutOfMemory, or with `measure` its memory plan
@@ -295,12 +303,13 @@ def _fit(opts: Options, graph, compile_at, monitor=None):
         # Only the try with every segment recomputed shows its error (if all
         # fail): the others may stop at a lower bound already over a tile.
         o = replace(opts, level=level, probe=level < count, measure=measure)
-        if not sample or busiest[0] is None:
+        tiles, spread = busiest
+        if not sample or tiles is None:
             return tried(o, note, whole=True)
         part = compile_at(o, note, until="partition")
-        tiles = busiest[0]
-        res, ok = tried(replace(o, measure=True, only=tiles), f"{note}, on the {len(tiles)} tiles busiest before",
-                        partitioned=part)
+        res, ok = tried(replace(o, measure=True, only=tiles),
+                        f"{note}, on {len(tiles)} tiles spread over the chip" if spread else
+                        f"{note}, on the {len(tiles)} tiles busiest before", partitioned=part)
         if measure and ok or not measure and not ok:
             return res, ok
         # A measuring try over the budget on those tiles is measured whole: its
@@ -308,17 +317,20 @@ def _fit(opts: Options, graph, compile_at, monitor=None):
         return tried(o, note, whole=True, partitioned=part)
 
     def tried(o: Options, note: str, whole: bool = False, **kw):
-        """A try's result (or OutOfMemory) and whether it fits; a whole try's
-        busiest tiles remembered."""
+        """A try's result (or OutOfMemory) and whether it fits.  The busiest tiles
+        of a whole try are remembered, or of a spread's sample among its tiles."""
         try:
             res = compile_at(o, note, **kw)
         except OutOfMemory as e:
             res = e.with_traceback(None)     # its frames hold the whole plan
-        if whole:
+        if sampling and (whole or busiest[1]):
             bounds = (res.bounds if isinstance(res, OutOfMemory) else
                       res[0].bound_total if isinstance(res[0], X.MemoryPlan) else res[0].memory.bound_total)
-            if bounds is not None and len(bounds) > 4 * rc.SAMPLE_TILES:
-                busiest[0] = tuple(np.argsort(-np.asarray(bounds), kind="stable")[:rc.SAMPLE_TILES].tolist())
+            if bounds is not None:
+                bounds = np.asarray(bounds, np.int64)
+                if not whole:                # a spread's sample: its own tiles only
+                    bounds = np.where(np.isin(np.arange(bounds.size), o.only), bounds, -1)
+                busiest[:] = tuple(np.argsort(-bounds, kind="stable")[:rc.SAMPLE_TILES].tolist()), False
         return res, need(res) <= budget
 
     def need(res) -> int:
@@ -329,7 +341,7 @@ def _fit(opts: Options, graph, compile_at, monitor=None):
         mem = res[0] if isinstance(res[0], X.MemoryPlan) else res[0].memory
         return int(mem.total.max())
 
-    got, fits = attempt(0)
+    got, fits = attempt(0, sample=True)
     if not fits and count:
         need_lo, got = need(got), None
         # Every segment recomputed, measured by its lower bound only: it brackets

@@ -228,23 +228,27 @@ class _Compiled:
         self.memory = SimpleNamespace(total=total, bound_total=bound)
 
 
-HOT = 7          # the fake compiles' busiest tile
+HOT = 5          # the fake compiles' busiest tile: one of the spread (0, 5, 10, 15 of the CNN's 16)
 
 
-def _fake_search(monkeypatch, need, budget: int, sampled=None):
+def _fake_search(monkeypatch, need, budget: int, sampled=None, spread: bool = False):
     """`pipeline._fit` over the CNN's segments with compiles faked: a try at a level
     whose busiest tile (HOT) needs `need(level)` bytes, its lower bound 100 fewer,
     every other tile half.  A try lowered for some tiles alone bounds them as the
     whole try does, but for HOT where `sampled(level)` gives its bound there.  Gives
     the tries as (level, how: 'whole', 'measure' or 'sample', the last two bounds
-    only), the level of the result and the last level (every segment)."""
+    only), the level of the result and the last level (every segment).  `spread`:
+    the step expected over its budget with nothing recomputed (rc.expect_over)."""
     import pickle
     graph = pipeline.compile_source(CNN, "deep.pop", get_target(), stop_after="autodiff")
     top = rc.segments(graph).levels - 1
     monkeypatch.setattr(pipeline, "artifact", SimpleNamespace(dumps=pickle.dumps,
                                                               load=lambda f, unchecked: pickle.load(f)))
     monkeypatch.setattr(pipeline, "NativeCodelets", lambda codelets, unchecked: None)
-    tries, memory, tiles = [], get_target().tile_memory, get_target().tiles
+    monkeypatch.setattr(rc, "expect_over", lambda *a: spread)
+    monkeypatch.setattr(rc, "SAMPLE_TILES", 2)          # samples on the CNN's 16 tiles
+    monkeypatch.setattr(rc, "SPREAD_TILES", 4)
+    tries, memory, tiles = [], get_target().tile_memory, graph.target.tiles
 
     def per_tile(n: int) -> np.ndarray:
         out = np.full(tiles, n // 2, np.int64)
@@ -259,7 +263,7 @@ def _fake_search(monkeypatch, need, budget: int, sampled=None):
         tries.append((level, "sample" if opts.only else "measure" if opts.measure else "whole"))
         bound = per_tile(n - 100)
         if opts.only:
-            assert opts.measure and len(opts.only) == rc.SAMPLE_TILES
+            assert opts.measure and len(opts.only) in (rc.SAMPLE_TILES, rc.SPREAD_TILES)
             bound = np.where(np.isin(np.arange(tiles), opts.only), bound, 0)
             if sampled is not None and sampled(level) is not None:
                 bound[HOT] = min(bound[HOT], sampled(level))
@@ -354,9 +358,11 @@ def test_auto_finds_the_same_level_with_tries_bounded_on_some_tiles_first(monkey
     plain, _ = compile_cnn("auto", budget)
     assert not any(only is not None for only in sampled)
     monkeypatch.setattr(rc, "SAMPLE_TILES", 2)
+    monkeypatch.setattr(rc, "SPREAD_TILES", 4)
+    monkeypatch.setattr(rc, "expect_over", lambda *a: True)
     sampled.clear()
     exe, _ = compile_cnn("auto", budget)
-    assert [int(only.sum()) for only in sampled if only is not None][:1] == [2]
+    assert [int(only.sum()) for only in sampled if only is not None][:2] == [4, 2]
     assert exe.recompute["level"] == plain.recompute["level"] > 0
     assert artifact_bytes(exe) == artifact_bytes(plain)
 
@@ -364,6 +370,31 @@ def test_auto_finds_the_same_level_with_tries_bounded_on_some_tiles_first(monkey
 def artifact_bytes(exe) -> bytes:
     from popdsl import artifact
     return artifact.dumps(exe)
+
+
+def test_auto_samples_nothing_recomputed_on_spread_tiles_when_it_expects_it_over(monkeypatch):
+    """A step expected over its budget with nothing recomputed tries that first on
+    tiles spread over the chip; shown over there, the busiest of them are the
+    sample of the next try.  The level found is the one found without."""
+    need = lambda level: 2000 - 200 * level          # noqa: E731 — fits (<= 1500) from level 3 on
+    plain, level, top = _fake_search(monkeypatch, need, 1500)
+    tries, spread_level, _ = _fake_search(monkeypatch, need, 1500, spread=True)
+    assert spread_level == level == 3 and plain[0] == (0, "whole")
+    assert tries[:2] == [(0, "sample"), (top, "sample")] and (0, "whole") not in tries
+    # Not shown over on the spread (its busiest tile elsewhere): tried whole.
+    tries, spread_level, _ = _fake_search(monkeypatch, need, 1500, spread=True,
+                                          sampled=lambda level: 0 if level == 0 else None)
+    assert spread_level == 3 and tries[:2] == [(0, "sample"), (0, "whole")]
+
+
+def test_auto_expects_a_step_over_from_its_kept_bytes_spread_evenly():
+    graph = pipeline.compile_source(CNN, "deep.pop", get_target(), stop_after="autodiff")
+    seg = rc.segments(graph)
+    always = sum(t.numel * t.elem_bytes for t in graph.tensors if t.kind in ("var", "input", "param"))
+    even = (always + seg.held) / graph.target.tiles
+    assert seg.held == sum(rc._nbytes(n) for n in seg.forward if n.id in seg.saved and rc._holds_data(n)) > 0
+    assert rc.expect_over(graph, seg, int(even * rc.BUSIEST_OVER_EVEN) - 1)
+    assert not rc.expect_over(graph, seg, int(even * rc.BUSIEST_OVER_EVEN) + 1)
 
 
 def test_auto_out_of_memory_even_recomputing_everything_says_so():

@@ -43,6 +43,7 @@ from popdsl.ir.tensor import Node
 from popdsl.limits import RECOMPUTE_MODES
 from popdsl.node import node
 from popdsl.passes.autodiff import topological
+from popdsl.passes.liveness import ALWAYS_LIVE_KINDS
 
 MODES = RECOMPUTE_MODES
 CHEAP_DEPTH = 4          # element-wise ops a chain made again may have (views are free)
@@ -51,6 +52,14 @@ CHEAP_DEPTH = 4          # element-wise ops a chain made again may have (views a
 # 64 busiest with nothing recomputed are all over their memory at level 7, where
 # every 23rd tile is not.  Lowering 64 tiles takes 4 s to the whole graph's 16-24.
 SAMPLE_TILES = 64
+# Before any whole try, a sample of tiles spread evenly: at batch 8 the 64 busiest
+# of 256 spread tiles with nothing recomputed are 55 of them over at level 7.
+SPREAD_TILES = 256
+# The busiest tile of a training step with nothing recomputed holds at least this
+# many times its share of the step's always-live tensors and the activations it
+# keeps, spread evenly (measured, gc200: ResNet-50 1.56-1.76 at batches 1-8,
+# AlexNet batch 35 over 2.7): `expect_over`.
+BUSIEST_OVER_EVEN = 1.5
 
 
 @node
@@ -77,6 +86,7 @@ class Segments:
     checkpoints: set[int]                # ids kept across a cut
     frees: np.ndarray                    # per segment: bytes of saved results recomputing it frees
     cheap: np.ndarray                    # per segment: bytes its element-wise results free (level 1)
+    held: int = 0                        # bytes of the results the backward pass reads
 
     @property
     def count(self) -> int:
@@ -120,6 +130,15 @@ def next_try(lo: int, hi: int, need_lo: int, need_hi: int, freed: np.ndarray, bu
     least = predicted_fit(lo, hi, need_lo, need_hi, freed, budget)
     quarter = (hi - lo) // 4
     return int(min(max(least - 1, lo + 1, lo + quarter), hi - 1, hi - quarter))
+
+
+def expect_over(graph: g.TensorGraph, seg: Segments, budget: int) -> bool:
+    """Whether the step with nothing recomputed is expected over `budget` on its
+    busiest tile: its always-live tensors and the activations it keeps for the
+    backward pass, spread evenly, times BUSIEST_OVER_EVEN.  Only how `auto`
+    searches depends on it (pipeline._fit), never what it finds."""
+    always = sum(t.numel * t.elem_bytes for t in graph.tensors if t.kind in ALWAYS_LIVE_KINDS)
+    return BUSIEST_OVER_EVEN * (always + seg.held) > budget * graph.target.tiles
 
 
 def predicted_fit(lo: int, hi: int, need_lo: int, need_hi: int, freed: np.ndarray, budget: int) -> int:
@@ -197,7 +216,7 @@ def segments(graph: g.TensorGraph) -> Segments | None:
     for i, n in enumerate(forward):
         if n.id in saved and n.id not in checkpoints:
             kept[segment[i]] += size[i]
-    seg = Segments(forward, saved, cuts, segment, checkpoints, kept, np.zeros(len(cuts) + 1, np.int64))
+    seg = Segments(forward, saved, cuts, segment, checkpoints, kept, np.zeros(len(cuts) + 1, np.int64), total)
     for nid, s in _elementwise(seg, set())[0].items():
         seg.cheap[s] += size[pos[nid]]
     return seg
@@ -385,5 +404,5 @@ def verify(graph: g.TensorGraph) -> None:
                                     "kept_bytes", "kept_bytes_without"}
 
 
-__all__ = ["MODES", "Policy", "SAMPLE_TILES", "Segments", "next_try", "predicted_fit", "recompute", "segments",
-           "verify"]
+__all__ = ["MODES", "Policy", "SAMPLE_TILES", "SPREAD_TILES", "Segments", "expect_over", "next_try", "predicted_fit",
+           "recompute", "segments", "verify"]
