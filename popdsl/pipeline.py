@@ -277,7 +277,9 @@ def _fit(opts: Options, graph, compile_at, monitor=None):
     a minute; else the whole try goes on from the same partition
     (`compile_at(..., partitioned=...)`).  The first try, nothing recomputed, is
     sampled so only when `recompute.expect_over` expects it over, on tiles spread
-    over the chip (its busiest among them then stand for the busiest).  Out of memory even with every segment
+    over the chip (its busiest among them then stand for the busiest).  The try
+    with every segment recomputed brackets the search unless
+    `recompute.guessed_need` expects it well within the budget.  Out of memory even with every segment
     recomputed is the error of that try, saying so; fitting the tiles but not the
     budget, the closest there is.  `monitor`: as `compile_source`'s, around keeping
     and reloading the best try."""
@@ -343,14 +345,20 @@ def _fit(opts: Options, graph, compile_at, monitor=None):
 
     got, fits = attempt(0, sample=True)
     if not fits and count:
-        need_lo, got = need(got), None
-        # Every segment recomputed, measured by its lower bound only: it brackets
-        # the search, and is rarely the level kept (its placement, a third of a try
-        # at ResNet-50's batch 8, is spent only if it is).
-        got, fits = attempt(count, measure=True, sample=True)
+        need_lo, got, freed = need(got), None, seg.freed()
+        guess = rc.guessed_need(need_lo, freed, ntiles)
+        if guess <= rc.GUESS_MARGIN * budget:
+            # Every segment recomputed is expected to fit with room to spare: the
+            # bracket is taken on trust, and the search's last try checks it.
+            fits, need_hi = True, guess
+        else:
+            # Every segment recomputed, measured by its lower bound only: it brackets
+            # the search, and is rarely the level kept (its placement, a third of a
+            # try at ResNet-50's batch 8, is spent only if it is).
+            got, fits = attempt(count, measure=True, sample=True)
+            need_hi = need(got)
         if fits:
             lo, hi = 0, count
-            need_hi, freed = need(got), seg.freed()
             got = best = None
             while hi - lo > 1:
                 # One try's result at a time: each is a whole compile's memory (a
@@ -371,7 +379,7 @@ def _fit(opts: Options, graph, compile_at, monitor=None):
                 with stage("reload", f"auto: the try with {seg.describe(hi)}"):
                     exe = artifact.load(io.BytesIO(best), unchecked=opts.unchecked)
                     got = exe, NativeCodelets(list(exe.codelets.values()), exe.unchecked)
-            elif got is None:        # only everything recomputed fits: now placed
+            elif got is None:        # only everything recomputed fits (if it does): now placed
                 got, fits = attempt(count)
         elif not isinstance(got, OutOfMemory):
             # Within the tiles' memory by its lower bound but not the budget: placed,

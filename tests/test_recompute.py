@@ -16,7 +16,7 @@ import pytest
 from hypothesis import assume, given, strategies as st
 
 from popdsl import api
-from popdsl.diagnostics import CompileError, OutOfMemory
+from popdsl.diagnostics import CompileError, Diagnostic, OutOfMemory, Span
 from popdsl.ir.target import get_target
 from popdsl.limits import Budgets
 from popdsl.passes import recompute as rc
@@ -231,14 +231,15 @@ class _Compiled:
 HOT = 5          # the fake compiles' busiest tile: one of the spread (0, 5, 10, 15 of the CNN's 16)
 
 
-def _fake_search(monkeypatch, need, budget: int, sampled=None, spread: bool = False):
+def _fake_search(monkeypatch, need, budget: int, sampled=None, spread: bool = False, guess: int | None = None):
     """`pipeline._fit` over the CNN's segments with compiles faked: a try at a level
     whose busiest tile (HOT) needs `need(level)` bytes, its lower bound 100 fewer,
     every other tile half.  A try lowered for some tiles alone bounds them as the
     whole try does, but for HOT where `sampled(level)` gives its bound there.  Gives
     the tries as (level, how: 'whole', 'measure' or 'sample', the last two bounds
     only), the level of the result and the last level (every segment).  `spread`:
-    the step expected over its budget with nothing recomputed (rc.expect_over)."""
+    the step expected over its budget with nothing recomputed (rc.expect_over).
+    `guess`: rc.guessed_need's (None: over the budget, so the bracket is tried)."""
     import pickle
     graph = pipeline.compile_source(CNN, "deep.pop", get_target(), stop_after="autodiff")
     top = rc.segments(graph).levels - 1
@@ -246,6 +247,7 @@ def _fake_search(monkeypatch, need, budget: int, sampled=None, spread: bool = Fa
                                                               load=lambda f, unchecked: pickle.load(f)))
     monkeypatch.setattr(pipeline, "NativeCodelets", lambda codelets, unchecked: None)
     monkeypatch.setattr(rc, "expect_over", lambda *a: spread)
+    monkeypatch.setattr(rc, "guessed_need", lambda *a: budget + 1 if guess is None else guess)
     monkeypatch.setattr(rc, "SAMPLE_TILES", 2)          # samples on the CNN's 16 tiles
     monkeypatch.setattr(rc, "SPREAD_TILES", 4)
     tries, memory, tiles = [], get_target().tile_memory, graph.target.tiles
@@ -269,7 +271,9 @@ def _fake_search(monkeypatch, need, budget: int, sampled=None, spread: bool = Fa
                 bound[HOT] = min(bound[HOT], sampled(level))
         if (opts.probe or opts.measure) and bound.max() > memory or n > memory:
             at_least = opts.probe or opts.measure
-            raise OutOfMemory([], HOT, int(bound.max()) if at_least else n, memory, bound)
+            need_ = int(bound.max()) if at_least else n
+            raise OutOfMemory([Diagnostic(Span("deep.pop", 0, 0, 0, 0), f"out of memory: tile {HOT} needs {need_:,} B",
+                                          "error", ())], HOT, need_, memory, bound)
         if opts.measure:
             z = np.zeros(tiles, np.int64)
             return pipeline.X.MemoryPlan(z, z, z, z, z, bound, bound, z, z, []), None
@@ -361,10 +365,15 @@ def test_auto_finds_the_same_level_with_tries_bounded_on_some_tiles_first(monkey
     monkeypatch.setattr(rc, "SPREAD_TILES", 4)
     monkeypatch.setattr(rc, "expect_over", lambda *a: True)
     sampled.clear()
+    trusted, _ = compile_cnn("auto", budget)            # the bracket guessed within the budget
+    guess = rc.guessed_need
+    monkeypatch.setattr(rc, "guessed_need", lambda *a: budget + 1)
+    sampled.clear()
     exe, _ = compile_cnn("auto", budget)
     assert [int(only.sum()) for only in sampled if only is not None][:2] == [4, 2]
-    assert exe.recompute["level"] == plain.recompute["level"] > 0
-    assert artifact_bytes(exe) == artifact_bytes(plain)
+    assert exe.recompute["level"] == trusted.recompute["level"] == plain.recompute["level"] > 0
+    assert artifact_bytes(exe) == artifact_bytes(trusted) == artifact_bytes(plain)
+    assert guess(10_000, np.array([0, 4000]), 16) == 9750
 
 
 def artifact_bytes(exe) -> bytes:
@@ -385,6 +394,25 @@ def test_auto_samples_nothing_recomputed_on_spread_tiles_when_it_expects_it_over
     tries, spread_level, _ = _fake_search(monkeypatch, need, 1500, spread=True,
                                           sampled=lambda level: 0 if level == 0 else None)
     assert spread_level == 3 and tries[:2] == [(0, "sample"), (0, "whole")]
+
+
+def test_auto_takes_its_bracket_on_trust_when_everything_recomputed_is_guessed_well_within(monkeypatch):
+    """Everything recomputed guessed well within the budget: no bracketing try; the
+    search goes straight between, and finds the level it finds with the bracket.
+    Guessed wrong — nothing fits — the search ends on everything recomputed,
+    placed, and its error."""
+    need = lambda level: 2000 - 200 * level          # noqa: E731 — fits (<= 1500) from level 3 on
+    bracketed, level, top = _fake_search(monkeypatch, need, 1500)
+    tries, trusted, _ = _fake_search(monkeypatch, need, 1500, guess=1000)
+    assert trusted == level == 3 and (top, "sample") in bracketed
+    assert all(lvl != top for lvl, _ in tries) and tries[-1] == (3, "whole")
+    with pytest.raises(OutOfMemory, match="every one of the"):
+        _fake_search(monkeypatch, lambda level: 700_000, 1500, guess=1000)
+
+
+def test_auto_guesses_everything_recomputed_from_an_even_share_of_the_bytes_freed():
+    freed = np.array([0, 1000, 3000])
+    assert rc.guessed_need(10_000, freed, 4) == 9250
 
 
 def test_auto_expects_a_step_over_from_its_kept_bytes_spread_evenly():
