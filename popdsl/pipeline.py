@@ -279,10 +279,10 @@ def _fit(opts: Options, graph, compile_at, monitor=None):
     sampled so only when `recompute.expect_over` expects it over, on tiles spread
     over the chip (its busiest among them then stand for the busiest).  The try
     with every segment recomputed brackets the search unless
-    `recompute.guessed_need` expects it well within the budget.  Out of memory even with every segment
-    recomputed is the error of that try, saying so; fitting the tiles but not the
-    budget, the closest there is.  `monitor`: as `compile_source`'s, around keeping
-    and reloading the best try."""
+    `recompute.guessed_need` expects it well within the budget.  Out of memory
+    even with every segment recomputed is the error of that try, saying so;
+    fitting the tiles but not the budget, the closest there is.  `monitor`: as
+    `compile_source`'s, around keeping and reloading the best try."""
     budget = opts.recompute.budget or opts.target.tile_memory
     stage = (lambda name, note: monitor(name, note)) if monitor is not None else (lambda name, note: nullcontext())
     seg = rc.segments(graph)
@@ -290,7 +290,7 @@ def _fit(opts: Options, graph, compile_at, monitor=None):
     # The tiles a sample bounds: the busiest of the last whole try, or before any, a
     # spread over the chip when the step is expected over its budget from the start.
     ntiles = graph.target.tiles               # the graph's own (a graph may ask for fewer)
-    sampling = count and ntiles > 4 * rc.SAMPLE_TILES
+    sampling = bool(count) and ntiles > 4 * rc.SAMPLE_TILES
     spread = sampling and rc.expect_over(graph, seg, budget)
     spread_tiles = np.unique(np.linspace(0, ntiles - 1, min(rc.SPREAD_TILES, ntiles // 4)).round().astype(int))
     busiest: list = [tuple(spread_tiles.tolist()) if spread else None, spread]     # (tiles, whether a spread)
@@ -305,12 +305,12 @@ def _fit(opts: Options, graph, compile_at, monitor=None):
         # Only the try with every segment recomputed shows its error (if all
         # fail): the others may stop at a lower bound already over a tile.
         o = replace(opts, level=level, probe=level < count, measure=measure)
-        tiles, spread = busiest
+        tiles, spread_out = busiest
         if not sample or tiles is None:
             return tried(o, note, whole=True)
         part = compile_at(o, note, until="partition")
         res, ok = tried(replace(o, measure=True, only=tiles),
-                        f"{note}, on {len(tiles)} tiles spread over the chip" if spread else
+                        f"{note}, on {len(tiles)} tiles spread over the chip" if spread_out else
                         f"{note}, on the {len(tiles)} tiles busiest before", partitioned=part)
         if measure and ok or not measure and not ok:
             return res, ok
