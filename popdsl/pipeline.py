@@ -291,9 +291,9 @@ def _fit(opts: Options, graph, compile_at, monitor=None):
     # spread over the chip when the step is expected over its budget from the start.
     ntiles = graph.target.tiles               # the graph's own (a graph may ask for fewer)
     sampling = bool(count) and ntiles > 4 * rc.SAMPLE_TILES
-    spread = sampling and rc.expect_over(graph, seg, budget)
-    spread_tiles = np.unique(np.linspace(0, ntiles - 1, min(rc.SPREAD_TILES, ntiles // 4)).round().astype(int))
-    busiest: list = [tuple(spread_tiles.tolist()) if spread else None, spread]     # (tiles, whether a spread)
+    spread_out = sampling and rc.expect_over(graph, seg, budget)         # whether `busiest` is that spread
+    busiest = tuple(np.unique(np.linspace(0, ntiles - 1, min(rc.SPREAD_TILES, ntiles // 4)).round().astype(int))
+                    .tolist()) if spread_out else None
 
     def attempt(level: int, measure: bool = False, sample: bool = False):
         """(the compile's result, its OutOfMemory, or with `measure` its memory plan
@@ -305,7 +305,7 @@ def _fit(opts: Options, graph, compile_at, monitor=None):
         # Only the try with every segment recomputed shows its error (if all
         # fail): the others may stop at a lower bound already over a tile.
         o = replace(opts, level=level, probe=level < count, measure=measure)
-        tiles, spread_out = busiest
+        tiles = busiest
         if not sample or tiles is None:
             return tried(o, note, whole=True)
         part = compile_at(o, note, until="partition")
@@ -321,27 +321,29 @@ def _fit(opts: Options, graph, compile_at, monitor=None):
     def tried(o: Options, note: str, whole: bool = False, **kw):
         """A try's result (or OutOfMemory) and whether it fits.  The busiest tiles
         of a whole try are remembered, or of a spread's sample among its tiles."""
+        nonlocal busiest, spread_out
         try:
             res = compile_at(o, note, **kw)
         except OutOfMemory as e:
             res = e.with_traceback(None)     # its frames hold the whole plan
-        if sampling and (whole or busiest[1]):
-            bounds = (res.bounds if isinstance(res, OutOfMemory) else
-                      res[0].bound_total if isinstance(res[0], X.MemoryPlan) else res[0].memory.bound_total)
+        if sampling and (whole or spread_out):
+            bounds = res.bounds if isinstance(res, OutOfMemory) else memory(res).bound_total
             if bounds is not None:
                 bounds = np.asarray(bounds, np.int64)
                 if not whole:                # a spread's sample: its own tiles only
                     bounds = np.where(np.isin(np.arange(bounds.size), o.only), bounds, -1)
-                busiest[:] = tuple(np.argsort(-bounds, kind="stable")[:rc.SAMPLE_TILES].tolist()), False
+                busiest = tuple(np.argsort(-bounds, kind="stable")[:rc.SAMPLE_TILES].tolist())
+                spread_out = False
         return res, need(res) <= budget
+
+    def memory(res) -> X.MemoryPlan:
+        """A try's memory plan: a measuring try's result, or its executable's."""
+        return res[0] if isinstance(res[0], X.MemoryPlan) else res[0].memory
 
     def need(res) -> int:
         """The busiest tile's bytes (at least, for a try stopped at its lower bound
         or measuring only that)."""
-        if isinstance(res, OutOfMemory):
-            return res.need
-        mem = res[0] if isinstance(res[0], X.MemoryPlan) else res[0].memory
-        return int(mem.total.max())
+        return res.need if isinstance(res, OutOfMemory) else int(memory(res).total.max())
 
     got, fits = attempt(0, sample=True)
     if not fits and count:
