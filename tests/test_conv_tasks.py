@@ -16,7 +16,7 @@ from popdsl.ir import graph as g
 from popdsl.ir.index import Batch, RunBatch, Strided, as_array, stack
 from popdsl.ir.mapping import Mapping
 from popdsl.ir.target import get_target
-from popdsl.ops.blocks import blocks, emit_tasks, map_first, shape_classes, stacked, task_grid
+from popdsl.ops.blocks import blocks, emit_tasks, map_first, map_whole, shape_classes, stacked, task_grid
 from popdsl.passes.partition import Partitioner, partition
 from popdsl.pipeline import compile_source
 
@@ -143,6 +143,51 @@ def test_map_first_maps_as_each_tasks_ensure_mapped_in_task_order(index, data):
                           set_tiles=lambda t, tiles: got.g.mappings.__setitem__(t, Mapping.from_elements(tiles)))
     map_first(got, view, tiles[task], task)
     np.testing.assert_array_equal(got.g.mappings[0].elements(), want.g.mappings[0].elements())
+
+
+@SETTINGS
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=3), st.data())
+def test_ensure_mapped_maps_a_contiguous_view_by_runs_as_element_by_element(shape, data):
+    """A view whose elements are consecutive (a slice of whole rows, reshaped) is
+    mapped by runs: the same tile per element, and the same rotor, as the
+    per-element definition (only unmapped elements take the given or linear tiles;
+    nothing rotates when none is free)."""
+    numel = int(np.prod(shape)) + data.draw(st.integers(0, 6))
+    rng = np.random.default_rng(data.draw(st.integers(0, 999)))
+    before = np.where(rng.random(numel) < data.draw(st.sampled_from([0.0, 0.5, 1.0])),
+                      rng.integers(0, 9, numel), -1)
+    lo = data.draw(st.integers(0, numel - int(np.prod(shape))))
+    index = Strided.whole((numel,))[lo:lo + int(np.prod(shape))].reshape(tuple(shape))
+    given_tiles = None if data.draw(st.booleans()) else rng.integers(0, 9, tuple(shape)).astype(np.int32)
+
+    def partitioner():
+        p = Partitioner.__new__(Partitioner)
+        p.g, p.tiles, p.rotor = SimpleNamespace(mappings={0: Mapping.from_elements(before)}), 7, 3
+        return p
+    got = partitioner()
+    got.ensure_mapped(g.View(0, index, None), given_tiles)
+    want = partitioner()
+    m = want.g.mappings[0]
+    flat = as_array(index).ravel()
+    free = m.tile_of(flat) < 0
+    if free.any():
+        tiles = want.linear(flat.size) if given_tiles is None else given_tiles.ravel()
+        m.assign_elements(flat[free], tiles[free], only_unmapped=True)
+    assert got.g.mappings[0].same(m) and got.rotor == want.rotor
+
+
+@SETTINGS
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=4), st.data())
+def test_map_whole_maps_runs_of_the_axes_tiles_are_broadcast_along(shape, data):
+    """`map_whole` keeps the trailing axes its tiles are broadcast along as runs:
+    the same mapping as the tiles broadcast element by element."""
+    shape = tuple(shape)
+    lead = tuple(n if data.draw(st.booleans()) else 1 for n in shape)[data.draw(st.integers(0, len(shape))):]
+    tiles = np.random.default_rng(data.draw(st.integers(0, 999))).integers(0, 3, lead).astype(np.int32)
+    p = SimpleNamespace(g=SimpleNamespace(mappings={}),
+                        set_tiles=lambda t, tl: p.g.mappings.__setitem__(t, Mapping.from_elements(tl)))
+    map_whole(p, 0, shape, tiles)
+    assert p.g.mappings[0].same(Mapping.from_elements(np.broadcast_to(tiles, shape)))
 
 
 # ---------------------------------------------------------------- conv2d against its per-task loop

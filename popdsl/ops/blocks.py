@@ -23,7 +23,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from popdsl.ir.index import Batch, RunBatch, Strided, as_array, stack
+from popdsl.ir.index import Batch, RunBatch, Strided, as_array, ramps, stack
+from popdsl.ir.mapping import Mapping
 
 GRAIN = 16                    # fewest elements worth a vertex of element-wise work
 SLAB_BYTES = 48 * 1024        # most input data one vertex of a conv or pool may take
@@ -207,10 +208,47 @@ def _one_to_one(index) -> bool:
     return True
 
 
+def vertex_split(counts: np.ndarray, workers: int, grain: int = GRAIN, max_size: int | None = None):
+    """How the partitioner splits each of some tiles' `counts` elements (in flat
+    order) into vertices (`Partitioner.chunks`): up to `workers` per tile, of
+    near-equal sizes, at least `grain` elements each where there are enough, more
+    if a vertex would exceed `max_size`.  Per vertex, in tile order: (its tile's
+    index in `counts`, its size, where it starts among its tile's elements)."""
+    k = np.clip(counts // grain, 1, workers)
+    if max_size is not None:
+        k = np.maximum(k, -(-counts // max_size))
+    q, r = counts // k, counts % k
+    owner = np.repeat(np.arange(len(counts)), k)
+    j = ramps(k)
+    rr, qq = r[owner], q[owner]
+    return owner, qq + (j < rr), j * qq + np.minimum(j, rr)
+
+
 def map_whole(p, tensor: int, shape: tuple, tiles: np.ndarray) -> None:
     """Map every element of `tensor` (one the rule made, its elements in the order of
-    a `shape` array) to `tiles`, broadcast to `shape`."""
-    p.set_tiles(tensor, np.broadcast_to(tiles, shape))
+    a `shape` array) to `tiles`, broadcast to `shape`.  The trailing axes `tiles`
+    is broadcast along are runs, never elements (a weight gradient's KH x KW)."""
+    tiles = np.asarray(tiles)
+    lead = (1,) * (len(shape) - tiles.ndim) + tiles.shape
+    k = len(shape)
+    while k and lead[k - 1] == 1:
+        k -= 1
+    inner = math.prod(shape[k:])
+    outer = np.broadcast_to(tiles.reshape(lead[:k]), shape[:k]).reshape(-1)
+    if inner <= 1 or not outer.size:
+        p.set_tiles(tensor, np.broadcast_to(tiles, shape))
+        return
+    runs = Mapping.from_elements(outer)
+    p.g.mappings[tensor] = Mapping(runs.numel * inner, runs.starts * inner, runs.tiles)
+
+
+def map_runs(p, tensor: int, starts: np.ndarray, lengths: np.ndarray, tiles: np.ndarray) -> None:
+    """Map every element of `tensor` (one the rule made) by runs: elements
+    [starts, starts + lengths) on `tiles` (broadcast together), covering it."""
+    starts, lengths, tiles = (a.reshape(-1) for a in np.broadcast_arrays(starts, lengths, tiles))
+    m = Mapping.unmapped(p.g.tensors[tensor].numel)
+    m.assign(starts, lengths, tiles)
+    p.g.mappings[tensor] = m
 
 
 def map_first(p, view, tiles: np.ndarray, task: np.ndarray) -> None:

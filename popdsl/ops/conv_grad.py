@@ -25,7 +25,7 @@ from popdsl.ir.cost import LOOP_ITER, LOOP_SETUP, RPT_ITER, VERTEX_OVERHEAD, amp
 from popdsl.ir.index import Strided
 from popdsl.ir.intrinsics import DIV, OP
 from popdsl.ir.tensor import Node
-from popdsl.ops.blocks import (block_of, blocks, bounds, emit_classes, map_first, map_whole, shape_classes,
+from popdsl.ops.blocks import (block_of, blocks, bounds, emit_classes, map_first, map_runs, map_whole, shape_classes,
                                split_plan, stacked, task_grid)
 from popdsl.ops.core import HIGH_VALUE, Builder, OpDef
 from popdsl.ops.reduce import sum_partials
@@ -331,11 +331,13 @@ def partition_conv_grad_w(p, n: Node) -> g.View:
     c0, c1 = cb0[ci], cb1[ci]
     part = ni * nrb + ri
     # Each element of the result is one task's: (partial sum, its output channel's
-    # group and block, its input channel's block).  acc is new, laid out as `target`.
+    # group and block, its input channel's block).  acc is new, laid out as `target`:
+    # a run of each block of input channels' KH x KW weights.
     og, oo = np.divmod(np.arange(O), Og)
     task = ((og * nparts + np.arange(nparts)[:, None]) * nob + block_of(obs)[oo]) * ncb
-    task = task[..., None] + block_of(cbs)
-    map_whole(p, acc.tensor, task.shape + (KH, KW), tiles[task][..., None, None])
+    task = task[..., None] + np.arange(ncb)                          # (partial, output, channel block)
+    map_runs(p, acc.tensor, (np.arange(nparts * O).reshape(nparts, O, 1) * Cg + cb0) * kk, (cb1 - cb0) * kk,
+             tiles[task])
 
     def conns(v):
         """Tasks v (one class): x[images, channels, input rows], g[images, outputs,

@@ -14,13 +14,16 @@ PyTorch's amax); argmax's result is an integer and carries none.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from popdsl.ir import graph as g
-from popdsl.ir.index import Batch, Strided, as_array, ramps
+from popdsl.ir.index import Batch, Strided, as_array, unique
+from popdsl.ir.mapping import Mapping
 from popdsl.ir.tensor import Node
 from popdsl.ops import elementwise
-from popdsl.ops.blocks import blocks, bounds, emit_classes, map_whole, shape_classes, stacked, task_grid
+from popdsl.ops.blocks import blocks, bounds, emit_classes, map_whole, shape_classes, stacked, task_grid, vertex_split
 from popdsl.ops.shape import broadcast_to, reshape
 from popdsl.ops.core import FLOATS, Builder, Function, OpDef, Param
 
@@ -144,8 +147,21 @@ def reduce_rows(p, kind: str, src: g.View, dtype: str, out_dtype: str, label: st
     p.set_tiles(out.tensor, row_tiles)
     cs = p.new_cs(label)
     for size, pos, tiles in p.chunks(row_tiles, grain=1):
-        p.group(cs, codelet, tiles, {"a": (src.tensor, rows[pos]), "y": (out.tensor, out.index[pos])})
+        p.group(cs, codelet, tiles, {"a": (src.tensor, _rows_of(rows, pos)), "y": (out.tensor, _rows_of(out.index, pos))})
     return out
+
+
+def _rows_of(index, pos: np.ndarray):
+    """`index[pos]`, the rows `pos` (vertices, rows) of a view: where the view is
+    strided and each vertex's rows consecutive, the Batch `Partitioner.group` would
+    make of that index array, without the array (an index per element of the
+    tensor reduced)."""
+    shape = pos.shape[1:] + index.shape[1:]
+    if isinstance(index, Strided) and pos.size and math.prod(shape) \
+            and (pos == pos[:, :1] + np.arange(pos.shape[1])).all():
+        strides = tuple(s if n > 1 else 0 for s, n in zip(index.strides, shape))
+        return Batch(index.offset + pos[:, 0].astype(np.int64) * index.strides[0], shape, strides)
+    return index[pos]
 
 
 def _unpiled(p, tiles: np.ndarray) -> np.ndarray:
@@ -177,47 +193,48 @@ def sum_partials(p, partial: g.View, label: str, shape=None) -> g.View:
     out = p.new_tensor(label, "f32", shape or (R,))
     out = g.View(out.tensor, out.index.reshape(R), out.span)
     # Columns go to tiles and vertices in pairs where they can, so the vertices can
-    # add two at a time (ReduceSumCols2).
+    # add two at a time (ReduceSumCols2); the pairs spread linearly, one run a tile
+    # (all kept as runs: a weight gradient has millions of columns).
     unit = 2 if R % 2 == 0 else 1
     units = R // unit
-    unit_tiles = p.linear(units)
-    p.set_tiles(out.tensor, np.repeat(unit_tiles, unit))
+    linear = p.linear_mapping(units)
+    mapping = Mapping.unmapped(R)
+    mapping.assign(linear.starts * unit, linear.lengths * unit, linear.tiles)
+    p.g.mappings[out.tensor] = mapping
     waves = max(1, min(-(-K * R * 4 // (p.tiles * WAVE_BYTES)), MAX_WAVES,
                        units // (p.tiles * REDUCE_GRAIN // unit) or 1))
     # A wave takes the same share of every tile's columns, so each tile's stay one
     # run: a wave a slab of all columns made every tile's output several runs,
     # and the element-wise ops after it an index per element (4.5 GB at batch 32).
-    order = np.argsort(unit_tiles, kind="stable")
-    counts = np.bincount(unit_tiles, minlength=p.tiles)
-    in_tile = np.empty(units, np.int64)
-    in_tile[order] = ramps(counts[counts > 0]) if units else np.zeros(0, np.int64)
-    wave = in_tile * waves // counts[unit_tiles]
+    by_tile = np.argsort(linear.tiles, kind="stable")
+    first, count, tiles = linear.starts[by_tile], linear.lengths[by_tile], linear.tiles[by_tile]
     for w in range(waves):
-        idx = np.flatnonzero(wave == w)
-        _sum_columns(p, partial.tensor, cols, out, unit, idx, unit_tiles[idx], p.new_cs(label))
+        lo, hi = first + -(-w * count // waves), first + -(-(w + 1) * count // waves)
+        some = hi > lo
+        _sum_columns(p, partial.tensor, cols, out, unit, lo[some], hi[some] - lo[some], tiles[some],
+                     p.new_cs(label))
     return out
 
 
-def _sum_columns(p, tensor: int, cols, out: g.View, unit: int, units, unit_tiles, cs) -> None:
+def _sum_columns(p, tensor: int, cols, out: g.View, unit: int, first, count, tiles, cs) -> None:
     """Vertices of compute set cs adding the K rows of `cols` (a [K, R] view of
-    `tensor`) into `out`, for the units of columns `units` (consecutive on each
-    tile), on `unit_tiles`."""
+    `tensor`) into `out`: on each of `tiles` (ascending), its units of columns
+    first .. first + count."""
     K = cols.shape[0]
     # A tile's workers share its columns, at least REDUCE_GRAIN each (a vertex per
     # few columns would cost more vertices than it saves cycles); few columns per
     # vertex keep each vertex's K-row buffer small.
-    for size_units, upos, tiles in p.chunks(unit_tiles, grain=REDUCE_GRAIN // unit,
-                                            max_size=max(1, min(256, 8192 // max(K, 1)) // unit)):
+    owner, sizes, offset = vertex_split(count, p.workers, REDUCE_GRAIN // unit,
+                                        max_size=max(1, min(256, 8192 // max(K, 1)) // unit))
+    for size_units in unique(sizes).tolist():
+        sel = np.flatnonzero(sizes == size_units)
         size = size_units * unit
-        pos = (unit * units[upos][:, :, None] + np.arange(unit)).reshape(len(upos), size)
-        first = pos[:, 0].astype(np.int64)
+        start = (first[owner[sel]] + offset[sel]) * unit            # each vertex's first column
         codelet = "ReduceSumCols"
-        if isinstance(cols, Strided) and isinstance(out.index, Strided) \
-                and np.array_equal(pos, first[:, None] + np.arange(size)):
-            # Consecutive columns (the usual case, a linear mapping): strided per
-            # vertex, O(vertices) numbers rather than an index per element.
+        if isinstance(cols, Strided) and isinstance(out.index, Strided):
+            # Strided per vertex, O(vertices) numbers rather than an index per element.
             (ks, cs_), (os_,) = cols.strides, out.index.strides
-            a_off, y_off = cols.offset + cs_ * first, out.index.offset + os_ * first
+            a_off, y_off = cols.offset + cs_ * start, out.index.offset + os_ * start
             a = Batch(a_off, (K, size), (ks, cs_))
             y = Batch(y_off, (size,), (os_,))
             # Two columns at a time where every vertex's rows start on whole pairs.
@@ -225,8 +242,9 @@ def _sum_columns(p, tensor: int, cols, out: g.View, unit: int, units, unit_tiles
                     and not (y_off % 2).any():
                 codelet = "ReduceSumCols2"
         else:
+            pos = start[:, None] + np.arange(size)
             a, y = np.moveaxis(as_array(cols)[:, pos], 1, 0), as_array(out.index)[pos]
-        p.group(cs, p.prim(codelet), tiles, {"a": (tensor, a), "y": (out.tensor, y)})
+        p.group(cs, p.prim(codelet), tiles[owner[sel]], {"a": (tensor, a), "y": (out.tensor, y)})
 
 
 def partition(p, n: Node) -> g.View:

@@ -62,19 +62,13 @@ def partition_fused(p, n: Node) -> g.View:
         p.g.mappings[out.tensor] = p.linear_mapping(out.index.size)
     else:
         p.set_tiles(out.tensor, p.linear(0))
-    tile_of = None                  # the output's tile per element, where needed
-
-    def tiles_per_element():
-        nonlocal tile_of
-        if tile_of is None:
-            tile_of = p.g.mappings[out.tensor].elements()
-        return tile_of
-    flat_leaves = []
     for v in views:
-        b = _flat(broadcast_to(v.index, n.shape))
         if not p.g.mappings[v.tensor].fully_mapped():
-            p.ensure_mapped(g.View(v.tensor, b, v.span), tiles_per_element() if v.shape == n.shape else None)
-        flat_leaves.append((v.tensor, b))
+            b = g.View(v.tensor, _flat(broadcast_to(v.index, n.shape)), v.span)
+            if v.shape == n.shape:
+                p.map_like(b, p.g.mappings[out.tensor])
+            else:
+                p.ensure_mapped(b)
     cs = p.new_cs(name)
     for v, leaf in zip(views, leaves):
         t = p.g.tensors[v.tensor]
@@ -113,8 +107,9 @@ def partition_fused(p, n: Node) -> g.View:
                 p.group(cs, variants[key], tiles[rows], conns, state)
         p.record(n, cs, flops=n.numel * _count_ops(expr, lets))
         return out
+    flat_leaves = [(v.tensor, _flat(broadcast_to(v.index, n.shape))) for v in views]
     dense: dict[int, np.ndarray] = {}
-    for size, pos, tiles in p.chunks(tiles_per_element()):
+    for size, pos, tiles in p.chunks(p.g.mappings[out.tensor].elements()):
         # A vertex's elements are usually consecutive (an output laid out by
         # tile): then every strided operand is a Batch, O(vertices) numbers,
         # not an index per element.

@@ -32,7 +32,7 @@ from popdsl.ir.index import (Batch, RunBatch, Strided, affine_rows, as_array, fi
                               unique)
 from popdsl.ir.mapping import Mapping
 from popdsl.ir.tensor import Node
-from popdsl.ops.blocks import GRAIN
+from popdsl.ops.blocks import GRAIN, vertex_split
 from popdsl.passes.fuse import partition_fused
 
 
@@ -63,6 +63,16 @@ def prim_codelets() -> dict[str, cir.Codelet]:
     from popdsl.sema import compile_codelets
     path = resources.resource("stdlib", "prims.pop")
     return {c.name: c for c in compile_codelets(path.read_text(), "<stdlib>/prims.pop")}
+
+
+def _consecutive(index) -> int | None:
+    """The first element of a view whose elements are consecutive in flat order (a
+    strided view of stride 1 once flattened), else None."""
+    if isinstance(index, Strided):
+        f = index.view_reshape((index.size,))
+        if f is not None and (f.size <= 1 or f.strides[0] == 1):
+            return int(f.offset)
+    return None
 
 
 class Partitioner:
@@ -291,6 +301,16 @@ class Partitioner:
         if tiles is None and m.unmapped_count() == m.numel and v.index.size == m.numel:
             self.g.mappings[v.tensor] = self.linear_mapping(m.numel)
             return
+        first = _consecutive(v.index)
+        if first is not None:
+            # The view's elements consecutive (a contiguous slice): as runs.
+            size = v.index.size
+            if not size or (m.tiles[m.run_of(first):m.run_of(first + size - 1) + 1] >= 0).all():
+                return
+            like = self.linear_mapping(size) if tiles is None else \
+                Mapping.from_elements(np.broadcast_to(tiles, v.index.shape))
+            m.assign(first + like.starts, like.lengths, like.tiles, only_unmapped=True)
+            return
         flat = as_array(v.index).ravel()
         free = m.tile_of(flat) < 0
         if not free.any():
@@ -298,6 +318,17 @@ class Partitioner:
         tiles = self.linear(flat.size) if tiles is None else np.broadcast_to(tiles, v.index.shape).ravel()
         # An element two blocks want keeps the first block's tile.
         m.assign_elements(flat[free], tiles[free], only_unmapped=True)
+
+    def map_like(self, v: g.View, like: Mapping) -> None:
+        """`ensure_mapped(v, tiles)` with the tiles of v's elements in flat order
+        given as runs (`like`, a mapping of v.index.size positions)."""
+        m = self.g.mappings[v.tensor]
+        first = _consecutive(v.index)
+        if first is None:
+            self.ensure_mapped(v, like.elements().reshape(v.index.shape))
+        elif not m.fully_mapped():
+            # Already mapped elements keep their tiles, as `ensure_mapped`'s do.
+            m.assign(first + like.starts, like.lengths, like.tiles, only_unmapped=True)
 
     def map_first_come(self, tensor: int, pieces: list) -> None:
         """`ensure_mapped(view, tile)` for each (element array, tile) of `pieces` in
@@ -419,24 +450,15 @@ class Partitioner:
         cs.groups.append(grp)
 
     def chunks(self, tile_of: np.ndarray, grain: int = GRAIN, max_size: int | None = None):
-        """Split elements (by their tiles) into vertices: up to `workers` per tile,
-        more if a vertex would exceed `max_size` elements.  Yields (size, positions
-        (nv, size), tiles (nv,)) per distinct size, where positions index `tile_of`
-        and run in flat order within each tile."""
+        """Split elements (by their tiles) into vertices (`blocks.vertex_split`).  Yields
+        (size, positions (nv, size), tiles (nv,)) per distinct size, where positions
+        index `tile_of` and run in flat order within each tile."""
         order = np.argsort(tile_of, kind="stable")
         tiles, counts = np.unique(tile_of, return_counts=True)
         starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-        k = np.clip(counts // grain, 1, self.workers)
-        if max_size is not None:
-            k = np.maximum(k, -(-counts // max_size))
-        q, r = counts // k, counts % k
-        vert_tile = np.repeat(tiles, k)
-        vert_first = np.repeat(starts, k)
-        j = np.arange(len(vert_tile)) - np.repeat(np.cumsum(k) - k, k)
-        rr, qq = np.repeat(r, k), np.repeat(q, k)
-        size = qq + (j < rr)
-        offset = j * qq + np.minimum(j, rr)
-        begin = vert_first + offset
+        owner, size, offset = vertex_split(counts, self.workers, grain, max_size)
+        vert_tile = tiles[owner]
+        begin = starts[owner] + offset
         for s in unique(size):
             sel = size == s
             pos = order[begin[sel][:, None] + np.arange(s)[None, :]]
@@ -444,10 +466,8 @@ class Partitioner:
 
     def chunk_runs(self, m: Mapping, grain: int = GRAIN):
         """`chunks` of a new tensor's elements, by its mapping `m`'s runs instead of
-        an element array: a tile's elements in flat order, split into up to
-        `workers` vertices of near-equal sizes.  Yields (size, RunBatch of each
-        vertex's elements, tiles (nv,)) per distinct size, the vertices in the
-        order `chunks` gives them."""
+        an element array.  Yields (size, RunBatch of each vertex's elements, tiles
+        (nv,)) per distinct size, the vertices in the order `chunks` gives them."""
         lengths = m.lengths
         o = np.lexsort((m.starts, m.tiles))
         o = o[lengths[o] > 0]
@@ -455,13 +475,9 @@ class Partitioner:
         tiles, first_run = np.unique(run_tiles, return_index=True)
         run_at = np.concatenate(([0], np.cumsum(lengths)))      # position of each run among all
         counts = np.diff(np.append(run_at[first_run], run_at[-1]))
-        k = np.clip(counts // grain, 1, self.workers)
-        q, r = counts // k, counts % k
-        vert_tile = np.repeat(tiles, k)
-        j = ramps(k)
-        rr, qq = np.repeat(r, k), np.repeat(q, k)
-        size = qq + (j < rr)
-        begin = np.repeat(run_at[first_run], k) + j * qq + np.minimum(j, rr)
+        owner, size, offset = vertex_split(counts, self.workers, grain)
+        vert_tile = tiles[owner]
+        begin = run_at[first_run][owner] + offset
         for s in unique(size):
             sel = np.nonzero(size == s)[0]
             yield int(s), _cut(starts, run_at, begin[sel], size[sel], (int(s),)), vert_tile[sel]
