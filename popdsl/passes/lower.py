@@ -280,21 +280,31 @@ def _connect(low, graph, c, f, tensor: int, span: Span, spans, ptr, rs, rl, rows
     r, off, ln, fp, vert = _pieces_by_vertex(lay, ptr, rs, rl)
     first = np.searchsorted(vert, np.arange(nv))
     base, reg0 = off[first], r[first]
-    # Row stride in bytes: from where row 1 starts (rank 2, more than one row).
     stride_b = cols * es
-    two = (rows > 1)
-    if f.rank == 2 and two.any():
-        key = vert * (int(fp.max()) + int(cols.max()) + 2) + fp
-        want = np.arange(nv) * (int(fp.max()) + int(cols.max()) + 2) + cols
-        k = np.searchsorted(key, want, side="right") - 1
-        row1 = off[k] + (cols - fp[k]) * es
-        stride_b = np.where(two, row1 - base, stride_b)
-    cv = cols[vert]
-    row, colp = fp // cv, fp % cv
-    good = (r == reg0[vert]) & (off == base[vert] + row * stride_b[vert] + colp * es) \
-        & ((colp + ln <= cv) | (stride_b[vert] == cv * es))
-    ok = np.logical_and.reduceat(good, first) & (low.tensor_region_tile[reg0] == tiles) \
-        & (stride_b >= 0) & (stride_b % es == 0)
+    ok = np.zeros(nv, bool)
+    # Only a vertex whose data starts on its own tile may connect in place: the
+    # checks look at those vertices' pieces alone (a convolution's vertices mostly
+    # read other tiles' data).
+    cand = low.tensor_region_tile[reg0] == tiles
+    cr, coff, cln, cfp, cvert = r, off, ln, fp, vert
+    if not cand.all():
+        keep = cand[vert]
+        cr, coff, cln, cfp, cvert = r[keep], off[keep], ln[keep], fp[keep], vert[keep]
+    if cvert.size:
+        v = np.flatnonzero(cand)
+        at = np.searchsorted(cvert, v)
+        # Row stride in bytes: from where row 1 starts (rank 2, more than one row).
+        two = rows[v] > 1
+        if f.rank == 2 and two.any():
+            scale = int(cfp.max()) + int(cols.max()) + 2
+            k = np.searchsorted(cvert * scale + cfp, v * scale + cols[v], side="right") - 1
+            row1 = coff[k] + (cols[v] - cfp[k]) * es
+            stride_b[v] = np.where(two, row1 - base[v], stride_b[v])
+        cv = cols[cvert]
+        row, colp = cfp // cv, cfp % cv
+        good = (cr == reg0[cvert]) & (coff == base[cvert] + row * stride_b[cvert] + colp * es) \
+            & ((colp + cln <= cv) | (stride_b[cvert] == cv * es))
+        ok[v] = np.logical_and.reduceat(good, at) & (stride_b[v] >= 0) & (stride_b[v] % es == 0)
     ac = col[("addr", f.name)]
     table[ok, ac] = base[ok]
     region[ok, ac] = reg0[ok]
