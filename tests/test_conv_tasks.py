@@ -177,6 +177,44 @@ def test_ensure_mapped_maps_a_contiguous_view_by_runs_as_element_by_element(shap
 
 
 @SETTINGS
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=2), st.data())
+def test_ensure_mapped_maps_a_broadcast_of_consecutive_elements_as_element_by_element(shape, data):
+    """A contiguous slice broadcast along new axes (a channel's scale over a
+    batch) is mapped from its elements' first positions: the same tile per element,
+    and the same rotor, as linear tiles over every position element by element."""
+    size = int(np.prod(shape))
+    numel = size + data.draw(st.integers(0, 6))
+    rng = np.random.default_rng(data.draw(st.integers(0, 999)))
+    before = np.where(rng.random(numel) < data.draw(st.sampled_from([0.0, 0.5, 1.0])),
+                      rng.integers(0, 9, numel), -1)
+    lo = data.draw(st.integers(0, numel - size))
+    index = Strided.whole((numel,))[lo:lo + size].reshape(tuple(shape))
+    # New axes of random sizes before, between and after the view's own.
+    full = []
+    for n in shape:
+        full += [None] * data.draw(st.integers(0, 1)) + [slice(None)]
+    full += [None] * data.draw(st.integers(0, 1))
+    index = index[tuple(full)]
+    target = tuple(n if n > 1 or k is not None else data.draw(st.integers(1, 40))
+                   for n, k in zip(index.shape, full))
+    index = index.broadcast_to(target)
+
+    def partitioner():
+        p = Partitioner.__new__(Partitioner)
+        p.g, p.tiles, p.rotor = SimpleNamespace(mappings={0: Mapping.from_elements(before)}), 7, 3
+        return p
+    got = partitioner()
+    got.ensure_mapped(g.View(0, index, None))
+    want = partitioner()
+    m = want.g.mappings[0]
+    flat = as_array(index).ravel()
+    free = m.tile_of(flat) < 0
+    if free.any():
+        m.assign_elements(flat[free], want.linear(flat.size)[free], only_unmapped=True)
+    assert got.g.mappings[0].same(m) and got.rotor == want.rotor
+
+
+@SETTINGS
 @given(st.lists(st.integers(1, 4), min_size=1, max_size=4), st.data())
 def test_map_whole_maps_runs_of_the_axes_tiles_are_broadcast_along(shape, data):
     """`map_whole` keeps the trailing axes its tiles are broadcast along as runs:

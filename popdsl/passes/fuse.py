@@ -64,11 +64,10 @@ def partition_fused(p, n: Node) -> g.View:
         p.set_tiles(out.tensor, p.linear(0))
     for v in views:
         if not p.g.mappings[v.tensor].fully_mapped():
-            b = g.View(v.tensor, _flat(broadcast_to(v.index, n.shape)), v.span)
             if v.shape == n.shape:
-                p.map_like(b, p.g.mappings[out.tensor])
+                p.map_like(g.View(v.tensor, _flat(v.index), v.span), p.g.mappings[out.tensor])
             else:
-                p.ensure_mapped(b)
+                p.ensure_mapped(g.View(v.tensor, broadcast_to(v.index, n.shape), v.span))
     cs = p.new_cs(name)
     for v, leaf in zip(views, leaves):
         t = p.g.tensors[v.tensor]

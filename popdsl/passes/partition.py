@@ -75,6 +75,22 @@ def _consecutive(index) -> int | None:
     return None
 
 
+def _broadcast_of_consecutive(index) -> tuple[int, np.ndarray] | None:
+    """For a strided view broadcasting consecutive elements (its axes of stride 0
+    aside, a contiguous slice): (its first element, the flat position in the view
+    where each of its elements, in order, first appears), else None."""
+    if not isinstance(index, Strided) or not index.size:
+        return None
+    keep = [k for k, (n, s) in enumerate(zip(index.shape, index.strides)) if s and n > 1]
+    first = _consecutive(Strided(index.offset, tuple(index.shape[k] for k in keep),
+                                 tuple(index.strides[k] for k in keep)))
+    if first is None:
+        return None
+    after = np.cumprod((1,) + index.shape[::-1])[::-1][1:]          # positions one step of each axis moves
+    pos = Strided(0, tuple(index.shape[k] for k in keep), tuple(int(after[k]) for k in keep)).array()
+    return first, pos.reshape(-1)
+
+
 class Partitioner:
     def __init__(self, graph: g.TensorGraph):
         self.g = graph
@@ -310,6 +326,19 @@ class Partitioner:
             like = self.linear_mapping(size) if tiles is None else \
                 Mapping.from_elements(np.broadcast_to(tiles, v.index.shape))
             m.assign(first + like.starts, like.lengths, like.tiles, only_unmapped=True)
+            return
+        spread = _broadcast_of_consecutive(v.index) if tiles is None else None
+        if spread is not None:
+            # A broadcast of consecutive elements (a channel's scale over a batch's
+            # positions): each element takes the linear tile of the first position
+            # it is at, as element by element, computed for the elements alone.
+            first, pos = spread
+            if (m.tiles[m.run_of(first):m.run_of(first + pos.size - 1) + 1] >= 0).all():
+                return
+            size = v.index.size
+            used = max(1, min(self.tiles, -(-size // GRAIN)))
+            at = ((self.rotate(used) + pos * used // size) % self.tiles).astype(np.int32)
+            m.assign_elements(first + np.arange(pos.size), at, only_unmapped=True)
             return
         flat = as_array(v.index).ravel()
         free = m.tile_of(flat) < 0
