@@ -145,6 +145,25 @@ def test_map_first_maps_as_each_tasks_ensure_mapped_in_task_order(index, data):
     np.testing.assert_array_equal(got.g.mappings[0].elements(), want.g.mappings[0].elements())
 
 
+def _bare_partitioner(before: np.ndarray) -> Partitioner:
+    """A partitioner of one tensor mapped as `before` (-1: unmapped), 7 tiles, rotor 3."""
+    p = Partitioner.__new__(Partitioner)
+    p.g, p.tiles, p.rotor = SimpleNamespace(mappings={0: Mapping.from_elements(before)}), 7, 3
+    return p
+
+
+def _ensure_mapped_by_elements(p: Partitioner, index, tiles) -> None:
+    """`ensure_mapped`'s definition, element by element: the view's unmapped
+    elements take `tiles` (or linear tiles over its positions), the first position
+    of an element given twice winning; nothing rotates when none is free."""
+    m = p.g.mappings[0]
+    flat = as_array(index).ravel()
+    free = m.tile_of(flat) < 0
+    if free.any():
+        tiles = p.linear(flat.size) if tiles is None else np.broadcast_to(tiles, index.shape).ravel()
+        m.assign_elements(flat[free], tiles[free], only_unmapped=True)
+
+
 @SETTINGS
 @given(st.lists(st.integers(1, 4), min_size=1, max_size=3), st.data())
 def test_ensure_mapped_maps_a_contiguous_view_by_runs_as_element_by_element(shape, data):
@@ -159,21 +178,10 @@ def test_ensure_mapped_maps_a_contiguous_view_by_runs_as_element_by_element(shap
     lo = data.draw(st.integers(0, numel - int(np.prod(shape))))
     index = Strided.whole((numel,))[lo:lo + int(np.prod(shape))].reshape(tuple(shape))
     given_tiles = None if data.draw(st.booleans()) else rng.integers(0, 9, tuple(shape)).astype(np.int32)
-
-    def partitioner():
-        p = Partitioner.__new__(Partitioner)
-        p.g, p.tiles, p.rotor = SimpleNamespace(mappings={0: Mapping.from_elements(before)}), 7, 3
-        return p
-    got = partitioner()
+    got, want = _bare_partitioner(before), _bare_partitioner(before)
     got.ensure_mapped(g.View(0, index, None), given_tiles)
-    want = partitioner()
-    m = want.g.mappings[0]
-    flat = as_array(index).ravel()
-    free = m.tile_of(flat) < 0
-    if free.any():
-        tiles = want.linear(flat.size) if given_tiles is None else given_tiles.ravel()
-        m.assign_elements(flat[free], tiles[free], only_unmapped=True)
-    assert got.g.mappings[0].same(m) and got.rotor == want.rotor
+    _ensure_mapped_by_elements(want, index, given_tiles)
+    assert got.g.mappings[0].same(want.g.mappings[0]) and got.rotor == want.rotor
 
 
 @SETTINGS
@@ -198,20 +206,10 @@ def test_ensure_mapped_maps_a_broadcast_of_consecutive_elements_as_element_by_el
     target = tuple(n if n > 1 or k is not None else data.draw(st.integers(1, 40))
                    for n, k in zip(index.shape, full))
     index = index.broadcast_to(target)
-
-    def partitioner():
-        p = Partitioner.__new__(Partitioner)
-        p.g, p.tiles, p.rotor = SimpleNamespace(mappings={0: Mapping.from_elements(before)}), 7, 3
-        return p
-    got = partitioner()
+    got, want = _bare_partitioner(before), _bare_partitioner(before)
     got.ensure_mapped(g.View(0, index, None))
-    want = partitioner()
-    m = want.g.mappings[0]
-    flat = as_array(index).ravel()
-    free = m.tile_of(flat) < 0
-    if free.any():
-        m.assign_elements(flat[free], want.linear(flat.size)[free], only_unmapped=True)
-    assert got.g.mappings[0].same(m) and got.rotor == want.rotor
+    _ensure_mapped_by_elements(want, index, None)
+    assert got.g.mappings[0].same(want.g.mappings[0]) and got.rotor == want.rotor
 
 
 @SETTINGS
