@@ -195,7 +195,7 @@ def stacked(index, keys: tuple, shape: tuple):
     return out.reshape((nv,) + tuple(shape))
 
 
-def _one_to_one(index) -> bool:
+def one_to_one(index) -> bool:
     """A strided view whose positions all select different elements (sufficient:
     each axis steps over everything the smaller ones reach)."""
     if not isinstance(index, Strided):
@@ -270,7 +270,7 @@ def map_first(p, view, tiles: np.ndarray, task: np.ndarray) -> None:
     free = m.tile_of(flat) < 0
     if not free.any():
         return
-    if _one_to_one(view.index):
+    if one_to_one(view.index):
         m.assign_elements(flat[free], tiles[free])
         return
     # An element several tasks' blocks hold keeps the first task's tile.

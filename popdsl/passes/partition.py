@@ -32,7 +32,7 @@ from popdsl.ir.index import (Batch, RunBatch, Strided, affine_rows, as_array, fi
                               unique)
 from popdsl.ir.mapping import Mapping
 from popdsl.ir.tensor import Node
-from popdsl.ops.blocks import GRAIN, vertex_split
+from popdsl.ops.blocks import GRAIN, one_to_one, vertex_split
 from popdsl.passes.fuse import partition_fused
 
 
@@ -314,7 +314,9 @@ class Partitioner:
         m = self.g.mappings[v.tensor]
         if m.fully_mapped():
             return
-        if tiles is None and m.unmapped_count() == m.numel and v.index.size == m.numel:
+        # A view of every element once, in any order, of a tensor not mapped at all:
+        # linear by element.  (A broadcast as large as its tensor is not one.)
+        if tiles is None and m.unmapped_count() == m.numel and v.index.size == m.numel and one_to_one(v.index):
             self.g.mappings[v.tensor] = self.linear_mapping(m.numel)
             return
         first = _consecutive(v.index)
