@@ -222,7 +222,7 @@ def test_digits_trains_to_95_percent_with_the_readme_command(capsys, monkeypatch
 
 
 def test_resnet50_training_step_has_resnets_parameters_and_a_backward_pass_built_once():
-    """examples/resnet50_train.pop (batch 8) compiles in about two minutes and 7 GB
+    """examples/resnet50_train.pop (batch 8) compiles in under two minutes and 7 GB
     under the defaults, too much for the suite (its figures are in the README):
     here, up to outlining, its parameters and the functions its forward and
     backward passes become."""

@@ -69,6 +69,10 @@ class Mapping:
     def unmapped_count(self) -> int:
         return int(self.lengths[self.tiles == UNMAPPED].sum())
 
+    def all_mapped(self, start: int, stop: int) -> bool:
+        """Every element of [start, stop) mapped (O(runs it spans))."""
+        return stop <= start or bool((self.tiles[self.run_of(start):self.run_of(stop - 1) + 1] >= 0).all())
+
     def fully_mapped(self) -> bool:
         return not (self.tiles == UNMAPPED).any()
 

@@ -323,7 +323,7 @@ class Partitioner:
         if first is not None:
             # The view's elements consecutive (a contiguous slice): as runs.
             size = v.index.size
-            if not size or (m.tiles[m.run_of(first):m.run_of(first + size - 1) + 1] >= 0).all():
+            if m.all_mapped(first, first + size):
                 return
             like = self.linear_mapping(size) if tiles is None else \
                 Mapping.from_elements(np.broadcast_to(tiles, v.index.shape))
@@ -335,7 +335,7 @@ class Partitioner:
             # positions): each element takes the linear tile of the first position
             # it is at, as element by element, computed for the elements alone.
             first, pos = spread
-            if (m.tiles[m.run_of(first):m.run_of(first + pos.size - 1) + 1] >= 0).all():
+            if m.all_mapped(first, first + pos.size):
                 return
             size = v.index.size
             used = max(1, min(self.tiles, -(-size // GRAIN)))
