@@ -768,6 +768,7 @@ def test_code_sizes_are_the_same_whatever_the_host_cpu(monkeypatch, tmp_path):
     """The memory plan's code bytes come from SIZE_MACHINE's object, not the host's:
     an AVX-512 host's vectorised loop is larger (which once made a training step
     one that fitted on one machine and not on another)."""
+    from popdsl.ir import host_llvm
     if not llvm.get_process_triple().startswith("x86_64"):
         pytest.skip("the CPUs compared are x86-64 ones")
     monkeypatch.setenv("POPDSL_CACHE_DIR", str(tmp_path))
@@ -779,7 +780,7 @@ def test_code_sizes_are_the_same_whatever_the_host_cpu(monkeypatch, tmp_path):
     for cpu in ("x86-64", "skylake-avx512", "znver4"):
         tm = llvm.Target.from_triple(llvm.get_process_triple()).create_target_machine(
             cpu=cpu, features="", opt=3, jit=True)
-        monkeypatch.setattr(jit, "_TM", tm)
+        monkeypatch.setattr(host_llvm, "_TM", tm)
         monkeypatch.setattr(jit, "_host", lambda cpu=cpu: (tm.triple, cpu, ""))
         nc = NativeCodelets(cs)             # compiled (and loaded, not run) for that CPU
         host_sizes.add(jit._section_sizes(jit.object_code(cs)[0])[".text.popdsl_drive_Saxpy"])

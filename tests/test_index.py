@@ -172,6 +172,59 @@ def test_layout_places_each_tiles_elements_in_flat_order(tile_of, data):
 
 
 @settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=60), st.data())
+def test_native_split_runs_equals_the_numpy_definition(tile_of, data):
+    """The native kernel (used from `native_runs.MIN_RUNS` runs on) against
+    `split_runs_numpy`, on runs in any order, empty ones included, some crossing
+    many of the mapping's runs; a run leaving the tensor is the definition's."""
+    from popdsl.ir import native_runs
+    m = Mapping.from_elements(np.array(tile_of))
+    numel = len(tile_of)
+    k = data.draw(st.integers(1, 40))
+    starts = np.array(data.draw(st.lists(st.integers(0, numel), min_size=k, max_size=k)), np.int64)
+    lengths = np.array([data.draw(st.integers(0, numel - s)) for s in starts.tolist()], np.int64)
+    if data.draw(st.booleans()):
+        order = np.argsort(starts, kind="stable")
+        starts, lengths = starts[order], lengths[order]
+    got = native_runs.split_runs(m.starts, numel, starts, lengths)
+    want = m.split_runs_numpy(starts, lengths)
+    assert got is not None
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+    # With regions, a position base and a tag per run, as lowering asks for a
+    # field's pieces (`TensorLayout.pieces`, here below MIN_RUNS: numpy's).
+    from popdsl.ir.lowered import TensorLayout
+    lay = TensorLayout(m.layout(), 3, 4)
+    base = np.array(data.draw(st.lists(st.integers(0, 99), min_size=k, max_size=k)), np.int64)
+    tag = np.array(data.draw(st.lists(st.integers(0, 9), min_size=k, max_size=k)), np.int64)
+    r, n, src, pos, off = native_runs.split_runs(m.starts, numel, starts, lengths,
+                                                 (lay.layout.run_region, lay.layout.run_off, 3, 4), base, tag)
+    for a, b in zip((r, off, n, src, pos), lay.pieces(starts, lengths, base, tag)):
+        np.testing.assert_array_equal(a, b)
+    bad = starts.copy()
+    bad[data.draw(st.integers(0, k - 1))] = data.draw(st.sampled_from([-1, numel + 1]))
+    assert native_runs.split_runs(m.starts, numel, bad, np.maximum(lengths, 1)) is None
+
+
+def test_mapping_split_runs_goes_native_for_many_runs(monkeypatch):
+    """Many runs take the kernel, with the definition's result, cut or not."""
+    from popdsl.ir import native_runs
+    calls = []
+    kernel = native_runs.split_runs
+    monkeypatch.setattr(native_runs, "split_runs", lambda *a: calls.append(1) or kernel(*a))
+    rng = np.random.default_rng(3)
+    m = Mapping.from_elements(np.repeat(np.arange(64), rng.integers(1, 50, 64)))
+    n = native_runs.MIN_RUNS + 5
+    starts = rng.integers(0, m.numel - 8, n)
+    for lengths in (np.ones(n, np.int64), rng.integers(0, 8, n)):
+        got, want = m.split_runs(starts, lengths), m.split_runs_numpy(starts, lengths)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+    assert len(calls) == 2
+
+
+@settings(max_examples=300, deadline=None)
 @given(st.integers(1, 40), st.data())
 def test_assign_elements_equals_element_by_element_assignment(numel, data):
     """Elements in any order, repeated or not, become runs; a repeated element takes

@@ -6,7 +6,8 @@ program compiled in ONE module (each LLVM compile leaks ~100 KB, so never one pe
 codelet) — and re-exports `VertexError`.
 
 Compilation: O3 for the host CPU (Numba's target machine), a fresh pass builder and
-module pass manager per run (reusing one aborts the process).  Object code is cached
+module pass manager per run (reusing one aborts the process); the target machine,
+the pipeline and the lock every LLVM compile takes are `ir.host_llvm`'s.  Object code is cached
 under $POPDSL_CACHE_DIR (default ~/.cache/popdsl) by sha256 of IR text, triple, host
 CPU name and features, llvmlite version and `CODEGEN_VERSION`; files are written
 atomically (temp file + rename) and carry a checksum, so a damaged one is recompiled.
@@ -36,11 +37,9 @@ larger).  It is compiled and cached like the host's object, only when asked for.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import hashlib
 import os
 import tempfile
-import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -52,7 +51,8 @@ import numpy as np
 
 from popdsl.codegen.llvm import ERR_SLOTS, emit_module, spec_symbol
 from popdsl.ir import codelet as ir
-from popdsl.ir.intrinsics import link_symbols
+from popdsl.ir.host_llvm import LOCK as _LOCK, optimize_ir
+from popdsl.ir.host_llvm import new_target_machine as _new_target_machine, target_machine as _target_machine
 from popdsl.ir.errors import VertexError
 from popdsl.limits import MAX_CYCLES
 
@@ -61,51 +61,16 @@ __all__ = ["NativeCodelets", "VertexError", "aligned_zeros", "cache_dir", "CODEG
 
 CODEGEN_VERSION = "popdsl-codegen-3"
 _MAGIC = b"POPDSLO1"
-_LOCK = threading.RLock()        # llvmlite compiles are not thread-safe
-_TM = None
 _SIZE_TM = None
 # The machine whose object code the memory plan charges: x86-64 at its baseline
 # features (SSE2), in every llvmlite build, whatever the host.
 SIZE_MACHINE = ("x86_64-unknown-linux-gnu", "x86-64", "")
-# C symbols native code may call: those intrinsics lower to (ir.intrinsics), the
-# float remainder and the half-precision conversions.
-_LIBM_SYMBOLS = ("fmodf", "__extendhfsf2", "__truncsfhf2") + link_symbols()
 _ALIGN = 64
 
 _DRIVE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                           ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p)
 _STORAGE_NP = {k: np.dtype(v) for k, v in ir.NUMPY_DTYPE.items()}
 _U8, _I64 = np.dtype(np.uint8), np.dtype(np.int64)
-
-
-def _target_machine():
-    global _TM
-    if _TM is None:
-        llvm.initialize_native_target()
-        llvm.initialize_native_asmprinter()
-        # libm functions reached through LLVM intrinsics that lower to calls (tanhf,
-        # powf, ...) must resolve when the object is linked in.
-        libs = []
-        for name in ("m", "gcc_s"):     # half conversions live in libgcc on old CPUs
-            try:
-                libs.append(ctypes.CDLL(ctypes.util.find_library(name) or f"lib{name}.so"))
-            except OSError:
-                pass
-        for sym in _LIBM_SYMBOLS:
-            for lib in libs:
-                fn = getattr(lib, sym, None)
-                if fn is not None:
-                    llvm.add_symbol(sym, ctypes.cast(fn, ctypes.c_void_p).value)
-                    break
-        _TM = _new_target_machine()
-    return _TM
-
-
-def _new_target_machine():
-    target = llvm.Target.from_triple(llvm.get_process_triple())
-    return target.create_target_machine(
-        cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(),
-        opt=3, jit=True)
 
 
 def _size_target_machine():
@@ -145,23 +110,6 @@ def cache_key(ir_text: str, machine: tuple[str, ...] | None = None) -> str:
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
-
-
-def optimize_ir(ir_text: str, tm=None) -> "llvm.ModuleRef":
-    """Parse, verify and O3-optimise `ir_text` for the host, or for target machine
-    `tm` (for tests and dumps)."""
-    tm = tm or _target_machine()
-    mod = llvm.parse_assembly(ir_text)
-    mod.triple = tm.triple
-    mod.data_layout = str(tm.target_data)
-    mod.verify()
-    pto = llvm.create_pipeline_tuning_options(speed_level=3)
-    # llvmlite leaves the SLP vectoriser off; straight-line code after full
-    # unrolling (specialised drivers) needs it to use vector registers at all.
-    pto.slp_vectorization = True
-    pb = llvm.create_pass_builder(tm, pto)          # fresh per run: reuse aborts
-    pb.getModulePassManager().run(mod, pb)
-    return mod
 
 
 def _compile_object(ir_text: str, sizes: bool = False) -> bytes:

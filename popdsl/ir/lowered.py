@@ -15,6 +15,7 @@ import numpy as np
 from popdsl.diagnostics import Span
 from popdsl.ir import executable as X
 from popdsl.ir import graph as g
+from popdsl.ir import native_runs
 from popdsl.ir.mapping import Layout
 
 
@@ -83,16 +84,29 @@ class TensorLayout:
         r, off = self.layout.locate(elements)
         return self.first + r, off * self.elem_bytes
 
-    def pieces(self, starts, lengths):
+    def pieces(self, starts, lengths, base: np.ndarray | None = None, tag: np.ndarray | None = None):
         """Runs of elements cut where they change region: (region, byte offset,
         length in elements, index of the run it came from, element position in that
-        run) per piece."""
+        run) per piece.  `base`, `tag` (per run): added to each piece's position,
+        and given instead of the run's index (a vertex's field: the run's position
+        in the field, and the vertex)."""
         lay = self.layout
-        lo, n, src, pos, run = lay.mapping.split_runs(starts, lengths)
+        m = lay.mapping
+        starts = np.asarray(starts, np.int64).reshape(-1)
+        lengths = np.asarray(lengths, np.int64).reshape(-1)
+        if starts.size >= native_runs.MIN_RUNS:
+            out = native_runs.split_runs(m.starts, m.numel, starts, lengths,
+                                         (lay.run_region, lay.run_off, self.first, self.elem_bytes), base, tag)
+            if out is not None:
+                r, n, src, pos, off = out
+                return r, off, n, src, pos
+        lo, n, src, pos, run = m.split_runs_numpy(starts, lengths)
         # The run each piece lies in gives its region and offset (no second search).
         r = self.first + lay.run_region[run]
-        off = (lay.run_off[run] + (lo - lay.mapping.starts[run])) * self.elem_bytes
-        return r, off, n, src, pos
+        off = (lay.run_off[run] + (lo - m.starts[run])) * self.elem_bytes
+        if base is not None:
+            pos = base[src] + pos
+        return r, off, n, (src if tag is None else tag[src]), pos
 
 
 @dataclass(eq=False)

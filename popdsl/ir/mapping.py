@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from popdsl.ir import native_runs
 from popdsl.ir.index import Strided, as_array, ramps, unique
 
 UNMAPPED = -1
@@ -156,7 +157,17 @@ class Mapping:
         return self.split_runs(starts, lengths)[:4]
 
     def split_runs(self, starts, lengths) -> tuple[np.ndarray, ...]:
-        """`split`, and the mapping's run each piece lies in."""
+        """`split`, and the mapping's run each piece lies in: natively for many runs
+        (`ir.native_runs`), `split_runs_numpy` being the definition."""
+        starts = np.asarray(starts, np.int64).reshape(-1)
+        lengths = np.asarray(lengths, np.int64).reshape(-1)
+        if starts.size >= native_runs.MIN_RUNS:
+            out = native_runs.split_runs(self.starts, self.numel, starts, lengths)
+            if out is not None:
+                return out
+        return self.split_runs_numpy(starts, lengths)
+
+    def split_runs_numpy(self, starts, lengths) -> tuple[np.ndarray, ...]:
         starts = np.asarray(starts, np.int64).reshape(-1)
         lengths = np.asarray(lengths, np.int64).reshape(-1)
         first = self.run_of(starts)

@@ -349,12 +349,12 @@ def _pieces_by_vertex(lay: TensorLayout, ptr, rs, rl):
     """Every run of every vertex cut where the tensor changes region: (region, byte
     offset, length, position in the vertex's field, vertex) per piece, in vertex
     order."""
-    r, off, n, src, pos = lay.pieces(rs, rl)
     # Position of each run within its vertex: lengths of the vertex's runs before it.
     csum = np.concatenate(([0], np.cumsum(rl)))
     vert_of_run = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
     run_pos = csum[:-1] - csum[ptr[vert_of_run]]
-    return r, off, n, run_pos[src] + pos, vert_of_run[src]
+    r, off, n, vert, pos = lay.pieces(rs, rl, base=run_pos, tag=vert_of_run)
+    return r, off, n, pos, vert
 
 
 def _run_keys(tiles: np.ndarray, ptr, rs, rl, rows: np.ndarray):

@@ -1,0 +1,280 @@
+"""Native kernels for the compiler's own loops over runs of elements.
+
+Requires numpy and `ir.host_llvm`; produces `split_runs`, `Mapping.split_runs`
+for many runs: runs of elements cut where a tile mapping's runs end, in one
+native pass that counts the pieces and one that writes them, where numpy makes
+a binary search per run and a dozen passes over the pieces (lowering ResNet-50's
+training step at batch 8 cuts 139M runs into 181M pieces: 9.5 s of its 29 s
+lowering in numpy).  `Mapping.split_runs_numpy` is the definition the tests
+compare with, on random mappings and runs.
+
+The search for a run's first mapping run starts from where the last run ended
+(a vertex's runs ascend), gallops forward or searches below; the pieces of a
+run are then the mapping runs up to its end, walked one by one.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import numpy as np
+
+from popdsl.ir.host_llvm import engine_for
+
+# Below this many runs numpy's searches cost less than the checks a native call
+# needs.
+MIN_RUNS = 1 << 12
+
+_IR = """
+define i64 @popdsl_split_count(ptr noalias %ms, i64 %R, ptr noalias %st, ptr noalias %ln, i64 %n,
+                               ptr noalias %first, ptr noalias %count, ptr noalias %nzero) {
+entry:
+  br label %head
+head:
+  %i = phi i64 [ 0, %entry ], [ %i1, %next ]
+  %h = phi i64 [ 0, %entry ], [ %h1, %next ]
+  %tot = phi i64 [ 0, %entry ], [ %tot1, %next ]
+  %zer = phi i64 [ 0, %entry ], [ %zer1, %next ]
+  %more = icmp slt i64 %i, %n
+  br i1 %more, label %body, label %done
+body:
+  %sp = getelementptr i64, ptr %st, i64 %i
+  %s = load i64, ptr %sp
+  %lp = getelementptr i64, ptr %ln, i64 %i
+  %L = load i64, ptr %lp
+  %fp = getelementptr i64, ptr %first, i64 %i
+  %cp = getelementptr i64, ptr %count, i64 %i
+  %pos = icmp sgt i64 %L, 0
+  br i1 %pos, label %hint, label %empty
+empty:
+  store i64 0, ptr %fp
+  store i64 0, ptr %cp
+  br label %next
+hint:
+  %mhp = getelementptr i64, ptr %ms, i64 %h
+  %mh = load i64, ptr %mhp
+  %h1p = add i64 %h, 1
+  %mh1p = getelementptr i64, ptr %ms, i64 %h1p
+  %mh1 = load i64, ptr %mh1p
+  %ge = icmp sle i64 %mh, %s
+  %lt = icmp slt i64 %s, %mh1
+  %in = and i1 %ge, %lt
+  br i1 %in, label %found, label %narrow
+narrow:
+  br i1 %ge, label %gallop, label %back
+back:
+  br label %bs
+gallop:
+  %glo = phi i64 [ %h1p, %narrow ], [ %gprobe, %gstep ]
+  %gw = phi i64 [ 1, %narrow ], [ %gw2, %gstep ]
+  %gprobe = add i64 %glo, %gw
+  %gin = icmp slt i64 %gprobe, %R
+  br i1 %gin, label %gtest, label %gend
+gtest:
+  %gpp = getelementptr i64, ptr %ms, i64 %gprobe
+  %gpv = load i64, ptr %gpp
+  %gle = icmp sle i64 %gpv, %s
+  br i1 %gle, label %gstep, label %gend
+gstep:
+  %gw2 = shl i64 %gw, 1
+  br label %gallop
+gend:
+  %ghi = select i1 %gin, i64 %gprobe, i64 %R
+  br label %bs
+bs:
+  %lo = phi i64 [ 0, %back ], [ %glo, %gend ], [ %lo2, %bsstep ]
+  %hi = phi i64 [ %h, %back ], [ %ghi, %gend ], [ %hi2, %bsstep ]
+  %w = sub i64 %hi, %lo
+  %wide = icmp sgt i64 %w, 1
+  br i1 %wide, label %bsstep, label %found
+bsstep:
+  %half = lshr i64 %w, 1
+  %mid = add i64 %lo, %half
+  %mmp = getelementptr i64, ptr %ms, i64 %mid
+  %mm = load i64, ptr %mmp
+  %le = icmp sle i64 %mm, %s
+  %lo2 = select i1 %le, i64 %mid, i64 %lo
+  %hi2 = select i1 %le, i64 %hi, i64 %mid
+  br label %bs
+found:
+  %f = phi i64 [ %h, %hint ], [ %lo, %bs ]
+  store i64 %f, ptr %fp
+  %e = add i64 %s, %L
+  br label %walk
+walk:
+  %l = phi i64 [ %f, %found ], [ %l1, %walk ]
+  %l1 = add i64 %l, 1
+  %nxp = getelementptr i64, ptr %ms, i64 %l1
+  %nx = load i64, ptr %nxp
+  %cont = icmp slt i64 %nx, %e
+  br i1 %cont, label %walk, label %walked
+walked:
+  %c = sub i64 %l1, %f
+  store i64 %c, ptr %cp
+  br label %next
+next:
+  %h1 = phi i64 [ %h, %empty ], [ %l, %walked ]
+  %add = phi i64 [ 0, %empty ], [ %c, %walked ]
+  %z = phi i64 [ 1, %empty ], [ 0, %walked ]
+  %tot1 = add i64 %tot, %add
+  %zer1 = add i64 %zer, %z
+  %i1 = add i64 %i, 1
+  br label %head
+done:
+  store i64 %zer, ptr %nzero
+  ret i64 %tot
+}
+
+define void @popdsl_split_fill(ptr noalias %ms, ptr noalias %st, ptr noalias %ln, i64 %n, ptr noalias %first,
+                               ptr noalias %count, ptr noalias %olo, ptr noalias %on, ptr noalias %osrc,
+                               ptr noalias %opos, ptr noalias %orun, ptr noalias %rr, ptr noalias %ro,
+                               i64 %rfirst, i64 %eb, ptr noalias %base, ptr noalias %tag) {
+entry:
+  %hasr = icmp ne ptr %rr, null
+  %hasbase = icmp ne ptr %base, null
+  %hastag = icmp ne ptr %tag, null
+  br label %head
+head:
+  %i = phi i64 [ 0, %entry ], [ %i1, %next ]
+  %p = phi i64 [ 0, %entry ], [ %q, %next ]
+  %more = icmp slt i64 %i, %n
+  br i1 %more, label %body, label %done
+body:
+  %cp = getelementptr i64, ptr %count, i64 %i
+  %c = load i64, ptr %cp
+  %sp = getelementptr i64, ptr %st, i64 %i
+  %s = load i64, ptr %sp
+  %lp = getelementptr i64, ptr %ln, i64 %i
+  %L = load i64, ptr %lp
+  %e = add i64 %s, %L
+  %fp = getelementptr i64, ptr %first, i64 %i
+  %f = load i64, ptr %fp
+  br i1 %hasbase, label %getbase, label %gotbase
+getbase:
+  %bp = getelementptr i64, ptr %base, i64 %i
+  %bv = load i64, ptr %bp
+  br label %gotbase
+gotbase:
+  %b = phi i64 [ 0, %body ], [ %bv, %getbase ]
+  %sb = sub i64 %s, %b
+  br i1 %hastag, label %gettag, label %gottag
+gettag:
+  %tp = getelementptr i64, ptr %tag, i64 %i
+  %tv = load i64, ptr %tp
+  br label %gottag
+gottag:
+  %src = phi i64 [ %i, %gotbase ], [ %tv, %gettag ]
+  br label %khead
+khead:
+  %k = phi i64 [ 0, %gottag ], [ %k1, %kstore ]
+  %q = phi i64 [ %p, %gottag ], [ %q1, %kstore ]
+  %kmore = icmp slt i64 %k, %c
+  br i1 %kmore, label %kbody, label %next
+kbody:
+  %run = add i64 %f, %k
+  %a0p = getelementptr i64, ptr %ms, i64 %run
+  %a0 = load i64, ptr %a0p
+  %run1 = add i64 %run, 1
+  %b0p = getelementptr i64, ptr %ms, i64 %run1
+  %b0 = load i64, ptr %b0p
+  %agt = icmp sgt i64 %a0, %s
+  %lo = select i1 %agt, i64 %a0, i64 %s
+  %blt = icmp slt i64 %b0, %e
+  %hi = select i1 %blt, i64 %b0, i64 %e
+  %len = sub i64 %hi, %lo
+  %pos = sub i64 %lo, %sb
+  br i1 %hasr, label %kregion, label %kstore
+kregion:
+  %rrp = getelementptr i64, ptr %rr, i64 %run
+  %rrv = load i64, ptr %rrp
+  %reg = add i64 %rfirst, %rrv
+  %rop = getelementptr i64, ptr %ro, i64 %run
+  %rov = load i64, ptr %rop
+  %into = sub i64 %lo, %a0
+  %eoff = add i64 %rov, %into
+  %boff = mul i64 %eoff, %eb
+  br label %kstore
+kstore:
+  %out1 = phi i64 [ %lo, %kbody ], [ %reg, %kregion ]
+  %out5 = phi i64 [ %run, %kbody ], [ %boff, %kregion ]
+  %x1 = getelementptr i64, ptr %olo, i64 %q
+  store i64 %out1, ptr %x1
+  %x2 = getelementptr i64, ptr %on, i64 %q
+  store i64 %len, ptr %x2
+  %x3 = getelementptr i64, ptr %osrc, i64 %q
+  store i64 %src, ptr %x3
+  %x4 = getelementptr i64, ptr %opos, i64 %q
+  store i64 %pos, ptr %x4
+  %x5 = getelementptr i64, ptr %orun, i64 %q
+  store i64 %out5, ptr %x5
+  %q1 = add i64 %q, 1
+  %k1 = add i64 %k, 1
+  br label %khead
+next:
+  %i1 = add i64 %i, 1
+  br label %head
+done:
+  ret void
+}
+"""
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+_COUNT = ctypes.CFUNCTYPE(_I, _P, _I, _P, _P, _I, _P, _P, _P)
+_FILL = ctypes.CFUNCTYPE(None, _P, _P, _P, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _P, _P)
+
+
+@functools.cache
+def _kernels():
+    engine = engine_for(_IR)
+    return (engine, _COUNT(engine.get_function_address("popdsl_split_count")),
+            _FILL(engine.get_function_address("popdsl_split_fill")))
+
+
+def split_runs(run_starts: np.ndarray, numel: int, starts: np.ndarray, lengths: np.ndarray,
+               regions: tuple | None = None, base: np.ndarray | None = None, tag: np.ndarray | None = None):
+    """`Mapping.split_runs` of runs `starts`, `lengths` (int64, flat) over a mapping
+    whose runs start at `run_starts` (ascending, the first 0) and end at `numel`:
+    (piece start, length, run index, position in the run, mapping run) per piece.
+    None where a run leaves [0, numel) (the numpy definition says what happens).
+    `regions` = (region index of each mapping run, its element offset there, the
+    first region, bytes per element): each piece's region and byte offset instead
+    of its start and mapping run (`TensorLayout.pieces`).  `base`, `tag` (per run):
+    added to each piece's position, and given as its run instead of the index."""
+    n = starts.size
+    if not n or not run_starts.size or run_starts[0] != 0:
+        return None
+    if int(starts.min()) < 0 or int((starts + lengths).max()) > numel:
+        # Only runs of some length must lie inside (the kernel skips the others).
+        positive = lengths > 0
+        s, e = starts[positive], starts[positive] + lengths[positive]
+        if s.size and (int(s.min()) < 0 or int(e.max()) > numel):
+            return None
+    starts = np.ascontiguousarray(starts, np.int64)
+    lengths = np.ascontiguousarray(lengths, np.int64)
+    bounds = np.append(run_starts, numel).astype(np.int64)
+    first, count, nzero = np.empty(n, np.int64), np.empty(n, np.int64), np.zeros(1, np.int64)
+    _, count_fn, fill_fn = _kernels()
+    ptr = _address
+    total = count_fn(ptr(bounds), run_starts.size, ptr(starts), ptr(lengths), n, ptr(first), ptr(count), ptr(nzero))
+    if total == n and not nzero[0]:             # no run cut: every run one piece
+        out = [starts, lengths, np.arange(n) if tag is None else tag.astype(np.int64),
+               np.zeros(n, np.int64) if base is None else base.astype(np.int64), first]
+        if regions is not None:
+            run_region, run_off, first_region, elem_bytes = regions
+            out[0] = first_region + run_region[first].astype(np.int64)
+            out[4] = (run_off[first] + (starts - bounds[first])) * elem_bytes
+        return tuple(out)
+    out = [np.empty(total, np.int64) for _ in range(5)]
+    extra = [None, None, 0, 0]
+    if regions is not None:
+        run_region, run_off, first_region, elem_bytes = regions
+        extra = [np.ascontiguousarray(run_region, np.int64), np.ascontiguousarray(run_off, np.int64),
+                 int(first_region), int(elem_bytes)]
+    per_run = [None if a is None else np.ascontiguousarray(a, np.int64) for a in (base, tag)]
+    fill_fn(ptr(bounds), ptr(starts), ptr(lengths), n, ptr(first), ptr(count), *map(ptr, out),
+            *(ptr(a) if isinstance(a, np.ndarray) else a for a in extra), *map(ptr, per_run))
+    return tuple(out)
+
+
+def _address(a: np.ndarray | None) -> int | None:
+    return None if a is None else a.ctypes.data
