@@ -40,6 +40,42 @@ def test_tile_bytes_count_each_sent_byte_once(copies, repeat):
     assert on_tile == sum(n for s, _, d, _, n in copies if s == d)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 60), st.integers(0, 5), st.integers(0, 60),
+                          st.integers(0, 20)), min_size=0, max_size=40))
+def test_native_tile_sums_equal_the_numpy_definition(copies):
+    """`native_runs.tile_bytes` (large copy tables) against `cost._sums`; an
+    address outside the tiles is left to the definition."""
+    from popdsl.ir import native_runs
+    tm = T.tile_memory
+    src = np.array([s * tm + a for s, a, *_ in copies], np.int64)
+    dst = np.array([d * tm + b for _, _, d, b, _ in copies], np.int64)
+    nb = np.array([n for *_, n in copies], np.int64)
+    got = native_runs.tile_bytes(src, dst, nb, tm, T.tiles)
+    for a, b in zip(got, cost._sums(src, dst, nb, tm, T.tiles)):
+        np.testing.assert_array_equal(a, b)
+    if copies:
+        assert native_runs.tile_bytes(src, dst + T.tiles * tm, nb, tm, T.tiles) is None
+        assert native_runs.tile_bytes(src - src.max() - 1, dst, nb, tm, T.tiles) is None
+
+
+def test_a_large_copy_table_is_costed_natively_as_by_its_definition(monkeypatch):
+    from popdsl.ir import native_runs
+    rng = np.random.default_rng(5)
+    n, tm = native_runs.MIN_RUNS * 2, T.tile_memory
+    src = rng.integers(0, T.tiles, n) * tm + rng.integers(0, 500, n)
+    dst = np.where(rng.random(n) < 0.3, src // tm, rng.integers(0, T.tiles, n)) * tm + rng.integers(0, 500, n)
+    nb = rng.integers(1, 64, n)
+    calls = []
+    kernel = native_runs.tile_bytes
+    monkeypatch.setattr(native_runs, "tile_bytes", lambda *a: calls.append(1) or kernel(*a))
+    fast = cost.copy_cycles(src, dst, nb, T), cost.tile_bytes(src, dst, nb, T)
+    monkeypatch.setattr(native_runs, "tile_bytes", lambda *a: None)
+    slow = cost.copy_cycles(src, dst, nb, T), cost.tile_bytes(src, dst, nb, T)
+    assert len(calls) == 2 and fast[0] == slow[0]
+    np.testing.assert_array_equal(fast[1], slow[1])
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 60), st.integers(1, 20)), min_size=1, max_size=30),
        st.booleans())

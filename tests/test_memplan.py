@@ -394,3 +394,28 @@ def test_regions_added_in_blocks_keep_their_order_across_freezes():
     assert low.region_cs.tolist() == [-1, -1, -1, 7, 7] and low.region_tensor.tolist() == [0, 0, 1, -1, -1]
     assert [label for label, _ in low.region_label] == ["a", "a", "b", "a buffer", "a buffer"]
     assert low.region_tile.dtype == np.int64 and low.regions == 5
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 30), st.booleans(), st.booleans(), st.booleans()), max_size=6), st.data())
+def test_native_copy_addresses_equal_the_merged_runs_gathered(parts, data):
+    """`native_runs.copy_addresses` (large copy tables) against the definition:
+    `CopyElems.merged()` and each run's region address added, on parts whose
+    offsets and lengths are int32 or int64 as `CopyElems` narrows them."""
+    from popdsl.ir import native_runs
+    from popdsl.ir.lowered import CopyElems
+    addr = np.array(data.draw(st.lists(st.integers(0, 1 << 40), min_size=5, max_size=5)), np.int64)
+    c = CopyElems()
+    for n, wide_so, wide_do, wide_nb in parts:
+        def col(wide, hi):
+            return np.array(data.draw(st.lists(st.integers(0, hi), min_size=n, max_size=n)),
+                            np.int64 if wide else np.int32)
+        region = np.array(data.draw(st.lists(st.integers(0, 4), min_size=n, max_size=n)), np.int32)
+        c.parts.append((region, col(wide_so, 1 << 20), region[::-1].copy(), col(wide_do, 1 << 20), col(wide_nb, 99)))
+    src, dst, nb = native_runs.copy_addresses(c.parts, addr)
+    sr, so, dr, do, want_nb = c.merged()
+    np.testing.assert_array_equal(src, addr[sr] + so)
+    np.testing.assert_array_equal(dst, addr[dr] + do)
+    np.testing.assert_array_equal(nb, want_nb)
+    if any((p[0] >= 1).any() or (p[2] >= 1).any() for p in c.parts):      # a region past the addresses
+        assert native_runs.copy_addresses(c.parts, addr[:1]) is None

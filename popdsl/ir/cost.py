@@ -56,6 +56,7 @@ from typing import Mapping
 import numpy as np
 
 from popdsl.ir import codelet as ir
+from popdsl.ir import native_runs
 from popdsl.ir.intrinsics import DIV, INTRINSICS, OP
 from popdsl.ir.target import Target
 
@@ -279,10 +280,9 @@ def copy_cycles(src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, target: Ta
     tile's bytes (`tile_bytes`) at the exchange rate, and a sync."""
     if not src.size:
         return 0, 0, 0
-    per_tile, cross = _tile_bytes(src, dst, nbytes, target)
+    per_tile, moved = _tile_bytes(src, dst, nbytes, target, busiest_only=True)
     busiest = int(np.max(per_tile))
     cycles = -(-busiest // target.exchange_bytes_per_cycle) + target.sync_cycles
-    moved = int(nbytes[cross].sum())
     return cycles, moved, int(nbytes.sum()) - moved
 
 
@@ -299,26 +299,38 @@ def tile_bytes(src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, target: Tar
     return _tile_bytes(src, dst, nbytes, target)[0]
 
 
-def _tile_bytes(src, dst, nbytes, target: Target) -> tuple[np.ndarray, np.ndarray]:
-    """`tile_bytes`, and which runs cross tiles."""
+def _tile_bytes(src, dst, nbytes, target: Target, busiest_only: bool = False) -> tuple[np.ndarray, int]:
+    """`tile_bytes`, and the bytes that cross tiles.  `busiest_only`: only the
+    largest figure is asked for (`copy_cycles`), and a tile whose sends, counted
+    in full, are at most what some tile receives or moves cannot be it: its
+    sends stay counted in full (where sorting every broadcasting tile's runs
+    was most of the cost of a training step's copy tables)."""
     tm, T = target.tile_memory, target.tiles
+    nbytes = np.asarray(nbytes, np.int64)
+    sums = native_runs.tile_bytes(src, dst, nbytes, tm, T) if src.size >= native_runs.MIN_RUNS else None
+    recv, local, sent, cross, moved = sums if sums is not None else _sums(src, dst, nbytes, tm, T)
+    # Counting each byte once can only lower what a tile sends: worth computing
+    # only on tiles where sending, counted in full, is the most.
+    over = sent > (max(int(recv.max()), int(local.max())) if busiest_only else np.maximum(recv, local))
+    if over.any():
+        mine = cross & over[src // tm]
+        sent[over] = _union_per_tile(src[mine], nbytes[mine], tm, T)[over]
+    return np.maximum(np.maximum(sent, recv), local), moved
+
+
+def _sums(src, dst, nbytes, tm: int, T: int):
+    """Per tile, bytes received, moved on the tile and sent (every run counted),
+    which runs cross tiles and the bytes that do: the definition of
+    `native_runs.tile_bytes`, which large copy tables use."""
     st, dt = src // tm, dst // tm
     cross = st != dt
     # Received (first T) and moved on the tile (last T) in one pass.  (Integer
     # add.at: bincount's weights would go through float64, at twice the time.)
-    nbytes = np.asarray(nbytes, np.int64)
     into = np.zeros(2 * T, np.int64)
     np.add.at(into, dt + T * ~cross, nbytes)
-    recv, local = into[:T], into[T:]
     sent = np.zeros(T, np.int64)
     np.add.at(sent, st[cross], nbytes[cross])
-    # Counting each byte once can only lower what a tile sends: worth computing
-    # only on tiles where sending, counted in full, is the most.
-    over = sent > np.maximum(recv, local)
-    if over.any():
-        mine = cross & over[st]
-        sent[over] = _union_per_tile(src[mine], nbytes[mine], tm, T)[over]
-    return np.maximum(np.maximum(sent, recv), local), cross
+    return into[:T], into[T:], sent, cross, int(nbytes[cross].sum())
 
 
 def _union_per_tile(start: np.ndarray, nbytes: np.ndarray, tm: int, T: int) -> np.ndarray:

@@ -278,3 +278,171 @@ def split_runs(run_starts: np.ndarray, numel: int, starts: np.ndarray, lengths: 
 
 def _address(a: np.ndarray | None) -> int | None:
     return None if a is None else a.ctypes.data
+
+
+# ---------------------------------------------------------------- copy runs' bytes per tile
+
+# The tile memory is a constant of the module (one compile per target), so that
+# LLVM divides by it with a multiply: two divisions a run were most of the numpy
+# version's time over a training step's hundred million copy runs.
+_TILE_IR = """
+define i64 @popdsl_tile_bytes(ptr noalias %src, ptr noalias %dst, ptr noalias %nb, i64 %n, i64 %T,
+                              ptr noalias %into, ptr noalias %sent, ptr noalias %cross) {
+entry:
+  br label %head
+head:
+  %i = phi i64 [ 0, %entry ], [ %i1, %body ]
+  %moved = phi i64 [ 0, %entry ], [ %moved1, %body ]
+  %more = icmp slt i64 %i, %n
+  br i1 %more, label %body, label %done
+body:
+  %sp = getelementptr i64, ptr %src, i64 %i
+  %s = load i64, ptr %sp
+  %dp = getelementptr i64, ptr %dst, i64 %i
+  %d = load i64, ptr %dp
+  %bp = getelementptr i64, ptr %nb, i64 %i
+  %b = load i64, ptr %bp
+  %st = udiv i64 %s, TILE_MEMORY
+  %dt = udiv i64 %d, TILE_MEMORY
+  %c = icmp ne i64 %st, %dt
+  %dtl = add i64 %dt, %T
+  %slot = select i1 %c, i64 %dt, i64 %dtl
+  %ip = getelementptr i64, ptr %into, i64 %slot
+  %iv = load i64, ptr %ip
+  %iv1 = add i64 %iv, %b
+  store i64 %iv1, ptr %ip
+  %sent_b = select i1 %c, i64 %b, i64 0
+  %tp = getelementptr i64, ptr %sent, i64 %st
+  %tv = load i64, ptr %tp
+  %tv1 = add i64 %tv, %sent_b
+  store i64 %tv1, ptr %tp
+  %moved1 = add i64 %moved, %sent_b
+  %c8 = zext i1 %c to i8
+  %cp = getelementptr i8, ptr %cross, i64 %i
+  store i8 %c8, ptr %cp
+  %i1 = add i64 %i, 1
+  br label %head
+done:
+  ret i64 %moved
+}
+"""
+_TILE = ctypes.CFUNCTYPE(_I, _P, _P, _P, _I, _I, _P, _P, _P)
+
+
+@functools.cache
+def _tile_kernel(tile_memory: int):
+    engine = engine_for(_TILE_IR.replace("TILE_MEMORY", str(int(tile_memory))))
+    return engine, _TILE(engine.get_function_address("popdsl_tile_bytes"))
+
+
+def tile_bytes(src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, tile_memory: int, tiles: int):
+    """Per tile of copy runs (global byte addresses, each run within one tile):
+    (bytes received, bytes moved on the tile, bytes sent counting every run,
+    which runs cross tiles, bytes crossing): `cost._sums`, natively.  None
+    where an address is outside the tiles' memory."""
+    n = src.size
+    if n and (min(int(src.min()), int(dst.min())) < 0
+              or max(int(src.max()), int(dst.max())) >= tile_memory * tiles):
+        return None
+    src, dst, nbytes = (np.ascontiguousarray(a, np.int64) for a in (src, dst, nbytes))
+    into, sent, cross = np.zeros(2 * tiles, np.int64), np.zeros(tiles, np.int64), np.empty(n, np.bool_)
+    _, fn = _tile_kernel(tile_memory)
+    moved = fn(*map(_address, (src, dst, nbytes)), n, tiles, _address(into), _address(sent), _address(cross))
+    return into[:tiles], into[tiles:], sent, cross, int(moved)
+
+
+# ---------------------------------------------------------------- copy runs at their addresses
+
+# One function per width of (source offset, destination offset, length), as
+# `ir.lowered.CopyElems` keeps each part of its runs (int32 where they fit).
+_ADDR_IR = """
+define void @popdsl_copy_addresses_NAME(ptr noalias %sr, ptr noalias %so, ptr noalias %dr, ptr noalias %do,
+                                        ptr noalias %nb, i64 %n, ptr noalias %addr, ptr noalias %osrc,
+                                        ptr noalias %odst, ptr noalias %onb) {
+entry:
+  br label %head
+head:
+  %i = phi i64 [ 0, %entry ], [ %i1, %body ]
+  %more = icmp slt i64 %i, %n
+  br i1 %more, label %body, label %done
+body:
+  %srp = getelementptr i32, ptr %sr, i64 %i
+  %srv = load i32, ptr %srp
+  %sri = sext i32 %srv to i64
+  %sap = getelementptr i64, ptr %addr, i64 %sri
+  %sa = load i64, ptr %sap
+  %sop = getelementptr SO, ptr %so, i64 %i
+  %sov = load SO, ptr %sop
+  %soi = sext SO %sov to i64
+  %s = add i64 %sa, %soi
+  %drp = getelementptr i32, ptr %dr, i64 %i
+  %drv = load i32, ptr %drp
+  %dri = sext i32 %drv to i64
+  %dap = getelementptr i64, ptr %addr, i64 %dri
+  %da = load i64, ptr %dap
+  %dop = getelementptr DO, ptr %do, i64 %i
+  %dov = load DO, ptr %dop
+  %doi = sext DO %dov to i64
+  %d = add i64 %da, %doi
+  %nbp = getelementptr NB, ptr %nb, i64 %i
+  %nbv = load NB, ptr %nbp
+  %nbi = sext NB %nbv to i64
+  %x1 = getelementptr i64, ptr %osrc, i64 %i
+  store i64 %s, ptr %x1
+  %x2 = getelementptr i64, ptr %odst, i64 %i
+  store i64 %d, ptr %x2
+  %x3 = getelementptr i64, ptr %onb, i64 %i
+  store i64 %nbi, ptr %x3
+  %i1 = add i64 %i, 1
+  br label %head
+done:
+  ret void
+}
+"""
+_WIDTHS = [(a, b, c) for a in (32, 64) for b in (32, 64) for c in (32, 64)]
+_ADDR = ctypes.CFUNCTYPE(None, _P, _P, _P, _P, _P, _I, _P, _P, _P, _P)
+
+
+def _addr_name(widths) -> str:
+    return "_".join(map(str, widths))
+
+
+@functools.cache
+def _addr_kernels():
+    def variant(w):
+        text = _ADDR_IR.replace("NAME", _addr_name(w))
+        for name, bits in zip(("SO", "DO", "NB"), w):
+            # A 64-bit column needs no extension (LLVM has no i64-to-i64 sext).
+            text = text.replace(f"sext {name} ", "bitcast i64 " if bits == 64 else f"sext i{bits} ")
+            text = text.replace(name, f"i{bits}")
+        return text
+    text = "".join(variant(w) for w in _WIDTHS)
+    engine = engine_for(text)
+    return engine, {w: _ADDR(engine.get_function_address(f"popdsl_copy_addresses_{_addr_name(w)}")) for w in _WIDTHS}
+
+
+def copy_addresses(parts: list[tuple[np.ndarray, ...]], region_addr: np.ndarray):
+    """Runs of copies kept as parts of (source region, offset, destination region,
+    offset, bytes) arrays (regions int32; the rest int32 or int64, each within
+    its region's bytes) at the regions' addresses: (source, destination, bytes),
+    int64, the parts end to end.  None for arrays of other types."""
+    ok = (np.dtype(np.int32), np.dtype(np.int64))
+    for p in parts:
+        if p[0].dtype != ok[0] or p[2].dtype != ok[0] or any(p[k].dtype not in ok for k in (1, 3, 4)) \
+                or not all(a.flags.c_contiguous for a in p):
+            return None
+        if p[0].size and min(int(p[0].min()), int(p[2].min())) < 0 \
+                or p[0].size and max(int(p[0].max()), int(p[2].max())) >= region_addr.size:
+            return None
+    total = sum(p[0].size for p in parts)
+    out = [np.empty(total, np.int64) for _ in range(3)]
+    addr = np.ascontiguousarray(region_addr, np.int64)
+    _, fns = _addr_kernels()
+    at = 0
+    for p in parts:
+        n = p[0].size
+        if n:
+            fn = fns[tuple(p[k].dtype.itemsize * 8 for k in (1, 3, 4))]
+            fn(*map(_address, p), n, _address(addr), *(_address(o[at:]) for o in out))
+        at += n
+    return tuple(out)

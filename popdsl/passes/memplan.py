@@ -34,6 +34,7 @@ from popdsl.passes.bestfit import Lives, best_fit_many, more_orders
 from popdsl.passes.liveness import Liveness, liveness
 from popdsl.ir.lowered import CopyElems, Lowered
 from popdsl.ir import executable as X
+from popdsl.ir import native_runs
 from popdsl.ir.cost import copy_cycles
 from popdsl.ir.target import Target
 from popdsl.ir.verify_lowered import verify_no_overlap
@@ -389,10 +390,15 @@ def _finish(low: Lowered, codelets: dict, base: np.ndarray, mem: X.MemoryPlan, u
 
 
 def _copy_table(c: CopyElems, region_addr: np.ndarray, target: Target) -> X.CopyTable:
-    """`c`'s runs at their addresses (taken from `c`, which is left empty)."""
-    sr, so, dr, do, nbytes = c.merged()
+    """`c`'s runs at their addresses (taken from `c`, which is left empty):
+    natively for many runs (`native_runs.copy_addresses`), each part where it is."""
+    runs = native_runs.copy_addresses(c.parts, region_addr) \
+        if sum(p[0].size for p in c.parts) >= native_runs.MIN_RUNS else None
+    if runs is None:
+        sr, so, dr, do, nbytes = c.merged()
+        runs = region_addr[sr] + so, region_addr[dr] + do, nbytes
     c.parts = []
-    out = X.CopyTable(region_addr[sr] + so, region_addr[dr] + do, nbytes)
+    out = X.CopyTable(*runs)
     out.cycles, out.exchange_bytes, out.local_bytes = copy_cycles(out.src, out.dst, out.nbytes, target)
     return out
 
