@@ -17,8 +17,8 @@ suite turns it on with POPDSL_VERIFY=1; users with `--verify`).  A verifier that
 is a bug of the compiler, never of the program: it raises AssertionError.
 
 Native code compiles on a second core: lowering starts LLVM on the codelets the
-vertices use (and the memory planner's) in the background, and codegen and plan take
-what it made (`codegen.jit.compile_ahead`).
+vertices use in the background, and codegen takes what it made
+(`codegen.jit.compile_ahead`).
 
 One loop goes back: a training step compiled with recomputation `auto` that does not
 fit its tiles (or the budget) is compiled again from the recompute stage with more
@@ -49,7 +49,6 @@ from popdsl.ir.target import Target
 from popdsl.ir.verify import direct_calls
 from popdsl.node import node
 from popdsl.passes import autodiff as ad
-from popdsl.passes import bestfit
 from popdsl.passes import outline as ol
 from popdsl.passes import recompute as rc
 from popdsl.limits import BUDGET_FLAGS, Budgets
@@ -114,12 +113,10 @@ def _partition(opts: Options, graph):
 
 
 def _lower(opts: Options, graph):
-    # Which codelets the vertices run is known now: their native code (and the memory
-    # planner's) compiles on a second core while lowering runs in this one; codegen
-    # then waits for it, if at all.
+    # Which codelets the vertices run is known now: their native code compiles on a
+    # second core while lowering runs in this one; codegen then waits for it, if at all.
     compile_ahead(list(used_codelets(graph.codelets, (grp.codelet for cs in graph.compute_sets.values()
                                                       for grp in cs.groups)).values()), opts.unchecked)
-    bestfit.compile_ahead()
     if opts.only is None:
         return lower(graph)
     only = np.zeros(graph.target.tiles, bool)

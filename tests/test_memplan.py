@@ -264,6 +264,20 @@ def test_best_fit_many_falls_back_for_sizes_beyond_i32():
     assert top == best_fit(*p)[1]
 
 
+def test_best_fit_many_places_other_alignments_by_the_definition(monkeypatch):
+    """The native loop rounds up by masks: an alignment that is no power of two
+    goes to the numpy definition (memplan's are 8 and 64)."""
+    from popdsl.passes import bestfit, bestfit_native
+    p = (np.array([24, 48, 24], np.int64), np.array([24, 8, 24], np.int64), np.array([0, 0, 1], np.int64),
+         np.array([2, 1, 2], np.int64), np.array([1, 0, 2]))
+    assert not bestfit_native.fits(*p[:4])
+    monkeypatch.setattr(bestfit_native, "best_fit", None)           # never called
+    (off, top), = bestfit.best_fit_many([p])
+    want_off, want_top = bestfit.best_fit(*p)
+    np.testing.assert_array_equal(off, want_off)
+    assert top == want_top and off[0] % 24 == 0 and off[2] % 24 == 0
+
+
 def test_operand_mapped_unlike_the_output_is_not_overwritten_in_place(monkeypatch):
     """c = exp(x) - b is mapped like x; b dies at c and has as many elements as c on
     each tile, but other ones: taking b's bytes would overwrite b[16:32] (read in

@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import os
-import tempfile
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -53,6 +51,7 @@ from popdsl.codegen.llvm import ERR_SLOTS, emit_module, spec_symbol
 from popdsl.ir import codelet as ir
 from popdsl.ir.host_llvm import LOCK as _LOCK, optimize_ir
 from popdsl.ir.host_llvm import new_target_machine as _new_target_machine, target_machine as _target_machine
+from popdsl.ir.host_llvm import cache_dir, host as _host, read_cached as _read_cache, write_cached as _write_cache
 from popdsl.ir.errors import VertexError
 from popdsl.limits import MAX_CYCLES
 
@@ -60,7 +59,6 @@ __all__ = ["NativeCodelets", "VertexError", "aligned_zeros", "cache_dir", "CODEG
            "request_stop", "clear_stop"]
 
 CODEGEN_VERSION = "popdsl-codegen-3"
-_MAGIC = b"POPDSLO1"
 _SIZE_TM = None
 # The machine whose object code the memory plan charges: x86-64 at its baseline
 # features (SSE2), in every llvmlite build, whatever the host.
@@ -84,24 +82,6 @@ def _size_target_machine():
     return _SIZE_TM
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("POPDSL_CACHE_DIR") or Path.home() / ".cache" / "popdsl")
-
-
-_HOST: tuple[str, ...] | None = None
-
-
-def _host() -> tuple[str, ...]:
-    """What object code depends on besides its IR: asked of LLVM once, under the lock,
-    so keys can be computed while a compile runs on another thread."""
-    global _HOST
-    if _HOST is None:
-        with _LOCK:
-            tm = _target_machine()
-            _HOST = (tm.triple, llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten())
-    return _HOST
-
-
 def cache_key(ir_text: str, machine: tuple[str, ...] | None = None) -> str:
     """The object cache's key of `ir_text` compiled for `machine` (the host's by
     default; `SIZE_MACHINE` for the sizes)."""
@@ -117,32 +97,6 @@ def _compile_object(ir_text: str, sizes: bool = False) -> bytes:
     avoids)."""
     tm = _size_target_machine() if sizes else _target_machine()
     return tm.emit_object(optimize_ir(ir_text, tm))
-
-
-def _read_cache(path: Path) -> bytes | None:
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return None
-    head, digest, obj = data[:8], data[8:40], data[40:]
-    if head != _MAGIC or hashlib.sha256(obj).digest() != digest or not obj:
-        return None
-    return obj
-
-
-def _write_cache(path: Path, obj: bytes) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".o")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(_MAGIC + hashlib.sha256(obj).digest() + obj)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError:
-        pass    # an unwritable cache only costs time
 
 
 def object_code(codelets: Sequence[ir.Codelet], unchecked: bool = False,

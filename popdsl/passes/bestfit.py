@@ -7,17 +7,16 @@ allocation may be live in several intervals (a function's region, in each call):
 then [start, end] spans them and `lives` lists them (`Lives`); two allocations
 conflict when an interval of one overlaps an interval of the other.
 
-`best_fit` (numpy) is the definition.  `best_fit_many` runs the same algorithm as
-a popdsl codelet — BestFit below, one vertex per problem, JIT-compiled and cached
-like any other — because the placement loop is sequential per allocation and a
-Python loop over a ResNet-50's 450,000 allocations took 12 s of its compile.
-Both place allocations in `order`, each into the smallest gap among the already
-placed allocations alive at the same time (ties: the lowest such gap), or on top;
-their results are equal (tests/test_memplan.py checks it on random problems).
+`best_fit` (numpy) is the definition.  `best_fit_many` runs the same algorithm
+natively (`passes.bestfit_native`), because the placement loop is sequential per
+allocation and a Python loop over a ResNet-50's 450,000 allocations took 12 s of
+its compile.  Both place allocations in `order`, each into the smallest gap among
+the already placed allocations alive at the same time (ties: the lowest such
+gap), or on top; their results are equal (tests/test_memplan.py checks it on
+random problems).
 """
 from __future__ import annotations
 
-import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,72 +24,7 @@ import numpy as np
 
 from popdsl.ir.index import unique
 from popdsl.node import node
-
-# Scanning the placed allocations in offset order keeps `cursor`, the first free
-# byte above every conflicting allocation seen so far, so the gap below conflict j
-# is off[j] - align_up(cursor).  `byoff` lists the placed allocations by offset
-# (equal offsets by index, as numpy's stable sort has them).
-SOURCE = """
-codelet BestFit(in size: i32[n], in align: i32[n], in start: i32[n], in end: i32[n], in ptr: i32[p],
-                in istart: i32[m], in iend: i32[m], in order: i32[n], out off: i32[n], inout byoff: i32[n],
-                out top: i32) {
-    var placed = 0;
-    var peak = 0;
-    for q in 0..n {
-        let i = order[q];
-        let s = size[i];
-        let a = align[i];
-        let many = ptr[i + 1] - ptr[i] > 1;
-        var cursor = 0;
-        var best = -1;
-        var bestgap = 0;
-        for r in 0..placed {
-            let j = byoff[r];
-            if start[j] <= end[i] && end[j] >= start[i] {
-                var hit = true;
-                if many || ptr[j + 1] - ptr[j] > 1 {
-                    hit = false;
-                    var x = ptr[i];
-                    while !hit && x < ptr[i + 1] {
-                        var y = ptr[j];
-                        while !hit && y < ptr[j + 1] {
-                            hit = istart[y] <= iend[x] && iend[y] >= istart[x];
-                            y += 1;
-                        }
-                        x += 1;
-                    }
-                }
-                if hit {
-                    let at = (cursor + a - 1) / a * a;
-                    let gap = off[j] - at;
-                    if gap >= s && (best < 0 || gap < bestgap) {
-                        best = at;
-                        bestgap = gap;
-                        if gap == s { break; }
-                    }
-                    cursor = max(cursor, off[j] + size[j]);
-                }
-            }
-        }
-        var at = best;
-        if best < 0 { at = (cursor + a - 1) / a * a; }
-        off[i] = at;
-        peak = max(peak, at + s);
-        var r = placed;
-        while r > 0 && (off[byoff[r - 1]] > at || (off[byoff[r - 1]] == at && byoff[r - 1] > i)) {
-            byoff[r] = byoff[r - 1];
-            r -= 1;
-        }
-        byoff[r] = i;
-        placed += 1;
-    }
-    top = peak;
-}
-"""
-_FIELDS = ("size", "align", "start", "end", "ptr", "istart", "iend", "order", "off", "byoff")
-# i32 arithmetic in the codelet: problems whose bytes could reach 2**31 use numpy.
-_LIMIT = 1 << 30
-
+from popdsl.passes import bestfit_native
 
 @node(eq=False)
 class Lives:
@@ -159,72 +93,27 @@ def _meet(lives: Lives, i: int, j: int) -> bool:
     return bool(((sj[None, :] <= ei[:, None]) & (ej[None, :] >= si[:, None])).any())
 
 
-@functools.cache
-def _codelets():
-    from popdsl.sema import compile_codelets
-    return compile_codelets(SOURCE, "<bestfit>")
-
-
-@functools.cache
-def _native():
-    from popdsl.codegen.jit import NativeCodelets
-    return NativeCodelets(_codelets())
-
-
-def compile_ahead() -> None:
-    """Start compiling the BestFit codelet's native code in the background
-    (`codegen.jit.compile_ahead`), for a plan still to come."""
-    from popdsl.codegen.jit import compile_ahead as ahead
-    if _native.cache_info().currsize == 0:
-        ahead(_codelets())
-
-
 def best_fit_many(problems: list[tuple]) -> list[tuple[np.ndarray, int]]:
-    """`best_fit` of every (sizes, aligns, starts, ends, order[, lives]) problem."""
-    from popdsl.codegen.jit import aligned_zeros
-    from popdsl.ir.errors import VertexError
+    """`best_fit` of every (sizes, aligns, starts, ends, order[, lives]) problem:
+    natively (`bestfit_native`) on every core, the problems cut into ranges of
+    about equal work, or by the definition where the kernel cannot."""
     out: list = [None] * len(problems)
-    native, args = [], []
+    native = []
     for k, p in enumerate(problems):
         sz, ag, s, e, order = p[:5]
         lives = p[5] if len(p) > 5 and p[5] is not None else Lives.one(s, e)
         if len(sz) == 0:
             out[k] = (np.zeros(0, np.int64), 0)
-        elif int(sz.sum()) + int(ag.max()) * len(sz) >= _LIMIT or max(int(s.max()), int(e.max())) >= _LIMIT:
-            out[k] = best_fit(sz, ag, s, e, order, lives)
+        elif bestfit_native.fits(sz, ag, s, e):
+            native.append((k, (sz, ag, s, e, order, lives)))
         else:
-            native.append(k)
-            args.append((sz, ag, s, e, lives.ptr, lives.istart, lives.iend, order))
-    if not native:
-        return out
-    # One i32 array per field, problems end to end (each field's arrays 64-byte
-    # aligned); each vertex's fields point at its slices (byte addresses into one
-    # aligned buffer).
-    lengths = np.array([[len(a[0])] * 4 + [len(a[4]), len(a[5]), len(a[6]), len(a[0]), len(a[0]), len(a[0])]
-                        for a in args], np.int64)                       # (problems, fields)
-    firsts = np.cumsum(lengths, axis=0) - lengths
-    seg = -(-lengths.sum(axis=0) * 4 // 64) * 64                          # bytes per field
-    base = np.concatenate(([0], np.cumsum(seg)))
-    mem = aligned_zeros(int(base[-1]) + 8 * len(native) + 64)
-    for f in range(8):                                # the inputs: size .. order
-        words = mem[base[f]:base[f] + seg[f]].view(np.int32)
-        words[:int(lengths[:, f].sum())] = np.concatenate([a[f if f < 7 else 7] for a in args])
-    top_at = int(base[-1]) + 8 * np.arange(len(native))
-    table = np.empty((len(native), len(_FIELDS) + 4), np.int64)
-    for f in range(len(_FIELDS)):
-        table[:, f] = base[f] + firsts[:, f] * 4
-    table[:, len(_FIELDS)] = top_at
-    table[:, len(_FIELDS) + 1:] = lengths[:, [0, 4, 5]]                  # symbols n, p, m
-    cycles = np.zeros(len(native), np.int64)
-    run = _native().run
-    try:
-        _on_threads(lambda a, b: run("BestFit", mem, table, a, b, cycles), _shares(lengths[:, 0]))
-    except VertexError as e:          # the codelet is ours: a failure is a compiler bug
-        raise AssertionError(f"BestFit failed: {e}") from None
-    offs = mem[base[8]:base[8] + seg[8]].view(np.int32).astype(np.int64)
-    tops = mem.view(np.int32)[top_at // 4]
-    for j, k in enumerate(native):
-        out[k] = (offs[firsts[j, 8]:firsts[j, 8] + lengths[j, 8]], int(tops[j]))
+            out[k] = best_fit(sz, ag, s, e, order, lives)
+
+    def solve(a: int, b: int) -> None:
+        for k, args in native[a:b]:
+            out[k] = bestfit_native.best_fit(*args)
+    if native:
+        _on_threads(solve, _shares(np.array([len(args[0]) for _, args in native], np.int64)))
     return out
 
 
