@@ -191,7 +191,9 @@ def _calls(low: Lowered, function: np.ndarray, r: np.ndarray, t: np.ndarray, cs_
     points = int(tt.max()) + 1
     key = np.sort(rr * points + tt)
     rr, tt = key // points, key % points
-    regs, first, counts = np.unique(rr, return_index=True, return_counts=True)
+    # Sorted already: each region's touches start where the region changes.
+    first = np.flatnonzero(np.r_[True, rr[1:] != rr[:-1]])
+    regs, counts = rr[first], np.diff(np.append(first, rr.size))
     cs_index = {cs.name: i for i, cs in enumerate(low.compute_sets)}
     per_fn = np.asarray([len(cs_points.get(cs_index[f["compute_sets"][0]], ())) for f in low.graph.function_summary],
                         np.int64)
