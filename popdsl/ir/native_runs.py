@@ -1,16 +1,22 @@
-"""Native kernels for the compiler's own loops over runs of elements.
+"""Native kernels for the compiler's own loops over runs: of elements, and of copies.
 
-Requires numpy and `ir.host_llvm`; produces `split_runs`, `Mapping.split_runs`
-for many runs: runs of elements cut where a tile mapping's runs end, in one
-native pass that counts the pieces and one that writes them, where numpy makes
-a binary search per run and a dozen passes over the pieces (lowering ResNet-50's
-training step at batch 8 cuts 139M runs into 181M pieces: 9.5 s of its 29 s
-lowering in numpy).  `Mapping.split_runs_numpy` is the definition the tests
-compare with, on random mappings and runs.
+Requires numpy and `ir.host_llvm`; produces three kernels, each with its numpy
+definition elsewhere, which the tests compare it with on random inputs, and each
+used only for inputs large enough to pay for a native call (`MIN_RUNS`):
 
-The search for a run's first mapping run starts from where the last run ended
-(a vertex's runs ascend), gallops forward or searches below; the pieces of a
-run are then the mapping runs up to its end, walked one by one.
+- `split_runs` — `Mapping.split_runs` (definition: `Mapping.split_runs_numpy`):
+  runs of elements cut where a tile mapping's runs end, in one native pass that
+  counts the pieces and one that writes them (with a field's regions, byte
+  offsets and positions folded in, for `TensorLayout.pieces`), where numpy made a
+  binary search per run and a dozen passes over the pieces (lowering ResNet-50's
+  training step at batch 8 cuts 139M runs into 181M pieces: 9.5 s of its 29 s
+  lowering in numpy).  The search for a run's first mapping run starts from
+  where the last run ended (a vertex's runs ascend), gallops forward or searches
+  below; a run's pieces are then the mapping runs up to its end, walked.
+- `tile_bytes` — `cost._sums`: the bytes each tile receives, moves on the tile
+  and sends in a copy table, with the tile memory a constant of the module.
+- `copy_addresses` — `CopyElems.merged()` and a gather: a copy table's runs at
+  their regions' addresses, from the parts as lowering left them.
 """
 from __future__ import annotations
 
