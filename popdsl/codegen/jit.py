@@ -6,11 +6,12 @@ program compiled in ONE module (each LLVM compile leaks ~100 KB, so never one pe
 codelet) — and re-exports `VertexError`.
 
 Compilation: O3 for the host CPU (Numba's target machine), a fresh pass builder and
-module pass manager per run (reusing one aborts the process); the target machine,
-the pipeline and the lock every LLVM compile takes are `ir.host_llvm`'s.  Object code is cached
+module pass manager per run (reusing one aborts the process).  Object code is cached
 under $POPDSL_CACHE_DIR (default ~/.cache/popdsl) by sha256 of IR text, triple, host
 CPU name and features, llvmlite version and `CODEGEN_VERSION`; files are written
 atomically (temp file + rename) and carry a checksum, so a damaged one is recompiled.
+The target machine, the pipeline, the cache's files and the lock every LLVM compile
+takes are `ir.host_llvm`'s, shared with the compiler's own native kernels.
 The object is loaded with `ExecutionEngine.add_object_file`.  `compile_ahead`
 starts a compile on a background thread (one at a time, all LLVM calls under one
 lock), which a later `object_code` for the same text waits for instead of compiling.

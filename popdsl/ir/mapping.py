@@ -168,6 +168,7 @@ class Mapping:
         return self.split_runs_numpy(starts, lengths)
 
     def split_runs_numpy(self, starts, lengths) -> tuple[np.ndarray, ...]:
+        """`split_runs` in numpy: the definition the native kernel is tested against."""
         starts = np.asarray(starts, np.int64).reshape(-1)
         lengths = np.asarray(lengths, np.int64).reshape(-1)
         first = self.run_of(starts)

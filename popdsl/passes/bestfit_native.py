@@ -32,6 +32,22 @@ LANES = 16
 LIMIT = 1 << 30
 _FREE = np.iinfo(np.int32).max          # a slot past the placed ones: alive with nothing
 
+# What the IR below does, per allocation i in `order` (bs, be, bi: the placed
+# allocations' spans of life and indices, in offset order; `cursor`, the first free
+# byte above every conflicting allocation seen so far, so the gap below conflict j
+# is off[j] - align_up(cursor)):
+#
+#   cursor = 0; best = -1
+#   for each block of LANES placed slots, for each lane where bs <= end[i] and be >= start[i]:
+#       j = bi[r]
+#       if i or j lives in several intervals and none of theirs meet: skip
+#       at = align_up(cursor, align[i]); gap = off[j] - at
+#       if gap >= size[i] and (best < 0 or gap < bestgap): best, bestgap = at, gap
+#           (a gap of exactly size[i] ends the scan)
+#       cursor = max(cursor, off[j] + size[j])
+#   off[i] = best if best >= 0 else align_up(cursor, align[i])
+#   insert (start[i], end[i], i) where (off, index) keeps the slots sorted
+#   (binary search, then one memmove per array)
 _IR = """
 declare i32 @llvm.cttz.i32(i32, i1)
 declare void @llvm.memmove.p0.p0.i64(ptr, ptr, i64, i1)
