@@ -249,6 +249,9 @@ def split_runs(run_starts: np.ndarray, numel: int, starts: np.ndarray, lengths: 
     n = starts.size
     if not n or not run_starts.size or run_starts[0] != 0:
         return None
+    # The kernel reads these per run and per mapping run: a shorter array is our bug.
+    assert all(a is None or len(a) == n for a in (base, tag)) and lengths.size == n \
+        and (regions is None or len(regions[0]) == len(regions[1]) == run_starts.size), "split_runs: array lengths"
     if int(starts.min()) < 0 or int((starts + lengths).max()) > numel:
         # Only runs of some length must lie inside (the kernel skips the others).
         positive = lengths > 0
@@ -347,6 +350,7 @@ def tile_bytes(src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, tile_memory
     which runs cross tiles, bytes crossing): `cost._sums`, natively.  None
     where an address is outside the tiles' memory."""
     n = src.size
+    assert dst.size == nbytes.size == n, "tile_bytes: array lengths"
     if n and (min(int(src.min()), int(dst.min())) < 0
               or max(int(src.max()), int(dst.max())) >= tile_memory * tiles):
         return None
@@ -434,6 +438,7 @@ def copy_addresses(parts: list[tuple[np.ndarray, ...]], region_addr: np.ndarray)
     int64, the parts end to end.  None for arrays of other types."""
     ok = (np.dtype(np.int32), np.dtype(np.int64))
     for p in parts:
+        assert len(p) == 5 and all(a.size == p[0].size for a in p), "copy_addresses: array lengths"
         if p[0].dtype != ok[0] or p[2].dtype != ok[0] or any(p[k].dtype not in ok for k in (1, 3, 4)) \
                 or not all(a.flags.c_contiguous for a in p):
             return None

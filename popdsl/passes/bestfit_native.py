@@ -317,7 +317,7 @@ def best_fit(sizes, aligns, starts, ends, order, lives) -> tuple[np.ndarray, int
     intervals that do not match the allocations) are a compiler bug."""
     n = len(sizes)
     ptr, istart, iend = lives.ptr, lives.istart, lives.iend
-    assert len(order) == n and len(ptr) == n + 1 and ptr[0] == 0 and ptr[-1] == len(istart) == len(iend) \
+    assert len(aligns) == len(starts) == len(ends) == len(order) == n and len(ptr) == n + 1 and ptr[0] == 0 and ptr[-1] == len(istart) == len(iend) \
         and (n == 0 or (int(order.min()) >= 0 and int(order.max()) < n and (np.diff(ptr) >= 1).all())), \
         "malformed best-fit problem"
     args = [np.ascontiguousarray(a, np.int32) for a in (sizes, aligns, starts, ends, ptr, istart, iend, order)]
