@@ -265,14 +265,8 @@ def split_runs(run_starts: np.ndarray, numel: int, starts: np.ndarray, lengths: 
     _, count_fn, fill_fn = _kernels()
     ptr = _address
     total = count_fn(ptr(bounds), run_starts.size, ptr(starts), ptr(lengths), n, ptr(first), ptr(count), ptr(nzero))
-    if total == n and not nzero[0]:             # no run cut: every run one piece
-        out = [starts, lengths, np.arange(n) if tag is None else tag.astype(np.int64),
-               np.zeros(n, np.int64) if base is None else base.astype(np.int64), first]
-        if regions is not None:
-            run_region, run_off, first_region, elem_bytes = regions
-            out[0] = first_region + run_region[first].astype(np.int64)
-            out[4] = (run_off[first] + (starts - bounds[first])) * elem_bytes
-        return tuple(out)
+    if total == n and not nzero[0] and regions is None and base is None and tag is None:
+        return starts, lengths, np.arange(n), np.zeros(n, np.int64), first     # no run cut
     out = [np.empty(total, np.int64) for _ in range(5)]
     extra = [None, None, 0, 0]
     if regions is not None:
