@@ -92,6 +92,11 @@ class CompileError(Exception):
     def render(self) -> str:
         return "\n".join(d.render() for d in self.diagnostics)
 
+    def __reduce__(self):
+        # Pickled as what it was made of (a try in a second process sends it back:
+        # popdsl.forked), not as its rendered text.
+        return type(self), (self.diagnostics,)
+
 
 class OutOfMemory(CompileError):
     """The plan does not fit a tile: `tile` needs `need` bytes (of `capacity`).  The
@@ -102,6 +107,9 @@ class OutOfMemory(CompileError):
     def __init__(self, diagnostics: list[Diagnostic], tile: int, need: int, capacity: int, bounds=None):
         super().__init__(diagnostics)
         self.tile, self.need, self.capacity, self.bounds = tile, need, capacity, bounds
+
+    def __reduce__(self):
+        return type(self), (self.diagnostics, self.tile, self.need, self.capacity, self.bounds)
 
 
 class Diagnostics:

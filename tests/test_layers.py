@@ -10,7 +10,7 @@ PKG = Path(__file__).resolve().parent.parent / "popdsl"
 
 # Bottom up.  A module may import modules of its own layer and of the layers below.
 LAYERS = (
-    ("node", "diagnostics", "resources", "limits", "atomic", "timings"),
+    ("node", "diagnostics", "resources", "limits", "atomic", "timings", "forked"),
     ("frontend",),
     ("ir",),
     ("ops",),
@@ -19,7 +19,7 @@ LAYERS = (
     ("passes",),
     ("runtime",),
     ("report", "artifact", "artifact_load", "data", "datafile"),
-    ("pipeline",),
+    ("pipeline", "recompute_auto"),
     ("cache",),
     ("api",),
     ("training",),

@@ -221,7 +221,7 @@ def test_auto_search_ends_at_the_least_fitting_level_within_twice_bisections_tri
 
 
 class _Compiled:
-    """What a fake compile at a level gives `_fit`: an executable's tiles."""
+    """What a fake compile at a level gives `recompute_auto.fit`: an executable's tiles."""
 
     def __init__(self, level: int, total: np.ndarray, bound: np.ndarray):
         self.level, self.codelets, self.unchecked = level, {}, False
@@ -231,33 +231,52 @@ class _Compiled:
 HOT = 5          # the fake compiles' busiest tile: one of the spread (0, 5, 10, 15 of the CNN's 16)
 
 
-def _fake_search(monkeypatch, need, budget: int, sampled=None, spread: bool = False, guess: int | None = None):
-    """`pipeline._fit` over the CNN's segments with compiles faked: a try at a level
-    whose busiest tile (HOT) needs `need(level)` bytes, its lower bound 100 fewer,
-    every other tile half.  A try lowered for some tiles alone bounds them as the
-    whole try does, but for HOT where `sampled(level)` gives its bound there.  Gives
-    the tries as (level, how: 'whole', 'measure' or 'sample', the last two bounds
-    only), the level of the result and the last level (every segment).  `spread`:
-    the step expected over its budget with nothing recomputed (rc.expect_over).
-    `guess`: rc.guessed_need's (None: over the budget, so the bracket is tried)."""
+def _fake_search(monkeypatch, need, budget: int, sampled=None, spread: bool = False, guess: int | None = None,
+                 fork: bool = False, log: list | None = None):
+    """`recompute_auto.fit` over the CNN's segments with compiles faked: a try at a
+    level whose busiest tile (HOT) needs `need(level)` bytes, its lower bound 100
+    fewer, every other tile half.  A try lowered for some tiles alone bounds them
+    as the whole try does, but for HOT where `sampled(level)` gives its bound
+    there.  Gives the tries as (level, how: 'whole', 'measure' or 'sample', the last
+    two bounds only), the level of the result and the last level (every segment).
+    `spread`: the step expected over its budget with nothing recomputed
+    (rc.expect_over).  `guess`: rc.guessed_need's (None: over the budget, so the
+    bracket is tried).  `fork`: a try the search expects over made in a second
+    process beside the next (popdsl.forked), if it ever does; `log`, if given, gets
+    each try as (level, how, whether a second process made it)."""
+    import os
     import pickle
+    import tempfile
+    from popdsl import forked, recompute_auto
     graph = pipeline.compile_source(CNN, "deep.pop", get_target(), stop_after="autodiff")
     top = rc.segments(graph).levels - 1
-    monkeypatch.setattr(pipeline, "artifact", SimpleNamespace(dumps=pickle.dumps,
-                                                              load=lambda f, unchecked: pickle.load(f)))
-    monkeypatch.setattr(pipeline, "NativeCodelets", lambda codelets, unchecked: None)
+    monkeypatch.setattr(recompute_auto, "artifact", SimpleNamespace(dumps=pickle.dumps,
+                                                                    load=lambda f, unchecked: pickle.load(f)))
+    monkeypatch.setattr(recompute_auto, "NativeCodelets", lambda codelets, unchecked: None)
+    monkeypatch.setattr(forked, "available", lambda: fork)
     monkeypatch.setattr(rc, "expect_over", lambda *a: spread)
     monkeypatch.setattr(rc, "guessed_need", lambda *a: budget + 1 if guess is None else guess)
     monkeypatch.setattr(rc, "SAMPLE_TILES", 2)          # samples on the CNN's 16 tiles
     monkeypatch.setattr(rc, "SPREAD_TILES", 4)
-    tries, memory, tiles = [], get_target().tile_memory, graph.target.tiles
+    memory, tiles, parent = get_target().tile_memory, graph.target.tiles, os.getpid()
+    # Tries are logged to a file: a second process's too.
+    fd, logged = tempfile.mkstemp(prefix="popdsl-tries-")
+    os.close(fd)
+
+    class Tries:
+        def append(self, t):
+            with open(logged, "a") as f:
+                f.write(f"{t[0]} {t[1]} {int(os.getpid() != parent)}\n")
+    tries = Tries()
 
     def per_tile(n: int) -> np.ndarray:
         out = np.full(tiles, n // 2, np.int64)
         out[HOT] = n
         return out
 
-    def compile_at(opts, note, until=None, partitioned=None):
+    def compile_at(opts, note, until=None, partitioned=None, monitor=None, check=None):
+        if check is not None:
+            check()
         level, n = opts.level, need(opts.level)
         if until == "partition":
             return ("partitioned", level)
@@ -276,11 +295,19 @@ def _fake_search(monkeypatch, need, budget: int, sampled=None, spread: bool = Fa
                                           "error", ())], HOT, need_, memory, bound)
         if opts.measure:
             z = np.zeros(tiles, np.int64)
-            return pipeline.X.MemoryPlan(z, z, z, z, z, bound, bound, z, z, []), None
+            return recompute_auto.X.MemoryPlan(z, z, z, z, z, bound, bound, z, z, []), None
         return _Compiled(level, per_tile(n), bound), None
 
     opts = pipeline.Options(CNN, "deep.pop", get_target(), recompute=Policy("auto", budget))
-    return tries, pipeline._fit(opts, graph, compile_at)[0].level, top
+    try:
+        level = recompute_auto.fit(opts, graph, compile_at)[0].level
+    finally:
+        with open(logged) as f:
+            made = [(int(a), b, c == "1") for a, b, c in (line.split() for line in f)]
+        os.unlink(logged)
+    if log is not None:
+        log.extend(made)
+    return [(lvl, how) for lvl, how, _ in made], level, top
 
 
 def test_auto_measures_everything_recomputed_by_its_lower_bound_only(monkeypatch):
@@ -373,6 +400,17 @@ def test_auto_finds_the_same_level_with_tries_bounded_on_some_tiles_first(monkey
     assert [int(only.sum()) for only in sampled if only is not None][:2] == [4, 2]
     assert exe.recompute["level"] == trusted.recompute["level"] == plain.recompute["level"] > 0
     assert artifact_bytes(exe) == artifact_bytes(trusted) == artifact_bytes(plain)
+    # A try expected over made in a second process beside the next (on two
+    # cores): the same executable, the search's tries made one at a time.
+    from popdsl import forked
+    made = []
+    monkeypatch.setattr(forked, "available", lambda: True)
+    monkeypatch.setattr(forked.Forked, "__init__", lambda self, fn, real=forked.Forked.__init__:
+                        made.append(1) or real(self, fn))
+    beside, _ = compile_cnn("auto", budget)
+    monkeypatch.setattr(forked, "available", lambda: False)
+    alone, _ = compile_cnn("auto", budget)
+    assert made and artifact_bytes(beside) == artifact_bytes(alone) == artifact_bytes(plain)
     assert guess(10_000, np.array([0, 4000]), 16) == 9750
 
 
@@ -408,6 +446,39 @@ def test_auto_takes_its_bracket_on_trust_when_everything_recomputed_is_guessed_w
     assert all(lvl != top for lvl, _ in tries) and tries[-1] == (3, "whole")
     with pytest.raises(OutOfMemory, match="every one of the"):
         _fake_search(monkeypatch, lambda level: 700_000, 1500, guess=1000)
+
+
+@pytest.mark.parametrize("need, options", [
+    (lambda level: 2000 - 200 * level, {}),                               # falls as predicted
+    (lambda level: 2000 - 200 * level, {"guess": 1000, "spread": True}),  # as at ResNet-50's batch 8
+    (lambda level: 2000 - 200 * level, {"sampled": lambda level: 0}),     # samples miss the busiest tile
+    (lambda level: 2000 if level < 5 else 1000, {}),                      # fits later than predicted
+    (lambda level: 2000 if level < 1 else 1000, {"guess": 1000}),         # earlier
+    (lambda level: 700_000, {"guess": 1000}),                             # never
+], ids=["predicted", "trusted", "missed", "later", "earlier", "never"])
+def test_auto_makes_a_try_it_expects_over_beside_the_next_and_finds_the_same(monkeypatch, need, options):
+    """On a second core, a try the search expects over its budget runs in a second
+    process beside the whole try the search would make next (popdsl.forked): the
+    search ends where it ends alone, having made every try it makes alone (the one
+    beside, only when the search would have made it) — or raises what it raises."""
+    from collections import Counter
+
+    def search(fork, log=None):
+        try:
+            return _fake_search(monkeypatch, need, 1500, fork=fork, log=log, **options)
+        except OutOfMemory as e:
+            return str(e), e.need
+    alone, log = search(False), []
+    beside = search(True, log)
+    assert beside[1:] == alone[1:]
+    if isinstance(alone[0], str):
+        assert beside[0] == alone[0]
+        return
+    extra = Counter(beside[0]) - Counter(alone[0])
+    assert not Counter(alone[0]) - Counter(beside[0])
+    assert all(how == "whole" for _, how in extra) and sum(extra.values()) <= sum(1 for *_, side in log if side)
+    if options.get("guess") == 1000 and need(1) > 1500 or not options:
+        assert any(side for *_, side in log)          # a try was made in a second process
 
 
 def test_auto_guesses_everything_recomputed_from_an_even_share_of_the_bytes_freed():

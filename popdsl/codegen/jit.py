@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -169,6 +170,20 @@ def compile_ahead(codelets: Sequence[ir.Codelet], unchecked: bool = False) -> No
             # Not a daemon: an interpreter exiting mid-compile waits for LLVM to finish.
             _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="popdsl-llvm")
         _AHEAD[key] = _POOL.submit(_compile_and_cache, text, path, sizes)
+
+
+def _forget_pool_in_child() -> None:
+    """A forked child has none of its parent's threads: its pool is made anew on
+    first use, and compiles that were running in the parent are not waited for
+    (`object_code` compiles what it does not find)."""
+    global _POOL
+    _POOL = None
+    for key in [k for k, f in _AHEAD.items() if not f.done()]:
+        del _AHEAD[key]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 def finish_ahead() -> None:

@@ -26,6 +26,10 @@ import llvmlite.binding as llvm
 from popdsl.ir.intrinsics import link_symbols
 
 LOCK = threading.RLock()
+# A fork (`popdsl.forked`) waits for the compile that holds the lock, so the
+# child never starts with it held by a thread it does not have.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=LOCK.acquire, after_in_parent=LOCK.release, after_in_child=LOCK.release)
 _MAGIC = b"POPDSLO1"
 # The compiler's own kernels' texts are their cache keys' (with the host's): a
 # changed kernel is a new key.

@@ -22,7 +22,7 @@ Regions are sized here; `memplan` gives them offsets.
 tensor's regions: enough for their tiles' lower bounds (every region on them, each
 touched at most as often as in the whole graph), a fraction of the time.
 Recomputation `auto` tries a level this way first where it expects the level not
-to fit (pipeline._fit); nothing is ever placed or run from such a lowering.
+to fit (recompute_auto.fit); nothing is ever placed or run from such a lowering.
 """
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ from popdsl.passes.liveness import ALWAYS_LIVE_KINDS
 MODES = RECOMPUTE_MODES
 CHEAP_DEPTH = 4          # element-wise ops a chain made again may have (views are free)
 # A try `auto` expects not to fit is first lowered and bounded on this many of the
-# tiles busiest in its last whole try (pipeline._fit): at ResNet-50's batch 8, the
+# tiles busiest in its last whole try (recompute_auto.fit): at ResNet-50's batch 8, the
 # 64 busiest with nothing recomputed are all over their memory at level 7, where
 # every 23rd tile is not.  Lowering 64 tiles takes 4 s to the whole graph's 16-24.
 SAMPLE_TILES = 64
@@ -140,7 +140,7 @@ def expect_over(graph: g.TensorGraph, seg: Segments, budget: int) -> bool:
     """Whether the step with nothing recomputed is expected over `budget` on its
     busiest tile: its always-live tensors and the activations it keeps for the
     backward pass, spread evenly, times BUSIEST_OVER_EVEN.  Only how `auto`
-    searches depends on it (pipeline._fit), never what it finds."""
+    searches depends on it (recompute_auto.fit), never what it finds."""
     always = sum(t.numel * t.elem_bytes for t in graph.tensors if t.kind in ALWAYS_LIVE_KINDS)
     return BUSIEST_OVER_EVEN * (always + seg.held) > budget * graph.target.tiles
 
@@ -150,7 +150,7 @@ def guessed_need(need_lo: int, freed: np.ndarray, tiles: int) -> int:
     with nothing recomputed (`need_lo`): less an even share of the bytes that frees
     (`freed`, by level; ResNet-50 batch 8: 930,740 - 354,620 = 576,120 B, placed
     578,826 B; batch 1: 344,937 - 44,391 = 300,546 B, placed 307,721 B).  It only
-    steers `auto`'s search (pipeline._fit)."""
+    steers `auto`'s search (recompute_auto.fit)."""
     return int(need_lo - int(freed[-1]) / tiles)
 
 
