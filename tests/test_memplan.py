@@ -246,7 +246,7 @@ def test_best_fit_many_on_threads_places_exactly_as_on_one(monkeypatch):
         e = s + rng.integers(0, 20, n)
         args.append((sz, np.full(n, 8), s, e, np.lexsort((s, -(e - s), -sz))))
     monkeypatch.setattr(bestfit, "PARALLEL_MIN_WORK", 0)
-    monkeypatch.setattr(bestfit, "threads", lambda: 3)
+    monkeypatch.setattr(bestfit, "_threads", lambda: 3)
     bounds = bestfit._shares(np.array([len(a[0]) for a in args if len(a[0])]))
     assert len(bounds) == 4 and bounds[0] == 0 and np.all(np.diff(bounds) > 0)
     for (off, top), p in zip(bestfit.best_fit_many(args), args):

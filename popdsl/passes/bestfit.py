@@ -162,9 +162,7 @@ def _range_max(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray
 PARALLEL_MIN_WORK = 50_000_000
 
 
-def threads() -> int:
-    """Threads for the compiler's native loops: the cores this process may use, at
-    most 8."""
+def _threads() -> int:
     try:
         return max(1, min(8, len(os.sched_getaffinity(0))))
     except AttributeError:                      # (not on Linux)
@@ -176,7 +174,7 @@ def _shares(n: np.ndarray) -> np.ndarray:
     per thread: a problem's placement loop scans the allocations placed before
     each, so its work grows as its allocations squared.  Bounds, first to last."""
     work = np.cumsum(n.astype(np.float64) ** 2)
-    parts = threads() if work.size and work[-1] >= PARALLEL_MIN_WORK else 1
+    parts = _threads() if work.size and work[-1] >= PARALLEL_MIN_WORK else 1
     cuts = np.searchsorted(work, work[-1] * np.arange(1, parts) / parts) if parts > 1 else []
     return unique(np.concatenate(([0], cuts, [len(n)]))).astype(int)
 

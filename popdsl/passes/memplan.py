@@ -26,13 +26,11 @@ what would help.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
 from popdsl.diagnostics import Diagnostic, OutOfMemory, Span
 from popdsl.ir.index import as_array, unique
-from popdsl.passes.bestfit import Lives, best_fit_many, more_orders, threads
+from popdsl.passes.bestfit import Lives, best_fit_many, more_orders
 from popdsl.passes.liveness import Liveness, liveness
 from popdsl.ir.lowered import CopyElems, Lowered
 from popdsl.ir import executable as X
@@ -361,27 +359,20 @@ def _finish(low: Lowered, codelets: dict, base: np.ndarray, mem: X.MemoryPlan, u
         m = tl.layout.mapping
         addrs = region_addr[tl.first + tl.layout.run_region] + tl.layout.run_off * tl.elem_bytes
         tensor_runs.append(X.TensorRuns(m.starts.copy(), m.lengths, addrs.astype(np.int64)))
-    # The lowered graph's tables and copy runs become the executable's in place
-    # (a ResNet-50 training step's are gigabytes: never two copies).  The copy
-    # tables are native loops and sorts, which let go of the GIL: made on threads
-    # while this one adds the vertex tables' addresses.
-    elems = [c for cs in low.compute_sets for c in (cs.pre, cs.post)] + list(low.copies)
-    with ThreadPoolExecutor(threads()) as pool:
-        tables = pool.map(lambda c: _copy_table(c, region_addr, target), elems)
-        css = []
-        for cs in low.compute_sets:
-            groups = []
-            for grp in cs.groups:
-                table = grp.table
-                m = grp.region >= 0
-                table[m] += region_addr[grp.region[m]]
-                groups.append(X.VertexTable(grp.codelet, table, grp.tiles, grp.span_ids))
-            css.append((cs.name, cs.span, groups))
-        tables = list(tables)
-    css = [X.ComputeSetExec(name, span, groups, tables[2 * k], tables[2 * k + 1])
-           for k, (name, span, groups) in enumerate(css)]
-    copies = tables[2 * len(css):]
+    # The lowered graph's tables and copy runs become the executable's, one compute
+    # set at a time (a ResNet-50 training step's are gigabytes: never two copies).
+    css = []
+    for cs in low.compute_sets:
+        groups = []
+        for grp in cs.groups:
+            table = grp.table
+            m = grp.region >= 0
+            table[m] += region_addr[grp.region[m]]
+            groups.append(X.VertexTable(grp.codelet, table, grp.tiles, grp.span_ids))
+        css.append(X.ComputeSetExec(cs.name, cs.span, groups, _copy_table(cs.pre, region_addr, target),
+                                    _copy_table(cs.post, region_addr, target)))
     low.compute_sets = []
+    copies = [_copy_table(c, region_addr, target) for c in low.copies]
     low.copies = []
     reads = []
     for label, dtype, t, idx in low.reads:
