@@ -21,6 +21,7 @@ parent then does the work itself.
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import pickle
@@ -56,6 +57,7 @@ class Forked:
 
     def __init__(self, fn: Callable[[], object]):
         r, w = os.pipe()
+        parent = os.getpid()
         # The collector writes the headers of the objects it visits, which in a
         # child would copy every page of them: the parent's objects are frozen for
         # the fork (the child leaves them so; the parent thaws them), and garbage
@@ -71,7 +73,7 @@ class Forked:
             raise
         if pid == 0:                                          # the child
             os.close(r)
-            _child(fn, w)                                     # never returns
+            _child(fn, w, parent)                             # never returns
         gc.unfreeze()
         os.close(w)
         self.rusage = None            # the child's resource usage once reaped (os.wait4)
@@ -132,9 +134,17 @@ class Forked:
         return None if self.rusage is None else self.rusage.ru_maxrss * 1024     # Linux: kilobytes
 
 
-def _child(fn: Callable[[], object], fd: int) -> None:
+def _child(fn: Callable[[], object], fd: int, parent: int) -> None:
     code = 0
     try:
+        # Killed with the parent (SIGTERM, SIGKILL: nothing to answer to), where
+        # Linux lets it say so (prctl PR_SET_PDEATHSIG); a parent gone already, too.
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() != parent:
+            os._exit(1)
         try:
             payload = pickle.dumps(("value", fn()))
             pickle.loads(payload)           # what the parent cannot load is sent as text

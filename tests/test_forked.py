@@ -123,3 +123,27 @@ def test_a_child_runs_llvm_while_the_parent_held_its_compile_lock_on_a_thread():
 def test_available_says_no_when_told(monkeypatch):
     monkeypatch.setenv("POPDSL_FORK", "0")
     assert not forked.available()
+
+
+def test_a_child_dies_with_its_parent():
+    """A parent killed outright (SIGKILL, or SIGTERM without a handler) takes its
+    child with it: nothing is left running with nobody to answer to."""
+    import subprocess
+    import sys
+    code = ("import sys, time\nfrom popdsl import forked\nf = forked.Forked(lambda: time.sleep(60))\n"
+            "print(f.pid, flush=True)\ntime.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(p.stdout.readline())
+    p.kill()
+    p.wait()
+    for _ in range(200):
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":     # dead, not yet reaped by init
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.01)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the child outlived its parent")
