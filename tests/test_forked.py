@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -125,11 +126,11 @@ def test_available_says_no_when_told(monkeypatch):
     assert not forked.available()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl and /proc: Linux")
 def test_a_child_dies_with_its_parent():
     """A parent killed outright (SIGKILL, or SIGTERM without a handler) takes its
     child with it: nothing is left running with nobody to answer to."""
     import subprocess
-    import sys
     code = ("import sys, time\nfrom popdsl import forked\nf = forked.Forked(lambda: time.sleep(60))\n"
             "print(f.pid, flush=True)\ntime.sleep(60)\n")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
