@@ -23,8 +23,9 @@ vertices use in the background, and codegen takes what it made
 One loop goes back: a training step compiled with recomputation `auto` that does not
 fit its tiles (or the budget) is compiled again from the recompute stage with more
 of its forward pass recomputed, searching until a level fits where one fewer
-does not (`_fit`); a try it expects not to fit is lowered first for a sample of
-tiles only, whose lower bounds may already show it.
+does not (`recompute_auto.fit`); a try it expects not to fit is lowered first for a
+sample of tiles only, whose lower bounds may already show it — on a machine with
+two cores, in a second process beside the try expected to fit.
 """
 from __future__ import annotations
 

@@ -43,8 +43,15 @@ def fit(opts, graph, compile_at, monitor=None):
     with every segment recomputed brackets the search unless
     `recompute.guessed_need` expects it well within the budget.  Out of memory
     even with every segment recomputed is the error of that try, saying so;
-    fitting the tiles but not the budget, the closest there is.  `monitor`: as
-    `compile_source`'s, around keeping and reloading the best try."""
+    fitting the tiles but not the budget, the closest there is.  With a second
+    core (`forked.available`), a sampled try one below the level predicted to fit
+    runs in a forked process beside that level's whole try (`beside`): the same
+    tries' answers, so the same level and result.  `monitor`: as
+    `compile_source`'s, around keeping and reloading the best try, and a row for
+    the forked try's stages (`beside`).  `compile_at(options, note, until=,
+    partitioned=, monitor=, check=)`: `monitor` replaces the caller's (the forked
+    try records its stages), `check()` runs before each stage and may raise to stop
+    the try."""
     budget = opts.recompute.budget or opts.target.tile_memory
     stage = (lambda name, note: monitor(name, note)) if monitor is not None else (lambda name, note: nullcontext())
     seg = rc.segments(graph)
