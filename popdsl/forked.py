@@ -28,6 +28,7 @@ import pickle
 import select
 import signal
 import sys
+import time
 import traceback
 from typing import Callable
 
@@ -87,10 +88,16 @@ class Forked:
         self._read(block=False)
         return self._eof
 
-    def answer(self):
-        """What `fn` returned (waiting for it); what it raised, raised again; None
-        when the child died without answering."""
-        self._read(block=True)
+    def answer(self, timeout: float | None = None):
+        """What `fn` returned (waiting for it, at most `timeout` seconds if given);
+        what it raised, raised again; None when the child died without answering
+        or did not answer in time (it is then killed)."""
+        self._read(block=True, timeout=timeout)
+        if not self._eof:
+            self.close()
+            self._eof = True
+            self._data = bytearray()
+            return None
         self._reap()
         if not self._data:
             return None
@@ -111,9 +118,11 @@ class Forked:
             os.close(self._fd)
             self._fd = None
 
-    def _read(self, block: bool) -> None:
+    def _read(self, block: bool, timeout: float | None = None) -> None:
+        end = None if timeout is None else time.monotonic() + timeout
         while not self._eof and self._fd is not None:
-            if not block and not select.select([self._fd], [], [], 0)[0]:
+            wait = 0 if not block else None if end is None else max(0.0, end - time.monotonic())
+            if wait is not None and not select.select([self._fd], [], [], wait)[0]:
                 return
             chunk = os.read(self._fd, 1 << 16)
             if not chunk:
@@ -145,6 +154,9 @@ def _child(fn: Callable[[], object], fd: int, parent: int) -> None:
             pass
         if os.getppid() != parent:
             os._exit(1)
+        # Nothing of the child is shown: and a stream's lock that a thread of the
+        # parent held at the fork (a progress line being drawn) is never taken.
+        sys.stdout = sys.stderr = open(os.devnull, "w")
         try:
             payload = pickle.dumps(("value", fn()))
             pickle.loads(payload)           # what the parent cannot load is sent as text

@@ -24,6 +24,10 @@ from popdsl.ir import executable as X
 from popdsl.passes import recompute as rc
 
 
+# The least a search waits for a try made beside another, past the other's end.
+BESIDE_WAIT = 120.0
+
+
 def fit(opts, graph, compile_at, monitor=None):
     """Recomputation `auto`: the step as it is if it fits its tiles (and the policy's
     budget), else a level of recomputation (element-wise results, then segments:
@@ -147,6 +151,7 @@ def fit(opts, graph, compile_at, monitor=None):
         try:
             nxt = err = None
             extra["check"] = check
+            t0 = time.perf_counter()
             try:
                 nxt = attempt(ahead)
             except _Dropped:
@@ -155,7 +160,9 @@ def fit(opts, graph, compile_at, monitor=None):
                 err = e
             finally:
                 del extra["check"]
-            answer = proc.answer()
+            # A sample takes a fraction of a whole try: a child this late is stuck
+            # (killed; the search makes its try alone).
+            answer = proc.answer(timeout=max(BESIDE_WAIT, 2 * (time.perf_counter() - t0)))
         finally:
             proc.close()
         if answer is None:

@@ -148,3 +148,29 @@ def test_a_child_dies_with_its_parent():
     else:
         os.kill(child, signal.SIGKILL)
         pytest.fail("the child outlived its parent")
+
+
+def test_a_child_that_does_not_answer_in_time_is_killed_and_answers_none():
+    f = forked.Forked(lambda: time.sleep(60))
+    pid = f.pid
+    t = time.perf_counter()
+    assert f.answer(timeout=0.2) is None
+    assert time.perf_counter() - t < 10
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    f.close()
+    f = forked.Forked(lambda: 5)
+    assert f.answer(timeout=30) == 5
+    f.close()
+
+
+def test_nothing_a_child_prints_reaches_the_parents_streams(capfd):
+    def noisy():
+        print("from the child")
+        sys.stderr.write("warned\n")
+        return 1
+    f = forked.Forked(noisy)
+    assert f.answer() == 1
+    f.close()
+    out, err = capfd.readouterr()
+    assert "from the child" not in out and "warned" not in err

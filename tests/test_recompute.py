@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -232,7 +234,7 @@ HOT = 5          # the fake compiles' busiest tile: one of the spread (0, 5, 10,
 
 
 def _fake_search(monkeypatch, need, budget: int, sampled=None, spread: bool = False, guess: int | None = None,
-                 fork: bool = False, log: list | None = None):
+                 fork: bool = False, log: list | None = None, stuck: bool = False):
     """`recompute_auto.fit` over the CNN's segments with compiles faked: a try at a
     level whose busiest tile (HOT) needs `need(level)` bytes, its lower bound 100
     fewer, every other tile half.  A try lowered for some tiles alone bounds them
@@ -243,7 +245,8 @@ def _fake_search(monkeypatch, need, budget: int, sampled=None, spread: bool = Fa
     (rc.expect_over).  `guess`: rc.guessed_need's (None: over the budget, so the
     bracket is tried).  `fork`: a try the search expects over made in a second
     process beside the next (popdsl.forked), if it ever does; `log`, if given, gets
-    each try as (level, how, whether a second process made it)."""
+    each try as (level, how, whether a second process made it).  `stuck`: the
+    second process never answers (the search waits no longer than its own try)."""
     import os
     import pickle
     import tempfile
@@ -274,9 +277,14 @@ def _fake_search(monkeypatch, need, budget: int, sampled=None, spread: bool = Fa
         out[HOT] = n
         return out
 
+    if stuck:
+        monkeypatch.setattr(recompute_auto, "BESIDE_WAIT", 0.0)
+
     def compile_at(opts, note, until=None, partitioned=None, monitor=None, check=None):
         if check is not None:
             check()
+        if stuck and os.getpid() != parent:
+            time.sleep(60)
         level, n = opts.level, need(opts.level)
         if until == "partition":
             return ("partitioned", level)
@@ -457,12 +465,23 @@ def test_auto_takes_its_bracket_on_trust_when_everything_recomputed_is_guessed_w
     (lambda level: 700_000, {"guess": 1000}),                             # never
 ], ids=["predicted", "trusted", "missed", "later", "earlier", "never"])
 def test_auto_makes_a_try_it_expects_over_beside_the_next_and_finds_the_same(monkeypatch, need, options):
+    _beside_and_alone(monkeypatch, need, options)
+
+
+def test_auto_makes_the_try_alone_when_the_second_process_does_not_answer(monkeypatch):
+    log = []
+    _fake_search(monkeypatch, lambda level: 2000 - 200 * level, 1500, fork=True, stuck=True, log=log,
+                 guess=1000, spread=True)
+    alone, level, _ = _fake_search(monkeypatch, lambda level: 2000 - 200 * level, 1500, guess=1000, spread=True)
+    assert level == 3 and not any(side for *_, side in log)      # the stuck child logged nothing
+    assert Counter(alone) - Counter((lvl, how) for lvl, how, _ in log) == Counter()
+
+
+def _beside_and_alone(monkeypatch, need, options):
     """On a second core, a try the search expects over its budget runs in a second
     process beside the whole try the search would make next (popdsl.forked): the
     search ends where it ends alone, having made every try it makes alone (the one
     beside, only when the search would have made it) — or raises what it raises."""
-    from collections import Counter
-
     def search(fork, log=None):
         try:
             return _fake_search(monkeypatch, need, 1500, fork=fork, log=log, **options)
