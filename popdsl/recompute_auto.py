@@ -142,8 +142,14 @@ def fit(opts, graph, compile_at, monitor=None):
             return nxt == ahead and nxt >= rc.predicted_fit(mid, hi, need_mid, need_hi, freed, budget)
 
         def check():
+            # Run before each stage of this process's try: a try the search would
+            # not make next stops (what the child raised is raised below, by its
+            # `answer`, not from inside this try, where it could pass for the try's).
             if proc.ready():
-                answer = proc.answer()
+                try:
+                    answer = proc.answer()
+                except Exception:
+                    raise _Dropped from None
                 if answer is None or not follows(answer):
                     raise _Dropped
 

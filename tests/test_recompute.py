@@ -234,7 +234,7 @@ HOT = 5          # the fake compiles' busiest tile: one of the spread (0, 5, 10,
 
 
 def _fake_search(monkeypatch, need, budget: int, sampled=None, spread: bool = False, guess: int | None = None,
-                 fork: bool = False, log: list | None = None, stuck: bool = False):
+                 fork: bool = False, log: list | None = None, stuck: bool = False, broken: int | None = None):
     """`recompute_auto.fit` over the CNN's segments with compiles faked: a try at a
     level whose busiest tile (HOT) needs `need(level)` bytes, its lower bound 100
     fewer, every other tile half.  A try lowered for some tiles alone bounds them
@@ -246,7 +246,8 @@ def _fake_search(monkeypatch, need, budget: int, sampled=None, spread: bool = Fa
     bracket is tried).  `fork`: a try the search expects over made in a second
     process beside the next (popdsl.forked), if it ever does; `log`, if given, gets
     each try as (level, how, whether a second process made it).  `stuck`: the
-    second process never answers (the search waits no longer than its own try)."""
+    second process never answers (the search waits no longer than its own try).
+    `broken`: a level whose partition raises a CompileError."""
     import os
     import pickle
     import tempfile
@@ -286,6 +287,8 @@ def _fake_search(monkeypatch, need, budget: int, sampled=None, spread: bool = Fa
         if stuck and os.getpid() != parent:
             time.sleep(60)
         level, n = opts.level, need(opts.level)
+        if level == broken:
+            raise CompileError([Diagnostic(Span("deep.pop", 1, 1, 1, 2), f"level {level} is broken", "error", ())])
         if until == "partition":
             return ("partitioned", level)
         assert partitioned in (None, ("partitioned", level))
@@ -463,7 +466,9 @@ def test_auto_takes_its_bracket_on_trust_when_everything_recomputed_is_guessed_w
     (lambda level: 2000 if level < 5 else 1000, {}),                      # fits later than predicted
     (lambda level: 2000 if level < 1 else 1000, {"guess": 1000}),         # earlier
     (lambda level: 700_000, {"guess": 1000}),                             # never
-], ids=["predicted", "trusted", "missed", "later", "earlier", "never"])
+    (lambda level: 2000 - 200 * level, {"guess": 1000, "spread": True, "broken": 2}),   # the sample raises
+    (lambda level: 2000 - 200 * level, {"guess": 1000, "spread": True, "broken": 3}),   # the try beside it
+], ids=["predicted", "trusted", "missed", "later", "earlier", "never", "sample-raises", "beside-raises"])
 def test_auto_makes_a_try_it_expects_over_beside_the_next_and_finds_the_same(monkeypatch, need, options):
     _beside_and_alone(monkeypatch, need, options)
 
@@ -487,6 +492,8 @@ def _beside_and_alone(monkeypatch, need, options):
             return _fake_search(monkeypatch, need, 1500, fork=fork, log=log, **options)
         except OutOfMemory as e:
             return str(e), e.need
+        except CompileError as e:
+            return str(e), None
     alone, log = search(False), []
     beside = search(True, log)
     assert beside[1:] == alone[1:]
