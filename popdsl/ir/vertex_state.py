@@ -55,8 +55,16 @@ def state_bytes(table: np.ndarray, tiles: np.ndarray, ntiles: int, workers: int,
     alone = k == 1
     addresses = np.asarray(addresses, bool)
     words = (k > 1).astype(np.int64)
-    # A column at a time (a batch-32 training step has tables of millions of rows).
-    for c in range(table.shape[1]):
+    # A column whose every row holds the same value (and points into the same
+    # region) agrees in every multi-vertex: one word each.  Most columns are such
+    # (sizes, strides, shared blocks: 11,351 of 16,079 in a ResNet-50 training step).
+    steady = table.min(axis=0) == table.max(axis=0)
+    if region is not None:
+        steady &= region.min(axis=0) == region.max(axis=0)
+    words += int(steady.sum())
+    # The others a column at a time (a batch-32 training step has tables of
+    # millions of rows).
+    for c in np.flatnonzero(~steady).tolist():
         # The differences between a multi-vertex's consecutive rows; one that
         # would cross into the next multi-vertex is replaced by its own first one,
         # neutral for the min and max below (a lone row is all agreement).
