@@ -137,7 +137,7 @@ def test_a_child_dies_with_its_parent():
     child = int(p.stdout.readline())
     p.kill()
     p.wait()
-    for _ in range(200):
+    for _ in range(1000):                   # 10 s at most, for a loaded machine
         try:
             with open(f"/proc/{child}/stat") as f:
                 if f.read().rsplit(")", 1)[1].split()[0] == "Z":     # dead, not yet reaped by init
