@@ -120,6 +120,12 @@ def fit(opts, graph, compile_at, monitor=None):
 
     extra = {}                # compile_at's monitor in a forked try, the check of a try beside one
 
+    def step(lo: int, hi: int, need_lo: int, need_hi: int) -> tuple[int, int]:
+        """The search's next try between `lo` and `hi`, and the least level it
+        expects to fit (a try below that is sampled first)."""
+        return (rc.next_try(lo, hi, need_lo, need_hi, freed, budget),
+                rc.predicted_fit(lo, hi, need_lo, need_hi, freed, budget))
+
     def beside(mid: int, ahead: int, hi: int, need_hi: int):
         """Level `mid`'s sampled try, which the search expects over the budget, in a
         second process (`popdsl.forked`), while this one makes level `ahead`'s
@@ -135,11 +141,12 @@ def fit(opts, graph, compile_at, monitor=None):
             return need(res), ok, rows
 
         def follows(answer) -> bool:
+            # The search's next step once `mid` is over by `need_mid`: `ahead`, whole?
             need_mid, ok = answer[:2]
             if ok:
                 return False
-            nxt = rc.next_try(mid, hi, need_mid, need_hi, freed, budget)
-            return nxt == ahead and nxt >= rc.predicted_fit(mid, hi, need_mid, need_hi, freed, budget)
+            nxt, expected = step(mid, hi, need_mid, need_hi)
+            return nxt == ahead and nxt >= expected
 
         def check():
             # Run before each stage of this process's try: a try the search would
@@ -212,8 +219,7 @@ def fit(opts, graph, compile_at, monitor=None):
                 if got is not None:
                     with stage("keep", f"auto: the try with {seg.describe(hi)}, as .popx bytes"):
                         best, got = artifact.dumps(got[0]), None
-                mid = rc.next_try(lo, hi, need_lo, need_hi, freed, budget)
-                ahead = rc.predicted_fit(lo, hi, need_lo, need_hi, freed, budget)
+                mid, ahead = step(lo, hi, need_lo, need_hi)
                 if mid < ahead < hi and forked.available():
                     # `mid`, expected over, tried beside `ahead`, expected to fit.
                     answer, nxt = beside(mid, ahead, hi, need_hi)

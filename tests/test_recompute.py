@@ -459,18 +459,45 @@ def test_auto_takes_its_bracket_on_trust_when_everything_recomputed_is_guessed_w
         _fake_search(monkeypatch, lambda level: 700_000, 1500, guess=1000)
 
 
-@pytest.mark.parametrize("need, options", [
-    (lambda level: 2000 - 200 * level, {}),                               # falls as predicted
-    (lambda level: 2000 - 200 * level, {"guess": 1000, "spread": True}),  # as at ResNet-50's batch 8
-    (lambda level: 2000 - 200 * level, {"sampled": lambda level: 0}),     # samples miss the busiest tile
-    (lambda level: 2000 if level < 5 else 1000, {}),                      # fits later than predicted
-    (lambda level: 2000 if level < 1 else 1000, {"guess": 1000}),         # earlier
-    (lambda level: 700_000, {"guess": 1000}),                             # never
-    (lambda level: 2000 - 200 * level, {"guess": 1000, "spread": True, "broken": 2}),   # the sample raises
-    (lambda level: 2000 - 200 * level, {"guess": 1000, "spread": True, "broken": 3}),   # the try beside it
+@pytest.mark.parametrize("need, options, forks", [
+    (lambda level: 2000 - 200 * level, {}, 1),                               # falls as predicted
+    (lambda level: 2000 - 200 * level, {"guess": 1000, "spread": True}, 1),  # as at ResNet-50's batch 8
+    (lambda level: 2000 - 200 * level, {"sampled": lambda level: 0}, 0),     # samples never show it over
+    (lambda level: 2000 if level < 5 else 1000, {}, 2),                      # fits later than predicted
+    (lambda level: 2000 if level < 1 else 1000, {"guess": 1000}, 0),         # earlier
+    (lambda level: 700_000, {"guess": 1000}, 1),                             # never
+    (lambda level: 2000 - 200 * level, {"guess": 1000, "spread": True, "broken": 2}, 1),   # the sample raises
+    (lambda level: 2000 - 200 * level, {"guess": 1000, "spread": True, "broken": 3}, 1),   # the try beside it
 ], ids=["predicted", "trusted", "missed", "later", "earlier", "never", "sample-raises", "beside-raises"])
-def test_auto_makes_a_try_it_expects_over_beside_the_next_and_finds_the_same(monkeypatch, need, options):
-    _beside_and_alone(monkeypatch, need, options)
+def test_auto_makes_a_try_it_expects_over_beside_the_next_and_finds_the_same(monkeypatch, need, options, forks):
+    """On a second core, a try the search expects over its budget runs in a second
+    process beside the whole try the search would make next (popdsl.forked): the
+    search ends where it ends alone, having made every try it makes alone (the one
+    beside, only when the search would have made it) — or raises what it raises."""
+    from popdsl import forked
+    made = []
+
+    def search(fork, log=None):
+        try:
+            return _fake_search(monkeypatch, need, 1500, fork=fork, log=log, **options)
+        except OutOfMemory as e:
+            return str(e), e.need
+        except CompileError as e:
+            return str(e), None
+    alone, log = search(False), []
+    monkeypatch.setattr(forked.Forked, "__init__", lambda self, fn, real=forked.Forked.__init__:
+                        made.append(1) or real(self, fn))
+    beside = search(True, log)
+    assert len(made) == forks                 # second processes made
+    assert beside[1:] == alone[1:]
+    if isinstance(alone[0], str):
+        assert beside[0] == alone[0]
+        return
+    extra = Counter(beside[0]) - Counter(alone[0])
+    assert not Counter(alone[0]) - Counter(beside[0])
+    assert all(how == "whole" for _, how in extra) and sum(extra.values()) <= sum(1 for *_, side in log if side)
+    if forks:
+        assert any(side for *_, side in log)          # a try was made in a second process
 
 
 def test_auto_makes_the_try_alone_when_the_second_process_does_not_answer(monkeypatch):
@@ -480,31 +507,6 @@ def test_auto_makes_the_try_alone_when_the_second_process_does_not_answer(monkey
     alone, level, _ = _fake_search(monkeypatch, lambda level: 2000 - 200 * level, 1500, guess=1000, spread=True)
     assert level == 3 and not any(side for *_, side in log)      # the stuck child logged nothing
     assert Counter(alone) - Counter((lvl, how) for lvl, how, _ in log) == Counter()
-
-
-def _beside_and_alone(monkeypatch, need, options):
-    """On a second core, a try the search expects over its budget runs in a second
-    process beside the whole try the search would make next (popdsl.forked): the
-    search ends where it ends alone, having made every try it makes alone (the one
-    beside, only when the search would have made it) — or raises what it raises."""
-    def search(fork, log=None):
-        try:
-            return _fake_search(monkeypatch, need, 1500, fork=fork, log=log, **options)
-        except OutOfMemory as e:
-            return str(e), e.need
-        except CompileError as e:
-            return str(e), None
-    alone, log = search(False), []
-    beside = search(True, log)
-    assert beside[1:] == alone[1:]
-    if isinstance(alone[0], str):
-        assert beside[0] == alone[0]
-        return
-    extra = Counter(beside[0]) - Counter(alone[0])
-    assert not Counter(alone[0]) - Counter(beside[0])
-    assert all(how == "whole" for _, how in extra) and sum(extra.values()) <= sum(1 for *_, side in log if side)
-    if options.get("guess") == 1000 and need(1) > 1500 or not options:
-        assert any(side for *_, side in log)          # a try was made in a second process
 
 
 def test_auto_guesses_everything_recomputed_from_an_even_share_of_the_bytes_freed():
