@@ -433,3 +433,57 @@ def test_native_copy_addresses_equal_the_merged_runs_gathered(parts, data):
     np.testing.assert_array_equal(nb, want_nb)
     if any((p[0] >= 1).any() or (p[2] >= 1).any() for p in c.parts):      # a region past the addresses
         assert native_runs.copy_addresses(c.parts, addr[:1]) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 12), st.integers(0, 60), st.sampled_from([1, 2, 4]), st.booleans(),
+       st.sampled_from([0, -5, 1 << 30]), st.data())
+def test_native_buffer_runs_equal_the_numpy_definition(nv, n, es, drain, shift, data):
+    """`CopyElems.add_pieces` natively (`native_copies.buffer_runs`, from
+    MIN_PIECES pieces) against its numpy definition (fewer pieces): the same part,
+    dtypes included — pieces of vertices without a buffer left out, empty ones
+    dropped, runs that continue the one before merged, offsets narrowed to int32
+    only where every selected piece's fits (`shift` puts them out of int32's
+    range, or below zero)."""
+    from popdsl.ir import native_copies
+    from popdsl.ir.lowered import CopyElems
+    vert = np.sort(np.array(data.draw(st.lists(st.integers(0, nv - 1), min_size=n, max_size=n)), np.int64))
+    r = np.array(data.draw(st.lists(st.integers(0, 3), min_size=n, max_size=n)), np.int64)
+    ln = np.array(data.draw(st.lists(st.integers(0, 3), min_size=n, max_size=n)), np.int64)
+    # Offsets that often continue the piece before (so runs merge), sometimes not.
+    step = np.array(data.draw(st.lists(st.integers(0, 2), min_size=n, max_size=n)), np.int64)
+    off = np.cumsum(np.where(step == 1, ln, step * 8)) * es + shift
+    fp = np.cumsum(ln) - ln
+    buf_of = np.array(data.draw(st.lists(st.integers(-1, 2), min_size=nv, max_size=nv)), np.int64)
+    want = CopyElems()
+    want.add_pieces(r, off, ln, fp, vert, buf_of, es, drain)
+    got = native_copies.buffer_runs(r, off, ln, fp, vert, buf_of, es, drain)
+    assert (got is None) == (not want.parts)
+    for a, b in zip(got or (), want.parts[0] if want.parts else ()):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+def test_add_pieces_goes_native_for_many_pieces(monkeypatch):
+    """Many pieces take the kernel, with the definition's part."""
+    from popdsl.ir import native_copies
+    from popdsl.ir.lowered import CopyElems
+    calls = []
+    kernel = native_copies.buffer_runs
+    monkeypatch.setattr(native_copies, "buffer_runs", lambda *a: calls.append(1) or kernel(*a))
+    rng = np.random.default_rng(5)
+    n = native_copies.MIN_PIECES + 3
+    vert = np.sort(rng.integers(0, 40, n))
+    ln = rng.integers(0, 4, n)
+    args = (rng.integers(0, 6, n), np.cumsum(ln) * 4, ln, np.cumsum(ln) - ln, vert, rng.integers(-1, 9, 40), 4)
+    for drain in (False, True):
+        native, numpy = CopyElems(), CopyElems()
+        native.add_pieces(*args, drain)
+        with monkeypatch.context() as m:
+            m.setattr(native_copies, "MIN_PIECES", n + 1)
+            numpy.add_pieces(*args, drain)
+        assert len(native.parts) == len(numpy.parts) == 1
+        for a, b in zip(native.parts[0], numpy.parts[0]):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+    assert len(calls) == 2

@@ -15,7 +15,7 @@ import numpy as np
 from popdsl.diagnostics import Span
 from popdsl.ir import executable as X
 from popdsl.ir import graph as g
-from popdsl.ir import native_runs
+from popdsl.ir import native_copies, native_runs
 from popdsl.ir.mapping import Layout
 
 
@@ -48,6 +48,24 @@ class CopyElems:
         starts = np.nonzero(brk)[0]
         total = _narrow(np.add.reduceat(nb, starts, dtype=np.int64))
         self.parts.append((sr[starts], so[starts], dr[starts], do[starts], total))
+
+    def add_pieces(self, r, off, ln, fp, vert, buf_of, elem_bytes: int, drain: bool) -> None:
+        """The runs between a field's pieces of tensor data (region `r`, byte offset
+        `off`, `ln` elements, at element `fp` of vertex `vert`'s field) and the
+        buffers of the vertices that own one (`buf_of`, per vertex; -1: none, those
+        pieces left out): into the buffers, or out of them with `drain`.  Natively
+        for many pieces (`native_copies.buffer_runs`, the same parts)."""
+        if r.size >= native_copies.MIN_PIECES:
+            part = native_copies.buffer_runs(r, off, ln, fp, vert, buf_of, elem_bytes, drain)
+            if part is not None:
+                self.parts.append(part)
+            return
+        bv = buf_of[vert]
+        sel = bv >= 0
+        tensor = (r[sel], off[sel])
+        buffer = (bv[sel], fp[sel] * elem_bytes)
+        src, dst = (buffer, tensor) if drain else (tensor, buffer)
+        self.add_runs(*src, *dst, ln[sel] * elem_bytes)
 
     def merged(self) -> tuple[np.ndarray, ...]:
         """(src_region, src_off, dst_region, dst_off, nbytes): regions int32, the

@@ -18,9 +18,10 @@ runs per vertex, not an array per element.
 
 Regions are sized here; `memplan` gives them offsets.
 
-`only` (a bool per tile) lowers the vertices of those tiles alone, with every
-tensor's regions: enough for their tiles' lower bounds (every region on them, each
-touched at most as often as in the whole graph), a fraction of the time.
+`only` (a bool per tile) lowers the vertices of those tiles alone, and of the
+program's copies the runs from or to them, with every tensor's regions: enough for
+their tiles' lower bounds (every region on them, each touched at most as often as
+in the whole graph), a fraction of the time.
 Recomputation `auto` tries a level this way first where it expects the level not
 to fit (recompute_auto.fit); nothing is ever placed or run from such a lowering.
 """
@@ -179,9 +180,20 @@ def _copy(low: Lowered, graph: g.TensorGraph, src: g.View, dst: g.View) -> CopyE
     seg_len = np.diff(np.append(cuts, total))
     i = np.searchsorted(sp, cuts, side="right") - 1
     j = np.searchsorted(dp, cuts, side="right") - 1
+    if low.only is not None and not _in_function(graph, src.tensor) and not _in_function(graph, dst.tensor):
+        # Lowered for some tiles alone (a sample measured by its lower bounds): a run
+        # neither from nor to one of them touches none of their regions.  (Not a
+        # function's: liveness counts its regions' touches call by call, and a
+        # call's arguments lie elsewhere than another's.)
+        near = low.only[low.tensor_region_tile[sr[i]]] | low.only[low.tensor_region_tile[dr[j]]]
+        i, j, cuts, seg_len = i[near], j[near], cuts[near], seg_len[near]
     c = CopyElems()
     c.add_runs(sr[i], so[i] + (cuts - sp[i]) * es, dr[j], do[j] + (cuts - dp[j]) * es, seg_len * es)
     return c
+
+
+def _in_function(graph: g.TensorGraph, tensor: int) -> bool:
+    return any(f["tensors"][0] <= tensor < f["tensors"][1] for f in graph.function_summary)
 
 
 def _lower_cs(low: Lowered, graph: g.TensorGraph, cs: g.ComputeSet, csi: int,
@@ -336,12 +348,10 @@ def _connect(low, graph, c, f, tensor: int, span: Span, spans, ptr, rs, rl, rows
     # The copies of the vertices owning a new buffer: their pieces, at their positions.
     buf_of = np.full(nv, -1, np.int64)
     buf_of[mine] = bufs[reuse < 0]
-    sel = buf_of[vert] >= 0
-    br, bo = buf_of[vert][sel], fp[sel] * es
     if f.direction in ("in", "inout"):
-        pre.add_runs(r[sel], off[sel], br, bo, ln[sel] * es)
+        pre.add_pieces(r, off, ln, fp, vert, buf_of, es, drain=False)
     if f.direction in ("out", "inout"):
-        post.add_runs(br, bo, r[sel], off[sel], ln[sel] * es)
+        post.add_pieces(r, off, ln, fp, vert, buf_of, es, drain=True)
     return True
 
 
