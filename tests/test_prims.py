@@ -169,7 +169,7 @@ def test_only_read_buffers_with_the_same_elements_on_one_tile_are_shared():
     """Vertices needing a buffer share one only when on one tile and reading the same
     runs of elements; written buffers (no keys: lowering hashes only what is read)
     are never shared."""
-    from popdsl.passes.lower import _RunKeys, _run_keys, _shared_buffers
+    from popdsl.passes.shared_buffers import RunKeys, run_keys, shared_buffers
     tiles = np.array([0, 0, 0, 1, 1])
     # Five vertices of two runs each: 0 and 1 read the same runs, 2 other runs, 3
     # the same as 0 but on tile 1, 4 differs from 3 in one run's length.
@@ -177,14 +177,14 @@ def test_only_read_buffers_with_the_same_elements_on_one_tile_are_shared():
     rs = np.array([5, 20, 5, 20, 6, 20, 5, 20, 5, 20])
     rl = np.array([4, 4, 4, 4, 4, 4, 4, 4, 4, 3])
     rows = np.arange(5)
-    keys = _RunKeys.of(tiles, ptr, rs, rl, rows)
-    own, share = _shared_buffers(keys, ptr, rs, rl, rows)
+    keys = RunKeys.of(tiles, ptr, rs, rl, rows)
+    own, share = shared_buffers(keys, ptr, rs, rl, rows)
     assert own.tolist() == [0, 2, 3, 4] and share.tolist() == [0, 0, 1, 2, 3]
-    own, share = _shared_buffers(None, ptr, rs, rl, rows)
+    own, share = shared_buffers(None, ptr, rs, rl, rows)
     assert own.tolist() == share.tolist() == [0, 1, 2, 3, 4]
     # A subset's keys are the keys its vertices get hashed alone.
     sub = keys.subset(np.array([4, 1]))
-    key, counts = _run_keys(tiles[[4, 1]], ptr, rs, rl, rows[[4, 1]])
+    key, counts = run_keys(tiles[[4, 1]], ptr, rs, rl, rows[[4, 1]])
     assert sub.key.tolist() == key.tolist() and sub.counts.tolist() == counts.tolist() == [2, 2]
     assert sub.tiles.tolist() == [1, 0]
 

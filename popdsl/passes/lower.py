@@ -10,7 +10,7 @@ stride) connects in place; anything else — data on another tile, or scattered 
 gets a buffer on the vertex's tile, with exchange in before the compute phase and
 out after it.  Vertices of one tile reading the same elements in the same order
 share one buffer, so the exchange brings those bytes to the tile once (a matmul's
-workers share their block of b).
+workers share their block of b; `passes.shared_buffers`).
 
 Everything runs on runs of elements: a field is the runs of tensor elements it
 connects to, cut where the tensor changes region; a slab of a convolution is a few
@@ -27,17 +27,16 @@ to fit (recompute_auto.fit); nothing is ever placed or run from such a lowering.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 
 from popdsl.diagnostics import Diagnostics, Span
 from popdsl.ir import codelet as cir
 from popdsl.ir import executable as X
 from popdsl.ir import graph as g
-from popdsl.ir.index import Batch, RunBatch, Strided, ramps, take_rows, unique
+from popdsl.ir.index import Batch, RunBatch, Strided, take_rows, unique
 from popdsl.ir.lowered import CopyElems, Lowered, LoweredCS, LoweredGroup, TensorLayout
 from popdsl.ir.mapping import Mapping
+from popdsl.passes.shared_buffers import Registry, RunKeys, shared_buffers
 
 
 # ---------------------------------------------------------------- runs of a connection
@@ -201,7 +200,7 @@ def _lower_cs(low: Lowered, graph: g.TensorGraph, cs: g.ComputeSet, csi: int,
     pre, post = CopyElems(), CopyElems()
     groups = []
     written: list[tuple[np.ndarray, ...]] = []         # (tensor, start, end, span id) per run
-    shared: dict[int, _Registry] = {}                  # tensor -> buffers read from it
+    shared: dict[int, Registry] = {}                   # tensor -> buffers read from it
     for grp in cs.groups:
         cname = grp.codelet
         c = graph.codelets[cname]
@@ -246,7 +245,7 @@ def _lower_cs(low: Lowered, graph: g.TensorGraph, cs: g.ComputeSet, csi: int,
                 shapes = np.array([v.index.shape if f.rank else () for v in views], np.int64).reshape(nv, f.rank)
                 rows, cols = _rows_cols(shapes, f.rank)
                 spans = [v.span for v in views]
-            registry = shared.setdefault(tensor, _Registry()) if f.direction == "in" else None
+            registry = shared.setdefault(tensor, Registry()) if f.direction == "in" else None
             ok = _connect(low, graph, c, f, tensor, span, spans, ptr, rs, rl, rows, cols, tiles, csi,
                           col, table, region, pre, post, d, reported, registry)
             if ok and f.direction in ("out", "inout"):
@@ -270,7 +269,7 @@ def _rows_cols(shapes: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _connect(low, graph, c, f, tensor: int, span: Span, spans, ptr, rs, rl, rows, cols, tiles, csi,
-             col, table, region, pre, post, d: Diagnostics, reported, registry: "_Registry | None") -> bool:
+             col, table, region, pre, post, d: Diagnostics, reported, registry: "Registry | None") -> bool:
     """Connect field `f` of a group (vertices in tile order) to runs of `tensor`:
     in place where the data is on the vertex's tile and laid out as the field
     expects, through a buffer otherwise (one the compute set's `registry` of
@@ -328,9 +327,9 @@ def _connect(low, graph, c, f, tensor: int, span: Span, spans, ptr, rs, rl, rows
     # Buffers on the vertices' tiles, filled by exchange before compute and drained after.
     n = rows * cols
     # Reads only: each needing vertex's runs hashed once, for sharing buffers within
-    # the group and with the compute set's earlier groups (`_RunKeys`).
-    keys = _RunKeys.of(tiles[bad], ptr, rs, rl, bad) if f.direction == "in" else None
-    own, share = _shared_buffers(keys, ptr, rs, rl, bad)
+    # the group and with the compute set's earlier groups (`RunKeys`).
+    keys = RunKeys.of(tiles[bad], ptr, rs, rl, bad) if f.direction == "in" else None
+    own, share = shared_buffers(keys, ptr, rs, rl, bad)
     owners = bad[own]
     # A buffer an earlier group of this compute set fills with the same runs serves
     # these vertices too (the bands of a tile's block in two shape classes).
@@ -365,123 +364,6 @@ def _pieces_by_vertex(lay: TensorLayout, ptr, rs, rl):
     run_pos = csum[:-1] - csum[ptr[vert_of_run]]
     r, off, n, vert, pos = lay.pieces(rs, rl, base=run_pos, tag=vert_of_run)
     return r, off, n, pos, vert
-
-
-def _run_keys(tiles: np.ndarray, ptr, rs, rl, rows: np.ndarray):
-    """Per vertex of `rows`: a key hashing its tile, run count and runs (equal runs
-    on one tile give equal keys; callers check a match exactly) and its run count."""
-    counts = (ptr[rows + 1] - ptr[rows]).astype(np.int64)
-    idx = np.repeat(ptr[rows], counts) + ramps(counts)
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    mix = (rs[idx] * np.int64(0x9E3779B1) + rl[idx] * np.int64(0x85EBCA77)) ^ ramps(counts)
-    h = np.add.reduceat(mix, np.minimum(starts, max(idx.size - 1, 0))) if idx.size else np.zeros(len(rows), np.int64)
-    h = np.where(counts > 0, h, 0)
-    key = h * np.int64(0x5851F42D) + counts * np.int64(0x14057B7E) + tiles.astype(np.int64) * np.int64(0x2545F491)
-    return key, counts
-
-
-class _RunKeys(NamedTuple):
-    """Vertices' tiles with their `_run_keys`, hashed once per field: the field's
-    buffers are matched within the group, against the compute set's registry and
-    then registered, each on a subset of the same vertices."""
-    tiles: np.ndarray
-    key: np.ndarray
-    counts: np.ndarray
-
-    @staticmethod
-    def of(tiles, ptr, rs, rl, rows) -> "_RunKeys":
-        return _RunKeys(tiles, *_run_keys(tiles, ptr, rs, rl, rows))
-
-    def subset(self, sel: np.ndarray) -> "_RunKeys":
-        """The same keys for vertices `sel` (indices into these)."""
-        return _RunKeys(self.tiles[sel], self.key[sel], self.counts[sel])
-
-
-def _same_runs(rs_a, rl_a, idx_a, rs_b, rl_b, idx_b, starts) -> np.ndarray:
-    """Per vertex (runs of equal counts, at idx_a and idx_b): are all runs equal?"""
-    if not idx_a.size:
-        return np.ones(len(starts), bool)
-    same = (rs_a[idx_a] == rs_b[idx_b]) & (rl_a[idx_a] == rl_b[idx_b])
-    empty = np.diff(np.append(starts, idx_a.size)) == 0
-    return np.logical_and.reduceat(same, np.minimum(starts, idx_a.size - 1)) | empty
-
-
-def _shared_buffers(keys: "_RunKeys | None", ptr, rs, rl, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Vertices needing a buffer for a field (`rows`, in tile order, with their
-    `keys`; None when the field is written) → (indices of those owning a buffer, per
-    vertex the index of the buffer it uses among them).  Vertices of one tile
-    reading the same runs share one buffer, so the exchange brings those bytes once
-    (a matmul's workers share their block of b).  Buffers that are written are never
-    shared."""
-    k = np.arange(len(rows))
-    if keys is None or len(rows) < 2 or unique(keys.tiles).size == len(rows):
-        return k, k
-    # Two vertices share when tile, run count and every run agree (checked exactly
-    # after grouping by a hash).
-    tiles, key, counts = keys.tiles, keys.key, keys.counts
-    _, own, share = np.unique(key, return_index=True, return_inverse=True)
-    share = share.reshape(-1)
-    # Exact check against the owner; a hash collision gets a buffer of its own.
-    owner = own[share]
-    agree = (tiles == tiles[owner]) & (counts == counts[owner])
-    o_idx = np.repeat(ptr[rows[owner]], np.where(agree, counts, 0)) + ramps(np.where(agree, counts, 0))
-    mine = np.repeat(ptr[rows], np.where(agree, counts, 0)) + ramps(np.where(agree, counts, 0))
-    agree &= _same_runs(rs, rl, mine, rs, rl, o_idx, np.concatenate(([0], np.cumsum(np.where(agree, counts, 0))[:-1])))
-    owner = np.where(agree, owner, k)
-    own = unique(owner)
-    rank = np.searchsorted(own, owner)
-    return own, rank
-
-
-class _Registry:
-    """The buffers of one compute set that vertices read one tensor through, across
-    its groups: a later group's vertex reading exactly the runs of a registered
-    buffer on its tile reads that buffer (the exchange brings the bytes once)."""
-
-    def __init__(self):
-        self.keys = np.zeros(0, np.int64)          # sorted
-        self.order = np.zeros(0, np.int64)         # registered index of each sorted key
-        self.tiles = np.zeros(0, np.int64)
-        self.counts = np.zeros(0, np.int64)
-        self.bufs = np.zeros(0, np.int64)
-        self.rs = np.zeros(0, np.int64)
-        self.rl = np.zeros(0, np.int64)
-        self.first = np.zeros(0, np.int64)         # each buffer's runs start here in rs/rl
-
-    def find(self, keys: _RunKeys, ptr, rs, rl, rows) -> np.ndarray:
-        """Per vertex of `rows` (with their `keys`): a registered buffer holding
-        exactly its runs, or -1."""
-        if not len(self.bufs) or not len(rows):
-            return np.full(len(rows), -1, np.int64)
-        tiles, key, counts = keys.tiles, keys.key, keys.counts
-        at = np.minimum(np.searchsorted(self.keys, key), len(self.keys) - 1)
-        hit = np.where(self.keys[at] == key, self.order[at], -1)
-        ok = (hit >= 0)
-        ok[ok] = (self.tiles[hit[ok]] == tiles[ok]) & (self.counts[hit[ok]] == counts[ok])
-        found = np.nonzero(ok)[0]
-        if found.size:
-            c = counts[found]
-            mine = np.repeat(ptr[rows[found]], c) + ramps(c)
-            theirs = np.repeat(self.first[hit[found]], c) + ramps(c)
-            ok[found] = _same_runs(rs, rl, mine, self.rs, self.rl, theirs, np.concatenate(([0], np.cumsum(c)[:-1])))
-        return np.where(ok, self.bufs[np.maximum(hit, 0)], -1)
-
-    def add(self, keys: _RunKeys, ptr, rs, rl, rows, bufs) -> None:
-        tiles, key, counts = keys.tiles, keys.key, keys.counts
-        idx = np.repeat(ptr[rows], counts) + ramps(counts)
-        n0 = len(self.bufs)
-        self.first = np.concatenate([self.first, len(self.rs) + np.concatenate(([0], np.cumsum(counts)[:-1]))])
-        self.rs = np.concatenate([self.rs, rs[idx]])
-        self.rl = np.concatenate([self.rl, rl[idx]])
-        self.tiles = np.concatenate([self.tiles, tiles.astype(np.int64)])
-        self.counts = np.concatenate([self.counts, counts])
-        self.bufs = np.concatenate([self.bufs, np.asarray(bufs, np.int64)])
-        # Merged into the sorted keys (after equal ones, as a stable sort of all
-        # would put them), not sorted again with them.
-        new = np.argsort(key, kind="stable")
-        at = np.searchsorted(self.keys, key[new], side="right")
-        self.keys = np.insert(self.keys, at, key[new])
-        self.order = np.insert(self.order, at, n0 + new)
 
 
 def _check_write_conflicts(graph, cs, written, d: Diagnostics) -> None:
