@@ -248,9 +248,11 @@ def _fake_search(monkeypatch, need, budget: int, sampled=None, spread: bool = Fa
     each try as (level, how, whether a second process made it).  `stuck`: the
     second process never answers (the search waits no longer than its own try).
     `broken`: a level whose partition raises a CompileError."""
+    import gc
     import os
     import pickle
     import tempfile
+    import weakref
     from popdsl import forked, recompute_auto
     graph = pipeline.compile_source(CNN, "deep.pop", get_target(), stop_after="autodiff")
     top = rc.segments(graph).levels - 1
@@ -280,10 +282,17 @@ def _fake_search(monkeypatch, need, budget: int, sampled=None, spread: bool = Fa
 
     if stuck:
         monkeypatch.setattr(recompute_auto, "BESIDE_WAIT", 0.0)
+    # Every whole try's result: none may still be held when the next whole try
+    # begins (the best so far waits as bytes; a whole try is gigabytes).
+    results = weakref.WeakSet()
 
     def compile_at(opts, note, until=None, partitioned=None, monitor=None, check=None):
         if check is not None:
             check()
+        if until is None and not opts.measure and os.getpid() == parent:
+            gc.collect()
+            assert not results, f"a try's result held through the whole try at level {opts.level}"
+
         if stuck and os.getpid() != parent:
             time.sleep(60)
         level, n = opts.level, need(opts.level)
@@ -307,7 +316,9 @@ def _fake_search(monkeypatch, need, budget: int, sampled=None, spread: bool = Fa
         if opts.measure:
             z = np.zeros(tiles, np.int64)
             return recompute_auto.X.MemoryPlan(z, z, z, z, z, bound, bound, z, z, []), None
-        return _Compiled(level, per_tile(n), bound), None
+        compiled = _Compiled(level, per_tile(n), bound)
+        results.add(compiled)
+        return compiled, None
 
     opts = pipeline.Options(CNN, "deep.pop", get_target(), recompute=Policy("auto", budget))
     try:
