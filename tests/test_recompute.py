@@ -625,6 +625,7 @@ def test_popx_keeps_the_recomputation_record(built, tmp_path, popc):
     assert said and said in note, (said, note)
     code, out, _ = popc("report", tmp_path / "d.popx")
     assert "training step: activations kept for the backward pass" in out
+    assert "with and without the recomputation: popc report --partition" in out     # where the cycles are
     # A forged record or phase is refused, not believed.
     for edit in (lambda d: d["recompute"].update(mode="some"),
                  lambda d: d["recompute"].update(kept_bytes=-1),

@@ -112,7 +112,9 @@ class MemoryReport:
                     f"results of the others, {tr['recomputed_ops']} ops, {f['recompute']:,} FLOPs "
                     f"({100 * f['recompute'] / max(f['forward'], 1):.0f}% of the forward pass's {f['forward']:,})",
                     f"    not-always-live data (all tiles): {tr['live_at_backward_start']:,} B where the backward pass "
-                    f"begins, {tr['live_peak']:,} B at the peak"]
+                    f"begins, {tr['live_peak']:,} B at the peak",
+                    "    compute cycles by phase, with and without the recomputation: popc report --partition "
+                    "(one simulated step)"]
         out += ["", "  largest tensors:"]
         for r in j["largest_tensors"]:
             out.append(f"    {r['bytes']:>12,} B  {r['kind']:<6} {r['name']} {r['dtype']}{r['shape']}  {r['source']}")
