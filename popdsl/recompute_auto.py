@@ -229,7 +229,7 @@ def fit(opts, graph, compile_at, monitor=None):
                             continue
                         # `nxt` let go of: a try that does not fit is dropped below,
                         # not held through the next (9.2 GB at ResNet-50's batch 8
-                        # under a budget that takes two whole tries; 6.6 GB now).
+                        # under a budget that takes two whole tries; 6.4 GB now).
                         mid, (got, ok), nxt = ahead, nxt, None
                     else:         # within the budget on its sample (or no answer): as alone
                         got, ok = attempt(mid, sample=answer is None)

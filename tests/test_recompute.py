@@ -382,42 +382,31 @@ def test_lowering_some_tiles_alone_bounds_them_from_below(level, outline):
     Of the program's copies it keeps the runs from or to those tiles (and every
     run of a copy to or from a function's tensors, which liveness counts call by
     call)."""
-    from popdsl.passes.lower import _in_function, lower
+    from popdsl.passes.lower import lower
     from popdsl.passes.memplan import plan
     gen = pipeline.compile_source(CNN, "deep.pop", get_target(), outline=outline, level=level, stop_after="codegen")
     sizes = {name: gen.native.object_code_size(name) for name in gen.codelets}
     graph = gen.lowered.graph
     whole = plan(gen.lowered, gen.codelets, sizes, measure=True)
     busy = np.flatnonzero(whole.vertex_state)
+    in_function = np.zeros(len(graph.tensors), bool)           # a function's tensors
+    for f in graph.function_summary:
+        in_function[f["tensors"][0]:f["tensors"][1]] = True
     rng = np.random.default_rng(level)
     for k in (1, 1, 2, 3, 5, busy.size // 2):
         only = np.zeros(graph.target.tiles, bool)
         only[rng.choice(busy, k, replace=False)] = True
         low = lower(graph, only)
-        copies = list(_program_copies(graph.program))
-        assert len(copies) == len(low.copies) and copies
-        for n, c in zip(copies, low.copies):
+        assert low.copies
+        for c in low.copies:
             sr, _, dr, _, _ = c.merged()
-            if not (_in_function(graph, n.src.tensor) or _in_function(graph, n.dst.tensor)):
-                assert (only[low.region_tile[sr]] | only[low.region_tile[dr]]).all()
+            near = only[low.region_tile[sr]] | only[low.region_tile[dr]]
+            assert (near | in_function[low.region_tensor[sr]] | in_function[low.region_tensor[dr]]).all()
         part = plan(low, gen.codelets, sizes, measure=True)
         assert (part.bound_total <= whole.bound_total).all()
         for cat in ("always_live", "not_always_live", "exchange_buffers", "vertex_state", "code"):
             assert np.array_equal(getattr(part, cat)[only], getattr(whole, cat)[only]), cat
         assert (part.vertex_state[~only] == 0).all()
-
-
-def _program_copies(p):
-    """The program's copies in the order lowering meets them."""
-    from popdsl.ir import graph as g
-    for n in p.body:
-        if isinstance(n, g.Copy):
-            yield n
-        for body in (getattr(n, "body", None), getattr(n, "then", None), getattr(n, "orelse", None)):
-            if body is not None and not isinstance(n, g.Seq):
-                yield from _program_copies(body)
-        if isinstance(n, g.Seq):
-            yield from _program_copies(n)
 
 
 def test_auto_finds_the_same_level_with_tries_bounded_on_some_tiles_first(monkeypatch):

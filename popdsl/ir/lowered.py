@@ -56,9 +56,11 @@ class CopyElems:
         pieces left out): into the buffers, or out of them with `drain`.  Natively
         for many pieces (`native_copies.buffer_runs`, the same parts)."""
         if r.size >= native_copies.MIN_PIECES:
-            part = native_copies.buffer_runs(r, off, ln, fp, vert, buf_of, elem_bytes, drain)
-            if part is not None:
-                self.parts.append(part)
+            got = native_copies.buffer_runs(r, off, ln, fp, vert, buf_of, elem_bytes, drain)
+            if got is not None:
+                (sr, so, dr, do, nb), (so_lo, so_hi, do_lo, do_hi) = got
+                # Narrowed as add_runs narrows: offsets by every chosen piece's.
+                self.parts.append((sr, _narrow_by(so, so_lo, so_hi), dr, _narrow_by(do, do_lo, do_hi), _narrow(nb)))
             return
         bv = buf_of[vert]
         sel = bv >= 0
@@ -84,9 +86,12 @@ def _narrow(a) -> np.ndarray:
     """`a` as a flat int32 array if every value is below 2^30 (so that an offset
     plus a length cannot overflow), else int64."""
     a = np.asarray(a).ravel()
-    if a.size and (int(a.min()) < 0 or int(a.max()) >= 1 << 30):
-        return a.astype(np.int64, copy=False)
-    return a.astype(np.int32)
+    return _narrow_by(a, int(a.min()), int(a.max())) if a.size else a.astype(np.int32)
+
+
+def _narrow_by(a: np.ndarray, least: int, greatest: int) -> np.ndarray:
+    """`_narrow` of `a`, whose values (or a wider set's) lie in [least, greatest]."""
+    return a.astype(np.int64, copy=False) if least < 0 or greatest >= 1 << 30 else a.astype(np.int32)
 
 
 @dataclass(eq=False)
